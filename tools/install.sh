@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs megaphi and everything it needs into the current Python environment.
+# torch is pinned first so that nothing downstream pulls a multi-GB CUDA build from the registry;
+# deepspeed ships only as a source archive and is built against the torch already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${MEGAPHI_TORCH_SPEC:-torch==2.13.0}
+$PY -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+$PY -m pip install -q --disable-pip-version-check numpy pybind11 tokenizers safetensors tqdm pytest transformers setuptools wheel
+$PY -c "import deepspeed" 2>/dev/null || \
+  $PY -m pip install -q --disable-pip-version-check --no-build-isolation deepspeed
+$PY -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+$PY -c "import megaphi._C; print('megaphi installed')"
