@@ -1,0 +1,195 @@
+"""Sandbox supervisor: runs ONE untrusted Python program and reports how it ended.
+
+Started by megaphi.evaluation.sandbox as `python -I -S _supervisor.py CONFIG_JSON` with the program's
+source on stdin. Standard library only, because it runs in an isolated interpreter.
+
+Why a separate process: the program's parent is this supervisor, never the evaluator, so a program
+that kills its parent only ends its own run; and namespaces/fork/rlimits are set up here, away from
+the evaluator's threads. Layers (each best-effort, reported back):
+  * new network, PID and mount namespaces (a user namespace too when not root): no network, the
+    program is PID 1 of its own namespace so everything it forks dies with it, and /tmp, /var/tmp,
+    /dev/shm are fresh size-capped tmpfs mounts that vanish afterwards;
+  * when root: the program runs as `nobody` (it cannot write root's files or signal the evaluator,
+    and RLIMIT_NPROC applies, which it never does for root);
+  * rlimits (CPU, address space, file size, processes, open files, no core dumps), no_new_privs,
+    a parent-death signal, stdin /dev/null, stdout/stderr to files capped by RLIMIT_FSIZE;
+  * a wall-clock timeout, after which the program (and with it its namespace) is SIGKILLed.
+"""
+import ctypes
+import json
+import os
+import resource
+import select
+import signal
+import sys
+import time
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(ret, what):
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source, target, fstype, flags, data=None):
+    _check(_libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(),
+                       ctypes.c_ulong(flags), data and data.encode()), f"mount {target}")
+
+
+def _write_file(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _enter_namespaces(cfg, report):
+    """Unshare net/pid/mount (+user when unprivileged); returns the set of namespaces entered."""
+    uid, gid = os.getuid(), os.getgid()
+    flags = CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS | (0 if uid == 0 else CLONE_NEWUSER)
+    try:
+        _check(_libc.unshare(flags), "unshare")
+    except OSError as e:
+        report["namespace_error"] = str(e)
+        return set()
+    if uid != 0:  # map our own uid/gid only: nobody is root inside
+        _write_file("/proc/self/setgroups", "deny")
+        _write_file("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write_file("/proc/self/gid_map", f"{gid} {gid} 1")
+    entered = {"net", "pid", "mount"}
+    try:
+        _mount(None, "/", None, MS_REC | MS_PRIVATE)
+        for d in ("/tmp", "/var/tmp", "/dev/shm"):
+            if os.path.isdir(d):
+                _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['tmpfs_bytes']},mode=1777")
+        report["private_tmp"] = True
+    except OSError as e:
+        report["mount_error"] = str(e)
+    return entered
+
+
+def _set_limits(cfg):
+    cpu = int(cfg["cpu_seconds"])
+    limits = [
+        (resource.RLIMIT_CPU, (cpu, cpu + 1)),
+        (resource.RLIMIT_AS, (cfg["memory_bytes"],) * 2),
+        (resource.RLIMIT_FSIZE, (cfg["file_bytes"],) * 2),
+        (resource.RLIMIT_NOFILE, (256, 256)),
+        (resource.RLIMIT_CORE, (0, 0)),
+    ]
+    if cfg.get("nproc"):
+        limits.append((resource.RLIMIT_NPROC, (cfg["nproc"],) * 2))
+    for which, value in limits:
+        resource.setrlimit(which, value)
+
+
+def _child(cfg, workdir, fds, in_pid_ns, in_mount_ns, supervisor_pid):
+    try:
+        os.setsid()
+        if in_pid_ns and in_mount_ns:
+            try:  # a /proc that shows only this namespace's processes
+                _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            except OSError:
+                pass
+        os.chdir(workdir)
+        _set_limits(cfg)
+        if cfg.get("uid") is not None:
+            os.setgroups([])
+            os.setgid(cfg["gid"])
+            os.setuid(cfg["uid"])
+        # After the uid change: credential changes clear the parent-death signal.
+        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
+        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(pdeathsig)")
+        if not in_pid_ns and os.getppid() != supervisor_pid:
+            os._exit(125)  # the supervisor died before the death signal was armed
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        os.closerange(3, 65536)
+        python = cfg["python"]
+        os.execve(python, [python, "-I", "-B", "program.py"], cfg["env"])
+    except BaseException as e:  # noqa: BLE001 - report anything, never return into the supervisor
+        try:
+            os.write(fds[2], f"sandbox setup failed: {e!r}\n".encode())
+        finally:
+            os._exit(127)
+
+
+def _reap_descendants(child_pid):
+    """Kill whatever the program left behind (it was reparented to us, the subreaper)."""
+    for _ in range(1000):
+        try:
+            os.killpg(child_pid, signal.SIGKILL)
+        except OSError:
+            pass
+        pids = []
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/children") as f:
+                    pids += [int(p) for p in f.read().split()]
+            except OSError:
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            return
+        time.sleep(0.005)
+
+
+def main():
+    cfg = json.loads(sys.argv[1])
+    source = sys.stdin.buffer.read()
+    report = {"namespaces": [], "private_tmp": False, "dropped_privileges": cfg.get("uid") is not None}
+    # Output files are opened before /tmp is replaced by a private tmpfs (they live on the host).
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    out_fd = os.open(cfg["stdout_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    err_fd = os.open(cfg["stderr_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    entered = _enter_namespaces(cfg, report) if cfg["isolate"] else set()
+    report["namespaces"] = sorted(entered)
+    workdir = "/tmp/sandbox" if report["private_tmp"] else cfg["workdir"]
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "program.py"), "wb") as f:
+        f.write(source)
+    if cfg.get("uid") is not None:
+        os.chown(workdir, cfg["uid"], cfg["gid"])
+        os.chmod(workdir, 0o700)
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(subreaper)")
+    supervisor_pid = os.getpid()
+    start = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        _child(cfg, workdir, (devnull, out_fd, err_fd), "pid" in entered, report["private_tmp"], supervisor_pid)
+    for fd in (devnull, out_fd, err_fd):
+        os.close(fd)
+    timed_out = False
+    pidfd = os.pidfd_open(pid)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    if not poller.poll(cfg["timeout_seconds"] * 1000.0):
+        timed_out = True
+        os.kill(pid, signal.SIGKILL)  # as PID 1 of its namespace, this takes every descendant along
+    _, status = os.waitpid(pid, 0)
+    report["duration_seconds"] = time.monotonic() - start
+    if "pid" not in entered:
+        _reap_descendants(pid)
+    report["timed_out"] = timed_out
+    report["returncode"] = os.waitstatus_to_exitcode(status)
+    sys.stdout.write(json.dumps(report) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Run untrusted Python programs (model completions + tests) in isolated processes.
+
+Each program gets its own supervisor process (megaphi/evaluation/_supervisor.py), which sets up the
+isolation and is the program's parent; see that file for the layers. This module owns the host side:
+the minimal environment, a temporary directory per run (removed afterwards), the outer wall-clock
+guard, output capture with a size cap, the success marker, and a thread pool to run many programs.
+
+Success means: exit status 0, not timed out, AND the marker line (a random per-run token printed
+after the tests) present in stdout, so a program that exits 0 before its tests ran still fails.
+"""
+import concurrent.futures
+import dataclasses
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Optional, Sequence
+
+_SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_supervisor.py")
+_SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
+
+
+@dataclasses.dataclass
+class SandboxLimits:
+    timeout_seconds: float = 10.0       # wall clock
+    cpu_seconds: Optional[int] = None   # default: ceil(timeout) + 1
+    memory_bytes: int = 2 << 30         # RLIMIT_AS
+    file_bytes: int = 16 << 20          # RLIMIT_FSIZE: any file the program writes, stdout/stderr too
+    max_processes: int = 16             # per program (RLIMIT_NPROC, effective for non-root users)
+    output_bytes: int = 64 << 10        # how much of stdout/stderr is kept in the result
+    tmpfs_bytes: int = 64 << 20         # size of the private /tmp where namespaces are available
+
+
+@dataclasses.dataclass
+class ExecutionResult:
+    passed: bool
+    status: str          # "passed", "failed" or "timed out"
+    detail: str          # why, in words (exit code, signal, missing marker, ...)
+    returncode: Optional[int]
+    timed_out: bool
+    stdout: str
+    stderr: str
+    duration_seconds: float
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def _minimal_env(home):
+    # Nothing from the evaluator's environment is inherited: no tokens, keys or proxies.
+    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            "HOME": home, "TMPDIR": "/tmp", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+def _read_capped(path, limit):
+    try:
+        with open(path, "rb") as f:
+            head = f.read(limit)
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            tail = b""
+            if size > limit:
+                f.seek(max(size - 4096, 0))
+                tail = f.read()
+    except OSError:
+        return "", b""
+    text = head.decode("utf-8", "replace")
+    if size > limit:
+        text += f"\n... [{size - limit} more bytes not shown]"
+    return text, (tail if size > limit else head)[-4096:]
+
+
+def _describe_exit(returncode):
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+class Sandbox:
+    """Executes programs in isolation; `capabilities` says which layers hold on this machine."""
+
+    def __init__(self, limits: Optional[SandboxLimits] = None, workers: Optional[int] = None,
+                 python: Optional[str] = None, isolate: bool = True):
+        self.limits = limits or SandboxLimits()
+        self.workers = workers or max(1, min(8, os.cpu_count() or 1))
+        self.isolate = isolate
+        self._requested_python = python
+        self._setup_lock = threading.Lock()
+        self._capabilities = None
+        self._python = None
+        self._user = None  # (uid, gid) to drop to, when root
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _nproc_limit(self):
+        if os.geteuid() == 0 and self._user is None:
+            return None  # root ignores RLIMIT_NPROC anyway
+        # RLIMIT_NPROC counts every process of the user, so leave room for the concurrent runs.
+        return self.limits.max_processes * self.workers + (0 if self._user else self._own_process_count())
+
+    @staticmethod
+    def _own_process_count():
+        uid, count = os.getuid(), 0
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.stat(f"/proc/{entry}").st_uid == uid:
+                        count += 1
+                except OSError:
+                    pass
+        return count
+
+    def _probe(self, python, user):
+        self._python, self._user = python, user
+        result, report = self._execute("print('sandbox-probe-ok')\n", "sandbox-probe-ok")
+        return result.passed, report
+
+    def _setup(self):
+        with self._setup_lock:
+            if self._capabilities is not None:
+                return
+            candidates = [self._requested_python] if self._requested_python else [sys.executable, *_SYSTEM_PYTHONS]
+            users = [None]
+            if os.geteuid() == 0:
+                nobody = pwd.getpwnam("nobody")
+                users = [(nobody.pw_uid, nobody.pw_gid), None]  # prefer dropping root
+            notes = []
+            for user in users:
+                for python in candidates:
+                    if not python or not os.path.exists(python):
+                        continue
+                    ok, report = self._probe(python, user)
+                    if ok:
+                        self._capabilities = {
+                            "python": python,
+                            "runs_as": "nobody" if user else pwd.getpwuid(os.geteuid()).pw_name,
+                            "dropped_privileges": user is not None,
+                            "network_isolated": "net" in report.get("namespaces", []),
+                            "pid_namespace": "pid" in report.get("namespaces", []),
+                            "private_tmp": bool(report.get("private_tmp")),
+                            "process_limit": self._nproc_limit(),
+                            "notes": notes + [report[k] for k in ("namespace_error", "mount_error") if k in report],
+                        }
+                        return
+                    notes.append(f"{python} as {'nobody' if user else 'current user'} failed the probe")
+            raise RuntimeError("sandbox: no Python interpreter could run a probe program: " + "; ".join(notes))
+
+    @property
+    def capabilities(self) -> dict:
+        self._setup()
+        return dict(self._capabilities)
+
+    # -- running -----------------------------------------------------------------------------------
+    def _execute(self, source, marker):
+        limits = self.limits
+        rundir = tempfile.mkdtemp(prefix="megaphi-sandbox-")
+        try:
+            workdir = os.path.join(rundir, "work")
+            os.mkdir(workdir)
+            if self._user:  # the program must be able to enter its working directory
+                os.chmod(rundir, 0o711)
+                os.chown(workdir, *self._user)
+            cfg = {
+                "python": self._python, "isolate": self.isolate, "workdir": workdir,
+                "stdout_path": os.path.join(rundir, "stdout"), "stderr_path": os.path.join(rundir, "stderr"),
+                "timeout_seconds": limits.timeout_seconds,
+                "cpu_seconds": limits.cpu_seconds or int(limits.timeout_seconds) + 1,
+                "memory_bytes": limits.memory_bytes, "file_bytes": limits.file_bytes,
+                "tmpfs_bytes": limits.tmpfs_bytes, "nproc": self._nproc_limit(),
+                "uid": self._user[0] if self._user else None, "gid": self._user[1] if self._user else None,
+                "env": _minimal_env("/tmp/sandbox" if self.isolate else workdir),
+            }
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-B", _SUPERVISOR, json.dumps(cfg)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=_minimal_env(rundir), cwd=rundir, start_new_session=True, close_fds=True)
+            try:
+                out, err = proc.communicate(source.encode("utf-8"), timeout=limits.timeout_seconds + 30)
+            except subprocess.TimeoutExpired:
+                out, err = b"", b"supervisor did not finish"
+            finally:
+                try:  # the supervisor's session: anything still in it goes too
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                proc.wait()
+            try:
+                report = json.loads(out.decode().strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                report = {"supervisor_error": f"supervisor {_describe_exit(proc.returncode)}: "
+                                              f"{err.decode('utf-8', 'replace')[-2000:]}"}
+            stdout, stdout_tail = _read_capped(cfg["stdout_path"], limits.output_bytes)
+            stderr, _ = _read_capped(cfg["stderr_path"], limits.output_bytes)
+        finally:
+            shutil.rmtree(rundir, ignore_errors=True)
+        return self._judge(report, stdout, stdout_tail, stderr, marker), report
+
+    @staticmethod
+    def _judge(report, stdout, stdout_tail, stderr, marker):
+        duration = float(report.get("duration_seconds", 0.0))
+        if "supervisor_error" in report:
+            return ExecutionResult(False, "failed", report["supervisor_error"], None, False, stdout, stderr, duration)
+        rc, timed_out = report["returncode"], report["timed_out"]
+        if timed_out:
+            return ExecutionResult(False, "timed out", "wall-clock timeout", rc, True, stdout, stderr, duration)
+        if rc != 0:
+            return ExecutionResult(False, "failed", _describe_exit(rc), rc, False, stdout, stderr, duration)
+        if marker is not None and marker.encode() not in stdout_tail:
+            return ExecutionResult(False, "failed", "exited 0 before the tests completed", rc, False,
+                                   stdout, stderr, duration)
+        return ExecutionResult(True, "passed", "exit code 0", rc, False, stdout, stderr, duration)
+
+    def run(self, source: str, success_marker: Optional[str] = None) -> ExecutionResult:
+        """Run one program; passes if it exits 0 in time (and prints `success_marker`, if given)."""
+        self._setup()
+        return self._execute(source, success_marker)[0]
+
+    def run_with_marker(self, source: str) -> ExecutionResult:
+        """Append a random marker print to `source` and require it: catches early sys.exit(0)."""
+        marker = "megaphi-done-" + secrets.token_hex(16)
+        return self.run(f"{source}\n\nprint({marker!r}, flush=True)\n", success_marker=marker)
+
+    def run_many(self, sources: Sequence[str], with_marker: bool = True, progress=None):
+        """Run programs on `workers` threads (each drives one supervisor process); results in order."""
+        self._setup()
+        run_one = self.run_with_marker if with_marker else self.run
+        results = [None] * len(sources)
+        with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
+            futures = {pool.submit(run_one, src): i for i, src in enumerate(sources)}
+            for future in concurrent.futures.as_completed(futures):
+                results[futures[future]] = future.result()
+                if progress is not None:
+                    progress()
+        return results
