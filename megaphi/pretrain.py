@@ -1,0 +1,203 @@
+"""Pretrain or finetune a phi-1-class model: `python -m megaphi.pretrain --help`.
+
+Runs under the `deepspeed` launcher, `torchrun`, or as one plain process (a 1-rank group is made).
+"""
+import math
+import os
+import random
+import socket
+import sys
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megaphi.training import checkpointing
+from megaphi.training.arguments import ArgumentError, parse_args
+from megaphi.training.deepspeed_config import build_deepspeed_config
+from megaphi.training.metrics import MetricsWriter
+from megaphi.training.signals import GracefulExit
+from megaphi.training.train_loop import TrainingError, TrainState, print_rank0, train
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def init_distributed(backend=None):
+    """Join the launcher's process group, or make a 1-rank one for a plain `python -m` run."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # no launcher
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", _free_port())
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend)
+
+
+def build_model_config(args, padded_vocab_size):
+    from megaphi.config import get_preset
+
+    config = get_preset(args.model)
+    overrides = {
+        "num_hidden_layers": args.num_layers, "hidden_size": args.hidden_size,
+        "intermediate_size": args.ffn_hidden_size, "num_attention_heads": args.num_attention_heads,
+        "rotary_dim": args.rotary_dim, "max_position_embeddings": args.max_position_embeddings,
+        "attention_dropout": args.attention_dropout, "resid_dropout": args.hidden_dropout,
+        "embd_dropout": args.embedding_dropout, "initializer_range": args.init_method_std,
+        "recompute": args.recompute,
+    }
+    if padded_vocab_size is not None:
+        overrides["vocab_size"] = padded_vocab_size
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
+
+
+def set_seed(seed):
+    from megaphi.parallel.random import model_parallel_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    model_parallel_seed(seed)  # torch default stream + the tensor-parallel stream
+
+
+def build_data(args, dp_rank, dp_size):
+    from megaphi.data import build_gpt_datasets, build_pretraining_data_loader
+
+    gbs = args.global_batch_size
+    eval_samples = args.eval_iters * gbs
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        args.data_path, args.split, args.seq_length, args.seed,
+        num_samples=(args.train_iters * gbs, eval_samples, eval_samples), cache_dir=args.data_cache_dir)
+    if train_ds is None:
+        raise ArgumentError(f"--split {args.split} leaves no training documents")
+
+    def make_train_iterator(consumed_samples):
+        return iter(build_pretraining_data_loader(train_ds, consumed_samples, args.micro_batch_size,
+                                                  dp_rank, dp_size, num_workers=args.num_workers))
+
+    make_valid_iterator = None
+    if valid_ds is not None and args.eval_iters > 0:
+        def make_valid_iterator():
+            return iter(build_pretraining_data_loader(valid_ds, 0, args.micro_batch_size, dp_rank, dp_size,
+                                                      num_workers=0))
+    return make_train_iterator, make_valid_iterator
+
+
+def setup_engine(args, model, ds_config):
+    import deepspeed
+
+    from megaphi.parallel import mpu
+    from megaphi.training.lr_schedule import WarmupDecayLR
+    from megaphi.training.optimizer import build_optimizer
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    optimizer = build_optimizer(model, args.lr, args.weight_decay, (args.adam_beta1, args.adam_beta2),
+                                args.adam_eps, device_type=device_type)
+    scheduler = WarmupDecayLR(optimizer, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters,
+                              args.lr_decay_style)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           mpu=mpu, config=ds_config, dist_init_required=False)
+    return engine
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+    except ArgumentError as e:
+        print(f"megaphi.pretrain: error: {e}", file=sys.stderr)
+        return 2
+    init_distributed(args.distributed_backend)
+    try:
+        return run(args)
+    except (ArgumentError, TrainingError) as e:
+        print(f"megaphi.pretrain: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        from megaphi.parallel import destroy_model_parallel
+        destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args):
+    import megaphi.ops as ops
+    from megaphi.model import PhiForCausalLM
+    from megaphi.parallel import get_data_parallel_group, get_data_parallel_rank, get_data_parallel_world_size
+    from megaphi.parallel import initialize_model_parallel
+
+    initialize_model_parallel(args.tensor_model_parallel_size)
+    if hasattr(ops, "set_impl"):
+        ops.set_impl(layernorm=args.layernorm_impl, rotary=args.rotary_impl)
+    tokenizer = None
+    padded_vocab = args.vocab_size
+    if args.tokenizer:
+        from megaphi.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(args.tokenizer, args.make_vocab_size_divisible_by,
+                                   args.tensor_model_parallel_size)
+        padded_vocab = tokenizer.padded_vocab_size
+    set_seed(args.seed)
+    model_config = build_model_config(args, padded_vocab)
+    model = PhiForCausalLM(model_config)
+    if args.finetune:
+        kind, source = checkpointing.finetune_weights_source(args.load)
+        if kind == "folder":
+            checkpointing.load_weights_from_folder(model, source)
+            print_rank0(f"finetuning from weights in {source}")
+
+    ds_config = build_deepspeed_config(args)
+    engine = setup_engine(args, model, ds_config)
+    state = TrainState()
+    if args.finetune:
+        if kind == "deepspeed":
+            path, _ = engine.load_checkpoint(args.load, tag=source, load_module_only=True,
+                                             load_optimizer_states=False, load_lr_scheduler_states=False)
+            if path is None:
+                raise TrainingError(f"could not load weights from {os.path.join(args.load, source)}")
+            print_rank0(f"finetuning from weights in {os.path.join(args.load, source)}")
+    elif args.load:
+        meta = checkpointing.load_checkpoint(engine, args.load)
+        if meta is None:
+            print_rank0(f"no checkpoint in {args.load} (no 'latest' file): starting from scratch")
+        else:
+            saved = meta.get("state", {})
+            state = TrainState(iteration=meta["iteration"], consumed_samples=meta["consumed_samples"],
+                               consumed_tokens=meta["consumed_tokens"],
+                               best_val_loss=saved.get("best_val_loss") if saved.get("best_val_loss") is not None
+                               else math.inf,
+                               best_iteration=saved.get("best_iteration", -1),
+                               last_saved_iteration=meta["iteration"])
+            print_rank0(f"resumed from {args.load}/{meta['tag']} at iteration {state.iteration} "
+                        f"({state.consumed_samples} samples consumed)")
+
+    dp_rank, dp_size = get_data_parallel_rank(), get_data_parallel_world_size()
+    make_train_iterator, make_valid_iterator = build_data(args, dp_rank, dp_size)
+    train_iterator = make_train_iterator(state.consumed_samples)
+    print_rank0(f"training: {sum(p.numel() for p in model.parameters()):,} parameters on this rank, "
+                f"world {args.world_size} (TP {args.tensor_model_parallel_size} x DP {dp_size}), "
+                f"global batch {args.global_batch_size} = micro {args.micro_batch_size} x DP {dp_size} x "
+                f"accumulation {args.gradient_accumulation_steps}, ZeRO stage {args.zero_stage}, "
+                f"{'fp16' if args.fp16 else 'bf16' if args.bf16 else 'fp32'}")
+    writer = MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=dist.get_rank() == 0)
+    try:
+        with GracefulExit() as stop_signal:
+            reason = train(args, engine, train_iterator, make_valid_iterator, state, writer, model_config,
+                           tokenizer=tokenizer, stop_signal=stop_signal, dp_group=get_data_parallel_group())
+    finally:
+        writer.close()
+    print_rank0(f"finished ({reason}) at iteration {state.iteration}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

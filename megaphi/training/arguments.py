@@ -1,0 +1,288 @@
+"""Command-line flags of `python -m megaphi.pretrain` (Megatron-LM names) and their validation.
+
+Everything that can be checked before touching a GPU or the data is checked here, so a bad run
+fails in the first second with a message that names the flag.
+"""
+import argparse
+import json
+import math
+import os
+
+
+class ArgumentError(ValueError):
+    """A flag (or a combination of flags) is invalid; the message names the flag."""
+
+
+MODEL_PRESETS = ("phi-1", "phi-1-small", "tiny")
+IMPL_CHOICES = ("auto", "cuda", "torch", "apex")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="python -m megaphi.pretrain",
+        description="Pretrain or finetune a phi-1-class model (Megatron-style flags, DeepSpeed ZeRO).",
+        allow_abbrev=False)
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="phi-1", choices=MODEL_PRESETS,
+                   help="architecture preset; the flags below override single fields")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--rotary-dim", type=int)
+    g.add_argument("--seq-length", type=int, help="training sequence length (default: max positions)")
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--vocab-size", type=int, help="only when no --tokenizer is given")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--attention-dropout", type=float)
+    g.add_argument("--hidden-dropout", type=float, help="residual dropout (attention and MLP outputs)")
+    g.add_argument("--embedding-dropout", type=float)
+    g.add_argument("--init-method-std", type=float)
+    g.add_argument("--recompute", action="store_true", help="activation recomputation per layer")
+    g.add_argument("--layernorm-impl", default="auto", choices=IMPL_CHOICES)
+    g.add_argument("--rotary-impl", default="auto", choices=IMPL_CHOICES)
+
+    g = p.add_argument_group("batch and iterations")
+    g.add_argument("--micro-batch-size", type=int, default=None)
+    g.add_argument("--global-batch-size", type=int, default=None,
+                   help="default: micro batch x data-parallel size (no accumulation)")
+    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit when the iteration is a multiple of this")
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("learning rate")
+    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-decay-style", default="linear", choices=("linear", "cosine", "constant"))
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+
+    g = p.add_argument_group("precision")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=int, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+
+    g = p.add_argument_group("distributed")
+    g.add_argument("--zero-stage", type=int, default=1)
+    g.add_argument("--deepspeed-config", default=None, help="JSON merged over the generated config")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--distributed-backend", default=None, choices=("nccl", "gloo"),
+                   help="default: nccl with CUDA, else gloo")
+    # Launchers pass one of these; LOCAL_RANK in the environment is used otherwise.
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="PREFIX or W1 PREFIX1 W2 PREFIX2 ... (prefix of .bin/.idx)")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json")
+    g.add_argument("--data-cache-dir", default=None)
+    g.add_argument("--num-workers", type=int, default=0)
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--finetune", action="store_true",
+                   help="with --load: load weights only; fresh optimizer, schedule and iteration")
+    g.add_argument("--no-export-model", action="store_true",
+                   help="do not write DIR/<tag>/model/ (config.json + model.safetensors) at each save")
+
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100, help="0 disables validation")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--log-dir", default=None, help="metrics.jsonl goes here (default: --save)")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s per device for MFU (default: looked up by device name)")
+    g.add_argument("--eval-humaneval", default=None, metavar="PATH", help="HumanEval problems (jsonl)")
+    g.add_argument("--eval-humaneval-interval", type=int, default=None)
+    g.add_argument("--humaneval-max-new-tokens", type=int, default=256)
+    return p
+
+
+def parse_args(argv=None, world_size=None):
+    """Parse and validate; world_size defaults to $WORLD_SIZE (1 without a launcher)."""
+    args = build_parser().parse_args(argv)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_args(args, world_size)
+    return args
+
+
+def _positive(args, *names):
+    for name in names:
+        value = getattr(args, name.lstrip("-").replace("-", "_"))
+        if value is not None and value <= 0:
+            raise ArgumentError(f"{name} must be > 0, got {value}")
+
+
+def parse_data_path(data_path):
+    """Megatron's list: [prefix, ...] or [w1, p1, w2, p2, ...] -> (weights or None, prefixes)."""
+    from megaphi.data import parse_data_path as parse
+
+    try:
+        prefixes, weights = parse(data_path)
+    except ValueError as e:
+        raise ArgumentError(str(e) if str(e).startswith("--data-path") else f"--data-path: {e}") from None
+    if weights is not None:
+        for w, prefix in zip(weights, prefixes):
+            if not math.isfinite(w) or w < 0:
+                raise ArgumentError(f"--data-path: weight {w} of {prefix} must be a non-negative number")
+        if sum(weights) <= 0:
+            raise ArgumentError("--data-path: the weights sum to 0")
+    return weights, prefixes
+
+
+def _resolve_model(args):
+    """Fill the model fields from the preset; overrides win."""
+    from megaphi.config import get_preset
+
+    preset = get_preset(args.model)
+    fields = {
+        "num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
+        "ffn_hidden_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
+        "rotary_dim": "rotary_dim", "max_position_embeddings": "max_position_embeddings",
+        "attention_dropout": "attention_dropout", "hidden_dropout": "resid_dropout",
+        "embedding_dropout": "embd_dropout", "init_method_std": "initializer_range",
+    }
+    for flag, field in fields.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(preset, field))
+    if args.seq_length is None:
+        args.seq_length = args.max_position_embeddings
+
+
+def validate_args(args, world_size):
+    _resolve_model(args)
+    _positive(args, "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
+              "--rotary-dim", "--seq-length", "--max-position-embeddings", "--micro-batch-size",
+              "--global-batch-size", "--train-iters", "--exit-interval", "--lr-decay-iters",
+              "--save-interval", "--eval-interval", "--log-interval", "--tensor-model-parallel-size",
+              "--eval-humaneval-interval", "--vocab-size", "--make-vocab-size-divisible-by")
+    for name in ("attention_dropout", "hidden_dropout", "embedding_dropout"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
+
+    heads, hidden, tp = args.num_attention_heads, args.hidden_size, args.tensor_model_parallel_size
+    if hidden % heads:
+        raise ArgumentError(f"--hidden-size {hidden} is not divisible by --num-attention-heads {heads}")
+    head_dim = hidden // heads
+    if args.rotary_dim > head_dim or args.rotary_dim % 2:
+        raise ArgumentError(f"--rotary-dim {args.rotary_dim} must be even and <= head dim {head_dim}")
+    if args.seq_length > args.max_position_embeddings:
+        raise ArgumentError(f"--seq-length {args.seq_length} exceeds the model's max position embeddings "
+                            f"{args.max_position_embeddings} (--max-position-embeddings)")
+    if world_size % tp:
+        raise ArgumentError(f"--tensor-model-parallel-size {tp} does not divide the world size {world_size}")
+    if heads % tp or args.ffn_hidden_size % tp:
+        raise ArgumentError(f"--tensor-model-parallel-size {tp} must divide --num-attention-heads {heads} "
+                            f"and --ffn-hidden-size {args.ffn_hidden_size}")
+    args.world_size = world_size
+    args.data_parallel_size = world_size // tp
+
+    if args.micro_batch_size is None:
+        raise ArgumentError("--micro-batch-size is required")
+    if args.train_iters is None:
+        raise ArgumentError("--train-iters is required")
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    if args.global_batch_size % per_step:
+        raise ArgumentError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+            f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size} = {per_step}")
+    args.gradient_accumulation_steps = args.global_batch_size // per_step
+
+    if args.fp16 and args.bf16:
+        raise ArgumentError("--fp16 and --bf16 are mutually exclusive")
+    if args.zero_stage not in (0, 1, 2, 3):
+        raise ArgumentError(f"--zero-stage must be 0, 1, 2 or 3, got {args.zero_stage}")
+
+    if args.lr is None:
+        raise ArgumentError("--lr is required")
+    if args.lr < 0 or args.min_lr < 0:
+        raise ArgumentError("--lr and --min-lr must be >= 0")
+    if args.min_lr > args.lr:
+        raise ArgumentError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters < 0:
+        raise ArgumentError("--lr-warmup-iters must be >= 0")
+    if args.lr_warmup_iters > args.lr_decay_iters:
+        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters "
+                            f"{args.lr_decay_iters}")
+    if args.weight_decay < 0 or args.clip_grad < 0:
+        raise ArgumentError("--weight-decay and --clip-grad must be >= 0")
+    if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1):
+        raise ArgumentError("--adam-beta1 and --adam-beta2 must be in [0, 1)")
+
+    if not args.data_path:
+        raise ArgumentError("--data-path is required (PREFIX or W1 PREFIX1 W2 PREFIX2 ...)")
+    args.data_weights, args.data_prefixes = parse_data_path(args.data_path)
+    for prefix in args.data_prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.exists(prefix + ext):
+                raise ArgumentError(f"--data-path: {prefix + ext} does not exist")
+    parts = args.split.replace("/", ",").split(",")
+    try:
+        split = [float(x) for x in parts]
+    except ValueError:
+        raise ArgumentError(f"--split {args.split!r}: expected numbers like 969,30,1") from None
+    if not split or len(split) > 3 or any(x < 0 for x in split) or sum(split) <= 0:
+        raise ArgumentError(f"--split {args.split!r}: expected up to three non-negative numbers like 969,30,1")
+    if args.tokenizer is not None and not os.path.exists(args.tokenizer):
+        raise ArgumentError(f"--tokenizer: {args.tokenizer} does not exist")
+
+    if args.save_interval is not None and args.save is None:
+        raise ArgumentError("--save-interval needs --save DIR")
+    if args.exit_interval is not None and args.save is None:
+        raise ArgumentError("--exit-interval needs --save DIR (the run saves before exiting)")
+    if args.finetune and args.load is None:
+        raise ArgumentError("--finetune needs --load (a training checkpoint or a megaphi model folder)")
+    if args.finetune and not os.path.exists(args.load):
+        raise ArgumentError(f"--load: {args.load} does not exist")
+    if args.log_dir is None:
+        args.log_dir = args.save
+    if args.eval_iters < 0:
+        raise ArgumentError("--eval-iters must be >= 0")
+    if (args.eval_humaneval is None) != (args.eval_humaneval_interval is None):
+        raise ArgumentError("--eval-humaneval PATH and --eval-humaneval-interval N go together")
+    if args.eval_humaneval is not None and not os.path.exists(args.eval_humaneval):
+        raise ArgumentError(f"--eval-humaneval: {args.eval_humaneval} does not exist")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise ArgumentError("--peak-tflops must be > 0")
+
+    if args.deepspeed_config is not None:
+        args.deepspeed_config_dict = load_json_config(args.deepspeed_config)
+    else:
+        args.deepspeed_config_dict = {}
+    return args
+
+
+def load_json_config(path):
+    if not os.path.exists(path):
+        raise ArgumentError(f"--deepspeed-config: {path} does not exist")
+    with open(path) as f:
+        text = f.read()
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArgumentError(f"--deepspeed-config: {path}:{e.lineno}:{e.colno}: {e.msg}") from None
+    if not isinstance(config, dict):
+        raise ArgumentError(f"--deepspeed-config: {path} must hold a JSON object")
+    return config

@@ -1,0 +1,78 @@
+"""The DeepSpeed config generated from the flags, with a user JSON merged over it."""
+import copy
+import math
+
+from .arguments import ArgumentError
+
+
+def generate_config(args):
+    config = {
+        "train_batch_size": args.global_batch_size,
+        "train_micro_batch_size_per_gpu": args.micro_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "gradient_clipping": args.clip_grad,
+        "zero_optimization": {"stage": args.zero_stage},
+        "steps_per_print": 2 ** 31 - 1,  # megaphi logs its own metrics
+        "wall_clock_breakdown": False,
+    }
+    if args.zero_stage in (1, 2, 3):
+        config["zero_optimization"].update({
+            "contiguous_gradients": True,
+            "overlap_comm": args.zero_stage >= 2,
+            "reduce_bucket_size": 5e8,
+            "allgather_bucket_size": 5e8,
+        })
+    if args.fp16:
+        config["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": int(round(math.log2(args.initial_loss_scale))),
+            "loss_scale_window": args.loss_scale_window,
+            "hysteresis": args.hysteresis,
+            "min_loss_scale": args.min_loss_scale,
+        }
+    elif args.bf16:
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def merge(base, override):
+    """Recursive dict merge; values in override win."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+_BATCH_KEYS = {
+    "train_batch_size": ("global_batch_size", "--global-batch-size"),
+    "train_micro_batch_size_per_gpu": ("micro_batch_size", "--micro-batch-size"),
+    "gradient_accumulation_steps": ("gradient_accumulation_steps", "--global-batch-size / (--micro-batch-size x DP)"),
+}
+
+
+def build_deepspeed_config(args):
+    """Generated config + the --deepspeed-config JSON. The batch geometry and precision are owned by
+    the flags (the data loader and schedule depend on them): the file may repeat them, not change them."""
+    user = getattr(args, "deepspeed_config_dict", {}) or {}
+    for key, (attr, flag) in _BATCH_KEYS.items():
+        if key in user and user[key] != "auto" and int(user[key]) != getattr(args, attr):
+            raise ArgumentError(f"--deepspeed-config: {key}={user[key]} contradicts {flag} "
+                                f"(= {getattr(args, attr)}); set the batch with the flags")
+    for key, flag in (("fp16", "--fp16"), ("bf16", "--bf16")):
+        if key in user and isinstance(user[key], dict) and "enabled" in user[key]:
+            if bool(user[key]["enabled"]) != bool(getattr(args, key)):
+                raise ArgumentError(f"--deepspeed-config: {key}.enabled={user[key]['enabled']} contradicts "
+                                    f"{flag} {'given' if getattr(args, key) else 'not given'}")
+    user = {k: v for k, v in user.items() if v != "auto"}
+    config = merge(generate_config(args), user)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ArgumentError(f"--deepspeed-config: zero_optimization.stage must be 0..3, got {stage}")
+    if "optimizer" in user or "scheduler" in user:
+        raise ArgumentError("--deepspeed-config: 'optimizer'/'scheduler' sections are not used; megaphi builds "
+                            "AdamW and the lr schedule from the flags (--lr, --weight-decay, ...)")
+    return config

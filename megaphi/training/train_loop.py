@@ -1,0 +1,217 @@
+"""The train loop: schedule -> engine step -> metrics, evaluation, checkpoints, clean exits."""
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from . import checkpointing, metrics
+from .schedules import forward_backward_no_pipelining, reduce_loss_dicts
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    best_val_loss: float = math.inf
+    best_iteration: int = -1
+    last_saved_iteration: int = -1
+
+
+def _rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def print_rank0(*a):
+    if _rank() == 0:
+        print(*a, flush=True)
+
+
+def make_forward_step(device):
+    """forward_step_func for the schedule: next micro-batch -> per-token losses -> token mean."""
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
+        token_losses, _ = model(tokens, labels=labels, reduction="none")
+        loss_mask = batch.get("loss_mask")
+
+        def loss_func(output):
+            output = output.float()
+            if loss_mask is None:
+                loss = output.mean()
+            else:
+                mask = loss_mask.to(output.device, dtype=output.dtype)
+                loss = (output * mask).sum() / mask.sum().clamp(min=1)
+            return loss, {"lm loss": loss.detach()}
+
+        return token_losses, loss_func
+
+    return forward_step
+
+
+def loss_scale_of(engine):
+    if not engine.fp16_enabled():
+        return 1.0
+    opt = engine.optimizer
+    for name in ("cur_scale", "loss_scale"):
+        value = getattr(opt, name, None)
+        if value is not None:
+            return float(value() if callable(value) else value)
+    return float("nan")
+
+
+def evaluate(engine, forward_step, make_valid_iterator, eval_iters, num_microbatches, dp_group):
+    """Validation loss on the first eval_iters global batches of the validation split (the same
+    batches every time, so values are comparable across evaluations and resumes)."""
+    engine.eval()
+    data = make_valid_iterator()
+    logs = []
+    try:
+        for _ in range(eval_iters):
+            logs += forward_backward_no_pipelining(forward_step, data, engine, num_microbatches, forward_only=True)
+    finally:
+        engine.train()
+    return reduce_loss_dicts(logs, dp_group)["lm loss"]
+
+
+def _humaneval(engine, args, tokenizer):
+    from megaphi.evaluation.humaneval import evaluate_model
+
+    saved_rng = checkpointing.rng_states()  # generation must not perturb the training RNG streams
+    gather = contextlib.nullcontext()
+    if args.zero_stage == 3:
+        import deepspeed
+        gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    result = None
+    engine.eval()
+    try:
+        with gather:
+            if _rank() == 0 or args.tensor_model_parallel_size > 1:
+                result = evaluate_model(engine.module, tokenizer, args.eval_humaneval, num_samples=1, greedy=True,
+                                        max_new_tokens=args.humaneval_max_new_tokens)
+    finally:
+        engine.train()
+        checkpointing.set_rng_states(saved_rng)
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+def train(args, engine, train_iterator, make_valid_iterator, state, writer, model_config, tokenizer=None,
+          stop_signal=None, dp_group=None):
+    """Run until --train-iters (or --exit-interval / a signal). Returns the reason it stopped."""
+    device = next(engine.module.parameters()).device
+    forward_step = make_forward_step(device)
+    seq = args.seq_length
+    flops_token = metrics.flops_per_token(model_config.num_hidden_layers, model_config.hidden_size,
+                                          model_config.intermediate_size, model_config.vocab_size, seq)
+    peak = args.peak_tflops or metrics.device_peak_tflops()
+    tokens_per_iter = args.global_batch_size * seq
+    gas = args.gradient_accumulation_steps
+    scheduler = engine.lr_scheduler
+
+    engine.train()
+    interval_time, interval_iters, interval_loss = 0.0, 0, 0.0
+    skipped_before = engine.skipped_steps
+    reason = "done"
+    while state.iteration < args.train_iters:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        lr = scheduler.get_lr()[0]  # the lr this iteration's update uses
+        logs = forward_backward_no_pipelining(forward_step, train_iterator, engine, gas)
+        loss = reduce_loss_dicts(logs, dp_group)["lm loss"]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        interval_time += time.perf_counter() - t0
+        state.iteration += 1
+        state.consumed_samples += args.global_batch_size
+        state.consumed_tokens += tokens_per_iter
+        if not math.isfinite(loss) and not args.fp16:
+            raise TrainingError(f"loss is {loss} at iteration {state.iteration}; stopping (lr {lr:.4e}). "
+                                f"Resume from the last checkpoint with a lower --lr or more --clip-grad.")
+        interval_iters += 1
+        interval_loss += loss
+
+        if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+            tok_s, tflops, mfu = metrics.throughput(tokens_per_iter * interval_iters, interval_time, flops_token,
+                                                    args.world_size, peak)
+            grad_norm = engine.get_global_grad_norm()
+            record = {
+                "iteration": state.iteration, "train_iters": args.train_iters,
+                "consumed_samples": state.consumed_samples, "consumed_tokens": state.consumed_tokens,
+                "loss": interval_loss / interval_iters, "lr": lr,
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "loss_scale": loss_scale_of(engine), "skipped_steps": engine.skipped_steps,
+                "skipped_in_interval": engine.skipped_steps - skipped_before,
+                "ms_per_iter": 1000 * interval_time / interval_iters, "tokens_per_sec": tok_s,
+                "tflops_per_gpu": tflops, "mfu": mfu, "peak_memory_gb": metrics.peak_memory_gb(),
+            }
+            print_rank0(metrics.format_train_line(record))
+            writer.write(record)
+            interval_time, interval_iters, interval_loss = 0.0, 0, 0.0
+            skipped_before = engine.skipped_steps
+
+        val_loss = None
+        if args.eval_iters > 0 and make_valid_iterator is not None and (
+                state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters):
+            val_loss = evaluate(engine, forward_step, make_valid_iterator, args.eval_iters, gas, dp_group)
+            val_ppl = math.exp(min(val_loss, 50.0))
+            print_rank0(f"validation at iteration {state.iteration} | lm loss {val_loss:.6f} | ppl {val_ppl:.3f}")
+            writer.write({"iteration": state.iteration, "val_loss": val_loss, "val_ppl": val_ppl}, prefix="valid")
+
+        if args.eval_humaneval and state.iteration % args.eval_humaneval_interval == 0:
+            result = _humaneval(engine, args, tokenizer)
+            if result is not None:
+                print_rank0(f"HumanEval at iteration {state.iteration} | pass@1 {result['pass@1']:.4f}")
+                writer.write({"iteration": state.iteration, "humaneval_pass@1": result["pass@1"]}, prefix="humaneval")
+
+        stop = stop_signal is not None and stop_signal.should_stop(dp_group_all(), _flag_device(device))
+        exit_now = args.exit_interval is not None and state.iteration % args.exit_interval == 0
+        periodic = args.save_interval is not None and state.iteration % args.save_interval == 0
+        if args.save and (periodic or stop or exit_now or state.iteration == args.train_iters):
+            save(engine, args, state, val_loss)
+        if stop:
+            print_rank0(f"received {stop_signal.signal_name or 'a stop signal'}: saved at iteration "
+                        f"{state.iteration}, exiting")
+            reason = "signal"
+            break
+        if exit_now:
+            print_rank0(f"--exit-interval {args.exit_interval}: saved at iteration {state.iteration}, exiting")
+            reason = "exit-interval"
+            break
+    return reason
+
+
+def dp_group_all():
+    return None  # the stop decision is taken over the whole world
+
+
+def _flag_device(device):
+    # NCCL reduces CUDA tensors only; gloo CPU tensors.
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return device
+    return torch.device("cpu")
+
+
+def save(engine, args, state, val_loss=None):
+    is_best = val_loss is not None and val_loss < state.best_val_loss
+    if is_best:
+        state.best_val_loss, state.best_iteration = val_loss, state.iteration
+    tag = checkpointing.save_checkpoint(
+        engine, args.save, state.iteration, state.consumed_samples, state.consumed_tokens, args,
+        state={k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+               for k, v in asdict(state).items() if k != "last_saved_iteration"},
+        export_model=not args.no_export_model, is_best=is_best)
+    state.last_saved_iteration = state.iteration
+    print_rank0(f"saved checkpoint {args.save}/{tag}" + (" (best validation loss so far)" if is_best else ""))
+    return tag
