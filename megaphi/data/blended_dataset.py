@@ -1,0 +1,146 @@
+"""BlendedDataset and build_gpt_datasets: `--data-path [w1] p1 [w2 p2 ...]` as Megatron-LM reads it.
+
+Blending is deterministic (no RNG): with weights w normalised to sum 1, blended sample i comes from
+dataset argmax_d(w_d * max(i, 1) - count_d) (ties to the lowest d) and is that dataset's
+count_d-th sample. For a blend of N samples of a split, dataset d is built with
+ceil(ceil(N * w_d) * 1.005) samples (a 0.5% surplus) and the blend holds sum_d ceil(N * w_d) samples.
+The blending indices are cheap (C++, O(size * datasets)) and are rebuilt on every rank, not cached.
+"""
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .gpt_dataset import GPTDataset
+from .splits import SPLIT_NAMES, split_bookends, parse_split
+
+MID_LEVEL_SURPLUS = 0.005
+
+
+def normalize_weights(weights: Sequence[float]) -> List[float]:
+    w = np.array(weights, dtype=np.float64)
+    return (w / np.sum(w)).tolist()
+
+
+class BlendedDataset:
+    """Mixes `datasets` by `weights` into `size` samples.
+
+    `size` None draws every sample of every dataset exactly once (weights must then be the integer
+    sample counts), as Megatron does for unweighted blends without a requested size.
+    """
+
+    def __init__(self, datasets: Sequence, weights: Sequence[float], size: Optional[int]):
+        from megaphi import _C
+
+        datasets = list(datasets)
+        weights = [float(w) for w in weights]
+        if not datasets:
+            raise ValueError("BlendedDataset needs at least one dataset")
+        if len(datasets) != len(weights):
+            raise ValueError(f"BlendedDataset got {len(datasets)} datasets but {len(weights)} weights")
+        if any(not math.isfinite(w) or w <= 0 for w in weights):
+            raise ValueError(f"blending weights must be finite and > 0, got {weights}")
+        self.datasets = datasets
+        self.size = size
+        if size is None:
+            if any(w != int(w) for w in weights):
+                raise ValueError("BlendedDataset with size=None takes integer sample counts as weights")
+            self.weights = weights
+            self.dataset_index, self.dataset_sample_index = _C.build_exhaustive_blending_indices(
+                np.array(weights, dtype=np.int64))
+        else:
+            if isinstance(size, bool) or int(size) != size or size < 0:
+                raise ValueError(f"BlendedDataset size must be an integer >= 0, got {size!r}")
+            self.weights = normalize_weights(weights)
+            self.dataset_index, self.dataset_sample_index = _C.build_blending_indices(
+                np.array(self.weights, dtype=np.float64), int(size))
+        counts = np.bincount(self.dataset_index, minlength=len(datasets))
+        for d, (count, dataset) in enumerate(zip(counts, datasets)):
+            if count > len(dataset):
+                raise ValueError(f"the blend draws {count} samples from dataset {d} ({dataset!r}), which has "
+                                 f"only {len(dataset)}; build it with more samples")
+
+    def __len__(self) -> int:
+        return int(self.dataset_index.shape[0])
+
+    def __getitem__(self, idx):
+        n = len(self)
+        i = int(idx)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sample {idx} out of range for a BlendedDataset of {n} samples")
+        return self.datasets[int(self.dataset_index[i])][int(self.dataset_sample_index[i])]
+
+    def __repr__(self) -> str:
+        return f"BlendedDataset({len(self.datasets)} datasets, weights={self.weights}, samples={len(self)})"
+
+
+def parse_data_path(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
+    """["p"] / ["p1", "p2"] -> (prefixes, None); ["w1", "p1", "w2", "p2"] -> (prefixes, weights)."""
+    if isinstance(data_path, (str, bytes)):
+        data_path = str(data_path).split()
+    items = [str(x).strip() for x in data_path]
+    if not items:
+        raise ValueError("--data-path is empty")
+    if len(items) % 2 == 0:
+        try:
+            weights = [float(w) for w in items[0::2]]
+        except ValueError:
+            weights = None
+        if weights is not None:
+            return items[1::2], weights
+    for item in items:
+        try:
+            float(item)
+        except ValueError:
+            continue
+        raise ValueError(f"--data-path {' '.join(items)}: expected prefixes or weight/prefix pairs; "
+                         f"{item!r} looks like a weight without a prefix")
+    return items, None
+
+
+def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, seed: int,
+                       num_samples: Sequence[Optional[int]] = (None, None, None),
+                       cache_dir: Optional[str] = None):
+    """(train, valid, test): each a GPTDataset, a BlendedDataset or None (weight-0 split).
+
+    num_samples gives the samples wanted per split (None: one epoch). One unweighted prefix gives
+    GPTDatasets; weights (even a single one) give BlendedDatasets over per-prefix GPTDatasets;
+    several unweighted prefixes are blended by their sizes (one epoch each).
+    """
+    from .indexed_dataset import IndexedDataset
+
+    prefixes, weights = parse_data_path(data_path)
+    num_samples = list(num_samples)
+    if len(num_samples) != len(SPLIT_NAMES):
+        raise ValueError(f"num_samples must give (train, valid, test), got {num_samples}")
+    bookends = split_bookends(parse_split(split))
+    readers = {p: IndexedDataset(p) for p in dict.fromkeys(prefixes)}
+
+    def gpt(prefix, samples, split_name):
+        return GPTDataset(prefix, seq_length, samples, seed, split=split, split_name=split_name,
+                          cache_dir=cache_dir, indexed_dataset=readers[prefix])
+
+    results = []
+    for k, name in enumerate(SPLIT_NAMES):
+        wanted = num_samples[k]
+        if bookends[k] is None:
+            results.append(None)
+        elif len(prefixes) == 1 and weights is None:
+            results.append(gpt(prefixes[0], wanted, name))
+        elif weights is not None:
+            if wanted is None:
+                raise ValueError(f"a weighted --data-path needs a sample count for the {name} split")
+            norm = normalize_weights(weights)
+            targets = [int(math.ceil(wanted * w)) for w in norm]
+            parts = [gpt(p, int(math.ceil(t * (1 + MID_LEVEL_SURPLUS))), name) for p, t in zip(prefixes, targets)]
+            results.append(BlendedDataset(parts, norm, sum(targets)))
+        else:
+            parts = [gpt(p, None, name) for p in prefixes]
+            lengths = [len(d) for d in parts]
+            if wanted is None:
+                results.append(BlendedDataset(parts, lengths, None))
+            else:
+                results.append(BlendedDataset(parts, lengths, min(wanted, sum(lengths))))
+    return tuple(results)
