@@ -1,17 +1,105 @@
-"""LayerNorm: the plain-torch reference (the spec and the CPU path).
-
-The fused CUDA kernel (megaphi._cuda) is dispatched from here when available.
-"""
+"""LayerNorm over the last dimension: the plain-torch reference (the spec and the CPU path) and the
+fused CUDA kernel (megaphi._cuda), chosen by megaphi.ops.set_impl / the per-call `impl`."""
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import _backend
 
 
 def layer_norm_reference(x, weight, bias, eps):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def check_layer_norm_inputs(x, weight, bias):
+    """Shapes, dtypes and devices every backend needs; raises ValueError/TypeError naming the problem."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"layer_norm: x must be a tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("layer_norm: x must have at least one dimension (the hidden size)")
+    hidden = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if tuple(t.shape) != (hidden,):
+            raise ValueError(f"layer_norm: {name} has shape {tuple(t.shape)} but x's hidden size "
+                             f"(last dim of x {tuple(x.shape)}) is {hidden}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"layer_norm: {name} dtype {t.dtype} differs from x dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}")
+
+
+def check_layer_norm_kernel_inputs(x, weight, bias):
+    """What the CUDA kernel needs on top of check_layer_norm_inputs."""
+    if x.dtype not in _backend.DTYPE_CODES:
+        raise TypeError(f"layer_norm (cuda): dtype {x.dtype} is not supported; "
+                        f"use one of {sorted(str(d) for d in _backend.DTYPE_CODES)}")
+    if weight is None or bias is None:
+        raise ValueError("layer_norm (cuda): the kernel needs both weight and bias")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if not t.is_contiguous():
+            raise ValueError(f"layer_norm (cuda): {name} is not contiguous (shape {tuple(t.shape)}, "
+                             f"stride {t.stride()}); call .contiguous() first")
+        if not t.is_cuda:
+            raise ValueError(f"layer_norm (cuda): {name} is on {t.device}, not a CUDA device")
+
+
+def _backward_blocks(device, rows):
+    # Enough blocks to fill the GPU twice over; each leaves one row of partial sums per parameter.
+    return max(1, min(rows, 2 * _backend.multiprocessor_count(device.index)))
+
+
+class LayerNormCUDAFunction(torch.autograd.Function):
+    """LayerNorm with megaphi._cuda forward and backward; inputs already validated."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        module = _backend.cuda_module()
+        hidden = x.shape[-1]
+        rows = x.numel() // hidden
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        module.layer_norm_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(),
+                                  rstd.data_ptr(), rows, hidden, float(eps), _backend.DTYPE_CODES[x.dtype],
+                                  x.device.index, _backend.current_stream_handle(x.device))
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        module = _backend.cuda_module()
+        x, weight, mean, rstd = ctx.saved_tensors
+        dy = dy.contiguous()
+        hidden = x.shape[-1]
+        rows = x.numel() // hidden
+        num_blocks = _backward_blocks(x.device, rows)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dweight = torch.empty_like(weight)
+        dbias = torch.empty_like(weight)
+        workspace = torch.empty((2, num_blocks, hidden), dtype=torch.float32, device=x.device)
+        module.layer_norm_backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                                   dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), workspace.data_ptr(),
+                                   num_blocks, rows, hidden, _backend.DTYPE_CODES[x.dtype], x.device.index,
+                                   _backend.current_stream_handle(x.device))
+        return dx, dweight, dbias, None
+
+
 def layer_norm(x, weight, bias, eps=1e-5, impl=None):
+    """LayerNorm over the last dim of x with weight and bias [hidden].
+
+    impl: None (the backend chosen with megaphi.ops.set_impl), "auto", "cuda", "torch" or "apex".
+    """
+    check_layer_norm_inputs(x, weight, bias)
+    backend = _backend.resolve("layernorm", impl, x)
+    if backend == "cuda":
+        if x.numel() == 0:
+            return layer_norm_reference(x, weight, bias, eps)
+        check_layer_norm_kernel_inputs(x, weight, bias)
+        return LayerNormCUDAFunction.apply(x, weight, bias, eps)
+    if backend == "apex":
+        return _backend.apex_layer_norm()(x, weight, bias, (x.shape[-1],), eps)
     return layer_norm_reference(x, weight, bias, eps)
 
 

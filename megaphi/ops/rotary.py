@@ -2,8 +2,15 @@
 
 Layout: q, k are [batch, seq, heads, head_dim]; the first rotary_dim dims of each head are
 rotated, the rest pass through. cos/sin tables are fp32 [max_positions, rotary_dim // 2].
+Positions: `position_ids` ([batch, seq], [1, seq] or [seq], int64) when given, else
+`offset + arange(seq)` (generation continues at the cache length).
+
+The torch reference is the spec: it casts cos/sin to the activation dtype and rounds like HF Phi.
+The CUDA kernel rotates in fp32 and rounds once, so in fp16/bf16 the two differ by about one ulp.
 """
 import torch
+
+from . import _backend
 
 
 def rotary_tables(rotary_dim, max_positions, base=10000.0, device=None):
@@ -14,21 +21,23 @@ def rotary_tables(rotary_dim, max_positions, base=10000.0, device=None):
     return freqs.cos(), freqs.sin()
 
 
-def _gather_tables(cos, sin, seq_len, position_ids, dtype):
+def _gather_tables(cos, sin, seq_len, position_ids, dtype, offset=0):
     """cos/sin for each token as [batch or 1, seq, 1, rotary_dim // 2], cast to the activation dtype."""
     if position_ids is None:
-        c, s = cos[:seq_len], sin[:seq_len]
+        c, s = cos[offset:offset + seq_len], sin[offset:offset + seq_len]
         c, s = c[None], s[None]
     else:
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None]
         c, s = cos[position_ids], sin[position_ids]
     return c[:, :, None, :].to(dtype), s[:, :, None, :].to(dtype)
 
 
-def rotary_reference(x, cos, sin, position_ids=None):
+def rotary_reference(x, cos, sin, position_ids=None, offset=0):
     """Apply rotary to x [b, s, h, d]; returns a new tensor."""
     half = cos.shape[-1]
     rot = 2 * half
-    c, s = _gather_tables(cos, sin, x.shape[1], position_ids, x.dtype)
+    c, s = _gather_tables(cos, sin, x.shape[1], position_ids, x.dtype, offset)
     x1, x2, rest = x[..., :half], x[..., half:rot], x[..., rot:]
     # rotate-half written as x*cos + rotate_half(x)*sin, the same rounding order as HF Phi.
     out1 = x1 * c + (-x2) * s
@@ -36,6 +45,113 @@ def rotary_reference(x, cos, sin, position_ids=None):
     return torch.cat([out1, out2, rest], dim=-1)
 
 
-def apply_rotary_qk(q, k, cos, sin, position_ids=None, impl=None):
-    """Rotary on q and k together; returns (q_rotated, k_rotated)."""
-    return rotary_reference(q, cos, sin, position_ids), rotary_reference(k, cos, sin, position_ids)
+def check_rotary_inputs(q, k, cos, sin, position_ids=None, offset=0):
+    """Shapes, dtypes, devices and position range; raises ValueError/TypeError naming the problem."""
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"rotary: {name} must be [batch, seq, heads, head_dim], got {shape}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"rotary: q {tuple(q.shape)} and k {tuple(k.shape)} must share batch, seq and head_dim")
+    if q.dtype != k.dtype or q.device != k.device:
+        raise TypeError(f"rotary: q ({q.dtype}, {q.device}) and k ({k.dtype}, {k.device}) must share dtype and device")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"rotary: {name} table must be float32, got {t.dtype}")
+        if t.dim() != 2 or tuple(t.shape) != tuple(cos.shape):
+            raise ValueError(f"rotary: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be "
+                             "[max_positions, rotary_dim // 2]")
+        if t.device != q.device:
+            raise ValueError(f"rotary: {name} table is on {t.device} but q is on {q.device}")
+    max_positions, half = cos.shape
+    if half < 1 or 2 * half > q.shape[3]:
+        raise ValueError(f"rotary: rotary_dim {2 * half} (from cos {tuple(cos.shape)}) must be in [2, head_dim "
+                         f"{q.shape[3]}]")
+    batch, seq = q.shape[:2]
+    if position_ids is None:
+        if offset < 0 or offset + seq > max_positions:
+            raise ValueError(f"rotary: positions {offset}..{offset + seq - 1} exceed the table's {max_positions}")
+        return
+    if offset != 0:
+        raise ValueError("rotary: give either position_ids or offset, not both")
+    if position_ids.dtype != torch.int64 or position_ids.device != q.device:
+        raise TypeError(f"rotary: position_ids must be int64 on {q.device}, got {position_ids.dtype} on "
+                        f"{position_ids.device}")
+    if tuple(position_ids.shape) not in ((batch, seq), (1, seq), (seq,)):
+        raise ValueError(f"rotary: position_ids shape {tuple(position_ids.shape)} must be [batch, seq], [1, seq] or "
+                         f"[seq] with batch={batch}, seq={seq}")
+    if position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= max_positions):
+        raise ValueError(f"rotary: position_ids span {int(position_ids.min())}..{int(position_ids.max())}, outside "
+                         f"the table's 0..{max_positions - 1}")
+
+
+def check_rotary_kernel_inputs(q, k, cos, sin, position_ids=None):
+    if q.dtype not in _backend.DTYPE_CODES:
+        raise TypeError(f"rotary (cuda): dtype {q.dtype} is not supported; "
+                        f"use one of {sorted(str(d) for d in _backend.DTYPE_CODES)}")
+    named = [("q", q), ("k", k), ("cos", cos), ("sin", sin)]
+    if position_ids is not None:
+        named.append(("position_ids", position_ids))
+    for name, t in named:
+        if not t.is_contiguous():
+            raise ValueError(f"rotary (cuda): {name} is not contiguous (shape {tuple(t.shape)}, stride {t.stride()}); "
+                             "call .contiguous() first")
+        if not t.is_cuda:
+            raise ValueError(f"rotary (cuda): {name} is on {t.device}, not a CUDA device")
+
+
+def _launch_rotary(q_in, q_out, k_in, k_out, cos, sin, position_ids, offset, inverse):
+    batch, seq, q_heads, head_dim = q_in.shape
+    if position_ids is None:
+        pos_ptr, pos_batch_stride = 0, 0
+    else:
+        pos_ptr = position_ids.data_ptr()
+        pos_batch_stride = seq if (position_ids.dim() == 2 and position_ids.shape[0] == batch and batch > 1) else 0
+    _backend.cuda_module().rotary(
+        q_in.data_ptr(), q_out.data_ptr(), k_in.data_ptr(), k_out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        pos_ptr, pos_batch_stride, offset, batch, seq, q_heads, k_in.shape[2], head_dim, cos.shape[1], inverse,
+        _backend.DTYPE_CODES[q_in.dtype], q_in.device.index, _backend.current_stream_handle(q_in.device))
+
+
+class RotaryCUDAFunction(torch.autograd.Function):
+    """Rotary on q and k with megaphi._cuda; the backward rotates the gradients by -angle."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, position_ids, offset, inplace):
+        q_out = q if inplace else torch.empty_like(q, memory_format=torch.contiguous_format)
+        k_out = k if inplace else torch.empty_like(k, memory_format=torch.contiguous_format)
+        _launch_rotary(q, q_out, k, k_out, cos, sin, position_ids, offset, inverse=False)
+        if inplace:
+            ctx.mark_dirty(q, k)
+        ctx.save_for_backward(cos, sin, position_ids)
+        ctx.offset = offset
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin, position_ids = ctx.saved_tensors
+        dq, dk = dq.contiguous(), dk.contiguous()
+        dq_in, dk_in = torch.empty_like(dq), torch.empty_like(dk)
+        _launch_rotary(dq, dq_in, dk, dk_in, cos, sin, position_ids, ctx.offset, inverse=True)
+        return dq_in, dk_in, None, None, None, None, None
+
+
+def apply_rotary_qk(q, k, cos, sin, position_ids=None, impl=None, offset=0, inplace=False):
+    """Rotary on q and k together; returns (q_rotated, k_rotated).
+
+    offset: first position when position_ids is None (generation). inplace: overwrite q and k and
+    return them (the torch path computes new tensors and copies them back, same effect).
+    impl: None (the backend chosen with megaphi.ops.set_impl), "auto", "cuda" or "torch".
+    """
+    check_rotary_inputs(q, k, cos, sin, position_ids, offset)
+    backend = _backend.resolve("rotary", impl, q)
+    if backend == "cuda" and q.numel() and k.numel():
+        check_rotary_kernel_inputs(q, k, cos, sin, position_ids)
+        return RotaryCUDAFunction.apply(q, k, cos, sin, position_ids, int(offset), bool(inplace))
+    q_rot = rotary_reference(q, cos, sin, position_ids, offset)
+    k_rot = rotary_reference(k, cos, sin, position_ids, offset)
+    if inplace:
+        q.copy_(q_rot)
+        k.copy_(k_rot)
+        return q, k
+    return q_rot, k_rot

@@ -1,0 +1,105 @@
+// Shared device helpers for megaphi's kernels: dtype conversion, 16-byte packs, reductions.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "kernels.h"
+
+namespace megaphi {
+
+// Throws (and so reaches Python as RuntimeError) when a CUDA call or a launch failed.
+inline void check_cuda(cudaError_t status, const char* what) {
+    if (status != cudaSuccess) {
+        throw std::runtime_error(std::string("megaphi._cuda: ") + what + ": " + cudaGetErrorString(status));
+    }
+}
+
+inline bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<std::uintptr_t>(p) % 16) == 0; }
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// N elements loaded or stored as one access (16 bytes when N * sizeof(T) == 16).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+    T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void load_floats(const T* src, float (&dst)[N]) {
+    const Pack<T, N> pack = *reinterpret_cast<const Pack<T, N>*>(src);
+#pragma unroll
+    for (int i = 0; i < N; ++i) dst[i] = to_float(pack.v[i]);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_floats(T* dst, const float (&src)[N]) {
+    Pack<T, N> pack;
+#pragma unroll
+    for (int i = 0; i < N; ++i) pack.v[i] = from_float<T>(src[i]);
+    *reinterpret_cast<Pack<T, N>*>(dst) = pack;
+}
+
+// Elements per 16-byte access.
+template <typename T>
+__host__ __device__ constexpr int vec16() { return static_cast<int>(16 / sizeof(T)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Sum of two values over the block; every thread gets the result. `scratch` holds 2 * 32 floats.
+// Ends with a barrier, so scratch can be reused right after the call.
+__device__ __forceinline__ float2 block_sum2(float a, float b, float* scratch) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int num_warps = (blockDim.x + 31) >> 5;
+    a = warp_sum(a);
+    b = warp_sum(b);
+    if (lane == 0) {
+        scratch[warp] = a;
+        scratch[32 + warp] = b;
+    }
+    __syncthreads();
+    float2 total = make_float2(0.f, 0.f);
+    for (int w = 0; w < num_warps; ++w) {  // same order in every thread: deterministic
+        total.x += scratch[w];
+        total.y += scratch[32 + w];
+    }
+    __syncthreads();
+    return total;
+}
+
+// Dispatches a functor templated on the element type from a runtime dtype code.
+template <typename F>
+void dispatch_dtype(int dtype, F&& f) {
+    switch (dtype) {
+        case kFloat32: f(float{}); break;
+        case kFloat16: f(__half{}); break;
+        case kBFloat16: f(__nv_bfloat16{}); break;
+        default: throw std::invalid_argument("megaphi._cuda: unsupported dtype code " + std::to_string(dtype));
+    }
+}
+
+// Makes the tensors' device current for this runtime (it keeps its own notion of the current device).
+inline void set_device(int device) { check_cuda(cudaSetDevice(device), "cudaSetDevice"); }
+
+}  // namespace megaphi

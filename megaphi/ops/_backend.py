@@ -1,0 +1,153 @@
+"""Backend selection for the fused ops: which implementations exist here, and why not.
+
+Backends: "cuda" (megaphi._cuda kernels), "torch" (the plain-torch reference), "apex" (apex's
+FusedLayerNorm, LayerNorm only, where apex is installed), "auto" (cuda for CUDA tensors when the
+kernels are usable, torch otherwise).
+"""
+import functools
+
+import torch
+
+IMPLS = ("auto", "cuda", "torch", "apex")
+OPS = ("layernorm", "rotary")
+
+# dtype codes understood by megaphi._cuda (csrc/kernels/kernels.h).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+_selected = {"layernorm": "auto", "rotary": "auto"}
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cuda_module():
+    """(module, None) or (None, reason it cannot be imported)."""
+    try:
+        from megaphi import _cuda
+    except ImportError as exc:
+        return None, (f"megaphi._cuda cannot be imported ({exc}); build it with nvcc: "
+                      "python setup.py build_ext --inplace")
+    return _cuda, None
+
+
+def cuda_module():
+    """The megaphi._cuda extension module, or None."""
+    return _load_cuda_module()[0]
+
+
+def cuda_unavailable_reason():
+    """None when the CUDA kernels can run on this machine, else a sentence saying why not."""
+    module, reason = _load_cuda_module()
+    if module is None:
+        return reason
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None:
+            return f"torch {torch.__version__} is a CPU-only build (no CUDA)"
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA GPU"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _load_apex_layer_norm():
+    """(fused_layer_norm_affine, None) or (None, reason)."""
+    try:
+        from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+    except Exception as exc:  # apex import can fail in many ways (missing, built without CUDA ext)
+        return None, f"apex FusedLayerNorm is not importable ({type(exc).__name__}: {exc})"
+    return fused_layer_norm_affine, None
+
+
+def apex_layer_norm():
+    return _load_apex_layer_norm()[0]
+
+
+def apex_unavailable_reason():
+    fn, reason = _load_apex_layer_norm()
+    if fn is None:
+        return reason
+    if not torch.cuda.is_available():
+        return "apex is installed but torch sees no CUDA GPU"
+    return None
+
+
+def _unavailable_reason(op, impl):
+    if impl == "cuda":
+        return cuda_unavailable_reason()
+    if impl == "apex":
+        if op != "layernorm":
+            return "apex has no rotary kernel for this layout; choose auto, cuda or torch"
+        return apex_unavailable_reason()
+    return None
+
+
+def _check_impl(op, impl):
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    if impl not in IMPLS:
+        raise ValueError(f"--{op}-impl: unknown implementation {impl!r}; expected one of {IMPLS}")
+    reason = _unavailable_reason(op, impl)
+    if reason is not None:
+        raise RuntimeError(f"--{op}-impl={impl} is not available here: {reason}")
+
+
+def set_impl(layernorm=None, rotary=None):
+    """Select the backend for each op ("auto", "cuda", "torch", "apex"); None leaves it unchanged.
+
+    Asking for a backend that cannot run here raises RuntimeError saying why.
+    """
+    requested = {"layernorm": layernorm, "rotary": rotary}
+    for op, impl in requested.items():
+        if impl is not None:
+            _check_impl(op, impl)
+    for op, impl in requested.items():
+        if impl is not None:
+            _selected[op] = impl
+
+
+def get_impl(op):
+    return _selected[op]
+
+
+def resolve(op, impl, tensor):
+    """The backend ("cuda", "torch" or "apex") that runs `op` on `tensor` given a per-call `impl`
+    (None = the selected one)."""
+    impl = _selected[op] if impl is None else impl
+    if impl == "auto":
+        if tensor.is_cuda and tensor.dtype in DTYPE_CODES and cuda_unavailable_reason() is None:
+            return "cuda"
+        return "torch"
+    _check_impl(op, impl)
+    if impl in ("cuda", "apex") and not tensor.is_cuda:
+        raise ValueError(f"{op} impl {impl!r} needs CUDA tensors, got a tensor on {tensor.device}")
+    return impl
+
+
+def current_stream_handle(device):
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def describe():
+    """Lines saying what is available and why not (printed by `python -m megaphi.ops`)."""
+    lines = [f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})"]
+    module, reason = _load_cuda_module()
+    if module is None:
+        lines.append(f"megaphi._cuda: not available: {reason}")
+    else:
+        runtime = module.cuda_runtime_version()
+        driver = module.cuda_driver_version()
+        driver_text = f"{driver // 1000}.{driver % 1000 // 10}" if driver else "no driver"
+        lines.append(f"megaphi._cuda: importable (built for CUDA runtime {runtime // 1000}.{runtime % 1000 // 10}; "
+                     f"driver: {driver_text}; {module.cuda_device_status()})")
+    if torch.cuda.is_available():
+        lines.append(f"GPU: {torch.cuda.get_device_name()}")
+    apex_reason = apex_unavailable_reason()
+    lines.append("apex FusedLayerNorm: " + ("available" if apex_reason is None else f"not available: {apex_reason}"))
+    for op in OPS:
+        usable = [impl for impl in IMPLS if impl != "auto" and _unavailable_reason(op, impl) is None]
+        cuda_reason = cuda_unavailable_reason()
+        auto_text = "cuda for CUDA tensors, torch otherwise" if cuda_reason is None else f"torch ({cuda_reason})"
+        lines.append(f"{op}: selected {_selected[op]!r}; usable here: {', '.join(usable)}; auto -> {auto_text}")
+    return lines
