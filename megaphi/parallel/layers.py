@@ -1,0 +1,171 @@
+"""Megatron-style tensor-parallel layers. At TP=1 each is exactly one F.linear / F.embedding call.
+
+Weights are [out, in] like nn.Linear. Parameters are initialized TP-independently: a full (master)
+tensor is drawn on CPU in fp32 and each rank keeps its shard, so TP=k with a given RNG state holds
+exactly the shards of the TP=1 layer.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from .state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from .utils import divide, is_tensor_model_parallel_param, set_tensor_model_parallel_attributes, vocab_range
+
+
+def normal_init(std=0.02):
+    def init(tensor, generator=None):
+        return tensor.normal_(0.0, std, generator=generator)
+    return init
+
+
+def full_shape(param):
+    """Shape of the unsharded parameter this rank holds a shard of."""
+    shape = list(param.shape)
+    if is_tensor_model_parallel_param(param):
+        shape[param.partition_dim] *= get_tensor_model_parallel_world_size()
+    return shape
+
+
+def shard_of(full_tensor, param):
+    """This rank's shard of full_tensor, laid out like param (a view)."""
+    if not is_tensor_model_parallel_param(param):
+        return full_tensor
+    world = get_tensor_model_parallel_world_size()
+    return full_tensor.chunk(world, dim=param.partition_dim)[get_tensor_model_parallel_rank()]
+
+
+@torch.no_grad()
+def init_from_master(param, init_fn, generator=None):
+    """Draw the full parameter on CPU in fp32 with init_fn(tensor, generator); keep this rank's shard."""
+    if param.is_meta:
+        return
+    master = torch.empty(full_shape(param), dtype=torch.float32)
+    init_fn(master, generator)
+    param.copy_(shard_of(master, param))
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T + b with A split along its output dim: each rank computes output_size / TP features.
+
+    gather_output=True all-gathers the features (the output is then full on every rank).
+    """
+
+    def __init__(self, input_size, output_size, bias=True, gather_output=False, init_method=None,
+                 initialize=True, device=None, dtype=None):
+        super().__init__()
+        world = get_tensor_model_parallel_world_size()
+        self.input_size, self.output_size = input_size, output_size
+        self.output_size_per_partition = divide(output_size, world, "ColumnParallelLinear output size")
+        self.gather_output = gather_output
+        self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, input_size, device=device, dtype=dtype))
+        set_tensor_model_parallel_attributes(self.weight, True, partition_dim=0)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.output_size_per_partition, device=device, dtype=dtype))
+            set_tensor_model_parallel_attributes(self.bias, True, partition_dim=0)
+        else:
+            self.register_parameter("bias", None)
+        if initialize:
+            self.reset_parameters(init_method)
+
+    def reset_parameters(self, init_method=None, generator=None):
+        init_from_master(self.weight, init_method or normal_init(), generator)
+        if self.bias is not None and not self.bias.is_meta:
+            with torch.no_grad():
+                self.bias.zero_()
+
+    def forward(self, x):
+        if get_tensor_model_parallel_world_size() == 1:
+            return F.linear(x, self.weight, self.bias)
+        x = copy_to_tensor_model_parallel_region(x)
+        y = F.linear(x, self.weight, self.bias)
+        return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
+
+    def extra_repr(self):
+        return (f"in={self.input_size}, out={self.output_size} (per rank {self.output_size_per_partition}), "
+                f"bias={self.bias is not None}, gather_output={self.gather_output}")
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T + b with A split along its input dim; partial products are all-reduced, then the
+    (unsharded) bias is added once.
+
+    input_is_parallel=True: x is already split on its last dim (e.g. the output of a column layer);
+    otherwise x is full and each rank takes its slice.
+    """
+
+    def __init__(self, input_size, output_size, bias=True, input_is_parallel=False, init_method=None,
+                 initialize=True, device=None, dtype=None):
+        super().__init__()
+        world = get_tensor_model_parallel_world_size()
+        self.input_size, self.output_size = input_size, output_size
+        self.input_size_per_partition = divide(input_size, world, "RowParallelLinear input size")
+        self.input_is_parallel = input_is_parallel
+        self.weight = nn.Parameter(torch.empty(output_size, self.input_size_per_partition, device=device, dtype=dtype))
+        set_tensor_model_parallel_attributes(self.weight, True, partition_dim=1)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(output_size, device=device, dtype=dtype))
+            set_tensor_model_parallel_attributes(self.bias, False)
+        else:
+            self.register_parameter("bias", None)
+        if initialize:
+            self.reset_parameters(init_method)
+
+    def reset_parameters(self, init_method=None, generator=None):
+        init_from_master(self.weight, init_method or normal_init(), generator)
+        if self.bias is not None and not self.bias.is_meta:
+            with torch.no_grad():
+                self.bias.zero_()
+
+    def forward(self, x):
+        if get_tensor_model_parallel_world_size() == 1:
+            return F.linear(x, self.weight, self.bias)
+        if not self.input_is_parallel:
+            x = scatter_to_tensor_model_parallel_region(x)
+        y = reduce_from_tensor_model_parallel_region(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self):
+        return (f"in={self.input_size} (per rank {self.input_size_per_partition}), out={self.output_size}, "
+                f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}")
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with its rows (the vocabulary) split over TP ranks: each rank looks up the ids in
+    its range, zeros the others, and the partial results are all-reduced."""
+
+    def __init__(self, num_embeddings, embedding_dim, init_method=None, initialize=True, device=None, dtype=None):
+        super().__init__()
+        world = get_tensor_model_parallel_world_size()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.vocab_start, self.vocab_end = vocab_range(num_embeddings, get_tensor_model_parallel_rank(), world)
+        self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start, embedding_dim, device=device, dtype=dtype))
+        set_tensor_model_parallel_attributes(self.weight, True, partition_dim=0)
+        if initialize:
+            self.reset_parameters(init_method)
+
+    def reset_parameters(self, init_method=None, generator=None):
+        init_from_master(self.weight, init_method or normal_init(), generator)
+
+    def forward(self, input_ids):
+        if get_tensor_model_parallel_world_size() == 1:
+            return F.embedding(input_ids, self.weight)
+        outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
+        local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_model_parallel_region(out)
+
+    def extra_repr(self):
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.vocab_start}, {self.vocab_end})"
+
+
+def scaled_normal_init(std, num_layers):
+    """Megatron's output-projection init: std / sqrt(2 * num_layers)."""
+    return normal_init(std / math.sqrt(2.0 * num_layers))
