@@ -1,0 +1,214 @@
+"""phi-1 (PhiForCausalLM) written once on the tensor-parallel layers.
+
+Block (parallel attention + MLP, one shared LayerNorm):
+    h = LN(x);  x = drop(dense(attn(h))) + drop(fc2(gelu_tanh(fc1(h)))) + x
+Attention holds a fused query_key_value column layer whose output rows are laid out per head as
+[q_h; k_h; v_h] (head-major), so splitting it over TP ranks gives each rank whole heads; the HF
+q_proj/k_proj/v_proj tensors are fused/split by megaphi.model.checkpoint.
+"""
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megaphi.config import PhiConfig
+from megaphi.ops import LayerNorm, apply_rotary_qk, rotary_tables
+from megaphi.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megaphi.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, init_from_master
+from megaphi.parallel.mappings import gather_from_tensor_model_parallel_region
+from megaphi.parallel.random import checkpoint, get_rng_tracker
+from megaphi.parallel.state import get_tensor_model_parallel_world_size
+from megaphi.parallel.utils import divide, set_tensor_model_parallel_attributes
+
+from .attention import causal_attention
+from .kv_cache import KVCache
+
+IGNORE_INDEX = -100
+
+
+class PhiAttention(nn.Module):
+    def __init__(self, config, layer_idx, device=None, dtype=None):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = divide(config.num_attention_heads, get_tensor_model_parallel_world_size(), "num_attention_heads")
+        h = config.hidden_size
+        self.query_key_value = ColumnParallelLinear(h, 3 * h, initialize=False, device=device, dtype=dtype)
+        self.dense = RowParallelLinear(h, h, input_is_parallel=True, initialize=False, device=device, dtype=dtype)
+
+    def forward(self, hidden, cos, sin, position_ids=None, kv_cache=None):
+        b, s, _ = hidden.shape
+        q, k, v = self.query_key_value(hidden).view(b, s, self.num_heads, 3, self.head_dim).unbind(3)
+        if self.config.rotary_dim > 0:
+            q, k = apply_rotary_qk(q, k, cos, sin, position_ids)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        dropout_p = self.config.attention_dropout if self.training else 0.0
+        if dropout_p > 0.0:
+            # heads differ per TP rank: their dropout draws from the per-rank stream
+            with get_rng_tracker().fork():
+                out = causal_attention(q, k, v, dropout_p, use_flash=self.config.use_flash_attn)
+        else:
+            out = causal_attention(q, k, v, 0.0, use_flash=self.config.use_flash_attn)
+        return self.dense(out.reshape(b, s, self.num_heads * self.head_dim))
+
+
+class PhiMLP(nn.Module):
+    def __init__(self, config, device=None, dtype=None):
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        self.fc1 = ColumnParallelLinear(h, f, initialize=False, device=device, dtype=dtype)
+        self.fc2 = RowParallelLinear(f, h, input_is_parallel=True, initialize=False, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class PhiDecoderLayer(nn.Module):
+    def __init__(self, config, layer_idx, device=None, dtype=None):
+        super().__init__()
+        self.input_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device, dtype=dtype)
+        self.self_attn = PhiAttention(config, layer_idx, device=device, dtype=dtype)
+        self.mlp = PhiMLP(config, device=device, dtype=dtype)
+        self.resid_dropout = nn.Dropout(config.resid_dropout)  # replicated region: default RNG stream
+
+    def forward(self, x, cos, sin, position_ids=None, kv_cache=None):
+        h = self.input_layernorm(x)
+        attn = self.resid_dropout(self.self_attn(h, cos, sin, position_ids, kv_cache))
+        mlp = self.resid_dropout(self.mlp(h))
+        return attn + mlp + x  # HF's summation order
+
+
+class PhiModel(nn.Module):
+    def __init__(self, config, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, initialize=False,
+                                                   device=device, dtype=dtype)
+        self.embed_dropout = nn.Dropout(config.embd_dropout)
+        self.layers = nn.ModuleList(PhiDecoderLayer(config, i, device=device, dtype=dtype)
+                                    for i in range(config.num_hidden_layers))
+        self.final_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device, dtype=dtype)
+        self._rotary = {}  # device -> fp32 (cos, sin); kept out of buffers so .half() never rounds them
+
+    def rotary(self, device, length):
+        tables = self._rotary.get(device)
+        if tables is None or tables[0].shape[0] < length:
+            n = max(length, self.config.max_position_embeddings)
+            tables = rotary_tables(self.config.rotary_dim, n, self.config.rope_theta, device=device)
+            self._rotary[device] = tables
+        return tables
+
+    def forward(self, input_ids, position_ids=None, kv_cache=None):
+        seq = input_ids.shape[1]
+        past = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None and past > 0:
+            position_ids = torch.arange(past, past + seq, device=input_ids.device).unsqueeze(0)
+        elif position_ids is not None and position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        needed = past + seq if position_ids is None else int(position_ids.max()) + 1
+        cos, sin = self.rotary(input_ids.device, needed)
+
+        x = self.embed_dropout(self.embed_tokens(input_ids))
+        recompute = self.config.recompute and self.training and torch.is_grad_enabled() and kv_cache is None
+        for layer in self.layers:
+            if recompute:
+                x = checkpoint(layer, x, cos, sin, position_ids, None)
+            else:
+                x = layer(x, cos, sin, position_ids, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(seq)
+        return self.final_layernorm(x)
+
+
+def _parameter_seed(seed, name):
+    """A stable per-parameter seed: independent of TP size, creation order and Python's hash salt."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+class PhiForCausalLM(nn.Module):
+    """phi-1 causal LM. `initialize=False` leaves parameters uninitialized (for loading weights)."""
+
+    def __init__(self, config, init_seed=None, initialize=True, device=None, dtype=None):
+        super().__init__()
+        if isinstance(config, dict):
+            config = PhiConfig.from_dict(config)
+        config.check_tensor_parallel(get_tensor_model_parallel_world_size())
+        self.config = config
+        self.model = PhiModel(config, device=device, dtype=dtype)
+        self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, initialize=False,
+                                            device=device, dtype=dtype)
+        for param in self.parameters():  # LayerNorms: replicated on every TP rank
+            if not hasattr(param, "tensor_model_parallel"):
+                set_tensor_model_parallel_attributes(param, False)
+        if initialize:
+            self.reset_parameters(init_seed)
+
+    def reset_parameters(self, seed=None):
+        """normal(0, initializer_range) weights, zero biases, LayerNorm ones; dense and fc2 weights use
+        std / sqrt(2 * layers). Each parameter's full tensor comes from a CPU generator seeded by
+        (seed, parameter name), so any TP size holds shards of the same model. seed defaults to
+        torch.initial_seed() (what torch.manual_seed / model_parallel_seed set)."""
+        seed = torch.initial_seed() if seed is None else seed
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2.0 * self.config.num_hidden_layers)
+        for name, param in self.named_parameters():
+            if param.is_meta:
+                continue
+            if name.endswith(".bias"):
+                with torch.no_grad():
+                    param.zero_()
+            elif "layernorm" in name:
+                with torch.no_grad():
+                    param.fill_(1.0)
+            else:
+                scaled = name.endswith(("self_attn.dense.weight", "mlp.fc2.weight"))
+                s = out_std if scaled else std
+                gen = torch.Generator().manual_seed(_parameter_seed(seed, name))
+                init_from_master(param, lambda t, g, s=s: t.normal_(0.0, s, generator=g), gen)
+
+    def forward(self, input_ids, labels=None, loss_mask=None, reduction="mean", kv_cache=None, position_ids=None):
+        hidden = self.model(input_ids, position_ids=position_ids, kv_cache=kv_cache)
+        logits_shard = self.lm_head(hidden)
+        if labels is None:
+            return gather_from_tensor_model_parallel_region(logits_shard)
+        valid = labels != IGNORE_INDEX
+        mask = valid.float() if loss_mask is None else loss_mask.float() * valid
+        token_losses = vocab_parallel_cross_entropy(logits_shard, labels.masked_fill(~valid, 0)) * mask
+        if reduction == "none":
+            return token_losses, None
+        if reduction != "mean":
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        loss = token_losses.sum() / mask.sum().clamp(min=1.0)
+        return loss, gather_from_tensor_model_parallel_region(logits_shard)
+
+    def allocate_kv_cache(self, batch_size, max_length, dtype=None, device=None):
+        ref = self.model.embed_tokens.weight
+        return KVCache(self.config.num_hidden_layers, batch_size, max_length, self.model.layers[0].self_attn.num_heads,
+                       self.config.head_dim, dtype=dtype or ref.dtype, device=device or ref.device)
+
+    # -- checkpoints (config.json + model.safetensors in HF PhiForCausalLM names) --
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None):
+        from .checkpoint import load_megaphi_state
+        config, hf_state = load_megaphi_state(path)
+        model = cls(config, initialize=False, device=device, dtype=dtype)
+        model.load_hf_state_dict(hf_state, source=str(path))
+        return model
+
+    def load_hf_state_dict(self, hf_state, source="state dict"):
+        from .checkpoint import load_hf_state_into
+        load_hf_state_into(self, hf_state, source)
+
+    def hf_state_dict(self):
+        from .checkpoint import model_to_hf_state
+        return model_to_hf_state(self)
+
+    def save_pretrained(self, path):
+        from .checkpoint import save_megaphi_folder
+        from megaphi.parallel.state import get_data_parallel_rank, get_tensor_model_parallel_rank
+        state = self.hf_state_dict()  # collective under TP: every rank takes part
+        if get_tensor_model_parallel_rank() == 0 and get_data_parallel_rank() == 0:
+            save_megaphi_folder(path, self.config, state)
