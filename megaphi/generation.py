@@ -171,3 +171,38 @@ def generate(model, tokenizer, prompts: Sequence[str], config: Optional[Generati
                                   vocab_limit=getattr(tokenizer, "vocab_size", None),
                                   should_stop=should_stop, generator=generator)
     return [truncate_at_stop(tokenizer.decode(tokens), stops) for tokens in token_lists]
+
+
+def resolve_device_and_dtype(device: Optional[str] = None, dtype: Optional[str] = None):
+    """--device/--dtype flags -> (torch.device, torch.dtype): CUDA + bf16 when there is a GPU, else CPU + fp32."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype is None:
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype not in names:
+        raise ValueError(f"--dtype {dtype!r}: choose from {sorted(names)}")
+    return device, names[dtype]
+
+
+def load_model_and_tokenizer(checkpoint: str, tokenizer_path: Optional[str] = None,
+                             device: Optional[str] = None, dtype: Optional[str] = None):
+    """A megaphi checkpoint folder (PhiForCausalLM.from_pretrained) and its tokenizer, ready to decode.
+
+    The tokenizer defaults to the checkpoint folder when it holds tokenizer.json, else phi-1's
+    (codegen-350M-mono, from the Hugging Face Hub)."""
+    import os
+    from megaphi.model import PhiForCausalLM
+    from megaphi.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
+    if tokenizer_path is None:
+        tokenizer_path = checkpoint if os.path.exists(os.path.join(checkpoint, "tokenizer.json")) else DEFAULT_TOKENIZER
+    device, torch_dtype = resolve_device_and_dtype(device, dtype)
+    model = PhiForCausalLM.from_pretrained(checkpoint, dtype=torch_dtype, device=device)
+    model.eval()
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"--tokenizer {tokenizer_path}: {tokenizer.vocab_size} tokens, but the checkpoint's "
+                         f"vocabulary has only {model.config.vocab_size} rows")
+    return model, tokenizer

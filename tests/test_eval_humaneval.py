@@ -1,0 +1,174 @@
+"""Problem readers, completion scoring, evaluate_model, and the two command-line tools."""
+import gzip
+import importlib.util
+import json
+import pathlib
+
+import pytest
+import torch
+
+from megaphi.evaluation.humaneval import evaluate_model, read_completions, score_completions
+from megaphi.evaluation.problems import ProblemFileError, load_problems
+from megaphi.evaluation.sandbox import Sandbox, SandboxLimits
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+PROBLEMS = [
+    {"task_id": "Toy/0", "prompt": 'def add(a, b):\n    """Sum."""\n', "entry_point": "add",
+     "canonical_solution": "    return a + b\n",
+     "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"},
+    {"task_id": "Toy/1", "prompt": 'def double(x):\n    """Twice x."""\n', "entry_point": "double",
+     "canonical_solution": "    return 2 * x\n",
+     "test": "def check(candidate):\n    assert candidate(4) == 8\n    assert candidate(0) == 0\n"},
+    {"task_id": "Toy/2", "prompt": "def first(xs):\n", "entry_point": "first",
+     "canonical_solution": "    return xs[0]\n",
+     "test": "def check(candidate):\n    assert candidate([5, 6]) == 5\n"},
+]
+
+
+def write_jsonl(path, rows, gz=False):
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        pathlib.Path(path).write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    return Sandbox(SandboxLimits(timeout_seconds=5.0), workers=4)
+
+
+def test_humaneval_reader_plain_and_gz(tmp_path):
+    for gz in (False, True):
+        path = write_jsonl(tmp_path / ("p.jsonl.gz" if gz else "p.jsonl"), PROBLEMS, gz=gz)
+        problems = load_problems(path)
+        assert [p.task_id for p in problems] == ["Toy/0", "Toy/1", "Toy/2"]
+        assert problems[0].program("    return a + b\n").endswith("check(add)\n")
+
+
+def test_reader_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(PROBLEMS[0]) + "\n{not json\n")
+    with pytest.raises(ProblemFileError, match=r"bad.jsonl:2: invalid JSON"):
+        load_problems(str(bad))
+    missing = {k: v for k, v in PROBLEMS[1].items() if k != "entry_point"}
+    write_jsonl(bad, [PROBLEMS[0], missing])
+    with pytest.raises(ProblemFileError, match=r"bad.jsonl:2: missing field 'entry_point'"):
+        load_problems(str(bad))
+    write_jsonl(bad, [PROBLEMS[0], PROBLEMS[0]])
+    with pytest.raises(ProblemFileError, match=r"bad.jsonl:2: duplicate task_id"):
+        load_problems(str(bad))
+    with pytest.raises(ProblemFileError, match="cannot read"):
+        load_problems(str(tmp_path / "absent.jsonl"))
+
+
+def test_mbpp_reader_and_scoring(tmp_path, sandbox):
+    rows = [{"task_id": 11, "text": "Write a function to square a number.", "code": "def sq(x):\n    return x * x\n",
+             "test_list": ["assert sq(3) == 9", "assert sq(-2) == 4"]},
+            {"task_id": 12, "prompt": "Return the length of a list.", "test_list": ["assert ln([1, 2]) == 2"],
+             "test_setup_code": "import math"}]
+    problems = load_problems(write_jsonl(tmp_path / "mbpp.jsonl", rows))
+    assert problems[0].task_id == "11" and "assert sq(3) == 9" in problems[0].prompt
+    records, metrics = score_completions(problems, {"11": [problems[0].canonical_solution, "def sq(x):\n    return x\n"],
+                                                    "12": ["def ln(xs):\n    return len(xs)\n"]}, sandbox, ks=[1])
+    assert [r["num_correct"] for r in records] == [1, 1]
+    assert metrics["pass@1"] == pytest.approx((0.5 + 1.0) / 2)
+    bad = write_jsonl(tmp_path / "mbpp_bad.jsonl", [{"task_id": 1, "text": "x", "test_list": []}])
+    with pytest.raises(ProblemFileError, match="mbpp_bad.jsonl:1: 'test_list'"):
+        load_problems(bad)
+
+
+def test_completions_file_scored_with_hand_computed_pass_at_k(tmp_path, sandbox):
+    problems = load_problems(write_jsonl(tmp_path / "p.jsonl", PROBLEMS))
+    completions = [
+        {"task_id": "Toy/0", "completion": "    return a + b\n"},
+        {"task_id": "Toy/0", "completion": "    return a * b\n"},
+        {"task_id": "Toy/1", "completion": "    return x + x\n"},
+        {"task_id": "Toy/1", "completion": "    return 2 * x\n"},
+        {"task_id": "Toy/2", "completion": "    return xs[-1]\n"},
+        {"task_id": "Toy/2", "completion": "    import sys\n    sys.exit(0)\n"},
+    ]
+    path = write_jsonl(tmp_path / "samples.jsonl", completions)
+    records, metrics = score_completions(problems, read_completions(path, problems), sandbox, ks=[1, 2, 10])
+    assert [(r["task_id"], r["num_samples"], r["num_correct"]) for r in records] == [
+        ("Toy/0", 2, 1), ("Toy/1", 2, 2), ("Toy/2", 2, 0)]
+    # pass@1 = mean(c/n) = (1/2 + 1 + 0)/3; pass@2 = (1 + 1 + 0)/3; k=10 > n is not reported.
+    assert metrics["pass@1"] == pytest.approx(0.5)
+    assert metrics["pass@2"] == pytest.approx(2 / 3)
+    assert "pass@10" not in metrics
+    # Unknown task ids and incomplete sets are errors that say where/what.
+    write_jsonl(tmp_path / "unknown.jsonl", completions[:1] + [{"task_id": "Nope/9", "completion": ""}])
+    with pytest.raises(ProblemFileError, match=r"unknown.jsonl:2: task_id 'Nope/9'"):
+        read_completions(str(tmp_path / "unknown.jsonl"), problems)
+    with pytest.raises(ValueError, match="2 of 3 problems have no completion"):
+        score_completions(problems, {"Toy/0": ["    return a + b\n"]}, sandbox)
+    _, partial = score_completions(problems, {"Toy/0": ["    return a + b\n"]}, sandbox, ks=[1], ignore_incomplete=True)
+    assert partial["pass@1"] == 1.0 and partial["num_problems"] == 1
+
+
+def _tiny_checkpoint(tmp_path, tokenizer):
+    from megaphi.config import get_preset
+    from megaphi.model import PhiForCausalLM
+    config = get_preset("tiny", vocab_size=tokenizer.padded_vocab_size, attention_dropout=0.0, resid_dropout=0.0)
+    model = PhiForCausalLM(config, init_seed=11)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(str(folder))
+    tokenizer.save(str(folder))
+    return model, str(folder)
+
+
+def _load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_model_and_tools_end_to_end(tmp_path, codegen_tokenizer_dir, capsys):
+    from megaphi.tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(str(codegen_tokenizer_dir))
+    model, checkpoint = _tiny_checkpoint(tmp_path, tokenizer)
+    # Prompts that are complete solutions (pass with an empty completion) and one stub (fails).
+    solved = [dict(p, prompt=p["prompt"] + p["canonical_solution"]) for p in PROBLEMS[:2]]
+    stub = dict(PROBLEMS[2], prompt="def first(xs):\n    return None\n")
+    path = write_jsonl(tmp_path / "p.jsonl", solved + [stub])
+    model.train()
+    metrics = evaluate_model(model, tokenizer, path, max_new_tokens=0, timeout_seconds=5.0,
+                             results_path=str(tmp_path / "r.jsonl"))
+    assert metrics["pass@1"] == pytest.approx(2 / 3) and metrics["num_problems"] == 3
+    assert model.training  # restored after generation
+    assert [json.loads(line)["num_correct"] for line in open(tmp_path / "r.jsonl")] == [1, 1, 0]
+    # With real generation (random weights): well-formed results, deterministic under greedy.
+    first = evaluate_model(model, tokenizer, path, max_new_tokens=6, limit=2)
+    assert first == evaluate_model(model, tokenizer, path, max_new_tokens=6, limit=2)
+    assert 0.0 <= first["pass@1"] <= 1.0 and first["num_problems"] == 2
+
+    evaluate_tool = _load_tool("eval_humaneval")
+    out = tmp_path / "cli_results.jsonl"
+    evaluate_tool.main(["--checkpoint", checkpoint, "--problems", path, "--greedy", "--max-new-tokens", "4",
+                        "--output", str(out), "--save-completions", str(tmp_path / "gen.jsonl"), "--timeout", "5"])
+    printed = capsys.readouterr().out
+    assert "pass@1" in printed and out.exists()
+    assert len(out.read_text().splitlines()) == 3
+    # The saved completions score the same through --completions (no model).
+    evaluate_tool.main(["--completions", str(tmp_path / "gen.jsonl"), "--problems", path, "--timeout", "5"])
+    again = capsys.readouterr().out
+    assert json.loads(printed.strip().splitlines()[-1])["pass@1"] == json.loads(again.strip().splitlines()[-1])["pass@1"]
+    with pytest.raises(SystemExit):
+        evaluate_tool.main(["--checkpoint", checkpoint, "--problems", path, "--greedy", "--num-samples", "3"])
+
+    generate_tool = _load_tool("generate")
+    prompt = "def fibonacci(n):"
+    generate_tool.main(["--checkpoint", checkpoint, "--prompt", prompt, "--greedy", "--max-new-tokens", "8"])
+    greedy_out = capsys.readouterr().out
+    from megaphi.generation import GenerationConfig, generate
+    expected = prompt + generate(model, tokenizer, [prompt], GenerationConfig(max_new_tokens=8))[0]
+    assert expected in greedy_out
+    generate_tool.main(["--checkpoint", checkpoint, "--prompt", prompt, "--temperature", "0.8", "--top-p", "0.95",
+                        "--max-new-tokens", "8", "--seed", "1", "--no-kv-cache"])
+    assert "sampled" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        generate_tool.main(["--checkpoint", checkpoint, "--prompt", prompt, "--greedy", "--temperature", "0.5"])
