@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _fmt_rate(x: float) -> str:
-    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k"
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e3 else f"{x:.0f}"
 
 
 def run(args) -> dict:
@@ -389,7 +389,8 @@ def run(args) -> dict:
     }
 
 
-def print_summary(s: dict, out=sys.stderr) -> None:
+def print_summary(s: dict, out=None) -> None:
+    out = out or sys.stderr
     el = max(s["seconds"], 1e-9)
     skipped = sum(s["skipped"].values())
     print(f"done: {s['documents']:,} documents, {s['tokens']:,} tokens ({s['dtype']}), "
