@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Convert phi checkpoints between Hugging Face and megaphi.
+
+  hf-to-megaphi HF_DIR OUT          HF Phi folder (config.json + model.safetensors / pytorch_model.bin,
+                                    sharded with an index json or not; HF Phi names or the original
+                                    MixFormer names) -> megaphi folder (config.json + model.safetensors)
+  megaphi-to-hf CKPT OUT_DIR        megaphi checkpoint -> HF folder that transformers'
+                [--tokenizer DIR]   PhiForCausalLM.from_pretrained loads (tokenizer files copied in)
+
+Tensors are copied bit for bit unless --dtype asks for a cast. Output folders are written under a
+temporary name and renamed when complete.
+"""
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+import torch
+
+if __package__ in (None, "") and not any(os.path.isdir(os.path.join(p, "megaphi")) for p in sys.path if p):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from safetensors.torch import load_file  # noqa: E402
+
+from megaphi.model.checkpoint import (  # noqa: E402
+    check_hf_state, load_megaphi_state, save_json, save_megaphi_folder, save_safetensors)
+from megaphi.model.hf_config import config_from_hf_dict, config_to_hf_dict  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# -- reading Hugging Face folders -------------------------------------------------------------------
+
+def _load_weight_file(path):
+    if path.endswith(".safetensors"):
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_hf_weights(hf_dir):
+    """All tensors of an HF folder: single or sharded (index json), safetensors or .bin."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = os.path.join(hf_dir, index_name)
+        if os.path.isfile(index_path):
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+            state = {}
+            for shard in sorted(set(weight_map.values())):
+                tensors = _load_weight_file(os.path.join(hf_dir, shard))
+                for name in tensors:
+                    if weight_map.get(name) not in (None, shard):
+                        raise ValueError(f"{hf_dir}/{shard}: tensor {name!r} is mapped to {weight_map[name]} by {index_name}")
+                state.update(tensors)
+            return state
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(hf_dir, single)):
+            return _load_weight_file(os.path.join(hf_dir, single))
+    found = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")) + glob.glob(os.path.join(hf_dir, "*.bin")))
+    if len(found) == 1:
+        return _load_weight_file(found[0])
+    raise FileNotFoundError(f"{hf_dir}: no model.safetensors, pytorch_model.bin or index json found")
+
+
+_MIXFORMER_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_MSFT_LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
+_BLOCK_RENAMES = {"ln": "input_layernorm", "mixer.out_proj": "self_attn.dense", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+
+
+def _block_tensors(i, rest, tensor, source, original):
+    """HF (name, tensor) pairs for tensor `rest` (e.g. 'mixer.Wqkv.weight') of MixFormer block i."""
+    module, kind = rest.rsplit(".", 1)
+    prefix = f"model.layers.{i}."
+    if module == "mixer.Wqkv":  # rows [Q; K; V]
+        return [(f"{prefix}self_attn.{part}.{kind}", t.contiguous())
+                for part, t in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0))]
+    if module in _BLOCK_RENAMES:
+        return [(f"{prefix}{_BLOCK_RENAMES[module]}.{kind}", tensor)]
+    raise ValueError(f"{source}: unknown MixFormer tensor {original!r}")
+
+
+def mixformer_to_hf(state, num_layers, source="checkpoint"):
+    """Rename original phi-1 MixFormer tensors (layers.N.* or transformer.h.N.*) to HF Phi names."""
+    out = {}
+    for name, tensor in state.items():
+        if name.endswith("inv_freq"):
+            continue  # rotary buffers, recomputed by the model
+        kind = name.rsplit(".", 1)[1]
+        m, ms = _MIXFORMER_LAYER.match(name), _MSFT_LAYER.match(name)
+        last = m is not None and int(m.group(1)) == num_layers + 1
+        if name in ("layers.0.wte.weight", "transformer.embd.wte.weight"):
+            out["model.embed_tokens.weight"] = tensor
+        elif name.startswith("lm_head.ln.") or (last and m.group(2).startswith("ln.")):
+            out["model.final_layernorm." + kind] = tensor
+        elif name.startswith("lm_head.linear.") or (last and m.group(2).startswith("linear.")):
+            out["lm_head." + kind] = tensor
+        elif m and 1 <= int(m.group(1)) <= num_layers:
+            out.update(_block_tensors(int(m.group(1)) - 1, m.group(2), tensor, source, name))
+        elif ms:
+            out.update(_block_tensors(int(ms.group(1)), ms.group(2), tensor, source, name))
+        else:
+            raise ValueError(f"{source}: unknown MixFormer tensor {name!r}")
+    return out
+
+
+def _is_mixformer_state(state):
+    return any(n.startswith(("layers.", "transformer.")) for n in state)
+
+
+def read_hf_checkpoint(hf_dir):
+    """(PhiConfig, HF-named state dict) from a Hugging Face Phi or MixFormer folder."""
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found")
+    with open(config_path) as f:
+        config = config_from_hf_dict(json.load(f), source=config_path)
+    state = load_hf_weights(hf_dir)
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if _is_mixformer_state(state):
+        state = mixformer_to_hf(state, config.num_hidden_layers, source=hf_dir)
+    check_hf_state(state, config, hf_dir)
+    return config, state
+
+
+# -- writing ----------------------------------------------------------------------------------------
+
+def _write_folder(out_dir, fill):
+    """fill(tmp_dir) writes the files; then tmp_dir becomes out_dir (which must be absent or empty)."""
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise FileExistsError(f"{out_dir} already exists and is not empty")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        fill(tmp)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _cast(state, dtype_name):
+    if dtype_name in (None, "keep"):
+        return state
+    return {k: v.to(DTYPES[dtype_name]) for k, v in state.items()}
+
+
+def _dtype_name(state):
+    return str(next(iter(state.values())).dtype).replace("torch.", "")
+
+
+def hf_to_megaphi(hf_dir, out_dir, dtype=None, overrides=None):
+    config, state = read_hf_checkpoint(hf_dir)
+    if overrides:
+        config = config.replace(**overrides)
+    state = _cast(state, dtype)
+    _write_folder(out_dir, lambda tmp: save_megaphi_folder(tmp, config, state))
+    return config
+
+
+def megaphi_to_hf(ckpt, out_dir, tokenizer_dir=None, dtype=None):
+    config, state = load_megaphi_state(ckpt)
+    state = _cast(state, dtype)
+
+    def fill(tmp):
+        save_safetensors(os.path.join(tmp, "model.safetensors"), state)
+        save_json(os.path.join(tmp, "config.json"), config_to_hf_dict(config, dtype=_dtype_name(state)))
+        if tokenizer_dir:
+            copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
+            if not copied:
+                raise FileNotFoundError(f"--tokenizer {tokenizer_dir}: none of {TOKENIZER_FILES} found")
+            for name in copied:
+                shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+    _write_folder(out_dir, fill)
+    return config
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("hf-to-megaphi", help="Hugging Face Phi folder -> megaphi folder")
+    a.add_argument("hf_dir")
+    a.add_argument("out")
+    a.add_argument("--dtype", choices=["keep", *DTYPES], default="keep")
+    a.add_argument("--attention-dropout", type=float, help="override (HF checkpoints ship 0.0; the paper trains with 0.1)")
+    a.add_argument("--resid-dropout", type=float, help="override (HF checkpoints ship 0.0; the paper trains with 0.1)")
+    b = sub.add_parser("megaphi-to-hf", help="megaphi checkpoint -> Hugging Face PhiForCausalLM folder")
+    b.add_argument("ckpt")
+    b.add_argument("out_dir")
+    b.add_argument("--tokenizer", help="folder with tokenizer files to copy into the export")
+    b.add_argument("--dtype", choices=["keep", *DTYPES], default="keep")
+    args = parser.parse_args(argv)
+    if args.command == "hf-to-megaphi":
+        overrides = {k: v for k, v in (("attention_dropout", args.attention_dropout),
+                                       ("resid_dropout", args.resid_dropout)) if v is not None}
+        config = hf_to_megaphi(args.hf_dir, args.out, args.dtype, overrides)
+    else:
+        config = megaphi_to_hf(args.ckpt, args.out_dir, args.tokenizer, args.dtype)
+    print(f"wrote {getattr(args, 'out', None) or args.out_dir}: {config.num_hidden_layers} layers, "
+          f"hidden {config.hidden_size}, vocab {config.vocab_size}")
+
+
+if __name__ == "__main__":
+    main()
