@@ -88,6 +88,12 @@ __device__ __forceinline__ float2 block_sum2(float a, float b, float* scratch) {
     return total;
 }
 
+inline void check_dtype(int dtype) {
+    if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16) {
+        throw std::invalid_argument("megaphi._cuda: unsupported dtype code " + std::to_string(dtype));
+    }
+}
+
 // Dispatches a functor templated on the element type from a runtime dtype code.
 template <typename F>
 void dispatch_dtype(int dtype, F&& f) {

@@ -287,7 +287,8 @@ int threads_for(int packs) {
     return rounded < 32 ? 32 : (rounded > kMaxThreads ? kMaxThreads : rounded);
 }
 
-void check_sizes(int64_t rows, int64_t hidden) {
+void check_sizes(int64_t rows, int64_t hidden, int dtype) {
+    check_dtype(dtype);
     if (rows < 0 || hidden <= 0 || hidden > INT_MAX / 2) {
         throw std::invalid_argument("megaphi._cuda layer_norm: bad sizes rows=" + std::to_string(rows) +
                                     " hidden=" + std::to_string(hidden));
@@ -298,7 +299,7 @@ void check_sizes(int64_t rows, int64_t hidden) {
 
 void layer_norm_forward(const void* x, const void* weight, const void* bias, void* y, float* mean, float* rstd,
                         int64_t rows, int64_t hidden, float eps, int dtype, int device, void* stream) {
-    check_sizes(rows, hidden);
+    check_sizes(rows, hidden, dtype);
     if (rows == 0) return;
     set_device(device);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -339,7 +340,7 @@ void layer_norm_forward(const void* x, const void* weight, const void* bias, voi
 void layer_norm_backward(const void* dy, const void* x, const void* weight, const float* mean, const float* rstd,
                          void* dx, void* dweight, void* dbias, float* workspace, int64_t num_blocks, int64_t rows,
                          int64_t hidden, int dtype, int device, void* stream) {
-    check_sizes(rows, hidden);
+    check_sizes(rows, hidden, dtype);
     if (num_blocks < 1 || num_blocks > kMaxGrid) {
         throw std::invalid_argument("megaphi._cuda layer_norm_backward: num_blocks must be in [1, 2^20], got " +
                                     std::to_string(num_blocks));

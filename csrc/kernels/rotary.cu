@@ -65,6 +65,7 @@ void rotary(const void* q_in, void* q_out, const void* k_in, void* k_out, const 
             const int64_t* position_ids, int64_t pos_batch_stride, int64_t offset, int64_t batch, int64_t seq,
             int64_t q_heads, int64_t k_heads, int64_t head_dim, int64_t half, bool inverse, int dtype, int device,
             void* stream) {
+    check_dtype(dtype);
     if (batch < 0 || seq < 0 || q_heads < 1 || k_heads < 0 || half < 1 || 2 * half > head_dim ||
         (q_heads + k_heads) * head_dim > INT_MAX / 2) {
         throw std::invalid_argument("megaphi._cuda rotary: bad sizes");

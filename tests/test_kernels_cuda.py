@@ -1,0 +1,261 @@
+"""megaphi._cuda kernels against float64 references on a GPU (`pytest -m cuda`; skipped without one).
+
+Every comparison upcasts: the reference is computed in float64 from the very same (rounded) inputs,
+so the kernel's error is its fp32 arithmetic plus one rounding to the output dtype. Tolerances
+(|got - want| <= atol + rtol * |want|), about one output ulp:
+  LayerNorm y:        fp32 1e-5/1e-5, fp16 1e-3/1e-3, bf16 8e-3/8e-3 (rtol/atol)
+  LayerNorm dx:       same rtol; atol scaled by max|dx_ref|
+  dweight, dbias:     same rtol; atol = rtol * sqrt(rows) (sums of `rows` O(1) terms)
+  mean, rstd (fp32):  1e-5 / 1e-4 relative
+  rotary (fwd, bwd):  fp32 1e-5/1e-6, fp16 6e-4/1e-5, bf16 5e-3/1e-5
+Outputs are pre-filled with NaN so a missed element fails.
+"""
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.cuda
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LN_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+ROPE_TOL = {torch.float32: (1e-5, 1e-6), torch.float16: (6e-4, 1e-5), torch.bfloat16: (5e-3, 1e-5)}
+CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from megaphi.ops import _backend
+
+    reason = _backend.cuda_unavailable_reason()
+    if reason is not None:
+        pytest.fail(f"a GPU is present but the kernels are unusable: {reason}")
+    return _backend.cuda_module()
+
+
+def stream():
+    return torch.cuda.current_stream().cuda_stream
+
+
+def nan_like(t, dtype=None):
+    return torch.full_like(t, float("nan"), dtype=dtype)
+
+
+def poison_allocator(nbytes):
+    """Leave NaN bytes in the caching allocator so tensors the ops allocate next start as garbage."""
+    block = torch.empty(nbytes // 4 + 1024, dtype=torch.float32, device="cuda")
+    block.fill_(float("nan"))
+    del block
+
+
+def assert_close(got, want, rtol, atol, what):
+    got, want = got.double(), want.double()
+    assert not torch.isnan(got).any(), f"{what}: NaN in the output (an element was never written)"
+    err = (got - want).abs()
+    bound = atol + rtol * want.abs()
+    bad = err > bound
+    if bad.any():
+        i = int(torch.argmax((err - bound).flatten()))
+        pytest.fail(f"{what}: {int(bad.sum())} of {bad.numel()} elements out of tolerance; worst at flat index {i}: "
+                    f"got {got.flatten()[i].item()!r}, want {want.flatten()[i].item()!r} (rtol {rtol}, atol {atol})")
+
+
+def random_ln_inputs(rows, hidden, dtype, seed=0, offset_elems=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    # Never zeros: a shifted, scaled normal; weight away from zero.
+    buf = torch.randn(rows * hidden + offset_elems, generator=gen, device="cuda") * 2 + 0.3
+    x = buf.to(dtype)[offset_elems:].view(rows, hidden)
+    weight = (torch.rand(hidden, generator=gen, device="cuda") + 0.5).to(dtype)
+    bias = torch.randn(hidden, generator=gen, device="cuda").to(dtype)
+    dy = torch.randn(rows, hidden, generator=gen, device="cuda").to(dtype)
+    return x, weight, bias, dy
+
+
+def reference_ln(x, weight, bias, dy, eps):
+    x64 = x.double().requires_grad_(True)
+    w64 = weight.double().requires_grad_(True)
+    b64 = bias.double().requires_grad_(True)
+    y64 = torch.nn.functional.layer_norm(x64, (x.shape[-1],), w64, b64, eps)
+    dx64, dw64, db64 = torch.autograd.grad(y64, (x64, w64, b64), dy.double())
+    mean64 = x64.detach().mean(-1)
+    rstd64 = 1.0 / torch.sqrt(x64.detach().var(-1, unbiased=False) + eps)
+    return y64.detach(), mean64, rstd64, dx64, dw64, db64
+
+
+def run_ln(kernels, x, weight, bias, dy, eps, num_blocks=None):
+    rows, hidden = x.shape
+    code, device = CODES[x.dtype], x.device.index
+    y, mean, rstd = nan_like(x), torch.full((rows,), float("nan"), device="cuda"), torch.full(
+        (rows,), float("nan"), device="cuda")
+    kernels.layer_norm_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(),
+                               rstd.data_ptr(), rows, hidden, eps, code, device, stream())
+    if num_blocks is None:
+        num_blocks = max(1, min(rows, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
+    dx, dw, db = nan_like(x), nan_like(weight), nan_like(weight)
+    workspace = torch.full((2, num_blocks, hidden), float("nan"), device="cuda")
+    kernels.layer_norm_backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                                dx.data_ptr(), dw.data_ptr(), db.data_ptr(), workspace.data_ptr(), num_blocks, rows,
+                                hidden, code, device, stream())
+    torch.cuda.synchronize()
+    return y, mean, rstd, dx, dw, db
+
+
+def check_ln(got, want, rows, dtype, what):
+    y, mean, rstd, dx, dw, db = got
+    y64, mean64, rstd64, dx64, dw64, db64 = want
+    tol = LN_TOL[dtype]
+    assert_close(y, y64, tol, tol, f"{what} y")
+    assert_close(mean, mean64, 1e-5, 1e-5, f"{what} mean")
+    assert_close(rstd, rstd64, 1e-4, 0.0, f"{what} rstd")
+    assert_close(dx, dx64, tol, tol * max(float(dx64.abs().max()), 1e-3), f"{what} dx")
+    assert_close(dw, dw64, tol, tol * math.sqrt(rows), f"{what} dweight")
+    assert_close(db, db64, tol, tol * math.sqrt(rows), f"{what} dbias")
+
+
+@pytest.mark.parametrize("rows", [1, 3, 100_000])
+@pytest.mark.parametrize("hidden", [1, 7, 1000, 1024, 2048, 8192])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_kernel_vs_float64(kernels, dtype, hidden, rows):
+    x, weight, bias, dy = random_ln_inputs(rows, hidden, dtype)
+    got = run_ln(kernels, x, weight, bias, dy, 1e-5)
+    check_ln(got, reference_ln(x, weight, bias, dy, 1e-5), rows, dtype, f"{dtype} {rows}x{hidden}")
+
+
+@pytest.mark.parametrize("hidden", [1024, 2048, 1000])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_layer_norm_unaligned_pointers_take_the_scalar_path(kernels, dtype, hidden):
+    x, weight, bias, dy = random_ln_inputs(37, hidden, dtype, seed=1, offset_elems=1)
+    assert x.data_ptr() % 16 != 0
+    got = run_ln(kernels, x, weight, bias, dy, 1e-5)
+    check_ln(got, reference_ln(x, weight, bias, dy, 1e-5), 37, dtype, "unaligned")
+
+
+def test_layer_norm_more_blocks_than_rows_and_determinism(kernels):
+    x, weight, bias, dy = random_ln_inputs(3, 2048, torch.bfloat16, seed=2)
+    got = run_ln(kernels, x, weight, bias, dy, 1e-5, num_blocks=64)
+    check_ln(got, reference_ln(x, weight, bias, dy, 1e-5), 3, torch.bfloat16, "num_blocks > rows")
+    x, weight, bias, dy = random_ln_inputs(50_000, 2048, torch.bfloat16, seed=3)
+    first, second = run_ln(kernels, x, weight, bias, dy, 1e-5), run_ln(kernels, x, weight, bias, dy, 1e-5)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b), "the kernels must be deterministic run to run"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_autograd_function_and_module(kernels, dtype):
+    from megaphi.ops import LayerNorm, layer_norm
+
+    x, weight, bias, dy = random_ln_inputs(2 * 333, 2048, dtype, seed=4)
+    x3 = x.view(2, 333, 2048).clone().requires_grad_(True)
+    w, b = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+    poison_allocator(64 << 20)
+    y = layer_norm(x3, w, b, 1e-5, impl="cuda")
+    y.backward(dy.view(2, 333, 2048))
+    y64, _, _, dx64, dw64, db64 = reference_ln(x, weight, bias, dy, 1e-5)
+    tol = LN_TOL[dtype]
+    assert_close(y.view(-1, 2048), y64, tol, tol, "autograd y")
+    assert_close(x3.grad.view(-1, 2048), dx64, tol, tol * float(dx64.abs().max()), "autograd dx")
+    assert_close(w.grad, dw64, tol, tol * math.sqrt(666), "autograd dweight")
+    assert_close(b.grad, db64, tol, tol * math.sqrt(666), "autograd dbias")
+    module = LayerNorm(2048, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        module.bias.copy_(bias)
+    assert torch.equal(module(x3.detach()), y.detach()), "auto on CUDA must pick the kernel"
+
+
+def test_layer_norm_rejects_non_contiguous_cuda_input(kernels):
+    from megaphi.ops import layer_norm
+
+    x = torch.randn(16, 8, device="cuda").t()
+    with pytest.raises(ValueError, match="x is not contiguous"):
+        layer_norm(x, torch.ones(16, device="cuda"), torch.zeros(16, device="cuda"), impl="cuda")
+
+
+def reference_rotary(x, cos, sin, positions, inverse=False):
+    """float64 rotate-half with the fp32 tables upcast; positions [b or 1, s] int64."""
+    half = cos.shape[1]
+    c = cos.double()[positions][:, :, None, :]
+    s = sin.double()[positions][:, :, None, :] * (-1.0 if inverse else 1.0)
+    x64 = x.double()
+    x1, x2 = x64[..., :half], x64[..., half:2 * half]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, x64[..., 2 * half:]], dim=-1)
+
+
+ROPE_SHAPES = [  # batch, seq, q_heads, k_heads, head_dim, rotary_dim
+    (2, 128, 32, 32, 64, 32),  # phi-1 attention
+    (4, 2048, 32, 32, 64, 32),  # a full phi-1 micro-batch
+    (1, 7, 3, 3, 16, 16),  # full rotary
+    (2, 5, 3, 2, 10, 6),  # odd sizes: scalar path, different head counts
+    (1, 1, 1, 1, 2, 2),
+]
+
+
+@pytest.mark.parametrize("positions", ["none", "offset", "ids", "ids_shared"])
+@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_kernel_vs_float64(kernels, dtype, shape, positions):
+    from megaphi.ops import rotary_tables
+
+    batch, seq, hq, hk, head_dim, rot = shape
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q = (torch.randn(batch, seq, hq, head_dim, generator=gen, device="cuda") + 0.1).to(dtype)
+    k = (torch.randn(batch, seq, hk, head_dim, generator=gen, device="cuda") - 0.1).to(dtype)
+    cos, sin = rotary_tables(rot, 4096, device="cuda")
+    offset, ids, pos_ptr, pos_stride = 0, None, 0, 0
+    if positions == "offset":
+        offset = 1000
+    if positions == "ids":
+        ids = torch.randint(0, 4096, (batch, seq), generator=gen, device="cuda")
+        pos_ptr, pos_stride = ids.data_ptr(), seq
+    if positions == "ids_shared":
+        ids = torch.randint(0, 4096, (1, seq), generator=gen, device="cuda")
+        pos_ptr = ids.data_ptr()
+    pos_table = ids if ids is not None else (offset + torch.arange(seq, device="cuda"))[None]
+    rtol, atol = ROPE_TOL[dtype]
+    for inverse in (False, True):
+        want_q = reference_rotary(q, cos, sin, pos_table, inverse)
+        want_k = reference_rotary(k, cos, sin, pos_table, inverse)
+        q_out, k_out = nan_like(q), nan_like(k)  # out of place
+        kernels.rotary(q.data_ptr(), q_out.data_ptr(), k.data_ptr(), k_out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                       pos_ptr, pos_stride, offset, batch, seq, hq, hk, head_dim, rot // 2, inverse, CODES[dtype], 0,
+                       stream())
+        q_in, k_in = q.clone(), k.clone()  # in place
+        kernels.rotary(q_in.data_ptr(), q_in.data_ptr(), k_in.data_ptr(), k_in.data_ptr(), cos.data_ptr(),
+                       sin.data_ptr(), pos_ptr, pos_stride, offset, batch, seq, hq, hk, head_dim, rot // 2, inverse,
+                       CODES[dtype], 0, stream())
+        torch.cuda.synchronize()
+        for got_q, got_k, mode in ((q_out, k_out, "out of place"), (q_in, k_in, "in place")):
+            what = f"{dtype} {shape} {positions} inverse={inverse} {mode}"
+            assert_close(got_q, want_q, rtol, atol, what + " q")
+            assert_close(got_k, want_k, rtol, atol, what + " k")
+            assert torch.equal(got_q[..., rot:], q[..., rot:]), what + ": pass-through dims changed"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_autograd_function(kernels, dtype):
+    from megaphi.ops import apply_rotary_qk, rotary_tables
+
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    q = torch.randn(2, 64, 32, 64, generator=gen, device="cuda").to(dtype)
+    k = torch.randn(2, 64, 32, 64, generator=gen, device="cuda").to(dtype)
+    dq = torch.randn(q.shape, generator=gen, device="cuda").to(dtype)
+    dk = torch.randn(k.shape, generator=gen, device="cuda").to(dtype)
+    cos, sin = rotary_tables(32, 2048, device="cuda")
+    ids = torch.randint(0, 2048, (2, 64), generator=gen, device="cuda")
+    rtol, atol = ROPE_TOL[dtype]
+    for kwargs, pos in (({}, torch.arange(64, device="cuda")[None]), ({"position_ids": ids}, ids),
+                        ({"offset": 7}, 7 + torch.arange(64, device="cuda")[None])):
+        qg, kg = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+        poison_allocator(64 << 20)
+        q_rot, k_rot = apply_rotary_qk(qg, kg, cos, sin, impl="cuda", **kwargs)
+        torch.autograd.backward((q_rot, k_rot), (dq, dk))
+        assert_close(q_rot, reference_rotary(q, cos, sin, pos), rtol, atol, f"autograd q {kwargs}")
+        assert_close(k_rot, reference_rotary(k, cos, sin, pos), rtol, atol, f"autograd k {kwargs}")
+        assert_close(qg.grad, reference_rotary(dq, cos, sin, pos, inverse=True), rtol, atol, f"grad q {kwargs}")
+        assert_close(kg.grad, reference_rotary(dk, cos, sin, pos, inverse=True), rtol, atol, f"grad k {kwargs}")
+    # in place, under no_grad (generation)
+    q_in, k_in = q.clone(), k.clone()
+    with torch.no_grad():
+        q_out, k_out = apply_rotary_qk(q_in, k_in, cos, sin, offset=3, inplace=True)
+    assert q_out is q_in and k_out is k_in
+    assert_close(q_in, reference_rotary(q, cos, sin, 3 + torch.arange(64, device="cuda")[None]), rtol, atol, "inplace")

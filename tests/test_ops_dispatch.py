@@ -1,0 +1,104 @@
+"""Backend selection for the fused ops, the unavailable-backend errors, the extension module and
+`python -m megaphi.ops`."""
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megaphi import ops
+from megaphi.ops import _backend
+
+NO_GPU = not torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _restore_impl():
+    saved = {op: ops.get_impl(op) for op in _backend.OPS}
+    yield
+    ops.set_impl(**saved)
+
+
+def test_defaults_and_set_impl_torch():
+    assert ops.get_impl("layernorm") == "auto" and ops.get_impl("rotary") == "auto"
+    ops.set_impl(layernorm="torch")
+    assert ops.get_impl("layernorm") == "torch" and ops.get_impl("rotary") == "auto"
+    ops.set_impl(rotary="torch")
+    assert ops.get_impl("rotary") == "torch"
+
+
+def test_unknown_impl_is_rejected():
+    with pytest.raises(ValueError, match="--layernorm-impl: unknown implementation 'fast'"):
+        ops.set_impl(layernorm="fast")
+    with pytest.raises(ValueError, match="--rotary-impl: unknown implementation"):
+        ops.set_impl(rotary="triton")
+    assert ops.get_impl("layernorm") == "auto"
+
+
+def test_apex_is_not_a_rotary_backend():
+    with pytest.raises(RuntimeError, match="--rotary-impl=apex is not available here: apex has no rotary"):
+        ops.set_impl(rotary="apex")
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks the error raised without a GPU")
+def test_cuda_impl_without_gpu_is_a_clear_error():
+    with pytest.raises(RuntimeError, match=r"--layernorm-impl=cuda is not available here: .*(CPU-only|no CUDA GPU|"
+                                           r"cannot be imported)"):
+        ops.set_impl(layernorm="cuda")
+    with pytest.raises(RuntimeError, match="--rotary-impl=cuda is not available here"):
+        ops.set_impl(layernorm="torch", rotary="cuda")
+    assert ops.get_impl("layernorm") == "auto", "a failed set_impl must change nothing"
+    x, w, b = torch.randn(2, 8), torch.ones(8), torch.zeros(8)
+    with pytest.raises(RuntimeError, match="--layernorm-impl=cuda is not available here"):
+        ops.layer_norm(x, w, b, impl="cuda")
+    cos, sin = ops.rotary_tables(4, 8)
+    q = torch.randn(1, 2, 1, 4)
+    with pytest.raises(RuntimeError, match="--rotary-impl=cuda is not available here"):
+        ops.apply_rotary_qk(q, q.clone(), cos, sin, impl="cuda")
+
+
+def test_auto_uses_torch_for_cpu_tensors():
+    x = torch.randn(3, 8)
+    assert _backend.resolve("layernorm", None, x) == "torch"
+    assert _backend.resolve("rotary", "auto", x) == "torch"
+    assert _backend.resolve("layernorm", "torch", x) == "torch"
+    ops.set_impl(layernorm="torch")
+    w, b = torch.randn(8), torch.randn(8)
+    assert torch.equal(ops.layer_norm(x, w, b), torch.nn.functional.layer_norm(x, (8,), w, b, 1e-5))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: megaphi._cuda is not built here")
+def test_cuda_module_imports_after_nvcc_build():
+    import megaphi._cuda as cuda_module  # built by `python setup.py build_ext --inplace` when nvcc exists
+
+    assert cuda_module.cuda_runtime_version() >= 11000
+    assert (cuda_module.FLOAT32, cuda_module.FLOAT16, cuda_module.BFLOAT16) == (0, 1, 2)
+    assert isinstance(cuda_module.cuda_device_status(), str)
+    assert _backend.cuda_module() is cuda_module
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: megaphi._cuda is not built here")
+def test_cuda_module_rejects_bad_arguments_before_launching():
+    import megaphi._cuda as cuda_module
+
+    with pytest.raises(ValueError, match="bad sizes"):
+        cuda_module.layer_norm_forward(0, 0, 0, 0, 0, 0, rows=4, hidden=0, eps=1e-5, dtype=0, device=0, stream=0)
+    with pytest.raises(ValueError, match="unsupported dtype code 7"):
+        cuda_module.layer_norm_forward(0, 0, 0, 0, 0, 0, rows=0, hidden=8, eps=1e-5, dtype=7, device=0, stream=0)
+    with pytest.raises(ValueError, match="num_blocks"):
+        cuda_module.layer_norm_backward(0, 0, 0, 0, 0, 0, 0, 0, 0, num_blocks=0, rows=4, hidden=8, dtype=0,
+                                        device=0, stream=0)
+    with pytest.raises(ValueError, match="both be in place or both out of place"):
+        cuda_module.rotary(16, 16, 32, 48, 0, 0, 0, 0, 0, batch=1, seq=1, q_heads=1, k_heads=1, head_dim=8, half=4,
+                           inverse=False, dtype=0, device=0, stream=0)
+
+
+def test_python_m_megaphi_ops_reports_backends():
+    result = subprocess.run([sys.executable, "-m", "megaphi.ops"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "megaphi._cuda:" in out and "apex FusedLayerNorm:" in out
+    assert "layernorm: selected 'auto'" in out and "rotary: selected 'auto'" in out
+    if NO_GPU:
+        assert "auto -> torch (" in out  # says why the kernels are not used
