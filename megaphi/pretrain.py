@@ -71,6 +71,13 @@ def set_seed(seed):
     model_parallel_seed(seed)  # torch default stream + the tensor-parallel stream
 
 
+def _iterate(loader):
+    """iter(DataLoader) draws a base seed from torch's default generator; keep that draw from shifting
+    the dropout stream, so a resumed run (which makes its iterator at a different point) matches."""
+    with torch.random.fork_rng(devices=[]):
+        return iter(loader)
+
+
 def build_data(args, dp_rank, dp_size):
     from megaphi.data import build_gpt_datasets, build_pretraining_data_loader
 
@@ -83,14 +90,14 @@ def build_data(args, dp_rank, dp_size):
         raise ArgumentError(f"--split {args.split} leaves no training documents")
 
     def make_train_iterator(consumed_samples):
-        return iter(build_pretraining_data_loader(train_ds, consumed_samples, args.micro_batch_size,
-                                                  dp_rank, dp_size, num_workers=args.num_workers))
+        return _iterate(build_pretraining_data_loader(train_ds, consumed_samples, args.micro_batch_size,
+                                                      dp_rank, dp_size, num_workers=args.num_workers))
 
     make_valid_iterator = None
     if valid_ds is not None and args.eval_iters > 0:
         def make_valid_iterator():
-            return iter(build_pretraining_data_loader(valid_ds, 0, args.micro_batch_size, dp_rank, dp_size,
-                                                      num_workers=0))
+            return _iterate(build_pretraining_data_loader(valid_ds, 0, args.micro_batch_size, dp_rank, dp_size,
+                                                          num_workers=0))
     return make_train_iterator, make_valid_iterator
 
 

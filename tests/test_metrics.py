@@ -1,0 +1,63 @@
+"""FLOPs per token, MFU, peak lookup and the metrics.jsonl writer."""
+import json
+
+import pytest
+import torch
+
+from megaphi.training import metrics
+
+
+def test_flops_per_token_matches_design_numbers():
+    # DESIGN.md: 9.085e9 (phi-1) and 2.328e9 (phi-1-small) at s = 2048
+    phi1 = metrics.flops_per_token(24, 2048, 8192, 51200, 2048)
+    small = metrics.flops_per_token(20, 1024, 4096, 51200, 2048)
+    assert phi1 == pytest.approx(9.085e9, rel=2e-4)
+    assert small == pytest.approx(2.328e9, rel=2e-4)
+
+
+def test_matmul_params_counts_the_real_model_matmul_weights():
+    from megaphi.model import PhiForCausalLM, get_preset
+
+    config = get_preset("tiny", hidden_size=64, intermediate_size=192, num_attention_heads=2, vocab_size=256)
+    model = PhiForCausalLM(config)
+    # every 2-d weight except the embedding table (a lookup, not a matmul)
+    counted = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "embed_tokens" not in n)
+    assert metrics.matmul_params(2, 64, 192, 256) == counted
+
+
+def test_throughput_and_mfu():
+    tok_s, tflops, mfu = metrics.throughput(tokens=2048 * 8, seconds=2.0, flops_token=1e9, num_devices=2,
+                                            peak_tflops=100.0)
+    assert tok_s == 8192.0
+    assert tflops == pytest.approx(8192 * 1e9 / 2 / 1e12)
+    assert mfu == pytest.approx(tflops / 100.0)
+    assert metrics.throughput(10, 1.0, 1e9, 1, None)[2] is None  # CPU: no MFU without --peak-tflops
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 80GB HBM3", 989.0),
+                                        ("NVIDIA H200", 989.0), ("Tesla T4", None)])
+def test_peak_by_device_name(name, peak):
+    assert metrics.device_peak_tflops(name) == peak
+
+
+def test_writer_jsonl(tmp_path):
+    writer = metrics.MetricsWriter(str(tmp_path))
+    writer.write({"iteration": 1, "loss": 2.5, "lr": 1e-3, "grad_norm": torch.tensor(0.5), "mfu": None})
+    writer.write({"iteration": 1, "val_loss": float("nan")}, prefix="valid")
+    writer.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0] == {"iteration": 1, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "mfu": None}
+    assert lines[1] == {"iteration": 1, "val_loss": "nan"}
+
+
+def test_tensorboard_missing_is_a_clear_error(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="pip install tensorboard"):
+            metrics.MetricsWriter(str(tmp_path), tensorboard_dir=str(tmp_path / "tb"))
+    else:
+        writer = metrics.MetricsWriter(str(tmp_path), tensorboard_dir=str(tmp_path / "tb"))
+        writer.write({"iteration": 1, "loss": 1.0})
+        writer.close()
+        assert any((tmp_path / "tb").iterdir())

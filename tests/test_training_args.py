@@ -1,0 +1,109 @@
+"""Flag parsing and validation: each bad flag fails up front with a message naming it."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from megaphi.training.arguments import ArgumentError, parse_args
+from megaphi.training.deepspeed_config import build_deepspeed_config
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory):
+    from megaphi.data import IndexedDatasetBuilder
+
+    prefix = str(tmp_path_factory.mktemp("data") / "toy")
+    builder = IndexedDatasetBuilder(prefix + ".bin", np.uint16)
+    builder.add_document(np.arange(100, dtype=np.uint16))
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def _argv(prefix, *extra):
+    return ["--model", "tiny", "--micro-batch-size", "2", "--train-iters", "10", "--lr", "1e-3",
+            "--data-path", prefix, *extra]
+
+
+def test_defaults_and_accumulation(data_prefix, tmp_path):
+    args = parse_args(_argv(data_prefix, "--global-batch-size", "16", "--save", str(tmp_path)), world_size=2)
+    assert args.data_parallel_size == 2 and args.gradient_accumulation_steps == 4
+    assert args.log_dir == str(tmp_path)          # --log-dir defaults to --save
+    assert args.lr_decay_iters == 10              # defaults to --train-iters
+    assert args.seq_length == 256 and args.num_layers == 2  # from the tiny preset
+    config = build_deepspeed_config(args)
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+            config["gradient_accumulation_steps"]) == (16, 2, 4)
+    assert config["zero_optimization"]["stage"] == 1 and "fp16" not in config
+
+
+def test_presets_and_overrides(data_prefix):
+    args = parse_args(_argv(data_prefix, "--model", "phi-1-small", "--num-layers", "3", "--seq-length", "128",
+                            "--hidden-dropout", "0.1"), world_size=1)
+    assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads) == (3, 1024, 4096, 16)
+    assert args.seq_length == 128 and args.hidden_dropout == 0.1
+    two = parse_args(_argv(data_prefix, "--data-path", "0.3", data_prefix, "0.7", data_prefix), world_size=1)
+    assert two.data_weights == [0.3, 0.7] and two.data_prefixes == [data_prefix, data_prefix]
+
+
+@pytest.mark.parametrize("extra, world, flag", [
+    (["--global-batch-size", "6"], 2, "--global-batch-size 6 is not divisible"),
+    (["--fp16", "--bf16"], 1, "--fp16 and --bf16"),
+    (["--zero-stage", "4"], 1, "--zero-stage"),
+    (["--seq-length", "512"], 1, "--seq-length 512 exceeds"),
+    (["--tensor-model-parallel-size", "3"], 4, "--tensor-model-parallel-size 3"),
+    (["--lr-warmup-iters", "20"], 1, "--lr-warmup-iters 20 exceeds --lr-decay-iters"),
+    (["--min-lr", "1.0"], 1, "--min-lr"),
+    (["--save-interval", "5"], 1, "--save-interval needs --save"),
+    (["--finetune"], 1, "--finetune needs --load"),
+    (["--split", "a,b"], 1, "--split"),
+    (["--hidden-dropout", "1.5"], 1, "--hidden-dropout"),
+    (["--micro-batch-size", "0"], 1, "--micro-batch-size must be > 0"),
+    (["--eval-humaneval-interval", "5"], 1, "--eval-humaneval"),
+    (["--num-attention-heads", "3"], 1, "--hidden-size 128 is not divisible by --num-attention-heads 3"),
+    (["--tokenizer", "/nonexistent/tok"], 1, "--tokenizer"),
+])
+def test_bad_flags(data_prefix, extra, world, flag):
+    with pytest.raises(ArgumentError) as e:
+        parse_args(_argv(data_prefix, *extra), world_size=world)
+    assert flag in str(e.value)
+
+
+def test_missing_required(data_prefix, tmp_path):
+    with pytest.raises(ArgumentError, match="--data-path is required"):
+        parse_args(["--model", "tiny", "--micro-batch-size", "2", "--train-iters", "1", "--lr", "1"], world_size=1)
+    with pytest.raises(ArgumentError, match=r"--data-path: .*missing\.bin does not exist"):
+        parse_args(_argv(str(tmp_path / "missing")), world_size=1)
+    with pytest.raises(ArgumentError, match="--train-iters is required"):
+        parse_args(["--model", "tiny", "--micro-batch-size", "2", "--lr", "1", "--data-path", data_prefix], world_size=1)
+    with pytest.raises(ArgumentError, match="--lr is required"):
+        parse_args(["--model", "tiny", "--micro-batch-size", "2", "--train-iters", "1", "--data-path", data_prefix],
+                   world_size=1)
+
+
+def test_deepspeed_config_merge(data_prefix, tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": False},
+                                "train_micro_batch_size_per_gpu": 2, "fp16": {"loss_scale_window": 100}}))
+    args = parse_args(_argv(data_prefix, "--fp16", "--deepspeed-config", str(user)), world_size=1)
+    config = build_deepspeed_config(args)
+    assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["overlap_comm"] is False
+    assert config["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                              "loss_scale_window": 100, "hysteresis": 2, "min_loss_scale": 1.0}
+
+    user.write_text(json.dumps({"train_batch_size": 64}))
+    args = parse_args(_argv(data_prefix, "--deepspeed-config", str(user)), world_size=1)
+    with pytest.raises(ArgumentError, match="train_batch_size=64 contradicts --global-batch-size"):
+        build_deepspeed_config(args)
+
+    user.write_text('{\n  "zero_optimization": {"stage": 2,}\n}')
+    with pytest.raises(ArgumentError, match=r"ds\.json:2:"):
+        parse_args(_argv(data_prefix, "--deepspeed-config", str(user)), world_size=1)
+
+
+def test_cli_reports_bad_flag_and_exits_2(data_prefix):
+    proc = subprocess.run([sys.executable, "-m", "megaphi.pretrain", *_argv(data_prefix, "--fp16", "--bf16")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--fp16 and --bf16 are mutually exclusive" in proc.stderr
