@@ -27,6 +27,8 @@ using Int32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecas
 using FloatArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
 using Int64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
+constexpr int64_t kPrefetchDistance = 16;
+
 // Fills out[2 * (num_samples + 1)]. Each row is where a sample starts; sample j spans from row j to
 // row j + 1 plus `extra` tokens (the label shift), so consecutive samples share that one token.
 template <typename T>
@@ -61,6 +63,11 @@ void fill_sample_index(const int32_t* sizes, int64_t num_sizes, const int32_t* d
             }
             ++position;
             offset = 0;
+            // document_index is shuffled, so sizes[] is read at random: fetch ahead to hide misses.
+            if (position + kPrefetchDistance < num_documents) {
+                const int32_t ahead = document_index[position + kPrefetchDistance];
+                if (ahead >= 0 && ahead < num_sizes) __builtin_prefetch(sizes + ahead);
+            }
         }
         out[2 * row] = static_cast<T>(position);
         out[2 * row + 1] = static_cast<T>(offset);
