@@ -93,8 +93,9 @@ def corpus(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 1, 2])
-def test_mixed_inputs_byte_exact_in_order(corpus, codegen_tokenizer_dir, ref_tok, workers):
+def test_mixed_inputs_byte_exact_in_order(corpus, codegen_tokenizer_dir, ref_tok, workers, monkeypatch):
     tmp, texts = corpus
+    monkeypatch.setattr(pp, "ENCODE_CHARS", 40)  # several encode_batch calls per batch (workers are forked)
     out = tmp / f"out{workers}"
     rc, _ = run_tool(["--input", tmp / "a.jsonl", tmp / "b.jsonl.gz", tmp / "src", "--output-prefix", out,
                       "--workers", workers, "--batch-size", 2], codegen_tokenizer_dir)

@@ -189,13 +189,16 @@ _WORKER = {}
 
 
 def _init_worker(tokenizer_name: str, keys: List[str], append_eod: bool, threads: int) -> None:
+    # Before the tokenizer's first parallel use: one thread per worker unless asked otherwise.
     if threads <= 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     else:
         os.environ["RAYON_NUM_THREADS"] = str(threads)
-    from megaphi.tokenizer import load_tokenizer
+    if _WORKER.get("name") != tokenizer_name:  # forked workers inherit the parent's tokenizer
+        from megaphi.tokenizer import load_tokenizer
 
-    _WORKER.update(tok=load_tokenizer(tokenizer_name), keys=keys, append_eod=append_eod)
+        _WORKER.update(tok=load_tokenizer(tokenizer_name), name=tokenizer_name)
+    _WORKER.update(keys=keys, append_eod=append_eod)
 
 
 def _to_arrays(ids_lists: List[List[int]], eod: Optional[int]):
@@ -221,14 +224,33 @@ def _to_arrays(ids_lists: List[List[int]], eod: Optional[int]):
     return flat, lengths
 
 
+ENCODE_CHARS = 1 << 20  # text per encode_batch call: bounds the tokenizer's per-token objects
+
+
+def _encode_to_arrays(tok, docs: List[str], eod: Optional[int]):
+    parts, start = [], 0
+    while start < len(docs):  # sub-batches of about ENCODE_CHARS characters (at least one document)
+        end, chars = start, 0
+        while end < len(docs) and (end == start or chars + len(docs[end]) <= ENCODE_CHARS):
+            chars += len(docs[end])
+            end += 1
+        parts.append(_to_arrays(tok.encode_batch(docs[start:end]), eod))
+        start = end
+    if len(parts) == 1:
+        return parts[0]
+    flats = [f for f, _ in parts]
+    wide = max(flats, key=lambda f: f.dtype.itemsize).dtype
+    return np.concatenate([f.astype(wide, copy=False) for f in flats]), np.concatenate([n for _, n in parts])
+
+
 def tokenize_batch(batch: Batch):
-    """Worker task: (per-key (tokens, lengths), skipped records, bytes read, documents)."""
+    """Worker task: (per-key (tokens, lengths) or None, skipped records, bytes read)."""
     texts, skipped, nbytes = decode_batch(batch, _WORKER["keys"])
     tok = _WORKER["tok"]
     eod = tok.eod_id if _WORKER["append_eod"] else None
     out = {}
     for key, docs in texts.items():
-        out[key] = _to_arrays(tok.encode_batch(docs), eod) if docs else None
+        out[key] = _encode_to_arrays(tok, docs, eod) if docs else None
     return out, skipped, nbytes
 
 
@@ -313,6 +335,7 @@ def run(args) -> dict:
     if args.tokenizer_threads is None:
         args.tokenizer_threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
     tok = load_tokenizer(args.tokenizer)  # fails early (and clearly) on a bad --tokenizer
+    _WORKER.update(tok=tok, name=args.tokenizer)  # not used for encoding here: forked workers reuse it
     dtype = dtype_for_vocab(tok.vocab_size)
 
     outputs = {k: output_prefix_for(args.output_prefix, k) for k in args.json_keys}
