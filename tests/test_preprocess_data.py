@@ -220,3 +220,27 @@ def test_existing_outputs_and_arguments(tmp_path, codegen_tokenizer_dir, capsys)
     rc = pp.main(["--input", str(tmp_path / "a.jsonl"), "--output-prefix", str(tmp_path / "n"),
                   "--tokenizer", str(tmp_path / "no_tokenizer.json"), "--quiet"])
     assert rc == 1 and "no such file or folder" in capsys.readouterr().err
+
+
+def test_make_stdlib_corpus(tmp_path, codegen_tokenizer_dir, ref_tok):
+    spec = importlib.util.spec_from_file_location("make_stdlib_corpus", os.path.join(REPO, "tools", "make_stdlib_corpus.py"))
+    mk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mk)
+    lib = tmp_path / "lib"
+    (lib / "pkg").mkdir(parents=True)
+    (lib / "site-packages").mkdir()
+    (lib / "a.py").write_text("A = 1\n")
+    (lib / "pkg" / "b.py").write_text("B = 2\n")
+    (lib / "bad.py").write_bytes(b"\xff\n")
+    (lib / "site-packages" / "c.py").write_text("C = 3\n")
+    out = tmp_path / "c.jsonl"
+    assert mk.main(["--output", str(out), "--stdlib-dir", str(lib)]) == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert recs == [{"text": "A = 1\n", "path": "a.py"}, {"text": "B = 2\n", "path": "pkg/b.py"}]
+    assert mk.main(["--output", str(out), "--stdlib-dir", str(lib)]) == 1  # exists
+    assert mk.main(["--output", str(out), "--stdlib-dir", str(lib), "--target-size", "100B", "--overwrite"]) == 0
+    assert len(out.read_text().splitlines()) == 3  # repeated until >= 100 bytes (each record ~36 bytes)
+    assert pp.main(["--input", str(out), "--output-prefix", str(tmp_path / "o"), "--tokenizer",
+                    str(codegen_tokenizer_dir), "--quiet", "--workers", "0"]) == 0
+    want_bin, _ = expected_files([ref_tok("A = 1\n"), ref_tok("B = 2\n"), ref_tok("A = 1\n")])
+    assert (tmp_path / "o_text_document.bin").read_bytes() == want_bin
