@@ -139,3 +139,28 @@ def test_text_generation_with_stop_sequences(codegen_tokenizer_dir):
     stopped = generate(model, tokenizer, prompts, GenerationConfig(max_new_tokens=24, stop_sequences=[stop]))
     assert stopped[0] == free[0][:free[0].index(stop)]
     assert stopped[1] == truncate_at_stop(free[1], [stop])
+
+
+def _generate_under_tensor_parallel(rank, world_size, checkpoint, out_path):
+    from megaphi.parallel import destroy_model_parallel, initialize_model_parallel
+    initialize_model_parallel(tensor_model_parallel_size=world_size)
+    try:
+        model = PhiForCausalLM.from_pretrained(checkpoint, dtype=torch.float64)
+        greedy = generate_tokens(model, PROMPTS, GenerationConfig(max_new_tokens=12))
+        sampled = generate_tokens(model, PROMPTS, GenerationConfig(max_new_tokens=12, greedy=False, top_p=0.9, seed=9))
+        torch.save({"greedy": greedy, "sampled": sampled}, f"{out_path}.{rank}")
+    finally:
+        destroy_model_parallel()
+
+
+def test_tensor_parallel_generation_matches_single_rank(tmp_path):
+    from dist_utils import run_distributed
+    model = tiny_model()
+    checkpoint = str(tmp_path / "ckpt")
+    model.save_pretrained(checkpoint)
+    expected = {"greedy": generate_tokens(model, PROMPTS, GenerationConfig(max_new_tokens=12)),
+                "sampled": generate_tokens(model, PROMPTS, GenerationConfig(max_new_tokens=12, greedy=False,
+                                                                            top_p=0.9, seed=9))}
+    run_distributed(_generate_under_tensor_parallel, 2, checkpoint, str(tmp_path / "out"))
+    for rank in range(2):
+        assert torch.load(str(tmp_path / f"out.{rank}")) == expected
