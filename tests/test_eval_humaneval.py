@@ -3,6 +3,7 @@ import gzip
 import importlib.util
 import json
 import pathlib
+import time
 
 import pytest
 import torch
@@ -172,3 +173,29 @@ def test_evaluate_model_and_tools_end_to_end(tmp_path, codegen_tokenizer_dir, ca
     assert "sampled" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         generate_tool.main(["--checkpoint", checkpoint, "--prompt", prompt, "--greedy", "--temperature", "0.5"])
+
+
+def _evaluate_on_two_ranks(rank, world_size, checkpoint, problems_path, out_path):
+    from megaphi.generation import load_model_and_tokenizer
+    model, tokenizer = load_model_and_tokenizer(checkpoint, device="cpu")
+    # The trainer's TP=1 pattern: rank 0 evaluates alone. Rank 1 waits for rank 0's result before its
+    # own call, so any collective inside evaluate_model would deadlock and fail at the deadline.
+    if rank == 1:
+        deadline = time.monotonic() + 120
+        while not pathlib.Path(f"{out_path}.0").exists():
+            assert time.monotonic() < deadline, "rank 0 never finished: evaluate_model waited for rank 1"
+            time.sleep(0.1)
+    result = evaluate_model(model, tokenizer, problems_path, max_new_tokens=0, timeout_seconds=5.0)
+    pathlib.Path(f"{out_path}.{rank}.tmp").write_text(json.dumps(result))
+    pathlib.Path(f"{out_path}.{rank}.tmp").rename(f"{out_path}.{rank}")
+
+
+def test_evaluate_model_under_torch_distributed_issues_no_collectives(tmp_path, codegen_tokenizer_dir):
+    from dist_utils import run_distributed
+    from megaphi.tokenizer import load_tokenizer
+    _, checkpoint = _tiny_checkpoint(tmp_path, load_tokenizer(str(codegen_tokenizer_dir)))
+    solved = dict(PROBLEMS[0], prompt=PROBLEMS[0]["prompt"] + PROBLEMS[0]["canonical_solution"])
+    path = write_jsonl(tmp_path / "p.jsonl", [solved, PROBLEMS[1]])
+    run_distributed(_evaluate_on_two_ranks, 2, checkpoint, path, str(tmp_path / "out"))
+    assert json.loads((tmp_path / "out.0").read_text())["pass@1"] == pytest.approx(0.5)
+    assert json.loads((tmp_path / "out.1").read_text()) is None

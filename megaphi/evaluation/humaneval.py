@@ -96,8 +96,9 @@ def evaluate_model(model, tokenizer, problems_path, num_samples: int = 1, greedy
                    results_path: Optional[str] = None, problem_format: str = "auto") -> Dict[str, float]:
     """pass@k of `model` on the problems at `problems_path` -> {"pass@1": float, ..., "num_problems": n}.
 
-    Under torch.distributed every rank must call this (the model's forward is collective under
-    tensor parallelism); global rank 0 runs the programs and broadcasts the metrics.
+    No collective is issued here besides the model's own forward: under tensor parallelism every rank
+    of the TP group calls this (they all decode the same tokens); with torch.distributed initialized
+    only global rank 0 runs the programs and gets the metrics, the other ranks get None.
     `model` may be a DeepSpeed engine (its .module is used); its train/eval mode is restored.
     """
     import torch.distributed as dist
@@ -110,15 +111,10 @@ def evaluate_model(model, tokenizer, problems_path, num_samples: int = 1, greedy
     config = GenerationConfig(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
                               top_p=top_p, stop_sequences=tuple(stop_sequences), batch_size=batch_size, seed=seed)
     completions = generate_completions(getattr(model, "module", model), tokenizer, problems, num_samples, config)
-    distributed = dist.is_available() and dist.is_initialized()
-    metrics = None
-    if not distributed or dist.get_rank() == 0:
-        sandbox = Sandbox(SandboxLimits(timeout_seconds=timeout_seconds), workers=workers)
-        records, metrics = score_completions(problems, completions, sandbox, ks)
-        if results_path:
-            write_jsonl_atomic(results_path, records)
-    if distributed:
-        holder = [metrics]
-        dist.broadcast_object_list(holder, src=0)
-        metrics = holder[0]
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    sandbox = Sandbox(SandboxLimits(timeout_seconds=timeout_seconds), workers=workers)
+    records, metrics = score_completions(problems, completions, sandbox, ks)
+    if results_path:
+        write_jsonl_atomic(results_path, records)
     return metrics
