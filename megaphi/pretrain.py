@@ -127,7 +127,7 @@ def main(argv=None):
     init_distributed(args.distributed_backend)
     try:
         return run(args)
-    except (ArgumentError, TrainingError) as e:
+    except (ArgumentError, TrainingError, checkpointing.CheckpointError) as e:
         print(f"megaphi.pretrain: error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:

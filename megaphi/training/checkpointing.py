@@ -28,6 +28,10 @@ MODEL_SUBDIR = "model"
 FORMAT = "megaphi-train-v1"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit this run."""
+
+
 def tag_for(iteration):
     return f"iter_{iteration:07d}"
 
@@ -57,7 +61,7 @@ def read_pointer(directory, name=LATEST_NAME):
     with open(path) as f:
         tag = f.read().strip()
     if not tag:
-        raise RuntimeError(f"{path} is empty")
+        raise CheckpointError(f"{path} is empty")
     return tag
 
 
@@ -165,7 +169,7 @@ def _jsonable(value):
 def read_meta(load_dir, tag):
     path = os.path.join(load_dir, tag, META_NAME)
     if not os.path.isfile(path):
-        raise RuntimeError(f"{path} is missing: {os.path.join(load_dir, LATEST_NAME)} points to an "
+        raise CheckpointError(f"{path} is missing: {os.path.join(load_dir, LATEST_NAME)} points to an "
                            f"incomplete or non-megaphi checkpoint")
     with open(path) as f:
         return json.load(f)
@@ -181,7 +185,7 @@ def load_checkpoint(engine, load_dir):
     path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {os.path.join(load_dir, tag)}")
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint {os.path.join(load_dir, tag)}")
     rng_path = os.path.join(load_dir, tag, f"rng_state_rank{_rank()}.pt")
     if os.path.isfile(rng_path):
         set_rng_states(torch.load(rng_path, weights_only=False))
@@ -203,7 +207,7 @@ def finetune_weights_source(load_dir):
         return "folder", load_dir
     tag = read_pointer(load_dir)
     if tag is None:
-        raise RuntimeError(f"--load {load_dir}: neither a model folder (config.json + model.safetensors) "
+        raise CheckpointError(f"--load {load_dir}: neither a model folder (config.json + model.safetensors) "
                            f"nor a training checkpoint ({LATEST_NAME} file missing)")
     exported = os.path.join(load_dir, tag, MODEL_SUBDIR)
     if is_model_folder(exported):
@@ -225,10 +229,10 @@ def load_weights_from_folder(model, folder):
     diffs = [f"{k}: checkpoint {saved.get(k)} vs run {mine.get(k)}" for k in ARCH_FIELDS
              if k in saved and k in mine and saved[k] != mine[k]]
     if diffs:
-        raise RuntimeError(f"--load {folder}: architecture differs from the flags ({'; '.join(diffs)})")
+        raise CheckpointError(f"--load {folder}: architecture differs from the flags ({'; '.join(diffs)})")
     pretrained = PhiForCausalLM.from_pretrained(folder)
     missing, unexpected = model.load_state_dict(pretrained.state_dict(), strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"--load {folder}: weights do not match the model (missing {missing[:5]}, "
+        raise CheckpointError(f"--load {folder}: weights do not match the model (missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]})")
     del pretrained

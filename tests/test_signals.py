@@ -1,0 +1,48 @@
+"""Clean exits: SIGTERM finishes the step, saves and exits 0; a NaN loss stops naming the iteration."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from test_resume import make_token_file, run_pretrain, tiny_flags
+
+
+def test_sigterm_saves_and_exits_zero(tmp_path):
+    prefix = make_token_file(str(tmp_path / "toy"))
+    out = str(tmp_path / "ck")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    proc = subprocess.Popen([sys.executable, "-m", "megaphi.pretrain", *tiny_flags(prefix, 100000), "--save", out,
+                             "--eval-iters", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2:
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"trainer exited early:\n{proc.stderr.read()[-3000:]}")
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "received SIGTERM" in stdout
+    tag = open(os.path.join(out, "latest")).read().strip()
+    meta = json.load(open(os.path.join(out, tag, "megaphi_meta.json")))
+    logged = [json.loads(x)["iteration"] for x in open(metrics).read().splitlines()]
+    assert meta["iteration"] == logged[-1] >= 2          # the step in flight finished and was saved
+    assert meta["iteration"] < 100000
+    assert os.path.exists(os.path.join(out, tag, "model", "model.safetensors"))
+
+
+def test_nan_loss_stops_with_iteration(tmp_path):
+    prefix = make_token_file(str(tmp_path / "toy"))
+    proc = run_pretrain(tiny_flags(prefix, 50) + ["--lr", "1e6", "--clip-grad", "0", "--eval-iters", "0",
+                                                  "--lr-warmup-iters", "0"], check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "loss is nan at iteration" in proc.stderr or "loss is inf at iteration" in proc.stderr, proc.stderr[-2000:]
