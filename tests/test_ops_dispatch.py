@@ -102,3 +102,30 @@ def test_python_m_megaphi_ops_reports_backends():
     assert "layernorm: selected 'auto'" in out and "rotary: selected 'auto'" in out
     if NO_GPU:
         assert "auto -> torch (" in out  # says why the kernels are not used
+
+
+def test_missing_module_reason_is_reported(monkeypatch):
+    monkeypatch.setattr(_backend, "_load_cuda_module", lambda: (None, "megaphi._cuda cannot be imported (test)"))
+    _backend.cuda_unavailable_reason.cache_clear()
+    try:
+        assert _backend.cuda_unavailable_reason() == "megaphi._cuda cannot be imported (test)"
+        text = "\n".join(_backend.describe())
+        assert "megaphi._cuda: not available: megaphi._cuda cannot be imported (test)" in text
+        with pytest.raises(RuntimeError, match=r"--layernorm-impl=cuda is not available here: .*\(test\)"):
+            ops.set_impl(layernorm="cuda")
+    finally:
+        monkeypatch.undo()
+        _backend.cuda_unavailable_reason.cache_clear()
+
+
+@pytest.mark.skipif(not NO_GPU, reason="checks the message printed without a GPU")
+def test_benchmark_exits_cleanly_without_gpu(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main([]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out

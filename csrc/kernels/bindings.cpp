@@ -70,5 +70,6 @@ PYBIND11_MODULE(_cuda, m) {
 
     m.def("cuda_runtime_version", &megaphi::cuda_runtime_version, "CUDA runtime version built against");
     m.def("cuda_driver_version", &megaphi::cuda_driver_version, "installed driver's CUDA version, 0 if none");
+    m.def("cuda_device_count", &megaphi::cuda_device_count, "devices this module's runtime can use, 0 on error");
     m.def("cuda_device_status", &megaphi::cuda_device_status, "visible devices, or why none");
 }

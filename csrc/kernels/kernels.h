@@ -34,9 +34,11 @@ void rotary(const void* q_in, void* q_out, const void* k_in, void* k_out, const 
             int64_t half, bool inverse, int dtype, int device, void* stream);
 
 // CUDA runtime version this module was built against (e.g. 13000), the driver's version (0 when no
-// driver is installed), and a one-line description of the visible devices or why there are none.
+// driver is installed), the number of devices this runtime can use (0 on any error, e.g. a driver
+// too old for the runtime), and a one-line description of the devices or why there are none.
 int cuda_runtime_version();
 int cuda_driver_version();
+int cuda_device_count();
 std::string cuda_device_status();
 
 }  // namespace megaphi

@@ -12,7 +12,7 @@
 namespace megaphi {
 namespace {
 
-constexpr int kMaxThreads = 256;
+constexpr int kMaxThreads = 512;  // phi-1: 64 heads x 6 items = 384 work items per token, one pass
 constexpr int64_t kMaxGrid = 1 << 20;
 
 template <typename T, int VEC>

@@ -16,6 +16,15 @@ int cuda_driver_version() {
     return cudaDriverGetVersion(&version) == cudaSuccess ? version : 0;
 }
 
+int cuda_device_count() {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return count;
+}
+
 std::string cuda_device_status() {
     int count = 0;
     const cudaError_t status = cudaGetDeviceCount(&count);

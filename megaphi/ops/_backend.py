@@ -33,6 +33,7 @@ def cuda_module():
     return _load_cuda_module()[0]
 
 
+@functools.lru_cache(maxsize=None)
 def cuda_unavailable_reason():
     """None when the CUDA kernels can run on this machine, else a sentence saying why not."""
     module, reason = _load_cuda_module()
@@ -42,6 +43,9 @@ def cuda_unavailable_reason():
         if torch.version.cuda is None:
             return f"torch {torch.__version__} is a CPU-only build (no CUDA)"
         return f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA GPU"
+    if module.cuda_device_count() < 1:
+        # e.g. the module was built with a newer CUDA toolkit than the installed driver supports
+        return f"megaphi._cuda's CUDA runtime cannot use the GPU: {module.cuda_device_status()}"
     return None
 
 
