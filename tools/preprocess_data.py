@@ -75,40 +75,51 @@ def walk_sorted(root: str, extensions: tuple, errors: list) -> Iterator[str]:
             yield path
 
 
-def iter_batches(inputs: List[str], extensions: tuple, batch_size: int) -> Iterator[Batch]:
-    """Batches of raw records, in input order. Opening/reading failures become "error" batches."""
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def iter_batches(inputs: List[str], extensions: tuple, batch_size: int, batch_bytes: int = 1 << 62) -> Iterator[Batch]:
+    """Batches of raw records (at most batch_size records or about batch_bytes bytes), in input order.
+    Opening/reading failures become "error" batches."""
     for path in inputs:
         if os.path.isdir(path):
             errors: list = []
             items: list = []
+            size = 0
             for f in walk_sorted(path, extensions, errors):
                 while errors:
                     yield Batch("error", errors.pop(0), 0, [])
                 items.append(f)
-                if len(items) >= batch_size:
+                size += _file_size(f)
+                if len(items) >= batch_size or size >= batch_bytes:
                     yield Batch("files", "", 0, items)
-                    items = []
+                    items, size = [], 0
             while errors:
                 yield Batch("error", errors.pop(0), 0, [])
             if items:
                 yield Batch("files", "", 0, items)
         elif is_jsonl(path):
-            yield from _jsonl_batches(path, batch_size)
+            yield from _jsonl_batches(path, batch_size, batch_bytes)
         else:
             yield Batch("files", "", 0, [path])
 
 
-def _jsonl_batches(path: str, batch_size: int) -> Iterator[Batch]:
+def _jsonl_batches(path: str, batch_size: int, batch_bytes: int) -> Iterator[Batch]:
     opener = gzip.open if path.endswith(".gz") else open
-    line_no, items, first = 0, [], 1
+    line_no, items, first, size = 0, [], 1, 0
     try:
         with opener(path, "rb") as f:
             for line in f:
                 line_no += 1
                 items.append(line)
-                if len(items) >= batch_size:
+                size += len(line)
+                if len(items) >= batch_size or size >= batch_bytes:
                     yield Batch("jsonl", path, first, items)
-                    items, first = [], line_no + 1
+                    items, first, size = [], line_no + 1, 0
     except (OSError, EOFError, ValueError) as e:  # unreadable, truncated or corrupt gzip
         if items:
             yield Batch("jsonl", path, first, items)
@@ -306,7 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
                    help="tokenizer processes (0: tokenize in the main process)")
     g.add_argument("--tokenizer-threads", type=int, default=None, help="threads per worker (default: cores / workers)")
-    g.add_argument("--batch-size", type=int, default=256, help="documents (JSONL lines / files) per worker task")
+    g.add_argument("--batch-size", type=int, default=256, help="at most this many documents (JSONL lines / files) "
+                   "per worker task")
+    g.add_argument("--batch-bytes", type=int, default=256 << 10, help="... or about this many input bytes "
+                   "(small tasks keep all workers busy to the end; default 256 KiB)")
     g.add_argument("--log-interval", type=int, default=1000, help="documents between progress updates")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -328,8 +342,8 @@ def run(args) -> dict:
         if not os.path.exists(path):
             raise InputError(f"--input {path}: no such file or directory")
     extensions = parse_extensions(args.extensions)
-    if args.batch_size < 1:
-        raise InputError("--batch-size must be >= 1")
+    if args.batch_size < 1 or args.batch_bytes < 1:
+        raise InputError("--batch-size and --batch-bytes must be >= 1")
     if len(set(args.json_keys)) != len(args.json_keys):
         raise InputError("--json-keys lists a key twice")
     if args.tokenizer_threads is None:
@@ -358,7 +372,7 @@ def run(args) -> dict:
         for key, prefix in outputs.items():
             builders[key] = IndexedDatasetBuilder(prefix + ".bin" + tag, dtype)
         since = 0
-        results = _ordered_results(iter_batches(args.input, extensions, args.batch_size), args)
+        results = _ordered_results(iter_batches(args.input, extensions, args.batch_size, args.batch_bytes), args)
         for result, skipped, nb in results:
             for reason, where in skipped:
                 if args.strict:
