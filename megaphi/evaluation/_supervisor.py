@@ -149,6 +149,24 @@ def _reap_descendants(child_pid):
         time.sleep(0.005)
 
 
+def _wait_for_exit(pid, timeout):
+    """True if `pid` exited within `timeout` seconds (it stays unreaped)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # old kernels / seccomp profiles without pidfd_open: poll
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+            time.sleep(0.002)
+        return False
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    ready = bool(poller.poll(timeout * 1000.0))
+    os.close(pidfd)
+    return ready
+
+
 def main():
     cfg = json.loads(sys.argv[1])
     source = sys.stdin.buffer.read()
@@ -174,12 +192,8 @@ def main():
         _child(cfg, workdir, (devnull, out_fd, err_fd), "pid" in entered, report["private_tmp"], supervisor_pid)
     for fd in (devnull, out_fd, err_fd):
         os.close(fd)
-    timed_out = False
-    pidfd = os.pidfd_open(pid)
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    if not poller.poll(cfg["timeout_seconds"] * 1000.0):
-        timed_out = True
+    timed_out = not _wait_for_exit(pid, cfg["timeout_seconds"])
+    if timed_out:
         os.kill(pid, signal.SIGKILL)  # as PID 1 of its namespace, this takes every descendant along
     _, status = os.waitpid(pid, 0)
     report["duration_seconds"] = time.monotonic() - start
