@@ -171,6 +171,10 @@ def test_layer_norm_rejects_non_contiguous_cuda_input(kernels):
         layer_norm(x, torch.ones(16, device="cuda"), torch.zeros(16, device="cuda"), impl="cuda")
 
 
+def strides(t):
+    return t.stride()[:3]
+
+
 def reference_rotary(x, cos, sin, positions, inverse=False):
     """float64 rotate-half with the fp32 tables upcast; positions [b or 1, s] int64."""
     half = cos.shape[1]
@@ -216,13 +220,13 @@ def test_rotary_kernel_vs_float64(kernels, dtype, shape, positions):
         want_q = reference_rotary(q, cos, sin, pos_table, inverse)
         want_k = reference_rotary(k, cos, sin, pos_table, inverse)
         q_out, k_out = nan_like(q), nan_like(k)  # out of place
-        kernels.rotary(q.data_ptr(), q_out.data_ptr(), k.data_ptr(), k_out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                       pos_ptr, pos_stride, offset, batch, seq, hq, hk, head_dim, rot // 2, inverse, CODES[dtype], 0,
-                       stream())
+        kernels.rotary(q.data_ptr(), q_out.data_ptr(), k.data_ptr(), k_out.data_ptr(), strides(q), strides(q_out),
+                       strides(k), strides(k_out), cos.data_ptr(), sin.data_ptr(), pos_ptr, pos_stride, offset, batch,
+                       seq, hq, hk, head_dim, rot // 2, inverse, CODES[dtype], 0, stream())
         q_in, k_in = q.clone(), k.clone()  # in place
-        kernels.rotary(q_in.data_ptr(), q_in.data_ptr(), k_in.data_ptr(), k_in.data_ptr(), cos.data_ptr(),
-                       sin.data_ptr(), pos_ptr, pos_stride, offset, batch, seq, hq, hk, head_dim, rot // 2, inverse,
-                       CODES[dtype], 0, stream())
+        kernels.rotary(q_in.data_ptr(), q_in.data_ptr(), k_in.data_ptr(), k_in.data_ptr(), strides(q_in),
+                       strides(q_in), strides(k_in), strides(k_in), cos.data_ptr(), sin.data_ptr(), pos_ptr,
+                       pos_stride, offset, batch, seq, hq, hk, head_dim, rot // 2, inverse, CODES[dtype], 0, stream())
         torch.cuda.synchronize()
         for got_q, got_k, mode in ((q_out, k_out, "out of place"), (q_in, k_in, "in place")):
             what = f"{dtype} {shape} {positions} inverse={inverse} {mode}"
@@ -259,3 +263,27 @@ def test_rotary_autograd_function(kernels, dtype):
         q_out, k_out = apply_rotary_qk(q_in, k_in, cos, sin, offset=3, inplace=True)
     assert q_out is q_in and k_out is k_in
     assert_close(q_in, reference_rotary(q, cos, sin, 3 + torch.arange(64, device="cuda")[None]), rtol, atol, "inplace")
+
+
+@pytest.mark.parametrize("head_dim", [64, 10])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_on_views_of_a_fused_qkv(kernels, dtype, head_dim):
+    """q and k as the model makes them: unbind views of one [b, s, heads, 3, head_dim] projection."""
+    from megaphi.ops import apply_rotary_qk, rotary_tables
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    qkv = torch.randn(2, 33, 4, 3, head_dim, generator=gen, device="cuda").to(dtype)
+    q, k, _ = qkv.unbind(3)
+    assert not q.is_contiguous()
+    rot = 32 if head_dim == 64 else 6
+    cos, sin = rotary_tables(rot, 64, device="cuda")
+    pos = torch.arange(33, device="cuda")[None]
+    rtol, atol = ROPE_TOL[dtype]
+    want_q, want_k = reference_rotary(q, cos, sin, pos), reference_rotary(k, cos, sin, pos)
+    q_rot, k_rot = apply_rotary_qk(q, k, cos, sin, impl="cuda")
+    assert_close(q_rot, want_q, rtol, atol, "strided q")
+    assert_close(k_rot, want_k, rtol, atol, "strided k")
+    with torch.no_grad():
+        apply_rotary_qk(q, k, cos, sin, impl="cuda", inplace=True)
+    assert_close(qkv[:, :, :, 0], want_q, rtol, atol, "strided q in place")
+    assert_close(qkv[:, :, :, 1], want_k, rtol, atol, "strided k in place")

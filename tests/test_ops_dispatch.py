@@ -90,8 +90,9 @@ def test_cuda_module_rejects_bad_arguments_before_launching():
         cuda_module.layer_norm_backward(0, 0, 0, 0, 0, 0, 0, 0, 0, num_blocks=0, rows=4, hidden=8, dtype=0,
                                         device=0, stream=0)
     with pytest.raises(ValueError, match="both be in place or both out of place"):
-        cuda_module.rotary(16, 16, 32, 48, 0, 0, 0, 0, 0, batch=1, seq=1, q_heads=1, k_heads=1, head_dim=8, half=4,
-                           inverse=False, dtype=0, device=0, stream=0)
+        layout = (8, 8, 8)
+        cuda_module.rotary(16, 16, 32, 48, layout, layout, layout, layout, 0, 0, 0, 0, 0, batch=1, seq=1, q_heads=1,
+                           k_heads=1, head_dim=8, half=4, inverse=False, dtype=0, device=0, stream=0)
 
 
 def test_python_m_megaphi_ops_reports_backends():

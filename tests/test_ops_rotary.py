@@ -125,8 +125,10 @@ def test_rejects_bad_inputs():
 def test_kernel_input_checks():
     cos, sin = rotary_tables(8, 16)
     q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
-    with pytest.raises(ValueError, match="q is not contiguous"):
-        check_rotary_kernel_inputs(torch.randn(1, 2, 4, 8).transpose(1, 2), k, cos, sin)
+    with pytest.raises(ValueError, match="q's last dim is not contiguous"):
+        check_rotary_kernel_inputs(torch.randn(1, 4, 8, 2).transpose(2, 3), k, cos, sin)
+    with pytest.raises(ValueError, match="cos is not contiguous"):
+        check_rotary_kernel_inputs(q, k, torch.randn(8, 16).t(), sin)
     with pytest.raises(TypeError, match="dtype torch.float64 is not supported"):
         check_rotary_kernel_inputs(q.double(), k.double(), cos, sin)
     with pytest.raises(ValueError, match="q is on cpu, not a CUDA device"):

@@ -2,7 +2,9 @@
 // caller's CUDA stream handle (torch.cuda.current_stream().cuda_stream), no torch headers.
 // megaphi/ops validates tensors before calling these.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 
 #include "kernels.h"
@@ -14,6 +16,11 @@ namespace {
 template <typename T>
 T* as_ptr(std::uintptr_t address) {
     return reinterpret_cast<T*>(address);
+}
+
+// (batch, seq, head) element strides from Python.
+megaphi::RotaryLayout as_layout(const std::array<int64_t, 3>& strides) {
+    return megaphi::RotaryLayout{strides[0], strides[1], strides[2]};
 }
 
 }  // namespace
@@ -53,20 +60,26 @@ PYBIND11_MODULE(_cuda, m) {
 
     m.def(
         "rotary",
-        [](std::uintptr_t q_in, std::uintptr_t q_out, std::uintptr_t k_in, std::uintptr_t k_out, std::uintptr_t cos,
+        [](std::uintptr_t q_in, std::uintptr_t q_out, std::uintptr_t k_in, std::uintptr_t k_out,
+           const std::array<int64_t, 3>& q_in_strides, const std::array<int64_t, 3>& q_out_strides,
+           const std::array<int64_t, 3>& k_in_strides, const std::array<int64_t, 3>& k_out_strides, std::uintptr_t cos,
            std::uintptr_t sin, std::uintptr_t position_ids, int64_t pos_batch_stride, int64_t offset, int64_t batch,
            int64_t seq, int64_t q_heads, int64_t k_heads, int64_t head_dim, int64_t half, bool inverse, int dtype,
            int device, std::uintptr_t stream) {
             megaphi::rotary(as_ptr<const void>(q_in), as_ptr<void>(q_out), as_ptr<const void>(k_in),
-                            as_ptr<void>(k_out), as_ptr<const float>(cos), as_ptr<const float>(sin),
-                            as_ptr<const int64_t>(position_ids), pos_batch_stride, offset, batch, seq, q_heads,
-                            k_heads, head_dim, half, inverse, dtype, device, as_ptr<void>(stream));
+                            as_ptr<void>(k_out), as_layout(q_in_strides), as_layout(q_out_strides),
+                            as_layout(k_in_strides), as_layout(k_out_strides), as_ptr<const float>(cos),
+                            as_ptr<const float>(sin), as_ptr<const int64_t>(position_ids), pos_batch_stride, offset,
+                            batch, seq, q_heads, k_heads, head_dim, half, inverse, dtype, device,
+                            as_ptr<void>(stream));
         },
-        py::arg("q_in"), py::arg("q_out"), py::arg("k_in"), py::arg("k_out"), py::arg("cos"), py::arg("sin"),
+        py::arg("q_in"), py::arg("q_out"), py::arg("k_in"), py::arg("k_out"), py::arg("q_in_strides"),
+        py::arg("q_out_strides"), py::arg("k_in_strides"), py::arg("k_out_strides"), py::arg("cos"), py::arg("sin"),
         py::arg("position_ids"), py::arg("pos_batch_stride"), py::arg("offset"), py::arg("batch"), py::arg("seq"),
         py::arg("q_heads"), py::arg("k_heads"), py::arg("head_dim"), py::arg("half"), py::arg("inverse"),
         py::arg("dtype"), py::arg("device"), py::arg("stream"),
-        "Rotate-half rotary on q (and k, when k_heads > 0); position_ids = 0 means offset + s.");
+        "Rotate-half rotary on q (and k, when k_heads > 0); strides are (batch, seq, head) in elements;"
+        " position_ids = 0 means offset + s.");
 
     m.def("cuda_runtime_version", &megaphi::cuda_runtime_version, "CUDA runtime version built against");
     m.def("cuda_driver_version", &megaphi::cuda_driver_version, "installed driver's CUDA version, 0 if none");

@@ -23,15 +23,22 @@ void layer_norm_backward(const void* dy, const void* x, const void* weight, cons
                          int64_t num_blocks, int64_t rows, int64_t hidden, int dtype, int device,
                          void* stream);
 
-// Rotate-half rotary on q [tokens, q_heads, head_dim] and k [tokens, k_heads, head_dim] in one
-// launch (k may be null with k_heads = 0). tokens = batch * seq. The first 2 * half dims of each
-// head are rotated with cos/sin fp32 tables [max_positions, half]; the rest is copied when the
-// output is a different buffer. Position of token (b, s): position_ids[b * pos_batch_stride + s]
-// when position_ids is given, else offset + s. inverse = true rotates by -angle (the backward).
-void rotary(const void* q_in, void* q_out, const void* k_in, void* k_out, const float* cos,
+// Element strides of a [batch, seq, heads, head_dim] tensor whose last dim is contiguous.
+struct RotaryLayout {
+    int64_t batch, seq, head;
+};
+
+// Rotate-half rotary on q [batch, seq, q_heads, head_dim] and k [batch, seq, k_heads, head_dim] in
+// one launch (k may be null with k_heads = 0); each of q_in, q_out, k_in, k_out has its own strides
+// (q and k may be views into a fused qkv tensor). The first 2 * half dims of each head are rotated
+// with cos/sin fp32 tables [max_positions, half]; the rest is copied when the output is a
+// different buffer. Position of token (b, s): position_ids[b * pos_batch_stride + s] when
+// position_ids is given, else offset + s. inverse = true rotates by -angle (the backward).
+void rotary(const void* q_in, void* q_out, const void* k_in, void* k_out, RotaryLayout q_in_layout,
+            RotaryLayout q_out_layout, RotaryLayout k_in_layout, RotaryLayout k_out_layout, const float* cos,
             const float* sin, const int64_t* position_ids, int64_t pos_batch_stride, int64_t offset,
-            int64_t batch, int64_t seq, int64_t q_heads, int64_t k_heads, int64_t head_dim,
-            int64_t half, bool inverse, int dtype, int device, void* stream);
+            int64_t batch, int64_t seq, int64_t q_heads, int64_t k_heads, int64_t head_dim, int64_t half,
+            bool inverse, int dtype, int device, void* stream);
 
 // CUDA runtime version this module was built against (e.g. 13000), the driver's version (0 when no
 // driver is installed), the number of devices this runtime can use (0 on any error, e.g. a driver

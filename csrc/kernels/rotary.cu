@@ -1,6 +1,6 @@
 // Rotary position embedding, rotate-half convention, on q and k in one launch.
 //
-// One block per token (blocks stride over tokens). Within a token, work items run over
+// One block per token (blocks stride over tokens); q/k may be strided views (last dim contiguous). Within a token, work items run over
 // (head, item): the first `rot_items` items of a head rotate VEC pairs (x[j], x[j + half]) each;
 // the remaining items copy the pass-through dims [2 * half, head_dim) when out of place.
 // Math in fp32 with fp32 tables; out[j] = x[j] c - x[j+half] s, out[j+half] = x[j+half] c + x[j] s.
@@ -15,12 +15,20 @@ namespace {
 constexpr int kMaxThreads = 512;  // phi-1: 64 heads x 6 items = 384 work items per token, one pass
 constexpr int64_t kMaxGrid = 1 << 20;
 
+struct RotaryLayouts {
+    RotaryLayout q_in, q_out, k_in, k_out;
+};
+
+__device__ __forceinline__ int64_t offset_of(const RotaryLayout& layout, int64_t b, int64_t s, int64_t h) {
+    return b * layout.batch + s * layout.seq + h * layout.head;
+}
+
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kMaxThreads)
-    rotary_kernel(const T* q_in, T* q_out, const T* k_in, T* k_out,  // may alias: in-place
+    rotary_kernel(const T* q_in, T* q_out, const T* k_in, T* k_out, const RotaryLayouts layouts,  // may alias
                   const float* __restrict__ cos_table, const float* __restrict__ sin_table,
                   const int64_t* __restrict__ position_ids, int64_t pos_batch_stride, int64_t offset,
-                  int64_t tokens, int64_t seq, int q_heads, int k_heads, int head_dim, int half, int rot_items,
+                  int64_t tokens, int64_t seq, int q_heads, int k_heads, int half, int rot_items,
                   int items_per_head, float sin_sign) {
     const int work_per_token = (q_heads + k_heads) * items_per_head;
     for (int64_t token = blockIdx.x; token < tokens; token += gridDim.x) {
@@ -33,10 +41,10 @@ __global__ void __launch_bounds__(kMaxThreads)
             const int head = w / items_per_head;
             const int item = w - head * items_per_head;
             const bool is_q = head < q_heads;
-            const int64_t base = is_q ? (token * q_heads + head) * head_dim
-                                      : (token * k_heads + (head - q_heads)) * head_dim;
-            const T* src = (is_q ? q_in : k_in) + base;
-            T* dst = (is_q ? q_out : k_out) + base;
+            const T* src = is_q ? q_in + offset_of(layouts.q_in, b, s, head)
+                                : k_in + offset_of(layouts.k_in, b, s, head - q_heads);
+            T* dst = is_q ? q_out + offset_of(layouts.q_out, b, s, head)
+                          : k_out + offset_of(layouts.k_out, b, s, head - q_heads);
             if (item < rot_items) {
                 const int j = item * VEC;
                 float x1[VEC], x2[VEC], o1[VEC], o2[VEC];
@@ -61,8 +69,13 @@ __global__ void __launch_bounds__(kMaxThreads)
 
 }  // namespace
 
-void rotary(const void* q_in, void* q_out, const void* k_in, void* k_out, const float* cos, const float* sin,
-            const int64_t* position_ids, int64_t pos_batch_stride, int64_t offset, int64_t batch, int64_t seq,
+static bool layout_allows(const RotaryLayout& layout, int vec) {
+    return layout.batch % vec == 0 && layout.seq % vec == 0 && layout.head % vec == 0;
+}
+
+void rotary(const void* q_in, void* q_out, const void* k_in, void* k_out, RotaryLayout q_in_layout,
+            RotaryLayout q_out_layout, RotaryLayout k_in_layout, RotaryLayout k_out_layout, const float* cos,
+            const float* sin, const int64_t* position_ids, int64_t pos_batch_stride, int64_t offset, int64_t batch, int64_t seq,
             int64_t q_heads, int64_t k_heads, int64_t head_dim, int64_t half, bool inverse, int dtype, int device,
             void* stream) {
     check_dtype(dtype);
@@ -86,7 +99,10 @@ void rotary(const void* q_in, void* q_out, const void* k_in, void* k_out, const 
         using T = decltype(tag);
         constexpr int VEC_WIDE = vec16<T>();
         const bool vectorized = half % VEC_WIDE == 0 && head_dim % VEC_WIDE == 0 && aligned16(q_in) &&
-                                aligned16(q_out) && aligned16(k_in) && aligned16(k_out);
+                                aligned16(q_out) && aligned16(k_in) && aligned16(k_out) &&
+                                layout_allows(q_in_layout, VEC_WIDE) && layout_allows(q_out_layout, VEC_WIDE) &&
+                                layout_allows(k_in_layout, VEC_WIDE) && layout_allows(k_out_layout, VEC_WIDE);
+        const RotaryLayouts layouts{q_in_layout, q_out_layout, k_in_layout, k_out_layout};
         const int vec = vectorized ? VEC_WIDE : 1;
         const int rot_items = static_cast<int>(half / vec);
         const int copy_items = in_place ? 0 : static_cast<int>((head_dim - 2 * half) / vec);
@@ -99,14 +115,14 @@ void rotary(const void* q_in, void* q_out, const void* k_in, void* k_out, const 
         T* qo = static_cast<T*>(q_out);
         T* ko = static_cast<T*>(k_out);
         const int qh = static_cast<int>(q_heads), kh = static_cast<int>(k_heads);
-        const int hd = static_cast<int>(head_dim), hf = static_cast<int>(half);
+        const int hf = static_cast<int>(half);
         if (vectorized) {
-            rotary_kernel<T, VEC_WIDE><<<grid, threads, 0, s>>>(qi, qo, ki, ko, cos, sin, position_ids,
-                                                                pos_batch_stride, offset, tokens, seq, qh, kh, hd,
-                                                                hf, rot_items, items_per_head, sin_sign);
+            rotary_kernel<T, VEC_WIDE><<<grid, threads, 0, s>>>(qi, qo, ki, ko, layouts, cos, sin, position_ids,
+                                                                pos_batch_stride, offset, tokens, seq, qh, kh, hf,
+                                                                rot_items, items_per_head, sin_sign);
         } else {
-            rotary_kernel<T, 1><<<grid, threads, 0, s>>>(qi, qo, ki, ko, cos, sin, position_ids, pos_batch_stride,
-                                                         offset, tokens, seq, qh, kh, hd, hf, rot_items,
+            rotary_kernel<T, 1><<<grid, threads, 0, s>>>(qi, qo, ki, ko, layouts, cos, sin, position_ids,
+                                                         pos_batch_stride, offset, tokens, seq, qh, kh, hf, rot_items,
                                                          items_per_head, sin_sign);
         }
     });

@@ -89,13 +89,16 @@ def check_rotary_kernel_inputs(q, k, cos, sin, position_ids=None):
     if q.dtype not in _backend.DTYPE_CODES:
         raise TypeError(f"rotary (cuda): dtype {q.dtype} is not supported; "
                         f"use one of {sorted(str(d) for d in _backend.DTYPE_CODES)}")
-    named = [("q", q), ("k", k), ("cos", cos), ("sin", sin)]
-    if position_ids is not None:
-        named.append(("position_ids", position_ids))
+    for name, t in (("q", q), ("k", k)):
+        if t.stride(-1) != 1:  # other strides are fine: q and k are often views into a fused qkv
+            raise ValueError(f"rotary (cuda): {name}'s last dim is not contiguous (shape {tuple(t.shape)}, "
+                             f"stride {t.stride()}); call .contiguous() first")
+    named = [("cos", cos), ("sin", sin)] + ([("position_ids", position_ids)] if position_ids is not None else [])
     for name, t in named:
         if not t.is_contiguous():
             raise ValueError(f"rotary (cuda): {name} is not contiguous (shape {tuple(t.shape)}, stride {t.stride()}); "
                              "call .contiguous() first")
+    for name, t in [("q", q), ("k", k)] + named:
         if not t.is_cuda:
             raise ValueError(f"rotary (cuda): {name} is on {t.device}, not a CUDA device")
 
@@ -108,7 +111,8 @@ def _launch_rotary(q_in, q_out, k_in, k_out, cos, sin, position_ids, offset, inv
         pos_ptr = position_ids.data_ptr()
         pos_batch_stride = seq if (position_ids.dim() == 2 and position_ids.shape[0] == batch and batch > 1) else 0
     _backend.cuda_module().rotary(
-        q_in.data_ptr(), q_out.data_ptr(), k_in.data_ptr(), k_out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        q_in.data_ptr(), q_out.data_ptr(), k_in.data_ptr(), k_out.data_ptr(), q_in.stride()[:3], q_out.stride()[:3],
+        k_in.stride()[:3], k_out.stride()[:3], cos.data_ptr(), sin.data_ptr(),
         pos_ptr, pos_batch_stride, offset, batch, seq, q_heads, k_in.shape[2], head_dim, cos.shape[1], inverse,
         _backend.DTYPE_CODES[q_in.dtype], q_in.device.index, _backend.current_stream_handle(q_in.device))
 
