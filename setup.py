@@ -45,8 +45,16 @@ class BuildExt(build_ext):
         out_path = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
         deps = ext.sources + glob.glob(os.path.join(HERE, "csrc", "kernels", "*.h")) + glob.glob(os.path.join(HERE, "csrc", "kernels", "*.cuh"))
-        if not self.force and os.path.exists(out_path) and all(os.path.getmtime(out_path) >= os.path.getmtime(d) for d in deps):
-            return  # up to date: nvcc builds are slow, skip them when nothing changed
+        # nvcc builds are slow: skip when the module is newer than every source and was built
+        # for the same arch list (kept in a stamp file beside it).
+        stamp_path = out_path + ".flags"
+        archs_spec = os.environ.get("MEGAPHI_CUDA_ARCHS", "80;90")
+        old_spec = open(stamp_path).read() if os.path.exists(stamp_path) else None
+        if (not self.force and old_spec == archs_spec and os.path.exists(out_path)
+                and all(os.path.getmtime(out_path) >= os.path.getmtime(d) for d in deps)):
+            return
+        if os.path.exists(stamp_path):
+            os.remove(stamp_path)  # a build that fails midway must not look up to date
         archs = [a.strip() for a in os.environ.get("MEGAPHI_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
         gencode = []
         for arch in archs:
@@ -59,7 +67,7 @@ class BuildExt(build_ext):
         for src in ext.sources:
             obj = os.path.join(build_dir, os.path.basename(src) + ".o")
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
-                   "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+                   "-Xcompiler", "-fPIC", "-Xcompiler", "-Wall", "-Xcompiler", "-fvisibility=hidden",
                    f"--threads={jobs}"] + gencode
             cmd += [f"-I{inc}" for inc in includes]
             print(" ".join(cmd), flush=True)
@@ -68,6 +76,8 @@ class BuildExt(build_ext):
         link = [nvcc, "-shared", "-o", out_path] + objects + ["-lcudart"]
         print(" ".join(link), flush=True)
         subprocess.check_call(link)
+        with open(stamp_path, "w") as f:
+            f.write(archs_spec)
 
 
 def _extensions():
