@@ -115,7 +115,20 @@ def setup_engine(args, model, ds_config):
                               args.lr_decay_style)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            mpu=mpu, config=ds_config, dist_init_required=False)
+    record_fp32_grad_norm(engine)
     return engine
+
+
+def record_fp32_grad_norm(engine):
+    """Without ZeRO/fp16/bf16 DeepSpeed clips with a helper whose norm it discards; keep the norm so
+    it can be logged (the clipping itself is unchanged)."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_and_record():
+        engine.megaphi_grad_norm = float(clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(),
+                                                         mpu=engine.mpu))
+
+    engine.clip_fp32_gradients = clip_and_record
 
 
 def main(argv=None):

@@ -262,6 +262,8 @@ def validate_args(args, world_size):
         raise ArgumentError("--eval-iters must be >= 0")
     if (args.eval_humaneval is None) != (args.eval_humaneval_interval is None):
         raise ArgumentError("--eval-humaneval PATH and --eval-humaneval-interval N go together")
+    if args.eval_humaneval is not None and args.tokenizer is None:
+        raise ArgumentError("--eval-humaneval needs --tokenizer (to encode prompts and decode completions)")
     if args.eval_humaneval is not None and not os.path.exists(args.eval_humaneval):
         raise ArgumentError(f"--eval-humaneval: {args.eval_humaneval} does not exist")
     if args.peak_tflops is not None and args.peak_tflops <= 0:

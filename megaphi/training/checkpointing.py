@@ -6,7 +6,8 @@ Layout of --save DIR:
     DIR/<tag>/                         DeepSpeed checkpoint (module, optimizer, lr schedule)
     DIR/<tag>/megaphi_meta.json        iteration, consumed samples/tokens, model config, tokenizer, flags
     DIR/<tag>/rng_state_rank<R>.pt     python / numpy / torch / cuda / TP-tracker RNG states of rank R
-    DIR/<tag>/model/                   config.json + model.safetensors (PhiForCausalLM.save_pretrained),
+    DIR/<tag>/model/                   config.json + model.safetensors (PhiForCausalLM.save_pretrained)
+                                       + tokenizer.json (when --tokenizer is given),
                                        loadable by tools/generate.py and tools/convert_checkpoint.py
 The data order needs no state of its own: it is a function of --seed and the consumed samples.
 """
@@ -93,7 +94,7 @@ def _module_config_dict(module):
     return config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
 
 
-def export_model_folder(engine, out_dir, zero_stage):
+def export_model_folder(engine, out_dir, zero_stage, tokenizer=None):
     """Write config.json + model.safetensors of the engine's module to out_dir.
 
     Collective: every rank calls it (ZeRO-3 gathers the parameters, and save_pretrained gathers
@@ -111,13 +112,15 @@ def export_model_folder(engine, out_dir, zero_stage):
         module.save_pretrained(tmp)
     _barrier()
     if _rank() == 0:
+        if tokenizer is not None:
+            tokenizer.save(tmp)  # tools/generate.py picks it up from the folder
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
     _barrier()
 
 
 def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_tokens, args, state=None,
-                    export_model=True, is_best=False):
+                    export_model=True, is_best=False, tokenizer=None):
     """Collective. `state` holds extra train-loop fields (best val loss, ...) kept in the metadata."""
     tag = tag_for(iteration)
     rank = _rank()
@@ -147,7 +150,7 @@ def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_toke
     torch.save(rng_states(), rng_path + ".tmp")
     os.replace(rng_path + ".tmp", rng_path)
     if export_model:
-        export_model_folder(engine, os.path.join(tag_dir, MODEL_SUBDIR), getattr(args, "zero_stage", 0))
+        export_model_folder(engine, os.path.join(tag_dir, MODEL_SUBDIR), getattr(args, "zero_stage", 0), tokenizer)
     _barrier()
     if rank == 0:
         write_text_atomic(os.path.join(tag_dir, META_NAME), json.dumps(meta, indent=2, sort_keys=True))

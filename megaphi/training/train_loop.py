@@ -146,6 +146,8 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
             tok_s, tflops, mfu = metrics.throughput(tokens_per_iter * interval_iters, interval_time, flops_token,
                                                     args.world_size, peak)
             grad_norm = engine.get_global_grad_norm()
+            if grad_norm is None:
+                grad_norm = getattr(engine, "megaphi_grad_norm", None)
             record = {
                 "iteration": state.iteration, "train_iters": args.train_iters,
                 "consumed_samples": state.consumed_samples, "consumed_tokens": state.consumed_tokens,
@@ -179,7 +181,7 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
         exit_now = args.exit_interval is not None and state.iteration % args.exit_interval == 0
         periodic = args.save_interval is not None and state.iteration % args.save_interval == 0
         if args.save and (periodic or stop or exit_now or state.iteration == args.train_iters):
-            save(engine, args, state, val_loss)
+            save(engine, args, state, val_loss, tokenizer)
         if stop:
             print_rank0(f"received {stop_signal.signal_name or 'a stop signal'}: saved at iteration "
                         f"{state.iteration}, exiting")
@@ -203,7 +205,7 @@ def _flag_device(device):
     return torch.device("cpu")
 
 
-def save(engine, args, state, val_loss=None):
+def save(engine, args, state, val_loss=None, tokenizer=None):
     is_best = val_loss is not None and val_loss < state.best_val_loss
     if is_best:
         state.best_val_loss, state.best_iteration = val_loss, state.iteration
@@ -211,7 +213,7 @@ def save(engine, args, state, val_loss=None):
         engine, args.save, state.iteration, state.consumed_samples, state.consumed_tokens, args,
         state={k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                for k, v in asdict(state).items() if k != "last_saved_iteration"},
-        export_model=not args.no_export_model, is_best=is_best)
+        export_model=not args.no_export_model, is_best=is_best, tokenizer=tokenizer)
     state.last_saved_iteration = state.iteration
     print_rank0(f"saved checkpoint {args.save}/{tag}" + (" (best validation loss so far)" if is_best else ""))
     return tag
