@@ -19,6 +19,7 @@ import gzip
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from typing import Iterator, List, NamedTuple, Optional
@@ -200,6 +201,7 @@ _WORKER = {}
 
 
 def _init_worker(tokenizer_name: str, keys: List[str], append_eod: bool, threads: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM
     # Before the tokenizer's first parallel use: one thread per worker unless asked otherwise.
     if threads <= 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -444,8 +446,19 @@ def print_summary(s: dict, out=None) -> None:
         print(f"wrote {prefix}.bin and {prefix}.idx", file=out)
 
 
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # run() removes its temporary outputs on the way out
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated) if _is_main_thread() else None
     try:
         summary = run(args)
     except (InputError, OSError, ValueError) as e:
@@ -455,6 +468,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print_summary(summary)
     return 0
 
