@@ -404,6 +404,8 @@ def run(args) -> dict:
         for key, prefix in outputs.items():
             builders[key].finalize(prefix + ".idx" + tag)
         for prefix in outputs.values():  # .bin first, .idx last: a present .idx means a complete pair
+            if os.path.exists(prefix + ".idx"):  # --overwrite: never pair the new .bin with the old .idx
+                os.remove(prefix + ".idx")
             os.replace(prefix + ".bin" + tag, prefix + ".bin")
             os.replace(prefix + ".idx" + tag, prefix + ".idx")
         done = True
