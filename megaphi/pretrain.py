@@ -169,12 +169,17 @@ def run(args):
     set_seed(args.seed)
     model_config = build_model_config(args, padded_vocab)
     model = PhiForCausalLM(model_config)
+    if args.finetune and args.save and checkpointing.read_pointer(args.save) is not None:
+        # a restarted finetuning job: continue its own checkpoints rather than start over
+        print_rank0(f"--finetune: {args.save} already holds a checkpoint; resuming it instead of loading {args.load}")
+        args.finetune, args.load = False, args.save
     if args.finetune:
         kind, source = checkpointing.finetune_weights_source(args.load)
         if kind == "folder":
             checkpointing.load_weights_from_folder(model, source)
             print_rank0(f"finetuning from weights in {source}")
 
+    num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     ds_config = build_deepspeed_config(args)
     engine = setup_engine(args, model, ds_config)
     state = TrainState()
@@ -203,7 +208,7 @@ def run(args):
     dp_rank, dp_size = get_data_parallel_rank(), get_data_parallel_world_size()
     make_train_iterator, make_valid_iterator = build_data(args, dp_rank, dp_size)
     train_iterator = make_train_iterator(state.consumed_samples)
-    print_rank0(f"training: {sum(p.numel() for p in model.parameters()):,} parameters on this rank, "
+    print_rank0(f"training: {num_params:,} parameters (per TP rank), "
                 f"world {args.world_size} (TP {args.tensor_model_parallel_size} x DP {dp_size}), "
                 f"global batch {args.global_batch_size} = micro {args.micro_batch_size} x DP {dp_size} x "
                 f"accumulation {args.gradient_accumulation_steps}, ZeRO stage {args.zero_stage}, "

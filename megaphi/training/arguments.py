@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import os
+import re
 
 
 class ArgumentError(ValueError):
@@ -245,7 +246,8 @@ def validate_args(args, world_size):
         raise ArgumentError(f"--split {args.split!r}: expected numbers like 969,30,1") from None
     if not split or len(split) > 3 or any(x < 0 for x in split) or sum(split) <= 0:
         raise ArgumentError(f"--split {args.split!r}: expected up to three non-negative numbers like 969,30,1")
-    if args.tokenizer is not None and not os.path.exists(args.tokenizer):
+    if args.tokenizer is not None and not os.path.exists(args.tokenizer) \
+            and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.tokenizer):  # else a Hugging Face Hub name
         raise ArgumentError(f"--tokenizer: {args.tokenizer} does not exist")
 
     if args.save_interval is not None and args.save is None:

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# phi-1 finetuning (paper Sec. 2.3): phi-1-base finetuned on CodeExercises with the pretraining setup
+# but effective batch 256, lr 1e-4 with 50 warmup steps (linear decay), weight decay 0.01, 6,000 steps,
+# a checkpoint every 1000 steps and the best one kept (validation at every save; DIR/best names it).
+#
+#   PRETRAINED=checkpoints/phi-1-base/iter_0024000/model DATA_PATH=data/codeexercises_text_document \
+#       bash examples/finetune_phi1.sh
+# PRETRAINED is a megaphi model folder (a training checkpoint's <tag>/model, or a Hugging Face phi-1
+# converted by tools/convert_checkpoint.py) or a training checkpoint folder (its `latest` tag is used).
+# Re-running resumes the finetuning from CHECKPOINT_DIR once it holds a checkpoint.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+NNODES=${NNODES:-1}
+HOSTFILE=${HOSTFILE:-}
+PRETRAINED=${PRETRAINED:-checkpoints/phi-1-base/iter_0024000/model}
+DATA_PATH=${DATA_PATH:-data/codeexercises_text_document}
+TOKENIZER=${TOKENIZER:-Salesforce/codegen-350M-mono}
+CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/phi-1}
+MICRO_BATCH=${MICRO_BATCH:-8}
+ZERO_STAGE=${ZERO_STAGE:-1}
+TP=${TP:-1}
+PRECISION=${PRECISION:-fp16}
+
+LAUNCHER=(deepspeed --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE")
+[[ -n "$HOSTFILE" ]] && LAUNCHER+=(--hostfile "$HOSTFILE")
+
+# shellcheck disable=SC2206
+ARGS=(
+    # model: phi-1, same setup as pretraining
+    --model phi-1
+    --seq-length 2048
+    --attention-dropout 0.1
+    --hidden-dropout 0.1
+    --tokenizer "$TOKENIZER"
+
+    # start from the pretrained weights: fresh optimizer, schedule and iteration
+    --finetune
+    --load "$PRETRAINED"
+
+    # data
+    --data-path $DATA_PATH
+    --split 969,30,1
+    --seed 1234
+
+    # batch: effective batch 256
+    --micro-batch-size "$MICRO_BATCH"
+    --global-batch-size 256
+    --train-iters 6000
+
+    # optimizer: AdamW, weight decay 0.01
+    --weight-decay 0.01
+    --adam-beta1 0.9
+    --adam-beta2 0.98
+    --adam-eps 1e-7
+    --clip-grad 1.0
+
+    # schedule: linear warmup over 50 steps to 1e-4, then linear decay
+    --lr 1e-4
+    --min-lr 0
+    --lr-warmup-iters 50
+    --lr-decay-iters 6000
+    --lr-decay-style linear
+
+    # precision and parallelism
+    --"$PRECISION"
+    --zero-stage "$ZERO_STAGE"
+    --tensor-model-parallel-size "$TP"
+
+    # checkpoints every 1000 steps, validated at each, the best recorded in CHECKPOINT_DIR/best
+    --save "$CHECKPOINT_DIR"
+    --save-interval 1000
+    --eval-interval 1000
+    --eval-iters 50
+    --log-interval 10
+)
+
+exec "${LAUNCHER[@]}" --module megaphi.pretrain "${ARGS[@]}" "$@"

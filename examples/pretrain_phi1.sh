@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# phi-1-base pretraining with the paper's recipe ("Textbooks Are All You Need", Sec. 2.3):
+# 1.3B parameters, sequence 2048, effective batch 1024, AdamW, lr 1e-3 with 750 warmup steps and linear
+# decay, weight decay 0.1, 36,000 steps (the paper keeps the 24,000-step checkpoint), fp16, dropout 0.1.
+# Paper hardware: 8 A100s, DeepSpeed, < 4 days.
+#
+#   DATA_PATH=data/codetextbook_text_document bash examples/pretrain_phi1.sh
+#   HOSTFILE=hostfile NNODES=2 GPUS_PER_NODE=8 bash examples/pretrain_phi1.sh      # multi-node
+# Extra arguments are passed to megaphi.pretrain (e.g. --bf16 is not allowed with the paper's --fp16;
+# set PRECISION=bf16 instead).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+NNODES=${NNODES:-1}
+HOSTFILE=${HOSTFILE:-}
+DATA_PATH=${DATA_PATH:-data/codetextbook_text_document}    # PREFIX, or "W1 PREFIX1 W2 PREFIX2"
+TOKENIZER=${TOKENIZER:-Salesforce/codegen-350M-mono}
+CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/phi-1-base}
+MICRO_BATCH=${MICRO_BATCH:-8}                                 # per GPU; accumulation fills the 1024
+ZERO_STAGE=${ZERO_STAGE:-1}
+TP=${TP:-1}
+PRECISION=${PRECISION:-fp16}                                  # paper: fp16
+
+LAUNCHER=(deepspeed --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE")
+[[ -n "$HOSTFILE" ]] && LAUNCHER+=(--hostfile "$HOSTFILE")
+
+# shellcheck disable=SC2206
+ARGS=(
+    # model: phi-1 (24 layers, hidden 2048, MLP 8192, 32 heads x 64, rotary dim 32)
+    --model phi-1
+    --seq-length 2048
+    --attention-dropout 0.1
+    --hidden-dropout 0.1
+    --tokenizer "$TOKENIZER"
+
+    # data: one array of files separated by <|endoftext|>, 2048-token slices
+    --data-path $DATA_PATH
+    --split 969,30,1
+    --seed 1234
+
+    # batch: effective batch 1024 = micro batch x data parallel x accumulation
+    --micro-batch-size "$MICRO_BATCH"
+    --global-batch-size 1024
+    --train-iters 36000
+
+    # optimizer: AdamW, weight decay 0.1 (betas/eps are not stated in the paper)
+    --weight-decay 0.1
+    --adam-beta1 0.9
+    --adam-beta2 0.98
+    --adam-eps 1e-7
+    --clip-grad 1.0
+
+    # schedule: linear warmup over 750 steps to 1e-3, then linear decay
+    --lr 1e-3
+    --min-lr 0
+    --lr-warmup-iters 750
+    --lr-decay-iters 36000
+    --lr-decay-style linear
+
+    # precision and parallelism
+    --"$PRECISION"
+    --zero-stage "$ZERO_STAGE"
+    --tensor-model-parallel-size "$TP"
+
+    # checkpoints (iter_0024000 is the paper's phi-1-base), evaluation, logging
+    --save "$CHECKPOINT_DIR"
+    --load "$CHECKPOINT_DIR"
+    --save-interval 1000
+    --eval-interval 1000
+    --eval-iters 50
+    --log-interval 10
+)
+
+exec "${LAUNCHER[@]}" --module megaphi.pretrain "${ARGS[@]}" "$@"
