@@ -27,6 +27,7 @@ class PhiConfig:
     hidden_act: str = "gelu_new"          # tanh-approximated GELU (the only one supported)
     recompute: bool = False               # activation checkpointing per layer
     use_flash_attn: bool = True           # flash_attn when installed and tensors are CUDA fp16/bf16
+    sequence_parallel: bool = False       # Megatron sequence parallel in training forwards (needs TP > 1)
 
     def __post_init__(self):
         self.validate()

@@ -5,6 +5,13 @@ Block (parallel attention + MLP, one shared LayerNorm):
 Attention holds a fused query_key_value column layer whose output rows are laid out per head as
 [q_h; k_h; v_h] (head-major), so splitting it over TP ranks gives each rank whole heads; the HF
 q_proj/k_proj/v_proj tensors are fused/split by megaphi.model.checkpoint.
+
+Tensor parallel: the LayerNorm output enters the TP region once (shared by the attention and MLP
+column layers); each branch leaves it through its row layer. With config.sequence_parallel (and
+TP > 1, in training) the residual stream, LayerNorms and residual/embedding dropout hold only
+seq/TP tokens ([batch, seq/TP, hidden], split on dim 1): the region entry is an all-gather along the
+sequence and each row layer reduce-scatters. Dropout on those sequence shards draws from the
+per-TP-rank stream (different tokens per rank), so an SP run equals TP=1 in law, not bitwise.
 """
 import math
 import zlib
@@ -14,9 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from megaphi.config import PhiConfig
-from megaphi.ops import LayerNorm, apply_rotary_qk, rotary_tables
+from megaphi.ops import LayerNorm, apply_rotary_qk, layer_norm, rotary_tables
 from megaphi.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megaphi.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, init_from_master
+from megaphi.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                     enter_tensor_parallel_region, init_from_master,
+                                     replicated_in_sequence_parallel_region)
 from megaphi.parallel.mappings import gather_from_tensor_model_parallel_region
 from megaphi.parallel.random import checkpoint, get_rng_tracker
 from megaphi.parallel.state import get_tensor_model_parallel_world_size
@@ -35,10 +44,12 @@ class PhiAttention(nn.Module):
         self.head_dim = config.head_dim
         self.num_heads = divide(config.num_attention_heads, get_tensor_model_parallel_world_size(), "num_attention_heads")
         h = config.hidden_size
-        self.query_key_value = ColumnParallelLinear(h, 3 * h, initialize=False, device=device, dtype=dtype)
+        self.query_key_value = ColumnParallelLinear(h, 3 * h, initialize=False, device=device, dtype=dtype,
+                                                    input_in_parallel_region=True)
         self.dense = RowParallelLinear(h, h, input_is_parallel=True, initialize=False, device=device, dtype=dtype)
 
-    def forward(self, hidden, cos, sin, position_ids=None, kv_cache=None):
+    def forward(self, hidden, cos, sin, position_ids=None, kv_cache=None, sequence_parallel=False):
+        """hidden: the full [b, s, h] input, already in the TP region (enter_tensor_parallel_region)."""
         b, s, _ = hidden.shape
         q, k, v = self.query_key_value(hidden).view(b, s, self.num_heads, 3, self.head_dim).unbind(3)
         if self.config.rotary_dim > 0:
@@ -52,18 +63,37 @@ class PhiAttention(nn.Module):
                 out = causal_attention(q, k, v, dropout_p, use_flash=self.config.use_flash_attn)
         else:
             out = causal_attention(q, k, v, 0.0, use_flash=self.config.use_flash_attn)
-        return self.dense(out.reshape(b, s, self.num_heads * self.head_dim))
+        return self.dense(out.reshape(b, s, self.num_heads * self.head_dim), sequence_parallel=sequence_parallel)
 
 
 class PhiMLP(nn.Module):
     def __init__(self, config, device=None, dtype=None):
         super().__init__()
         h, f = config.hidden_size, config.intermediate_size
-        self.fc1 = ColumnParallelLinear(h, f, initialize=False, device=device, dtype=dtype)
+        self.fc1 = ColumnParallelLinear(h, f, initialize=False, device=device, dtype=dtype,
+                                        input_in_parallel_region=True)
         self.fc2 = RowParallelLinear(f, h, input_is_parallel=True, initialize=False, device=device, dtype=dtype)
 
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x, sequence_parallel=False):
+        """x: the full input, already in the TP region."""
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"), sequence_parallel=sequence_parallel)
+
+
+def apply_layer_norm(norm, x, sequence_parallel):
+    """LayerNorm; on sequence shards its replicated parameters get TP-summed gradients."""
+    if not sequence_parallel:
+        return norm(x)
+    return layer_norm(x, replicated_in_sequence_parallel_region(norm.weight),
+                      replicated_in_sequence_parallel_region(norm.bias), norm.eps)
+
+
+def region_dropout(dropout, x, sequence_sharded):
+    """Dropout on replicated activations uses the shared default stream; on sequence shards (each TP
+    rank holds different tokens) the per-TP-rank stream."""
+    if sequence_sharded and dropout.training and dropout.p > 0.0:
+        with get_rng_tracker().fork():
+            return dropout(x)
+    return dropout(x)
 
 
 class PhiDecoderLayer(nn.Module):
@@ -74,10 +104,11 @@ class PhiDecoderLayer(nn.Module):
         self.mlp = PhiMLP(config, device=device, dtype=dtype)
         self.resid_dropout = nn.Dropout(config.resid_dropout)  # replicated region: default RNG stream
 
-    def forward(self, x, cos, sin, position_ids=None, kv_cache=None):
-        h = self.input_layernorm(x)
-        attn = self.resid_dropout(self.self_attn(h, cos, sin, position_ids, kv_cache))
-        mlp = self.resid_dropout(self.mlp(h))
+    def forward(self, x, cos, sin, position_ids=None, kv_cache=None, sequence_parallel=False):
+        sp = sequence_parallel
+        h = enter_tensor_parallel_region(apply_layer_norm(self.input_layernorm, x, sp), sp)
+        attn = region_dropout(self.resid_dropout, self.self_attn(h, cos, sin, position_ids, kv_cache, sp), sp)
+        mlp = region_dropout(self.resid_dropout, self.mlp(h, sp), sp)
         return attn + mlp + x  # HF's summation order
 
 
@@ -101,7 +132,8 @@ class PhiModel(nn.Module):
             self._rotary[device] = tables
         return tables
 
-    def forward(self, input_ids, position_ids=None, kv_cache=None):
+    def forward(self, input_ids, position_ids=None, kv_cache=None, sequence_parallel=False):
+        """Final hidden states; with sequence_parallel, this rank's sequence chunk [b, s/TP, h]."""
         seq = input_ids.shape[1]
         past = kv_cache.length if kv_cache is not None else 0
         if position_ids is None and past > 0:
@@ -111,16 +143,17 @@ class PhiModel(nn.Module):
         needed = past + seq if position_ids is None else int(position_ids.max()) + 1
         cos, sin = self.rotary(input_ids.device, needed)
 
-        x = self.embed_dropout(self.embed_tokens(input_ids))
+        sp = sequence_parallel
+        x = region_dropout(self.embed_dropout, self.embed_tokens(input_ids, sequence_parallel=sp), sp)
         recompute = self.config.recompute and self.training and torch.is_grad_enabled() and kv_cache is None
         for layer in self.layers:
             if recompute:
-                x = checkpoint(layer, x, cos, sin, position_ids, None)
+                x = checkpoint(layer, x, cos, sin, position_ids, None, sp)
             else:
-                x = layer(x, cos, sin, position_ids, kv_cache)
+                x = layer(x, cos, sin, position_ids, kv_cache, sp)
         if kv_cache is not None:
             kv_cache.advance(seq)
-        return self.final_layernorm(x)
+        return apply_layer_norm(self.final_layernorm, x, sp)
 
 
 def _parameter_seed(seed, name):
@@ -140,9 +173,11 @@ class PhiForCausalLM(nn.Module):
         self.model = PhiModel(config, device=device, dtype=dtype)
         self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, initialize=False,
                                             device=device, dtype=dtype)
-        for param in self.parameters():  # LayerNorms: replicated on every TP rank
+        for name, param in self.named_parameters():  # LayerNorms: replicated on every TP rank
             if not hasattr(param, "tensor_model_parallel"):
                 set_tensor_model_parallel_attributes(param, False)
+            if "layernorm" in name:
+                param.sequence_parallel = True  # on sequence shards under SP: TP-summed gradient
         if initialize:
             self.reset_parameters(init_seed)
 
@@ -169,11 +204,33 @@ class PhiForCausalLM(nn.Module):
                 gen = torch.Generator().manual_seed(_parameter_seed(seed, name))
                 init_from_master(param, lambda t, g, s=s: t.normal_(0.0, s, generator=g), gen)
 
-    def forward(self, input_ids, labels=None, loss_mask=None, reduction="mean", kv_cache=None, position_ids=None):
-        hidden = self.model(input_ids, position_ids=position_ids, kv_cache=kv_cache)
-        logits_shard = self.lm_head(hidden)
+    def sequence_parallel_active(self, input_ids, kv_cache=None):
+        """Sequence parallel runs in training forwards (no KV cache) when configured and TP > 1;
+        eval and decoding take the plain TP path, which computes the same function."""
+        tp = get_tensor_model_parallel_world_size()
+        if not (self.config.sequence_parallel and tp > 1 and self.training and kv_cache is None):
+            return False
+        if input_ids.shape[1] % tp != 0:
+            raise ValueError(f"sequence parallel: sequence length {input_ids.shape[1]} is not divisible by "
+                             f"--tensor-model-parallel-size {tp}")
+        return True
+
+    def forward(self, input_ids, labels=None, loss_mask=None, reduction="mean", kv_cache=None, position_ids=None,
+                logits_to_keep=0):
+        """logits_to_keep=N > 0 returns logits for the last N positions only ([b, N, vocab]); without
+        labels the other positions never reach lm_head (decoding). The loss always uses every position."""
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 = all positions), got {logits_to_keep!r}")
+        sp = self.sequence_parallel_active(input_ids, kv_cache)
+        hidden = self.model(input_ids, position_ids=position_ids, kv_cache=kv_cache, sequence_parallel=sp)
         if labels is None:
+            if logits_to_keep and not sp:
+                hidden = hidden[:, -logits_to_keep:]
+            logits_shard = self.lm_head(hidden, sequence_parallel=sp)
+            if logits_to_keep and sp:
+                logits_shard = logits_shard[:, -logits_to_keep:]
             return gather_from_tensor_model_parallel_region(logits_shard)
+        logits_shard = self.lm_head(hidden, sequence_parallel=sp)
         valid = labels != IGNORE_INDEX
         mask = valid.float() if loss_mask is None else loss_mask.float() * valid
         token_losses = vocab_parallel_cross_entropy(logits_shard, labels.masked_fill(~valid, 0)) * mask
@@ -182,6 +239,8 @@ class PhiForCausalLM(nn.Module):
         if reduction != "mean":
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         loss = token_losses.sum() / mask.sum().clamp(min=1.0)
+        if logits_to_keep:
+            logits_shard = logits_shard[:, -logits_to_keep:]
         return loss, gather_from_tensor_model_parallel_region(logits_shard)
 
     def allocate_kv_cache(self, batch_size, max_length, dtype=None, device=None):

@@ -9,7 +9,12 @@ Sequence-parallel regions use the same primitives along the sequence dim:
     gather_along_dim / reduce_scatter_along_dim (gloo lacks reduce-scatter: all-reduce + split).
 
 At TP=1 every function returns its input unchanged: no autograd node, no copy, no communication.
+
+`count_communication()` records every collective issued here (benchmarks/tp.py uses it).
 """
+import contextlib
+from collections import defaultdict
+
 import torch
 import torch.distributed as dist
 
@@ -17,10 +22,43 @@ from .state import get_tensor_model_parallel_group, get_tensor_model_parallel_ra
 from .utils import split_tensor_along_dim
 
 
+class CommunicationCounter:
+    """Collectives seen while active: calls[op] and bytes[op], where bytes is the size of the full
+    (unsharded) tensor the collective produces or reduces, as NCCL would be asked for it; a
+    reduce-scatter that gloo emulates with an all-reduce still counts as one reduce-scatter."""
+
+    def __init__(self):
+        self.calls = defaultdict(int)
+        self.bytes = defaultdict(int)
+
+    def add(self, op, num_bytes):
+        self.calls[op] += 1
+        self.bytes[op] += int(num_bytes)
+
+
+_COUNTERS = []
+
+
+@contextlib.contextmanager
+def count_communication():
+    counter = CommunicationCounter()
+    _COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTERS.remove(counter)
+
+
+def _record(op, tensor, factor=1):
+    for counter in _COUNTERS:
+        counter.add(op, tensor.numel() * tensor.element_size() * factor)
+
+
 def _all_reduce(x):
     if get_tensor_model_parallel_world_size() == 1:
         return x
     x = x.contiguous()
+    _record("all_reduce", x)
     dist.all_reduce(x, group=get_tensor_model_parallel_group())
     return x
 
@@ -39,6 +77,7 @@ def _gather(x, dim):
     if world == 1:
         return x
     x = x.contiguous()
+    _record("all_gather", x, world)
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x, group=get_tensor_model_parallel_group())
     return torch.cat(parts, dim=dim)
@@ -50,9 +89,12 @@ def _reduce_scatter(x, dim):
     if world == 1:
         return x
     group = get_tensor_model_parallel_group()
+    _record("reduce_scatter", x)
     if dist.get_backend(group) == "gloo":
         # gloo has no reduce_scatter: all-reduce the whole tensor, then keep our chunk.
-        return _split(_all_reduce(x.clone()), dim)
+        full = x.contiguous().clone()
+        dist.all_reduce(full, group=group)
+        return _split(full, dim)
     chunks = [c.contiguous() for c in split_tensor_along_dim(x, world, dim)]
     out = torch.empty_like(chunks[0])
     dist.reduce_scatter(out, chunks, group=group)

@@ -84,6 +84,19 @@ def get_data_parallel_group():
     return _DATA_PARALLEL_GROUP
 
 
+def get_data_parallel_group_ranks():
+    """Global ranks of this rank's data-parallel group (DeepSpeed asks for them when saving)."""
+    if _DATA_PARALLEL_RANKS is None:
+        return list(range(dist.get_world_size())) if _distributed() else [0]
+    return list(_DATA_PARALLEL_RANKS)
+
+
+def get_tensor_model_parallel_group_ranks():
+    if _TENSOR_MODEL_PARALLEL_RANKS is None:
+        return [dist.get_rank()] if _distributed() else [0]
+    return list(_TENSOR_MODEL_PARALLEL_RANKS)
+
+
 def get_data_parallel_world_size():
     if _DATA_PARALLEL_RANKS is None:
         return dist.get_world_size() if _distributed() else 1
