@@ -140,3 +140,26 @@ def test_save_and_load_pretrained(tmp_path):
         PhiForCausalLM.from_pretrained(tmp_path / "ckpt")
     with pytest.raises(ValueError, match="not a megaphi checkpoint"):
         PhiForCausalLM.from_pretrained(tmp_path)
+
+
+def test_logits_to_keep_computes_only_the_last_positions():
+    model = PhiForCausalLM(CONFIG, init_seed=0).eval()
+    x, labels = ids(seq=12), ids(seq=12, seed=1)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        full = model(x)
+        last3 = model(x, logits_to_keep=3)
+        assert seen == [12, 3]  # lm_head only saw the kept positions
+        torch.testing.assert_close(last3, full[:, -3:], rtol=0, atol=1e-6)
+        assert torch.equal(model(x, logits_to_keep=0), full)  # 0 = all (the default)
+        loss_all, _ = model(x, labels=labels)
+        loss_kept, kept = model(x, labels=labels, logits_to_keep=1)
+        assert torch.equal(loss_all, loss_kept) and kept.shape == (2, 1, CONFIG.vocab_size)  # loss uses every position
+        cache = model.allocate_kv_cache(batch_size=2, max_length=16)
+        prefill = model(x[:, :10], kv_cache=cache, logits_to_keep=1)
+        step = model(x[:, 10:11], kv_cache=cache, logits_to_keep=1)
+        torch.testing.assert_close(torch.cat([prefill, step], 1), full[:, 9:11], rtol=0, atol=1e-5)
+    hook.remove()
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(x, logits_to_keep=-1)
