@@ -4,8 +4,14 @@
   hf-to-megaphi HF_DIR OUT          HF Phi folder (config.json + model.safetensors / pytorch_model.bin,
                                     sharded with an index json or not; HF Phi names or the original
                                     MixFormer names) -> megaphi folder (config.json + model.safetensors)
-  megaphi-to-hf CKPT OUT_DIR        megaphi checkpoint -> HF folder that transformers'
-                [--tokenizer DIR]   PhiForCausalLM.from_pretrained loads (tokenizer files copied in)
+  megaphi-to-hf CKPT OUT_DIR        megaphi checkpoint (model folder, or a training checkpoint DIR /
+                [--tokenizer DIR]   DIR/<tag> saved at any TP size) -> HF folder that transformers'
+                                    PhiForCausalLM.from_pretrained loads (tokenizer files copied in)
+  reshard CKPT OUT --tp N           training checkpoint (DIR with `latest`, or DIR/<tag>) saved at one
+                                    tensor-model-parallel size -> the same weights as N TP shards.
+                                    Model weights only: the ZeRO optimizer state is dropped (a run
+                                    resumed from OUT restarts the optimizer, keeps iteration and data
+                                    position); megaphi model folders are TP-independent and need none.
 
 Tensors are copied bit for bit unless --dtype asks for a cast. Output folders are written under a
 temporary name and renamed when complete.
@@ -29,6 +35,8 @@ from safetensors.torch import load_file  # noqa: E402
 from megaphi.model.checkpoint import (  # noqa: E402
     check_hf_state, load_megaphi_state, save_json, save_megaphi_folder, save_safetensors)
 from megaphi.model.hf_config import config_from_hf_dict, config_to_hf_dict  # noqa: E402
+from megaphi.model.sharded_checkpoint import (  # noqa: E402
+    META_NAME, is_training_checkpoint, read_training_checkpoint, split_state, write_training_checkpoint)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
@@ -183,6 +191,35 @@ def megaphi_to_hf(ckpt, out_dir, tokenizer_dir=None, dtype=None):
     return config
 
 
+def reshard(ckpt, out_dir, tp):
+    """Re-split a training checkpoint's model weights for `tp` TP ranks (optimizer state dropped)."""
+    if tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {tp}")
+    if not is_training_checkpoint(ckpt):
+        if os.path.isfile(os.path.join(ckpt, "config.json")) and os.path.isfile(os.path.join(ckpt, "model.safetensors")):
+            raise ValueError(f"{ckpt} is a megaphi model folder: its tensors are full (TP-independent) and load at "
+                             f"any --tensor-model-parallel-size; reshard takes training checkpoints")
+        raise ValueError(f"{ckpt}: not a megaphi training checkpoint (expected a `latest` file or "
+                         f"{META_NAME} with mp_rank_XX_model_states.pt files)")
+    config, full, meta, tag_dir = read_training_checkpoint(ckpt)
+    source_tp = meta.get("tensor_model_parallel_size", 1)
+    shards = split_state(full, config, tp, source=tag_dir)
+    new_meta = dict(meta)
+    new_meta.update({"tensor_model_parallel_size": tp, "optimizer_states": False,
+                     "resharded_from": {"path": tag_dir, "tensor_model_parallel_size": source_tp}})
+    if isinstance(new_meta.get("args"), dict):
+        new_meta["args"] = {**new_meta["args"], "tensor_model_parallel_size": tp}
+    tag = os.path.basename(tag_dir.rstrip(os.sep))
+
+    def fill(tmp):
+        write_training_checkpoint(tmp, tag, shards, new_meta)
+        exported = os.path.join(tag_dir, "model")  # the full-tensor model folder, if the run wrote one
+        if os.path.isdir(exported):
+            shutil.copytree(exported, os.path.join(tmp, tag, "model"))
+    _write_folder(out_dir, fill)
+    return config, source_tp
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,7 +234,19 @@ def main(argv=None):
     b.add_argument("out_dir")
     b.add_argument("--tokenizer", help="folder with tokenizer files to copy into the export")
     b.add_argument("--dtype", choices=["keep", *DTYPES], default="keep")
+    c = sub.add_parser("reshard", help="training checkpoint at one TP size -> the same weights at --tp N")
+    c.add_argument("ckpt")
+    c.add_argument("out")
+    c.add_argument("--tp", type=int, required=True, help="target tensor-model-parallel size")
     args = parser.parse_args(argv)
+    if args.command == "reshard":
+        try:
+            config, source_tp = reshard(args.ckpt, args.out, args.tp)
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            parser.exit(2, f"convert_checkpoint.py reshard: error: {e}\n")
+        print(f"wrote {args.out}: TP {source_tp} -> {args.tp}, {config.num_hidden_layers} layers, "
+              f"hidden {config.hidden_size}, vocab {config.vocab_size} (model weights only; optimizer state dropped)")
+        return
     if args.command == "hf-to-megaphi":
         overrides = {k: v for k, v in (("attention_dropout", args.attention_dropout),
                                        ("resid_dropout", args.resid_dropout)) if v is not None}

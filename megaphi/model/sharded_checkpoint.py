@@ -1,0 +1,182 @@
+"""Tensor-parallel shards of training checkpoints: merge, split, reshard, TP-size checks.
+
+A training checkpoint tag folder (DIR/<tag>/, written by DeepSpeed's save_checkpoint with megaphi's
+mpu) holds one `mp_rank_XX_model_states.pt` per TP rank, whose "module" entry is that rank's
+state dict (the model's own parameter names, fused per-head query_key_value), and
+`megaphi_meta.json` with `tensor_model_parallel_size` and `model_config`. Which dim a parameter is
+split on is read from the model itself (the `tensor_model_parallel` / `partition_dim` attributes
+the parallel layers set), so new TP layers need no table here.
+
+Resharding keeps the model weights only: ZeRO optimizer state (fp32 master weights, Adam moments)
+is partitioned by TP and DP rank and is dropped, like Megatron's checkpoint-resharding tools; a run
+resumed from a resharded checkpoint restarts the optimizer. `megaphi_meta.json` of the output says
+so ("optimizer_states": false).
+"""
+import glob
+import json
+import os
+import re
+
+import torch
+
+from megaphi.config import PhiConfig
+
+from .checkpoint import model_to_hf_names, register_checkpoint_loader
+
+META_NAME = "megaphi_meta.json"
+LATEST_NAME = "latest"
+MODEL_STATES = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+
+
+class TensorParallelMismatchError(ValueError):
+    """A checkpoint's TP size differs from the run's (or its shards are inconsistent)."""
+
+
+def partition_dims(config):
+    """{parameter name: partition dim, or None when replicated}, from a meta-device model."""
+    from .phi import PhiForCausalLM
+    # The attributes do not depend on the TP size of the calling process (only shard shapes do).
+    model = PhiForCausalLM(config, initialize=False, device="meta")
+    return {name: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
+            for name, p in model.named_parameters()}
+
+
+def merge_shards(shards, config, source="checkpoint"):
+    """[state dict of TP rank r] -> the full (TP=1) state dict in the model's parameter names."""
+    dims = partition_dims(config)
+    full = {}
+    for name, dim in dims.items():
+        missing = [r for r, s in enumerate(shards) if name not in s]
+        if missing:
+            raise ValueError(f"{source}: tensor {name!r} is missing from TP rank {missing[0]}'s shard")
+        parts = [s[name] for s in shards]
+        if dim is None:
+            for r, p in enumerate(parts[1:], 1):
+                if p.shape != parts[0].shape or not torch.equal(p, parts[0]):
+                    raise TensorParallelMismatchError(
+                        f"{source}: replicated tensor {name!r} differs between TP rank 0 and TP rank {r}")
+            full[name] = parts[0]
+        else:
+            full[name] = torch.cat(parts, dim=dim)
+    unexpected = sorted(set(shards[0]) - set(dims))
+    if unexpected:
+        raise ValueError(f"{source}: unexpected tensor {unexpected[0]!r} for this config")
+    return full
+
+
+def split_state(full, config, tp, source="checkpoint"):
+    """Full state dict -> [state dict of TP rank r for r in range(tp)] (contiguous clones)."""
+    try:
+        config.check_tensor_parallel(tp)
+    except ValueError as e:
+        raise TensorParallelMismatchError(f"{source}: cannot split for --tp {tp}: {e}") from None
+    shards = [{} for _ in range(tp)]
+    for name, dim in partition_dims(config).items():
+        tensor = full[name]
+        for r in range(tp):
+            shards[r][name] = (tensor if dim is None else tensor.chunk(tp, dim=dim)[r]).clone().contiguous()
+    return shards
+
+
+# -- training checkpoint folders -------------------------------------------------------------------
+
+def resolve_tag_dir(path):
+    """DIR (with a `latest` pointer) or DIR/<tag> -> the tag folder holding mp_rank_XX files."""
+    path = os.path.abspath(str(path))
+    pointer = os.path.join(path, LATEST_NAME)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            path = os.path.join(path, f.read().strip())
+    return path
+
+
+def model_state_files(tag_dir):
+    """{tp rank: path} of the mp_rank_XX_model_states.pt files in tag_dir."""
+    files = {}
+    for p in glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")):
+        m = MODEL_STATES.match(os.path.basename(p))
+        if m:
+            files[int(m.group(1))] = p
+    return files
+
+
+def is_training_checkpoint(path):
+    tag_dir = resolve_tag_dir(path)
+    return os.path.isfile(os.path.join(tag_dir, META_NAME)) and bool(model_state_files(tag_dir))
+
+
+def read_meta(tag_dir):
+    path = os.path.join(tag_dir, META_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: not a megaphi training checkpoint folder")
+    with open(path) as f:
+        return json.load(f)
+
+
+def checkpoint_tensor_parallel_size(tag_dir):
+    """TP size a training checkpoint was saved with (megaphi_meta.json, checked against its files)."""
+    meta = read_meta(tag_dir)
+    files = model_state_files(tag_dir)
+    tp = int(meta.get("tensor_model_parallel_size", len(files) or 1))
+    if files and sorted(files) != list(range(tp)):
+        raise TensorParallelMismatchError(
+            f"{tag_dir}: megaphi_meta.json records tensor_model_parallel_size {tp} but the folder holds "
+            f"model shards for TP ranks {sorted(files)}")
+    return tp
+
+
+def check_tensor_parallel_size(tag_dir, tp):
+    """Raise TensorParallelMismatchError pointing at reshard when the checkpoint's TP size != tp."""
+    saved = checkpoint_tensor_parallel_size(tag_dir)
+    if saved != tp:
+        raise TensorParallelMismatchError(
+            f"checkpoint {tag_dir} was saved with --tensor-model-parallel-size {saved}, this run uses {tp}; "
+            f"convert it first: python tools/convert_checkpoint.py reshard {tag_dir} NEW_DIR --tp {tp}")
+    return saved
+
+
+def read_training_checkpoint(path):
+    """(PhiConfig, full state dict in model names, meta, tag_dir) from a training checkpoint of any TP size."""
+    tag_dir = resolve_tag_dir(path)
+    meta = read_meta(tag_dir)
+    if not meta.get("model_config"):
+        raise ValueError(f"{os.path.join(tag_dir, META_NAME)}: no model_config recorded")
+    config = PhiConfig.from_dict(meta["model_config"], source=os.path.join(tag_dir, META_NAME))
+    tp = checkpoint_tensor_parallel_size(tag_dir)
+    files = model_state_files(tag_dir)
+    shards = []
+    for r in range(tp):
+        state = torch.load(files[r], map_location="cpu", weights_only=False)
+        module = state.get("module") if isinstance(state, dict) else None
+        if not module:
+            raise ValueError(f"{files[r]}: no 'module' state dict (was the model saved with ZeRO stage 3? "
+                             f"use the exported {os.path.join(tag_dir, 'model')} folder instead)")
+        shards.append(module)
+    return config, merge_shards(shards, config, source=tag_dir), meta, tag_dir
+
+
+def load_training_checkpoint_as_hf(path):
+    config, full, _, _ = read_training_checkpoint(path)
+    return config, model_to_hf_names(full, config)
+
+
+def write_training_checkpoint(out_dir, tag, shards, meta):
+    """OUT/<tag>/mp_rank_XX_model_states.pt (model weights only, DeepSpeed's module-state layout),
+    OUT/<tag>/megaphi_meta.json, then OUT/latest. The caller writes into a temporary folder."""
+    tag_dir = os.path.join(out_dir, tag)
+    os.makedirs(tag_dir, exist_ok=True)
+    for r, shard in enumerate(shards):
+        torch.save({"module": shard, "buffer_names": [], "optimizer": None, "lr_scheduler": None,
+                    "param_shapes": None, "frozen_param_shapes": None, "shared_params": {},
+                    "frozen_param_fragments": None, "data_sampler": None, "random_ltd": None,
+                    "global_steps": meta.get("iteration", 0), "global_samples": meta.get("consumed_samples", 0),
+                    "skipped_steps": 0, "mp_world_size": len(shards), "dp_world_size": 1,
+                    "megaphi": {k: meta.get(k) for k in ("iteration", "consumed_samples", "consumed_tokens")}},
+                   os.path.join(tag_dir, f"mp_rank_{r:02d}_model_states.pt"))
+    with open(os.path.join(tag_dir, META_NAME), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    with open(os.path.join(out_dir, LATEST_NAME), "w") as f:
+        f.write(tag + "\n")
+
+
+register_checkpoint_loader(is_training_checkpoint, load_training_checkpoint_as_hf)
