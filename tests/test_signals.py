@@ -46,3 +46,15 @@ def test_nan_loss_stops_with_iteration(tmp_path):
                                                   "--lr-warmup-iters", "0"], check=False)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "loss is nan at iteration" in proc.stderr or "loss is inf at iteration" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_graceful_exit_records_signal_and_restores_handlers():
+    from megaphi.training.signals import GracefulExit
+
+    before = signal.getsignal(signal.SIGTERM)
+    with GracefulExit() as stop:
+        assert not stop.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)   # handled: recorded, the process keeps running
+        time.sleep(0.05)
+        assert stop.should_stop() and stop.signal_name == "SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before
