@@ -103,6 +103,10 @@ def build_data(args, dp_rank, dp_size):
 
 def setup_engine(args, model, ds_config):
     import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    # DeepSpeed's INFO lines (config dumps, timers) drown the training log; megaphi prints its own.
+    ds_logger.setLevel(os.environ.get("MEGAPHI_DEEPSPEED_LOG_LEVEL", "WARNING").upper())
 
     from megaphi.parallel import mpu
     from megaphi.training.lr_schedule import WarmupDecayLR
