@@ -56,6 +56,8 @@ def build_model_config(args, padded_vocab_size):
         "embd_dropout": args.embedding_dropout, "initializer_range": args.init_method_std,
         "recompute": args.recompute,
     }
+    if args.sequence_parallel and args.tensor_model_parallel_size > 1:
+        overrides["sequence_parallel"] = True  # Megatron turns it off at TP=1, where it changes nothing
     if padded_vocab_size is not None:
         overrides["vocab_size"] = padded_vocab_size
     for key, value in overrides.items():

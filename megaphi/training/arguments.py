@@ -79,6 +79,8 @@ def build_parser():
     g.add_argument("--zero-stage", type=int, default=1)
     g.add_argument("--deepspeed-config", default=None, help="JSON merged over the generated config")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="shard LayerNorm/dropout activations over the sequence (TP > 1 only)")
     g.add_argument("--distributed-backend", default=None, choices=("nccl", "gloo"),
                    help="default: nccl with CUDA, else gloo")
     # Launchers pass one of these; LOCAL_RANK in the environment is used otherwise.
