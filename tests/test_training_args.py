@@ -89,6 +89,7 @@ def test_deepspeed_config_merge(data_prefix, tmp_path):
     args = parse_args(_argv(data_prefix, "--fp16", "--deepspeed-config", str(user)), world_size=1)
     config = build_deepspeed_config(args)
     assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["overlap_comm"] is False
+    assert args.zero_stage == 3
     assert config["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                               "loss_scale_window": 100, "hysteresis": 2, "min_loss_scale": 1.0}
 

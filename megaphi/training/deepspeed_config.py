@@ -72,6 +72,7 @@ def build_deepspeed_config(args):
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ArgumentError(f"--deepspeed-config: zero_optimization.stage must be 0..3, got {stage}")
+    args.zero_stage = stage  # the file may choose the stage; checkpoint export must know it
     if "optimizer" in user or "scheduler" in user:
         raise ArgumentError("--deepspeed-config: 'optimizer'/'scheduler' sections are not used; megaphi builds "
                             "AdamW and the lr schedule from the flags (--lr, --weight-decay, ...)")
