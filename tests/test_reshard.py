@@ -61,8 +61,10 @@ def load_worker(rank, world, ckpt_dir, logits_path):
     tag_dir = resolve_tag_dir(ckpt_dir)
     check_tensor_parallel_size(tag_dir, world)
     engine = _engine(PhiForCausalLM(PhiConfig(**CONFIG), init_seed=77), world)
-    path, _ = engine.load_checkpoint(ckpt_dir, tag=os.path.basename(tag_dir), load_module_only=True,
-                                     load_optimizer_states=False, load_lr_scheduler_states=False)
+    # what the trainer does for "optimizer_states": false: ZeRO rebuilds its fp32 state from the weights
+    path, client = engine.load_checkpoint(ckpt_dir, tag=os.path.basename(tag_dir), load_optimizer_states=False,
+                                          load_lr_scheduler_states=False)
+    assert client["megaphi"]["iteration"] == 1 and engine.global_steps == 1
     assert path is not None and path.endswith(f"mp_rank_{rank:02d}_model_states.pt")
     engine.module.eval()
     with torch.no_grad():

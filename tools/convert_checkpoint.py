@@ -10,8 +10,9 @@
   reshard CKPT OUT --tp N           training checkpoint (DIR with `latest`, or DIR/<tag>) saved at one
                                     tensor-model-parallel size -> the same weights as N TP shards.
                                     Model weights only: the ZeRO optimizer state is dropped (a run
-                                    resumed from OUT restarts the optimizer, keeps iteration and data
-                                    position); megaphi model folders are TP-independent and need none.
+                                    resumed from OUT restarts the optimizer, keeps iteration, lr
+                                    schedule and data position); megaphi model folders are
+                                    TP-independent and need none.
 
 Tensors are copied bit for bit unless --dtype asks for a cast. Output folders are written under a
 temporary name and renamed when complete.
@@ -36,7 +37,8 @@ from megaphi.model.checkpoint import (  # noqa: E402
     check_hf_state, load_megaphi_state, save_json, save_megaphi_folder, save_safetensors)
 from megaphi.model.hf_config import config_from_hf_dict, config_to_hf_dict  # noqa: E402
 from megaphi.model.sharded_checkpoint import (  # noqa: E402
-    META_NAME, is_training_checkpoint, read_training_checkpoint, split_state, write_training_checkpoint)
+    META_NAME, is_training_checkpoint, read_training_checkpoint, split_state, training_state_extras,
+    write_training_checkpoint)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
@@ -212,7 +214,7 @@ def reshard(ckpt, out_dir, tp):
     tag = os.path.basename(tag_dir.rstrip(os.sep))
 
     def fill(tmp):
-        write_training_checkpoint(tmp, tag, shards, new_meta)
+        write_training_checkpoint(tmp, tag, shards, new_meta, training_state_extras(tag_dir))
         exported = os.path.join(tag_dir, "model")  # the full-tensor model folder, if the run wrote one
         if os.path.isdir(exported):
             shutil.copytree(exported, os.path.join(tmp, tag, "model"))

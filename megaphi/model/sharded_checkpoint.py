@@ -155,23 +155,39 @@ def read_training_checkpoint(path):
     return config, merge_shards(shards, config, source=tag_dir), meta, tag_dir
 
 
+# Per-rank layout entries that describe the source run's parallel layout (rewritten, not carried over).
+_LAYOUT_KEYS = ("module", "optimizer", "param_shapes", "frozen_param_shapes", "frozen_param_fragments",
+                "shared_params", "buffer_names", "mp_world_size", "dp_world_size", "ds_config",
+                "checkpoint_parallel_dimensions", "ds_version")
+
+
+def training_state_extras(tag_dir):
+    """TP-independent entries of TP rank 0's model-states file (lr scheduler state, step and sample
+    counters, client state), carried into a resharded checkpoint so a resumed run keeps its schedule."""
+    files = model_state_files(tag_dir)
+    state = torch.load(files[min(files)], map_location="cpu", weights_only=False)
+    return {k: v for k, v in state.items() if k not in _LAYOUT_KEYS}
+
+
 def load_training_checkpoint_as_hf(path):
     config, full, _, _ = read_training_checkpoint(path)
     return config, model_to_hf_names(full, config)
 
 
-def write_training_checkpoint(out_dir, tag, shards, meta):
-    """OUT/<tag>/mp_rank_XX_model_states.pt (model weights only, DeepSpeed's module-state layout),
-    OUT/<tag>/megaphi_meta.json, then OUT/latest. The caller writes into a temporary folder."""
+def write_training_checkpoint(out_dir, tag, shards, meta, extras=None):
+    """OUT/<tag>/mp_rank_XX_model_states.pt (DeepSpeed's module-state layout: model weights, no
+    optimizer; `extras` from training_state_extras), OUT/<tag>/megaphi_meta.json, then OUT/latest.
+    The caller writes into a temporary folder."""
     tag_dir = os.path.join(out_dir, tag)
     os.makedirs(tag_dir, exist_ok=True)
+    defaults = {"lr_scheduler": None, "data_sampler": None, "random_ltd": None, "skipped_steps": 0,
+                "global_steps": meta.get("iteration", 0), "global_samples": meta.get("consumed_samples", 0),
+                "megaphi": {k: meta.get(k) for k in ("iteration", "consumed_samples", "consumed_tokens")}}
     for r, shard in enumerate(shards):
-        torch.save({"module": shard, "buffer_names": [], "optimizer": None, "lr_scheduler": None,
-                    "param_shapes": None, "frozen_param_shapes": None, "shared_params": {},
-                    "frozen_param_fragments": None, "data_sampler": None, "random_ltd": None,
-                    "global_steps": meta.get("iteration", 0), "global_samples": meta.get("consumed_samples", 0),
-                    "skipped_steps": 0, "mp_world_size": len(shards), "dp_world_size": 1,
-                    "megaphi": {k: meta.get(k) for k in ("iteration", "consumed_samples", "consumed_tokens")}},
+        torch.save({**defaults, **(extras or {}),
+                    "module": shard, "buffer_names": [], "optimizer": None, "param_shapes": None,
+                    "frozen_param_shapes": None, "shared_params": {}, "frozen_param_fragments": None,
+                    "mp_world_size": len(shards), "dp_world_size": 1},
                    os.path.join(tag_dir, f"mp_rank_{r:02d}_model_states.pt"))
     with open(os.path.join(tag_dir, META_NAME), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
