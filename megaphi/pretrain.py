@@ -121,8 +121,19 @@ def setup_engine(args, model, ds_config):
                               args.lr_decay_style)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            mpu=mpu, config=ds_config, dist_init_required=False)
-    record_fp32_grad_norm(engine)
+    finish_engine_setup(engine)
     return engine
+
+
+def finish_engine_setup(engine):
+    """Small fixes on a fresh engine: log the fp32 grad norm; skip the gradient all-reduce of ZeRO 0
+    when there is a single data-parallel rank (it would only copy gradients into buckets and back)."""
+    from megaphi.parallel import get_data_parallel_world_size
+
+    record_fp32_grad_norm(engine)
+    if engine.zero_optimization_stage() == 0 and get_data_parallel_world_size() == 1 \
+            and not engine.bfloat16_enabled():
+        engine.enable_backward_allreduce = False
 
 
 def record_fp32_grad_norm(engine):
