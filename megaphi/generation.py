@@ -84,7 +84,7 @@ def _decode_group(model, prompts, config, eod_id, vocab_limit, generator, should
     finished = [False] * batch
     cache = model.allocate_kv_cache(batch, prompt_len + max_new) if config.use_kv_cache else None
     context = ids
-    logits = model(ids, kv_cache=cache)[:, -1] if cache is not None else model(ids)[:, -1]
+    logits = _next_token_logits(model, ids, cache)
     for step in range(max_new):
         if vocab_limit is not None and vocab_limit < logits.shape[-1]:
             logits = logits[:, :vocab_limit]  # the padded vocabulary rows are never real tokens
@@ -103,11 +103,19 @@ def _decode_group(model, prompts, config, eod_id, vocab_limit, generator, should
             break
         step_input = next_tokens.view(batch, 1)
         if cache is not None:
-            logits = model(step_input, kv_cache=cache)[:, -1]
+            logits = _next_token_logits(model, step_input, cache)
         else:
             context = torch.cat([context, step_input], dim=1)
-            logits = model(context)[:, -1]
+            logits = _next_token_logits(model, context, None)
     return new_tokens
+
+
+def _next_token_logits(model, ids, cache):
+    # logits_to_keep=1: only the last position goes through lm_head, so a long prompt never
+    # materializes [batch, seq, vocab] logits.
+    if cache is not None:
+        return model(ids, kv_cache=cache, logits_to_keep=1)[:, -1]
+    return model(ids, logits_to_keep=1)[:, -1]
 
 
 def generate_tokens(model, prompts: Sequence[Sequence[int]], config: GenerationConfig,
