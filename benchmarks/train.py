@@ -199,7 +199,6 @@ def main():
 
 
 def find_max_micro_batch(args, config, device):
-    from megaphi.model import PhiForCausalLM
     best, mb = 0, 1
     while mb <= 256:
         try:
@@ -214,7 +213,6 @@ def find_max_micro_batch(args, config, device):
         finally:
             engine = None
             torch.cuda.empty_cache()
-    del PhiForCausalLM
     print(f"largest micro batch that fits: {best}")
     return max(best, 1)
 

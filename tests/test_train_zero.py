@@ -1,7 +1,6 @@
 """DeepSpeed ZeRO 0/1/2/3 on 2 CPU ranks (gloo) train the same tiny model identically, and agree
 with an independent plain-PyTorch loop; fp16 overflow steps are skipped without advancing the lr."""
 import math
-import os
 
 import pytest
 import torch
