@@ -36,6 +36,7 @@ def test_defaults_and_accumulation(data_prefix, tmp_path):
     assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
             config["gradient_accumulation_steps"]) == (16, 2, 4)
     assert config["zero_optimization"]["stage"] == 1 and "fp16" not in config
+    assert parse_args(_argv(data_prefix), world_size=1).zero_stage == 0  # nothing to partition on 1 rank
 
 
 def test_presets_and_overrides(data_prefix):

@@ -76,7 +76,8 @@ def build_parser():
     g.add_argument("--hysteresis", type=int, default=2)
 
     g = p.add_argument_group("distributed")
-    g.add_argument("--zero-stage", type=int, default=1)
+    g.add_argument("--zero-stage", type=int, default=None,
+                   help="DeepSpeed ZeRO stage 0-3 (default: 1 with several data-parallel ranks, else 0)")
     g.add_argument("--deepspeed-config", default=None, help="JSON merged over the generated config")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true",
@@ -213,6 +214,9 @@ def validate_args(args, world_size):
 
     if args.fp16 and args.bf16:
         raise ArgumentError("--fp16 and --bf16 are mutually exclusive")
+    if args.zero_stage is None:
+        # one data-parallel rank has nothing to partition; ZeRO would only add buffer copies
+        args.zero_stage = 1 if args.data_parallel_size > 1 else 0
     if args.zero_stage not in (0, 1, 2, 3):
         raise ArgumentError(f"--zero-stage must be 0, 1, 2 or 3, got {args.zero_stage}")
 
