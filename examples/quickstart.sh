@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart: train a small phi (the phi-1 architecture, scaled down) on the Python standard library's
-# own sources, then complete `def fibonacci(n):` with it. CPU or GPU; about 4 minutes on 2 idle CPU cores.
+# own sources, then complete `def fibonacci(n):` with it. CPU or GPU; about 3-4 minutes on 2 idle CPU cores.
 #
 #   bash examples/quickstart.sh
 #   WORK_DIR=/tmp/qs TRAIN_ITERS=600 bash examples/quickstart.sh
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 WORK_DIR=${WORK_DIR:-runs/quickstart}
-TRAIN_ITERS=${TRAIN_ITERS:-500}
+TRAIN_ITERS=${TRAIN_ITERS:-400}
 MICRO_BATCH=${MICRO_BATCH:-8}
 SEQ_LENGTH=${SEQ_LENGTH:-256}
 VOCAB_SIZE=${VOCAB_SIZE:-4096}

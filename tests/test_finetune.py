@@ -48,3 +48,29 @@ def test_finetune_rejects_other_architecture(tmp_path):
                                       num_attention_heads=2))
     with pytest.raises(CheckpointError, match="architecture differs.*hidden_size: checkpoint 64 vs run 128"):
         load_weights_from_folder(other, str(tmp_path / "m"))
+
+
+def test_humaneval_hook_logs_pass_at_1_without_perturbing_training(tmp_path):
+    import subprocess
+    import sys
+
+    prefix = make_token_file(str(tmp_path / "toy"))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.py").write_text("def add(a, b):\n    return a + b\n\n\ndef double(x):\n    return 2 * x\n" * 20)
+    subprocess.run([sys.executable, "tools/train_tokenizer.py", "--input", str(src), "--output-dir",
+                    str(tmp_path / "tok"), "--vocab-size", "300", "--quiet"], check=True, timeout=120)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({"task_id": "Toy/0", "prompt": "def add(a, b):\n", "entry_point": "add",
+                                    "canonical_solution": "    return a + b\n",
+                                    "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"}) + "\n")
+    flags = tiny_flags(prefix, 2) + ["--tokenizer", str(tmp_path / "tok"), "--eval-iters", "0"]
+    flags = flags[:flags.index("--vocab-size")] + flags[flags.index("--vocab-size") + 2:]
+    run_pretrain(flags + ["--log-dir", str(tmp_path / "plain")])
+    run_pretrain(flags + ["--log-dir", str(tmp_path / "he"), "--eval-humaneval", str(problems),
+                          "--eval-humaneval-interval", "1", "--humaneval-max-new-tokens", "4"])
+    he = read_metrics(str(tmp_path / "he"))
+    assert [r["iteration"] for r in he if "humaneval_pass@1" in r] == [1, 2]
+    assert all(0.0 <= r["humaneval_pass@1"] <= 1.0 for r in he if "humaneval_pass@1" in r)
+    # generation (with dropout on during training) must not shift the training RNG streams
+    assert [r["loss"] for r in he if "loss" in r] == [r["loss"] for r in read_metrics(str(tmp_path / "plain"))]
