@@ -120,7 +120,7 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
     scheduler = engine.lr_scheduler
 
     engine.train()
-    interval_time, interval_iters, interval_loss = 0.0, 0, 0.0
+    interval_time, interval_iters, interval_loss, interval_finite = 0.0, 0, 0.0, 0
     skipped_before = engine.skipped_steps
     reason = "done"
     while state.iteration < args.train_iters:
@@ -140,7 +140,9 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
             raise TrainingError(f"loss is {loss} at iteration {state.iteration}; stopping (lr {lr:.4e}). "
                                 f"Resume from the last checkpoint with a lower --lr or more --clip-grad.")
         interval_iters += 1
-        interval_loss += loss
+        if math.isfinite(loss):  # an fp16 overflow step is counted in skipped_steps, not averaged in
+            interval_loss += loss
+            interval_finite += 1
 
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             tok_s, tflops, mfu = metrics.throughput(tokens_per_iter * interval_iters, interval_time, flops_token,
@@ -151,7 +153,7 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
             record = {
                 "iteration": state.iteration, "train_iters": args.train_iters,
                 "consumed_samples": state.consumed_samples, "consumed_tokens": state.consumed_tokens,
-                "loss": interval_loss / interval_iters, "lr": lr,
+                "loss": interval_loss / interval_finite if interval_finite else float("nan"), "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "loss_scale": loss_scale_of(engine), "skipped_steps": engine.skipped_steps,
                 "skipped_in_interval": engine.skipped_steps - skipped_before,
@@ -160,7 +162,7 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
             }
             print_rank0(metrics.format_train_line(record))
             writer.write(record)
-            interval_time, interval_iters, interval_loss = 0.0, 0, 0.0
+            interval_time, interval_iters, interval_loss, interval_finite = 0.0, 0, 0.0, 0
             skipped_before = engine.skipped_steps
 
         val_loss = None
@@ -177,7 +179,8 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
                 print_rank0(f"HumanEval at iteration {state.iteration} | pass@1 {result['pass@1']:.4f}")
                 writer.write({"iteration": state.iteration, "humaneval_pass@1": result["pass@1"]}, prefix="humaneval")
 
-        stop = stop_signal is not None and stop_signal.should_stop(dp_group_all(), _flag_device(device))
+        # the stop decision is taken over the whole world, so every rank saves
+        stop = stop_signal is not None and stop_signal.should_stop(None, _flag_device(device))
         exit_now = args.exit_interval is not None and state.iteration % args.exit_interval == 0
         periodic = args.save_interval is not None and state.iteration % args.save_interval == 0
         if args.save and (periodic or stop or exit_now or state.iteration == args.train_iters):
@@ -192,10 +195,6 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
             reason = "exit-interval"
             break
     return reason
-
-
-def dp_group_all():
-    return None  # the stop decision is taken over the whole world
 
 
 def _flag_device(device):
