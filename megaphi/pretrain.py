@@ -148,6 +148,17 @@ def record_fp32_grad_norm(engine):
     engine.clip_fp32_gradients = clip_and_record
 
 
+def check_precision_supported(args):
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if args.fp16 and not accelerator.is_fp16_supported():
+        raise ArgumentError(f"--fp16: DeepSpeed does not support fp16 on this device "
+                            f"({accelerator.device_name()}); use --bf16 or fp32")
+    if args.bf16 and not accelerator.is_bf16_supported():
+        raise ArgumentError(f"--bf16: not supported on this device ({accelerator.device_name()}); use --fp16 or fp32")
+
+
 def main(argv=None):
     try:
         args = parse_args(argv)
@@ -196,6 +207,7 @@ def run(args):
             checkpointing.load_weights_from_folder(model, source)
             print_rank0(f"finetuning from weights in {source}")
 
+    check_precision_supported(args)
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     ds_config = build_deepspeed_config(args)
     engine = setup_engine(args, model, ds_config)
