@@ -85,9 +85,12 @@ def build_data(args, dp_rank, dp_size):
 
     gbs = args.global_batch_size
     eval_samples = args.eval_iters * gbs
-    train_ds, valid_ds, _ = build_gpt_datasets(
-        args.data_path, args.split, args.seq_length, args.seed,
-        num_samples=(args.train_iters * gbs, eval_samples, eval_samples), cache_dir=args.data_cache_dir)
+    try:
+        train_ds, valid_ds, _ = build_gpt_datasets(
+            args.data_path, args.split, args.seq_length, args.seed,
+            num_samples=(args.train_iters * gbs, eval_samples, eval_samples), cache_dir=args.data_cache_dir)
+    except ValueError as e:
+        raise ArgumentError(f"--data-path / --split: {e}") from None
     if train_ds is None:
         raise ArgumentError(f"--split {args.split} leaves no training documents")
 
