@@ -21,6 +21,7 @@ CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/phi-1}
 MICRO_BATCH=${MICRO_BATCH:-8}
 ZERO_STAGE=${ZERO_STAGE:-1}
 TP=${TP:-1}
+SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-0}                      # 1: --sequence-parallel (TP > 1)
 PRECISION=${PRECISION:-fp16}
 
 LAUNCHER=(deepspeed --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE")
@@ -64,7 +65,6 @@ ARGS=(
     --lr-decay-style linear
 
     # precision and parallelism
-    --"$PRECISION"
     --zero-stage "$ZERO_STAGE"
     --tensor-model-parallel-size "$TP"
 
@@ -75,5 +75,8 @@ ARGS=(
     --eval-iters 50
     --log-interval 10
 )
+
+[[ "$PRECISION" != fp32 ]] && ARGS+=(--"$PRECISION")
+[[ "$SEQUENCE_PARALLEL" == 1 ]] && ARGS+=(--sequence-parallel)
 
 exec "${LAUNCHER[@]}" --module megaphi.pretrain "${ARGS[@]}" "$@"

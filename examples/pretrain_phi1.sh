@@ -20,7 +20,8 @@ CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/phi-1-base}
 MICRO_BATCH=${MICRO_BATCH:-8}                                 # per GPU; accumulation fills the 1024
 ZERO_STAGE=${ZERO_STAGE:-1}
 TP=${TP:-1}
-PRECISION=${PRECISION:-fp16}                                  # paper: fp16
+SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-0}                      # 1: --sequence-parallel (TP > 1)
+PRECISION=${PRECISION:-fp16}                                  # paper: fp16; bf16, or fp32 (no flag)
 
 LAUNCHER=(deepspeed --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE")
 [[ -n "$HOSTFILE" ]] && LAUNCHER+=(--hostfile "$HOSTFILE")
@@ -59,7 +60,6 @@ ARGS=(
     --lr-decay-style linear
 
     # precision and parallelism
-    --"$PRECISION"
     --zero-stage "$ZERO_STAGE"
     --tensor-model-parallel-size "$TP"
 
@@ -71,5 +71,8 @@ ARGS=(
     --eval-iters 50
     --log-interval 10
 )
+
+[[ "$PRECISION" != fp32 ]] && ARGS+=(--"$PRECISION")
+[[ "$SEQUENCE_PARALLEL" == 1 ]] && ARGS+=(--sequence-parallel)
 
 exec "${LAUNCHER[@]}" --module megaphi.pretrain "${ARGS[@]}" "$@"

@@ -65,6 +65,23 @@ def build_model_config(args, padded_vocab_size):
     return config
 
 
+def model_vocab_size(args, tokenizer):
+    """Rows of the embedding and lm_head for a run with a tokenizer.
+
+    The preset's vocabulary is kept when the tokenizer fits in it and it satisfies the TP padding
+    rule: phi-1 with the codegen tokenizer (50295 tokens) keeps 51200 rows, the shape of the released
+    checkpoints, rather than Megatron's 50304. Otherwise the tokenizer's size padded to
+    --make-vocab-size-divisible-by x TP.
+    """
+    from megaphi.config import get_preset
+
+    preset_vocab = get_preset(args.model).vocab_size
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    if tokenizer.vocab_size <= preset_vocab and preset_vocab % multiple == 0:
+        return preset_vocab
+    return tokenizer.padded_vocab_size
+
+
 def set_seed(seed):
     from megaphi.parallel.random import model_parallel_seed
 
@@ -196,7 +213,7 @@ def run(args):
         from megaphi.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(args.tokenizer, args.make_vocab_size_divisible_by,
                                    args.tensor_model_parallel_size)
-        padded_vocab = tokenizer.padded_vocab_size
+        padded_vocab = model_vocab_size(args, tokenizer)
     set_seed(args.seed)
     model_config = build_model_config(args, padded_vocab)
     model = PhiForCausalLM(model_config)
@@ -217,6 +234,7 @@ def run(args):
     state = TrainState()
     if args.finetune:
         if kind == "deepspeed":
+            checkpointing.check_checkpoint_tensor_parallel_size(args.load, source)
             path, _ = engine.load_checkpoint(args.load, tag=source, load_module_only=True,
                                              load_optimizer_states=False, load_lr_scheduler_states=False)
             if path is None:

@@ -134,6 +134,7 @@ def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_toke
         "consumed_tokens": consumed_tokens,
         "world_size": getattr(args, "world_size", 1),
         "tensor_model_parallel_size": getattr(args, "tensor_model_parallel_size", 1),
+        "sequence_parallel": bool(getattr(args, "sequence_parallel", False)),
         "zero_stage": getattr(args, "zero_stage", None),
         "seed": getattr(args, "seed", None),
         "tokenizer": getattr(args, "tokenizer", None),
@@ -185,7 +186,9 @@ def load_checkpoint(engine, load_dir):
     if tag is None:
         return None
     meta = read_meta(load_dir, tag)
-    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+    check_checkpoint_tensor_parallel_size(load_dir, tag)
+    # A resharded checkpoint carries no optimizer state: ZeRO rebuilds it from the module weights.
+    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=meta.get("optimizer_states", True),
                                      load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint {os.path.join(load_dir, tag)}")
@@ -197,6 +200,15 @@ def load_checkpoint(engine, load_dir):
               f"dropout masks will differ from an uninterrupted run", flush=True)
     meta["tag"] = tag
     return meta
+
+
+def check_checkpoint_tensor_parallel_size(load_dir, tag):
+    """A DeepSpeed checkpoint holds one model shard per TP rank: loading it at another TP size must
+    fail clearly (pointing at `convert_checkpoint.py reshard`), not deep inside DeepSpeed."""
+    from megaphi.model.sharded_checkpoint import check_tensor_parallel_size
+    from megaphi.parallel import get_tensor_model_parallel_world_size
+
+    check_tensor_parallel_size(os.path.join(load_dir, tag), get_tensor_model_parallel_world_size())
 
 
 def is_model_folder(path):
