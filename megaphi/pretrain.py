@@ -180,6 +180,8 @@ def check_precision_supported(args):
 
 
 def main(argv=None):
+    from megaphi.model.sharded_checkpoint import TensorParallelMismatchError
+
     try:
         args = parse_args(argv)
     except ArgumentError as e:
@@ -188,7 +190,7 @@ def main(argv=None):
     init_distributed(args.distributed_backend)
     try:
         return run(args)
-    except (ArgumentError, TrainingError, checkpointing.CheckpointError) as e:
+    except (ArgumentError, TrainingError, checkpointing.CheckpointError, TensorParallelMismatchError) as e:
         print(f"megaphi.pretrain: error: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
