@@ -110,6 +110,8 @@ setup(
     extras_require={
         "test": ["pytest", "transformers"],
         "gpu": ["flash-attn"],
+        "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
     },
     zip_safe=False,
 )
