@@ -16,7 +16,8 @@ NNODES=${NNODES:-1}
 HOSTFILE=${HOSTFILE:-}
 DATA_PATH=${DATA_PATH:-data/codetextbook_text_document}    # PREFIX, or "W1 PREFIX1 W2 PREFIX2"
 TOKENIZER=${TOKENIZER:-Salesforce/codegen-350M-mono}
-CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/phi-1-base}
+MODEL=${MODEL:-phi-1}                                         # or phi-1-small (pretrain_phi1_small.sh)
+CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/${MODEL}-base}
 MICRO_BATCH=${MICRO_BATCH:-8}                                 # per GPU; accumulation fills the 1024
 ZERO_STAGE=${ZERO_STAGE:-1}
 TP=${TP:-1}
@@ -29,7 +30,8 @@ LAUNCHER=(deepspeed --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE")
 # shellcheck disable=SC2206
 ARGS=(
     # model: phi-1 (24 layers, hidden 2048, MLP 8192, 32 heads x 64, rotary dim 32)
-    --model phi-1
+    #     or phi-1-small (20 layers, hidden 1024, MLP 4096, 16 heads x 64, rotary dim 32)
+    --model "$MODEL"
     --seq-length 2048
     --attention-dropout 0.1
     --hidden-dropout 0.1

@@ -2,77 +2,11 @@
 # phi-1-small (350M) pretraining with the phi-1 paper's pretraining recipe ("Textbooks Are All You
 # Need", Sec. 2.3): sequence 2048, effective batch 1024, AdamW, lr 1e-3 with 750 warmup steps and
 # linear decay, weight decay 0.1, 36,000 steps (as for phi-1-base), fp16, dropout 0.1.
-# Paper hardware: 8 A100s, DeepSpeed, < 4 days.
+# The recipe is examples/pretrain_phi1.sh with the phi-1-small model; the same environment
+# overrides apply (DATA_PATH, TOKENIZER, CHECKPOINT_DIR, MICRO_BATCH, ZERO_STAGE, TP, ...).
 #
 #   DATA_PATH=data/codetextbook_text_document bash examples/pretrain_phi1_small.sh
-#   HOSTFILE=hostfile NNODES=2 GPUS_PER_NODE=8 bash examples/pretrain_phi1_small.sh      # multi-node
-# Extra arguments are passed to megaphi.pretrain (e.g. --bf16 is not allowed with the paper's --fp16;
-# set PRECISION=bf16 instead).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-NNODES=${NNODES:-1}
-HOSTFILE=${HOSTFILE:-}
-DATA_PATH=${DATA_PATH:-data/codetextbook_text_document}    # PREFIX, or "W1 PREFIX1 W2 PREFIX2"
-TOKENIZER=${TOKENIZER:-Salesforce/codegen-350M-mono}
-CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/phi-1-small-base}
-MICRO_BATCH=${MICRO_BATCH:-16}                                # per GPU; accumulation fills the 1024
-ZERO_STAGE=${ZERO_STAGE:-1}
-TP=${TP:-1}
-SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-0}                      # 1: --sequence-parallel (TP > 1)
-PRECISION=${PRECISION:-fp16}                                  # paper: fp16; bf16, or fp32 (no flag)
-
-LAUNCHER=(deepspeed --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE")
-[[ -n "$HOSTFILE" ]] && LAUNCHER+=(--hostfile "$HOSTFILE")
-
-# shellcheck disable=SC2206
-ARGS=(
-    # model: phi-1-small (20 layers, hidden 1024, MLP 4096, 16 heads x 64, rotary dim 32)
-    --model phi-1-small
-    --seq-length 2048
-    --attention-dropout 0.1
-    --hidden-dropout 0.1
-    --tokenizer "$TOKENIZER"
-
-    # data: one array of files separated by <|endoftext|>, 2048-token slices
-    --data-path $DATA_PATH
-    --split 969,30,1
-    --seed 1234
-
-    # batch: effective batch 1024 = micro batch x data parallel x accumulation
-    --micro-batch-size "$MICRO_BATCH"
-    --global-batch-size 1024
-    --train-iters 36000
-
-    # optimizer: AdamW, weight decay 0.1 (betas/eps are not stated in the paper)
-    --weight-decay 0.1
-    --adam-beta1 0.9
-    --adam-beta2 0.98
-    --adam-eps 1e-7
-    --clip-grad 1.0
-
-    # schedule: linear warmup over 750 steps to 1e-3, then linear decay
-    --lr 1e-3
-    --min-lr 0
-    --lr-warmup-iters 750
-    --lr-decay-iters 36000
-    --lr-decay-style linear
-
-    # precision and parallelism
-    --zero-stage "$ZERO_STAGE"
-    --tensor-model-parallel-size "$TP"
-
-    # checkpoints, evaluation, logging
-    --save "$CHECKPOINT_DIR"
-    --load "$CHECKPOINT_DIR"
-    --save-interval 1000
-    --eval-interval 1000
-    --eval-iters 50
-    --log-interval 10
-)
-
-[[ "$PRECISION" != fp32 ]] && ARGS+=(--"$PRECISION")
-[[ "$SEQUENCE_PARALLEL" == 1 ]] && ARGS+=(--sequence-parallel)
-
-exec "${LAUNCHER[@]}" --module megaphi.pretrain "${ARGS[@]}" "$@"
+export MODEL=phi-1-small
+export MICRO_BATCH=${MICRO_BATCH:-16}   # per GPU; accumulation fills the 1024
+exec bash "$(dirname "$0")/pretrain_phi1.sh" "$@"
