@@ -1,5 +1,6 @@
-"""FLOPs per token, MFU, peak lookup and the metrics.jsonl writer."""
+"""FLOPs per token, MFU, peak lookup, the metrics.jsonl / TensorBoard writer and the curves plot."""
 import json
+import pathlib
 
 import pytest
 import torch
@@ -57,7 +58,28 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path):
         with pytest.raises(RuntimeError, match="pip install tensorboard"):
             metrics.MetricsWriter(str(tmp_path), tensorboard_dir=str(tmp_path / "tb"))
     else:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
         writer = metrics.MetricsWriter(str(tmp_path), tensorboard_dir=str(tmp_path / "tb"))
-        writer.write({"iteration": 1, "loss": 1.0})
+        writer.write({"iteration": 1, "loss": 1.5, "lr": 1e-3})
+        writer.write({"iteration": 2, "loss": 1.25, "lr": 2e-3})
+        writer.write({"iteration": 2, "val_loss": 1.75}, prefix="valid")
         writer.close()
-        assert any((tmp_path / "tb").iterdir())
+        events = EventAccumulator(str(tmp_path / "tb"))
+        events.Reload()
+        assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.5), (2, 1.25)]
+        assert [(e.step, e.value) for e in events.Scalars("valid/val_loss")] == [(2, 1.75)]
+
+
+def test_plot_metrics_writes_a_png(tmp_path):
+    import subprocess
+    import sys
+
+    records = [{"iteration": i, "loss": 5.0 / i, "lr": 1e-3 * min(1.0, i / 3)} for i in range(1, 11)]
+    records.append({"iteration": 10, "val_loss": 0.7, "val_ppl": 2.0})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "tools" / "plot_metrics.py"), str(tmp_path)], check=True,
+                   capture_output=True, text=True, timeout=120)
+    png = (tmp_path / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
