@@ -7,8 +7,10 @@ Why a separate process: the program's parent is this supervisor, never the evalu
 that kills its parent only ends its own run; and namespaces/fork/rlimits are set up here, away from
 the evaluator's threads. Layers (each best-effort, reported back):
   * new network, PID and mount namespaces (a user namespace too when not root): no network, the
-    program is PID 1 of its own namespace so everything it forks dies with it, and /tmp, /var/tmp,
-    /dev/shm are fresh size-capped tmpfs mounts that vanish afterwards;
+    program is PID 1 of its own namespace so everything it forks dies with it, /tmp, /var/tmp,
+    /dev/shm are fresh size-capped tmpfs mounts that vanish afterwards, every other mount is
+    remounted read-only (so nothing the program writes outside those lands on the host, whatever
+    its uid), and the evaluator's own folders (`hide`) are covered by empty read-only tmpfs;
   * when root: the program runs as `nobody` (it cannot write root's files or signal the evaluator,
     and RLIMIT_NPROC applies, which it never does for root);
   * rlimits (CPU, address space, file size, processes, open files, no core dumps), no_new_privs,
@@ -18,6 +20,7 @@ the evaluator's threads. Layers (each best-effort, reported back):
 import ctypes
 import json
 import os
+import re
 import resource
 import select
 import signal
@@ -28,11 +31,39 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
-MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 0x4000, 1 << 18, 1 << 21
+# Per-mount flags a read-only remount must repeat: inside a user namespace the kernel refuses to
+# clear flags that the outer namespace set (they are locked).
+_LOCKED_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
+                 "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
+_PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+_PSEUDO_FS = ("proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "bpf", "tracefs", "debugfs",
+              "securityfs", "pstore", "configfs", "fusectl", "binfmt_misc", "hugetlbfs", "autofs")
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+# Runs program.py as __main__; only if its code returns (no exception, no exit) does it print the
+# success marker, which it reads from fd 3 and which appears nowhere in the program's files, argv or
+# environment. Code that introspects this interpreter (gc, frames, memory) can still find it: see
+# docs/evaluation.md for what the marker does and does not guarantee.
+RUNNER = """
+import os, sys, types
+def run(marker=os.read(3, 256)):
+    os.close(3)
+    with open("program.py", "rb") as f:
+        code = compile(f.read(), "program.py", "exec")
+    module = types.ModuleType("__main__")
+    module.__file__ = "program.py"
+    sys.modules["__main__"] = module
+    sys.argv = ["program.py"]
+    exec(code, module.__dict__)
+    if marker:
+        sys.stdout.flush()
+        os.write(1, marker + b"\\n")
+run()
+"""
 
 
 def _check(ret, what):
@@ -67,13 +98,57 @@ def _enter_namespaces(cfg, report):
     entered = {"net", "pid", "mount"}
     try:
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
-        for d in ("/tmp", "/var/tmp", "/dev/shm"):
-            if os.path.isdir(d):
-                _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['tmpfs_bytes']},mode=1777")
+        private = [d for d in _PRIVATE_DIRS if os.path.isdir(d) and not os.path.islink(d)]
+        for d in private:
+            _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['tmpfs_bytes']},mode=1777")
         report["private_tmp"] = True
     except OSError as e:
         report["mount_error"] = str(e)
+        return entered  # without a private working directory, a read-only host would be unusable
+    writable = _remount_read_only(private)
+    report["read_only_fs"] = not writable
+    if writable:
+        report["writable_mounts"] = writable
+    hidden = []
+    for path in cfg.get("hide", []):
+        try:
+            _mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=755")
+            hidden.append(path)
+        except OSError:
+            pass
+    report["hidden"] = hidden
     return entered
+
+
+def _mounts():
+    """(mount point, per-mount options, filesystem type) for every mount, parents first."""
+    unescape = lambda text: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            yield unescape(fields[4]), fields[5].split(","), fstype
+
+
+def _remount_read_only(private):
+    """Bind-remount every mount except the private tmpfs folders read-only; returns the mount points
+    that refused and are not kernel pseudo filesystems (those stay as they are: proc is replaced,
+    sysfs/cgroup writes need privileges the program does not have)."""
+    def under(path, root):
+        return path == root or path.startswith(root.rstrip("/") + "/")
+    refused = []
+    for point, options, fstype in _mounts():
+        if "ro" in options or any(under(point, d) for d in private):
+            continue
+        flags = MS_BIND | MS_REMOUNT | MS_RDONLY
+        for option in options:
+            flags |= _LOCKED_FLAGS.get(option, 0)
+        try:
+            _mount(None, point, None, flags)
+        except OSError:
+            if fstype not in _PSEUDO_FS and point not in refused:
+                refused.append(point)
+    return refused
 
 
 def _set_limits(cfg):
@@ -91,7 +166,7 @@ def _set_limits(cfg):
         resource.setrlimit(which, value)
 
 
-def _child(cfg, workdir, fds, in_pid_ns, in_mount_ns, supervisor_pid):
+def _child(cfg, workdir, fds, marker_fd, in_pid_ns, in_mount_ns, supervisor_pid):
     try:
         os.setsid()
         if in_pid_ns and in_mount_ns:
@@ -110,11 +185,11 @@ def _child(cfg, workdir, fds, in_pid_ns, in_mount_ns, supervisor_pid):
         _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(pdeathsig)")
         if not in_pid_ns and os.getppid() != supervisor_pid:
             os._exit(125)  # the supervisor died before the death signal was armed
-        for target, fd in enumerate(fds):
+        for target, fd in enumerate((*fds, marker_fd)):
             os.dup2(fd, target)
-        os.closerange(3, 65536)
+        os.closerange(4, 65536)
         python = cfg["python"]
-        os.execve(python, [python, "-I", "-B", "program.py"], cfg["env"])
+        os.execve(python, [python, "-I", "-B", "-c", RUNNER], cfg["env"])
     except BaseException as e:  # noqa: BLE001 - report anything, never return into the supervisor
         try:
             os.write(fds[2], f"sandbox setup failed: {e!r}\n".encode())
@@ -169,7 +244,7 @@ def _wait_for_exit(pid, timeout):
 
 def main():
     cfg = json.loads(sys.argv[1])
-    source = sys.stdin.buffer.read()
+    marker, _, source = sys.stdin.buffer.read().partition(b"\n")  # first line: the marker (may be empty)
     report = {"namespaces": [], "private_tmp": False, "dropped_privileges": cfg.get("uid") is not None}
     # Output files are opened before /tmp is replaced by a private tmpfs (they live on the host).
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -187,10 +262,13 @@ def main():
     _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(subreaper)")
     supervisor_pid = os.getpid()
     start = time.monotonic()
+    marker_read, marker_write = os.pipe()
+    os.write(marker_write, marker)
+    os.close(marker_write)
     pid = os.fork()
     if pid == 0:
-        _child(cfg, workdir, (devnull, out_fd, err_fd), "pid" in entered, report["private_tmp"], supervisor_pid)
-    for fd in (devnull, out_fd, err_fd):
+        _child(cfg, workdir, (devnull, out_fd, err_fd), marker_read, "pid" in entered, report["private_tmp"], supervisor_pid)
+    for fd in (devnull, out_fd, err_fd, marker_read):
         os.close(fd)
     timed_out = not _wait_for_exit(pid, cfg["timeout_seconds"])
     if timed_out:

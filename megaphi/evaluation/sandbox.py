@@ -5,8 +5,9 @@ isolation and is the program's parent; see that file for the layers. This module
 the minimal environment, a temporary directory per run (removed afterwards), the outer wall-clock
 guard, output capture with a size cap, the success marker, and a thread pool to run many programs.
 
-Success means: exit status 0, not timed out, AND the marker line (a random per-run token printed
-after the tests) present in stdout, so a program that exits 0 before its tests ran still fails.
+Success means: exit status 0, not timed out, AND the marker line (a random per-run token that the
+supervisor's runner prints after the program's code returned; it is not in the program's source)
+present in stdout, so a program that exits 0 before its tests ran still fails.
 """
 import concurrent.futures
 import dataclasses
@@ -89,7 +90,7 @@ class Sandbox:
     """Executes programs in isolation; `capabilities` says which layers hold on this machine."""
 
     def __init__(self, limits: Optional[SandboxLimits] = None, workers: Optional[int] = None,
-                 python: Optional[str] = None, isolate: bool = True):
+                 python: Optional[str] = None, isolate: bool = True, hide_paths: Sequence[str] = ()):
         self.limits = limits or SandboxLimits()
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
         self.isolate = isolate
@@ -98,6 +99,36 @@ class Sandbox:
         self._capabilities = None
         self._python = None
         self._user = None  # (uid, gid) to drop to, when root
+        # Folders the program should not read (covered by an empty tmpfs where mount namespaces
+        # work): the evaluator's working directory and home, this checkout, and `hide_paths`
+        # (e.g. the problems file's folder). Folders holding the interpreter stay visible.
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        self._hide_candidates = [os.getcwd(), os.path.expanduser("~"), package_root, *hide_paths]
+        self._hidden = None
+
+    def _hidden_paths(self):
+        if self._hidden is None:
+            keep = self._interpreter_dirs(self._python)
+            hidden = []
+            for path in map(os.path.realpath, self._hide_candidates):
+                if (os.path.isdir(path) and path != "/" and path not in hidden
+                        and not any(k == path or k.startswith(path + "/")  # holds the interpreter
+                                    or path.startswith(k.rstrip("/") + "/") for k in keep)):  # inside it
+                    hidden.append(path)
+            self._hidden = hidden
+        return self._hidden
+
+    @staticmethod
+    def _interpreter_dirs(python):
+        """Where `python` finds itself and its standard library (these must stay visible)."""
+        dirs = {os.path.dirname(os.path.realpath(python)), os.path.dirname(os.path.abspath(python))}
+        try:
+            out = subprocess.run([python, "-I", "-S", "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
+                                 capture_output=True, text=True, timeout=30, env=_minimal_env("/")).stdout
+            dirs.update(os.path.realpath(line) for line in out.splitlines() if line.startswith("/"))
+        except (OSError, subprocess.SubprocessError):
+            return {"/"}  # unknown layout: hide nothing
+        return dirs
 
     # -- setup -------------------------------------------------------------------------------------
     def _nproc_limit(self):
@@ -119,7 +150,7 @@ class Sandbox:
         return count
 
     def _probe(self, python, user):
-        self._python, self._user = python, user
+        self._python, self._user, self._hidden = python, user, None
         result, report = self._execute("print('sandbox-probe-ok')\n", "sandbox-probe-ok")
         return result.passed, report
 
@@ -146,8 +177,11 @@ class Sandbox:
                             "network_isolated": "net" in report.get("namespaces", []),
                             "pid_namespace": "pid" in report.get("namespaces", []),
                             "private_tmp": bool(report.get("private_tmp")),
+                            "read_only_fs": bool(report.get("read_only_fs")),
+                            "hidden_paths": report.get("hidden", []),
                             "process_limit": self._nproc_limit(),
-                            "notes": notes + [report[k] for k in ("namespace_error", "mount_error") if k in report],
+                            "notes": notes + [report[k] for k in ("namespace_error", "mount_error") if k in report]
+                                     + ([f"still writable: {report['writable_mounts']}"] if report.get("writable_mounts") else []),
                         }
                         return
                     notes.append(f"{python} as {'nobody' if user else 'current user'} failed the probe")
@@ -159,7 +193,7 @@ class Sandbox:
         return dict(self._capabilities)
 
     # -- running -----------------------------------------------------------------------------------
-    def _execute(self, source, marker):
+    def _execute(self, source, marker, runner_prints_marker=False):
         limits = self.limits
         rundir = tempfile.mkdtemp(prefix="megaphi-sandbox-")
         try:
@@ -177,13 +211,15 @@ class Sandbox:
                 "tmpfs_bytes": limits.tmpfs_bytes, "nproc": self._nproc_limit(),
                 "uid": self._user[0] if self._user else None, "gid": self._user[1] if self._user else None,
                 "env": _minimal_env("/tmp/sandbox" if self.isolate else workdir),
+                "hide": self._hidden_paths(),
             }
+            stdin = ((marker if runner_prints_marker else "") + "\n" + source).encode("utf-8")
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-B", _SUPERVISOR, json.dumps(cfg)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 env=_minimal_env(rundir), cwd=rundir, start_new_session=True, close_fds=True)
             try:
-                out, err = proc.communicate(source.encode("utf-8"), timeout=limits.timeout_seconds + 30)
+                out, err = proc.communicate(stdin, timeout=limits.timeout_seconds + 30)
             except subprocess.TimeoutExpired:
                 out, err = b"", b"supervisor did not finish"
             finally:
@@ -224,9 +260,11 @@ class Sandbox:
         return self._execute(source, success_marker)[0]
 
     def run_with_marker(self, source: str) -> ExecutionResult:
-        """Append a random marker print to `source` and require it: catches early sys.exit(0)."""
+        """Require that `source` runs to its end: after its code returns, the runner prints a random
+        marker that the program never sees in its files; catches early sys.exit(0) / os._exit(0)."""
+        self._setup()
         marker = "megaphi-done-" + secrets.token_hex(16)
-        return self.run(f"{source}\n\nprint({marker!r}, flush=True)\n", success_marker=marker)
+        return self._execute(source, marker, runner_prints_marker=True)[0]
 
     def run_many(self, sources: Sequence[str], with_marker: bool = True, progress=None):
         """Run programs on `workers` threads (each drives one supervisor process); results in order."""
