@@ -59,6 +59,9 @@ class BuildExt(build_ext):
         gencode = []
         for arch in archs:
             gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
+        if archs:  # PTX of the newest arch too, so the driver can JIT for GPUs newer than the list
+            newest = max(archs, key=lambda a: int("".join(ch for ch in a if ch.isdigit()) or 0))
+            gencode += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
         includes = [pybind11.get_include(), sysconfig.get_paths()["include"], os.path.join(HERE, "csrc", "kernels")]
         build_dir = os.path.join(self.build_temp, "cuda")
         os.makedirs(build_dir, exist_ok=True)

@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -117,6 +118,66 @@ def test_missing_module_reason_is_reported(monkeypatch):
     finally:
         monkeypatch.undo()
         _backend.cuda_unavailable_reason.cache_clear()
+
+
+class _ModuleWithoutImageForThisGPU:
+    """Stands in for megaphi._cuda on a GPU the build did not target (e.g. sm_100 with an 80;90 build)."""
+
+    def cuda_device_count(self):
+        return 1
+
+    def cuda_device_status(self):
+        return "1 CUDA device(s)"
+
+    def cuda_runtime_version(self):
+        return 13000
+
+    def cuda_driver_version(self):
+        return 13000
+
+    def kernel_image_error(self, device):
+        assert device == 0
+        return "cudaErrorNoKernelImageForDevice: no kernel image is available for execution on the device"
+
+
+def test_missing_kernel_image_makes_auto_use_torch(monkeypatch):
+    monkeypatch.setattr(_backend, "_load_cuda_module", lambda: (_ModuleWithoutImageForThisGPU(), None))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(_backend, "apex_unavailable_reason", lambda: "not installed (test)")
+    _backend.cuda_unavailable_reason.cache_clear()
+    try:
+        reason = _backend.cuda_unavailable_reason()
+        assert reason is not None and "no kernel image for GPU 0 (Test GPU, compute capability 10.0)" in reason
+        assert "cudaErrorNoKernelImageForDevice" in reason and "MEGAPHI_CUDA_ARCHS=100" in reason
+        cuda_tensor = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device="cuda:0")
+        assert _backend.resolve("layernorm", "auto", cuda_tensor) == "torch"
+        assert _backend.resolve("rotary", None, cuda_tensor) == "torch"
+        with pytest.raises(RuntimeError, match="--rotary-impl=cuda is not available here: .*no kernel image"):
+            ops.set_impl(rotary="cuda")
+        text = "\n".join(_backend.describe())
+        assert "layernorm: selected 'auto'; usable here: torch; auto -> torch (megaphi._cuda has no kernel image" in text
+    finally:
+        monkeypatch.undo()
+        _backend.cuda_unavailable_reason.cache_clear()
+
+
+def test_module_with_a_kernel_image_is_usable(monkeypatch):
+    module = _ModuleWithoutImageForThisGPU()
+    module.kernel_image_error = lambda device: ""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert _backend.kernel_image_reason(module) is None
+    assert "older build" in _backend.kernel_image_reason(types.SimpleNamespace())  # no kernel_image_error
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: megaphi._cuda is not built here")
+def test_built_module_probe_reports_a_missing_device():
+    import megaphi._cuda as cuda_module
+
+    error = cuda_module.kernel_image_error(9999)
+    assert error  # no such device here (and without a GPU the runtime says why)
 
 
 @pytest.mark.skipif(not NO_GPU, reason="checks the message printed without a GPU")

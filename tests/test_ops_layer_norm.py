@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from megaphi.ops import LayerNorm, layer_norm, layer_norm_reference
-from megaphi.ops.layer_norm import check_layer_norm_inputs, check_layer_norm_kernel_inputs
+from megaphi.ops import _backend
+from megaphi.ops.layer_norm import (check_layer_norm_inputs, check_layer_norm_kernel_inputs,
+                                     layer_norm_kernel_problem)
 
 
 def numpy_layer_norm(x, weight, bias, eps):
@@ -79,3 +81,32 @@ def test_kernel_input_checks():
     with pytest.raises(ValueError, match="x is on cpu, not a CUDA device"):
         check_layer_norm_kernel_inputs(x, weight, bias)
     check_layer_norm_inputs(x, weight, None)  # bias-free LayerNorm is fine for the reference
+
+
+def test_kernel_problem_names_what_the_kernel_cannot_take():
+    x, weight, bias = torch.randn(4, 8), torch.ones(8), torch.zeros(8)
+    assert layer_norm_kernel_problem(torch.randn(8, 4).t(), weight, bias)[0] is ValueError
+    assert "not contiguous" in layer_norm_kernel_problem(torch.randn(8, 4).t(), weight, bias)[1]
+    assert "needs both weight and bias" in layer_norm_kernel_problem(x, None, bias)[1]
+    assert layer_norm_kernel_problem(x.double(), weight.double(), bias.double())[0] is TypeError
+    assert "not a CUDA device" in layer_norm_kernel_problem(x, weight, bias)[1]
+
+
+def test_auto_falls_back_to_torch_when_the_kernel_cannot_take_the_input(monkeypatch):
+    # Pretend the dispatcher chose the kernel (as it does for CUDA tensors on a usable GPU): under
+    # "auto" an input the kernel cannot take must go to the torch reference, never raise; an
+    # explicit "cuda" must still raise the clear error. Launching the kernel here would fail, so
+    # reaching it at all fails the test.
+    monkeypatch.setattr(_backend, "resolve", lambda op, impl, tensor: "cuda")
+    monkeypatch.setattr(_backend, "cuda_module", lambda: pytest.fail("the kernel must not be launched"))
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 4, generator=gen).t()  # non-contiguous
+    weight, bias = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+    want = numpy_layer_norm(x.numpy(), weight.numpy(), bias.numpy(), 1e-5)
+    for impl in ("auto", None):  # None = the selected backend, "auto" by default
+        got = layer_norm(x, weight, bias, impl=impl)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    got = layer_norm(x.contiguous(), weight, bias, impl="auto")  # contiguous but on the CPU: torch too
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="x is not contiguous"):
+        layer_norm(x, weight, bias, impl="cuda")

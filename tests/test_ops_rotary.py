@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from megaphi.ops import apply_rotary_qk, rotary_reference, rotary_tables
-from megaphi.ops.rotary import check_rotary_kernel_inputs
+from megaphi.ops import _backend
+from megaphi.ops.rotary import check_rotary_kernel_inputs, rotary_kernel_problem
 
 
 def numpy_angles(rotary_dim, positions, base=10000.0):
@@ -133,3 +134,32 @@ def test_kernel_input_checks():
         check_rotary_kernel_inputs(q.double(), k.double(), cos, sin)
     with pytest.raises(ValueError, match="q is on cpu, not a CUDA device"):
         check_rotary_kernel_inputs(q, k, cos, sin)
+
+
+def test_kernel_problem_names_what_the_kernel_cannot_take():
+    cos, sin = rotary_tables(8, 16)
+    q, k = torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
+    strided_q = torch.randn(1, 4, 8, 2).transpose(2, 3)
+    assert rotary_kernel_problem(strided_q, k, cos, sin)[0] is ValueError
+    assert "q's last dim is not contiguous" in rotary_kernel_problem(strided_q, k, cos, sin)[1]
+    assert "cos is not contiguous" in rotary_kernel_problem(q, k, torch.randn(8, 16).t(), sin)[1]
+    assert rotary_kernel_problem(q.double(), k.double(), cos, sin)[0] is TypeError
+    assert "q is on cpu" in rotary_kernel_problem(q, k, cos, sin)[1]
+
+
+def test_auto_falls_back_to_torch_when_the_kernel_cannot_take_the_input(monkeypatch):
+    # As if the dispatcher chose the kernel (CUDA tensors, usable GPU): "auto" must take the torch
+    # path for a q whose last dim is strided; an explicit "cuda" must raise.
+    monkeypatch.setattr(_backend, "resolve", lambda op, impl, tensor: "cuda")
+    monkeypatch.setattr(_backend, "cuda_module", lambda: pytest.fail("the kernel must not be launched"))
+    gen = torch.Generator().manual_seed(5)
+    cos, sin = rotary_tables(8, 16)
+    q = torch.randn(1, 4, 8, 2, generator=gen, dtype=torch.float64).float().transpose(2, 3)  # [1, 4, 2, 8]
+    k = torch.randn(1, 4, 2, 8, generator=gen)
+    angles = numpy_angles(8, range(4))[None]
+    for impl in ("auto", None):
+        got_q, got_k = apply_rotary_qk(q, k, cos, sin, impl=impl)
+        np.testing.assert_allclose(got_q.numpy(), complex_rotary(q.double().numpy(), angles), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_k.numpy(), complex_rotary(k.double().numpy(), angles), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="q's last dim is not contiguous"):
+        apply_rotary_qk(q, k, cos, sin, impl="cuda")

@@ -85,4 +85,6 @@ PYBIND11_MODULE(_cuda, m) {
     m.def("cuda_driver_version", &megaphi::cuda_driver_version, "installed driver's CUDA version, 0 if none");
     m.def("cuda_device_count", &megaphi::cuda_device_count, "devices this module's runtime can use, 0 on error");
     m.def("cuda_device_status", &megaphi::cuda_device_status, "visible devices, or why none");
+    m.def("kernel_image_error", &megaphi::kernel_image_error, py::arg("device"),
+          "empty if this module has a kernel image the device can run, else the CUDA error");
 }

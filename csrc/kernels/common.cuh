@@ -105,7 +105,28 @@ void dispatch_dtype(int dtype, F&& f) {
     }
 }
 
-// Makes the tensors' device current for this runtime (it keeps its own notion of the current device).
-inline void set_device(int device) { check_cuda(cudaSetDevice(device), "cudaSetDevice"); }
+// Makes the tensors' device current for the launches in its scope and restores the caller's
+// device on exit: the current device is per thread and shared with torch (both runtimes use the
+// driver's current context), so leaving it changed would move torch's default device under the caller.
+class DeviceGuard {
+   public:
+    explicit DeviceGuard(int device) {
+        check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+        if (previous_ != device) {
+            check_cuda(cudaSetDevice(device), "cudaSetDevice");
+            restore_ = true;
+        }
+    }
+    ~DeviceGuard() {
+        // A destructor must not throw; a failed restore is left for the next CUDA call to report.
+        if (restore_ && cudaSetDevice(previous_) != cudaSuccess) cudaGetLastError();
+    }
+    DeviceGuard(const DeviceGuard&) = delete;
+    DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+   private:
+    int previous_ = 0;
+    bool restore_ = false;
+};
 
 }  // namespace megaphi

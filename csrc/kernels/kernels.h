@@ -48,4 +48,9 @@ int cuda_driver_version();
 int cuda_device_count();
 std::string cuda_device_status();
 
+// Empty when this module has a kernel image (SASS or PTX) the given device can run, else the CUDA
+// error saying why not (e.g. cudaErrorNoKernelImageForDevice on a GPU newer/older than the build).
+// Restores the caller's current device.
+std::string kernel_image_error(int device);
+
 }  // namespace megaphi

@@ -301,7 +301,7 @@ void layer_norm_forward(const void* x, const void* weight, const void* bias, voi
                         int64_t rows, int64_t hidden, float eps, int dtype, int device, void* stream) {
     check_sizes(rows, hidden, dtype);
     if (rows == 0) return;
-    set_device(device);
+    const DeviceGuard device_guard(device);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     const int h = static_cast<int>(hidden);
     const float inv_hidden = static_cast<float>(1.0 / static_cast<double>(hidden));
@@ -345,7 +345,7 @@ void layer_norm_backward(const void* dy, const void* x, const void* weight, cons
         throw std::invalid_argument("megaphi._cuda layer_norm_backward: num_blocks must be in [1, 2^20], got " +
                                     std::to_string(num_blocks));
     }
-    set_device(device);
+    const DeviceGuard device_guard(device);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     const int h = static_cast<int>(hidden);
     const int nb = static_cast<int>(num_blocks);

@@ -92,7 +92,7 @@ void rotary(const void* q_in, void* q_out, const void* k_in, void* k_out, Rotary
     }
     const int64_t tokens = batch * seq;
     if (tokens == 0) return;
-    set_device(device);
+    const DeviceGuard device_guard(device);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     const float sin_sign = inverse ? -1.f : 1.f;
     dispatch_dtype(dtype, [&](auto tag) {

@@ -4,6 +4,33 @@
 #include "common.cuh"
 
 namespace megaphi {
+namespace {
+
+// Never launched: compiled with the same -gencode list as the real kernels, so asking the runtime
+// for its attributes tells whether this module has a usable image (SASS or PTX) for a device.
+__global__ void image_probe_kernel(int* out) {
+    if (out != nullptr) *out = 0;
+}
+
+}  // namespace
+
+std::string kernel_image_error(int device) {
+    int count = 0;
+    cudaError_t status = cudaGetDeviceCount(&count);
+    if (status == cudaSuccess && (device < 0 || device >= count)) {
+        return "device " + std::to_string(device) + " does not exist (" + std::to_string(count) + " visible)";
+    }
+    if (status == cudaSuccess) {
+        const DeviceGuard device_guard(device);
+        cudaFuncAttributes attributes;
+        status = cudaFuncGetAttributes(&attributes, image_probe_kernel);
+    }
+    if (status != cudaSuccess) {
+        cudaGetLastError();  // not sticky: clear it so later calls do not report it
+        return std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
+    }
+    return std::string();
+}
 
 int cuda_runtime_version() {
     int version = 0;

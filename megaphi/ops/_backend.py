@@ -46,6 +46,26 @@ def cuda_unavailable_reason():
     if module.cuda_device_count() < 1:
         # e.g. the module was built with a newer CUDA toolkit than the installed driver supports
         return f"megaphi._cuda's CUDA runtime cannot use the GPU: {module.cuda_device_status()}"
+    return kernel_image_reason(module)
+
+
+def kernel_image_reason(module):
+    """None when `module` has a kernel image (SASS or PTX) every visible GPU can run, else why not.
+
+    Without this check `auto` would pick the kernels on a GPU the build did not target and fail at
+    the first launch with "no kernel image is available for execution on the device".
+    """
+    probe = getattr(module, "kernel_image_error", None)
+    if probe is None:
+        return ("megaphi._cuda is an older build without the kernel image check; rebuild it: "
+                "python setup.py build_ext --inplace")
+    for device in range(torch.cuda.device_count()):
+        error = probe(device)
+        if error:
+            major, minor = torch.cuda.get_device_capability(device)
+            return (f"megaphi._cuda has no kernel image for GPU {device} ({torch.cuda.get_device_name(device)}, "
+                    f"compute capability {major}.{minor}): {error}; rebuild with "
+                    f"MEGAPHI_CUDA_ARCHS={major}{minor} python setup.py build_ext --inplace")
     return None
 
 
@@ -110,10 +130,15 @@ def get_impl(op):
     return _selected[op]
 
 
+def requested_impl(op, impl):
+    """The per-call `impl`, or the selected one when it is None."""
+    return _selected[op] if impl is None else impl
+
+
 def resolve(op, impl, tensor):
     """The backend ("cuda", "torch" or "apex") that runs `op` on `tensor` given a per-call `impl`
     (None = the selected one)."""
-    impl = _selected[op] if impl is None else impl
+    impl = requested_impl(op, impl)
     if impl == "auto":
         if tensor.is_cuda and tensor.dtype in DTYPE_CODES and cuda_unavailable_reason() is None:
             return "cuda"

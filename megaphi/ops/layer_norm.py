@@ -30,19 +30,30 @@ def check_layer_norm_inputs(x, weight, bias):
             raise ValueError(f"layer_norm: {name} is on {t.device} but x is on {x.device}")
 
 
-def check_layer_norm_kernel_inputs(x, weight, bias):
-    """What the CUDA kernel needs on top of check_layer_norm_inputs."""
+def layer_norm_kernel_problem(x, weight, bias):
+    """Why the CUDA kernel cannot take these (already check_layer_norm_inputs-valid) tensors, as
+    (exception type, message), or None when it can. `auto` falls back to torch on a problem;
+    an explicit "cuda" raises it (check_layer_norm_kernel_inputs)."""
     if x.dtype not in _backend.DTYPE_CODES:
-        raise TypeError(f"layer_norm (cuda): dtype {x.dtype} is not supported; "
-                        f"use one of {sorted(str(d) for d in _backend.DTYPE_CODES)}")
+        return TypeError, (f"layer_norm (cuda): dtype {x.dtype} is not supported; "
+                           f"use one of {sorted(str(d) for d in _backend.DTYPE_CODES)}")
     if weight is None or bias is None:
-        raise ValueError("layer_norm (cuda): the kernel needs both weight and bias")
+        return ValueError, "layer_norm (cuda): the kernel needs both weight and bias"
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if not t.is_contiguous():
-            raise ValueError(f"layer_norm (cuda): {name} is not contiguous (shape {tuple(t.shape)}, "
-                             f"stride {t.stride()}); call .contiguous() first")
+            return ValueError, (f"layer_norm (cuda): {name} is not contiguous (shape {tuple(t.shape)}, "
+                                f"stride {t.stride()}); call .contiguous() first")
         if not t.is_cuda:
-            raise ValueError(f"layer_norm (cuda): {name} is on {t.device}, not a CUDA device")
+            return ValueError, f"layer_norm (cuda): {name} is on {t.device}, not a CUDA device"
+    return None
+
+
+def check_layer_norm_kernel_inputs(x, weight, bias):
+    """What the CUDA kernel needs on top of check_layer_norm_inputs; raises ValueError/TypeError."""
+    problem = layer_norm_kernel_problem(x, weight, bias)
+    if problem is not None:
+        error_type, message = problem
+        raise error_type(message)
 
 
 def _backward_blocks(device, rows):
@@ -93,9 +104,9 @@ def layer_norm(x, weight, bias, eps=1e-5, impl=None):
     """
     check_layer_norm_inputs(x, weight, bias)
     backend = _backend.resolve("layernorm", impl, x)
-    requested = _backend.get_impl("layernorm") if impl is None else impl
-    if backend == "cuda" and requested == "auto" and (weight is None or bias is None):
-        backend = "torch"  # the kernel is affine-only; auto quietly keeps the other cases working
+    if (backend == "cuda" and _backend.requested_impl("layernorm", impl) == "auto"
+            and layer_norm_kernel_problem(x, weight, bias) is not None):
+        backend = "torch"  # e.g. no affine or a non-contiguous view: auto keeps these working
     if backend == "cuda":
         if x.numel() == 0:
             return layer_norm_reference(x, weight, bias, eps)

@@ -85,22 +85,34 @@ def check_rotary_inputs(q, k, cos, sin, position_ids=None, offset=0):
                          f"the table's 0..{max_positions - 1}")
 
 
-def check_rotary_kernel_inputs(q, k, cos, sin, position_ids=None):
+def rotary_kernel_problem(q, k, cos, sin, position_ids=None):
+    """Why the CUDA kernel cannot take these (already check_rotary_inputs-valid) tensors, as
+    (exception type, message), or None when it can. `auto` falls back to torch on a problem;
+    an explicit "cuda" raises it (check_rotary_kernel_inputs)."""
     if q.dtype not in _backend.DTYPE_CODES:
-        raise TypeError(f"rotary (cuda): dtype {q.dtype} is not supported; "
-                        f"use one of {sorted(str(d) for d in _backend.DTYPE_CODES)}")
+        return TypeError, (f"rotary (cuda): dtype {q.dtype} is not supported; "
+                           f"use one of {sorted(str(d) for d in _backend.DTYPE_CODES)}")
     for name, t in (("q", q), ("k", k)):
         if t.stride(-1) != 1:  # other strides are fine: q and k are often views into a fused qkv
-            raise ValueError(f"rotary (cuda): {name}'s last dim is not contiguous (shape {tuple(t.shape)}, "
-                             f"stride {t.stride()}); call .contiguous() first")
+            return ValueError, (f"rotary (cuda): {name}'s last dim is not contiguous (shape {tuple(t.shape)}, "
+                                f"stride {t.stride()}); call .contiguous() first")
     named = [("cos", cos), ("sin", sin)] + ([("position_ids", position_ids)] if position_ids is not None else [])
     for name, t in named:
         if not t.is_contiguous():
-            raise ValueError(f"rotary (cuda): {name} is not contiguous (shape {tuple(t.shape)}, stride {t.stride()}); "
-                             "call .contiguous() first")
+            return ValueError, (f"rotary (cuda): {name} is not contiguous (shape {tuple(t.shape)}, "
+                                f"stride {t.stride()}); call .contiguous() first")
     for name, t in [("q", q), ("k", k)] + named:
         if not t.is_cuda:
-            raise ValueError(f"rotary (cuda): {name} is on {t.device}, not a CUDA device")
+            return ValueError, f"rotary (cuda): {name} is on {t.device}, not a CUDA device"
+    return None
+
+
+def check_rotary_kernel_inputs(q, k, cos, sin, position_ids=None):
+    """What the CUDA kernel needs on top of check_rotary_inputs; raises ValueError/TypeError."""
+    problem = rotary_kernel_problem(q, k, cos, sin, position_ids)
+    if problem is not None:
+        error_type, message = problem
+        raise error_type(message)
 
 
 def _launch_rotary(q_in, q_out, k_in, k_out, cos, sin, position_ids, offset, inverse):
@@ -149,6 +161,9 @@ def apply_rotary_qk(q, k, cos, sin, position_ids=None, impl=None, offset=0, inpl
     """
     check_rotary_inputs(q, k, cos, sin, position_ids, offset)
     backend = _backend.resolve("rotary", impl, q)
+    if (backend == "cuda" and _backend.requested_impl("rotary", impl) == "auto"
+            and rotary_kernel_problem(q, k, cos, sin, position_ids) is not None):
+        backend = "torch"  # e.g. a view whose last dim is strided: auto keeps it working
     if backend == "cuda" and q.numel() and k.numel():
         check_rotary_kernel_inputs(q, k, cos, sin, position_ids)
         return RotaryCUDAFunction.apply(q, k, cos, sin, position_ids, int(offset), bool(inplace))
