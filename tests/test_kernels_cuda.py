@@ -171,6 +171,41 @@ def test_layer_norm_rejects_non_contiguous_cuda_input(kernels):
         layer_norm(x, torch.ones(16, device="cuda"), torch.zeros(16, device="cuda"), impl="cuda")
 
 
+def test_auto_falls_back_to_torch_for_inputs_the_kernels_cannot_take(kernels):
+    from megaphi.ops import apply_rotary_qk, layer_norm, layer_norm_reference, rotary_reference, rotary_tables
+
+    x = torch.randn(16, 8, device="cuda").t()  # non-contiguous
+    weight, bias = torch.randn(16, device="cuda"), torch.randn(16, device="cuda")
+    assert torch.equal(layer_norm(x, weight, bias, impl="auto"), layer_norm_reference(x, weight, bias, 1e-5))
+    cos, sin = rotary_tables(8, 16, device="cuda")
+    q = torch.randn(1, 4, 8, 2, device="cuda").transpose(2, 3)  # last dim strided
+    k = torch.randn(1, 4, 2, 8, device="cuda")
+    q_rot, k_rot = apply_rotary_qk(q, k, cos, sin, impl="auto")
+    assert torch.equal(q_rot, rotary_reference(q, cos, sin)) and torch.equal(k_rot, rotary_reference(k, cos, sin))
+
+
+def test_kernel_image_probe_finds_an_image_for_every_visible_gpu(kernels):
+    for device in range(torch.cuda.device_count()):
+        assert kernels.kernel_image_error(device) == "", f"GPU {device}"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launches_on_another_gpu_leave_the_current_device_alone(kernels):
+    from megaphi.ops import apply_rotary_qk, layer_norm, rotary_tables
+
+    torch.cuda.set_device(0)
+    x = torch.randn(4, 1024, device="cuda:1", requires_grad=True)
+    weight, bias = torch.ones(1024, device="cuda:1"), torch.zeros(1024, device="cuda:1")
+    layer_norm(x, weight, bias, impl="cuda").sum().backward()
+    assert torch.cuda.current_device() == 0
+    cos, sin = rotary_tables(8, 16, device="cuda:1")
+    q = torch.randn(1, 4, 2, 8, device="cuda:1")
+    apply_rotary_qk(q, q.clone(), cos, sin, impl="cuda")
+    kernels.kernel_image_error(1)
+    assert torch.cuda.current_device() == 0
+    assert torch.empty(1, device="cuda").device.index == 0
+
+
 def strides(t):
     return t.stride()[:3]
 
