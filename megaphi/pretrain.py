@@ -97,30 +97,65 @@ def _iterate(loader):
         return iter(loader)
 
 
-def build_data(args, dp_rank, dp_size):
+def evaluation_enabled(args):
+    return args.eval_iters > 0 and args.eval_interval is not None
+
+
+def build_data(args, dp_rank, dp_size, consumed_samples=0):
+    """(make_train_iterator, make_valid_iterator or None). The test split is never read by the
+    trainer, so it is not built (a small file may leave it without documents); neither is the
+    validation split when evaluation is off."""
     from megaphi.data import build_gpt_datasets, build_pretraining_data_loader
 
     gbs = args.global_batch_size
-    eval_samples = args.eval_iters * gbs
+    needed = args.train_iters * gbs
+    evaluate = evaluation_enabled(args)
+    splits = ("train", "valid") if evaluate else ("train",)
+    eval_samples = args.eval_iters * gbs if evaluate else None
     try:
         train_ds, valid_ds, _ = build_gpt_datasets(
             args.data_path, args.split, args.seq_length, args.seed,
-            num_samples=(args.train_iters * gbs, eval_samples, eval_samples), cache_dir=args.data_cache_dir)
+            num_samples=(needed, eval_samples, None), cache_dir=args.data_cache_path, splits=splits)
+    except OSError as e:
+        raise ArgumentError(f"--data-cache-path: {e}") from None
     except ValueError as e:
         raise ArgumentError(f"--data-path / --split: {e}") from None
     if train_ds is None:
         raise ArgumentError(f"--split {args.split} leaves no training documents")
+    check_enough_samples(args, len(train_ds), consumed_samples, needed)
 
     def make_train_iterator(consumed_samples):
         return _iterate(build_pretraining_data_loader(train_ds, consumed_samples, args.micro_batch_size,
                                                       dp_rank, dp_size, num_workers=args.num_workers))
 
     make_valid_iterator = None
-    if valid_ds is not None and args.eval_iters > 0:
+    if valid_ds is not None and evaluate:
+        if len(valid_ds) < eval_samples:
+            raise ArgumentError(f"--data-path {' '.join(args.data_path)}: the validation split holds "
+                                f"{len(valid_ds)} samples but --eval-iters {args.eval_iters} x --global-batch-size "
+                                f"{gbs} needs {eval_samples}; lower --eval-iters or give the split more weight")
+
         def make_valid_iterator():
             return _iterate(build_pretraining_data_loader(valid_ds, 0, args.micro_batch_size, dp_rank, dp_size,
                                                           num_workers=0))
     return make_train_iterator, make_valid_iterator
+
+
+def check_enough_samples(args, available, consumed_samples, needed):
+    """Fail before training, not with a StopIteration mid-run. Several unweighted prefixes are
+    blended one epoch each (Megatron's semantics), so they can hold fewer samples than the run needs."""
+    data = " ".join(args.data_path)
+    if consumed_samples > available:
+        raise ArgumentError(f"--data-path {data}: the checkpoint has consumed {consumed_samples} samples but the "
+                            f"training data built for --train-iters {args.train_iters} x --global-batch-size "
+                            f"{args.global_batch_size} holds only {available}; resume with a --train-iters beyond "
+                            f"the checkpoint's iteration and the data it was trained on")
+    if available < needed:
+        hint = (" (unweighted prefixes are used one epoch each; give weights, e.g. --data-path 1 A 1 B, to "
+                "repeat them)" if len(args.data_prefixes) > 1 and args.data_weights is None else "")
+        raise ArgumentError(f"--data-path {data}: the training data holds {available} samples but --train-iters "
+                            f"{args.train_iters} x --global-batch-size {args.global_batch_size} needs {needed}"
+                            f"{hint}")
 
 
 def setup_engine(args, model, ds_config):
@@ -157,8 +192,9 @@ def finish_engine_setup(engine):
 
 
 def record_fp32_grad_norm(engine):
-    """Without ZeRO/fp16/bf16 DeepSpeed clips with a helper whose norm it discards; keep the norm so
-    it can be logged (the clipping itself is unchanged)."""
+    """Without ZeRO/fp16/bf16 DeepSpeed computes no grad norm of its own: with clipping it clips with
+    a helper whose norm it discards, without clipping it computes none. Keep (or compute) the norm
+    so it can be logged; the clipping itself is unchanged."""
     from deepspeed.runtime.utils import clip_grad_norm_
 
     def clip_and_record():
@@ -166,6 +202,33 @@ def record_fp32_grad_norm(engine):
                                                          mpu=engine.mpu))
 
     engine.clip_fp32_gradients = clip_and_record
+    take_model_step = engine._take_model_step
+
+    def take_model_step_with_norm(*args, **kwargs):
+        if engine.gradient_clipping() <= 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled()
+                                                    or engine.zero_optimization()):
+            engine.megaphi_grad_norm = global_grad_norm(engine.module.parameters())
+        return take_model_step(*args, **kwargs)
+
+    engine._take_model_step = take_model_step_with_norm
+
+
+def global_grad_norm(parameters):
+    """L2 norm of the whole model's gradient (gradients already reduced over data parallel). A
+    parameter marked tensor_model_parallel holds a different shard on each TP rank and is summed over
+    the TP group; a replicated one is counted once (from TP rank 0), as DeepSpeed counts them."""
+    from megaphi.parallel import get_tensor_model_parallel_group, get_tensor_model_parallel_rank
+
+    tp_rank = get_tensor_model_parallel_rank()
+    squares = [p.grad.detach().float().pow(2).sum() for p in parameters if p.grad is not None
+               and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    group = get_tensor_model_parallel_group()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        if dist.get_backend(group) == "nccl":
+            total = total.cuda()
+        dist.all_reduce(total, group=group)
+    return float(total.sqrt())
 
 
 def check_precision_supported(args):
@@ -213,8 +276,11 @@ def run(args):
     padded_vocab = args.vocab_size
     if args.tokenizer:
         from megaphi.tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(args.tokenizer, args.make_vocab_size_divisible_by,
-                                   args.tensor_model_parallel_size)
+        try:
+            tokenizer = load_tokenizer(args.tokenizer, args.make_vocab_size_divisible_by,
+                                       args.tensor_model_parallel_size)
+        except (OSError, ValueError) as e:
+            raise ArgumentError(f"--tokenizer {args.tokenizer}: cannot load it: {e}") from None
         padded_vocab = model_vocab_size(args, tokenizer)
     set_seed(args.seed)
     model_config = build_model_config(args, padded_vocab)
@@ -258,7 +324,7 @@ def run(args):
                         f"({state.consumed_samples} samples consumed)")
 
     dp_rank, dp_size = get_data_parallel_rank(), get_data_parallel_world_size()
-    make_train_iterator, make_valid_iterator = build_data(args, dp_rank, dp_size)
+    make_train_iterator, make_valid_iterator = build_data(args, dp_rank, dp_size, state.consumed_samples)
     train_iterator = make_train_iterator(state.consumed_samples)
     print_rank0(f"training: {num_params:,} parameters (per TP rank), "
                 f"world {args.world_size} (TP {args.tensor_model_parallel_size} x DP {dp_size}), "

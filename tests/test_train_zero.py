@@ -75,9 +75,10 @@ def _zero_worker(rank, world, out_path):
             losses.append(reduce_loss_dicts(logs)["lm loss"])
         results[stage] = {"losses": losses, "params": _full_params(engine, stage)}
         engine.destroy() if hasattr(engine, "destroy") else None
+    no_clip_norms = _first_step_grad_norm_without_clipping(rank)
     destroy_model_parallel()
     if rank == 0:
-        torch.save(results, out_path)
+        torch.save({"stages": results, "no_clip_grad_norms": no_clip_norms}, out_path)
 
 
 def _reference():
@@ -108,12 +109,17 @@ def _reference():
 def test_zero_stages_agree_with_each_other_and_plain_pytorch(tmp_path):
     out = tmp_path / "zero.pt"
     run_distributed(_zero_worker, WORLD, str(out))
-    results = torch.load(out)
+    saved = torch.load(out)
+    results = saved["stages"]
     ref_losses, ref_params = _reference()
     for stage, r in results.items():
         assert r["losses"] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), f"ZeRO {stage}"
         for name, ref in ref_params.items():
             torch.testing.assert_close(r["params"][name], ref, rtol=1e-4, atol=2e-6, msg=f"ZeRO {stage} {name}")
+    # --clip-grad 0 (fp32, ZeRO 0): DeepSpeed has no norm to report, the logged one is megaphi's
+    deepspeed_norm, megaphi_norm = saved["no_clip_grad_norms"]
+    assert deepspeed_norm is None
+    assert megaphi_norm == pytest.approx(_reference_first_grad_norm(), rel=1e-5)
 
 
 def _fp16_worker(rank, world, out_path):
@@ -174,3 +180,42 @@ def test_fp16_overflow_skips_step_halves_scale_keeps_lr(tmp_path):
     assert [r["changed"] for r in rec] == [True, True, False, True]
     assert rec[3]["lr"] == rec[2]["lr"]                      # update 3 retried with the same lr
     assert rec[2]["lr"] == pytest.approx(LR * (1 - 1 / 8))   # warmup 2, decay to 0 at update 10
+
+
+
+def _first_step_grad_norm_without_clipping(rank):
+    """fp32, ZeRO 0, no clipping: DeepSpeed computes no grad norm then; megaphi's engine setup does.
+    Returns (DeepSpeed's norm, megaphi's) after the first step."""
+    import deepspeed
+    from megaphi.model import PhiForCausalLM
+    from megaphi.parallel import mpu
+    from megaphi.pretrain import finish_engine_setup
+    from megaphi.training.lr_schedule import WarmupDecayLR
+    from megaphi.training.optimizer import build_optimizer
+    from megaphi.training.schedules import forward_backward_no_pipelining
+    from megaphi.training.train_loop import make_forward_step
+
+    torch.manual_seed(SEED)
+    model = PhiForCausalLM(_config())
+    optimizer = build_optimizer(model, LR, WD)
+    config = {"train_batch_size": GLOBAL, "train_micro_batch_size_per_gpu": MICRO,
+              "gradient_accumulation_steps": ACCUM, "gradient_clipping": 0.0,
+              "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      lr_scheduler=WarmupDecayLR(optimizer, LR, 0.0, WARMUP, DECAY), mpu=mpu,
+                                      config=config, dist_init_required=False)
+    finish_engine_setup(engine)
+    forward_backward_no_pipelining(make_forward_step(torch.device("cpu")), iter(_rank_micro_batches(rank)),
+                                   engine, ACCUM)
+    return engine.get_global_grad_norm(), getattr(engine, "megaphi_grad_norm", None)
+
+
+def _reference_first_grad_norm():
+    from megaphi.model import PhiForCausalLM
+
+    torch.manual_seed(SEED)
+    model = PhiForCausalLM(_config())
+    batch = _global_batches()[0]
+    logits = model(batch["tokens"]).float()
+    torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)).backward()
+    return torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters())).item()

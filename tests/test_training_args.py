@@ -64,6 +64,9 @@ def test_presets_and_overrides(data_prefix):
     (["--eval-humaneval-interval", "5"], 1, "--eval-humaneval"),
     (["--num-attention-heads", "3"], 1, "--hidden-size 128 is not divisible by --num-attention-heads 3"),
     (["--tokenizer", "/nonexistent/tok"], 1, "--tokenizer"),
+    (["--fp16", "--initial-loss-scale", "0"], 1, "--initial-loss-scale must be a power of 2 > 0"),
+    (["--fp16", "--initial-loss-scale", "-4"], 1, "--initial-loss-scale must be a power of 2 > 0"),
+    (["--fp16", "--initial-loss-scale", "1000"], 1, "--initial-loss-scale must be a power of 2 > 0"),
 ])
 def test_bad_flags(data_prefix, extra, world, flag):
     with pytest.raises(ArgumentError) as e:
@@ -102,6 +105,38 @@ def test_deepspeed_config_merge(data_prefix, tmp_path):
     user.write_text('{\n  "zero_optimization": {"stage": 2,}\n}')
     with pytest.raises(ArgumentError, match=r"ds\.json:2:"):
         parse_args(_argv(data_prefix, "--deepspeed-config", str(user)), world_size=1)
+
+
+def test_deepspeed_config_non_numeric_batch_key_names_file_and_key(data_prefix, tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": "two"}))
+    args = parse_args(_argv(data_prefix, "--deepspeed-config", str(user)), world_size=1)
+    with pytest.raises(ArgumentError, match=r"--deepspeed-config: .*ds\.json: train_micro_batch_size_per_gpu must be"):
+        build_deepspeed_config(args)
+
+
+def test_example_zero2_config_merges(data_prefix):
+    args = parse_args(_argv(data_prefix, "--global-batch-size", "8", "--deepspeed-config",
+                            "examples/ds_config_zero2.json"), world_size=2)
+    config = build_deepspeed_config(args)
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 2 and args.zero_stage == 2
+    assert zero["overlap_comm"] is True and zero["contiguous_gradients"] is True
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 2e8
+    # "auto" batch keys take the flags' values
+    assert (config["train_batch_size"], config["train_micro_batch_size_per_gpu"],
+            config["gradient_accumulation_steps"]) == (8, 2, 2)
+
+
+def test_small_flag_fixes(data_prefix):
+    assert parse_args(_argv(data_prefix, "--fp16", "--initial-loss-scale", "4096"), world_size=1).initial_loss_scale == 4096
+    # Megatron's spelling is the main one; the older one stays as an alias
+    assert parse_args(_argv(data_prefix, "--data-cache-path", "/tmp/c"), world_size=1).data_cache_path == "/tmp/c"
+    assert parse_args(_argv(data_prefix, "--data-cache-dir", "/tmp/d"), world_size=1).data_cache_path == "/tmp/d"
+    # apex has LayerNorm kernels but no rotary one
+    assert parse_args(_argv(data_prefix, "--layernorm-impl", "apex"), world_size=1).layernorm_impl == "apex"
+    with pytest.raises(SystemExit):
+        parse_args(_argv(data_prefix, "--rotary-impl", "apex"), world_size=1)
 
 
 def test_cli_reports_bad_flag_and_exits_2(data_prefix):

@@ -102,8 +102,10 @@ def parse_data_path(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[
 
 def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, seed: int,
                        num_samples: Sequence[Optional[int]] = (None, None, None),
-                       cache_dir: Optional[str] = None):
-    """(train, valid, test): each a GPTDataset, a BlendedDataset or None (weight-0 split).
+                       cache_dir: Optional[str] = None, splits: Sequence[str] = SPLIT_NAMES):
+    """(train, valid, test): each a GPTDataset, a BlendedDataset or None (weight-0 split, or a split
+    not named in `splits`, which is then not built at all: a caller that never reads it need not
+    have documents for it).
 
     num_samples gives the samples wanted per split (None: one epoch). One unweighted prefix gives
     GPTDatasets; weights (even a single one) give BlendedDatasets over per-prefix GPTDatasets;
@@ -125,7 +127,7 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
     results = []
     for k, name in enumerate(SPLIT_NAMES):
         wanted = num_samples[k]
-        if bookends[k] is None:
+        if bookends[k] is None or name not in splits:
             results.append(None)
         elif len(prefixes) == 1 and weights is None:
             results.append(gpt(prefixes[0], wanted, name))

@@ -15,7 +15,8 @@ class ArgumentError(ValueError):
 
 
 MODEL_PRESETS = ("phi-1", "phi-1-small", "tiny")
-IMPL_CHOICES = ("auto", "cuda", "torch", "apex")
+LAYERNORM_IMPL_CHOICES = ("auto", "cuda", "torch", "apex")
+ROTARY_IMPL_CHOICES = ("auto", "cuda", "torch")  # apex has no rotary kernel
 
 
 def build_parser():
@@ -41,8 +42,8 @@ def build_parser():
     g.add_argument("--embedding-dropout", type=float)
     g.add_argument("--init-method-std", type=float)
     g.add_argument("--recompute", action="store_true", help="activation recomputation per layer")
-    g.add_argument("--layernorm-impl", default="auto", choices=IMPL_CHOICES)
-    g.add_argument("--rotary-impl", default="auto", choices=IMPL_CHOICES)
+    g.add_argument("--layernorm-impl", default="auto", choices=LAYERNORM_IMPL_CHOICES)
+    g.add_argument("--rotary-impl", default="auto", choices=ROTARY_IMPL_CHOICES)
 
     g = p.add_argument_group("batch and iterations")
     g.add_argument("--micro-batch-size", type=int, default=None)
@@ -93,7 +94,8 @@ def build_parser():
                    help="PREFIX or W1 PREFIX1 W2 PREFIX2 ... (prefix of .bin/.idx)")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json")
-    g.add_argument("--data-cache-dir", default=None)
+    g.add_argument("--data-cache-path", "--data-cache-dir", dest="data_cache_path", default=None,
+                   help="folder for the dataset index cache (default: <data dir>/cache/GPTDataset_indices)")
     g.add_argument("--num-workers", type=int, default=0)
 
     g = p.add_argument_group("checkpoints")
@@ -235,6 +237,9 @@ def validate_args(args, world_size):
                             f"{args.lr_decay_iters}")
     if args.weight_decay < 0 or args.clip_grad < 0:
         raise ArgumentError("--weight-decay and --clip-grad must be >= 0")
+    scale = args.initial_loss_scale
+    if not (math.isfinite(scale) and scale > 0 and math.log2(scale) == int(math.log2(scale))):
+        raise ArgumentError(f"--initial-loss-scale must be a power of 2 > 0 (e.g. 65536), got {scale}")
     if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1):
         raise ArgumentError("--adam-beta1 and --adam-beta2 must be in [0, 1)")
 

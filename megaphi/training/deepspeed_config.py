@@ -54,12 +54,26 @@ _BATCH_KEYS = {
 }
 
 
+def _batch_value(args, key):
+    value = args.deepspeed_config_dict[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        value = None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number != int(number):
+        raise ArgumentError(f"--deepspeed-config: {getattr(args, 'deepspeed_config', None)}: {key} must be an integer or \"auto\", "
+                            f"got {args.deepspeed_config_dict[key]!r}")
+    return int(number)
+
+
 def build_deepspeed_config(args):
     """Generated config + the --deepspeed-config JSON. The batch geometry and precision are owned by
     the flags (the data loader and schedule depend on them): the file may repeat them, not change them."""
     user = getattr(args, "deepspeed_config_dict", {}) or {}
     for key, (attr, flag) in _BATCH_KEYS.items():
-        if key in user and user[key] != "auto" and int(user[key]) != getattr(args, attr):
+        if key in user and user[key] != "auto" and _batch_value(args, key) != getattr(args, attr):
             raise ArgumentError(f"--deepspeed-config: {key}={user[key]} contradicts {flag} "
                                 f"(= {getattr(args, attr)}); set the batch with the flags")
     for key, flag in (("fp16", "--fp16"), ("bf16", "--bf16")):
