@@ -1,7 +1,11 @@
 """The sandbox is the security boundary: hostile programs are scored as failures and the evaluator
 (this pytest process) and the machine survive all of them."""
 import glob
+import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -32,6 +36,9 @@ CASES = [
     ("kill_own_group", "    import os, signal\n    os.killpg(0, signal.SIGKILL)\n    return a - b\n", "failed"),
     ("reads_stdin", "    import sys\n    assert sys.stdin.read() == ''\n    return a + b\n", "passed"),
     ("no_secrets", "    import os\n    assert 'MEGAPHI_TEST_SECRET' not in os.environ\n    return a + b\n", "passed"),
+    # The reviewer's forgery: find the marker in the program's own source, print it, exit 0.
+    ("forged_marker", "    import os, re\n    for m in re.findall(r'megaphi-done-[0-9a-f]{32}', open(__file__).read()):\n"
+                      "        print(m, flush=True)\n    os._exit(0)\n", "failed"),
     ("cwd_is_writable", "    open('scratch.txt', 'w').write('ok')\n    return a + b\n", "passed"),
 ]
 
@@ -55,6 +62,7 @@ def test_hostile_and_ordinary_programs_are_scored_exactly(sandbox, monkeypatch):
     assert {name: status for name, (status, _) in got.items()} == want, got
     assert "before the tests completed" in got["exit_0_at_import"][1]
     assert "before the tests completed" in got["os_exit_0_in_call"][1]
+    assert "before the tests completed" in got["forged_marker"][1]
     # Infinite output is capped in memory too.
     infinite = results[[c[0] for c in CASES].index("infinite_output")]
     assert len(infinite.stdout) < 9 << 10
@@ -79,28 +87,89 @@ def test_kill_every_visible_process(sandbox):
     assert sandbox.run_with_marker("print('still here')\n").passed
 
 
-def test_writes_outside_the_working_directory_do_not_land(sandbox, tmp_path):
-    caps = sandbox.capabilities
-    target = tmp_path / "victim.txt"
-    target.write_text("original")
-    tmp_target = os.path.join(tempfile.gettempdir(), f"megaphi-sandbox-escape-{os.getpid()}")
-    if not (caps["dropped_privileges"] or (caps["private_tmp"] and str(tmp_path).startswith("/tmp/"))):
-        pytest.skip("no privilege drop and no private /tmp here: the program could write as this user")
-    program = (f"import os\n"
-               f"for path in ({str(target)!r}, {tmp_target!r}):\n"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SANDBOX_PY = os.path.join(REPO, "megaphi", "evaluation", "sandbox.py")
+
+# Runs the sandbox as an unprivileged evaluator (uid nobody): the user-namespace mode, where the
+# program runs as the evaluator's own uid and only the read-only remount keeps host files safe.
+UNPRIVILEGED_EVALUATOR = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
+sandbox = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sandbox)
+box = sandbox.Sandbox(sandbox.SandboxLimits(timeout_seconds=5.0), workers=1)
+result = box.run_with_marker(sys.stdin.read())
+print(json.dumps({"capabilities": box.capabilities, "result": result.to_dict()}))
+"""
+
+
+def _run_as_unprivileged_evaluator(program):
+    nobody = 65534
+    def drop():
+        os.setgroups([])
+        os.setgid(nobody)
+        os.setuid(nobody)
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    proc = subprocess.run([python, "-I", "-c", UNPRIVILEGED_EVALUATOR, SANDBOX_PY], input=program, text=True,
+                          capture_output=True, preexec_fn=drop, cwd="/", timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "TMPDIR": "/tmp"})
+    if proc.returncode != 0:
+        pytest.skip(f"cannot run the sandbox as nobody here: {proc.stderr[-500:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out["capabilities"], out["result"]
+
+
+def _world_writable_dir_outside_tmp():
+    """A folder on a host filesystem (not /tmp, /var/tmp, /dev/shm, not a hidden folder) that
+    anyone may write, so only the read-only remount can stop the program."""
+    for parent in ("/var/cache", "/opt", "/srv", "/mnt", "/var/lib"):
+        if os.path.isdir(parent) and os.access(parent, os.W_OK) and os.stat(parent).st_mode & 0o001:
+            path = tempfile.mkdtemp(prefix="megaphi-sandbox-escape-", dir=parent)
+            os.chmod(path, 0o777)
+            return path
+    return None
+
+
+@pytest.mark.parametrize("evaluator", ["as_is", "unprivileged"])
+def test_writes_outside_the_working_directory_do_not_land(sandbox, evaluator):
+    if evaluator == "unprivileged" and os.geteuid() != 0:
+        evaluator = "as_is"  # the fixture already runs unprivileged: user-namespace mode
+    open_dir = _world_writable_dir_outside_tmp()
+    targets = [os.path.join(open_dir, "victim.txt")] if open_dir else []
+    targets += [os.path.join(d, f"megaphi-sandbox-escape-{os.getpid()}") for d in ("/run/lock", "/var/tmp", "/tmp")
+                if os.path.isdir(d) and os.access(d, os.W_OK)]
+    program = (f"for path in {targets!r}:\n"
                f"    try:\n"
                f"        with open(path, 'w') as f:\n"
-               f"            f.write('overwritten')\n"
+               f"            f.write('x' * 1000)\n"
                f"    except OSError:\n"
-               f"        pass\n")
+               f"        continue\n"
+               f"    print('wrote', path)\n")
     try:
-        assert sandbox.run_with_marker(program).passed
-        assert target.read_text() == "original"
-        if caps["private_tmp"]:
-            assert not os.path.exists(tmp_target)
+        if evaluator == "as_is":
+            caps, result = sandbox.capabilities, sandbox.run_with_marker(program).to_dict()
+        else:
+            caps, result = _run_as_unprivileged_evaluator(program)
+        if not caps["read_only_fs"]:
+            pytest.skip("no mount namespace here, the host file system stays writable: " + "; ".join(caps["notes"]))
+        assert result["passed"], result
+        # Inside the sandbox the private /tmp and /var/tmp are writable, but nothing lands on the host.
+        assert [t for t in targets if os.path.exists(t)] == []
+        assert all("/run/lock" not in line and "victim" not in line for line in result["stdout"].splitlines())
     finally:
-        if os.path.exists(tmp_target):  # the shared /tmp is writable for everyone without namespaces
-            os.remove(tmp_target)
+        for t in targets:
+            if os.path.exists(t):
+                os.remove(t)
+        if open_dir:
+            shutil.rmtree(open_dir, ignore_errors=True)
+
+
+def test_the_evaluators_folders_are_hidden(sandbox):
+    caps = sandbox.capabilities
+    if REPO not in caps["hidden_paths"]:
+        pytest.skip("the checkout is not hidden here: " + "; ".join(caps["notes"]))
+    program = f"import os\nassert os.listdir({REPO!r}) == [], os.listdir({REPO!r})\n"
+    assert sandbox.run_with_marker(program).passed
 
 
 def test_network_is_unreachable_where_namespaces_allow(sandbox):
