@@ -82,6 +82,16 @@ def model_vocab_size(args, tokenizer):
     return tokenizer.padded_vocab_size
 
 
+def load_run_tokenizer(args):
+    """The --tokenizer; a path typo that looks like a hub name fails offline with an OSError."""
+    from megaphi.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(args.tokenizer, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    except (OSError, ValueError) as e:
+        raise ArgumentError(f"--tokenizer {args.tokenizer}: cannot load it: {e}") from None
+
+
 def set_seed(seed):
     from megaphi.parallel.random import model_parallel_seed
 
@@ -275,12 +285,7 @@ def run(args):
     tokenizer = None
     padded_vocab = args.vocab_size
     if args.tokenizer:
-        from megaphi.tokenizer import load_tokenizer
-        try:
-            tokenizer = load_tokenizer(args.tokenizer, args.make_vocab_size_divisible_by,
-                                       args.tensor_model_parallel_size)
-        except (OSError, ValueError) as e:
-            raise ArgumentError(f"--tokenizer {args.tokenizer}: cannot load it: {e}") from None
+        tokenizer = load_run_tokenizer(args)
         padded_vocab = model_vocab_size(args, tokenizer)
     set_seed(args.seed)
     model_config = build_model_config(args, padded_vocab)
