@@ -3,7 +3,8 @@ stop sequences, EOD stops, with or without the KV cache.
 
 Batching and variable prompt lengths: the model's KV cache keeps one length for the whole batch and
 attention has no padding mask, so prompts are grouped by token length and each group decodes as one
-batch (rows that finished early keep decoding EOD, their output is ignored). Every row therefore
+batch (rows that finished early keep being fed whatever token was sampled for them; their
+output is ignored). Every row therefore
 sees exactly the positions and keys it would see alone; the usual case of n samples of the same
 prompt batches completely.
 

@@ -113,7 +113,8 @@ def evaluate_model(model, tokenizer, problems_path, num_samples: int = 1, greedy
     completions = generate_completions(getattr(model, "module", model), tokenizer, problems, num_samples, config)
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return None
-    sandbox = Sandbox(SandboxLimits(timeout_seconds=timeout_seconds), workers=workers)
+    sandbox = Sandbox(SandboxLimits(timeout_seconds=timeout_seconds), workers=workers,
+                      hide_paths=[os.path.dirname(os.path.abspath(problems_path))])
     records, metrics = score_completions(problems, completions, sandbox, ks)
     if results_path:
         write_jsonl_atomic(results_path, records)
