@@ -21,21 +21,32 @@ def test_finetune_from_checkpoint_and_model_folder(tmp_path):
     # leave only the DeepSpeed files, so the first finetune takes DeepSpeed's module-only load path
     shutil.rmtree(os.path.join(pre, "iter_0000002", "model"))
 
-    # lr 0: the weights after finetuning must equal the loaded ones exactly
-    ft_flags = tiny_flags(prefix, 2) + ["--finetune", "--lr", "0", "--save-interval", "1", "--eval-interval", "1",
-                                        "--weight-decay", "0.01"]
-    for source, out in ((pre, str(tmp_path / "ft_ds")), (pretrained_folder, str(tmp_path / "ft_folder"))):
-        proc = run_pretrain(ft_flags + ["--load", source, "--save", out])
-        assert "finetuning from weights in" in proc.stdout
-        train = [r for r in read_metrics(out) if "loss" in r]
-        assert [r["iteration"] for r in train] == [1, 2] and train[0]["consumed_samples"] == 4  # fresh start
-        assert _weights(os.path.join(out, "iter_0000002", "model")) == _weights(pretrained_folder)
-        vals = [r["val_loss"] for r in read_metrics(out) if "val_loss" in r]
-        assert len(vals) == 2 and vals[0] == vals[1]   # same weights -> same validation loss
-        assert open(os.path.join(out, "best")).read().strip() == "iter_0000001"  # first of the equal best
-        meta = json.load(open(os.path.join(out, "iter_0000002", "megaphi_meta.json")))
-        assert meta["state"]["best_iteration"] == 1 and meta["iteration"] == 2
+    # from the DeepSpeed checkpoint with a nonzero lr: the first updates follow a fresh warmup
+    # (lr x k / warmup), not the pretraining schedule (which ended at lr 0), and the iteration restarts at 1
+    ft_ds = str(tmp_path / "ft_ds")
+    proc = run_pretrain(tiny_flags(prefix, 2) + ["--finetune", "--load", pre, "--save", ft_ds, "--lr", "2e-3",
+                                                 "--lr-warmup-iters", "4", "--lr-decay-iters", "8",
+                                                 "--eval-iters", "0"])
+    assert "finetuning from weights in" in proc.stdout
+    train = [r for r in read_metrics(ft_ds) if "loss" in r]
+    assert [r["iteration"] for r in train] == [1, 2] and train[0]["consumed_samples"] == 4  # fresh start
+    assert [r["lr"] for r in train] == [2e-3 * 1 / 4, 2e-3 * 2 / 4]
+    assert _weights(os.path.join(ft_ds, "iter_0000002", "model")) != _weights(pretrained_folder)
 
+    # from a model folder with lr 0: the weights after finetuning must equal the loaded ones exactly
+    out = str(tmp_path / "ft_folder")
+    proc = run_pretrain(tiny_flags(prefix, 2) + ["--finetune", "--lr", "0", "--save-interval", "1",
+                                                 "--eval-interval", "1", "--weight-decay", "0.01",
+                                                 "--load", pretrained_folder, "--save", out])
+    assert "finetuning from weights in" in proc.stdout
+    train = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["iteration"] for r in train] == [1, 2] and train[0]["consumed_samples"] == 4  # fresh start
+    assert _weights(os.path.join(out, "iter_0000002", "model")) == _weights(pretrained_folder)
+    vals = [r["val_loss"] for r in read_metrics(out) if "val_loss" in r]
+    assert len(vals) == 2 and vals[0] == vals[1]   # same weights -> same validation loss
+    assert open(os.path.join(out, "best")).read().strip() == "iter_0000001"  # first of the equal best
+    meta = json.load(open(os.path.join(out, "iter_0000002", "megaphi_meta.json")))
+    assert meta["state"]["best_iteration"] == 1 and meta["iteration"] == 2
 
 def test_finetune_rejects_other_architecture(tmp_path):
     import pytest
