@@ -88,7 +88,9 @@ def main(argv=None):
     except (ProblemFileError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
 
-    sandbox = Sandbox(SandboxLimits(timeout_seconds=args.timeout), workers=args.workers)
+    # The problems' folder (it holds the tests) and the completions' are hidden from the programs.
+    hidden = {os.path.dirname(os.path.abspath(p)) for p in (args.problems, args.completions) if p}
+    sandbox = Sandbox(SandboxLimits(timeout_seconds=args.timeout), workers=args.workers, hide_paths=sorted(hidden))
     caps = sandbox.capabilities
     print("sandbox: " + ", ".join(f"{k}={v}" for k, v in caps.items() if k != "notes"), file=sys.stderr)
     for note in caps["notes"]:
