@@ -183,3 +183,63 @@ def test_network_is_unreachable_where_namespaces_allow(sandbox):
                "    except OSError:\n"
                "        pass\n")
     assert sandbox.run_with_marker(program).passed
+
+
+# Holds its 64-process budget for ~2 s (sleeping, so it does not also starve the CPU), then fails.
+FORK_BOMB_THAT_HOLDS = """
+import os, time
+end = time.time() + 2.0
+while time.time() < end:
+    try:
+        os.fork()
+    except OSError:
+        time.sleep(0.05)
+raise SystemExit(1)
+"""
+
+# Starts while the bomb is at its limit and needs 9 processes at once.
+FORKS_EIGHT_AND_CHECKS = """
+import os, pwd, subprocess, sys, time
+time.sleep(0.5)
+children = [subprocess.Popen([sys.executable, "-c", f"print({i} * {i})"], stdout=subprocess.PIPE, text=True)
+            for i in range(8)]
+assert [int(child.communicate()[0]) for child in children] == [i * i for i in range(8)]
+assert all(child.returncode == 0 for child in children)
+assert os.environ["HOME"] == os.getcwd()
+try:
+    pwd.getpwuid(os.getuid())
+    raise SystemExit("runs as an existing account")
+except KeyError:
+    print("uid", os.getuid())
+"""
+
+
+def _pids_holding(ids):
+    """Independent of the sandbox's own scan: processes whose uid or gid lines name any of `ids`."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                lines = [l for l in f if l.startswith(("Uid:", "Gid:"))]
+        except OSError:
+            continue
+        if any(int(x) in ids for l in lines for x in l.split()[1:]):
+            found.append(int(entry))
+    return found
+
+
+def test_a_fork_bomb_does_not_starve_a_concurrent_program():
+    if os.geteuid() != 0:
+        pytest.skip("needs a root evaluator: unprivileged, all programs share one uid and its RLIMIT_NPROC")
+    box = Sandbox(SandboxLimits(timeout_seconds=10.0, max_processes=64), workers=2)
+    caps = box.capabilities
+    if not caps["dropped_privileges"]:
+        pytest.skip("root cannot drop to private uids here: " + "; ".join(caps["notes"]))
+    uids = set(caps["program_uids"])
+    assert len(uids) == 2 and all(60000 <= u < 65534 for u in uids)
+    for _ in range(3):
+        bomb, correct = box.run_many([FORK_BOMB_THAT_HOLDS, FORKS_EIGHT_AND_CHECKS])
+        assert correct.passed, (correct.detail, correct.stderr[-2000:])
+        assert bomb.status == "failed", bomb
+        assert int(correct.stdout.split("uid")[1].split()[0]) in uids
+        assert _pids_holding(uids) == []

@@ -11,8 +11,9 @@ the evaluator's threads. Layers (each best-effort, reported back):
     /dev/shm are fresh size-capped tmpfs mounts that vanish afterwards, every other mount is
     remounted read-only (so nothing the program writes outside those lands on the host, whatever
     its uid), and the evaluator's own folders (`hide`) are covered by empty read-only tmpfs;
-  * when root: the program runs as `nobody` (it cannot write root's files or signal the evaluator,
-    and RLIMIT_NPROC applies, which it never does for root);
+  * when root: the program runs as the private uid/gid the evaluator gave this run (no account has
+    it, no other running program shares it): it cannot write root's files or signal the evaluator
+    or other programs, and RLIMIT_NPROC applies to it alone (root would ignore it);
   * rlimits (CPU, address space, file size, processes, open files, no core dumps), no_new_privs,
     a parent-death signal, stdin /dev/null, stdout/stderr to files capped by RLIMIT_FSIZE;
   * a wall-clock timeout, after which the program (and with it its namespace) is SIGKILLed.
@@ -254,6 +255,7 @@ def main():
     report["namespaces"] = sorted(entered)
     workdir = "/tmp/sandbox" if report["private_tmp"] else cfg["workdir"]
     os.makedirs(workdir, exist_ok=True)
+    cfg["env"]["HOME"] = workdir  # the program's uid may have no account, hence no home of its own
     with open(os.path.join(workdir, "program.py"), "wb") as f:
         f.write(source)
     if cfg.get("uid") is not None:

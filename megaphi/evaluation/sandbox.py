@@ -11,16 +11,20 @@ present in stdout, so a program that exits 0 before its tests ran still fails.
 """
 import concurrent.futures
 import dataclasses
+import fcntl
 import json
 import os
 import pwd
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
+import time
+import weakref
 from typing import Optional, Sequence
 
 _SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_supervisor.py")
@@ -33,7 +37,9 @@ class SandboxLimits:
     cpu_seconds: Optional[int] = None   # default: ceil(timeout) + 1
     memory_bytes: int = 2 << 30         # RLIMIT_AS
     file_bytes: int = 16 << 20          # RLIMIT_FSIZE: any file the program writes, stdout/stderr too
-    max_processes: int = 16             # per program (RLIMIT_NPROC, effective for non-root users)
+    # RLIMIT_NPROC. Root evaluator: per program (each running program has its own uid). Non-root:
+    # all concurrent programs share one uid, so the limit is max_processes x workers for them all.
+    max_processes: int = 64
     output_bytes: int = 64 << 10        # how much of stdout/stderr is kept in the result
     tmpfs_bytes: int = 64 << 20         # size of the private /tmp where namespaces are available
 
@@ -86,6 +92,131 @@ def _describe_exit(returncode):
     return f"exit code {returncode}"
 
 
+# Private uids for programs when the evaluator is root: numbers no account uses (not in /etc/passwd
+# or /etc/group) and no process holds. RLIMIT_NPROC counts per uid, so one uid per running program
+# gives each program its own process budget: a fork bomb cannot starve a neighbour.
+_PRIVATE_UIDS = range(60000, 65534)
+# flock()ed files, one per uid a pool holds, so two evaluators on one machine never share a uid.
+_UID_LOCK_DIR = os.path.join(tempfile.gettempdir(), "megaphi-uid-locks")
+
+
+def _ids_in_account_files():
+    taken = set()
+    for path, columns in (("/etc/passwd", (2, 3)), ("/etc/group", (2,))):
+        try:
+            with open(path) as f:
+                for line in f:
+                    fields = line.split(":")
+                    taken.update(int(fields[c]) for c in columns if len(fields) > c and fields[c].isdigit())
+        except OSError:
+            pass
+    return taken
+
+
+def _process_ids():
+    """{pid: set of every uid and gid (real, effective, saved, fs) it holds} for all processes."""
+    ids = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                held = set()
+                for line in f:
+                    if line.startswith(("Uid:", "Gid:")):
+                        held.update(int(x) for x in line.split()[1:])
+                        if line.startswith("Gid:"):
+                            break
+        except (OSError, ValueError):
+            continue
+        ids[int(entry)] = held
+    return ids
+
+
+def _kill_processes_of(uid, patience_seconds=5.0):
+    """SIGKILL every process holding `uid` (as uid or gid) until none is left; False if some stay
+    (e.g. a zombie whose parent does not reap it)."""
+    deadline = time.monotonic() + patience_seconds
+    while True:
+        pids = [pid for pid, held in _process_ids().items() if uid in held]
+        if not pids:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
+
+
+def _open_uid_lock_dir():
+    os.makedirs(_UID_LOCK_DIR, mode=0o700, exist_ok=True)
+    info = os.lstat(_UID_LOCK_DIR)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
+        raise RuntimeError(f"sandbox: {_UID_LOCK_DIR} must be a directory owned by root and writable only by it")
+
+
+def _close_fds(fds):
+    for fd in list(fds.values()):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fds.clear()
+
+
+class _UidPool:
+    """`size` private uids (gid = uid); a run takes one and gives it back once nothing of it lives."""
+
+    def __init__(self, size):
+        _open_uid_lock_dir()
+        self._locks = {}      # uid -> fd holding its flock, for the pool's lifetime
+        self._retired = set()  # uids whose processes could not be removed: never handed out again
+        self._free = []
+        self._cond = threading.Condition()
+        weakref.finalize(self, _close_fds, self._locks)
+        for _ in range(size):
+            self._free.append(self._reserve())
+        self.uids = sorted(self._free)
+
+    def _reserve(self):
+        taken = _ids_in_account_files()
+        for held in _process_ids().values():
+            taken |= held
+        for uid in _PRIVATE_UIDS:
+            if uid in taken or uid in self._locks:
+                continue
+            fd = os.open(os.path.join(_UID_LOCK_DIR, str(uid)), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # another evaluator holds it
+                os.close(fd)
+                continue
+            self._locks[uid] = fd
+            return uid
+        raise RuntimeError(f"sandbox: no unused uid left in {_PRIVATE_UIDS.start}-{_PRIVATE_UIDS.stop - 1}")
+
+    def acquire(self):
+        with self._cond:
+            while not self._free:
+                self._cond.wait()
+            return self._free.pop()
+
+    def release(self, uid):
+        clean = _kill_processes_of(uid)
+        with self._cond:
+            if not clean:
+                self._retired.add(uid)  # keep its lock so no one else picks it up either
+                uid = self._reserve()
+            self._free.append(uid)
+            self._cond.notify()
+
+    def close(self):
+        _close_fds(self._locks)
+
+
 class Sandbox:
     """Executes programs in isolation; `capabilities` says which layers hold on this machine."""
 
@@ -98,7 +229,7 @@ class Sandbox:
         self._setup_lock = threading.Lock()
         self._capabilities = None
         self._python = None
-        self._user = None  # (uid, gid) to drop to, when root
+        self._uid_pool = None  # when root: private uids the programs run as
         # Folders the program should not read (covered by an empty tmpfs where mount namespaces
         # work): the evaluator's working directory and home, this checkout, and `hide_paths`
         # (e.g. the problems file's folder). Folders holding the interpreter stay visible.
@@ -132,10 +263,11 @@ class Sandbox:
 
     # -- setup -------------------------------------------------------------------------------------
     def _nproc_limit(self):
-        if os.geteuid() == 0 and self._user is None:
-            return None  # root ignores RLIMIT_NPROC anyway
+        if os.geteuid() == 0:
+            # Root ignores RLIMIT_NPROC; a private uid per program makes the limit per program.
+            return self.limits.max_processes if self._uid_pool else None
         # RLIMIT_NPROC counts every process of the user, so leave room for the concurrent runs.
-        return self.limits.max_processes * self.workers + (0 if self._user else self._own_process_count())
+        return self.limits.max_processes * self.workers + self._own_process_count()
 
     @staticmethod
     def _own_process_count():
@@ -149,8 +281,8 @@ class Sandbox:
                     pass
         return count
 
-    def _probe(self, python, user):
-        self._python, self._user, self._hidden = python, user, None
+    def _probe(self, python, uid_pool):
+        self._python, self._uid_pool, self._hidden = python, uid_pool, None
         result, report = self._execute("print('sandbox-probe-ok')\n", "sandbox-probe-ok")
         return result.passed, report
 
@@ -159,21 +291,29 @@ class Sandbox:
             if self._capabilities is not None:
                 return
             candidates = [self._requested_python] if self._requested_python else [sys.executable, *_SYSTEM_PYTHONS]
-            users = [None]
+            pools, notes = [None], []
             if os.geteuid() == 0:
-                nobody = pwd.getpwnam("nobody")
-                users = [(nobody.pw_uid, nobody.pw_gid), None]  # prefer dropping root
-            notes = []
-            for user in users:
+                try:
+                    pools = [_UidPool(self.workers), None]  # prefer dropping root
+                except (OSError, RuntimeError) as e:
+                    notes.append(f"no private uids for programs: {e}")
+            for pool in pools:
                 for python in candidates:
                     if not python or not os.path.exists(python):
                         continue
-                    ok, report = self._probe(python, user)
+                    ok, report = self._probe(python, pool)
                     if ok:
+                        runs_as = pwd.getpwuid(os.geteuid()).pw_name
+                        if pool:
+                            runs_as = f"a private uid per running program (one of {pool.uids})"
+                        for unused in pools:
+                            if unused is not None and unused is not pool:
+                                unused.close()
                         self._capabilities = {
                             "python": python,
-                            "runs_as": "nobody" if user else pwd.getpwuid(os.geteuid()).pw_name,
-                            "dropped_privileges": user is not None,
+                            "runs_as": runs_as,
+                            "dropped_privileges": pool is not None,
+                            "program_uids": list(pool.uids) if pool else [],
                             "network_isolated": "net" in report.get("namespaces", []),
                             "pid_namespace": "pid" in report.get("namespaces", []),
                             "private_tmp": bool(report.get("private_tmp")),
@@ -184,7 +324,7 @@ class Sandbox:
                                      + ([f"still writable: {report['writable_mounts']}"] if report.get("writable_mounts") else []),
                         }
                         return
-                    notes.append(f"{python} as {'nobody' if user else 'current user'} failed the probe")
+                    notes.append(f"{python} as {'a private uid' if pool else 'current user'} failed the probe")
             raise RuntimeError("sandbox: no Python interpreter could run a probe program: " + "; ".join(notes))
 
     @property
@@ -194,14 +334,24 @@ class Sandbox:
 
     # -- running -----------------------------------------------------------------------------------
     def _execute(self, source, marker, runner_prints_marker=False):
+        pool = self._uid_pool
+        if pool is None:
+            return self._execute_as(None, source, marker, runner_prints_marker)
+        uid = pool.acquire()
+        try:
+            return self._execute_as(uid, source, marker, runner_prints_marker)
+        finally:
+            pool.release(uid)  # only after every process of the run is gone
+
+    def _execute_as(self, uid, source, marker, runner_prints_marker):
         limits = self.limits
         rundir = tempfile.mkdtemp(prefix="megaphi-sandbox-")
         try:
             workdir = os.path.join(rundir, "work")
             os.mkdir(workdir)
-            if self._user:  # the program must be able to enter its working directory
+            if uid is not None:  # the program must be able to enter its working directory
                 os.chmod(rundir, 0o711)
-                os.chown(workdir, *self._user)
+                os.chown(workdir, uid, uid)
             cfg = {
                 "python": self._python, "isolate": self.isolate, "workdir": workdir,
                 "stdout_path": os.path.join(rundir, "stdout"), "stderr_path": os.path.join(rundir, "stderr"),
@@ -209,7 +359,7 @@ class Sandbox:
                 "cpu_seconds": limits.cpu_seconds or int(limits.timeout_seconds) + 1,
                 "memory_bytes": limits.memory_bytes, "file_bytes": limits.file_bytes,
                 "tmpfs_bytes": limits.tmpfs_bytes, "nproc": self._nproc_limit(),
-                "uid": self._user[0] if self._user else None, "gid": self._user[1] if self._user else None,
+                "uid": uid, "gid": uid,
                 "env": _minimal_env("/tmp/sandbox" if self.isolate else workdir),
                 "hide": self._hidden_paths(),
             }
