@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from ..model.phi import IGNORE_INDEX  # labels the model leaves out of the loss
 from . import checkpointing, metrics
 from .schedules import forward_backward_no_pipelining, reduce_loss_dicts
 
@@ -34,24 +35,48 @@ def print_rank0(*a):
         print(*a, flush=True)
 
 
+
+
+def loss_token_mask(batch):
+    """The micro-batch's per-token loss weights (CPU float), or None when every token counts (plain
+    pretraining: the loss is then the legacy mean, bit for bit)."""
+    labels = batch["labels"]
+    valid = labels != IGNORE_INDEX
+    loss_mask = batch.get("loss_mask")
+    if loss_mask is None:
+        return None if bool(valid.all()) else valid.float()
+    loss_mask = torch.as_tensor(loss_mask)
+    if loss_mask.shape != labels.shape:
+        raise ValueError(f"loss_mask has shape {tuple(loss_mask.shape)} but labels {tuple(labels.shape)}")
+    return loss_mask.float() * valid
+
+
+def count_loss_tokens(batch):
+    """Number of tokens a micro-batch's loss averages over (the schedule's count_tokens_func)."""
+    mask = loss_token_mask(batch)
+    return batch["labels"].numel() if mask is None else mask.double().sum().item()
+
+
 def make_forward_step(device):
-    """forward_step_func for the schedule: next micro-batch -> per-token losses -> token mean."""
+    """forward_step_func for the schedule: next micro-batch -> per-token losses -> the token mean
+    (no mask) or (masked token-loss sum, token count) for the schedule's global token average."""
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
         tokens = batch["tokens"].to(device, non_blocking=True)
         labels = batch["labels"].to(device, non_blocking=True)
+        mask = loss_token_mask(batch)
         token_losses, _ = model(tokens, labels=labels, reduction="none")
-        loss_mask = batch.get("loss_mask")
 
         def loss_func(output):
             output = output.float()
-            if loss_mask is None:
+            if mask is None:
                 loss = output.mean()
-            else:
-                mask = loss_mask.to(output.device, dtype=output.dtype)
-                loss = (output * mask).sum() / mask.sum().clamp(min=1)
-            return loss, {"lm loss": loss.detach()}
+                return loss, {"lm loss": loss.detach()}
+            weights = mask.to(output.device, dtype=output.dtype)
+            loss_sum = (output * weights).sum()
+            num_tokens = weights.sum()
+            return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens])}
 
         return token_losses, loss_func
 
@@ -128,7 +153,8 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         lr = scheduler.get_lr()[0]  # the lr this iteration's update uses
-        logs = forward_backward_no_pipelining(forward_step, train_iterator, engine, gas)
+        logs = forward_backward_no_pipelining(forward_step, train_iterator, engine, gas,
+                                              count_tokens_func=count_loss_tokens, dp_group=dp_group)
         loss = reduce_loss_dicts(logs, dp_group)["lm loss"]
         if device.type == "cuda":
             torch.cuda.synchronize()
