@@ -108,7 +108,7 @@ def test_python_m_megaphi_ops_reports_backends():
 
 def test_missing_module_reason_is_reported(monkeypatch):
     monkeypatch.setattr(_backend, "_load_cuda_module", lambda: (None, "megaphi._cuda cannot be imported (test)"))
-    _backend.cuda_unavailable_reason.cache_clear()
+    _backend.clear_availability_caches()
     try:
         assert _backend.cuda_unavailable_reason() == "megaphi._cuda cannot be imported (test)"
         text = "\n".join(_backend.describe())
@@ -117,7 +117,7 @@ def test_missing_module_reason_is_reported(monkeypatch):
             ops.set_impl(layernorm="cuda")
     finally:
         monkeypatch.undo()
-        _backend.cuda_unavailable_reason.cache_clear()
+        _backend.clear_availability_caches()
 
 
 class _ModuleWithoutImageForThisGPU:
@@ -144,10 +144,11 @@ def test_missing_kernel_image_makes_auto_use_torch(monkeypatch):
     monkeypatch.setattr(_backend, "_load_cuda_module", lambda: (_ModuleWithoutImageForThisGPU(), None))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
     monkeypatch.setattr(_backend, "apex_unavailable_reason", lambda: "not installed (test)")
-    _backend.cuda_unavailable_reason.cache_clear()
+    _backend.clear_availability_caches()
     try:
         reason = _backend.cuda_unavailable_reason()
         assert reason is not None and "no kernel image for GPU 0 (Test GPU, compute capability 10.0)" in reason
@@ -161,15 +162,88 @@ def test_missing_kernel_image_makes_auto_use_torch(monkeypatch):
         assert "layernorm: selected 'auto'; usable here: torch; auto -> torch (megaphi._cuda has no kernel image" in text
     finally:
         monkeypatch.undo()
-        _backend.cuda_unavailable_reason.cache_clear()
+        _backend.clear_availability_caches()
 
 
-def test_module_with_a_kernel_image_is_usable(monkeypatch):
+def test_module_with_a_kernel_image_is_usable():
     module = _ModuleWithoutImageForThisGPU()
     module.kernel_image_error = lambda device: ""
+    assert _backend.kernel_image_reason(module, 0) is None
+    assert "older build" in _backend.kernel_image_reason(types.SimpleNamespace(), 0)  # no kernel_image_error
+
+
+class _ModuleWithImageOnlyForGPU0(_ModuleWithoutImageForThisGPU):
+    """Two visible GPUs of different architectures; the build has an image for GPU 0 only. Records
+    which devices were probed (each probe creates a CUDA context on that device)."""
+
+    def __init__(self):
+        self.probed = []
+
+    def cuda_device_status(self):
+        return "2 CUDA device(s)"
+
+    def kernel_image_error(self, device):
+        self.probed.append(device)
+        return "" if device == 0 else "cudaErrorNoKernelImageForDevice: no kernel image (test)"
+
+
+@pytest.fixture
+def two_gpus_image_on_gpu0(monkeypatch):
+    module = _ModuleWithImageOnlyForGPU0()
+    current = {"device": 0}
+    monkeypatch.setattr(_backend, "_load_cuda_module", lambda: (module, None))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert _backend.kernel_image_reason(module) is None
-    assert "older build" in _backend.kernel_image_reason(types.SimpleNamespace())  # no kernel_image_error
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0) if device == 0 else (10, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"Test GPU {device}")
+    monkeypatch.setattr(_backend, "apex_unavailable_reason", lambda: "not installed (test)")
+    _backend.clear_availability_caches()
+    yield module, current
+    monkeypatch.undo()
+    _backend.clear_availability_caches()
+
+
+def _fake_cuda_tensor(index):
+    return types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda", index))
+
+
+def test_only_the_requested_device_is_probed_and_cached(two_gpus_image_on_gpu0):
+    module, current = two_gpus_image_on_gpu0
+    current["device"] = 1
+    reason = _backend.cuda_unavailable_reason()  # the current device, as set_impl / the report use
+    assert "no kernel image for GPU 1 (Test GPU 1, compute capability 10.0)" in reason
+    assert module.probed == [1], "GPU 0 must not be touched by a process working on GPU 1"
+    for _ in range(3):
+        assert _backend.resolve("layernorm", "auto", _fake_cuda_tensor(1)) == "torch"
+        assert _backend.cuda_unavailable_reason(1) == reason
+    assert module.probed == [1], "the probe result must be cached per device"
+    with pytest.raises(RuntimeError, match="--rotary-impl=cuda is not available here: .*GPU 1"):
+        ops.set_impl(rotary="cuda")
+    assert module.probed == [1]
+
+
+def test_auto_per_device_uses_the_kernel_where_an_image_exists(two_gpus_image_on_gpu0):
+    module, current = two_gpus_image_on_gpu0
+    assert _backend.resolve("rotary", "auto", _fake_cuda_tensor(0)) == "cuda"
+    assert module.probed == [0]
+    assert _backend.resolve("layernorm", None, _fake_cuda_tensor(1)) == "torch"  # falls back, no error
+    assert _backend.resolve("layernorm", "auto", _fake_cuda_tensor(0)) == "cuda"
+    assert sorted(module.probed) == [0, 1]
+    assert _backend.resolve("layernorm", "cuda", _fake_cuda_tensor(0)) == "cuda"
+    with pytest.raises(RuntimeError, match="--layernorm-impl=cuda is not available here: .*no kernel image for GPU 1"):
+        _backend.resolve("layernorm", "cuda", _fake_cuda_tensor(1))
+    ops.set_impl(layernorm="cuda")  # the current device (0) has an image
+    assert sorted(module.probed) == [0, 1]
+
+
+def test_report_probes_every_gpu_and_says_so(two_gpus_image_on_gpu0):
+    module, _ = two_gpus_image_on_gpu0
+    text = "\n".join(_backend.describe())
+    assert "this report probes all 2; training processes probe only their own device" in text
+    assert "GPU 0: kernel image present" in text and "GPU 1: megaphi._cuda has no kernel image for GPU 1" in text
+    assert "layernorm: selected 'auto'; usable here: cuda, torch; auto -> cuda" in text
+    assert sorted(set(module.probed)) == [0, 1] and len(module.probed) == 2
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: megaphi._cuda is not built here")

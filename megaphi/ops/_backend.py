@@ -34,8 +34,8 @@ def cuda_module():
 
 
 @functools.lru_cache(maxsize=None)
-def cuda_unavailable_reason():
-    """None when the CUDA kernels can run on this machine, else a sentence saying why not."""
+def _runtime_unavailable_reason():
+    """None when the module imports and its CUDA runtime sees a GPU, else why not (process-wide)."""
     module, reason = _load_cuda_module()
     if module is None:
         return reason
@@ -46,11 +46,43 @@ def cuda_unavailable_reason():
     if module.cuda_device_count() < 1:
         # e.g. the module was built with a newer CUDA toolkit than the installed driver supports
         return f"megaphi._cuda's CUDA runtime cannot use the GPU: {module.cuda_device_status()}"
-    return kernel_image_reason(module)
+    return None
 
 
-def kernel_image_reason(module):
-    """None when `module` has a kernel image (SASS or PTX) every visible GPU can run, else why not.
+@functools.lru_cache(maxsize=None)
+def _device_kernel_image_reason(device_index):
+    # Cached per device: the probe creates a CUDA context on the device it asks about, so each
+    # process must probe only the GPU(s) it actually computes on, and only once.
+    return kernel_image_reason(cuda_module(), device_index)
+
+
+def _device_index(device):
+    """The CUDA device index for `device` (a torch.device, "cuda:N", an int, or None = current)."""
+    if device is None:
+        return torch.cuda.current_device()
+    if isinstance(device, int):
+        return device
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
+def cuda_unavailable_reason(device=None):
+    """None when the CUDA kernels can run on `device` (None: torch's current CUDA device), else a
+    sentence saying why not. Only that device is probed; results are cached per device."""
+    reason = _runtime_unavailable_reason()
+    if reason is not None:
+        return reason
+    return _device_kernel_image_reason(_device_index(device))
+
+
+def clear_availability_caches():
+    """Forget the cached availability checks (tests that swap the module or the GPU use this)."""
+    _runtime_unavailable_reason.cache_clear()
+    _device_kernel_image_reason.cache_clear()
+
+
+def kernel_image_reason(module, device_index):
+    """None when `module` has a kernel image (SASS or PTX) GPU `device_index` can run, else why not.
 
     Without this check `auto` would pick the kernels on a GPU the build did not target and fail at
     the first launch with "no kernel image is available for execution on the device".
@@ -59,13 +91,12 @@ def kernel_image_reason(module):
     if probe is None:
         return ("megaphi._cuda is an older build without the kernel image check; rebuild it: "
                 "python setup.py build_ext --inplace")
-    for device in range(torch.cuda.device_count()):
-        error = probe(device)
-        if error:
-            major, minor = torch.cuda.get_device_capability(device)
-            return (f"megaphi._cuda has no kernel image for GPU {device} ({torch.cuda.get_device_name(device)}, "
-                    f"compute capability {major}.{minor}): {error}; rebuild with "
-                    f"MEGAPHI_CUDA_ARCHS={major}{minor} python setup.py build_ext --inplace")
+    error = probe(device_index)
+    if error:
+        major, minor = torch.cuda.get_device_capability(device_index)
+        return (f"megaphi._cuda has no kernel image for GPU {device_index} "
+                f"({torch.cuda.get_device_name(device_index)}, compute capability {major}.{minor}): {error}; "
+                f"rebuild with MEGAPHI_CUDA_ARCHS={major}{minor} python setup.py build_ext --inplace")
     return None
 
 
@@ -92,9 +123,9 @@ def apex_unavailable_reason():
     return None
 
 
-def _unavailable_reason(op, impl):
+def _unavailable_reason(op, impl, device=None):
     if impl == "cuda":
-        return cuda_unavailable_reason()
+        return cuda_unavailable_reason(device)
     if impl == "apex":
         if op != "layernorm":
             return "apex has no rotary kernel for this layout; choose auto, cuda or torch"
@@ -102,12 +133,12 @@ def _unavailable_reason(op, impl):
     return None
 
 
-def _check_impl(op, impl):
+def _check_impl(op, impl, device=None):
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     if impl not in IMPLS:
         raise ValueError(f"--{op}-impl: unknown implementation {impl!r}; expected one of {IMPLS}")
-    reason = _unavailable_reason(op, impl)
+    reason = _unavailable_reason(op, impl, device)
     if reason is not None:
         raise RuntimeError(f"--{op}-impl={impl} is not available here: {reason}")
 
@@ -115,7 +146,8 @@ def _check_impl(op, impl):
 def set_impl(layernorm=None, rotary=None):
     """Select the backend for each op ("auto", "cuda", "torch", "apex"); None leaves it unchanged.
 
-    Asking for a backend that cannot run here raises RuntimeError saying why.
+    Asking for a backend that cannot run here raises RuntimeError saying why ("cuda" is checked on
+    torch's current CUDA device, so call torch.cuda.set_device first in multi-GPU processes).
     """
     requested = {"layernorm": layernorm, "rotary": rotary}
     for op, impl in requested.items():
@@ -140,12 +172,13 @@ def resolve(op, impl, tensor):
     (None = the selected one)."""
     impl = requested_impl(op, impl)
     if impl == "auto":
-        if tensor.is_cuda and tensor.dtype in DTYPE_CODES and cuda_unavailable_reason() is None:
+        if tensor.is_cuda and tensor.dtype in DTYPE_CODES and cuda_unavailable_reason(tensor.device) is None:
             return "cuda"
         return "torch"
-    _check_impl(op, impl)
     if impl in ("cuda", "apex") and not tensor.is_cuda:
+        _check_impl(op, impl)
         raise ValueError(f"{op} impl {impl!r} needs CUDA tensors, got a tensor on {tensor.device}")
+    _check_impl(op, impl, tensor.device if impl == "cuda" else None)
     return impl
 
 
@@ -174,9 +207,18 @@ def describe():
         lines.append(f"GPU: {torch.cuda.get_device_name()}")
     apex_reason = apex_unavailable_reason()
     lines.append("apex FusedLayerNorm: " + ("available" if apex_reason is None else f"not available: {apex_reason}"))
+    if _runtime_unavailable_reason() is None:
+        # A diagnostic run by hand, so it may touch every GPU (one CUDA context each); training
+        # processes probe only the device their tensors are on.
+        lines.append(f"kernel image per visible GPU (this report probes all {torch.cuda.device_count()}; "
+                     "training processes probe only their own device):")
+        for index in range(torch.cuda.device_count()):
+            reason = _device_kernel_image_reason(index)
+            lines.append(f"  GPU {index}: " + ("kernel image present" if reason is None else reason))
     for op in OPS:
         usable = [impl for impl in IMPLS if impl != "auto" and _unavailable_reason(op, impl) is None]
         cuda_reason = cuda_unavailable_reason()
-        auto_text = "cuda for CUDA tensors, torch otherwise" if cuda_reason is None else f"torch ({cuda_reason})"
+        auto_text = ("cuda for CUDA tensors (on the current GPU), torch otherwise" if cuda_reason is None
+                     else f"torch ({cuda_reason})")
         lines.append(f"{op}: selected {_selected[op]!r}; usable here: {', '.join(usable)}; auto -> {auto_text}")
     return lines
