@@ -11,6 +11,7 @@ import tempfile
 import pytest
 
 from megaphi.evaluation.problems import Problem
+import megaphi.evaluation.sandbox as sandbox_module
 from megaphi.evaluation.sandbox import Sandbox, SandboxLimits
 
 PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
@@ -243,3 +244,86 @@ def test_a_fork_bomb_does_not_starve_a_concurrent_program():
         assert bomb.status == "failed", bomb
         assert int(correct.stdout.split("uid")[1].split()[0]) in uids
         assert _pids_holding(uids) == []
+
+
+# -- never root, lock folder, private /tmp as the evaluator's cwd, pool exhaustion -----------------
+PRINT_UID = "import os\nprint('uid', os.getuid(), 'gid', os.getgid())\n"
+
+
+def _needs_root():
+    if os.geteuid() != 0:
+        pytest.skip("needs a root evaluator")
+
+
+def test_a_lock_folder_someone_else_owns_never_makes_programs_run_as_root(tmp_path, monkeypatch):
+    _needs_root()
+    squatted = tmp_path / "megaphi-uid-locks"
+    squatted.mkdir(mode=0o777)
+    os.chown(squatted, 65533, 65533)  # as if another user created it first
+    link = tmp_path / "link-to-root-owned"
+    link.symlink_to(tmp_path)
+    monkeypatch.setattr(sandbox_module, "_UID_LOCK_DIRS", (str(squatted), str(link)))
+    box = Sandbox(SandboxLimits(timeout_seconds=5.0), workers=1)
+    try:
+        caps = box.capabilities
+    except RuntimeError as e:  # refusing is acceptable; running as root is not
+        assert "allow_root" in str(e)
+        return
+    assert caps["runs_as"] != "root" and caps["runs_as"] == "nobody", caps
+    assert any("owned by uid 65533" in n for n in caps["notes"]) and any("symbolic" in n for n in caps["notes"])
+    result = box.run_with_marker(PRINT_UID)
+    assert result.passed, (result.detail, result.stderr[-1000:])
+    uid = int(result.stdout.split()[1])
+    assert uid != 0 and uid == __import__("pwd").getpwnam("nobody").pw_uid
+
+
+class _FakePool:
+    shared = False
+    uids = [60001]
+
+    def __init__(self, size):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_running_programs_as_root_needs_allow_root(monkeypatch):
+    # Pretend only running as root passes the probe: private uids and nobody both fail.
+    monkeypatch.setattr(sandbox_module.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(sandbox_module, "_UidPool", _FakePool)
+    probed = []
+    monkeypatch.setattr(Sandbox, "_probe", lambda self, python, pool: (probed.append(pool) or pool is None, {}))
+    with pytest.raises(RuntimeError, match="allow_root"):
+        Sandbox(python=sys.executable).capabilities
+    assert probed and None not in probed  # root was never even tried
+    caps = Sandbox(python=sys.executable, allow_root=True).capabilities
+    assert caps["runs_as"] == "root" and not caps["dropped_privileges"]
+
+
+def test_evaluator_working_in_tmp_does_not_break_the_private_tmp(monkeypatch):
+    monkeypatch.chdir("/tmp")
+    monkeypatch.setenv("HOME", "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
+    box = Sandbox(SandboxLimits(timeout_seconds=5.0), workers=1, hide_paths=["/var", "/"])
+    caps = box.capabilities
+    assert not any(p in ("/", "/tmp", "/var", "/dev/shm") for p in caps["hidden_paths"]), caps
+    result = box.run_with_marker("open('scratch.txt', 'w').write('ok')\n")
+    assert result.passed, (result.detail, result.stderr[-1000:])
+
+
+def test_a_uid_pool_that_cannot_replace_a_retired_uid_shrinks_without_raising(tmp_path, monkeypatch):
+    _needs_root()
+    os.chmod(tmp_path, 0o700)
+    monkeypatch.setattr(sandbox_module, "_UID_LOCK_DIRS", (str(tmp_path),))
+    pool = sandbox_module._UidPool(1)
+    try:
+        uid = pool.acquire()
+        monkeypatch.setattr(sandbox_module, "_kill_processes_of", lambda uid: False)  # a stuck zombie
+        def no_uid_left():
+            raise RuntimeError("no unused uid left")
+        monkeypatch.setattr(pool, "_reserve", no_uid_left)
+        pool.release(uid)  # must not raise: it runs in the finally that returns the program's result
+        with pytest.raises(RuntimeError, match="retired"):
+            pool.acquire()
+    finally:
+        pool.close()

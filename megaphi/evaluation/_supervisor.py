@@ -13,7 +13,8 @@ the evaluator's threads. Layers (each best-effort, reported back):
     its uid), and the evaluator's own folders (`hide`) are covered by empty read-only tmpfs;
   * when root: the program runs as the private uid/gid the evaluator gave this run (no account has
     it, no other running program shares it): it cannot write root's files or signal the evaluator
-    or other programs, and RLIMIT_NPROC applies to it alone (root would ignore it);
+    or other programs, and RLIMIT_NPROC applies to it alone (root would ignore it); or, where no
+    private uid works, as the evaluator's fallback account (nobody), never as root unless asked;
   * rlimits (CPU, address space, file size, processes, open files, no core dumps), no_new_privs,
     a parent-death signal, stdin /dev/null, stdout/stderr to files capped by RLIMIT_FSIZE;
   * a wall-clock timeout, after which the program (and with it its namespace) is SIGKILLed.

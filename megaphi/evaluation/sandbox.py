@@ -13,6 +13,7 @@ import concurrent.futures
 import dataclasses
 import fcntl
 import json
+import logging
 import os
 import pwd
 import secrets
@@ -29,6 +30,9 @@ from typing import Optional, Sequence
 
 _SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_supervisor.py")
 _SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
+# Where the supervisor mounts private tmpfs (same list as _supervisor._PRIVATE_DIRS).
+_PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -97,7 +101,12 @@ def _describe_exit(returncode):
 # gives each program its own process budget: a fork bomb cannot starve a neighbour.
 _PRIVATE_UIDS = range(60000, 65534)
 # flock()ed files, one per uid a pool holds, so two evaluators on one machine never share a uid.
-_UID_LOCK_DIR = os.path.join(tempfile.gettempdir(), "megaphi-uid-locks")
+# Only root may write these folders: in a world-writable one (/tmp) another user could create the
+# folder first and take the pool away. The first that works is used.
+_UID_LOCK_DIRS = ("/run/megaphi-uid-locks", "/var/lock/megaphi-uid-locks")
+# When no private uid works, a root evaluator runs programs as this account instead (shared
+# process budget); never as root unless Sandbox(allow_root=True).
+_FALLBACK_ACCOUNT = "nobody"
 
 
 def _ids_in_account_files():
@@ -152,10 +161,26 @@ def _kill_processes_of(uid, patience_seconds=5.0):
 
 
 def _open_uid_lock_dir():
-    os.makedirs(_UID_LOCK_DIR, mode=0o700, exist_ok=True)
-    info = os.lstat(_UID_LOCK_DIR)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
-        raise RuntimeError(f"sandbox: {_UID_LOCK_DIR} must be a directory owned by root and writable only by it")
+    """The first of _UID_LOCK_DIRS that is (or can be made) a real directory owned by root and
+    writable by nobody else; RuntimeError naming every refusal otherwise."""
+    refusals = []
+    for path in _UID_LOCK_DIRS:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            refusals.append(f"{path}: {e.strerror}")
+            continue
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            refusals.append(f"{path}: not a directory (symbolic links are refused)")
+        elif info.st_uid != 0 or info.st_mode & 0o022:
+            refusals.append(f"{path}: owned by uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}, "
+                            "must be owned by root and writable only by it")
+        else:
+            return path
+    raise RuntimeError("sandbox: no usable uid lock directory: " + "; ".join(refusals))
 
 
 def _close_fds(fds):
@@ -170,11 +195,14 @@ def _close_fds(fds):
 class _UidPool:
     """`size` private uids (gid = uid); a run takes one and gives it back once nothing of it lives."""
 
+    shared = False
+
     def __init__(self, size):
-        _open_uid_lock_dir()
+        self._lock_dir = _open_uid_lock_dir()
         self._locks = {}      # uid -> fd holding its flock, for the pool's lifetime
         self._retired = set()  # uids whose processes could not be removed: never handed out again
         self._free = []
+        self._in_service = size  # uids handed out or free; shrinks when a retired uid has no successor
         self._cond = threading.Condition()
         weakref.finalize(self, _close_fds, self._locks)
         for _ in range(size):
@@ -188,7 +216,7 @@ class _UidPool:
         for uid in _PRIVATE_UIDS:
             if uid in taken or uid in self._locks:
                 continue
-            fd = os.open(os.path.join(_UID_LOCK_DIR, str(uid)), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            fd = os.open(os.path.join(self._lock_dir, str(uid)), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:  # another evaluator holds it
@@ -198,18 +226,33 @@ class _UidPool:
             return uid
         raise RuntimeError(f"sandbox: no unused uid left in {_PRIVATE_UIDS.start}-{_PRIVATE_UIDS.stop - 1}")
 
+    @staticmethod
+    def gid_for(uid):
+        return uid
+
     def acquire(self):
         with self._cond:
             while not self._free:
+                if self._in_service == 0:
+                    raise RuntimeError("sandbox: every private uid was retired (processes holding them "
+                                       "could not be killed) and no unused uid is left to replace them")
                 self._cond.wait()
             return self._free.pop()
 
     def release(self, uid):
+        """Never raises: the caller is in a `finally` that must not lose the program's result."""
         clean = _kill_processes_of(uid)
         with self._cond:
             if not clean:
                 self._retired.add(uid)  # keep its lock so no one else picks it up either
-                uid = self._reserve()
+                try:
+                    uid = self._reserve()
+                except (OSError, RuntimeError) as e:
+                    self._in_service -= 1
+                    _log.warning("sandbox: uid %d retired without a replacement (%s); %d uids left",
+                                 uid, e, self._in_service)
+                    self._cond.notify_all()  # waiters must see an empty pool and fail
+                    return
             self._free.append(uid)
             self._cond.notify()
 
@@ -217,19 +260,54 @@ class _UidPool:
         _close_fds(self._locks)
 
 
+class _SharedAccount:
+    """Every program runs as one existing unprivileged account (e.g. nobody); its RLIMIT_NPROC is
+    shared by all concurrent programs. Its processes are not killed on release: other system
+    services may run as the same account (the PID namespace, where available, ends the program's)."""
+    shared = True
+
+    def __init__(self, name):
+        account = pwd.getpwnam(name)
+        if account.pw_uid == 0 or account.pw_gid == 0:
+            raise RuntimeError(f"sandbox: account {name} is root")
+        self.name, self.uid, self.gid = name, account.pw_uid, account.pw_gid
+        self.uids = [self.uid]
+
+    def gid_for(self, uid):
+        return self.gid
+
+    def acquire(self):
+        return self.uid
+
+    def release(self, uid):
+        pass
+
+    def close(self):
+        pass
+
+
+def _same_or_nested(a, b):
+    """True if folder `a` equals `b`, lies inside it, or holds it."""
+    a, b = a.rstrip("/") or "/", b.rstrip("/") or "/"
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
 class Sandbox:
     """Executes programs in isolation; `capabilities` says which layers hold on this machine."""
 
     def __init__(self, limits: Optional[SandboxLimits] = None, workers: Optional[int] = None,
-                 python: Optional[str] = None, isolate: bool = True, hide_paths: Sequence[str] = ()):
+                 python: Optional[str] = None, isolate: bool = True, hide_paths: Sequence[str] = (),
+                 allow_root: bool = False):
         self.limits = limits or SandboxLimits()
+        # A root evaluator never runs programs as root unless this is set (see docs/evaluation.md).
+        self.allow_root = allow_root
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
         self.isolate = isolate
         self._requested_python = python
         self._setup_lock = threading.Lock()
         self._capabilities = None
         self._python = None
-        self._uid_pool = None  # when root: private uids the programs run as
+        self._uid_pool = None  # when root: the uids the programs run as (_UidPool or _SharedAccount)
         # Folders the program should not read (covered by an empty tmpfs where mount namespaces
         # work): the evaluator's working directory and home, this checkout, and `hide_paths`
         # (e.g. the problems file's folder). Folders holding the interpreter stay visible.
@@ -240,11 +318,13 @@ class Sandbox:
     def _hidden_paths(self):
         if self._hidden is None:
             keep = self._interpreter_dirs(self._python)
+            # The private tmpfs folders are private already; covering one (or a folder holding one,
+            # such as "/") with a read-only tmpfs would leave the program no writable /tmp.
+            private = {os.path.realpath(d) for d in _PRIVATE_DIRS} | set(_PRIVATE_DIRS)
             hidden = []
             for path in map(os.path.realpath, self._hide_candidates):
                 if (os.path.isdir(path) and path != "/" and path not in hidden
-                        and not any(k == path or k.startswith(path + "/")  # holds the interpreter
-                                    or path.startswith(k.rstrip("/") + "/") for k in keep)):  # inside it
+                        and not any(_same_or_nested(path, k) for k in keep | private)):
                     hidden.append(path)
             self._hidden = hidden
         return self._hidden
@@ -263,15 +343,18 @@ class Sandbox:
 
     # -- setup -------------------------------------------------------------------------------------
     def _nproc_limit(self):
-        if os.geteuid() == 0:
-            # Root ignores RLIMIT_NPROC; a private uid per program makes the limit per program.
-            return self.limits.max_processes if self._uid_pool else None
+        pool = self._uid_pool
+        if os.geteuid() == 0 and pool is None:
+            return None  # programs run as root (allow_root), which ignores RLIMIT_NPROC
+        if pool is not None and not pool.shared:
+            return self.limits.max_processes  # a private uid per program: the limit is per program
         # RLIMIT_NPROC counts every process of the user, so leave room for the concurrent runs.
-        return self.limits.max_processes * self.workers + self._own_process_count()
+        uid = pool.uid if pool is not None else os.getuid()
+        return self.limits.max_processes * self.workers + self._process_count(uid)
 
     @staticmethod
-    def _own_process_count():
-        uid, count = os.getuid(), 0
+    def _process_count(uid):
+        count = 0
         for entry in os.listdir("/proc"):
             if entry.isdigit():
                 try:
@@ -292,11 +375,18 @@ class Sandbox:
                 return
             candidates = [self._requested_python] if self._requested_python else [sys.executable, *_SYSTEM_PYTHONS]
             pools, notes = [None], []
-            if os.geteuid() == 0:
+            if os.geteuid() == 0:  # never fall back to root silently
+                pools = []
                 try:
-                    pools = [_UidPool(self.workers), None]  # prefer dropping root
+                    pools.append(_UidPool(self.workers))
                 except (OSError, RuntimeError) as e:
                     notes.append(f"no private uids for programs: {e}")
+                try:
+                    pools.append(_SharedAccount(_FALLBACK_ACCOUNT))
+                except (KeyError, RuntimeError) as e:
+                    notes.append(f"no fallback account {_FALLBACK_ACCOUNT!r}: {e}")
+                if self.allow_root:
+                    pools.append(None)
             for pool in pools:
                 for python in candidates:
                     if not python or not os.path.exists(python):
@@ -304,7 +394,9 @@ class Sandbox:
                     ok, report = self._probe(python, pool)
                     if ok:
                         runs_as = pwd.getpwuid(os.geteuid()).pw_name
-                        if pool:
+                        if isinstance(pool, _SharedAccount):
+                            runs_as = pool.name
+                        elif pool is not None:
                             runs_as = f"a private uid per running program (one of {pool.uids})"
                         for unused in pools:
                             if unused is not None and unused is not pool:
@@ -324,7 +416,14 @@ class Sandbox:
                                      + ([f"still writable: {report['writable_mounts']}"] if report.get("writable_mounts") else []),
                         }
                         return
-                    notes.append(f"{python} as {'a private uid' if pool else 'current user'} failed the probe")
+                    who = ("current user" if pool is None else
+                           _FALLBACK_ACCOUNT if isinstance(pool, _SharedAccount) else "a private uid")
+                    notes.append(f"{python} as {who} failed the probe")
+            for pool in pools:
+                if pool is not None:
+                    pool.close()
+            if os.geteuid() == 0 and not self.allow_root:
+                notes.append("programs are never run as root unless Sandbox(allow_root=True)")
             raise RuntimeError("sandbox: no Python interpreter could run a probe program: " + "; ".join(notes))
 
     @property
@@ -336,14 +435,14 @@ class Sandbox:
     def _execute(self, source, marker, runner_prints_marker=False):
         pool = self._uid_pool
         if pool is None:
-            return self._execute_as(None, source, marker, runner_prints_marker)
+            return self._execute_as(None, None, source, marker, runner_prints_marker)
         uid = pool.acquire()
         try:
-            return self._execute_as(uid, source, marker, runner_prints_marker)
+            return self._execute_as(uid, pool.gid_for(uid), source, marker, runner_prints_marker)
         finally:
             pool.release(uid)  # only after every process of the run is gone
 
-    def _execute_as(self, uid, source, marker, runner_prints_marker):
+    def _execute_as(self, uid, gid, source, marker, runner_prints_marker):
         limits = self.limits
         rundir = tempfile.mkdtemp(prefix="megaphi-sandbox-")
         try:
@@ -351,7 +450,7 @@ class Sandbox:
             os.mkdir(workdir)
             if uid is not None:  # the program must be able to enter its working directory
                 os.chmod(rundir, 0o711)
-                os.chown(workdir, uid, uid)
+                os.chown(workdir, uid, gid)
             cfg = {
                 "python": self._python, "isolate": self.isolate, "workdir": workdir,
                 "stdout_path": os.path.join(rundir, "stdout"), "stderr_path": os.path.join(rundir, "stderr"),
@@ -359,7 +458,7 @@ class Sandbox:
                 "cpu_seconds": limits.cpu_seconds or int(limits.timeout_seconds) + 1,
                 "memory_bytes": limits.memory_bytes, "file_bytes": limits.file_bytes,
                 "tmpfs_bytes": limits.tmpfs_bytes, "nproc": self._nproc_limit(),
-                "uid": uid, "gid": uid,
+                "uid": uid, "gid": gid,
                 "env": _minimal_env("/tmp/sandbox" if self.isolate else workdir),
                 "hide": self._hidden_paths(),
             }
