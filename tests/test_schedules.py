@@ -203,3 +203,87 @@ def test_masked_gradients_match_reference_without_engine():
     forward_backward_no_pipelining(per_micro_batch_mean, iter(micro_batches), model, 2)
     grad = model.model.embed_tokens.weight.grad
     assert (grad - expected_grads["model.embed_tokens.weight"]).abs().max() > 1e-3 * grad.abs().max()
+
+
+def _mixed_batches():
+    """Micro-batch 0 (samples 0-1) has -100 labels and no loss_mask; micro-batch 1 (samples 2-3) is clean:
+    one logs a masked token sum, the other a plain mean, and both must reduce together."""
+    batches = []
+    for b in _batches():
+        labels = b["labels"].clone()
+        labels[0, 3] = -100
+        labels[1, :5] = -100
+        batches.append({"tokens": b["tokens"], "labels": labels})
+    return batches
+
+
+def _mixed_reference_loss():
+    """Independent: F.cross_entropy(ignore_index=-100) over the whole first global batch."""
+    from megaphi.model import PhiForCausalLM
+    torch.manual_seed(3)
+    model = PhiForCausalLM(_config())
+    b = _mixed_batches()[0]
+    with torch.no_grad():
+        logits = model(b["tokens"]).float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1),
+                                             ignore_index=-100).item()
+
+
+def _mixed_forward_only_loss(rank, world):
+    """Validation path: forward-only over this rank's share of the first batch, reduced over all ranks."""
+    from megaphi.model import PhiForCausalLM
+    from megaphi.training.train_loop import make_forward_step
+    torch.manual_seed(3)
+    model = PhiForCausalLM(_config())
+    per_rank = 4 // world
+    b = _mixed_batches()[0]
+    micro_batches = [{k: v[i:i + 2] for k, v in b.items()} for i in range(rank * per_rank, (rank + 1) * per_rank, 2)]
+    logs = forward_backward_no_pipelining(make_forward_step(torch.device("cpu")), iter(micro_batches), model,
+                                          len(micro_batches), forward_only=True)
+    return reduce_loss_dicts(logs)["lm loss"]
+
+
+def _mixed_worker(rank, world, out_path):
+    import os
+    import threading
+
+    from megaphi.parallel import destroy_model_parallel, initialize_model_parallel
+
+    # a shape mismatch between ranks' loss reductions would hang the group: fail fast instead
+    watchdog = threading.Timer(120, lambda: os._exit(3))
+    watchdog.daemon = True
+    watchdog.start()
+    initialize_model_parallel(1)
+    forward_only = _mixed_forward_only_loss(rank, world)
+    micro, accum = (2, 2) if world == 1 else (2, 1)
+    losses, params = _train(micro, accum, 1, _mixed_batches, rank=rank, world=world)
+    destroy_model_parallel()
+    watchdog.cancel()
+    if rank == 0:
+        torch.save({"forward_only": forward_only, "losses": losses, "params": params}, out_path)
+
+
+def test_masked_and_clean_micro_batches_mix(tmp_path):
+    """A micro-batch with -100 labels next to a clean one, on one rank (2 micro-batches) and split over
+    2 data-parallel ranks: no error or hang, and the logged loss is the token average of the whole batch."""
+    expected = _mixed_reference_loss()
+    run_distributed(_mixed_worker, 1, str(tmp_path / "one.pt"))
+    one = torch.load(tmp_path / "one.pt")
+    assert one["forward_only"] == pytest.approx(expected, rel=1e-6)
+    assert one["losses"][0] == pytest.approx(expected, rel=1e-6)
+    run_distributed(_mixed_worker, 2, str(tmp_path / "dp.pt"))
+    dp = torch.load(tmp_path / "dp.pt")
+    assert dp["forward_only"] == pytest.approx(expected, rel=1e-6)
+    assert dp["losses"] == pytest.approx(one["losses"], rel=1e-6)
+    for name, p in one["params"].items():
+        torch.testing.assert_close(dp["params"][name], p, rtol=1e-4, atol=2e-6)
+
+
+def test_fractional_loss_weights_below_one_and_empty_count():
+    """[sum, count] pairs whose counts total below 1 (fractional loss_mask) are not clamped to 1; a zero
+    count has no average: nan."""
+    logs = [{"lm loss": torch.tensor([0.3, 0.25], dtype=torch.float64)},
+            {"lm loss": torch.tensor([0.1, 0.25], dtype=torch.float64)}]
+    assert reduce_loss_dicts(logs)["lm loss"] == pytest.approx(0.4 / 0.5)
+    empty = [{"lm loss": torch.zeros(2, dtype=torch.float64)}]
+    assert torch.isnan(torch.tensor(reduce_loss_dicts(empty)["lm loss"]))

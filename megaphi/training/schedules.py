@@ -142,7 +142,8 @@ def average_losses_across_data_parallel_group(values, group=None):
 def reduce_loss_dicts(losses_reduced, group=None):
     """[{name: value}, ...] per micro-batch -> {name: float} over micro-batches and DP ranks.
     A scalar value is averaged with equal weights; a 2-element tensor [sum, count] (the 3-tuple
-    loss_func convention) is summed element-wise and reported as sum / count (a token average)."""
+    loss_func convention) is summed element-wise and reported as sum / count (a token average; nan
+    when the count is 0). Every micro-batch on every rank must log the same form for a key."""
     if not losses_reduced:
         return {}
     out = {}
@@ -159,5 +160,8 @@ def reduce_loss_dicts(losses_reduced, group=None):
         if torch.distributed.is_available() and torch.distributed.is_initialized() and \
                 torch.distributed.get_world_size(group=group) > 1:
             torch.distributed.all_reduce(total, group=group)
-        out[key] = (total[0] / total[1].clamp(min=1.0)).item()
+        loss_sum, count = total.tolist()
+        # fractional loss_mask weights may total below 1; only an empty count (no token weighted in
+        # anywhere) has no average: nan
+        out[key] = loss_sum / count if count != 0 else float("nan")
     return out

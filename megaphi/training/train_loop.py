@@ -71,12 +71,17 @@ def make_forward_step(device):
         def loss_func(output):
             output = output.float()
             if mask is None:
+                # the mean is backpropagated as before (bit-exact pretraining); the log is always the
+                # [sum, count] pair, so every micro-batch and dp rank reduces the same tensor shape
                 loss = output.mean()
-                return loss, {"lm loss": loss.detach()}
+                num_tokens = output.numel()
+                logged = torch.stack([loss.detach().double() * num_tokens,
+                                      torch.tensor(num_tokens, dtype=torch.float64, device=output.device)])
+                return loss, {"lm loss": logged}
             weights = mask.to(output.device, dtype=output.dtype)
             loss_sum = (output * weights).sum()
             num_tokens = weights.sum()
-            return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens])}
+            return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens]).double()}
 
         return token_losses, loss_func
 
