@@ -61,6 +61,14 @@ def init_from_master(param, init_fn, generator=None):
     param.copy_(shard_of(master, param))
 
 
+def _reset_linear(layer, init_method=None, generator=None):
+    """This rank's shard of the TP=1 weight init (see init_from_master); zero bias."""
+    init_from_master(layer.weight, init_method or normal_init(), generator)
+    if layer.bias is not None and not layer.bias.is_meta:
+        with torch.no_grad():
+            layer.bias.zero_()
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split along its output dim: each rank computes output_size / TP features.
 
@@ -93,10 +101,7 @@ class ColumnParallelLinear(nn.Module):
             self.reset_parameters(init_method)
 
     def reset_parameters(self, init_method=None, generator=None):
-        init_from_master(self.weight, init_method or normal_init(), generator)
-        if self.bias is not None and not self.bias.is_meta:
-            with torch.no_grad():
-                self.bias.zero_()
+        _reset_linear(self, init_method, generator)
 
     def forward(self, x, sequence_parallel=None):
         if get_tensor_model_parallel_world_size() == 1:
@@ -145,10 +150,7 @@ class RowParallelLinear(nn.Module):
             self.reset_parameters(init_method)
 
     def reset_parameters(self, init_method=None, generator=None):
-        init_from_master(self.weight, init_method or normal_init(), generator)
-        if self.bias is not None and not self.bias.is_meta:
-            with torch.no_grad():
-                self.bias.zero_()
+        _reset_linear(self, init_method, generator)
 
     def forward(self, x, sequence_parallel=None):
         if get_tensor_model_parallel_world_size() == 1:
