@@ -35,9 +35,10 @@ def test_throughput_and_mfu():
     assert metrics.throughput(10, 1.0, 1e9, 1, None)[2] is None  # CPU: no MFU without --peak-tflops
 
 
-@pytest.mark.parametrize("name, peak", [("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 80GB HBM3", 989.0),
-                                        ("NVIDIA H200", 989.0), ("Tesla T4", None)])
-def test_peak_by_device_name(name, peak):
+@pytest.mark.parametrize("name, peak", [("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 80GB HBM3", 989.4),
+                                        ("NVIDIA H200", 989.4), ("NVIDIA H100 PCIe", 756.5), ("Tesla T4", None)])
+def test_bf16_peak_by_device_name(name, peak):
+    # the default precision is bf16 (more devices and precisions: test_mfu.py)
     assert metrics.device_peak_tflops(name) == peak
 
 

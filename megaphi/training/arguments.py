@@ -92,6 +92,8 @@ def build_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="PREFIX or W1 PREFIX1 W2 PREFIX2 ... (prefix of .bin/.idx)")
+    g.add_argument("--mock-data", action="store_true",
+                   help="train on synthetic tokens (no --data-path, no tokenizer needed): benchmarks, checks")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json")
     g.add_argument("--data-cache-path", "--data-cache-dir", dest="data_cache_path", default=None,
@@ -243,9 +245,12 @@ def validate_args(args, world_size):
     if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1):
         raise ArgumentError("--adam-beta1 and --adam-beta2 must be in [0, 1)")
 
-    if not args.data_path:
-        raise ArgumentError("--data-path is required (PREFIX or W1 PREFIX1 W2 PREFIX2 ...)")
-    args.data_weights, args.data_prefixes = parse_data_path(args.data_path)
+    if args.mock_data and args.data_path:
+        raise ArgumentError("--mock-data and --data-path exclude each other: synthetic tokens or token files")
+    if not args.data_path and not args.mock_data:
+        raise ArgumentError("--data-path is required (PREFIX or W1 PREFIX1 W2 PREFIX2 ...), "
+                            "or --mock-data for synthetic tokens")
+    args.data_weights, args.data_prefixes = parse_data_path(args.data_path) if args.data_path else (None, [])
     for prefix in args.data_prefixes:
         for ext in (".bin", ".idx"):
             if not os.path.exists(prefix + ext):

@@ -2,11 +2,41 @@
 import json
 import math
 import os
+import re
 
 import torch
 
-# Dense bf16/fp16 peak TFLOP/s per device (DESIGN.md); matched against the device name.
-PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("A100", 312.0))
+# Dense (not sparse) peak TFLOP/s per device and precision, from NVIDIA's datasheets and architecture
+# whitepapers; figures quoted "with sparsity" are halved (H100 SXM: the Hopper whitepaper's 989.4 =
+# the datasheet's 1,979 / 2). bf16/fp16: tensor cores with fp32 accumulation (GeForce cards run fp16
+# accumulation twice as fast; training accumulates in fp32); tf32: tensor cores; fp32: the plain cores.
+# None: no such unit. A pattern must match the whole torch.cuda.get_device_name() (case-insensitive),
+# so an H100 PCIe or NVL never gets the SXM figure; an unlisted device gets no MFU (--peak-tflops).
+#   device name                                                            bf16    fp16    tf32    fp32
+PEAK_TFLOPS = (
+    (r"NVIDIA H100( \d+GB HBM3)?",                                          989.4, 989.4, 494.7, 66.9),
+    (r"NVIDIA H100 PCIe",                                                  756.5, 756.5, 378.0, 51.2),
+    (r"NVIDIA H100 NVL",                                                   835.5, 835.5, 417.5, 60.0),
+    (r"NVIDIA H200( 141GB HBM3e)?",                                        989.4, 989.4, 494.7, 67.0),
+    (r"NVIDIA H200 NVL",                                                   835.5, 835.5, 417.5, 60.0),
+    (r"NVIDIA GH200( \d+GB)?( HBM3e?)?",                                   989.4, 989.4, 494.7, 67.0),
+    (r"NVIDIA H800( 80GB HBM3)?",                                          989.4, 989.4, 494.7, 67.0),
+    (r"NVIDIA H800 PCIe",                                                  756.5, 756.5, 378.0, 51.0),
+    (r"NVIDIA A[18]00[- ](SXM4?-|PCIE-)?(40|80)GB( PCIe)?",                312.0, 312.0, 156.0, 19.5),
+    (r"NVIDIA A30",                                                        165.0, 165.0, 82.0, 10.3),
+    (r"NVIDIA A40",                                                        149.7, 149.7, 74.8, 37.4),
+    (r"NVIDIA A10",                                                        125.0, 125.0, 62.5, 31.2),
+    (r"NVIDIA L40S",                                                       362.05, 362.05, 183.0, 91.6),
+    (r"NVIDIA L40",                                                        181.05, 181.05, 90.5, 90.5),
+    (r"NVIDIA L4",                                                         121.0, 121.0, 60.0, 30.3),
+    (r"NVIDIA GeForce RTX 4090",                                           165.2, 165.2, 82.6, 82.6),
+    (r"NVIDIA GeForce RTX 3090",                                           71.0, 71.0, 35.6, 35.6),
+    (r"Tesla V100-SXM2-(16|32)GB",                                         None, 125.0, None, 15.7),
+    (r"Tesla V100-PCIE-(16|32)GB",                                         None, 112.0, None, 14.0),
+    (r"Tesla V100S-PCIE-32GB",                                             None, 130.0, None, 16.4),
+    (r"Tesla T4",                                                          None, 65.0, None, 8.1),
+)
+PRECISIONS = ("bf16", "fp16", "tf32", "fp32")
 
 
 def matmul_params(num_layers, hidden_size, ffn_hidden_size, vocab_size):
@@ -20,20 +50,41 @@ def flops_per_token(num_layers, hidden_size, ffn_hidden_size, vocab_size, seq_le
     return 6 * n + 12 * num_layers * hidden_size * seq_length
 
 
-def device_peak_tflops(device=None):
-    """Peak TFLOP/s of the current CUDA device by name, or None (CPU, unknown GPU)."""
+def tf32_enabled():
+    """Whether fp32 matmuls on CUDA may run on TF32 tensor cores (torch's default: no)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+
+
+def training_precision(fp16=False, bf16=False):
+    """The precision key the peak is looked up under: fp32 runs use tf32 when it is enabled."""
+    return "fp16" if fp16 else "bf16" if bf16 else ("tf32" if tf32_enabled() else "fp32")
+
+
+def lookup_peak_tflops(name, precision="bf16"):
+    """(peak TFLOP/s or None, why None) for a device name such as "NVIDIA H100 80GB HBM3"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    for pattern, *peaks in PEAK_TFLOPS:
+        if re.fullmatch(pattern, name.strip(), flags=re.IGNORECASE):
+            by_precision = dict(zip(PRECISIONS, peaks))
+            peak = by_precision[precision]
+            if peak is None and precision == "tf32":  # no TF32 units: fp32 matmuls run on the fp32 cores
+                peak = by_precision["fp32"]
+            if peak is None:
+                return None, f"{name} has no {precision} tensor cores"
+            return peak, None
+    return None, f"unknown device {name!r} (no peak in megaphi.training.metrics.PEAK_TFLOPS; pass --peak-tflops)"
+
+
+def device_peak_tflops(device=None, precision="bf16"):
+    """Dense peak TFLOP/s of a CUDA device (index, torch.device or a device name) for `precision`,
+    or None (CPU, unknown GPU, no such tensor cores)."""
     if device is None:
         if not torch.cuda.is_available():
             return None
         device = torch.cuda.current_device()
-    if isinstance(device, str):
-        name = device
-    else:
-        name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_TFLOPS:
-        if key.lower() in name.lower():
-            return peak
-    return None
+    name = device if isinstance(device, str) else torch.cuda.get_device_name(device)
+    return lookup_peak_tflops(name, precision)[0]
 
 
 def throughput(tokens, seconds, flops_token, num_devices, peak_tflops):
