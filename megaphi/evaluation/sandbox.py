@@ -1,12 +1,13 @@
 """Run untrusted Python programs (model completions + tests) in isolated processes.
 
-Each program gets its own supervisor process (megaphi/evaluation/_supervisor.py), which sets up the
-isolation and is the program's parent; see that file for the layers. This module owns the host side:
-the minimal environment, a temporary directory per run (removed afterwards), the outer wall-clock
-guard, output capture with a size cap, the success marker, and a thread pool to run many programs.
+A Sandbox keeps `workers` long-lived worker processes (megaphi/evaluation/_supervisor.py), each set
+up once (namespaces, read-only host, hidden folders, memory cgroup) and forking every program into a
+fresh process tree of its own; see that file for the layers. This module owns the host side: the
+minimal environment, the private uids, the outer wall-clock guard, judging, and a thread pool that
+feeds the workers.
 
 Success means: exit status 0, not timed out, AND the marker line (a random per-run token that the
-supervisor's runner prints after the program's code returned; it is not in the program's source)
+program's runner prints after the program's code returned; it is not in the program's source)
 present in stdout, so a program that exits 0 before its tests ran still fails.
 """
 import concurrent.futures
@@ -16,8 +17,7 @@ import json
 import logging
 import os
 import pwd
-import secrets
-import shutil
+import select
 import signal
 import stat
 import subprocess
@@ -30,8 +30,15 @@ from typing import Optional, Sequence
 
 _SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_supervisor.py")
 _SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
-# Where the supervisor mounts private tmpfs (same list as _supervisor._PRIVATE_DIRS).
+# Where the run supervisor mounts private tmpfs (same list as _supervisor._PRIVATE_DIRS).
 _PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+# A worker that has not answered this long after a program's timeout is killed (and replaced).
+_WORKER_GRACE_SECONDS = 30.0
+# The probe imports modules the worker does not load itself, so a uid that cannot read the
+# interpreter's standard library fails here rather than in the first program.
+_PROBE_PROGRAM = ("import fractions, statistics, unicodedata, zlib, os, sys\n"
+                  "assert os.listdir(os.path.dirname(os.__file__))\n"
+                  "print('sandbox-probe-ok')\n")
 _log = logging.getLogger(__name__)
 
 
@@ -39,7 +46,9 @@ _log = logging.getLogger(__name__)
 class SandboxLimits:
     timeout_seconds: float = 10.0       # wall clock
     cpu_seconds: Optional[int] = None   # default: ceil(timeout) + 1
-    memory_bytes: int = 2 << 30         # RLIMIT_AS
+    # RLIMIT_AS of each process, and the bound on the whole program tree (cgroup v2 memory.max
+    # where the host allows, else init's watchdog; see docs/evaluation.md)
+    memory_bytes: int = 2 << 30
     file_bytes: int = 16 << 20          # RLIMIT_FSIZE: any file the program writes, stdout/stderr too
     # RLIMIT_NPROC. Root evaluator: per program (each running program has its own uid). Non-root:
     # all concurrent programs share one uid, so the limit is max_processes x workers for them all.
@@ -69,24 +78,6 @@ def _minimal_env(home):
             "HOME": home, "TMPDIR": "/tmp", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def _read_capped(path, limit):
-    try:
-        with open(path, "rb") as f:
-            head = f.read(limit)
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            tail = b""
-            if size > limit:
-                f.seek(max(size - 4096, 0))
-                tail = f.read()
-    except OSError:
-        return "", b""
-    text = head.decode("utf-8", "replace")
-    if size > limit:
-        text += f"\n... [{size - limit} more bytes not shown]"
-    return text, (tail if size > limit else head)[-4096:]
-
-
 def _describe_exit(returncode):
     if returncode < 0:
         try:
@@ -94,6 +85,97 @@ def _describe_exit(returncode):
         except ValueError:
             return f"killed by signal {-returncode}"
     return f"exit code {returncode}"
+
+
+class _WorkerDied(RuntimeError):
+    pass
+
+
+class _Worker:
+    """One long-lived worker process (python -s -B _supervisor.py) and its line protocol."""
+
+    def __init__(self, python, settings):
+        self._stderr = tempfile.TemporaryFile()
+        # -s, not -I: the worker's environment is ours alone (PYTHONHASHSEED=0 takes effect), and
+        # the worker drops its own folder from sys.path itself.
+        self.proc = subprocess.Popen([python, "-s", "-B", _SUPERVISOR], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._stderr, env=_minimal_env("/"),
+                                     cwd="/", start_new_session=True, close_fds=True)
+        self._buf = b""
+        self.hello = {}
+        try:
+            self._send(settings)
+            self.hello = self._receive(60.0)
+        except _WorkerDied:
+            self.close()
+            raise
+
+    def _send(self, obj):
+        try:
+            self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+            self.proc.stdin.flush()
+        except OSError as e:
+            raise _WorkerDied(f"sandbox worker is gone ({e}){self._stderr_tail()}") from None
+
+    def _receive(self, timeout):
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise _WorkerDied("sandbox worker did not answer in time")
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                raise _WorkerDied(f"sandbox worker ended{self._stderr_tail()}")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise _WorkerDied("sandbox worker sent a garbled report") from None
+
+    def _stderr_tail(self):
+        try:
+            self._stderr.seek(0)
+            text = self._stderr.read()[-2000:].decode("utf-8", "replace").strip()
+        except (OSError, ValueError):
+            return ""
+        return f": {text}" if text else ""
+
+    def run(self, job, timeout):
+        self._send(job)
+        return self._receive(timeout)
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def close(self, patience=5.0):
+        try:
+            self.proc.stdin.close()  # EOF: the worker kills any run in flight and removes its cgroup
+        except OSError:
+            pass
+        try:
+            self.proc.wait(patience)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        self.proc.wait()
+        self.proc.stdout.close()
+        self._stderr.close()
+        if self.hello.get("cgroup"):
+            try:
+                os.rmdir(self.hello["cgroup"])
+            except OSError:
+                pass
+
+
+def _close_workers(workers):
+    for worker in list(workers):
+        worker.close(patience=1.0)
+    workers.clear()
 
 
 # Private uids for programs when the evaluator is root: numbers no account uses (not in /etc/passwd
@@ -239,9 +321,11 @@ class _UidPool:
                 self._cond.wait()
             return self._free.pop()
 
-    def release(self, uid):
-        """Never raises: the caller is in a `finally` that must not lose the program's result."""
-        clean = _kill_processes_of(uid)
+    def release(self, uid, known_clean=False):
+        """Never raises: the caller is in a `finally` that must not lose the program's result.
+        `known_clean`: the run's PID namespace ended, so no process can hold the uid any more
+        (no /proc scan needed)."""
+        clean = known_clean or _kill_processes_of(uid)
         with self._cond:
             if not clean:
                 self._retired.add(uid)  # keep its lock so no one else picks it up either
@@ -279,7 +363,7 @@ class _SharedAccount:
     def acquire(self):
         return self.uid
 
-    def release(self, uid):
+    def release(self, uid, known_clean=False):
         pass
 
     def close(self):
@@ -293,27 +377,51 @@ def _same_or_nested(a, b):
 
 
 class Sandbox:
-    """Executes programs in isolation; `capabilities` says which layers hold on this machine."""
+    """Executes programs in isolation; `capabilities` says which layers hold on this machine.
+    Holds `workers` worker processes until close() (or garbage collection / interpreter exit)."""
 
     def __init__(self, limits: Optional[SandboxLimits] = None, workers: Optional[int] = None,
                  python: Optional[str] = None, isolate: bool = True, hide_paths: Sequence[str] = (),
-                 allow_root: bool = False):
+                 allow_root: bool = False, cgroup_parent: Optional[str] = None):
         self.limits = limits or SandboxLimits()
         # A root evaluator never runs programs as root unless this is set (see docs/evaluation.md).
         self.allow_root = allow_root
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
         self.isolate = isolate
+        # A cgroup v2 folder whose children may get the memory controller (tried before our own
+        # cgroup and its parent); see _supervisor.open_cgroup.
+        self.cgroup_parent = cgroup_parent
         self._requested_python = python
         self._setup_lock = threading.Lock()
         self._capabilities = None
         self._python = None
         self._uid_pool = None  # when root: the uids the programs run as (_UidPool or _SharedAccount)
+        self._nproc = None
+        self._all_workers = []  # every live worker process
+        self._idle = []         # those not running a program now
+        self._pool_cond = threading.Condition()
+        self._finalizer = weakref.finalize(self, _close_workers, self._all_workers)
         # Folders the program should not read (covered by an empty tmpfs where mount namespaces
         # work): the evaluator's working directory and home, this checkout, and `hide_paths`
         # (e.g. the problems file's folder). Folders holding the interpreter stay visible.
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         self._hide_candidates = [os.getcwd(), os.path.expanduser("~"), package_root, *hide_paths]
         self._hidden = None
+
+    def close(self):
+        """Stop the worker processes (a later run starts new ones)."""
+        with self._pool_cond:
+            workers = list(self._all_workers)
+            self._all_workers.clear()
+            self._idle.clear()
+        for worker in workers:
+            worker.close(patience=1.0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _hidden_paths(self):
         if self._hidden is None:
@@ -348,9 +456,10 @@ class Sandbox:
             return None  # programs run as root (allow_root), which ignores RLIMIT_NPROC
         if pool is not None and not pool.shared:
             return self.limits.max_processes  # a private uid per program: the limit is per program
-        # RLIMIT_NPROC counts every process of the user, so leave room for the concurrent runs.
+        # RLIMIT_NPROC counts every process of the user, so leave room for the concurrent runs
+        # (and, non-root, for the workers and their run supervisors, which run as the same user).
         uid = pool.uid if pool is not None else os.getuid()
-        return self.limits.max_processes * self.workers + self._process_count(uid)
+        return self.limits.max_processes * self.workers + self._process_count(uid) + 3 * self.workers
 
     @staticmethod
     def _process_count(uid):
@@ -364,10 +473,27 @@ class Sandbox:
                     pass
         return count
 
+    def _worker_settings(self):
+        return {"isolate": self.isolate, "hide": self._hidden_paths(), "memory_bytes": self.limits.memory_bytes,
+                "cgroup": self.isolate, "cgroup_parent": self.cgroup_parent}
+
     def _probe(self, python, uid_pool):
+        """Start a worker with `python` and run a probe program as `uid_pool`'s uid; the worker is
+        kept on success. Returns (passed, report)."""
         self._python, self._uid_pool, self._hidden = python, uid_pool, None
-        result, report = self._execute("print('sandbox-probe-ok')\n", "sandbox-probe-ok")
-        return result.passed, report
+        self._nproc = self._nproc_limit()
+        try:
+            worker = _Worker(python, self._worker_settings())
+        except (OSError, _WorkerDied) as e:
+            return False, {"supervisor_error": str(e)}
+        with self._pool_cond:
+            self._all_workers.append(worker)
+        result, report = self._execute_on(worker, _PROBE_PROGRAM, "sandbox-probe-ok")
+        if not result.passed:
+            self._retire(worker)
+        else:
+            self._checkin(worker)
+        return result.passed, {**worker.hello, **report}
 
     def _setup(self):
         with self._setup_lock:
@@ -401,18 +527,22 @@ class Sandbox:
                         for unused in pools:
                             if unused is not None and unused is not pool:
                                 unused.close()
+                        namespaces = report.get("namespaces", [])
                         self._capabilities = {
                             "python": python,
                             "runs_as": runs_as,
                             "dropped_privileges": pool is not None,
                             "program_uids": list(pool.uids) if pool else [],
-                            "network_isolated": "net" in report.get("namespaces", []),
-                            "pid_namespace": "pid" in report.get("namespaces", []),
+                            "network_isolated": "net" in namespaces,
+                            "pid_namespace": "pid" in namespaces,
                             "private_tmp": bool(report.get("private_tmp")),
                             "read_only_fs": bool(report.get("read_only_fs")),
                             "hidden_paths": report.get("hidden", []),
-                            "process_limit": self._nproc_limit(),
-                            "notes": notes + [report[k] for k in ("namespace_error", "mount_error") if k in report]
+                            "process_limit": self._nproc,
+                            "tree_memory": (report.get("tree_memory", "per process only") if "pid" in namespaces
+                                            else "per process only"),
+                            "notes": notes + [report[k] for k in ("namespace_error", "mount_error", "cgroup_note")
+                                              if k in report]
                                      + ([f"still writable: {report['writable_mounts']}"] if report.get("writable_mounts") else []),
                         }
                         return
@@ -431,74 +561,106 @@ class Sandbox:
         self._setup()
         return dict(self._capabilities)
 
-    # -- running -----------------------------------------------------------------------------------
-    def _execute(self, source, marker, runner_prints_marker=False):
-        pool = self._uid_pool
-        if pool is None:
-            return self._execute_as(None, None, source, marker, runner_prints_marker)
-        uid = pool.acquire()
+    # -- workers -----------------------------------------------------------------------------------
+    def _checkout(self):
+        with self._pool_cond:
+            while True:
+                while self._idle:
+                    worker = self._idle.pop()
+                    if worker.alive():
+                        return worker
+                    self._forget(worker)
+                if len(self._all_workers) < self.workers:
+                    placeholder = object()  # holds a slot while the new worker starts
+                    self._all_workers.append(placeholder)
+                    break
+                self._pool_cond.wait()
         try:
-            return self._execute_as(uid, pool.gid_for(uid), source, marker, runner_prints_marker)
-        finally:
-            pool.release(uid)  # only after every process of the run is gone
+            worker = _Worker(self._python, self._worker_settings())
+        except BaseException:
+            with self._pool_cond:
+                self._all_workers.remove(placeholder)
+                self._pool_cond.notify()
+            raise
+        with self._pool_cond:
+            self._all_workers[self._all_workers.index(placeholder)] = worker
+        return worker
 
-    def _execute_as(self, uid, gid, source, marker, runner_prints_marker):
+    def _checkin(self, worker):
+        with self._pool_cond:
+            self._idle.append(worker)
+            self._pool_cond.notify()
+
+    def _forget(self, worker):
+        if worker in self._all_workers:
+            self._all_workers.remove(worker)
+        self._pool_cond.notify()
+
+    def _retire(self, worker):
+        with self._pool_cond:
+            self._forget(worker)
+            if worker in self._idle:
+                self._idle.remove(worker)
+        worker.close(patience=0.0)
+
+    # -- running -----------------------------------------------------------------------------------
+    def _job(self, source, runner_prints_marker, uid, gid):
         limits = self.limits
-        rundir = tempfile.mkdtemp(prefix="megaphi-sandbox-")
-        try:
-            workdir = os.path.join(rundir, "work")
-            os.mkdir(workdir)
-            if uid is not None:  # the program must be able to enter its working directory
-                os.chmod(rundir, 0o711)
-                os.chown(workdir, uid, gid)
-            cfg = {
-                "python": self._python, "isolate": self.isolate, "workdir": workdir,
-                "stdout_path": os.path.join(rundir, "stdout"), "stderr_path": os.path.join(rundir, "stderr"),
+        return {"source": source, "runner_marker": runner_prints_marker, "uid": uid, "gid": gid,
                 "timeout_seconds": limits.timeout_seconds,
                 "cpu_seconds": limits.cpu_seconds or int(limits.timeout_seconds) + 1,
                 "memory_bytes": limits.memory_bytes, "file_bytes": limits.file_bytes,
-                "tmpfs_bytes": limits.tmpfs_bytes, "nproc": self._nproc_limit(),
-                "uid": uid, "gid": gid,
-                "env": _minimal_env("/tmp/sandbox" if self.isolate else workdir),
-                "hide": self._hidden_paths(),
-            }
-            stdin = ((marker if runner_prints_marker else "") + "\n" + source).encode("utf-8")
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", _SUPERVISOR, json.dumps(cfg)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=_minimal_env(rundir), cwd=rundir, start_new_session=True, close_fds=True)
+                "tmpfs_bytes": limits.tmpfs_bytes, "nproc": self._nproc, "output_bytes": limits.output_bytes,
+                "env": _minimal_env("/tmp/sandbox"), "host_tmpdir": tempfile.gettempdir()}
+
+    def _execute_on(self, worker, source, marker, runner_prints_marker=False):
+        """Run one program on `worker` as the next free uid; (ExecutionResult, report)."""
+        pool = self._uid_pool
+        uid = pool.acquire() if pool is not None else None
+        report = {}
+        try:
             try:
-                out, err = proc.communicate(stdin, timeout=limits.timeout_seconds + 30)
-            except subprocess.TimeoutExpired:
-                out, err = b"", b"supervisor did not finish"
-            finally:
-                try:  # the supervisor's session: anything still in it goes too
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    pass
-                proc.wait()
-            try:
-                report = json.loads(out.decode().strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                report = {"supervisor_error": f"supervisor {_describe_exit(proc.returncode)}: "
-                                              f"{err.decode('utf-8', 'replace')[-2000:]}"}
-            stdout, stdout_tail = _read_capped(cfg["stdout_path"], limits.output_bytes)
-            stderr, _ = _read_capped(cfg["stderr_path"], limits.output_bytes)
+                report = worker.run(self._job(source, runner_prints_marker, uid,
+                                              pool.gid_for(uid) if pool is not None else None),
+                                    self.limits.timeout_seconds + _WORKER_GRACE_SECONDS)
+            except _WorkerDied as e:
+                report = {"supervisor_error": str(e)}
+                self._retire(worker)  # its run, if any, dies with it
         finally:
-            shutil.rmtree(rundir, ignore_errors=True)
-        return self._judge(report, stdout, stdout_tail, stderr, marker), report
+            if pool is not None:
+                # With a PID namespace every process of the run is gone once the worker reported
+                # (the namespace ended with its init); otherwise look for stragglers of the uid.
+                pool.release(uid, known_clean="pid" in report.get("namespaces", ()))
+        if runner_prints_marker:
+            marker = report.get("marker")
+        return self._judge(report, marker, self.limits.memory_bytes), report
+
+    def _execute(self, source, marker, runner_prints_marker=False):
+        worker = self._checkout()
+        try:
+            return self._execute_on(worker, source, marker, runner_prints_marker)
+        finally:
+            if worker.alive():
+                self._checkin(worker)
+            else:
+                self._retire(worker)
 
     @staticmethod
-    def _judge(report, stdout, stdout_tail, stderr, marker):
+    def _judge(report, marker, memory_bytes):
         duration = float(report.get("duration_seconds", 0.0))
+        stdout, stderr = report.get("stdout", ""), report.get("stderr", "")
         if "supervisor_error" in report:
             return ExecutionResult(False, "failed", report["supervisor_error"], None, False, stdout, stderr, duration)
         rc, timed_out = report["returncode"], report["timed_out"]
         if timed_out:
             return ExecutionResult(False, "timed out", "wall-clock timeout", rc, True, stdout, stderr, duration)
+        if report.get("memory_exceeded"):
+            return ExecutionResult(False, "failed", f"{_describe_exit(rc)}: the program's processes together "
+                                   f"exceeded the memory limit ({memory_bytes >> 20} MiB)", rc, False,
+                                   stdout, stderr, duration)
         if rc != 0:
             return ExecutionResult(False, "failed", _describe_exit(rc), rc, False, stdout, stderr, duration)
-        if marker is not None and marker.encode() not in stdout_tail:
+        if marker is not None and marker not in report.get("stdout_tail", ""):
             return ExecutionResult(False, "failed", "exited 0 before the tests completed", rc, False,
                                    stdout, stderr, duration)
         return ExecutionResult(True, "passed", "exit code 0", rc, False, stdout, stderr, duration)
@@ -512,11 +674,10 @@ class Sandbox:
         """Require that `source` runs to its end: after its code returns, the runner prints a random
         marker that the program never sees in its files; catches early sys.exit(0) / os._exit(0)."""
         self._setup()
-        marker = "megaphi-done-" + secrets.token_hex(16)
-        return self._execute(source, marker, runner_prints_marker=True)[0]
+        return self._execute(source, None, runner_prints_marker=True)[0]
 
     def run_many(self, sources: Sequence[str], with_marker: bool = True, progress=None):
-        """Run programs on `workers` threads (each drives one supervisor process); results in order."""
+        """Run programs on `workers` threads (each feeds one worker process); results in order."""
         self._setup()
         run_one = self.run_with_marker if with_marker else self.run
         results = [None] * len(sources)
