@@ -160,13 +160,10 @@ def _data_iterators(args, train_ds, valid_ds, dp_rank, dp_size):
         return _iterate(build_pretraining_data_loader(train_ds, consumed_samples, args.micro_batch_size,
                                                       dp_rank, dp_size, num_workers=args.num_workers))
 
-    make_valid_iterator = None
-    if valid_ds is not None:
-
-        def make_valid_iterator():
-            return _iterate(build_pretraining_data_loader(valid_ds, 0, args.micro_batch_size, dp_rank, dp_size,
-                                                          num_workers=0))
-    return make_train_iterator, make_valid_iterator
+    def make_valid_iterator():
+        return _iterate(build_pretraining_data_loader(valid_ds, 0, args.micro_batch_size, dp_rank, dp_size,
+                                                      num_workers=0))
+    return make_train_iterator, (make_valid_iterator if valid_ds is not None else None)
 
 
 def check_enough_samples(args, available, consumed_samples, needed):
@@ -199,7 +196,7 @@ def setup_engine(args, model, ds_config):
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     optimizer = build_optimizer(model, args.lr, args.weight_decay, (args.adam_beta1, args.adam_beta2),
-                                args.adam_eps, device_type=device_type)
+                                args.adam_eps, device_type=device_type, impl=args.optimizer_impl)
     scheduler = WarmupDecayLR(optimizer, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters,
                               args.lr_decay_style)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -226,8 +223,9 @@ def record_fp32_grad_norm(engine):
     from deepspeed.runtime.utils import clip_grad_norm_
 
     def clip_and_record():
-        engine.megaphi_grad_norm = float(clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(),
-                                                         mpu=engine.mpu))
+        # kept as a tensor: read at the next log, not per step (a device sync on a GPU)
+        engine.megaphi_grad_norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(),
+                                                   mpu=engine.mpu)
 
     engine.clip_fp32_gradients = clip_and_record
     take_model_step = engine._take_model_step
@@ -244,7 +242,8 @@ def record_fp32_grad_norm(engine):
 def global_grad_norm(parameters):
     """L2 norm of the whole model's gradient (gradients already reduced over data parallel). A
     parameter marked tensor_model_parallel holds a different shard on each TP rank and is summed over
-    the TP group; a replicated one is counted once (from TP rank 0), as DeepSpeed counts them."""
+    the TP group; a replicated one is counted once (from TP rank 0), as DeepSpeed counts them.
+    Returns a 0-dim tensor where the gradients live: read it at log time."""
     from megaphi.parallel import get_tensor_model_parallel_group, get_tensor_model_parallel_rank
 
     tp_rank = get_tensor_model_parallel_rank()
@@ -256,7 +255,7 @@ def global_grad_norm(parameters):
         if dist.get_backend(group) == "nccl":
             total = total.cuda()
         dist.all_reduce(total, group=group)
-    return float(total.sqrt())
+    return total.sqrt()
 
 
 def check_precision_supported(args):
@@ -364,15 +363,15 @@ def optimizer_description(engine):
 
 def describe_backends(args, engine, model_config):
     """(the start-up 'backends:' line, warnings): attention, LayerNorm, rotary, optimizer, device."""
-    param = next(engine.module.parameters())
-    device = param.device
+    device = next(engine.module.parameters()).device
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
     layernorm, ln_warning = ops_backend("layernorm", device)
     rotary, rotary_warning = ops_backend("rotary", device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    attention = attention_backend(device, dtype, model_config, args.seq_length, args.tensor_model_parallel_size)
     line = " | ".join([
-        f"backends: attention {attention_backend(device, dtype, model_config, args.seq_length, args.tensor_model_parallel_size)}",
-        f"layernorm {layernorm}", f"rotary {rotary}", f"optimizer {optimizer_description(engine)}",
+        f"backends: attention {attention}", f"layernorm {layernorm}", f"rotary {rotary}",
+        f"optimizer {optimizer_description(engine)}",
         f"device {where}", f"precision {'fp16' if args.fp16 else 'bf16' if args.bf16 else 'fp32'}"])
     return line, [w for w in (ln_warning, rotary_warning) if w]
 

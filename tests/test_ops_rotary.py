@@ -163,3 +163,77 @@ def test_auto_falls_back_to_torch_when_the_kernel_cannot_take_the_input(monkeypa
         np.testing.assert_allclose(got_k.numpy(), complex_rotary(k.double().numpy(), angles), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="q's last dim is not contiguous"):
         apply_rotary_qk(q, k, cos, sin, impl="cuda")
+
+
+def _shared_elements_brute_force(a, b):
+    """Independent: enumerate every storage offset each view addresses."""
+    def offsets(t):
+        index = torch.arange(t.untyped_storage().nbytes() // t.element_size())
+        return set(torch.as_strided(index, t.shape, t.stride(), t.storage_offset()).flatten().tolist())
+    return bool(offsets(a) & offsets(b))
+
+
+def test_overlap_detection_never_misses_a_shared_element():
+    """views_may_overlap against brute force on random fused-qkv-like layouts (padded strides, q and
+    k with different head counts, arbitrary offsets): never False when an element is shared."""
+    from megaphi.ops.rotary import views_may_overlap
+    rng = np.random.default_rng(0)
+    storage = torch.zeros(4000)
+    exact = 0
+    for _ in range(600):
+        shape = [int(x) for x in rng.integers(1, 5, size=4)]
+        head_stride = shape[3] + int(rng.integers(0, 7))
+        seq_stride = head_stride * shape[2] + int(rng.integers(0, 7))
+        batch_stride = seq_stride * shape[1] + int(rng.integers(0, 7))
+        strides = (batch_stride, seq_stride, head_stride, 1)
+        shape_b = shape[:2] + [int(rng.integers(1, 5)), shape[3]]
+        a = torch.as_strided(storage, shape, strides, int(rng.integers(0, 300)))
+        b = torch.as_strided(storage, shape_b, strides, int(rng.integers(0, 300)))
+        shared = _shared_elements_brute_force(a, b)
+        detected = views_may_overlap(a, b)
+        assert detected or not shared, (shape, shape_b, strides, a.storage_offset(), b.storage_offset())
+        exact += detected == shared
+    assert exact >= 0.9 * 600  # conservative answers are rare, not the rule
+
+
+def test_in_place_rejects_q_and_k_that_share_memory():
+    cos, sin = rotary_tables(8, 16)
+    x = torch.randn(1, 4, 2, 8)
+    with pytest.raises(ValueError, match="share memory"):
+        apply_rotary_qk(x, x, cos, sin, inplace=True)
+    flat = torch.randn(1, 4, 40)
+    q, k = flat[..., :16].view(1, 4, 2, 8), flat[..., 8:24].view(1, 4, 2, 8)  # one head in common
+    with pytest.raises(ValueError, match="share memory"):
+        apply_rotary_qk(q, k, cos, sin, inplace=True)
+    with pytest.raises(ValueError, match="more than once"):
+        apply_rotary_qk(torch.randn(1, 4, 1, 8).expand(1, 4, 2, 8), torch.randn(1, 4, 2, 8), cos, sin, inplace=True)
+    # out of place only reads them: allowed, and both results equal a rotation of x
+    q_rot, k_rot = apply_rotary_qk(x, x, cos, sin)
+    assert torch.equal(q_rot, k_rot)
+
+
+def test_in_place_on_fused_qkv_views_matches_out_of_place():
+    """q, k, v sliced from one [b, s, 3 * h * d] projection: disjoint, so in place is allowed."""
+    cos, sin = rotary_tables(8, 16)
+    qkv = torch.randn(2, 4, 3 * 2 * 8, generator=torch.Generator().manual_seed(1))
+    q, k = qkv[..., :16].view(2, 4, 2, 8), qkv[..., 16:32].view(2, 4, 2, 8)
+    expected_q, expected_k = apply_rotary_qk(q, k, cos, sin)
+    v_before = qkv[..., 32:].clone()
+    apply_rotary_qk(q, k, cos, sin, inplace=True)
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k) and torch.equal(qkv[..., 32:], v_before)
+
+
+def test_input_checks_read_no_tensor_values_off_the_cpu():
+    """On a device the checks must not read positions back (a blocking sync per call, illegal in CUDA
+    graph capture): tensors on the meta device have no values, so any read raises."""
+    from megaphi.ops.rotary import check_rotary_inputs, check_rotary_outputs
+    meta = torch.device("meta")
+    cos, sin = rotary_tables(8, 16, device=meta)
+    qkv = torch.empty(2, 4, 3 * 2 * 8, device=meta)
+    q, k = qkv[..., :16].view(2, 4, 2, 8), qkv[..., 16:32].view(2, 4, 2, 8)
+    positions = torch.empty(2, 4, dtype=torch.int64, device=meta)
+    check_rotary_inputs(q, k, cos, sin, positions)
+    check_rotary_outputs(q, k)
+    with pytest.raises(ValueError, match="outside the table"):  # on the CPU the range is still checked eagerly
+        check_rotary_inputs(torch.zeros(2, 4, 2, 8), torch.zeros(2, 4, 2, 8), *rotary_tables(8, 16),
+                            torch.full((2, 4), 16))

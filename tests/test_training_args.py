@@ -144,3 +144,32 @@ def test_cli_reports_bad_flag_and_exits_2(data_prefix):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--fp16 and --bf16 are mutually exclusive" in proc.stderr
+
+
+def test_optimizer_impls():
+    """CUDA runs default to torch's fused AdamW (no JIT compile); DeepSpeed's FusedAdam is opt-in."""
+    import torch
+    from megaphi.training.optimizer import build_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    cuda = build_optimizer(model, 1e-3, 0.1, device_type="cuda")
+    assert isinstance(cuda, torch.optim.AdamW) and cuda.defaults["fused"] is True
+    cpu = build_optimizer(model, 1e-3, 0.1, device_type="cpu")
+    assert isinstance(cpu, torch.optim.AdamW) and not cpu.defaults["fused"]
+    assert build_optimizer(model, 1e-3, 0.1, device_type="cpu", impl="torch-fused").defaults["fused"] is True
+    with pytest.raises(ValueError, match="deepspeed-fused needs CUDA"):
+        build_optimizer(model, 1e-3, 0.1, device_type="cpu", impl="deepspeed-fused")
+    with pytest.raises(ValueError, match="optimizer impl must be one of"):
+        build_optimizer(model, 1e-3, 0.1, impl="apex")
+    # the weight-decay groups are kept: the bias is not decayed
+    assert [g["weight_decay"] for g in cuda.param_groups] == [0.1, 0.0]
+
+
+def test_bf16_accumulates_in_fp32_and_leaves_zero_stage_0(data_prefix):
+    args = parse_args(_argv(data_prefix, "--bf16"), world_size=1)
+    assert args.zero_stage == 0
+    config = build_deepspeed_config(args)
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"} and config["communication_data_type"] == "fp32"
+    assert config["zero_optimization"]["stage"] == 1 and args.zero_stage == 1
+    fp32 = parse_args(_argv(data_prefix), world_size=1)
+    assert "data_types" not in build_deepspeed_config(fp32) and fp32.zero_stage == 0

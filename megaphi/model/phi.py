@@ -136,11 +136,15 @@ class PhiModel(nn.Module):
         """Final hidden states; with sequence_parallel, this rank's sequence chunk [b, s/TP, h]."""
         seq = input_ids.shape[1]
         past = kv_cache.length if kv_cache is not None else 0
+        needed = past + seq
         if position_ids is None and past > 0:
             position_ids = torch.arange(past, past + seq, device=input_ids.device).unsqueeze(0)
-        elif position_ids is not None and position_ids.dim() == 1:
-            position_ids = position_ids.unsqueeze(0)
-        needed = past + seq if position_ids is None else int(position_ids.max()) + 1
+        elif position_ids is not None:
+            if position_ids.dim() == 1:
+                position_ids = position_ids.unsqueeze(0)
+            # the caller's positions size the rotary table: one read of their maximum (a device sync
+            # when they live on a GPU; training and cached decoding never pass them)
+            needed = max(needed, int(position_ids.max()) + 1) if position_ids.numel() else needed
         cos, sin = self.rotary(input_ids.device, needed)
 
         sp = sequence_parallel

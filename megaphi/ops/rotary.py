@@ -80,10 +80,88 @@ def check_rotary_inputs(q, k, cos, sin, position_ids=None, offset=0):
     if tuple(position_ids.shape) not in ((batch, seq), (1, seq), (seq,)):
         raise ValueError(f"rotary: position_ids shape {tuple(position_ids.shape)} must be [batch, seq], [1, seq] or "
                          f"[seq] with batch={batch}, seq={seq}")
-    if position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= max_positions):
-        raise ValueError(f"rotary: position_ids span {int(position_ids.min())}..{int(position_ids.max())}, outside "
-                         f"the table's 0..{max_positions - 1}")
+    if position_ids.numel() == 0:
+        return
+    if position_ids.device.type == "cpu":
+        low, high = int(position_ids.min()), int(position_ids.max())
+        if low < 0 or high >= max_positions:
+            raise ValueError(f"rotary: position_ids span {low}..{high}, outside the table's 0..{max_positions - 1}")
+    else:
+        # reading the range back would block the host on every call (and break CUDA-graph capture):
+        # the device checks it and fails the stream instead, as an embedding lookup does
+        torch._assert_async(((position_ids >= 0) & (position_ids < max_positions)).all())
 
+
+def _element_spans(t):
+    """(first element offset, sizes, strides) of t in its storage, in elements; dims of size 1 dropped."""
+    dims = [(size, stride) for size, stride in zip(t.shape, t.stride()) if size != 1]
+    return t.storage_offset(), [d[0] for d in dims], [d[1] for d in dims]
+
+
+def _has_internal_overlap(t):
+    """True when two indices of t may address the same element (stride 0, or dims that interleave)."""
+    _, sizes, strides = _element_spans(t)
+    reach = 0  # the largest offset the dims below can add
+    for size, stride in sorted(zip(sizes, strides), key=lambda d: abs(d[1])):
+        if stride == 0 or abs(stride) <= reach:
+            return True
+        reach += (size - 1) * abs(stride)
+    return False
+
+
+def _offset_reachable(delta, bounds, strides):
+    """Is delta = sum_k j_k * strides[k] for integers lo_k <= j_k <= hi_k (bounds[k] = (lo_k, hi_k))?
+    strides are positive and sorted ascending with each above the reach of the ones below, so at
+    each level only the two multiples nearest delta / stride can work."""
+    if not strides:
+        return delta == 0
+    stride, (lo, hi) = strides[-1], bounds[-1]
+    below = sum(max(abs(b[0]), abs(b[1])) * s for b, s in zip(bounds[:-1], strides[:-1]))
+    for j in {delta // stride, -(-delta // stride)}:
+        if lo <= j <= hi and abs(delta - j * stride) <= below and \
+                _offset_reachable(delta - j * stride, bounds[:-1], strides[:-1]):
+            return True
+    return False
+
+
+def views_may_overlap(a, b):
+    """True when a and b (same dtype) may share an element. Exact for views that differ only in
+    their sizes and starting offset (q and k sliced out of one fused qkv tensor), conservative
+    (True) for other layouts within one storage. Reads only metadata: no device synchronization."""
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a_start, a_sizes, a_strides = _element_spans(a)
+    b_start, b_sizes, b_strides = _element_spans(b)
+    a_end = a_start + sum((n - 1) * s for n, s in zip(a_sizes, a_strides))
+    b_end = b_start + sum((n - 1) * s for n, s in zip(b_sizes, b_strides))
+    if a_end < b_start or b_end < a_start:
+        return False
+    if a.shape[-1] != b.shape[-1] or a.stride() != b.stride() or any(s <= 0 for s in a.stride()) \
+            or _has_internal_overlap(a) or _has_internal_overlap(b):
+        return True
+    # same strides: b's elements are a's lattice shifted by delta; they meet when delta is a
+    # difference of two lattice points, sum_k j_k * stride_k with -(b_k - 1) <= j_k <= a_k - 1
+    dims = sorted((stride, (-(nb - 1), na - 1)) for stride, na, nb in zip(a.stride(), a.shape, b.shape)
+                  if na > 1 or nb > 1)
+    reach = 0
+    for stride, (lo, hi) in dims:
+        if stride <= reach:  # dims interleave: the two-candidate search below would not be exact
+            return True
+        reach += max(-lo, hi) * stride
+    return _offset_reachable(b_start - a_start, [d[1] for d in dims], [d[0] for d in dims])
+
+def check_rotary_outputs(q, k):
+    """In place, q and k are written: they must not share an element (the kernel would rotate it
+    twice, racing with itself on a GPU), and neither may address one element twice."""
+    for name, t in (("q", q), ("k", k)):
+        if _has_internal_overlap(t):
+            raise ValueError(f"rotary: in place, {name} (shape {tuple(t.shape)}, stride {t.stride()}) addresses "
+                             f"some elements more than once; pass a tensor that owns its elements or inplace=False")
+    if views_may_overlap(q, k):
+        raise ValueError(f"rotary: in place, q (stride {q.stride()}, offset {q.storage_offset()}) and k (stride "
+                         f"{k.stride()}, offset {k.storage_offset()}) share memory; pass disjoint views or inplace=False")
 
 def rotary_kernel_problem(q, k, cos, sin, position_ids=None):
     """Why the CUDA kernel cannot take these (already check_rotary_inputs-valid) tensors, as
@@ -160,6 +238,8 @@ def apply_rotary_qk(q, k, cos, sin, position_ids=None, impl=None, offset=0, inpl
     impl: None (the backend chosen with megaphi.ops.set_impl), "auto", "cuda" or "torch".
     """
     check_rotary_inputs(q, k, cos, sin, position_ids, offset)
+    if inplace:
+        check_rotary_outputs(q, k)
     backend = _backend.resolve("rotary", impl, q)
     if (backend == "cuda" and _backend.requested_impl("rotary", impl) == "auto"
             and rotary_kernel_problem(q, k, cos, sin, position_ids) is not None):

@@ -66,6 +66,9 @@ def build_parser():
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--optimizer-impl", choices=("auto", "torch", "torch-fused", "deepspeed-fused"), default="auto",
+                   help="AdamW implementation: auto = torch's fused AdamW on CUDA (no JIT compile), torch's "
+                        "default on CPU; deepspeed-fused = DeepSpeed's FusedAdam (compiles on first use)")
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
 
     g = p.add_argument_group("precision")

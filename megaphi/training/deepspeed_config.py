@@ -86,8 +86,26 @@ def build_deepspeed_config(args):
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ArgumentError(f"--deepspeed-config: zero_optimization.stage must be 0..3, got {stage}")
+    if config.get("bf16", {}).get("enabled"):
+        stage = _accumulate_bf16_gradients_in_fp32(config, stage)
     args.zero_stage = stage  # the file may choose the stage; checkpoint export must know it
     if "optimizer" in user or "scheduler" in user:
         raise ArgumentError("--deepspeed-config: 'optimizer'/'scheduler' sections are not used; megaphi builds "
                             "AdamW and the lr schedule from the flags (--lr, --weight-decay, ...)")
     return config
+
+
+def _accumulate_bf16_gradients_in_fp32(config, stage):
+    """bf16 runs accumulate gradients over micro-batches and reduce them across ranks in fp32, as
+    Megatron-LM does (its main_grad): DeepSpeed's default is bf16 for both, and a sum of 16-128
+    micro-batch gradients in bf16 (8 significant bits) loses ~2^-8 of the sum per addition. DeepSpeed
+    takes an fp32 accumulation only with ZeRO >= 1 (stage 0 refuses the dtype mix), so stage 0 becomes
+    stage 1, which on one data-parallel rank partitions nothing. A --deepspeed-config that names
+    data_types.grad_accum_dtype or communication_data_type keeps its choice. Returns the stage."""
+    data_types = config.setdefault("data_types", {})
+    data_types.setdefault("grad_accum_dtype", "fp32")
+    config.setdefault("communication_data_type", "fp32")
+    if stage == 0 and str(data_types["grad_accum_dtype"]).lower() in ("fp32", "float32", "float", "torch.float32"):
+        stage = 1
+        config["zero_optimization"]["stage"] = 1
+    return stage

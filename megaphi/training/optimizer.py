@@ -38,14 +38,30 @@ def param_groups(model, weight_decay):
     return groups
 
 
-def build_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, device_type=None):
-    """DeepSpeed's FusedAdam (AdamW mode) on CUDA, torch AdamW elsewhere."""
+OPTIMIZER_IMPLS = ("auto", "torch", "torch-fused", "deepspeed-fused")
+
+
+def build_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, device_type=None, impl="auto"):
+    """AdamW with decoupled weight decay on the groups above.
+
+    impl: "auto" = torch's fused AdamW on CUDA (one kernel for all tensors, nothing compiled at run
+    time), torch's default (foreach) AdamW elsewhere; "torch" / "torch-fused" force those;
+    "deepspeed-fused" = DeepSpeed's FusedAdam, which JIT-compiles a CUDA extension on first use (nvcc,
+    ninja and CUDA_HOME needed, about a minute) and has no CPU fallback."""
+    if impl not in OPTIMIZER_IMPLS:
+        raise ValueError(f"optimizer impl must be one of {', '.join(OPTIMIZER_IMPLS)}, got {impl!r}")
     if device_type is None:
         device_type = next(model.parameters()).device.type
     groups = param_groups(model, weight_decay)
     for g in groups:
         g.pop("names")
-    if device_type == "cuda":
+    if impl == "auto":
+        impl = "torch-fused" if device_type == "cuda" else "torch"
+    if impl == "deepspeed-fused":
+        if device_type != "cuda":
+            raise ValueError(f"optimizer impl deepspeed-fused needs CUDA parameters, got {device_type}")
         from deepspeed.ops.adam import FusedAdam
         return FusedAdam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=True)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    fused = True if impl == "torch-fused" else None
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+

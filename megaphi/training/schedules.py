@@ -45,13 +45,17 @@ def _data_parallel(engine, dp_group):
 
 
 def _prefetch_and_count(data_iterator, num_microbatches, count_tokens_func, group, world, device):
-    """Pull the step's micro-batches; returns (their iterator, per-micro-batch counts, global total)."""
+    """Pull the step's micro-batches; returns (their iterator, per-micro-batch counts, global total).
+    The counts come from CPU batches. With one rank, or ranks that reduce on the CPU (gloo), the total
+    is a float; over NCCL it stays a device tensor, so the step never waits for the GPU to read it."""
     micro_batches = [next(data_iterator) for _ in range(num_microbatches)]
     counts = [float(count_tokens_func(b)) for b in micro_batches]
-    total = torch.tensor(sum(counts), dtype=torch.float64, device=device)
-    if world > 1:
-        torch.distributed.all_reduce(total, group=group)
-    return iter(micro_batches), counts, total.item()
+    if world == 1:
+        return iter(micro_batches), counts, sum(counts)
+    # a fill, not a host-to-device copy of a Python number (that copy would block the host)
+    total = torch.full((), sum(counts), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total, group=group)
+    return iter(micro_batches), counts, (total.item() if total.device.type == "cpu" else total)
 
 
 def forward_backward_no_pipelining(forward_step_func, data_iterator, model, num_microbatches,
@@ -105,7 +109,12 @@ def forward_backward_no_pipelining(forward_step_func, data_iterator, model, num_
             if len(result) == 3 and total_tokens is None:
                 raise ValueError("loss_func returned (loss_sum, num_tokens, logs) but the schedule got no "
                                  "count_tokens_func: the global token count must be known before the first backward")
-            if total_tokens is not None:
+            if torch.is_tensor(total_tokens):
+                # on the device: exactly 1.0 (float64 ratio of equal integers) for equal-sized unmasked
+                # micro-batches, and multiplying by 1.0 keeps them bit-exact
+                factor = (scale_base * (1.0 if weight is None else weight)) / total_tokens.clamp(min=1.0)
+                loss = loss * factor.to(loss.dtype)
+            elif total_tokens is not None:
                 factor = scale_base * (1.0 if weight is None else weight) / max(total_tokens, 1.0)
                 if factor != 1.0:  # exactly 1 for equal-sized unmasked micro-batches: keep them bit-exact
                     loss = loss * factor
@@ -139,10 +148,11 @@ def average_losses_across_data_parallel_group(values, group=None):
     return stacked
 
 
-def reduce_loss_dicts(losses_reduced, group=None):
-    """[{name: value}, ...] per micro-batch -> {name: float} over micro-batches and DP ranks.
+def reduce_loss_tensors(losses_reduced, group=None):
+    """[{name: value}, ...] per micro-batch -> {name: 0-dim float64 tensor} over micro-batches and DP
+    ranks, computed where the values live (no host synchronization; read them at log time).
     A scalar value is averaged with equal weights; a 2-element tensor [sum, count] (the 3-tuple
-    loss_func convention) is summed element-wise and reported as sum / count (a token average; nan
+    loss_func convention) is summed element-wise and reduced to sum / count (a token average; nan
     when the count is 0). Every micro-batch on every rank must log the same form for a key."""
     if not losses_reduced:
         return {}
@@ -151,7 +161,7 @@ def reduce_loss_dicts(losses_reduced, group=None):
         values = [d[key] for d in losses_reduced]
         pairs = [torch.is_tensor(v) and v.numel() == 2 for v in values]
         if not any(pairs):
-            out[key] = average_losses_across_data_parallel_group(values, group).item()
+            out[key] = average_losses_across_data_parallel_group(values, group).double()
             continue
         if not all(pairs):
             raise ValueError(f"loss dicts mix a scalar and a [sum, count] pair for {key!r} within one step; "
@@ -160,8 +170,17 @@ def reduce_loss_dicts(losses_reduced, group=None):
         if torch.distributed.is_available() and torch.distributed.is_initialized() and \
                 torch.distributed.get_world_size(group=group) > 1:
             torch.distributed.all_reduce(total, group=group)
-        loss_sum, count = total.tolist()
         # fractional loss_mask weights may total below 1; only an empty count (no token weighted in
         # anywhere) has no average: nan
-        out[key] = loss_sum / count if count != 0 else float("nan")
+        loss_sum, count = total[0], total[1]
+        out[key] = torch.where(count != 0, loss_sum / count, torch.full_like(count, float("nan")))
     return out
+
+
+def reduce_loss_dicts(losses_reduced, group=None):
+    """reduce_loss_tensors, read back as Python floats (one host synchronization)."""
+    tensors = reduce_loss_tensors(losses_reduced, group)
+    if not tensors:
+        return {}
+    values = torch.stack(list(tensors.values())).tolist()
+    return dict(zip(tensors, values))

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from ..model.phi import IGNORE_INDEX  # labels the model leaves out of the loss
 from . import checkpointing, metrics
-from .schedules import forward_backward_no_pipelining, reduce_loss_dicts
+from .schedules import forward_backward_no_pipelining, reduce_loss_dicts, reduce_loss_tensors
 
 
 class TrainingError(RuntimeError):
@@ -75,8 +75,9 @@ def make_forward_step(device):
                 # [sum, count] pair, so every micro-batch and dp rank reduces the same tensor shape
                 loss = output.mean()
                 num_tokens = output.numel()
+                # torch.full fills on the device; torch.tensor(number, device=cuda) would be a blocking copy
                 logged = torch.stack([loss.detach().double() * num_tokens,
-                                      torch.tensor(num_tokens, dtype=torch.float64, device=output.device)])
+                                      torch.full((), num_tokens, dtype=torch.float64, device=output.device)])
                 return loss, {"lm loss": logged}
             weights = mask.to(output.device, dtype=output.dtype)
             loss_sum = (output * weights).sum()
@@ -150,32 +151,26 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
     scheduler = engine.lr_scheduler
 
     engine.train()
-    interval_time, interval_iters, interval_loss, interval_finite = 0.0, 0, 0.0, 0
+    control_group = _control_group()
+    pending = PendingLosses(args.fp16)
+    watch = TrainingStopwatch(device)  # step time only: evaluation and saving are paused out
+    interval_iters = 0
     skipped_before = engine.skipped_steps
     reason = "done"
     while state.iteration < args.train_iters:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
         lr = scheduler.get_lr()[0]  # the lr this iteration's update uses
         logs = forward_backward_no_pipelining(forward_step, train_iterator, engine, gas,
                                               count_tokens_func=count_loss_tokens, dp_group=dp_group)
-        loss = reduce_loss_dicts(logs, dp_group)["lm loss"]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        interval_time += time.perf_counter() - t0
         state.iteration += 1
+        # the loss stays on the device until the next log, save or evaluation: no host sync per step
+        pending.add(state.iteration, reduce_loss_tensors(logs, dp_group)["lm loss"])
         state.consumed_samples += args.global_batch_size
         state.consumed_tokens += tokens_per_iter
-        if not math.isfinite(loss) and not args.fp16:
-            raise TrainingError(f"loss is {loss} at iteration {state.iteration}; stopping (lr {lr:.4e}). "
-                                f"Resume from the last checkpoint with a lower --lr or more --clip-grad.")
         interval_iters += 1
-        if math.isfinite(loss):  # an fp16 overflow step is counted in skipped_steps, not averaged in
-            interval_loss += loss
-            interval_finite += 1
 
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+            interval_loss = pending.flush()
+            interval_time = watch.take()
             tok_s, tflops, mfu = metrics.throughput(tokens_per_iter * interval_iters, interval_time, flops_token,
                                                     args.world_size, peak)
             grad_norm = engine.get_global_grad_norm()
@@ -184,7 +179,7 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
             record = {
                 "iteration": state.iteration, "train_iters": args.train_iters,
                 "consumed_samples": state.consumed_samples, "consumed_tokens": state.consumed_tokens,
-                "loss": interval_loss / interval_finite if interval_finite else float("nan"), "lr": lr,
+                "loss": interval_loss, "lr": lr,
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "loss_scale": loss_scale_of(engine), "skipped_steps": engine.skipped_steps,
                 "skipped_in_interval": engine.skipped_steps - skipped_before,
@@ -193,29 +188,37 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
             }
             print_rank0(metrics.format_train_line(record))
             writer.write(record)
-            interval_time, interval_iters, interval_loss, interval_finite = 0.0, 0, 0.0, 0
+            interval_iters = 0
             skipped_before = engine.skipped_steps
 
         val_loss = None
         if args.eval_iters > 0 and make_valid_iterator is not None and (
                 state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters):
+            watch.pause()
+            pending.check()
             val_loss = evaluate(engine, forward_step, make_valid_iterator, args.eval_iters, gas, dp_group)
             val_ppl = math.exp(min(val_loss, 50.0))
             print_rank0(f"validation at iteration {state.iteration} | lm loss {val_loss:.6f} | ppl {val_ppl:.3f}")
             writer.write({"iteration": state.iteration, "val_loss": val_loss, "val_ppl": val_ppl}, prefix="valid")
 
         if args.eval_humaneval and state.iteration % args.eval_humaneval_interval == 0:
+            watch.pause()
+            pending.check()
             result = _humaneval(engine, args, tokenizer)
             if result is not None:
                 print_rank0(f"HumanEval at iteration {state.iteration} | pass@1 {result['pass@1']:.4f}")
                 writer.write({"iteration": state.iteration, "humaneval_pass@1": result["pass@1"]}, prefix="humaneval")
 
-        # the stop decision is taken over the whole world, so every rank saves
-        stop = stop_signal is not None and stop_signal.should_stop(None, _flag_device(device))
+        # the stop decision is taken over the whole world, so every rank saves; on a CPU group, so
+        # taking it does not wait for the GPU
+        stop = stop_signal is not None and stop_signal.should_stop(control_group, torch.device("cpu"))
         exit_now = args.exit_interval is not None and state.iteration % args.exit_interval == 0
         periodic = args.save_interval is not None and state.iteration % args.save_interval == 0
         if args.save and (periodic or stop or exit_now or state.iteration == args.train_iters):
+            watch.pause()
+            pending.check()  # never save weights that a non-finite loss already reached
             save(engine, args, state, val_loss, tokenizer)
+        watch.resume()
         if stop:
             print_rank0(f"received {stop_signal.signal_name or 'a stop signal'}: saved at iteration "
                         f"{state.iteration}, exiting")
@@ -228,11 +231,89 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
     return reason
 
 
-def _flag_device(device):
-    # NCCL reduces CUDA tensors only; gloo CPU tensors.
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return device
-    return torch.device("cpu")
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+_CONTROL_GROUPS = {}
+
+
+def _control_group():
+    """A gloo group over all ranks for small control decisions (stop flags) that the host needs now:
+    over NCCL each would be a device round trip and a blocking read. None: the default group is
+    already a CPU one (or there is no group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "nccl":
+        return None
+    if "gloo" not in _CONTROL_GROUPS:  # created once, by every rank in the same order
+        _CONTROL_GROUPS["gloo"] = dist.new_group(backend="gloo")
+    return _CONTROL_GROUPS["gloo"]
+
+
+class TrainingStopwatch:
+    """Wall time of training steps between logs. The GPU is synchronized only where the time is read
+    or a pause starts (log intervals, evaluation, saves), never per step."""
+
+    def __init__(self, device):
+        self.device = device
+        self.elapsed = 0.0
+        _synchronize(device)
+        self.started = time.perf_counter()
+
+    def pause(self):
+        if self.started is not None:
+            _synchronize(self.device)
+            self.elapsed += time.perf_counter() - self.started
+            self.started = None
+
+    def resume(self):
+        if self.started is None:
+            self.started = time.perf_counter()
+
+    def take(self):
+        """Seconds since the last take (pauses excluded); keeps running."""
+        self.pause()
+        elapsed, self.elapsed = self.elapsed, 0.0
+        self.resume()
+        return elapsed
+
+
+class PendingLosses:
+    """Per-iteration losses kept as device tensors until they are read, all at once (one host sync
+    per log interval). A non-finite loss stops the run naming its iteration, when read: before the
+    next log, evaluation or save (fp16 runs skip overflowed steps instead and are not stopped)."""
+
+    def __init__(self, fp16):
+        self.fp16 = fp16
+        self.iterations, self.losses = [], []
+        self.finite_sum, self.finite_count = 0.0, 0
+
+    def add(self, iteration, loss):
+        self.iterations.append(iteration)
+        self.losses.append(loss.detach().reshape(()))
+
+    def check(self):
+        """Read what is pending; raise TrainingError at the first non-finite loss (unless fp16)."""
+        if not self.losses:
+            return
+        values = torch.stack(self.losses).tolist()
+        iterations = self.iterations
+        self.iterations, self.losses = [], []
+        for iteration, loss in zip(iterations, values):
+            if not math.isfinite(loss):
+                if not self.fp16:
+                    raise TrainingError(f"loss is {loss} at iteration {iteration}; stopping. Resume from the last "
+                                        f"checkpoint with a lower --lr or more --clip-grad.")
+                continue  # an fp16 overflow step is counted in skipped_steps, not averaged in
+            self.finite_sum += loss
+            self.finite_count += 1
+
+    def flush(self):
+        """The mean finite loss since the last flush (nan when none), after check()."""
+        self.check()
+        mean = self.finite_sum / self.finite_count if self.finite_count else float("nan")
+        self.finite_sum, self.finite_count = 0.0, 0
+        return mean
 
 
 def save(engine, args, state, val_loss=None, tokenizer=None):
