@@ -322,3 +322,39 @@ def test_rotary_on_views_of_a_fused_qkv(kernels, dtype, head_dim):
         apply_rotary_qk(q, k, cos, sin, impl="cuda", inplace=True)
     assert_close(qkv[:, :, :, 0], want_q, rtol, atol, "strided q in place")
     assert_close(qkv[:, :, :, 1], want_k, rtol, atol, "strided k in place")
+
+
+def test_rotary_and_layer_norm_calls_never_block_the_host(kernels):
+    """With CUDA's sync debug mode set to error, any host synchronization inside the wrappers (e.g.
+    reading the position range back) raises."""
+    from megaphi.ops import apply_rotary_qk, layer_norm, rotary_tables
+
+    cos, sin = rotary_tables(32, 128, device="cuda")
+    qkv = torch.randn(2, 64, 3 * 4 * 64, device="cuda", dtype=torch.bfloat16)
+    q, k = qkv[..., :256].view(2, 64, 4, 64), qkv[..., 256:512].view(2, 64, 4, 64)
+    positions = torch.arange(64, device="cuda").expand(2, 64).contiguous()
+    x = torch.randn(128, 1024, device="cuda", dtype=torch.bfloat16)
+    weight, bias = torch.ones(1024, device="cuda", dtype=torch.bfloat16), torch.zeros(1024, device="cuda",
+                                                                                      dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        apply_rotary_qk(q, k, cos, sin, position_ids=positions, impl="cuda")
+        apply_rotary_qk(q, k, cos, sin, offset=3, impl="cuda", inplace=True)
+        layer_norm(x, weight, bias, 1e-5, impl="cuda")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_rotary_out_of_range_positions_fail_on_the_device(kernels):
+    """The range check runs on the device (no host read): a bad position fails the stream."""
+    import subprocess
+    import sys
+    code = ("import torch; from megaphi.ops import apply_rotary_qk, rotary_tables\n"
+            "cos, sin = rotary_tables(8, 16, device='cuda')\n"
+            "q = torch.randn(1, 4, 2, 8, device='cuda'); k = torch.randn(1, 4, 2, 8, device='cuda')\n"
+            "apply_rotary_qk(q, k, cos, sin, position_ids=torch.tensor([[0, 1, 2, 99]], device='cuda'), impl='cuda')\n"
+            "torch.cuda.synchronize()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "assert" in (result.stderr + result.stdout).lower(), result.stderr[-2000:]
