@@ -438,7 +438,11 @@ def run(args):
 
     check_precision_supported(args)
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+    requested_stage = args.zero_stage
     ds_config = build_deepspeed_config(args)
+    if args.zero_stage != requested_stage:
+        print_rank0(f"ZeRO stage {requested_stage} -> {args.zero_stage}: DeepSpeed accumulates and reduces bf16 "
+                    f"gradients in fp32 only with ZeRO >= 1 (one data-parallel rank partitions nothing)")
     engine = setup_engine(args, model, ds_config)
     state = TrainState()
     if args.finetune:
