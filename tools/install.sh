@@ -11,4 +11,13 @@ $PY -m pip install -q --disable-pip-version-check numpy pybind11 tokenizers safe
 $PY -c "import deepspeed" 2>/dev/null || \
   $PY -m pip install -q --disable-pip-version-check --no-build-isolation deepspeed
 $PY -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+# Intel TBB lets HIP-CPU run the CPU build of the CUDA kernels (tests/test_kernels_hipcpu.py) on every core;
+# without it those tests run serially. Installed when missing and we may (root, Debian/Ubuntu).
+if ! echo '#include <tbb/tbb.h>' | "${CXX:-g++}" -x c++ -std=c++17 -E - >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -q && apt-get install -y -q libtbb-dev; } || echo "megaphi: could not install libtbb-dev" >&2
+  else
+    echo "megaphi: Intel TBB headers not found (Debian: libtbb-dev); HIP-CPU kernel tests will run serially" >&2
+  fi
+fi
 $PY -c "import megaphi._C; print('megaphi installed')"

@@ -1,15 +1,42 @@
 // Shared device helpers for megaphi's kernels: dtype conversion, 16-byte packs, reductions.
 #pragma once
 
+#if defined(MEGAPHI_HIP_CPU)  // the same sources on the CPU, for CI without a GPU (tests/hipcpu)
+#include "hip_cpu_compat.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
 #include "kernels.h"
+
+// kernel<<<grid, block, shared_bytes, stream>>>(args...), spelled so that g++ also compiles it against
+// HIP-CPU. Put a templated kernel name in parentheses: MEGAPHI_LAUNCH((k<T, 4>), grid, block, 0, s, ...).
+#if defined(MEGAPHI_HIP_CPU)
+#define MEGAPHI_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+    hipLaunchKernelGGL(kernel, grid, block, shared_bytes, stream, __VA_ARGS__)
+#else
+#define MEGAPHI_LAUNCH(kernel, grid, block, shared_bytes, stream, ...) \
+    kernel<<<grid, block, shared_bytes, stream>>>(__VA_ARGS__)
+#endif
+
+// `extern __shared__ type name[]`: the launch's dynamic shared memory (g++ cannot parse the CUDA form).
+#if defined(MEGAPHI_HIP_CPU)
+#define MEGAPHI_DYNAMIC_SHARED(type, name) HIP_DYNAMIC_SHARED(type, name)
+#else
+#define MEGAPHI_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
+// Most blocks one launch uses; beyond that, blocks stride over rows/tokens. The HIP-CPU test build
+// lowers it (tests/hipcpu/build.py) so that a few hundred rows already take every stride.
+#ifndef MEGAPHI_MAX_GRID_BLOCKS
+#define MEGAPHI_MAX_GRID_BLOCKS (1 << 20)
+#endif
 
 namespace megaphi {
 

@@ -18,7 +18,7 @@ namespace {
 constexpr int kFwdWarpsPerBlock = 4;
 constexpr int kBwdFastThreads = 128;
 constexpr int kMaxThreads = 256;
-constexpr int64_t kMaxGrid = 1 << 20;  // blocks stride over rows beyond this
+constexpr int64_t kMaxGrid = MEGAPHI_MAX_GRID_BLOCKS;  // blocks stride over rows beyond this
 
 template <typename T, int HIDDEN>
 __global__ void __launch_bounds__(kFwdWarpsPerBlock * 32)
@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                         const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
                         float* __restrict__ workspace, int64_t rows, int hidden, float inv_hidden,
                         bool partials_in_shared) {
-    extern __shared__ float shared_partials[];
+    MEGAPHI_DYNAMIC_SHARED(float, shared_partials);
     __shared__ float scratch[64];
     const int packs = hidden / VEC;
     float* part_w_out = workspace + static_cast<int64_t>(blockIdx.x) * hidden;
@@ -319,18 +319,18 @@ void layer_norm_forward(const void* x, const void* weight, const void* bias, voi
             const int64_t blocks = std::min<int64_t>((rows + kFwdWarpsPerBlock - 1) / kFwdWarpsPerBlock, kMaxGrid);
             const dim3 grid(static_cast<unsigned>(blocks)), block(kFwdWarpsPerBlock * 32);
             if (hidden == 1024) {
-                ln_fwd_warp_kernel<T, 1024><<<grid, block, 0, s>>>(xt, wt, bt, yt, mean, rstd, rows, eps);
+                MEGAPHI_LAUNCH((ln_fwd_warp_kernel<T, 1024>), grid, block, 0, s, xt, wt, bt, yt, mean, rstd, rows, eps);
             } else if constexpr (sizeof(T) == 2) {
-                ln_fwd_warp_kernel<T, 2048><<<grid, block, 0, s>>>(xt, wt, bt, yt, mean, rstd, rows, eps);
+                MEGAPHI_LAUNCH((ln_fwd_warp_kernel<T, 2048>), grid, block, 0, s, xt, wt, bt, yt, mean, rstd, rows, eps);
             }
         } else {
             const dim3 grid(static_cast<unsigned>(std::min<int64_t>(rows, kMaxGrid)));
             if (vectorized) {
-                ln_fwd_block_kernel<T, VEC><<<grid, threads_for(h / VEC), 0, s>>>(xt, wt, bt, yt, mean, rstd, rows, h,
-                                                                                 inv_hidden, eps);
+                MEGAPHI_LAUNCH((ln_fwd_block_kernel<T, VEC>), grid, threads_for(h / VEC), 0, s, xt, wt, bt, yt, mean, rstd,
+                               rows, h, inv_hidden, eps);
             } else {
-                ln_fwd_block_kernel<T, 1><<<grid, threads_for(h), 0, s>>>(xt, wt, bt, yt, mean, rstd, rows, h,
-                                                                         inv_hidden, eps);
+                MEGAPHI_LAUNCH((ln_fwd_block_kernel<T, 1>), grid, threads_for(h), 0, s, xt, wt, bt, yt, mean, rstd, rows, h,
+                               inv_hidden, eps);
             }
         }
     });
@@ -342,8 +342,8 @@ void layer_norm_backward(const void* dy, const void* x, const void* weight, cons
                          int64_t hidden, int dtype, int device, void* stream) {
     check_sizes(rows, hidden, dtype);
     if (num_blocks < 1 || num_blocks > kMaxGrid) {
-        throw std::invalid_argument("megaphi._cuda layer_norm_backward: num_blocks must be in [1, 2^20], got " +
-                                    std::to_string(num_blocks));
+        throw std::invalid_argument("megaphi._cuda layer_norm_backward: num_blocks must be in [1, " +
+                                    std::to_string(kMaxGrid) + "], got " + std::to_string(num_blocks));
     }
     const DeviceGuard device_guard(device);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -363,19 +363,22 @@ void layer_norm_backward(const void* dy, const void* x, const void* weight, cons
         const bool vectorized = hidden % VEC == 0 && aligned16(dy) && aligned16(x) && aligned16(weight) &&
                                 aligned16(dx) && aligned16(workspace);
         if (vectorized && hidden == 1024) {
-            ln_bwd_fast_kernel<T, 1024><<<nb, kBwdFastThreads, 0, s>>>(dyt, xt, wt, mean, rstd, dxt, workspace, rows);
+            MEGAPHI_LAUNCH((ln_bwd_fast_kernel<T, 1024>), nb, kBwdFastThreads, 0, s, dyt, xt, wt, mean, rstd, dxt, workspace,
+                           rows);
         } else if (vectorized && hidden == 2048) {
-            ln_bwd_fast_kernel<T, 2048><<<nb, kBwdFastThreads, 0, s>>>(dyt, xt, wt, mean, rstd, dxt, workspace, rows);
+            MEGAPHI_LAUNCH((ln_bwd_fast_kernel<T, 2048>), nb, kBwdFastThreads, 0, s, dyt, xt, wt, mean, rstd, dxt, workspace,
+                           rows);
         } else if (vectorized) {
-            ln_bwd_block_kernel<T, VEC><<<nb, threads_for(h / VEC), shared_bytes, s>>>(
-                dyt, xt, wt, mean, rstd, dxt, workspace, rows, h, inv_hidden, partials_in_shared);
+            MEGAPHI_LAUNCH((ln_bwd_block_kernel<T, VEC>), nb, threads_for(h / VEC), shared_bytes, s, dyt, xt, wt, mean, rstd,
+                           dxt, workspace, rows, h, inv_hidden, partials_in_shared);
         } else {
-            ln_bwd_block_kernel<T, 1><<<nb, threads_for(h), shared_bytes, s>>>(dyt, xt, wt, mean, rstd, dxt, workspace,
-                                                                              rows, h, inv_hidden, partials_in_shared);
+            MEGAPHI_LAUNCH((ln_bwd_block_kernel<T, 1>), nb, threads_for(h), shared_bytes, s, dyt, xt, wt, mean, rstd, dxt,
+                           workspace, rows, h, inv_hidden, partials_in_shared);
         }
         check_cuda(cudaGetLastError(), "layer_norm_backward launch");
         const dim3 grid((h + 31) / 32), block(32, 8);
-        ln_bwd_reduce_kernel<T><<<grid, block, 0, s>>>(workspace, static_cast<T*>(dweight), static_cast<T*>(dbias), nb, h);
+        MEGAPHI_LAUNCH((ln_bwd_reduce_kernel<T>), grid, block, 0, s, workspace, static_cast<T*>(dweight),
+                       static_cast<T*>(dbias), nb, h);
     });
     check_cuda(cudaGetLastError(), "layer_norm_backward reduce launch");
 }

@@ -13,7 +13,7 @@ namespace megaphi {
 namespace {
 
 constexpr int kMaxThreads = 512;  // phi-1: 64 heads x 6 items = 384 work items per token, one pass
-constexpr int64_t kMaxGrid = 1 << 20;
+constexpr int64_t kMaxGrid = MEGAPHI_MAX_GRID_BLOCKS;
 
 struct RotaryLayouts {
     RotaryLayout q_in, q_out, k_in, k_out;
@@ -117,13 +117,11 @@ void rotary(const void* q_in, void* q_out, const void* k_in, void* k_out, Rotary
         const int qh = static_cast<int>(q_heads), kh = static_cast<int>(k_heads);
         const int hf = static_cast<int>(half);
         if (vectorized) {
-            rotary_kernel<T, VEC_WIDE><<<grid, threads, 0, s>>>(qi, qo, ki, ko, layouts, cos, sin, position_ids,
-                                                                pos_batch_stride, offset, tokens, seq, qh, kh, hf,
-                                                                rot_items, items_per_head, sin_sign);
+            MEGAPHI_LAUNCH((rotary_kernel<T, VEC_WIDE>), grid, threads, 0, s, qi, qo, ki, ko, layouts, cos, sin, position_ids,
+                           pos_batch_stride, offset, tokens, seq, qh, kh, hf, rot_items, items_per_head, sin_sign);
         } else {
-            rotary_kernel<T, 1><<<grid, threads, 0, s>>>(qi, qo, ki, ko, layouts, cos, sin, position_ids,
-                                                         pos_batch_stride, offset, tokens, seq, qh, kh, hf, rot_items,
-                                                         items_per_head, sin_sign);
+            MEGAPHI_LAUNCH((rotary_kernel<T, 1>), grid, threads, 0, s, qi, qo, ki, ko, layouts, cos, sin, position_ids,
+                           pos_batch_stride, offset, tokens, seq, qh, kh, hf, rot_items, items_per_head, sin_sign);
         }
     });
     check_cuda(cudaGetLastError(), "rotary launch");
