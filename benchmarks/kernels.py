@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile baselines")
+    p.add_argument("--json", metavar="PATH", help="also write the rows and the copy bandwidth here")
     return p.parse_args(argv)
 
 
@@ -160,6 +161,19 @@ def print_table(rows, copy_gbs):
         print(f"{op:<22}{name:<22}{ms * 1e3:>12.1f}{gbs:>10.0f}{100 * gbs / copy_gbs:>8.0f}%")
 
 
+def write_json(path, rows, copy_gbs, **info):
+    import json
+
+    records = []
+    for op, name, ms, nbytes, note in rows:
+        gbs = None if ms is None else nbytes / ms / 1e6
+        records.append({"op": op, "implementation": name, "us": None if ms is None else ms * 1e3, "gb_per_s": gbs,
+                        "percent_of_copy": None if gbs is None else 100 * gbs / copy_gbs, "note": note})
+    with open(path, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "copy_gb_per_s": copy_gbs, **info, "rows": records}, f,
+                  indent=1)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -178,6 +192,8 @@ def main(argv=None):
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)\n")
     rows = layer_norm_rows(args, dtype) + rotary_rows(args, dtype)
     print_table(rows, copy_gbs)
+    if args.json:
+        write_json(args.json, rows, copy_gbs, dtype=args.dtype)
     eager = {op: ms for op, name, ms, _, _ in rows if name == "torch eager"}
     ours = {op: ms for op, name, ms, _, _ in rows if name == "megaphi cuda"}
     if "LN fwd+bwd" in eager and "LN fwd+bwd" in ours:

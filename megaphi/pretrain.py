@@ -464,6 +464,7 @@ def run(args):
                                best_val_loss=saved.get("best_val_loss") if saved.get("best_val_loss") is not None
                                else math.inf,
                                best_iteration=saved.get("best_iteration", -1),
+                               best_pass_at_1=saved.get("best_pass_at_1", -1.0),
                                last_saved_iteration=meta["iteration"])
             print_rank0(f"resumed from {args.load}/{meta['tag']} at iteration {state.iteration} "
                         f"({state.consumed_samples} samples consumed)")

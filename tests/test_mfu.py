@@ -73,7 +73,8 @@ def test_run_peak(monkeypatch):
 
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
-    assert resolve_peak_tflops(_args(bf16=True), gpu) == (756.5, "MFU peak 756.5 TFLOP/s (NVIDIA H100 PCIe, dense bf16)")
+    assert resolve_peak_tflops(_args(bf16=True), gpu) == (756.5,
+                                                          "MFU peak 756.5 TFLOP/s (NVIDIA H100 PCIe, dense bf16)")
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
     assert resolve_peak_tflops(_args(), gpu)[0] == 51.2                     # fp32 run: not the bf16 peak
     assert resolve_peak_tflops(_args(peak=100.0, bf16=True), gpu) == (100.0, "MFU peak 100 TFLOP/s (--peak-tflops)")

@@ -98,7 +98,8 @@ def test_auto_fallback_on_cuda_is_a_warning(monkeypatch):
     ops.set_impl(layernorm="auto", rotary="auto")
     impl, warning = ops_backend("layernorm", gpu)
     assert impl == "torch (auto)"
-    assert warning == "--layernorm-impl auto falls back to the torch reference on NVIDIA H200: no kernel image for sm_90"
+    assert warning == ("--layernorm-impl auto falls back to the torch reference on NVIDIA H200: "
+                       "no kernel image for sm_90")
     monkeypatch.setattr(_backend, "cuda_unavailable_reason", lambda device=None: None)
     assert ops_backend("rotary", gpu) == ("cuda (auto: megaphi._cuda)", None)
     ops.set_impl(rotary="torch")
