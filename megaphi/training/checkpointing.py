@@ -2,7 +2,9 @@
 
 Layout of --save DIR:
     DIR/latest                         text: the newest complete tag (written last, atomically)
-    DIR/best                           text: tag with the lowest validation loss seen at a save
+    DIR/best                           text: the best tag so far, then the metric that chose it:
+                                       "val_loss 2.345678" (lowest) or, with --eval-humaneval,
+                                       "humaneval_pass@1 0.312500" (highest)
     DIR/<tag>/                         DeepSpeed checkpoint (module, optimizer, lr schedule)
     DIR/<tag>/megaphi_meta.json        iteration, consumed samples/tokens, model config, tokenizer, flags
     DIR/<tag>/rng_state_rank<R>.pt     python / numpy / torch / cuda / TP-tracker RNG states of rank R
@@ -120,7 +122,7 @@ def export_model_folder(engine, out_dir, zero_stage, tokenizer=None):
 
 
 def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_tokens, args, state=None,
-                    export_model=True, is_best=False, tokenizer=None):
+                    export_model=True, is_best=False, tokenizer=None, best_metric=None):
     """Collective. `state` holds extra train-loop fields (best val loss, ...) kept in the metadata."""
     tag = tag_for(iteration)
     rank = _rank()
@@ -156,7 +158,7 @@ def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_toke
     if rank == 0:
         write_text_atomic(os.path.join(tag_dir, META_NAME), json.dumps(meta, indent=2, sort_keys=True))
         if is_best:
-            write_text_atomic(os.path.join(save_dir, BEST_NAME), tag + "\n")
+            write_text_atomic(os.path.join(save_dir, BEST_NAME), tag + "\n" + (f"{best_metric}\n" if best_metric else ""))
         write_text_atomic(os.path.join(save_dir, LATEST_NAME), tag + "\n")  # last: marks it complete
     _barrier()
     return tag

@@ -23,6 +23,7 @@ class TrainState:
     consumed_tokens: int = 0
     best_val_loss: float = math.inf
     best_iteration: int = -1
+    best_pass_at_1: float = -1.0  # with --eval-humaneval, the best checkpoint is chosen by HumanEval pass@1
     last_saved_iteration: int = -1
 
 
@@ -201,11 +202,13 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
             print_rank0(f"validation at iteration {state.iteration} | lm loss {val_loss:.6f} | ppl {val_ppl:.3f}")
             writer.write({"iteration": state.iteration, "val_loss": val_loss, "val_ppl": val_ppl}, prefix="valid")
 
+        pass_at_1 = None
         if args.eval_humaneval and state.iteration % args.eval_humaneval_interval == 0:
             watch.pause()
             pending.check()
             result = _humaneval(engine, args, tokenizer)
             if result is not None:
+                pass_at_1 = result["pass@1"]
                 print_rank0(f"HumanEval at iteration {state.iteration} | pass@1 {result['pass@1']:.4f}")
                 writer.write({"iteration": state.iteration, "humaneval_pass@1": result["pass@1"]}, prefix="humaneval")
 
@@ -217,7 +220,7 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
         if args.save and (periodic or stop or exit_now or state.iteration == args.train_iters):
             watch.pause()
             pending.check()  # never save weights that a non-finite loss already reached
-            save(engine, args, state, val_loss, tokenizer)
+            save(engine, args, state, val_loss, tokenizer, pass_at_1)
         watch.resume()
         if stop:
             print_rank0(f"received {stop_signal.signal_name or 'a stop signal'}: saved at iteration "
@@ -316,15 +319,29 @@ class PendingLosses:
         return mean
 
 
-def save(engine, args, state, val_loss=None, tokenizer=None):
-    is_best = val_loss is not None and val_loss < state.best_val_loss
-    if is_best:
-        state.best_val_loss, state.best_iteration = val_loss, state.iteration
+def choose_best(state, val_loss=None, pass_at_1=None, by_humaneval=False):
+    """Is the checkpoint saved now the best so far? With `by_humaneval` (--eval-humaneval) the
+    highest HumanEval pass@1 measured at this iteration wins, as the phi-1 paper keeps the best of
+    its saves; otherwise the lowest validation loss. Ties keep the earlier checkpoint. Updates
+    `state`; returns the metric that chose it ("humaneval_pass@1 0.312500") or None."""
+    if by_humaneval:
+        if pass_at_1 is None or not pass_at_1 > state.best_pass_at_1:
+            return None
+        state.best_pass_at_1, state.best_iteration = pass_at_1, state.iteration
+        return f"humaneval_pass@1 {pass_at_1:.6f}"
+    if val_loss is None or not val_loss < state.best_val_loss:
+        return None
+    state.best_val_loss, state.best_iteration = val_loss, state.iteration
+    return f"val_loss {val_loss:.6f}"
+
+
+def save(engine, args, state, val_loss=None, tokenizer=None, pass_at_1=None):
+    best = choose_best(state, val_loss, pass_at_1, by_humaneval=bool(args.eval_humaneval))
     tag = checkpointing.save_checkpoint(
         engine, args.save, state.iteration, state.consumed_samples, state.consumed_tokens, args,
         state={k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                for k, v in asdict(state).items() if k != "last_saved_iteration"},
-        export_model=not args.no_export_model, is_best=is_best, tokenizer=tokenizer)
+        export_model=not args.no_export_model, is_best=best is not None, tokenizer=tokenizer, best_metric=best)
     state.last_saved_iteration = state.iteration
-    print_rank0(f"saved checkpoint {args.save}/{tag}" + (" (best validation loss so far)" if is_best else ""))
+    print_rank0(f"saved checkpoint {args.save}/{tag}" + (f" (best so far: {best})" if best else ""))
     return tag
