@@ -387,6 +387,9 @@ def test_a_main_block_does_not_run_as_in_the_official_evaluator(sandbox):
 
 
 CAPABILITIES = """
+import os
+fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))  # readable: dumpable, as on a normal host
+assert fds[:3] == [0, 1, 2] and len(fds) == 4, fds          # the fourth is listdir's own
 status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
 for field in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
     assert int(status[field], 16) == 0, (field, status[field])
@@ -396,7 +399,7 @@ print("bounding", status["CapBnd"].strip())
 
 
 @pytest.mark.parametrize("evaluator", ["as_is", "unprivileged"])
-def test_programs_hold_no_capabilities(sandbox, evaluator):
+def test_programs_hold_no_capabilities_and_no_descriptor_of_the_worker(sandbox, evaluator):
     if evaluator == "unprivileged":
         if os.geteuid() != 0:
             pytest.skip("the fixture already runs unprivileged")

@@ -378,6 +378,17 @@ class Worker:
             _init(job, self.namespaces, workdir, fds, go_r, status_w, marker_r, in_pid_ns, private_tmp)
         for fd in (go_r, status_w, marker_r):
             os.close(fd)
+        try:
+            return self._supervise(job, init_pid, go_w, status_r, marker_w, fds, in_pid_ns, start)
+        except BaseException:
+            try:  # whatever went wrong, no process of this run outlives the report
+                os.kill(init_pid, signal.SIGKILL)
+                os.waitpid(init_pid, 0)
+            except OSError:
+                pass
+            raise
+
+    def _supervise(self, job, init_pid, go_w, status_r, marker_w, fds, in_pid_ns, start):
         if in_pid_ns:
             self._go_home()
         # The marker is made only now, after init was forked: no copy of it lies in the program's
@@ -626,6 +637,12 @@ def _program(job, namespaces, workdir, fds, marker_r):
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
+        marker = os.read(marker_r, 256)
+        try:  # nothing of the worker's stays open: only stdin, stdout and stderr
+            highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+        except (OSError, ValueError):
+            highest = 65535
+        os.closerange(3, highest + 1)
         os.setsid()
         os.chdir(workdir)
         _set_limits(job)
@@ -636,15 +653,12 @@ def _program(job, namespaces, workdir, fds, marker_r):
             os.setuid(job["uid"])
         elif os.geteuid() != 0 or "user" in namespaces:
             _drop_capabilities()  # user namespace: we are not root, but hold every capability in it
-        # After the uid change: credential changes clear the parent-death signal.
+        # After the uid change, which clears both: the parent-death signal, and dumpable as on a
+        # normal host (the program may read its own /proc/self; with no capability and its own
+        # uid it can trace nothing it could not anyway, and RLIMIT_CORE is 0).
         _prctl(PR_SET_NO_NEW_PRIVS, 1, "prctl(no_new_privs)")
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "prctl(pdeathsig)")
-        marker = os.read(marker_r, 256)
-        try:
-            highest = max(int(fd) for fd in os.listdir("/proc/self/fd"))
-        except (OSError, ValueError):
-            highest = 65535
-        os.closerange(3, highest + 1)
+        _prctl(PR_SET_DUMPABLE, 1, "prctl(dumpable)")
         os.environ.clear()
         os.environ.update(job["env"], HOME=workdir)
         sys.argv = [""]

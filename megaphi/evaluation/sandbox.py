@@ -174,7 +174,8 @@ class _Worker:
 
 def _close_workers(workers):
     for worker in list(workers):
-        worker.close(patience=1.0)
+        if isinstance(worker, _Worker):  # (not a slot held by a worker still starting)
+            worker.close(patience=1.0)
     workers.clear()
 
 
@@ -421,8 +422,7 @@ class Sandbox:
             workers = list(self._all_workers)
             self._all_workers.clear()
             self._idle.clear()
-        for worker in workers:
-            worker.close(patience=1.0)
+        _close_workers(workers)
 
     def __enter__(self):
         return self
@@ -649,7 +649,11 @@ class Sandbox:
         return self._judge(report, marker, self.limits.memory_bytes), report
 
     def _execute(self, source, marker, runner_prints_marker=False):
-        worker = self._checkout()
+        try:
+            worker = self._checkout()
+        except _WorkerDied as e:
+            return ExecutionResult(False, "failed", f"sandbox worker could not start: {e}", None, False,
+                                   "", "", 0.0), {}
         try:
             return self._execute_on(worker, source, marker, runner_prints_marker)
         finally:
