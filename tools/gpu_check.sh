@@ -150,7 +150,8 @@ elif [ ! -s "$LOGS/env.json" ]; then
 elif [ "$HAS_GPU" = "True" ]; then
   MODE=gpu; NO_GPU=""
 else
-  MODE=cpu; NO_GPU="no CUDA GPU: torch $(fact torch) (CUDA build $(fact torch_cuda)) sees none"
+  CUDA_BUILD=$(fact torch_cuda)
+  MODE=cpu; NO_GPU="no CUDA GPU: torch $(fact torch) (CUDA build: ${CUDA_BUILD:-none}) sees none"
 fi
 echo "$MODE" >"$LOGS/mode"
 echo "[gpu_check] mode $MODE; report in $OUT; wheels: ${WHEELS:-none}; budget ${BUDGET}s"
