@@ -17,7 +17,7 @@
 #   train_cpu_tiny (no GPU or --smoke only) the tiny preset on CPU
 # Report: OUT_DIR/report.md (tables) and OUT_DIR/report.json; per-step logs in OUT_DIR/logs/.
 # Without a GPU (or with --smoke) the GPU steps are skipped with the reason and the CPU steps run.
-# Exit status: 0 when no step failed.
+# Exit status: 0 when no step failed (and at least one ran).
 #
 # Environment: PYTHON (python3), GPU_CHECK_WHEELS (the wheels folder; default: .whl/ or wheels/ in the
 # repo when present), GPU_CHECK_BUDGET (seconds for everything, default 570: each step's timeout is
@@ -213,4 +213,5 @@ if ! timeout 60 "$PY" tools/gpu_report.py report "$OUT"; then
   exit 1
 fi
 if grep -qx 'status=failed' "$LOGS"/*.status 2>/dev/null; then exit 1; fi
+if ! grep -qx 'status=passed' "$LOGS"/*.status 2>/dev/null; then echo "[gpu_check] no step ran" >&2; exit 1; fi
 exit 0
