@@ -42,7 +42,10 @@ done
 if [ -z "$WHEELS" ]; then
   for d in "$REPO/.whl" "$REPO/wheels"; do [ -d "$d" ] && { WHEELS=$d; break; }; done
 fi
-if [ -n "$WHEELS" ] && [ ! -d "$WHEELS" ]; then echo "gpu_check.sh: --wheels $WHEELS is not a folder" >&2; exit 2; fi
+if [ -n "$WHEELS" ]; then
+  [ -d "$WHEELS" ] || { echo "gpu_check.sh: --wheels $WHEELS is not a folder" >&2; exit 2; }
+  WHEELS=$(cd "$WHEELS" && pwd)
+fi
 
 mkdir -p "$OUT/logs" || exit 2
 OUT=$(cd "$OUT" && pwd)
