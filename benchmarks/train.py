@@ -82,6 +82,9 @@ def build_engine(args, config, device):
           "gradient_clipping": 1.0, "zero_optimization": {"stage": args.zero_stage}, "steps_per_print": 10 ** 9}
     if args.bf16:
         ds["bf16"] = {"enabled": True}
+        # as megaphi.pretrain configures bf16: fp32 gradient accumulation and reduction
+        from megaphi.training.deepspeed_config import accumulate_bf16_gradients_in_fp32
+        accumulate_bf16_gradients_in_fp32(ds, args.zero_stage)
     if args.fp16:
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, mpu=mpu, config=ds,
@@ -152,7 +155,7 @@ def main():
 
     initialize_model_parallel(1)
     config = model_config(args)
-    peak = args.peak_tflops or metrics.device_peak_tflops()
+    peak = args.peak_tflops or metrics.device_peak_tflops(precision=metrics.training_precision(args.fp16, args.bf16))
     flops_tok = metrics.flops_per_token(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
                                         config.vocab_size, args.seq_length)
     tokens = args.micro_batch_size * args.accumulation * args.seq_length

@@ -69,7 +69,7 @@ def _args(peak=None, fp16=False, bf16=False):
 
 
 def test_run_peak(monkeypatch):
-    from megaphi.pretrain import resolve_peak_tflops
+    from megaphi.training.run_info import resolve_peak_tflops
 
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")

@@ -90,7 +90,7 @@ def test_short_cpu_run_trains_without_a_dataset(tmp_path):
 def test_auto_fallback_on_cuda_is_a_warning(monkeypatch):
     import megaphi.ops as ops
     from megaphi.ops import _backend
-    from megaphi.pretrain import ops_backend
+    from megaphi.training.run_info import ops_backend
 
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")

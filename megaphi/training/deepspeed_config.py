@@ -87,7 +87,7 @@ def build_deepspeed_config(args):
     if stage not in (0, 1, 2, 3):
         raise ArgumentError(f"--deepspeed-config: zero_optimization.stage must be 0..3, got {stage}")
     if config.get("bf16", {}).get("enabled"):
-        stage = _accumulate_bf16_gradients_in_fp32(config, stage)
+        stage = accumulate_bf16_gradients_in_fp32(config, stage)
     args.zero_stage = stage  # the file may choose the stage; checkpoint export must know it
     if "optimizer" in user or "scheduler" in user:
         raise ArgumentError("--deepspeed-config: 'optimizer'/'scheduler' sections are not used; megaphi builds "
@@ -95,7 +95,7 @@ def build_deepspeed_config(args):
     return config
 
 
-def _accumulate_bf16_gradients_in_fp32(config, stage):
+def accumulate_bf16_gradients_in_fp32(config, stage):
     """bf16 runs accumulate gradients over micro-batches and reduce them across ranks in fp32, as
     Megatron-LM does (its main_grad): DeepSpeed's default is bf16 for both, and a sum of 16-128
     micro-batch gradients in bf16 (8 significant bits) loses ~2^-8 of the sum per addition. DeepSpeed

@@ -146,7 +146,7 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
     seq = args.seq_length
     flops_token = metrics.flops_per_token(model_config.num_hidden_layers, model_config.hidden_size,
                                           model_config.intermediate_size, model_config.vocab_size, seq)
-    peak = args.peak_tflops or metrics.device_peak_tflops()
+    peak = args.peak_tflops  # set by run_info.log_run_setup (None: no known peak, MFU n/a)
     tokens_per_iter = args.global_batch_size * seq
     gas = args.gradient_accumulation_steps
     scheduler = engine.lr_scheduler

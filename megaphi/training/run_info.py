@@ -1,0 +1,125 @@
+"""What a training run runs on, said once at start-up: attention backend (and SDPA kernel), LayerNorm and
+rotary implementations, optimizer, device, precision, and the peak TFLOP/s that MFU is measured against."""
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def resolve_peak_tflops(args, device):
+    """(peak TFLOP/s MFU divides by, or None; a line saying where it comes from). --peak-tflops wins;
+    else the device's dense peak for the run's precision (fp32 runs: tf32 when torch enables it)."""
+    from megaphi.training import metrics
+
+    if args.peak_tflops:
+        return args.peak_tflops, f"MFU peak {args.peak_tflops:g} TFLOP/s (--peak-tflops)"
+    if device.type != "cuda":
+        return None, f"MFU n/a on {device.type} (--peak-tflops sets a peak)"
+    name = torch.cuda.get_device_name(device)
+    precision = metrics.training_precision(args.fp16, args.bf16)
+    peak, why = metrics.lookup_peak_tflops(name, precision)
+    if peak is None:
+        return None, f"MFU n/a: {why}"
+    return peak, f"MFU peak {peak:g} TFLOP/s ({name}, dense {precision})"
+
+
+def _sdpa_cuda_kernel(device, dtype, heads, seq, head_dim, dropout_p):
+    """The kernel torch SDPA picks for this run's attention shape: each enabled backend is tried
+    alone in torch's priority order, and the first that accepts the inputs is the one dispatched."""
+    import warnings
+
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    enabled = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+               SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+               SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
+               SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled}
+    try:  # private; the documented default order otherwise
+        order = [SDPBackend(i) for i in torch._C._get_sdp_priority_order()]
+    except (AttributeError, TypeError, ValueError):
+        order = list(enabled)
+    q = torch.randn(1, heads, seq, head_dim, device=device, dtype=dtype, requires_grad=True)
+    for backend in order:
+        if backend not in enabled or not enabled[backend]():
+            continue
+        try:
+            with warnings.catch_warnings(), sdpa_kernel([backend]):
+                warnings.simplefilter("ignore")
+                F.scaled_dot_product_attention(q, q, q, dropout_p=dropout_p, is_causal=True).sum().backward()
+            return backend.name.lower()
+        except RuntimeError:
+            continue
+    return "no"
+
+
+def attention_backend(device, dtype, config, seq_length, tp=1):
+    """What the model's attention runs on: flash-attn, or torch SDPA (and its kernel on CUDA)."""
+    from megaphi.model import attention
+
+    half = dtype in (torch.float16, torch.bfloat16)
+    if device.type == "cuda" and half and config.use_flash_attn and attention.flash_attn_available():
+        import flash_attn
+        return f"flash-attn {getattr(flash_attn, '__version__', '?')}"
+    if device.type != "cuda":
+        return f"torch SDPA ({device.type})"
+    why = ("flash-attn is not installed" if not attention.flash_attn_available() else
+           "flash-attn takes fp16/bf16 only" if not half else "use_flash_attn is off")
+    kernel = _sdpa_cuda_kernel(device, dtype, config.num_attention_heads // tp, seq_length, config.head_dim,
+                               config.attention_dropout)
+    return f"torch SDPA, {kernel} kernel ({why})"
+
+
+def ops_backend(op, device):
+    """(the implementation `op` runs on here, a warning when `auto` falls back to torch on CUDA)."""
+    import megaphi.ops as ops
+    from megaphi.ops import _backend
+
+    impl = ops.get_impl(op) if hasattr(ops, "get_impl") else "auto"
+    if impl != "auto":
+        return impl, None
+    if device.type != "cuda":
+        return "torch (auto)", None
+    reason = _backend.cuda_unavailable_reason(device)
+    if reason is None:
+        return "cuda (auto: megaphi._cuda)", None
+    return "torch (auto)", (f"--{op}-impl auto falls back to the torch reference on "
+                            f"{torch.cuda.get_device_name(device)}: {reason}")
+
+
+def optimizer_description(engine):
+    basic = getattr(engine, "basic_optimizer", None) or engine.optimizer
+    cls = type(basic)
+    module = "torch.optim" if cls.__module__.startswith("torch.optim.") else cls.__module__
+    flags = [key for key in ("fused", "foreach") if getattr(basic, "defaults", {}).get(key)]
+    text = f"{module}.{cls.__qualname__}" + (f" ({', '.join(flags)})" if flags else "")
+    if engine.optimizer is not basic:
+        text += f" in DeepSpeed {type(engine.optimizer).__name__}"
+    return text
+
+
+def describe_backends(args, engine, model_config):
+    """(the start-up 'backends:' line, warnings): attention, LayerNorm, rotary, optimizer, device."""
+    device = next(engine.module.parameters()).device
+    dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+    layernorm, ln_warning = ops_backend("layernorm", device)
+    rotary, rotary_warning = ops_backend("rotary", device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    attention = attention_backend(device, dtype, model_config, args.seq_length, args.tensor_model_parallel_size)
+    line = " | ".join([
+        f"backends: attention {attention}", f"layernorm {layernorm}", f"rotary {rotary}",
+        f"optimizer {optimizer_description(engine)}",
+        f"device {where}", f"precision {'fp16' if args.fp16 else 'bf16' if args.bf16 else 'fp32'}"])
+    return line, [w for w in (ln_warning, rotary_warning) if w]
+
+
+def log_run_setup(args, engine, model_config):
+    """Print what the run uses, and set args.peak_tflops to the peak MFU is measured against."""
+    device = next(engine.module.parameters()).device
+    args.peak_tflops, peak_text = resolve_peak_tflops(args, device)
+    if dist.get_rank() != 0:
+        return
+    line, warnings = describe_backends(args, engine, model_config)
+    print(f"{line} | {peak_text}", flush=True)
+    for warning in warnings:
+        print(f"WARNING: {warning}", file=sys.stderr, flush=True)
