@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -355,17 +356,30 @@ def test_the_soft_cpu_limit_ends_the_program():
     assert result.status == "failed" and result.detail == "killed by SIGXCPU", result
 
 
-# Each grandchild is orphaned and exits at once: only an init that reaps orphans keeps their zombies
-# from filling the 16-process budget.
+# Each grandchild is orphaned and exits at once; the program waits until it is gone, which only
+# happens if init reaps it (it would stay a zombie otherwise, and the program time out). The small
+# process budget would fill with zombies too.
 ORPHANS = """
-import os
+import os, time
 for _ in range(100):
+    r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        if os.fork() == 0:
+        grandchild = os.fork()
+        if grandchild == 0:
             os._exit(0)
+        os.write(w, str(grandchild).encode())
         os._exit(0)
     assert os.waitpid(pid, 0)[1] == 0, "fork failed: the budget is full of zombies"
+    os.close(w)
+    grandchild = int(os.read(r, 32))
+    os.close(r)
+    while True:
+        try:
+            os.kill(grandchild, 0)   # a zombie still answers
+        except ProcessLookupError:
+            break
+        time.sleep(0.001)
 """
 
 
@@ -510,14 +524,36 @@ def test_cgroup_setup_on_a_simulated_hierarchy(tmp_path, monkeypatch):
 
 
 # -- workers ------------------------------------------------------------------------------------------
+def _descendants(pid):
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for tid in os.listdir(f"/proc/{parent}/task") if os.path.isdir(f"/proc/{parent}/task") else []:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
 def test_a_killed_worker_fails_its_program_and_is_replaced():
-    with Sandbox(SandboxLimits(timeout_seconds=30.0), workers=1) as box:
+    with Sandbox(SandboxLimits(timeout_seconds=60.0), workers=1) as box:
         assert box.run_with_marker("pass\n").passed
         worker = box._all_workers[0]
-        timer = threading.Timer(1.0, lambda: os.killpg(worker.proc.pid, signal.SIGKILL))
-        timer.start()
-        result = box.run_with_marker("import time\ntime.sleep(20)\n")
-        timer.join()
+        # worker [-> the worker proper, PID 1 of its namespace] -> init -> program
+        running = 3 if box.capabilities["pid_namespace"] else 2
+
+        def kill_once_the_program_runs():
+            while len(_descendants(worker.proc.pid)) < running:
+                time.sleep(0.01)
+            os.killpg(worker.proc.pid, signal.SIGKILL)
+        killer = threading.Thread(target=kill_once_the_program_runs, daemon=True)
+        killer.start()
+        result = box.run_with_marker("import time\ntime.sleep(50)\n")
+        killer.join()
         assert result.status == "failed" and "worker" in result.detail, result
         again = box.run_with_marker("pass\n")
         assert again.passed, (again.detail, again.stderr)
