@@ -513,7 +513,7 @@ def _init(job, namespaces, workdir, fds, go_r, status_w, marker_r, in_pid_ns, pr
         mode = os.read(go_r, 1)
         os.close(go_r)
         if not mode:
-            os._exit(1)  # the run supervisor died before the program started
+            os._exit(1)  # the worker died before the program started
         proc_ok = False
         if in_pid_ns and private_tmp:
             try:  # a /proc that shows only this namespace's processes

@@ -470,7 +470,7 @@ class Sandbox:
         if pool is not None and not pool.shared:
             return self.limits.max_processes  # a private uid per program: the limit is per program
         # RLIMIT_NPROC counts every process of the user, so leave room for the concurrent runs
-        # (and, non-root, for the workers and their run supervisors, which run as the same user).
+        # (and, non-root, for the workers and their inits, which run as the same user).
         uid = pool.uid if pool is not None else os.getuid()
         return self.limits.max_processes * self.workers + self._process_count(uid) + 3 * self.workers
 
