@@ -112,10 +112,11 @@ def evaluation_enabled(args):
     return args.eval_iters > 0 and args.eval_interval is not None
 
 
-def build_data(args, dp_rank, dp_size, consumed_samples=0):
+def build_data(args, dp_rank, dp_size, consumed_samples=0, vocab_size=None):
     """(make_train_iterator, make_valid_iterator or None). The test split is never read by the
     trainer, so it is not built (a small file may leave it without documents); neither is the
-    validation split when evaluation is off."""
+    validation split when evaluation is off. With vocab_size, a token id the model cannot embed
+    is an error naming the dataset (megaphi.data.token_check)."""
     from megaphi.data import build_gpt_datasets
 
     gbs = args.global_batch_size
@@ -126,7 +127,8 @@ def build_data(args, dp_rank, dp_size, consumed_samples=0):
     try:
         train_ds, valid_ds, _ = build_gpt_datasets(
             args.data_path, args.split, args.seq_length, args.seed,
-            num_samples=(needed, eval_samples, None), cache_dir=args.data_cache_path, splits=splits)
+            num_samples=(needed, eval_samples, None), cache_dir=args.data_cache_path, splits=splits,
+            vocab_size=vocab_size)
     except OSError as e:
         raise ArgumentError(f"--data-cache-path: {e}") from None
     except ValueError as e:
@@ -358,7 +360,8 @@ def run(args):
                                                                    state.consumed_samples)
         print_rank0(f"--mock-data: synthetic tokens (vocabulary {mock_vocab}, seed {args.seed}), no dataset read")
     else:
-        make_train_iterator, make_valid_iterator = build_data(args, dp_rank, dp_size, state.consumed_samples)
+        make_train_iterator, make_valid_iterator = build_data(args, dp_rank, dp_size, state.consumed_samples,
+                                                              vocab_size=model_config.vocab_size)
     train_iterator = make_train_iterator(state.consumed_samples)
     log_run_setup(args, engine, model_config)
     print_rank0(f"training: {num_params:,} parameters (per TP rank), "

@@ -102,7 +102,8 @@ def parse_data_path(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[
 
 def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, seed: int,
                        num_samples: Sequence[Optional[int]] = (None, None, None),
-                       cache_dir: Optional[str] = None, splits: Sequence[str] = SPLIT_NAMES):
+                       cache_dir: Optional[str] = None, splits: Sequence[str] = SPLIT_NAMES,
+                       vocab_size: Optional[int] = None):
     """(train, valid, test): each a GPTDataset, a BlendedDataset or None (weight-0 split, or a split
     not named in `splits`, which is then not built at all: a caller that never reads it need not
     have documents for it).
@@ -110,6 +111,9 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
     num_samples gives the samples wanted per split (None: one epoch). One unweighted prefix gives
     GPTDatasets; weights (even a single one) give BlendedDatasets over per-prefix GPTDatasets;
     several unweighted prefixes are blended by their sizes (one epoch each).
+
+    vocab_size: every token file is checked to hold ids < vocab_size (token_check.VocabularyError,
+    a ValueError naming the dataset), before any index is built.
     """
     from .indexed_dataset import IndexedDataset
 
@@ -119,6 +123,10 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
         raise ValueError(f"num_samples must give (train, valid, test), got {num_samples}")
     bookends = split_bookends(parse_split(split))
     readers = {p: IndexedDataset(p) for p in dict.fromkeys(prefixes)}
+    if vocab_size is not None:
+        from .token_check import check_vocabulary
+        for reader in readers.values():
+            check_vocabulary(reader, vocab_size, cache_dir)
 
     def gpt(prefix, samples, split_name):
         return GPTDataset(prefix, seq_length, samples, seed, split=split, split_name=split_name,

@@ -24,6 +24,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from . import index_cache
+from .fingerprint import index_fingerprint
 from .splits import SPLIT_NAMES, split_document_range, split_index
 
 logger = logging.getLogger(__name__)
@@ -127,6 +128,20 @@ def _check_params(seq_length, num_samples, seed):
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
 
+def _warn_if_smaller_than_a_sample(ds) -> None:
+    """A split with fewer tokens than one sample still trains, by repeating its data every sample
+    (E epochs of a few tokens each): legal, but almost always a mistake (a wrong prefix or split)."""
+    sample = ds.seq_length + ADD_EXTRA_TOKEN
+    if ds.tokens_per_epoch >= sample:
+        return
+    rank, _ = index_cache._distributed_rank()
+    if rank in (None, 0):
+        epochs = num_epochs_needed(ds.tokens_per_epoch, ds.num_samples, ds.seq_length) if ds.tokens_per_epoch > 1 else 0
+        logger.warning("WARNING: dataset %s, split %s (documents [%d, %d)) holds %d tokens, fewer than one sample "
+                       "of %d (seq_length %d + 1): every sample repeats the same data (%d epochs)",
+                       ds.prefix, ds.split_name, ds.begin, ds.end, ds.tokens_per_epoch, sample, ds.seq_length, epochs)
+
+
 class GPTDataset:
     """Samples of seq_length + 1 tokens from one split of PREFIX.{bin,idx} (see module docstring).
 
@@ -156,11 +171,15 @@ class GPTDataset:
                              f"({len(lengths)} documents)")
         self.begin, self.end = doc_range
         self.tokens_per_epoch = int(np.sum(lengths[self.begin:self.end], dtype=np.int64))
+        _warn_if_smaller_than_a_sample(self)
 
         identifiers = OrderedDict(
             format="megaphi-gpt-indices-v1", cls=type(self).__name__,
             dataset_path=os.path.abspath(self.prefix), num_sequences=len(lengths),
             tokens_per_epoch=self.tokens_per_epoch, num_samples=self.num_samples,
+            # the files' contents, not just their counts: a prefix re-preprocessed with the same
+            # document count and token total but another order must not reuse the old indices
+            data_fingerprint=index_fingerprint(self.indexed_dataset),
             index_split=self.split_name, random_seed=self.seed, sequence_length=self.seq_length,
             split=self.split, document_range=[self.begin, self.end],
             add_extra_token_to_sequence=True, drop_last_partial_sequence=True)

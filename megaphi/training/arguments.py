@@ -8,6 +8,9 @@ import json
 import math
 import os
 import re
+import shlex
+
+from megaphi.training import megatron_flags
 
 
 class ArgumentError(ValueError):
@@ -19,11 +22,28 @@ LAYERNORM_IMPL_CHOICES = ("auto", "cuda", "torch", "apex")
 ROTARY_IMPL_CHOICES = ("auto", "cuda", "torch")  # apex has no rotary kernel
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none to show (None, False)."""
+
+    def _get_help_string(self, action):  # the hook ArgumentDefaultsHelpFormatter itself overrides
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """`@args.txt` reads flags from a file: shell-like words, several per line, `#` comments."""
+
+    def convert_arg_line_to_args(self, arg_line):
+        return shlex.split(arg_line, comments=True)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m megaphi.pretrain",
-        description="Pretrain or finetune a phi-1-class model (Megatron-style flags, DeepSpeed ZeRO).",
-        allow_abbrev=False)
+        description="Pretrain or finetune a phi-1-class model (Megatron-style flags, DeepSpeed ZeRO). "
+                    "@FILE reads more flags from FILE.",
+        allow_abbrev=False, fromfile_prefix_chars="@", formatter_class=HelpFormatter)
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="phi-1", choices=MODEL_PRESETS,
@@ -36,54 +56,62 @@ def build_parser():
     g.add_argument("--seq-length", type=int, help="training sequence length (default: max positions)")
     g.add_argument("--max-position-embeddings", type=int)
     g.add_argument("--vocab-size", type=int, help="only when no --tokenizer is given")
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this x TP size")
     g.add_argument("--attention-dropout", type=float)
     g.add_argument("--hidden-dropout", type=float, help="residual dropout (attention and MLP outputs)")
     g.add_argument("--embedding-dropout", type=float)
     g.add_argument("--init-method-std", type=float)
-    g.add_argument("--recompute", action="store_true", help="activation recomputation per layer")
-    g.add_argument("--layernorm-impl", default="auto", choices=LAYERNORM_IMPL_CHOICES)
-    g.add_argument("--rotary-impl", default="auto", choices=ROTARY_IMPL_CHOICES)
+    g.add_argument("--recompute", "--recompute-activations", dest="recompute", action="store_true",
+                   help="activation recomputation per layer")
+    g.add_argument("--layernorm-impl", default="auto", choices=LAYERNORM_IMPL_CHOICES,
+                   help="LayerNorm kernel (auto: CUDA kernel on a GPU, torch otherwise)")
+    g.add_argument("--rotary-impl", default="auto", choices=ROTARY_IMPL_CHOICES,
+                   help="rotary embedding kernel (auto: CUDA kernel on a GPU, torch otherwise)")
 
     g = p.add_argument_group("batch and iterations")
-    g.add_argument("--micro-batch-size", type=int, default=None)
+    g.add_argument("--micro-batch-size", type=int, default=None, help="samples per device per forward pass")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="default: micro batch x data-parallel size (no accumulation)")
-    g.add_argument("--train-iters", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=None, help="optimizer steps to train for")
     g.add_argument("--exit-interval", type=int, default=None,
                    help="save and exit when the iteration is a multiple of this")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--seed", type=int, default=1234, help="seeds data order, initialization and dropout")
+    megatron_flags.add_run_length_flags(g)
 
     g = p.add_argument_group("learning rate")
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
+    g.add_argument("--lr-warmup-iters", type=int, default=None, help="linear warmup steps (default: 0)")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
-    g.add_argument("--lr-decay-style", default="linear", choices=("linear", "cosine", "constant"))
+    g.add_argument("--lr-decay-style", default="linear", choices=("linear", "cosine", "constant"),
+                   help="decay from --lr to --min-lr after the warmup")
+    megatron_flags.add_lr_flags(g)
 
     g = p.add_argument_group("optimizer")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases, LayerNorm)")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
     g.add_argument("--optimizer-impl", choices=("auto", "torch", "torch-fused", "deepspeed-fused"), default="auto",
                    help="AdamW implementation: auto = torch's fused AdamW on CUDA (no JIT compile), torch's "
                         "default on CPU; deepspeed-fused = DeepSpeed's FusedAdam (compiles on first use)")
     g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
 
     g = p.add_argument_group("precision")
-    g.add_argument("--fp16", action="store_true")
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16)
-    g.add_argument("--min-loss-scale", type=float, default=1.0)
-    g.add_argument("--loss-scale-window", type=int, default=1000)
-    g.add_argument("--hysteresis", type=int, default=2)
+    g.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling (default: fp32)")
+    g.add_argument("--bf16", action="store_true", help="bf16 (default: fp32)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16, help="fp16: starting loss scale")
+    g.add_argument("--min-loss-scale", type=float, default=1.0, help="fp16: the loss scale never goes below")
+    g.add_argument("--loss-scale-window", type=int, default=1000,
+                   help="fp16: steps without overflow before the loss scale doubles")
+    g.add_argument("--hysteresis", type=int, default=2, help="fp16: overflows tolerated before the scale halves")
 
     g = p.add_argument_group("distributed")
     g.add_argument("--zero-stage", type=int, default=None,
                    help="DeepSpeed ZeRO stage 0-3 (default: 1 with several data-parallel ranks, else 0)")
     g.add_argument("--deepspeed-config", default=None, help="JSON merged over the generated config")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor-parallel ranks per model")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="shard LayerNorm/dropout activations over the sequence (TP > 1 only)")
     g.add_argument("--distributed-backend", default=None, choices=("nccl", "gloo"),
@@ -97,34 +125,39 @@ def build_parser():
                    help="PREFIX or W1 PREFIX1 W2 PREFIX2 ... (prefix of .bin/.idx)")
     g.add_argument("--mock-data", action="store_true",
                    help="train on synthetic tokens (no --data-path, no tokenizer needed): benchmarks, checks")
-    g.add_argument("--split", default="969,30,1")
-    g.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test weights of --data-path's documents")
+    megatron_flags.add_data_flags(g)
+    g.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", default=None,
+                   help="tokenizer folder, tokenizer.json or Hugging Face Hub name")
     g.add_argument("--data-cache-path", "--data-cache-dir", dest="data_cache_path", default=None,
                    help="folder for the dataset index cache (default: <data dir>/cache/GPTDataset_indices)")
-    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
 
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--save", default=None)
-    g.add_argument("--load", default=None)
-    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--save", default=None, help="checkpoint folder to write")
+    g.add_argument("--load", default=None, help="checkpoint folder to resume from (or, with --finetune / "
+                                                  "--skip-train, a model folder)")
+    g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
     g.add_argument("--finetune", action="store_true",
                    help="with --load: load weights only; fresh optimizer, schedule and iteration")
     g.add_argument("--no-export-model", action="store_true",
                    help="do not write DIR/<tag>/model/ (config.json + model.safetensors) at each save")
 
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-interval", type=int, default=1000, help="validate every N iterations (and at the end)")
     g.add_argument("--eval-iters", type=int, default=100, help="0 disables validation")
-    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--log-interval", type=int, default=100,
+                   help="log every N iterations (the first iteration is always logged)")
     g.add_argument("--log-dir", default=None, help="metrics.jsonl goes here (default: --save)")
-    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--tensorboard-dir", default=None, help="TensorBoard event files (Megatron's tag names)")
+    megatron_flags.add_wandb_flags(g)
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s per device for MFU (default: looked up by device name)")
     g.add_argument("--eval-humaneval", default=None, metavar="PROBLEMS",
                    help="humaneval (the 164 real problems), humaneval:N (the first N) or a problems file; "
                         "the best checkpoint is then chosen by pass@1")
     g.add_argument("--eval-humaneval-interval", type=int, default=None)
-    g.add_argument("--humaneval-max-new-tokens", type=int, default=256)
+    g.add_argument("--humaneval-max-new-tokens", type=int, default=256, help="completion length cap")
     return p
 
 
@@ -210,8 +243,6 @@ def validate_args(args, world_size):
 
     if args.micro_batch_size is None:
         raise ArgumentError("--micro-batch-size is required")
-    if args.train_iters is None:
-        raise ArgumentError("--train-iters is required")
     per_step = args.micro_batch_size * args.data_parallel_size
     if args.global_batch_size is None:
         args.global_batch_size = per_step
@@ -220,6 +251,9 @@ def validate_args(args, world_size):
             f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
             f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size} = {per_step}")
     args.gradient_accumulation_steps = args.global_batch_size // per_step
+    megatron_flags.resolve_run_length(args)  # --train-samples / --train-tokens -> --train-iters
+    if args.train_iters is None:
+        raise ArgumentError("--train-iters is required (or --train-samples / --train-tokens)")
 
     if args.fp16 and args.bf16:
         raise ArgumentError("--fp16 and --bf16 are mutually exclusive")
@@ -237,6 +271,9 @@ def validate_args(args, world_size):
         raise ArgumentError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.lr_decay_iters <= 0:
+        raise ArgumentError(f"--lr-decay-iters must be > 0, got {args.lr_decay_iters}")
+    megatron_flags.resolve_warmup(args)  # --lr-warmup-fraction -> --lr-warmup-iters
     if args.lr_warmup_iters < 0:
         raise ArgumentError("--lr-warmup-iters must be >= 0")
     if args.lr_warmup_iters > args.lr_decay_iters:
@@ -252,14 +289,24 @@ def validate_args(args, world_size):
 
     if args.mock_data and args.data_path:
         raise ArgumentError("--mock-data and --data-path exclude each other: synthetic tokens or token files")
-    if not args.data_path and not args.mock_data:
+    megatron_flags.validate_data_sources(args)
+    per_split = megatron_flags.per_split_data_paths(args)
+    if not args.data_path and not args.mock_data and not per_split:
         raise ArgumentError("--data-path is required (PREFIX or W1 PREFIX1 W2 PREFIX2 ...), "
                             "or --mock-data for synthetic tokens")
     args.data_weights, args.data_prefixes = parse_data_path(args.data_path) if args.data_path else (None, [])
-    for prefix in args.data_prefixes:
-        for ext in (".bin", ".idx"):
-            if not os.path.exists(prefix + ext):
-                raise ArgumentError(f"--data-path: {prefix + ext} does not exist")
+    sources = [("--data-path", args.data_prefixes)]
+    for split, path in per_split.items():
+        flag = f"--{split}-data-path"
+        try:
+            sources.append((flag, parse_data_path(path)[1]))
+        except ArgumentError as e:
+            raise ArgumentError(str(e).replace("--data-path", flag)) from None
+    for flag, prefixes in sources:
+        for prefix in prefixes:
+            for ext in (".bin", ".idx"):
+                if not os.path.exists(prefix + ext):
+                    raise ArgumentError(f"{flag}: {prefix + ext} does not exist")
     parts = args.split.replace("/", ",").split(",")
     try:
         split = [float(x) for x in parts]
@@ -277,7 +324,9 @@ def validate_args(args, world_size):
         raise ArgumentError("--exit-interval needs --save DIR (the run saves before exiting)")
     if args.finetune and args.load is None:
         raise ArgumentError("--finetune needs --load (a training checkpoint or a megaphi model folder)")
-    if args.finetune and not os.path.exists(args.load):
+    megatron_flags.validate_run_control(args)
+    megatron_flags.validate_wandb(args)
+    if (args.finetune or args.skip_train) and not os.path.exists(args.load):
         raise ArgumentError(f"--load: {args.load} does not exist")
     if args.log_dir is None:
         args.log_dir = args.save
