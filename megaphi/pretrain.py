@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from megaphi.training import checkpointing
 from megaphi.training.arguments import ArgumentError, parse_args
+from megaphi.training import dist_timeout
 from megaphi.training.deepspeed_config import build_deepspeed_config
 from megaphi.training.metrics import MetricsWriter
 from megaphi.training.signals import GracefulExit
@@ -27,8 +28,9 @@ def _free_port():
         return str(s.getsockname()[1])
 
 
-def init_distributed(backend=None):
-    """Join the launcher's process group, or make a 1-rank one for a plain `python -m` run."""
+def init_distributed(backend=None, timeout_minutes=None):
+    """Join the launcher's process group, or make a 1-rank one for a plain `python -m` run.
+    timeout_minutes (--distributed-timeout-minutes) bounds every collective of every group."""
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:  # no launcher
@@ -42,7 +44,10 @@ def init_distributed(backend=None):
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
+    kwargs = {}
+    if timeout_minutes is not None:
+        kwargs["timeout"] = dist_timeout.set_default_timeout(timeout_minutes)
+    dist.init_process_group(backend, **kwargs)
 
 
 def build_model_config(args, padded_vocab_size):
@@ -280,12 +285,20 @@ def main(argv=None):
     except ArgumentError as e:
         print(f"megaphi.pretrain: error: {e}", file=sys.stderr)
         return 2
-    init_distributed(args.distributed_backend)
     try:
+        init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
         return run(args)
     except (ArgumentError, TrainingError, checkpointing.CheckpointError, TensorParallelMismatchError) as e:
         print(f"megaphi.pretrain: error: {e}", file=sys.stderr, flush=True)
         return 1
+    except RuntimeError as e:
+        if not dist_timeout.is_timeout(e):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else None
+        print(f"megaphi.pretrain: error: {dist_timeout.timeout_message(e, args.distributed_timeout_minutes, rank)}",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # the group is unusable: tearing it down could wait on the missing rank again
     finally:
         from megaphi.parallel import destroy_model_parallel
         destroy_model_parallel()

@@ -116,6 +116,9 @@ def build_parser():
                    help="shard LayerNorm/dropout activations over the sequence (TP > 1 only)")
     g.add_argument("--distributed-backend", default=None, choices=("nccl", "gloo"),
                    help="default: nccl with CUDA, else gloo")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="a collective (or the start-up rendezvous) waiting longer than this for the other ranks "
+                        "stops the run with an error (a stopped, hung or dead rank)")
     # Launchers pass one of these; LOCAL_RANK in the environment is used otherwise.
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help=argparse.SUPPRESS)
@@ -262,6 +265,8 @@ def validate_args(args, world_size):
         args.zero_stage = 1 if args.data_parallel_size > 1 else 0
     if args.zero_stage not in (0, 1, 2, 3):
         raise ArgumentError(f"--zero-stage must be 0, 1, 2 or 3, got {args.zero_stage}")
+    if not (args.distributed_timeout_minutes > 0 and math.isfinite(args.distributed_timeout_minutes)):
+        raise ArgumentError(f"--distributed-timeout-minutes must be > 0, got {args.distributed_timeout_minutes}")
 
     if args.lr is None:
         raise ArgumentError("--lr is required")
