@@ -1,4 +1,5 @@
-"""tools/preprocess_data.py end to end: formats, order, keys, bad inputs, --strict, atomic outputs."""
+"""tools/preprocess_data.py end to end: formats, order, keys, bad inputs, --strict, atomic outputs.
+Parquet / HF datasets inputs, size limits, signals and stale temporaries: test_preprocess_inputs.py."""
 import gzip
 import importlib.util
 import json
@@ -244,39 +245,3 @@ def test_make_stdlib_corpus(tmp_path, codegen_tokenizer_dir, ref_tok):
                     str(codegen_tokenizer_dir), "--quiet", "--workers", "0"]) == 0
     want_bin, _ = expected_files([ref_tok("A = 1\n"), ref_tok("B = 2\n"), ref_tok("A = 1\n")])
     assert (tmp_path / "o_text_document.bin").read_bytes() == want_bin
-
-
-def test_terminated_run_leaves_no_outputs(tmp_path, codegen_tokenizer_dir):
-    """SIGTERM mid-run (the input is a FIFO kept open, so the run is stalled mid-way): no outputs left."""
-    import signal
-    import time
-
-    fifo = tmp_path / "in.jsonl"
-    os.mkfifo(fifo)
-    proc = subprocess.Popen([sys.executable, TOOL, "--input", str(fifo), "--output-prefix", str(tmp_path / "o"),
-                             "--tokenizer", str(codegen_tokenizer_dir), "--workers", "1", "--batch-size", "1",
-                             "--quiet"], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    fd = None
-    try:
-        while fd is None:  # a non-blocking open fails until the tool opens the FIFO for reading
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:
-                assert proc.poll() is None and time.time() < deadline, "the tool did not open its input"
-                time.sleep(0.05)
-        os.write(fd, b'{"text": "a = 1"}\n{"text": "b = 2"}\n')
-        while not list(tmp_path.glob("o_text_document.bin.tmp-*")):
-            assert time.time() < deadline
-            time.sleep(0.05)
-        time.sleep(0.5)  # let it tokenize what it got
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if fd is not None:
-            os.close(fd)
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
-    assert "no output was written" in err
-    assert not list(tmp_path.glob("o_*"))

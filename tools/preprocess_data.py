@@ -2,8 +2,10 @@
 """Tokenize a code corpus into Megatron MMIDIDX token files: PREFIX_{key}_document.{bin,idx}.
 
 Inputs (any number, in the order given): JSONL files (``.jsonl``/``.json``, one JSON object per line,
-text under ``--json-keys``), gzipped JSONL (``.jsonl.gz``/``.json.gz``), directories of source files
-(recursive, sorted path order, ``--extensions``, one document per file) and single source files.
+text under ``--json-keys``), gzipped JSONL (``.jsonl.gz``/``.json.gz``), parquet files (the text column
+from ``--json-keys``), Hugging Face datasets saved with ``save_to_disk`` (a folder), ``hf:NAME`` (the
+Hub, streamed), directories of source files (recursive, sorted path order, ``--extensions``, one
+document per file) and single source files. Readers: megaphi/data/corpus_readers.py.
 Worker processes decode, validate and tokenize batches; the main process streams the token arrays, in
 input order, into the C++ builder. EOD is appended to every document (``--no-append-eod`` to
 disable). Bad records are skipped and counted (``--strict``: fatal). See docs/data.md.
@@ -15,14 +17,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gzip
-import json
+import glob
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
-from typing import Iterator, List, NamedTuple, Optional
+from typing import Iterator, List, Optional
 
 import numpy as np
 
@@ -30,178 +32,21 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
     sys.path.insert(0, _REPO)
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+from megaphi.data.corpus_readers import (  # noqa: E402  (tools/train_tokenizer.py imports the readers from here)
+    DEFAULT_MAX_DOCUMENT_BYTES, Batch, HFOptions, decode_batch, input_size, iter_batches, parse_extensions)
+
 MAX_REPORTED = 5  # bad-input locations printed
-
-
-# ----------------------------------------------------------------------------- reading
-class Batch(NamedTuple):
-    kind: str  # "jsonl": items are raw lines; "files": items are paths; "error": an unreadable input
-    source: str  # file name (jsonl/error) or "" (files)
-    first_line: int  # line number of items[0] (jsonl)
-    items: list
-
-
-def is_jsonl(path: str) -> bool:
-    return path.endswith(JSONL_SUFFIXES)
-
-
-def parse_extensions(spec: str) -> tuple:
-    exts = tuple(e if e.startswith(".") else "." + e for e in (s.strip() for s in spec.split(",")) if e)
-    if not exts:
-        raise ValueError("--extensions is empty")
-    return exts
-
-
-def walk_sorted(root: str, extensions: tuple, errors: list) -> Iterator[str]:
-    """Files under root ending with one of extensions, in sorted full-path order, without listing the
-    whole tree at once (a directory sorts as its name + "/", which gives full-path order)."""
-    try:
-        entries = list(os.scandir(root))
-    except OSError as e:
-        errors.append(f"{root}: {e.strerror or e}")
-        return
-    keyed = []
-    for entry in entries:
-        try:
-            is_dir = entry.is_dir(follow_symlinks=False)
-        except OSError:
-            is_dir = False
-        keyed.append((entry.name + "/" if is_dir else entry.name, entry.path, is_dir))
-    del entries
-    for _, path, is_dir in sorted(keyed):
-        if is_dir:
-            yield from walk_sorted(path, extensions, errors)
-        elif path.endswith(extensions):
-            yield path
-
-
-def _file_size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
-def iter_batches(inputs: List[str], extensions: tuple, batch_size: int, batch_bytes: int = 1 << 62) -> Iterator[Batch]:
-    """Batches of raw records (at most batch_size records or about batch_bytes bytes), in input order.
-    Opening/reading failures become "error" batches."""
-    for path in inputs:
-        if os.path.isdir(path):
-            errors: list = []
-            items: list = []
-            size = 0
-            for f in walk_sorted(path, extensions, errors):
-                while errors:
-                    yield Batch("error", errors.pop(0), 0, [])
-                items.append(f)
-                size += _file_size(f)
-                if len(items) >= batch_size or size >= batch_bytes:
-                    yield Batch("files", "", 0, items)
-                    items, size = [], 0
-            while errors:
-                yield Batch("error", errors.pop(0), 0, [])
-            if items:
-                yield Batch("files", "", 0, items)
-        elif is_jsonl(path):
-            yield from _jsonl_batches(path, batch_size, batch_bytes)
-        else:
-            yield Batch("files", "", 0, [path])
-
-
-def _jsonl_batches(path: str, batch_size: int, batch_bytes: int) -> Iterator[Batch]:
-    opener = gzip.open if path.endswith(".gz") else open
-    line_no, items, first, size = 0, [], 1, 0
-    try:
-        with opener(path, "rb") as f:
-            for line in f:
-                line_no += 1
-                items.append(line)
-                size += len(line)
-                if len(items) >= batch_size or size >= batch_bytes:
-                    yield Batch("jsonl", path, first, items)
-                    items, first, size = [], line_no + 1, 0
-    except (OSError, EOFError, ValueError) as e:  # unreadable, truncated or corrupt gzip
-        if items:
-            yield Batch("jsonl", path, first, items)
-            items = []
-        where = f"{path}:{line_no + 1}" if line_no else path
-        yield Batch("error", f"{where}: {getattr(e, 'strerror', None) or e}", 0, [])
-    if items:
-        yield Batch("jsonl", path, first, items)
-
-
-def decode_batch(batch: Batch, keys: List[str]):
-    """Texts per key of a batch, the skipped records as (reason, location), and the bytes read."""
-    texts = {k: [] for k in keys}
-    skipped = []
-    nbytes = 0
-    if batch.kind == "error":
-        return texts, [("unreadable file", batch.source)], 0
-    if batch.kind == "files":
-        key = keys[0]  # a source file is the first key's document
-        for path in batch.items:
-            try:
-                with open(path, "rb") as f:
-                    raw = f.read()
-            except OSError as e:
-                skipped.append(("unreadable file", f"{path}: {e.strerror or e}"))
-                continue
-            nbytes += len(raw)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                skipped.append(("undecodable bytes", f"{path}: byte {e.start}"))
-                continue
-            if not text.strip():
-                skipped.append(("empty document", path))
-                continue
-            texts[key].append(text)
-        return texts, skipped, nbytes
-    for i, line in enumerate(batch.items):
-        nbytes += len(line)
-        where = f"{batch.source}:{batch.first_line + i}"
-        if not line.strip():
-            continue  # blank lines separate nothing in JSONL; ignored
-        try:
-            s = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            skipped.append(("undecodable bytes", f"{where}: byte {e.start}"))
-            continue
-        try:
-            obj = json.loads(s)
-        except ValueError as e:
-            skipped.append(("malformed JSON", f"{where}: {e}"))
-            continue
-        if not isinstance(obj, dict):
-            skipped.append(("malformed JSON", f"{where}: not a JSON object"))
-            continue
-        for key in keys:
-            if key not in obj:
-                skipped.append(("missing key", f"{where}: no key {key!r}"))
-                continue
-            text = obj[key]
-            if not isinstance(text, str):
-                skipped.append(("non-string value", f"{where}: key {key!r} holds {type(text).__name__}"))
-                continue
-            if not text.strip():
-                skipped.append(("empty document", f"{where}: key {key!r}"))
-                continue
-            try:
-                text.encode("utf-8")  # lone surrogates from \ud800-style escapes cannot be tokenized
-            except UnicodeEncodeError:
-                skipped.append(("undecodable bytes", f"{where}: key {key!r} has an unpaired surrogate"))
-                continue
-            texts[key].append(text)
-    return texts, skipped, nbytes
 
 
 # ----------------------------------------------------------------------------- tokenizing
 _WORKER = {}
 
 
-def _init_worker(tokenizer_name: str, keys: List[str], append_eod: bool, threads: int) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM
+def _init_worker(tokenizer_name: str, keys: List[str], append_eod: bool, threads: int,
+                 max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES, in_pool: bool = True) -> None:
+    if in_pool:  # never in the main process (--workers 0): its handlers remove the temporary outputs
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the main process handles it
     # Before the tokenizer's first parallel use: one thread per worker unless asked otherwise.
     if threads <= 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -211,7 +56,7 @@ def _init_worker(tokenizer_name: str, keys: List[str], append_eod: bool, threads
         from megaphi.tokenizer import load_tokenizer
 
         _WORKER.update(tok=load_tokenizer(tokenizer_name), name=tokenizer_name)
-    _WORKER.update(keys=keys, append_eod=append_eod)
+    _WORKER.update(keys=keys, append_eod=append_eod, max_document_bytes=max_document_bytes)
 
 
 def _to_arrays(ids_lists: List[List[int]], eod: Optional[int]):
@@ -257,14 +102,14 @@ def _encode_to_arrays(tok, docs: List[str], eod: Optional[int]):
 
 
 def tokenize_batch(batch: Batch):
-    """Worker task: (per-key (tokens, lengths) or None, skipped records, bytes read)."""
-    texts, skipped, nbytes = decode_batch(batch, _WORKER["keys"])
+    """Worker task: (per-key (tokens, lengths) or None, skipped records, bytes read, input bytes done)."""
+    texts, skipped, nbytes = decode_batch(batch, _WORKER["keys"], _WORKER["max_document_bytes"])
     tok = _WORKER["tok"]
     eod = tok.eod_id if _WORKER["append_eod"] else None
     out = {}
     for key, docs in texts.items():
         out[key] = _encode_to_arrays(tok, docs, eod) if docs else None
-    return out, skipped, nbytes
+    return out, skipped, nbytes, batch.size
 
 
 # ----------------------------------------------------------------------------- driver
@@ -278,9 +123,10 @@ def output_prefix_for(prefix: str, key: str, level: str = "document") -> str:
 
 def _ordered_results(batches: Iterator[Batch], args):
     """Yields tokenize_batch results in input order, with at most 2 * workers + 2 batches in flight."""
-    init = (args.tokenizer, args.json_keys, args.append_eod, args.tokenizer_threads)
+    init = (args.tokenizer, args.json_keys, args.append_eod, args.tokenizer_threads, args.max_document_bytes)
     if args.workers <= 0:
-        _init_worker(*init[:3], threads=max(1, os.cpu_count() or 1))
+        _init_worker(*init[:3], threads=max(1, os.cpu_count() or 1), max_document_bytes=args.max_document_bytes,
+                     in_pool=False)
         for b in batches:
             yield tokenize_batch(b)
         return
@@ -299,9 +145,16 @@ def _ordered_results(batches: Iterator[Batch], args):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("input")
-    g.add_argument("--input", nargs="+", required=True, help="JSONL (.jsonl, .jsonl.gz) files, source directories or files")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL keys to tokenize (default: text); "
-                   "one output per key; source files go to the first key")
+    g.add_argument("--input", nargs="+", required=True, help="JSONL (.jsonl, .jsonl.gz) or parquet files, saved Hugging "
+                   "Face datasets (folders), hf:NAME (Hub, streamed), source directories or files")
+    g.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL keys / parquet and dataset columns to "
+                   "tokenize (default: text); one output per key; source files go to the first key")
+    g.add_argument("--hf-split", default="train", help="split of a saved DatasetDict or an hf: dataset (default: train)")
+    g.add_argument("--hf-subset", default=None, help="configuration name of hf: datasets (load_dataset's name)")
+    g.add_argument("--hf-data-dir", default=None, help="data_dir of hf: datasets (e.g. data/python for the-stack-smol)")
+    g.add_argument("--max-document-bytes", type=int, default=DEFAULT_MAX_DOCUMENT_BYTES,
+                   help="skip (and count) records larger than this: a JSONL line, a source file, a parquet/dataset "
+                   "value; tokenizing takes ~120 bytes of memory per input byte (default: 16 MiB)")
     g.add_argument("--extensions", default=".py", help="comma-separated suffixes of source files taken from "
                    "directories (default: .py)")
     g.add_argument("--strict", action="store_true", help="stop with an error at the first bad record instead of skipping it")
@@ -323,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "per worker task")
     g.add_argument("--batch-bytes", type=int, default=256 << 10, help="... or about this many input bytes "
                    "(small tasks keep all workers busy to the end; default 256 KiB)")
-    g.add_argument("--log-interval", type=int, default=1000, help="documents between progress updates")
+    g.add_argument("--log-interval", type=int, default=1000, help="documents between updates of the bar's "
+                   "document and token counts")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -340,12 +194,14 @@ def run(args) -> dict:
     from megaphi.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
     args.tokenizer = args.tokenizer or DEFAULT_TOKENIZER
-    for path in args.input:
-        if not os.path.exists(path):
-            raise InputError(f"--input {path}: no such file or directory")
     extensions = parse_extensions(args.extensions)
+    hf = HFOptions(args.hf_split, args.hf_subset, args.hf_data_dir)
+    sizes = [input_size(path, extensions, hf) for path in args.input]  # CorpusError: missing or unknown type
+    total = None if None in sizes else sum(sizes)
     if args.batch_size < 1 or args.batch_bytes < 1:
         raise InputError("--batch-size and --batch-bytes must be >= 1")
+    if args.max_document_bytes < 1:
+        raise InputError("--max-document-bytes must be >= 1")
     if len(set(args.json_keys)) != len(args.json_keys):
         raise InputError("--json-keys lists a key twice")
     if args.tokenizer_threads is None:
@@ -363,19 +219,27 @@ def run(args) -> dict:
     if not os.path.isdir(out_dir):
         raise InputError(f"--output-prefix {args.output_prefix}: folder {out_dir} does not exist")
 
+    for prefix in outputs.values():
+        for path in remove_stale_temporaries(prefix):
+            print(f"removed {path} (left by a run that no longer exists)", file=sys.stderr)
     tag = f".tmp-{os.getpid()}"
     builders, done, results = {}, False, None
     counts = collections.Counter()
     reported: List[str] = []
     docs = tokens = nbytes = 0
     t0 = time.time()
-    bar = tqdm(unit=" docs", disable=args.quiet, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    # Byte-based: input bytes on disk (compressed for .gz and parquet); a total and an ETA unless an input's
+    # size is unknown (a source folder is not walked twice, hf: datasets are streamed).
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=args.quiet, file=sys.stderr,
+               dynamic_ncols=True, mininterval=0.5)
     try:
         for key, prefix in outputs.items():
             builders[key] = IndexedDatasetBuilder(prefix + ".bin" + tag, dtype)
         since = 0
-        results = _ordered_results(iter_batches(args.input, extensions, args.batch_size, args.batch_bytes), args)
-        for result, skipped, nb in results:
+        batches = iter_batches(args.input, extensions, args.batch_size, args.batch_bytes, args.json_keys,
+                               args.max_document_bytes, hf)
+        results = _ordered_results(batches, args)
+        for result, skipped, nb, done_bytes in results:
             for reason, where in skipped:
                 if args.strict:
                     raise InputError(f"{reason} at {where} (--strict)")
@@ -396,11 +260,13 @@ def run(args) -> dict:
                 since += len(lengths)
                 tokens += flat.size
             if since >= args.log_interval:
-                elapsed = max(time.time() - t0, 1e-9)
-                bar.update(since)
-                bar.set_postfix_str(f"{tokens:,} tokens, {nbytes / 1e6 / elapsed:.1f} MB/s", refresh=False)
+                bar.set_postfix_str(f"{docs:,} docs, {tokens:,} tokens", refresh=False)
                 since = 0
-        bar.update(since)
+            bar.update(done_bytes)
+        bar.set_postfix_str(f"{docs:,} docs, {tokens:,} tokens", refresh=False)
+        if docs == 0:
+            why = f"all {sum(counts.values()):,} records were skipped" if counts else "the inputs hold no records"
+            raise InputError(f"no documents: {why}")
         for key, prefix in outputs.items():
             builders[key].finalize(prefix + ".idx" + tag)
         for prefix in outputs.values():  # .bin first, .idx last: a present .idx means a complete pair
@@ -448,14 +314,44 @@ def print_summary(s: dict, out=None) -> None:
         print(f"wrote {prefix}.bin and {prefix}.idx", file=out)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(prefix: str) -> List[str]:
+    """Removes PREFIX.{bin,idx}.tmp-PID files whose PID is not a live process on this host (a killed
+    run's leftovers); returns their paths. A live PID's files are kept (it may be a run in progress)."""
+    removed = []
+    for path in sorted(glob.glob(glob.escape(prefix) + ".*.tmp-*")):
+        m = re.fullmatch(r"\.(?:bin|idx)\.tmp-(\d+)", path[len(prefix):])
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            os.remove(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 def _is_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that run() removes its temporary outputs."""
+
+
 def _terminated(signum, frame):
-    raise KeyboardInterrupt  # run() removes its temporary outputs on the way out
+    raise Terminated
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -467,9 +363,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         print("no output was written", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted; no output was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # exit status 128 + signal number, as if killed by it
+        term = isinstance(e, Terminated)
+        print(f"interrupted by {'SIGTERM' if term else 'SIGINT'}; no output was written", file=sys.stderr)
+        return 128 + (signal.SIGTERM if term else signal.SIGINT)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train a byte-level BPE tokenizer (GPT-2 style, with <|endoftext|>) on a corpus, offline.
 
-Reads the same inputs as tools/preprocess_data.py (JSONL, .jsonl.gz, source directories) and writes
+Reads the same inputs as tools/preprocess_data.py (JSONL, .jsonl.gz, parquet, HF datasets, source trees) and writes
 OUTPUT_DIR/tokenizer.json, loadable with --tokenizer OUTPUT_DIR everywhere in megaphi.
 
     python tools/train_tokenizer.py --input corpus.jsonl --vocab-size 4096 --output-dir data/tokenizer
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def iter_texts(inputs: List[str], keys: List[str], extensions: tuple, limit: Optional[int], stats: dict) -> Iterator[str]:
     n = 0
-    for batch in iter_batches(inputs, extensions, 256):
+    for batch in iter_batches(inputs, extensions, 256, keys=keys):  # parquet/datasets: read the keys' columns
         texts, skipped, nbytes = decode_batch(batch, keys)
         stats["skipped"] += len(skipped)
         stats["bytes"] += nbytes
