@@ -116,6 +116,7 @@ setup(
         "gpu": ["flash-attn"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
+        "data": ["pyarrow", "datasets"],  # preprocess_data.py: parquet, saved HF datasets, hf: Hub names
     },
     zip_safe=False,
 )
