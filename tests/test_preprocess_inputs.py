@@ -12,9 +12,6 @@ import pytest
 
 from test_preprocess_data import TEXTS, TOOL, expected_files, pp, run_tool, write_jsonl
 
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
-
 DOCS = TEXTS + ["def g(x):\n    return x * 2\n", "print('last')\n"]
 
 
@@ -27,6 +24,8 @@ def ref_tok(codegen_tokenizer_dir):
 
 
 def write_parquet(path, columns, row_group_size=2):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
     pq.write_table(pa.table(columns), str(path), row_group_size=row_group_size)
 
 
@@ -246,6 +245,7 @@ def test_zero_documents_is_an_error(tmp_path, codegen_tokenizer_dir, capsys, cas
         (tmp_path / "src").mkdir()
         inp, why = tmp_path / "src", "the inputs hold no records"
     else:
+        pa = pytest.importorskip("pyarrow")
         write_parquet(tmp_path / "in.parquet", {"text": pa.array([], pa.string())})
         inp, why = tmp_path / "in.parquet", "the inputs hold no records"
     rc, _ = run_tool(["--input", inp, "--output-prefix", tmp_path / "o", "--workers", 0], codegen_tokenizer_dir)
