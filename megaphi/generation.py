@@ -196,7 +196,8 @@ def resolve_device_and_dtype(device: Optional[str] = None, dtype: Optional[str] 
 
 def load_model_and_tokenizer(checkpoint: str, tokenizer_path: Optional[str] = None,
                              device: Optional[str] = None, dtype: Optional[str] = None):
-    """A megaphi checkpoint folder (PhiForCausalLM.from_pretrained) and its tokenizer, ready to decode.
+    """A model folder (megaphi, or Hugging Face phi with HF or MixFormer names) or training checkpoint
+    (PhiForCausalLM.from_pretrained) and its tokenizer, ready to decode.
 
     The tokenizer defaults to the checkpoint folder when it holds tokenizer.json, else phi-1's
     (codegen-350M-mono, from the Hugging Face Hub)."""

@@ -145,5 +145,6 @@ def test_mismatches_name_the_tensor(hf_dir, tmp_path):
     with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.fc2\.bias' is missing"):
         convert.main(["hf-to-megaphi", str(bad), str(tmp_path / "out2")])
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
-    with pytest.raises(ValueError, match="not a megaphi checkpoint"):
-        convert.main(["megaphi-to-hf", str(hf_dir), str(tmp_path / "out3")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a model folder"):
+        convert.main(["megaphi-to-hf", str(tmp_path / "empty"), str(tmp_path / "out3")])

@@ -125,7 +125,9 @@ def test_kv_cache_decoding_matches_full_forward():
 def test_save_and_load_pretrained(tmp_path):
     model = PhiForCausalLM(CONFIG, init_seed=0).eval()
     model.save_pretrained(tmp_path / "ckpt")
-    assert json.loads((tmp_path / "ckpt" / "config.json").read_text()) == CONFIG.to_dict()
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())  # an HF config + megaphi's own keys
+    assert saved["model_type"] == "phi" and {k: saved[k] for k in ("hidden_size", "rotary_dim")} == \
+        {"hidden_size": CONFIG.hidden_size, "rotary_dim": CONFIG.rotary_dim}
     tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
     assert "model.layers.0.self_attn.q_proj.weight" in tensors and "lm_head.bias" in tensors
     loaded = PhiForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
@@ -138,7 +140,7 @@ def test_save_and_load_pretrained(tmp_path):
     save_file(tensors, tmp_path / "ckpt" / "model.safetensors")
     with pytest.raises(ValueError, match=r"'model\.layers\.1\.mlp\.fc1\.weight' has shape"):
         PhiForCausalLM.from_pretrained(tmp_path / "ckpt")
-    with pytest.raises(ValueError, match="not a megaphi checkpoint"):
+    with pytest.raises(ValueError, match="neither a model folder"):
         PhiForCausalLM.from_pretrained(tmp_path)
 
 

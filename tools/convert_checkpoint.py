@@ -18,10 +18,7 @@ Tensors are copied bit for bit unless --dtype asks for a cast. Output folders ar
 temporary name and renamed when complete.
 """
 import argparse
-import glob
-import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -31,110 +28,18 @@ import torch
 if __package__ in (None, "") and not any(os.path.isdir(os.path.join(p, "megaphi")) for p in sys.path if p):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from safetensors.torch import load_file  # noqa: E402
-
-from megaphi.model.checkpoint import (  # noqa: E402
-    check_hf_state, load_megaphi_state, save_json, save_megaphi_folder, save_safetensors)
-from megaphi.model.hf_config import config_from_hf_dict, config_to_hf_dict  # noqa: E402
+from megaphi.model.checkpoint import load_megaphi_state, save_megaphi_folder  # noqa: E402
+from megaphi.model.hf_checkpoint import hf_token_ids, read_hf_checkpoint  # noqa: E402
+from megaphi.model.hf_config import config_from_hf_dict  # noqa: E402,F401
 from megaphi.model.sharded_checkpoint import (  # noqa: E402
     META_NAME, is_training_checkpoint, read_training_checkpoint, split_state, training_state_extras,
     write_training_checkpoint)
+from megaphi.model.checkpoint import apply_default_modes, save_json  # noqa: E402
+from megaphi.training.checkpoint_integrity import HASH_NAME, checksum_and_sync  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# -- reading Hugging Face folders -------------------------------------------------------------------
-
-def _load_weight_file(path):
-    if path.endswith(".safetensors"):
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_hf_weights(hf_dir):
-    """All tensors of an HF folder: single or sharded (index json), safetensors or .bin."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index_path = os.path.join(hf_dir, index_name)
-        if os.path.isfile(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-            state = {}
-            for shard in sorted(set(weight_map.values())):
-                tensors = _load_weight_file(os.path.join(hf_dir, shard))
-                for name in tensors:
-                    if weight_map.get(name) not in (None, shard):
-                        raise ValueError(f"{hf_dir}/{shard}: tensor {name!r} is mapped to {weight_map[name]} by {index_name}")
-                state.update(tensors)
-            return state
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(hf_dir, single)):
-            return _load_weight_file(os.path.join(hf_dir, single))
-    found = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")) + glob.glob(os.path.join(hf_dir, "*.bin")))
-    if len(found) == 1:
-        return _load_weight_file(found[0])
-    raise FileNotFoundError(f"{hf_dir}: no model.safetensors, pytorch_model.bin or index json found")
-
-
-_MIXFORMER_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-_MSFT_LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
-_BLOCK_RENAMES = {"ln": "input_layernorm", "mixer.out_proj": "self_attn.dense", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-
-
-def _block_tensors(i, rest, tensor, source, original):
-    """HF (name, tensor) pairs for tensor `rest` (e.g. 'mixer.Wqkv.weight') of MixFormer block i."""
-    module, kind = rest.rsplit(".", 1)
-    prefix = f"model.layers.{i}."
-    if module == "mixer.Wqkv":  # rows [Q; K; V]
-        return [(f"{prefix}self_attn.{part}.{kind}", t.contiguous())
-                for part, t in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0))]
-    if module in _BLOCK_RENAMES:
-        return [(f"{prefix}{_BLOCK_RENAMES[module]}.{kind}", tensor)]
-    raise ValueError(f"{source}: unknown MixFormer tensor {original!r}")
-
-
-def mixformer_to_hf(state, num_layers, source="checkpoint"):
-    """Rename original phi-1 MixFormer tensors (layers.N.* or transformer.h.N.*) to HF Phi names."""
-    out = {}
-    for name, tensor in state.items():
-        if name.endswith("inv_freq"):
-            continue  # rotary buffers, recomputed by the model
-        kind = name.rsplit(".", 1)[1]
-        m, ms = _MIXFORMER_LAYER.match(name), _MSFT_LAYER.match(name)
-        last = m is not None and int(m.group(1)) == num_layers + 1
-        if name in ("layers.0.wte.weight", "transformer.embd.wte.weight"):
-            out["model.embed_tokens.weight"] = tensor
-        elif name.startswith("lm_head.ln.") or (last and m.group(2).startswith("ln.")):
-            out["model.final_layernorm." + kind] = tensor
-        elif name.startswith("lm_head.linear.") or (last and m.group(2).startswith("linear.")):
-            out["lm_head." + kind] = tensor
-        elif m and 1 <= int(m.group(1)) <= num_layers:
-            out.update(_block_tensors(int(m.group(1)) - 1, m.group(2), tensor, source, name))
-        elif ms:
-            out.update(_block_tensors(int(ms.group(1)), ms.group(2), tensor, source, name))
-        else:
-            raise ValueError(f"{source}: unknown MixFormer tensor {name!r}")
-    return out
-
-
-def _is_mixformer_state(state):
-    return any(n.startswith(("layers.", "transformer.")) for n in state)
-
-
-def read_hf_checkpoint(hf_dir):
-    """(PhiConfig, HF-named state dict) from a Hugging Face Phi or MixFormer folder."""
-    config_path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} not found")
-    with open(config_path) as f:
-        config = config_from_hf_dict(json.load(f), source=config_path)
-    state = load_hf_weights(hf_dir)
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    if _is_mixformer_state(state):
-        state = mixformer_to_hf(state, config.num_hidden_layers, source=hf_dir)
-    check_hf_state(state, config, hf_dir)
-    return config, state
 
 
 # -- writing ----------------------------------------------------------------------------------------
@@ -149,6 +54,7 @@ def _write_folder(out_dir, fill):
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
         fill(tmp)
+        apply_default_modes(tmp)  # mkdtemp makes 0700: give the umask's modes, as a plain mkdir would
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)
         os.replace(tmp, out_dir)
@@ -163,16 +69,13 @@ def _cast(state, dtype_name):
     return {k: v.to(DTYPES[dtype_name]) for k, v in state.items()}
 
 
-def _dtype_name(state):
-    return str(next(iter(state.values())).dtype).replace("torch.", "")
-
-
 def hf_to_megaphi(hf_dir, out_dir, dtype=None, overrides=None):
     config, state = read_hf_checkpoint(hf_dir)
     if overrides:
         config = config.replace(**overrides)
     state = _cast(state, dtype)
-    _write_folder(out_dir, lambda tmp: save_megaphi_folder(tmp, config, state))
+    bos, eos = hf_token_ids(hf_dir)
+    _write_folder(out_dir, lambda tmp: save_megaphi_folder(tmp, config, state, bos, eos))
     return config
 
 
@@ -180,9 +83,10 @@ def megaphi_to_hf(ckpt, out_dir, tokenizer_dir=None, dtype=None):
     config, state = load_megaphi_state(ckpt)
     state = _cast(state, dtype)
 
+    token_ids = hf_token_ids(ckpt) if os.path.isfile(os.path.join(ckpt, "config.json")) else (None, None)
+
     def fill(tmp):
-        save_safetensors(os.path.join(tmp, "model.safetensors"), state)
-        save_json(os.path.join(tmp, "config.json"), config_to_hf_dict(config, dtype=_dtype_name(state)))
+        save_megaphi_folder(tmp, config, state, *token_ids)  # an HF folder (config + generation config)
         if tokenizer_dir:
             copied = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]
             if not copied:
@@ -209,6 +113,7 @@ def reshard(ckpt, out_dir, tp):
     new_meta = dict(meta)
     new_meta.update({"tensor_model_parallel_size": tp, "optimizer_states": False,
                      "resharded_from": {"path": tag_dir, "tensor_model_parallel_size": source_tp}})
+    new_meta.pop("files", None)  # the source's checksums; the output's are recorded below
     if isinstance(new_meta.get("args"), dict):
         new_meta["args"] = {**new_meta["args"], "tensor_model_parallel_size": tp}
     tag = os.path.basename(tag_dir.rstrip(os.sep))
@@ -218,6 +123,10 @@ def reshard(ckpt, out_dir, tp):
         exported = os.path.join(tag_dir, "model")  # the full-tensor model folder, if the run wrote one
         if os.path.isdir(exported):
             shutil.copytree(exported, os.path.join(tmp, tag, "model"))
+        # checksums of the new files, so a run resuming from OUT verifies them like any checkpoint
+        new_meta["files"] = checksum_and_sync(os.path.join(tmp, tag), META_NAME)
+        new_meta["checksum"] = HASH_NAME
+        save_json(os.path.join(tmp, tag, META_NAME), new_meta)
     _write_folder(out_dir, fill)
     return config, source_tp
 

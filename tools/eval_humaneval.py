@@ -30,7 +30,8 @@ def parse_args(argv=None):
                         "'humaneval:N' (the first N), or a HumanEval/MBPP-style JSONL(.gz) file")
     p.add_argument("--format", default="auto", choices=["auto", "humaneval", "mbpp"])
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="megaphi checkpoint folder to generate with")
+    source.add_argument("--checkpoint", help="model folder (megaphi, or Hugging Face phi) or training checkpoint "
+                                            "to generate with")
     source.add_argument("--completions", help="JSONL of {task_id, completion} to score (no model)")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--num-samples", type=int, default=1, help="completions per problem (n)")

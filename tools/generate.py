@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Complete prompts with a megaphi checkpoint.
+"""Complete prompts with a megaphi checkpoint or a Hugging Face phi folder (HF or MixFormer names).
 
     python tools/generate.py --checkpoint CKPT --prompt "def fibonacci(n):" --greedy
     python tools/generate.py --checkpoint CKPT --prompt "def fibonacci(n):" --temperature 0.8 --top-p 0.95 --seed 1
@@ -13,7 +13,8 @@ from megaphi.generation import GenerationConfig, generate, load_model_and_tokeni
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="megaphi checkpoint folder (config.json + model.safetensors)")
+    p.add_argument("--checkpoint", required=True, help="model folder (megaphi, or Hugging Face phi: config.json + safetensors/.bin) "
+                                                  "or training checkpoint")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json / folder / hub name (default: the checkpoint's, else codegen-350M-mono)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     p.add_argument("--max-new-tokens", type=int, default=128)

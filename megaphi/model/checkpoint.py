@@ -1,11 +1,14 @@
 """megaphi checkpoint folders and the mapping between the model and HF PhiForCausalLM tensor names.
 
-A megaphi folder is `config.json` (PhiConfig.to_dict()) + `model.safetensors` with HF Phi names
-(q_proj/k_proj/v_proj separate). In the model, q/k/v are one fused column layer laid out per head
+A megaphi model folder is a Hugging Face folder: `config.json` (a transformers PhiConfig plus megaphi's
+own keys, megaphi.model.hf_config) + `generation_config.json` + `model.safetensors` with HF Phi names
+(q_proj/k_proj/v_proj separate). Folders written before that (config.json = PhiConfig.to_dict(), no
+model_type) still load. In the model, q/k/v are one fused column layer laid out per head
 ([q_h; k_h; v_h] for each head h), which is what fuse_qkv/split_qkv convert.
 
 `load_megaphi_state(path)` returns (PhiConfig, HF-named state dict) for anything a registered
-loader recognises; more formats (e.g. training checkpoints) plug in with register_checkpoint_loader.
+loader recognises: these folders, HF phi folders (megaphi.model.hf_checkpoint) and training checkpoints
+(megaphi.model.sharded_checkpoint) plug in with register_checkpoint_loader.
 """
 import json
 import os
@@ -21,6 +24,7 @@ from megaphi.parallel.state import get_tensor_model_parallel_world_size
 from megaphi.parallel.utils import is_tensor_model_parallel_param
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 _QKV = ("q_proj", "k_proj", "v_proj")
 
@@ -123,6 +127,23 @@ def model_to_hf_state(model):
 
 # -- folders --------------------------------------------------------------------------------------
 
+def default_mode(is_dir):
+    """What open()/mkdir() would give under the current umask: 0666 & ~umask (0777 for folders)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if is_dir else 0o666) & ~mask
+
+
+def apply_default_modes(root):
+    """chmod a folder tree written through mkstemp/mkdtemp (0600/0700) to the umask's modes."""
+    os.chmod(root, default_mode(True))
+    for dirpath, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(dirpath, d), default_mode(True))
+        for f in files:
+            os.chmod(os.path.join(dirpath, f), default_mode(False))
+
+
 def _atomic_write(path, write):
     """Write through a temporary name in the same folder, then rename (never a half-written file)."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -130,6 +151,7 @@ def _atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, default_mode(False))  # mkstemp makes 0600: teammates must read checkpoints too
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -150,14 +172,19 @@ def save_safetensors(path, state, metadata=None):
     _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata or {"format": "pt"}))
 
 
-def save_megaphi_folder(path, config, hf_state):
+def save_megaphi_folder(path, config, hf_state, bos_token_id=None, eos_token_id=None):
+    """model.safetensors + config.json + generation_config.json (token ids: hf_config.default_token_ids)."""
+    from .hf_config import config_to_hf_dict, generation_config_dict
     os.makedirs(path, exist_ok=True)
     check_hf_state(hf_state, config, f"saving to {path}")
+    dtype = str(next(iter(hf_state.values())).dtype).replace("torch.", "")
     save_safetensors(os.path.join(path, WEIGHTS_NAME), hf_state)
-    save_json(os.path.join(path, CONFIG_NAME), config.to_dict())
+    save_json(os.path.join(path, GENERATION_CONFIG_NAME), generation_config_dict(config, bos_token_id, eos_token_id))
+    save_json(os.path.join(path, CONFIG_NAME), config_to_hf_dict(config, dtype, bos_token_id, eos_token_id))
 
 
 def is_megaphi_folder(path):
+    """A model folder in the format before megaphi wrote HF configs (config.json without model_type)."""
     return os.path.isfile(os.path.join(path, WEIGHTS_NAME)) and _is_megaphi_config(os.path.join(path, CONFIG_NAME))
 
 
@@ -190,6 +217,5 @@ def load_megaphi_state(path):
     for can_load, load in _LOADERS:
         if can_load(path):
             return load(path)
-    raise ValueError(f"{path}: not a megaphi checkpoint folder (expected {CONFIG_NAME} with PhiConfig fields "
-                     f"and {WEIGHTS_NAME}); for a Hugging Face folder run "
-                     f"`python tools/convert_checkpoint.py hf-to-megaphi {path} OUT` first")
+    raise ValueError(f"{path}: neither a model folder (megaphi or Hugging Face phi: {CONFIG_NAME} + "
+                     f"{WEIGHTS_NAME} or pytorch_model.bin) nor a megaphi training checkpoint")

@@ -269,9 +269,10 @@ class PhiForCausalLM(nn.Module):
         from .checkpoint import model_to_hf_state
         return model_to_hf_state(self)
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, bos_token_id=None, eos_token_id=None):
+        """A Hugging Face folder (AutoModelForCausalLM loads it); token ids default to phi-1's <|endoftext|>."""
         from .checkpoint import save_megaphi_folder
         from megaphi.parallel.state import get_data_parallel_rank, get_tensor_model_parallel_rank
         state = self.hf_state_dict()  # collective under TP: every rank takes part
         if get_tensor_model_parallel_rank() == 0 and get_data_parallel_rank() == 0:
-            save_megaphi_folder(path, self.config, state)
+            save_megaphi_folder(path, self.config, state, bos_token_id, eos_token_id)

@@ -111,7 +111,7 @@ def export_model_folder(engine, out_dir, zero_stage, tokenizer=None):
         shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
     with gather:
-        module.save_pretrained(tmp)
+        module.save_pretrained(tmp, eos_token_id=None if tokenizer is None else tokenizer.eod)
     _barrier()
     if _rank() == 0:
         if tokenizer is not None:
@@ -214,18 +214,21 @@ def check_checkpoint_tensor_parallel_size(load_dir, tag):
 
 
 def is_model_folder(path):
-    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors"))
+    """A model folder: megaphi's (current or older format) or a Hugging Face phi folder."""
+    from megaphi.model.checkpoint import is_megaphi_folder
+    from megaphi.model.hf_checkpoint import is_hf_folder
+    return os.path.isdir(path) and (is_megaphi_folder(path) or is_hf_folder(path))
 
 
 def finetune_weights_source(load_dir):
-    """Where --finetune --load DIR takes its weights from: ("folder", path) for a megaphi model folder
-    (or a training checkpoint's exported DIR/<tag>/model), ("deepspeed", tag) otherwise."""
+    """Where --finetune --load DIR takes its weights from: ("folder", path) for a model folder (megaphi or
+    Hugging Face phi; or a training checkpoint's exported DIR/<tag>/model), ("deepspeed", tag) otherwise."""
     if is_model_folder(load_dir):
         return "folder", load_dir
     tag = read_pointer(load_dir)
     if tag is None:
-        raise CheckpointError(f"--load {load_dir}: neither a model folder (config.json + model.safetensors) "
-                           f"nor a training checkpoint ({LATEST_NAME} file missing)")
+        raise CheckpointError(f"--load {load_dir}: neither a model folder (megaphi or Hugging Face phi: config.json "
+                           f"+ weights) nor a training checkpoint ({LATEST_NAME} file missing)")
     exported = os.path.join(load_dir, tag, MODEL_SUBDIR)
     if is_model_folder(exported):
         return "folder", exported
@@ -237,19 +240,20 @@ ARCH_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_att
 
 
 def load_weights_from_folder(model, folder):
-    """Copy the weights of a megaphi model folder into `model` (same architecture, checked)."""
-    from megaphi.model import PhiForCausalLM
+    """Copy the weights of a model folder (megaphi or Hugging Face phi) into `model` (same architecture, checked)."""
+    from megaphi.model.checkpoint import load_megaphi_state
 
-    with open(os.path.join(folder, "config.json")) as f:
-        saved = json.load(f)
+    try:
+        config, hf_state = load_megaphi_state(folder)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"--load {folder}: {e}") from None
+    saved = config.to_dict()
     mine = _module_config_dict(model) or {}
     diffs = [f"{k}: checkpoint {saved.get(k)} vs run {mine.get(k)}" for k in ARCH_FIELDS
              if k in saved and k in mine and saved[k] != mine[k]]
     if diffs:
         raise CheckpointError(f"--load {folder}: architecture differs from the flags ({'; '.join(diffs)})")
-    pretrained = PhiForCausalLM.from_pretrained(folder)
-    missing, unexpected = model.load_state_dict(pretrained.state_dict(), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"--load {folder}: weights do not match the model (missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]})")
-    del pretrained
+    try:
+        model.load_hf_state_dict(hf_state, source=folder)
+    except ValueError as e:
+        raise CheckpointError(f"--load {e}") from None
