@@ -6,6 +6,7 @@ import math
 import os
 import random
 import socket
+import time
 import sys
 
 import numpy as np
@@ -16,7 +17,8 @@ from megaphi.training import checkpointing
 from megaphi.training.arguments import ArgumentError, parse_args
 from megaphi.training import dist_timeout
 from megaphi.training.deepspeed_config import build_deepspeed_config
-from megaphi.training.metrics import MetricsWriter
+from megaphi.training.data_sources import data_description
+from megaphi.training.metrics import open_metrics_writer
 from megaphi.training.signals import GracefulExit
 from megaphi.training.run_info import log_run_setup
 from megaphi.training.train_loop import TrainingError, TrainState, print_rank0, train
@@ -122,7 +124,7 @@ def build_data(args, dp_rank, dp_size, consumed_samples=0, vocab_size=None):
     trainer, so it is not built (a small file may leave it without documents); neither is the
     validation split when evaluation is off. With vocab_size, a token id the model cannot embed
     is an error naming the dataset (megaphi.data.token_check)."""
-    from megaphi.data import build_gpt_datasets
+    from megaphi.training.data_sources import build_split_datasets
 
     gbs = args.global_batch_size
     needed = args.train_iters * gbs
@@ -130,9 +132,8 @@ def build_data(args, dp_rank, dp_size, consumed_samples=0, vocab_size=None):
     splits = ("train", "valid") if evaluate else ("train",)
     eval_samples = args.eval_iters * gbs if evaluate else None
     try:
-        train_ds, valid_ds, _ = build_gpt_datasets(
-            args.data_path, args.split, args.seq_length, args.seed,
-            num_samples=(needed, eval_samples, None), cache_dir=args.data_cache_path, splits=splits,
+        train_ds, valid_ds, _ = build_split_datasets(
+            args, (needed, eval_samples, None), splits,
             vocab_size=vocab_size)
     except OSError as e:
         raise ArgumentError(f"--data-cache-path: {e}") from None
@@ -142,7 +143,7 @@ def build_data(args, dp_rank, dp_size, consumed_samples=0, vocab_size=None):
         raise ArgumentError(f"--split {args.split} leaves no training documents")
     check_enough_samples(args, len(train_ds), consumed_samples, needed)
     if valid_ds is not None and evaluate and len(valid_ds) < eval_samples:
-        raise ArgumentError(f"--data-path {' '.join(args.data_path)}: the validation split holds "
+        raise ArgumentError(f"{data_description(args)}: the validation split holds "
                             f"{len(valid_ds)} samples but --eval-iters {args.eval_iters} x --global-batch-size "
                             f"{gbs} needs {eval_samples}; lower --eval-iters or give the split more weight")
     return _data_iterators(args, train_ds, valid_ds if evaluate else None, dp_rank, dp_size)
@@ -177,16 +178,16 @@ def _data_iterators(args, train_ds, valid_ds, dp_rank, dp_size):
 def check_enough_samples(args, available, consumed_samples, needed):
     """Fail before training, not with a StopIteration mid-run. Several unweighted prefixes are
     blended one epoch each (Megatron's semantics), so they can hold fewer samples than the run needs."""
-    data = " ".join(args.data_path)
+    data = data_description(args)
     if consumed_samples > available:
-        raise ArgumentError(f"--data-path {data}: the checkpoint has consumed {consumed_samples} samples but the "
+        raise ArgumentError(f"{data}: the checkpoint has consumed {consumed_samples} samples but the "
                             f"training data built for --train-iters {args.train_iters} x --global-batch-size "
                             f"{args.global_batch_size} holds only {available}; resume with a --train-iters beyond "
                             f"the checkpoint's iteration and the data it was trained on")
     if available < needed:
         hint = (" (unweighted prefixes are used one epoch each; give weights, e.g. --data-path 1 A 1 B, to "
                 "repeat them)" if len(args.data_prefixes) > 1 and args.data_weights is None else "")
-        raise ArgumentError(f"--data-path {data}: the training data holds {available} samples but --train-iters "
+        raise ArgumentError(f"{data}: the training data holds {available} samples but --train-iters "
                             f"{args.train_iters} x --global-batch-size {args.global_batch_size} needs {needed}"
                             f"{hint}")
 
@@ -285,6 +286,7 @@ def main(argv=None):
     except ArgumentError as e:
         print(f"megaphi.pretrain: error: {e}", file=sys.stderr)
         return 2
+    args.start_time = time.time()  # --exit-duration-in-mins counts from here
     try:
         init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
         return run(args)
@@ -323,6 +325,8 @@ def run(args):
     set_seed(args.seed)
     model_config = build_model_config(args, padded_vocab)
     model = PhiForCausalLM(model_config)
+    if args.skip_train:
+        args.finetune = True  # load the weights only (a checkpoint or a model folder), as finetuning does
     if args.finetune and args.save and checkpointing.read_pointer(args.save) is not None:
         # a restarted finetuning job: continue its own checkpoints rather than start over
         print_rank0(f"--finetune: {args.save} already holds a checkpoint; resuming it instead of loading {args.load}")
@@ -367,6 +371,11 @@ def run(args):
                         f"({state.consumed_samples} samples consumed)")
 
     dp_rank, dp_size = get_data_parallel_rank(), get_data_parallel_world_size()
+    if args.skip_train:
+        from megaphi.training.eval_only import run_eval_only
+        vocab = tokenizer.vocab_size if tokenizer is not None and args.mock_data else model_config.vocab_size
+        run_eval_only(args, engine, vocab, dp_rank, dp_size, get_data_parallel_group())
+        return 0
     if args.mock_data:
         mock_vocab = tokenizer.vocab_size if tokenizer is not None else model_config.vocab_size
         make_train_iterator, make_valid_iterator = build_mock_data(args, mock_vocab, dp_rank, dp_size,
@@ -382,7 +391,7 @@ def run(args):
                 f"global batch {args.global_batch_size} = micro {args.micro_batch_size} x DP {dp_size} x "
                 f"accumulation {args.gradient_accumulation_steps}, ZeRO stage {args.zero_stage}, "
                 f"{'fp16' if args.fp16 else 'bf16' if args.bf16 else 'fp32'}")
-    writer = MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=dist.get_rank() == 0)
+    writer = open_metrics_writer(args, enabled=dist.get_rank() == 0)
     try:
         with GracefulExit() as stop_signal:
             reason = train(args, engine, train_iterator, make_valid_iterator, state, writer, model_config,

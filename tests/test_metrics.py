@@ -68,8 +68,24 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path):
         writer.close()
         events = EventAccumulator(str(tmp_path / "tb"))
         events.Reload()
-        assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.5), (2, 1.25)]
-        assert [(e.step, e.value) for e in events.Scalars("valid/val_loss")] == [(2, 1.75)]
+        # Megatron-LM's tag names, so its users' dashboards carry over
+        assert [(e.step, e.value) for e in events.Scalars("lm loss")] == [(1, 1.5), (2, 1.25)]
+        assert [(e.step, e.value) for e in events.Scalars("learning-rate")] == [(1, pytest.approx(1e-3)),
+                                                                                 (2, pytest.approx(2e-3))]
+        assert [(e.step, e.value) for e in events.Scalars("lm loss validation")] == [(2, 1.75)]
+
+
+def test_megatron_tag_names_and_eta():
+    record = {"iteration": 3, "train_iters": 10, "consumed_samples": 12, "loss": 2.0, "lr": 1e-3, "grad_norm": 0.5,
+              "loss_scale": 1.0, "ms_per_iter": 250.0, "mfu": None, "global_batch_size": 4, "tokens_per_sec": 9.0}
+    tags = metrics.scalar_tags(record)
+    assert tags == {"lm loss": 2.0, "learning-rate": 1e-3, "grad-norm": 0.5, "loss-scale": 1.0,
+                    "iteration-time": 0.25, "batch-size": 4, "tokens-per-sec": 9.0}
+    assert metrics.scalar_tags({"iteration": 3, "val_loss": 1.0, "val_ppl": 2.7}, "valid") == {
+        "lm loss validation": 1.0, "lm loss validation ppl": 2.7}
+    assert metrics.eta_seconds(3, 10, 0.25) == 1.75
+    assert [metrics.format_duration(s) for s in (59.6, 3725, 90061, float("nan"))] == [
+        "01:00", "01:02:05", "1d 01:01:01", "n/a"]
 
 
 def test_plot_metrics_writes_a_png(tmp_path):

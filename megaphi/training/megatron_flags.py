@@ -76,6 +76,8 @@ def resolve_run_length(args):
         args.train_iters = args.train_samples // gbs
         if args.train_iters == 0:
             raise _error(f"--train-samples {args.train_samples} is less than one --global-batch-size {gbs}")
+    if args.train_iters is None and args.skip_train:
+        args.train_iters = 1  # no training: only the lr schedule's length, which nothing reads
     for name, iters_name in (("lr_warmup_samples", "lr_warmup_iters"), ("lr_decay_samples", "lr_decay_iters")):
         samples = getattr(args, name)
         if samples is None:

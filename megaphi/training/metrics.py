@@ -113,13 +113,50 @@ def _clean(value):
     return value
 
 
-class MetricsWriter:
-    """Writes one JSON object per line to LOG_DIR/metrics.jsonl (rank 0 only) and to TensorBoard."""
+# metrics.jsonl keys -> the TensorBoard / W&B tags Megatron-LM writes, so dashboards carry over.
+# (key, tag, scale); "vs samples" twins are written at step = consumed samples, as Megatron does.
+TRAIN_TAGS = (
+    ("loss", "lm loss", 1.0), ("lr", "learning-rate", 1.0), ("grad_norm", "grad-norm", 1.0),
+    ("loss_scale", "loss-scale", 1.0), ("ms_per_iter", "iteration-time", 1e-3),  # seconds, as Megatron
+    ("global_batch_size", "batch-size", 1.0), ("tflops_per_gpu", "throughput", 1.0),
+    ("tokens_per_sec", "tokens-per-sec", 1.0), ("mfu", "mfu", 1.0),
+    ("skipped_in_interval", "skipped-iterations", 1.0), ("consumed_tokens", "consumed-tokens", 1.0),
+    ("peak_memory_gb", "mem-max-allocated-bytes", 2.0 ** 30),
+)
+VALID_TAGS = (("val_loss", "lm loss validation", 1.0), ("val_ppl", "lm loss validation ppl", 1.0))
+TEST_TAGS = (("test_loss", "lm loss test", 1.0), ("test_ppl", "lm loss test ppl", 1.0))
+VS_SAMPLES = {"lm loss", "learning-rate", "grad-norm", "loss-scale", "batch-size", "lm loss validation",
+              "lm loss validation ppl", "lm loss test", "lm loss test ppl"}
 
-    def __init__(self, log_dir=None, tensorboard_dir=None, enabled=True):
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def scalar_tags(record, prefix="train"):
+    """{tag: value} of a metrics record under Megatron's names; keys without one keep PREFIX/KEY."""
+    table = {"train": TRAIN_TAGS, "valid": VALID_TAGS, "test": TEST_TAGS}.get(prefix, ())
+    named = {key: (tag, scale) for key, tag, scale in table}
+    skip = {"iteration", "train_iters", "consumed_samples", "skipped_steps"}
+    out = {}
+    for key, value in record.items():
+        if key in skip or not _number(value):
+            continue
+        tag, scale = named.get(key, (f"{prefix}/{key}", 1.0))
+        out[tag] = value * scale
+    return out
+
+
+class MetricsWriter:
+    """Writes one JSON object per line to LOG_DIR/metrics.jsonl (rank 0 only), and the scalars to
+    TensorBoard and Weights & Biases (`wandb`: a megaphi.training.wandb_writer.WandbWriter) under
+    Megatron's tag names."""
+
+    def __init__(self, log_dir=None, tensorboard_dir=None, enabled=True, wandb=None):
         self.enabled = enabled
         self.file = None
         self.tb = None
+        self.wandb = wandb if enabled else None
         if not enabled:
             return
         if log_dir:
@@ -140,12 +177,19 @@ class MetricsWriter:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.tb is None and self.wandb is None:
+            return
+        step = record.get("iteration", 0)
+        scalars = scalar_tags(record, prefix)
         if self.tb is not None:
-            step = record.get("iteration", 0)
-            for key, value in record.items():
-                if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.tb.add_scalar(f"{prefix}/{key}", value, step)
+            samples = record.get("consumed_samples")
+            for tag, value in scalars.items():
+                self.tb.add_scalar(tag, value, step)
+                if tag in VS_SAMPLES and samples is not None:
+                    self.tb.add_scalar(f"{tag} vs samples", value, samples)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.add_scalars(scalars, step)
 
     def close(self):
         if self.file is not None:
@@ -154,6 +198,20 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
+
+
+def open_metrics_writer(args, enabled=True):
+    """The run's MetricsWriter: metrics.jsonl in --log-dir, TensorBoard in --tensorboard-dir, and W&B
+    with --wandb-project (started on the writing rank only)."""
+    wandb = None
+    if enabled and getattr(args, "wandb_project", None):
+        from .wandb_writer import WandbWriter, wandb_config
+        wandb = WandbWriter(args.wandb_project, args.wandb_exp_name, args.wandb_save_dir or args.log_dir,
+                            wandb_config(args))
+    return MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=enabled, wandb=wandb)
 
 
 def format_train_line(r):
@@ -168,4 +226,23 @@ def format_train_line(r):
     parts.append("MFU n/a" if r.get("mfu") is None else f"MFU {100 * r['mfu']:.1f}%")
     if r.get("peak_memory_gb") is not None:
         parts.append(f"peak mem {r['peak_memory_gb']:.2f} GiB")
+    if r.get("eta_seconds") is not None:
+        parts.append(f"ETA {format_duration(r['eta_seconds'])}")
     return " | ".join(parts)
+
+
+def format_duration(seconds):
+    """1d 02:03:04, 02:03:04 or 03:04 (minutes:seconds)."""
+    if not (isinstance(seconds, (int, float)) and math.isfinite(seconds)):
+        return "n/a"
+    seconds = max(0, int(round(seconds)))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = f"{hours:02d}:{minutes:02d}:{secs:02d}" if hours or days else f"{minutes:02d}:{secs:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
+def eta_seconds(iteration, train_iters, seconds_per_iter):
+    """Time left at the current pace (evaluation and saving not included)."""
+    return max(0, train_iters - iteration) * seconds_per_iter

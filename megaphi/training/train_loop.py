@@ -158,6 +158,8 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
     interval_iters = 0
     skipped_before = engine.skipped_steps
     reason = "done"
+    first_iteration = state.iteration + 1  # logged whatever --log-interval is: the first line comes soon
+    start_time = getattr(args, "start_time", None) or time.time()  # --exit-duration-in-mins counts from here
     while state.iteration < args.train_iters:
         lr = scheduler.get_lr()[0]  # the lr this iteration's update uses
         logs = forward_backward_no_pipelining(forward_step, train_iterator, engine, gas,
@@ -169,7 +171,7 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
         state.consumed_tokens += tokens_per_iter
         interval_iters += 1
 
-        if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+        if state.iteration % args.log_interval == 0 or state.iteration in (args.train_iters, first_iteration):
             interval_loss = pending.flush()
             interval_time = watch.take()
             tok_s, tflops, mfu = metrics.throughput(tokens_per_iter * interval_iters, interval_time, flops_token,
@@ -186,6 +188,8 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
                 "skipped_in_interval": engine.skipped_steps - skipped_before,
                 "ms_per_iter": 1000 * interval_time / interval_iters, "tokens_per_sec": tok_s,
                 "tflops_per_gpu": tflops, "mfu": mfu, "peak_memory_gb": metrics.peak_memory_gb(),
+                "global_batch_size": args.global_batch_size,
+                "eta_seconds": metrics.eta_seconds(state.iteration, args.train_iters, interval_time / interval_iters),
             }
             print_rank0(metrics.format_train_line(record))
             writer.write(record)
@@ -200,7 +204,8 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
             val_loss = evaluate(engine, forward_step, make_valid_iterator, args.eval_iters, gas, dp_group)
             val_ppl = math.exp(min(val_loss, 50.0))
             print_rank0(f"validation at iteration {state.iteration} | lm loss {val_loss:.6f} | ppl {val_ppl:.3f}")
-            writer.write({"iteration": state.iteration, "val_loss": val_loss, "val_ppl": val_ppl}, prefix="valid")
+            writer.write({"iteration": state.iteration, "consumed_samples": state.consumed_samples,
+                          "val_loss": val_loss, "val_ppl": val_ppl}, prefix="valid")
 
         pass_at_1 = None
         if args.eval_humaneval and state.iteration % args.eval_humaneval_interval == 0:
@@ -216,8 +221,9 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
         # taking it does not wait for the GPU
         stop = stop_signal is not None and stop_signal.should_stop(control_group, torch.device("cpu"))
         exit_now = args.exit_interval is not None and state.iteration % args.exit_interval == 0
+        out_of_time = duration_exceeded(getattr(args, "exit_duration_in_mins", None), start_time, control_group)
         periodic = args.save_interval is not None and state.iteration % args.save_interval == 0
-        if args.save and (periodic or stop or exit_now or state.iteration == args.train_iters):
+        if args.save and (periodic or stop or exit_now or out_of_time or state.iteration == args.train_iters):
             watch.pause()
             pending.check()  # never save weights that a non-finite loss already reached
             save(engine, args, state, val_loss, tokenizer, pass_at_1)
@@ -231,7 +237,23 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
             print_rank0(f"--exit-interval {args.exit_interval}: saved at iteration {state.iteration}, exiting")
             reason = "exit-interval"
             break
+        if out_of_time:
+            print_rank0(f"--exit-duration-in-mins {args.exit_duration_in_mins:g}: saved at iteration "
+                        f"{state.iteration}, exiting")
+            reason = "exit-duration"
+            break
     return reason
+
+
+def duration_exceeded(limit_minutes, start_time, group=None):
+    """True on every rank once any rank has run for more than limit_minutes (collective call when a
+    limit is set: ranks agree, so they all save and exit at the same iteration)."""
+    if limit_minutes is None:
+        return False
+    flag = torch.tensor([1.0 if (time.time() - start_time) / 60.0 > limit_minutes else 0.0])
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item() > 0)
 
 
 def _synchronize(device):
