@@ -139,7 +139,7 @@ def build_parser():
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None, help="checkpoint folder to write")
     g.add_argument("--load", default=None, help="checkpoint folder to resume from (or, with --finetune / "
-                                                  "--skip-train, a model folder)")
+                                                  "--skip-train, a model folder: megaphi or Hugging Face phi)")
     g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
     g.add_argument("--finetune", action="store_true",
                    help="with --load: load weights only; fresh optimizer, schedule and iteration")
@@ -328,7 +328,7 @@ def validate_args(args, world_size):
     if args.exit_interval is not None and args.save is None:
         raise ArgumentError("--exit-interval needs --save DIR (the run saves before exiting)")
     if args.finetune and args.load is None:
-        raise ArgumentError("--finetune needs --load (a training checkpoint or a megaphi model folder)")
+        raise ArgumentError("--finetune needs --load (a training checkpoint, or a model folder: megaphi or Hugging Face phi)")
     megatron_flags.validate_run_control(args)
     megatron_flags.validate_wandb(args)
     if (args.finetune or args.skip_train) and not os.path.exists(args.load):
