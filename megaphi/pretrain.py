@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from megaphi.training import checkpointing
 from megaphi.training.arguments import ArgumentError, parse_args
-from megaphi.training import dist_timeout
+from megaphi.training import dist_timeout, launcher_watch, save_lock
 from megaphi.training.deepspeed_config import build_deepspeed_config
 from megaphi.training.data_sources import data_description
 from megaphi.training.metrics import open_metrics_writer
@@ -287,6 +287,7 @@ def main(argv=None):
         print(f"megaphi.pretrain: error: {e}", file=sys.stderr)
         return 2
     args.start_time = time.time()  # --exit-duration-in-mins counts from here
+    launcher_watch.arm()  # under a launcher: stop (and save) when it goes away
     try:
         init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
         return run(args)
@@ -304,6 +305,7 @@ def main(argv=None):
     finally:
         from megaphi.parallel import destroy_model_parallel
         destroy_model_parallel()
+        save_lock.release_all()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -314,6 +316,8 @@ def run(args):
     from megaphi.parallel import get_data_parallel_group, get_data_parallel_rank, get_data_parallel_world_size
     from megaphi.parallel import initialize_model_parallel
 
+    if args.save:
+        save_lock.acquire_for_job(args.save)  # one job per --save folder, before anything reads it
     initialize_model_parallel(args.tensor_model_parallel_size)
     if hasattr(ops, "set_impl"):
         ops.set_impl(layernorm=args.layernorm_impl, rotary=args.rotary_impl)

@@ -1,0 +1,89 @@
+"""One job per --save folder: an flock held for the whole run.
+
+Two jobs writing one folder (a job restarted while the old one still runs, orphaned ranks of a
+killed launcher, a copy-pasted script) interleave checkpoints and `latest`. Global rank 0 takes an
+exclusive, non-blocking fcntl.flock on `DIR/.megaphi.lock` and keeps the file open until the
+process ends (the kernel drops the lock then, even after kill -9, so a stale file never blocks a
+restart); it writes its pid, host and start time into it. A second job's rank 0 fails to take it,
+reads the holder from the file, and every rank of that job stops with one error line naming it.
+The file stays in the folder (removing it would race with a job about to take it).
+"""
+import datetime
+import errno
+import fcntl
+import json
+import os
+import socket
+
+from .arguments import ArgumentError
+
+LOCK_NAME = ".megaphi.lock"
+_HELD = {}  # folder -> open file (the lock lives as long as it stays open)
+
+
+class SaveFolderInUse(ArgumentError):
+    """An ArgumentError (it names --save): the trainer prints it as one line and exits 1."""
+
+
+def _holder(path):
+    try:
+        with open(path) as f:
+            info = json.loads(f.read() or "{}")
+        return f"pid {info['pid']} on host {info['host']} (started {info['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "an unknown process"
+
+
+def acquire(folder: str) -> None:
+    """Take the folder's lock for the rest of this process, or raise SaveFolderInUse (not collective)."""
+    folder = os.path.abspath(folder)
+    if folder in _HELD:
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        f.close()
+        if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
+            raise
+        raise SaveFolderInUse(f"--save {folder} is in use by another run: {_holder(path)} holds {path}; stop "
+                              f"that run or save elsewhere") from None
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}))
+    f.flush()
+    _HELD[folder] = f
+
+
+def acquire_for_job(folder: str) -> None:
+    """Collective: rank 0 takes the lock; every rank raises SaveFolderInUse when it could not."""
+    import torch.distributed as dist
+
+    error = None
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        try:
+            acquire(folder)
+        except SaveFolderInUse as e:
+            error = str(e)
+    if distributed and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise SaveFolderInUse(error)
+
+
+def release(folder: str) -> None:
+    f = _HELD.pop(os.path.abspath(folder), None)
+    if f is not None:
+        f.close()  # closing drops the flock
+
+
+def release_all() -> None:
+    """At the end of a run called in-process (process exit releases the locks anyway)."""
+    for folder in list(_HELD):
+        release(folder)
