@@ -2,6 +2,7 @@
 
 Runs under the `deepspeed` launcher, `torchrun`, or as one plain process (a 1-rank group is made).
 """
+import errno
 import math
 import os
 import random
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megaphi.training import checkpointing
+from megaphi.training import checkpointing, resume_checks
 from megaphi.training.arguments import ArgumentError, parse_args
 from megaphi.training import dist_timeout, launcher_watch, save_lock
 from megaphi.training.deepspeed_config import build_deepspeed_config
@@ -294,6 +295,12 @@ def main(argv=None):
     except (ArgumentError, TrainingError, checkpointing.CheckpointError, TensorParallelMismatchError) as e:
         print(f"megaphi.pretrain: error: {e}", file=sys.stderr, flush=True)
         return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"megaphi.pretrain: error: disk full (ENOSPC): {e.strerror}: {e.filename or ''}", file=sys.stderr,
+              flush=True)
+        return 1
     except RuntimeError as e:
         if not dist_timeout.is_timeout(e):
             raise
@@ -326,15 +333,17 @@ def run(args):
     if args.tokenizer:
         tokenizer = load_run_tokenizer(args)
         padded_vocab = model_vocab_size(args, tokenizer)
-    set_seed(args.seed)
-    model_config = build_model_config(args, padded_vocab)
-    model = PhiForCausalLM(model_config)
     if args.skip_train:
         args.finetune = True  # load the weights only (a checkpoint or a model folder), as finetuning does
     if args.finetune and args.save and checkpointing.read_pointer(args.save) is not None:
         # a restarted finetuning job: continue its own checkpoints rather than start over
         print_rank0(f"--finetune: {args.save} already holds a checkpoint; resuming it instead of loading {args.load}")
         args.finetune, args.load = False, args.save
+    # verify the checkpoint (checksums, metadata) and adopt what may be adopted, before building anything
+    verified, padded_vocab = resume_checks.prepare_resume(args, tokenizer, padded_vocab, say=print_rank0)
+    set_seed(args.seed)
+    model_config = build_model_config(args, padded_vocab)
+    model = PhiForCausalLM(model_config)
     if args.finetune:
         kind, source = checkpointing.finetune_weights_source(args.load)
         if kind == "folder":
@@ -348,6 +357,8 @@ def run(args):
     if args.zero_stage != requested_stage:
         print_rank0(f"ZeRO stage {requested_stage} -> {args.zero_stage}: DeepSpeed accumulates and reduces bf16 "
                     f"gradients in fp32 only with ZeRO >= 1 (one data-parallel rank partitions nothing)")
+    if verified is not None:  # ZeRO stage, DP size, architecture, lr schedule vs the checkpoint's
+        resume_checks.check_resume_setup(args, verified[1], model_config, args.zero_stage, args.load)
     engine = setup_engine(args, model, ds_config)
     state = TrainState()
     if args.finetune:
@@ -359,7 +370,8 @@ def run(args):
                 raise TrainingError(f"could not load weights from {os.path.join(args.load, source)}")
             print_rank0(f"finetuning from weights in {os.path.join(args.load, source)}")
     elif args.load:
-        meta = checkpointing.load_checkpoint(engine, args.load)
+        meta = checkpointing.load_checkpoint(engine, args.load, verified, load_optim=not args.no_load_optim,
+                                             load_rng=not args.no_load_rng)
         if meta is None:
             print_rank0(f"no checkpoint in {args.load} (no 'latest' file): starting from scratch")
         else:

@@ -25,8 +25,12 @@ def read_metrics(path):
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: not JSON ({e.msg})")
+            except json.JSONDecodeError as e:  # e.g. a line cut short by a kill or a full disk
+                print(f"warning: {path}:{lineno}: skipped, not JSON ({e.msg})", file=sys.stderr)
+                continue
+            if not isinstance(rec, dict):
+                print(f"warning: {path}:{lineno}: skipped, not a JSON object", file=sys.stderr)
+                continue
             if "loss" in rec and "lr" in rec:
                 train.append(rec)
             elif "val_loss" in rec:

@@ -145,6 +145,24 @@ def build_parser():
                    help="with --load: load weights only; fresh optimizer, schedule and iteration")
     g.add_argument("--no-export-model", action="store_true",
                    help="do not write DIR/<tag>/model/ (config.json + model.safetensors) at each save")
+    g.add_argument("--keep-last", type=int, default=None, metavar="N",
+                   help="after each save, delete iter_* checkpoints older than the newest N (never the one "
+                        "`latest` or `best` names)")
+    g.add_argument("--start-over", action="store_true",
+                   help="train from iteration 0 although --save/--load holds iter_* checkpoints without a "
+                        "`latest` file (they are overwritten); without it such a run is refused")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="resume weights, lr schedule position, data position and RNG, but not the optimizer "
+                        "state (e.g. across ZeRO stages or data-parallel sizes)")
+    g.add_argument("--no-load-rng", action="store_true", help="do not restore the checkpoint's RNG states")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the architecture (and vocabulary rows) from the --load checkpoint's metadata")
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                   dest="override_opt_param_scheduler", action="store_true",
+                   help="resume with this run's lr schedule flags although they differ from the checkpoint's")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                   help="resume with the checkpoint's lr schedule flags (--lr, --min-lr, warmup, decay)")
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000, help="validate every N iterations (and at the end)")
@@ -327,6 +345,10 @@ def validate_args(args, world_size):
         raise ArgumentError("--save-interval needs --save DIR")
     if args.exit_interval is not None and args.save is None:
         raise ArgumentError("--exit-interval needs --save DIR (the run saves before exiting)")
+    if args.keep_last is not None and (args.keep_last < 1 or args.save is None):
+        raise ArgumentError(f"--keep-last must be >= 1 and needs --save DIR, got {args.keep_last}")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ArgumentError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
     if args.finetune and args.load is None:
         raise ArgumentError("--finetune needs --load (a training checkpoint, or a model folder: megaphi or Hugging Face phi)")
     megatron_flags.validate_run_control(args)

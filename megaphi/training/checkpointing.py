@@ -6,23 +6,32 @@ Layout of --save DIR:
                                        "val_loss 2.345678" (lowest) or, with --eval-humaneval,
                                        "humaneval_pass@1 0.312500" (highest)
     DIR/<tag>/                         DeepSpeed checkpoint (module, optimizer, lr schedule)
-    DIR/<tag>/megaphi_meta.json        iteration, consumed samples/tokens, model config, tokenizer, flags
+    DIR/<tag>/megaphi_meta.json        iteration, consumed samples/tokens, model config, tokenizer, flags,
+                                       "files": size + CRC-32 of every other file of DIR/<tag>
+                                       (checkpoint_integrity: verified by --load before anything loads)
     DIR/<tag>/rng_state_rank<R>.pt     python / numpy / torch / cuda / TP-tracker RNG states of rank R
     DIR/<tag>/model/                   config.json + model.safetensors (PhiForCausalLM.save_pretrained)
                                        + tokenizer.json (when --tokenizer is given),
                                        loadable by tools/generate.py and tools/convert_checkpoint.py
 The data order needs no state of its own: it is a function of --seed and the consumed samples.
+
+Save order (durability): data files -> checksums (each file fsynced) -> folders fsynced -> metadata
+(fsynced) -> `best` -> `latest` (fsynced with its folder). A crash or power cut at any point leaves
+`latest` on the previous complete checkpoint. A failed save (disk full) removes its partial folder.
 """
 import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from . import checkpoint_integrity as integrity
 
 META_NAME = "megaphi_meta.json"
 LATEST_NAME = "latest"
@@ -49,23 +58,71 @@ def _barrier():
 
 
 def write_text_atomic(path, text):
+    """Write, fsync, rename, fsync the folder; the temporary file never outlives a failure."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    integrity.fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def read_pointer(directory, name=LATEST_NAME):
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
+
+
+def read_pointer(directory, name=LATEST_NAME, must_exist=True):
+    """The tag a pointer file names, or None when there is no such file. Garbage, an empty file or a
+    tag whose folder is gone is a CheckpointError naming the file."""
     path = os.path.join(directory, name)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        tag = f.read().strip()
-    if not tag:
-        raise CheckpointError(f"{path} is empty")
+    with open(path, "rb") as f:
+        raw = f.read(4096)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: not a checkpoint tag (binary content; it should hold one line like "
+                              f"iter_0000100)") from None
+    lines = text.strip().splitlines()
+    if not lines:
+        raise CheckpointError(f"{path} is empty (it should hold one line like iter_0000100)")
+    tag = lines[0].strip()
+    if not TAG_RE.fullmatch(tag):
+        raise CheckpointError(f"{path}: not a checkpoint tag ({tag[:60]!r}; it should hold one line like "
+                              f"iter_0000100)")
+    if must_exist and not os.path.isdir(os.path.join(directory, tag)):
+        raise CheckpointError(f"{path} points to {tag}, but {os.path.join(directory, tag)} does not exist")
     return tag
+
+
+def iteration_tags(directory):
+    """Sorted iter_NNNNNNN folder names in a save folder."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted((n for n in os.listdir(directory)
+                   if re.fullmatch(r"iter_\d{7,}", n) and os.path.isdir(os.path.join(directory, n))),
+                  key=lambda n: int(n[5:]))
+
+
+def check_no_orphan_checkpoints(directory, flag_given, role):
+    """A save folder with iter_* checkpoints but no `latest`: refuse to start over silently (the run
+    would overwrite them) unless --start-over."""
+    tags = iteration_tags(directory)
+    if not tags or read_pointer(directory) is not None:
+        return
+    if flag_given:
+        print(f"[megaphi] --start-over: ignoring {len(tags)} checkpoint(s) in {directory} without a "
+              f"'{LATEST_NAME}' file ({tags[-1]} newest); they are overwritten as the run reaches them", flush=True)
+        return
+    raise CheckpointError(f"{role} {directory} holds {len(tags)} checkpoint(s) ({tags[0]} .. {tags[-1]}) but no "
+                          f"'{LATEST_NAME}' file: restore it (echo {tags[-1]} > {os.path.join(directory, LATEST_NAME)}) "
+                          f"to resume, or pass --start-over to train from iteration 0 and overwrite them")
 
 
 def rng_states():
@@ -145,23 +202,74 @@ def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_toke
         "state": state or {},
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    # save_latest=False: DeepSpeed's own pointer would be written before our metadata exists.
-    engine.save_checkpoint(save_dir, tag=tag, client_state={"megaphi": {k: meta[k] for k in
-                           ("iteration", "consumed_samples", "consumed_tokens")}}, save_latest=False)
     tag_dir = os.path.join(save_dir, tag)
-    rng_path = os.path.join(tag_dir, f"rng_state_rank{rank}.pt")
-    torch.save(rng_states(), rng_path + ".tmp")
-    os.replace(rng_path + ".tmp", rng_path)
-    if export_model:
-        export_model_folder(engine, os.path.join(tag_dir, MODEL_SUBDIR), getattr(args, "zero_stage", 0), tokenizer)
+    if rank == 0 and os.path.isdir(tag_dir):
+        integrity.remove_temporaries(tag_dir)  # leftovers of a killed save of the same iteration
     _barrier()
-    if rank == 0:
-        write_text_atomic(os.path.join(tag_dir, META_NAME), json.dumps(meta, indent=2, sort_keys=True))
-        if is_best:
-            write_text_atomic(os.path.join(save_dir, BEST_NAME), tag + "\n" + (f"{best_metric}\n" if best_metric else ""))
-        write_text_atomic(os.path.join(save_dir, LATEST_NAME), tag + "\n")  # last: marks it complete
+    try:
+        # save_latest=False: DeepSpeed's own pointer would be written before our metadata exists.
+        engine.save_checkpoint(save_dir, tag=tag, client_state={"megaphi": {k: meta[k] for k in
+                               ("iteration", "consumed_samples", "consumed_tokens")}}, save_latest=False)
+        rng_path = os.path.join(tag_dir, f"rng_state_rank{rank}.pt")
+        torch.save(rng_states(), rng_path + ".tmp")
+        os.replace(rng_path + ".tmp", rng_path)
+        if export_model:
+            export_model_folder(engine, os.path.join(tag_dir, MODEL_SUBDIR), getattr(args, "zero_stage", 0), tokenizer)
+        _barrier()
+        meta["files"] = integrity.checksum_and_sync(tag_dir, META_NAME)  # collective; fsyncs data and folders
+        meta["checksum"] = integrity.HASH_NAME
+        if rank == 0:
+            write_text_atomic(os.path.join(tag_dir, META_NAME), json.dumps(meta, indent=2, sort_keys=True))
+            if is_best:
+                write_text_atomic(os.path.join(save_dir, BEST_NAME), tag + "\n" + (f"{best_metric}\n" if best_metric else ""))
+            write_text_atomic(os.path.join(save_dir, LATEST_NAME), tag + "\n")  # last: marks it complete
+    except (OSError, RuntimeError) as e:
+        if not integrity.is_disk_full(e, save_dir):
+            raise
+        raise CheckpointError(_discard_partial_save(save_dir, tag, e)) from None
     _barrier()
+    keep_last = getattr(args, "keep_last", None)
+    if rank == 0 and keep_last:
+        prune_checkpoints(save_dir, keep_last)
     return tag
+
+
+def _discard_partial_save(save_dir, tag, error):
+    """Remove the folder of a save that failed for lack of space (never the one `latest` or `best`
+    names); the message for the one-line error."""
+    tag_dir = os.path.join(save_dir, tag)
+    keep = {_pointer_or_none(save_dir, LATEST_NAME), _pointer_or_none(save_dir, BEST_NAME)}
+    removed = tag not in keep and os.path.isdir(tag_dir)
+    if removed:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+        shutil.rmtree(tag_dir + ".tmp", ignore_errors=True)
+    free = shutil.disk_usage(save_dir).free if os.path.isdir(save_dir) else 0
+    previous = _pointer_or_none(save_dir, LATEST_NAME)
+    detail = getattr(error, "strerror", None) or str(error).splitlines()[0][:120]
+    return (f"disk full (ENOSPC, No space left on device) while saving {tag_dir} ({detail}); "
+            + ("the partial checkpoint was removed" if removed else "nothing was removed")
+            + f", {free / 2**20:.1f} MiB free now; '{LATEST_NAME}' still names "
+            + (previous or "no checkpoint") + "; free space (or --keep-last N) and resume")
+
+
+def _pointer_or_none(directory, name):
+    try:
+        return read_pointer(directory, name, must_exist=False)
+    except CheckpointError:
+        return None
+
+
+def prune_checkpoints(save_dir, keep_last):
+    """Delete iter_* checkpoints older than the newest `keep_last`, never the one `latest` or `best`
+    names. Returns the deleted tags."""
+    protected = {_pointer_or_none(save_dir, LATEST_NAME), _pointer_or_none(save_dir, BEST_NAME)}
+    tags = iteration_tags(save_dir)
+    doomed = [t for t in tags[:max(len(tags) - keep_last, 0)] if t not in protected]
+    for tag in doomed:
+        shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
+    if doomed:
+        print(f"[megaphi] --keep-last {keep_last}: deleted {', '.join(doomed)}", flush=True)
+    return doomed
 
 
 def _jsonable(value):
@@ -172,35 +280,86 @@ def _jsonable(value):
         return False
 
 
+_META_INTS = ("iteration", "consumed_samples", "consumed_tokens")
+
+
 def read_meta(load_dir, tag):
+    """The tag's megaphi_meta.json, checked: one CheckpointError line naming the file otherwise."""
     path = os.path.join(load_dir, tag, META_NAME)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: {os.path.join(load_dir, LATEST_NAME)} points to an "
-                           f"incomplete or non-megaphi checkpoint")
-    with open(path) as f:
-        return json.load(f)
+                              f"incomplete or non-megaphi checkpoint")
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: corrupted (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupted (not valid JSON: {e.msg} at line {e.lineno} column {e.colno})") \
+            from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupted (a JSON {type(meta).__name__}, expected an object)")
+    for key in _META_INTS:
+        if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool) or meta[key] < 0:
+            raise CheckpointError(f"{path}: corrupted ({key!r} is {meta.get(key)!r:.40}, expected an integer >= 0)")
+    for key in ("model_config", "args", "state", "files"):
+        if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
+            raise CheckpointError(f"{path}: corrupted ({key!r} is a {type(meta[key]).__name__}, expected an object)")
+    return meta
 
 
-def load_checkpoint(engine, load_dir):
-    """Resume: module, optimizer, lr schedule, RNG states. Returns the metadata, or None when load_dir
-    holds no checkpoint yet (a fresh run that saves into the same folder)."""
+def verify_checkpoint(load_dir):
+    """Collective. (tag, metadata) of the checkpoint `latest` names, every file checked against the
+    checksums recorded at save; None when load_dir holds no checkpoint. Any problem: CheckpointError."""
     tag = read_pointer(load_dir)
     if tag is None:
         return None
     meta = read_meta(load_dir, tag)
+    tag_dir = os.path.join(load_dir, tag)
+    if meta.get("files") is None:
+        print(f"[megaphi] warning: {os.path.join(tag_dir, META_NAME)} records no checksums (saved by an older "
+              f"megaphi or converted): its files are not verified", flush=True)
+    else:
+        try:
+            integrity.verify_files(tag_dir, meta["files"])
+        except integrity.IntegrityError as e:
+            raise CheckpointError(str(e)) from None
+    meta["tag"] = tag
+    return tag, meta
+
+
+def load_checkpoint(engine, load_dir, verified=None, load_optim=True, load_rng=True):
+    """Resume: module, optimizer, lr schedule, RNG states. Returns the metadata, or None when load_dir
+    holds no checkpoint yet (a fresh run that saves into the same folder). `verified`: what
+    verify_checkpoint returned (verified here otherwise)."""
+    verified = verified if verified is not None else verify_checkpoint(load_dir)
+    if verified is None:
+        return None
+    tag, meta = verified
+    tag_dir = os.path.join(load_dir, tag)
     check_checkpoint_tensor_parallel_size(load_dir, tag)
     # A resharded checkpoint carries no optimizer state: ZeRO rebuilds it from the module weights.
-    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=meta.get("optimizer_states", True),
-                                     load_lr_scheduler_states=True)
+    load_optim = load_optim and meta.get("optimizer_states", True)
+    try:
+        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim,
+                                         load_lr_scheduler_states=True)
+    except Exception as e:  # unverified (older) checkpoints: name the folder, not a traceback
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it ({type(e).__name__}: {first})") from None
     if path is None:
-        raise CheckpointError(f"DeepSpeed could not load the checkpoint {os.path.join(load_dir, tag)}")
-    rng_path = os.path.join(load_dir, tag, f"rng_state_rank{_rank()}.pt")
-    if os.path.isfile(rng_path):
-        set_rng_states(torch.load(rng_path, weights_only=False))
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+    rng_path = os.path.join(tag_dir, f"rng_state_rank{_rank()}.pt")
+    if not load_rng:
+        print(f"[megaphi] --no-load-rng: RNG states of {tag_dir} not restored", flush=True)
+    elif os.path.isfile(rng_path):
+        try:
+            states = torch.load(rng_path, weights_only=False)
+            set_rng_states(states)
+        except Exception as e:
+            raise CheckpointError(f"{rng_path}: cannot be loaded ({type(e).__name__}: {str(e)[:120]})") from None
     else:
         print(f"[megaphi] warning: {rng_path} not found (different world size?): RNG states not restored; "
               f"dropout masks will differ from an uninterrupted run", flush=True)
-    meta["tag"] = tag
     return meta
 
 

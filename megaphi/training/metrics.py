@@ -147,6 +147,37 @@ def scalar_tags(record, prefix="train"):
     return out
 
 
+def repair_truncated_last_line(path):
+    """A run killed (or out of disk) mid-write leaves a last line without its newline: cut it off, so
+    appending goes on from a whole line. Returns the number of bytes removed."""
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return 0
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        keep = 0
+        pos = size
+        while pos > 0:  # find the last newline, reading backwards in blocks
+            start = max(0, pos - 65536)
+            f.seek(start)
+            block = f.read(pos - start)
+            idx = block.rfind(b"\n")
+            if idx >= 0:
+                keep = start + idx + 1
+                break
+            pos = start
+        f.truncate(keep)
+    print(f"[megaphi] {path}: removed a truncated last line ({size - keep} bytes) left by an interrupted write",
+          flush=True)
+    return size - keep
+
+
 class MetricsWriter:
     """Writes one JSON object per line to LOG_DIR/metrics.jsonl (rank 0 only), and the scalars to
     TensorBoard and Weights & Biases (`wandb`: a megaphi.training.wandb_writer.WandbWriter) under
@@ -161,7 +192,9 @@ class MetricsWriter:
             return
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
-            self.file = open(os.path.join(log_dir, "metrics.jsonl"), "a")
+            path = os.path.join(log_dir, "metrics.jsonl")
+            repair_truncated_last_line(path)
+            self.file = open(path, "a")
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -229,8 +229,9 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
             save(engine, args, state, val_loss, tokenizer, pass_at_1)
         watch.resume()
         if stop:
-            print_rank0(f"received {stop_signal.signal_name or 'a stop signal'}: saved at iteration "
-                        f"{state.iteration}, exiting")
+            what = f"saved at iteration {state.iteration}" if args.save else \
+                f"nothing saved (no --save) at iteration {state.iteration}"
+            print_rank0(f"received {stop_signal.signal_name or 'a stop signal'}: {what}, exiting")
             reason = "signal"
             break
         if exit_now:

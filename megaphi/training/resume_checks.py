@@ -1,0 +1,143 @@
+"""Resuming with a changed setup: compare the checkpoint's metadata with this run before loading.
+
+Each difference is either adopted (said in one line) or refused with one CheckpointError line that
+names the flag to pass:
+
+- vocabulary rows: adopted when the run derives them from --tokenizer (the checkpoint's padded rows
+  still hold the tokenizer; e.g. 50432 rows of a TP-2 run resumed at TP 1 after `reshard --tp 1`);
+  with an explicit --vocab-size a difference is refused unless --use-checkpoint-args.
+- architecture (layers, hidden, MLP, heads, rotary dim, positions): refused unless
+  --use-checkpoint-args, which takes them from the checkpoint.
+- ZeRO stage / data-parallel size: ZeRO-0 (whole optimizer in the module-states file), ZeRO-1/2
+  (optimizer partitioned per DP rank) and ZeRO-3 keep their optimizer state in different files, and
+  ZeRO >= 1 partitions it by DP size: refused unless --no-load-optim (fresh Adam moments and fp32
+  master weights taken from the loaded weights; iteration, lr schedule position and data kept).
+- lr schedule (--lr, --min-lr, --lr-warmup-iters, --lr-decay-iters, --lr-decay-style): refused unless
+  --override-opt_param-scheduler (the new flags shape the schedule from the resumed position on) or
+  --use-checkpoint-opt_param-scheduler (the checkpoint's values are adopted).
+"""
+from .checkpointing import ARCH_FIELDS, CheckpointError
+
+# model config field -> argparse dest
+ARCH_ARGS = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size", "intermediate_size": "ffn_hidden_size",
+             "num_attention_heads": "num_attention_heads", "rotary_dim": "rotary_dim",
+             "max_position_embeddings": "max_position_embeddings"}
+SCHEDULE_ARGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style")
+
+
+def _flag(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def _zero_family(stage):
+    return None if stage is None else (0 if stage == 0 else 3 if stage == 3 else 1)
+
+
+def adopt_checkpoint_args(args, meta, say=print):
+    """--use-checkpoint-args: architecture (and, without --tokenizer, vocabulary) from the checkpoint."""
+    config = meta.get("model_config") or {}
+    changed = []
+    for field, dest in ARCH_ARGS.items():
+        if field in config and getattr(args, dest, None) != config[field]:
+            changed.append(f"{_flag(dest)} {getattr(args, dest, None)} -> {config[field]}")
+            setattr(args, dest, config[field])
+    if "vocab_size" in config and not getattr(args, "tokenizer", None) and args.vocab_size != config["vocab_size"]:
+        changed.append(f"--vocab-size {args.vocab_size} -> {config['vocab_size']}")
+        args.vocab_size = config["vocab_size"]
+    if args.seq_length > args.max_position_embeddings:
+        args.seq_length = args.max_position_embeddings
+    say("--use-checkpoint-args: " + (", ".join(changed) if changed else "the flags already match the checkpoint"))
+
+
+def adopt_checkpoint_schedule(args, meta, say=print):
+    """--use-checkpoint-opt_param-scheduler: the checkpoint's lr schedule flags."""
+    saved = meta.get("args") or {}
+    changed = [f"{_flag(k)} {getattr(args, k)} -> {saved[k]}" for k in SCHEDULE_ARGS
+               if k in saved and getattr(args, k) != saved[k]]
+    for k in SCHEDULE_ARGS:
+        if k in saved:
+            setattr(args, k, saved[k])
+    say("--use-checkpoint-opt_param-scheduler: " + (", ".join(changed) if changed else "same schedule"))
+
+
+def resume_vocab_rows(meta, run_rows, tokenizer_size, tp, multiple):
+    """Rows the resumed model must have: the checkpoint's, when the run derives its rows from a
+    tokenizer and the checkpoint's still fit it (any TP padding is kept), else the run's."""
+    saved = (meta.get("model_config") or {}).get("vocab_size")
+    if saved is None or saved == run_rows or tokenizer_size is None:
+        return run_rows
+    if saved >= tokenizer_size and saved % tp == 0:
+        return saved
+    return run_rows
+
+
+def check_resume_setup(args, meta, model_config, zero_stage, load_dir):
+    """Raise CheckpointError (one line) for a difference this run cannot take silently."""
+    where = f"--load {load_dir}/{meta.get('tag', '')}".rstrip("/")
+    config = meta.get("model_config") or {}
+    mine = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(vars(model_config))
+    diffs = [f"{k} {config[k]} vs {mine[k]}" for k in ARCH_FIELDS
+             if k in config and k in mine and config[k] != mine[k]]
+    if diffs:
+        hint = ("--vocab-size" if all(d.startswith("vocab_size") for d in diffs) else "model flags")
+        raise CheckpointError(f"{where}: the architecture differs from this run (checkpoint vs run: {'; '.join(diffs)}); "
+                              f"pass the checkpoint's {hint} or --use-checkpoint-args")
+
+    saved_args = meta.get("args") or {}
+    if meta.get("optimizer_states", True) and not getattr(args, "no_load_optim", False):
+        saved_stage = meta.get("zero_stage", saved_args.get("zero_stage"))
+        if saved_stage is not None and _zero_family(saved_stage) != _zero_family(zero_stage):
+            forced = bool(getattr(args, "bf16", False)) and saved_stage == 0
+            alt = "" if forced else f", or resume with --zero-stage {saved_stage}"
+            why = " (bf16 runs use ZeRO >= 1 for fp32 gradient accumulation)" if forced else ""
+            raise CheckpointError(f"{where}: saved with ZeRO stage {saved_stage}, this run uses stage {zero_stage}{why}; "
+                                  f"the optimizer state does not carry across these stages: pass --no-load-optim "
+                                  f"(weights, lr schedule and data position kept; Adam moments restart){alt}")
+        saved_dp = saved_args.get("data_parallel_size")
+        if zero_stage and saved_stage and saved_dp is not None and saved_dp != getattr(args, "data_parallel_size", saved_dp):
+            raise CheckpointError(f"{where}: ZeRO optimizer state saved for {saved_dp} data-parallel ranks, this run has "
+                                  f"{args.data_parallel_size}; pass --no-load-optim (Adam moments restart) or resume "
+                                  f"with the same world size")
+
+    if not getattr(args, "override_opt_param_scheduler", False):
+        diffs = [f"{_flag(k)} {saved_args[k]} vs {getattr(args, k)}" for k in SCHEDULE_ARGS
+                 if k in saved_args and getattr(args, k, None) != saved_args[k]]
+        if diffs:
+            raise CheckpointError(
+                f"{where}: the lr schedule differs from the checkpoint's (checkpoint vs run: {'; '.join(diffs)}; "
+                f"--lr-decay-iters defaults to --train-iters); pass the checkpoint's values, "
+                f"--use-checkpoint-opt_param-scheduler to adopt them, or --override-opt_param-scheduler to "
+                f"continue with the new schedule from iteration {meta.get('iteration')}")
+
+
+def prepare_resume(args, tokenizer, padded_vocab, say=print):
+    """Before the model is built: refuse iter_* folders without `latest` (unless --start-over), verify
+    the --load checkpoint (checksums, metadata), adopt --use-checkpoint-args / the checkpoint's
+    schedule / its vocabulary rows. Returns (verify_checkpoint's (tag, meta) or None, vocabulary rows).
+    Also warns when nothing will be saved."""
+    from . import checkpointing
+
+    if not args.save:
+        say("warning: no --save: this run saves no checkpoint; a crash, SIGTERM or the end of the run keeps "
+            "nothing but the metrics")
+    verified = None
+    if args.load and not args.finetune:
+        checkpointing.check_no_orphan_checkpoints(args.load, args.start_over, "--load")
+        verified = checkpointing.verify_checkpoint(args.load)
+    if verified is None and args.save and not args.finetune and args.save != args.load:
+        checkpointing.check_no_orphan_checkpoints(args.save, args.start_over, "--save")
+    if verified is None:
+        return None, padded_vocab
+    meta = verified[1]
+    if args.use_checkpoint_args:
+        adopt_checkpoint_args(args, meta, say)
+    if getattr(args, "use_checkpoint_opt_param_scheduler", False):
+        adopt_checkpoint_schedule(args, meta, say)
+    if tokenizer is None:
+        return verified, args.vocab_size
+    rows = resume_vocab_rows(meta, padded_vocab, tokenizer.vocab_size, args.tensor_model_parallel_size,
+                             args.make_vocab_size_divisible_by)
+    if rows != padded_vocab:
+        say(f"resuming with the checkpoint's {rows} vocabulary rows (this run alone would pad "
+            f"{tokenizer.vocab_size} tokens to {padded_vocab})")
+    return verified, rows
