@@ -8,7 +8,23 @@
 # PRETRAINED is a megaphi model folder (a training checkpoint's <tag>/model, or a Hugging Face phi-1
 # converted by tools/convert_checkpoint.py) or a training checkpoint folder (its `latest` tag is used).
 # Re-running resumes the finetuning from CHECKPOINT_DIR once it holds a checkpoint.
+# Extra arguments are passed to megaphi.pretrain; @FILE reads more flags from FILE.
+#
+# Environment overrides (paths relative to the directory you run the script in; defaults relative to the
+# repository):
+#   PRETRAINED      checkpoints/phi-1-base/iter_0024000/model
+#   DATA_PATH       data/codeexercises_text_document  PREFIX, or "W1 PREFIX1 W2 PREFIX2 ..."
+#   TOKENIZER       Salesforce/codegen-350M-mono      folder, tokenizer.json or Hub name
+#   MODEL           phi-1                             the architecture of PRETRAINED (phi-1-small, ...)
+#   CHECKPOINT_DIR  checkpoints/$MODEL
+#   SEQ_LENGTH 2048   GLOBAL_BATCH 256   MICRO_BATCH 8 (per GPU)   TRAIN_ITERS 6000   LR 1e-4
+#   WARMUP_ITERS    50 x TRAIN_ITERS / 6000 (the paper's 50 steps, scaled with the run)
+#   GPUS_PER_NODE 8  NNODES 1  HOSTFILE  ZERO_STAGE 1  TP 1  SEQUENCE_PARALLEL 0  PRECISION fp16|bf16|fp32
 set -euo pipefail
+source "$(dirname "$0")/common.sh"
+resolve_env PRETRAINED CHECKPOINT_DIR HOSTFILE
+[[ -n "${DATA_PATH:-}" ]] && DATA_PATH=$(abs_data_path "$DATA_PATH")
+TOKENIZER=$(abs_if_exists "${TOKENIZER:-}")
 cd "$(dirname "$0")/.."
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
@@ -17,8 +33,14 @@ HOSTFILE=${HOSTFILE:-}
 PRETRAINED=${PRETRAINED:-checkpoints/phi-1-base/iter_0024000/model}
 DATA_PATH=${DATA_PATH:-data/codeexercises_text_document}
 TOKENIZER=${TOKENIZER:-Salesforce/codegen-350M-mono}
-CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/phi-1}
-MICRO_BATCH=${MICRO_BATCH:-8}
+MODEL=${MODEL:-phi-1}
+CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/${MODEL}}
+SEQ_LENGTH=${SEQ_LENGTH:-2048}
+GLOBAL_BATCH=${GLOBAL_BATCH:-256}
+MICRO_BATCH=${MICRO_BATCH:-8}                                 # per GPU; accumulation fills GLOBAL_BATCH
+TRAIN_ITERS=${TRAIN_ITERS:-6000}
+LR=${LR:-1e-4}
+WARMUP_ITERS=${WARMUP_ITERS:-$(( 50 * TRAIN_ITERS / 6000 ))}
 ZERO_STAGE=${ZERO_STAGE:-1}
 TP=${TP:-1}
 SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-0}                      # 1: --sequence-parallel (TP > 1)
@@ -30,8 +52,8 @@ LAUNCHER=(deepspeed --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE")
 # shellcheck disable=SC2206
 ARGS=(
     # model: phi-1, same setup as pretraining
-    --model phi-1
-    --seq-length 2048
+    --model "$MODEL"
+    --seq-length "$SEQ_LENGTH"
     --attention-dropout 0.1
     --hidden-dropout 0.1
     --tokenizer "$TOKENIZER"
@@ -47,8 +69,8 @@ ARGS=(
 
     # batch: effective batch 256
     --micro-batch-size "$MICRO_BATCH"
-    --global-batch-size 256
-    --train-iters 6000
+    --global-batch-size "$GLOBAL_BATCH"
+    --train-iters "$TRAIN_ITERS"
 
     # optimizer: AdamW, weight decay 0.01
     --weight-decay 0.01
@@ -58,10 +80,10 @@ ARGS=(
     --clip-grad 1.0
 
     # schedule: linear warmup over 50 steps to 1e-4, then linear decay
-    --lr 1e-4
+    --lr "$LR"
     --min-lr 0
-    --lr-warmup-iters 50
-    --lr-decay-iters 6000
+    --lr-warmup-iters "$WARMUP_ITERS"
+    --lr-decay-iters "$TRAIN_ITERS"
     --lr-decay-style linear
 
     # precision and parallelism

@@ -6,9 +6,24 @@
 #
 #   DATA_PATH=data/codetextbook_text_document bash examples/pretrain_phi1.sh
 #   HOSTFILE=hostfile NNODES=2 GPUS_PER_NODE=8 bash examples/pretrain_phi1.sh      # multi-node
+#   GPUS_PER_NODE=1 MODEL=phi-1-small SEQ_LENGTH=512 GLOBAL_BATCH=32 TRAIN_ITERS=200 bash examples/pretrain_phi1.sh
 # Extra arguments are passed to megaphi.pretrain (e.g. --bf16 is not allowed with the paper's --fp16;
-# set PRECISION=bf16 instead).
+# set PRECISION=bf16 instead); @FILE reads more flags from FILE.
+#
+# Environment overrides (paths relative to the directory you run the script in; defaults relative to the
+# repository):
+#   DATA_PATH       data/codetextbook_text_document   PREFIX, or "W1 PREFIX1 W2 PREFIX2 ..."
+#   TOKENIZER       Salesforce/codegen-350M-mono      folder, tokenizer.json or Hub name
+#   MODEL           phi-1                             or phi-1-small
+#   CHECKPOINT_DIR  checkpoints/$MODEL-base
+#   SEQ_LENGTH 2048   GLOBAL_BATCH 1024   MICRO_BATCH 8 (per GPU)   TRAIN_ITERS 36000   LR 1e-3
+#   WARMUP_ITERS    750 x TRAIN_ITERS / 36000 (the paper's 750 steps, scaled with the run)
+#   GPUS_PER_NODE 8  NNODES 1  HOSTFILE  ZERO_STAGE 1  TP 1  SEQUENCE_PARALLEL 0  PRECISION fp16|bf16|fp32
 set -euo pipefail
+source "$(dirname "$0")/common.sh"
+resolve_env CHECKPOINT_DIR HOSTFILE
+[[ -n "${DATA_PATH:-}" ]] && DATA_PATH=$(abs_data_path "$DATA_PATH")
+TOKENIZER=$(abs_if_exists "${TOKENIZER:-}")
 cd "$(dirname "$0")/.."
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
@@ -18,7 +33,12 @@ DATA_PATH=${DATA_PATH:-data/codetextbook_text_document}    # PREFIX, or "W1 PREF
 TOKENIZER=${TOKENIZER:-Salesforce/codegen-350M-mono}
 MODEL=${MODEL:-phi-1}                                         # or phi-1-small (pretrain_phi1_small.sh)
 CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/${MODEL}-base}
-MICRO_BATCH=${MICRO_BATCH:-8}                                 # per GPU; accumulation fills the 1024
+SEQ_LENGTH=${SEQ_LENGTH:-2048}
+GLOBAL_BATCH=${GLOBAL_BATCH:-1024}
+MICRO_BATCH=${MICRO_BATCH:-8}                                 # per GPU; accumulation fills GLOBAL_BATCH
+TRAIN_ITERS=${TRAIN_ITERS:-36000}
+LR=${LR:-1e-3}
+WARMUP_ITERS=${WARMUP_ITERS:-$(( 750 * TRAIN_ITERS / 36000 ))}
 ZERO_STAGE=${ZERO_STAGE:-1}
 TP=${TP:-1}
 SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-0}                      # 1: --sequence-parallel (TP > 1)
@@ -32,7 +52,7 @@ ARGS=(
     # model: phi-1 (24 layers, hidden 2048, MLP 8192, 32 heads x 64, rotary dim 32)
     #     or phi-1-small (20 layers, hidden 1024, MLP 4096, 16 heads x 64, rotary dim 32)
     --model "$MODEL"
-    --seq-length 2048
+    --seq-length "$SEQ_LENGTH"
     --attention-dropout 0.1
     --hidden-dropout 0.1
     --tokenizer "$TOKENIZER"
@@ -44,8 +64,8 @@ ARGS=(
 
     # batch: effective batch 1024 = micro batch x data parallel x accumulation
     --micro-batch-size "$MICRO_BATCH"
-    --global-batch-size 1024
-    --train-iters 36000
+    --global-batch-size "$GLOBAL_BATCH"
+    --train-iters "$TRAIN_ITERS"
 
     # optimizer: AdamW, weight decay 0.1 (betas/eps are not stated in the paper)
     --weight-decay 0.1
@@ -55,10 +75,10 @@ ARGS=(
     --clip-grad 1.0
 
     # schedule: linear warmup over 750 steps to 1e-3, then linear decay
-    --lr 1e-3
+    --lr "$LR"
     --min-lr 0
-    --lr-warmup-iters 750
-    --lr-decay-iters 36000
+    --lr-warmup-iters "$WARMUP_ITERS"
+    --lr-decay-iters "$TRAIN_ITERS"
     --lr-decay-style linear
 
     # precision and parallelism

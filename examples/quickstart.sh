@@ -4,20 +4,37 @@
 #
 #   bash examples/quickstart.sh
 #   WORK_DIR=/tmp/qs TRAIN_ITERS=600 bash examples/quickstart.sh
+#   TRAIN_ITERS=20 bash examples/quickstart.sh                         # a one-minute smoke run
 #   TOKENIZER=path/to/codegen-350M-mono bash examples/quickstart.sh    # skip training a tokenizer
+#
+# Environment overrides (relative paths are taken from the directory you run the script in):
+#   WORK_DIR      runs/quickstart (in the repository)  corpus, tokenizer, token files, checkpoints
+#   TOKENIZER     (trained here)   a tokenizer folder / tokenizer.json to use instead
+#   MODEL         tiny             tiny = the phi-1 block scaled down (4 layers, hidden 256, 4 heads);
+#                                  phi-1-small or phi-1 train that preset as is
+#   SEQ_LENGTH    256              MICRO_BATCH  8         GLOBAL_BATCH  MICRO_BATCH (no accumulation)
+#   TRAIN_ITERS   400              LR           2e-3      (min lr LR/10, warmup 7.5% of TRAIN_ITERS)
+#   VOCAB_SIZE    4096 (trained tokenizer)               PYTHON  python3
 #
 # Steps: install if needed -> stdlib corpus (tools/make_stdlib_corpus.py) -> byte-level BPE tokenizer
 # (tools/train_tokenizer.py, 4096 tokens) -> token files (tools/preprocess_data.py) -> train
 # (python -m megaphi.pretrain) -> curves (tools/plot_metrics.py) -> completions (tools/generate.py).
 # Finished steps are skipped when the script is run again; training resumes from its checkpoint.
 set -euo pipefail
+source "$(dirname "$0")/common.sh"
+resolve_env WORK_DIR
+TOKENIZER=$(abs_if_exists "${TOKENIZER:-}")
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 WORK_DIR=${WORK_DIR:-runs/quickstart}
+MODEL=${MODEL:-tiny}
 TRAIN_ITERS=${TRAIN_ITERS:-400}
 MICRO_BATCH=${MICRO_BATCH:-8}
+GLOBAL_BATCH=${GLOBAL_BATCH:-$MICRO_BATCH}
 SEQ_LENGTH=${SEQ_LENGTH:-256}
+LR=${LR:-2e-3}
+MIN_LR=$(awk -v lr="$LR" 'BEGIN { printf "%g", lr / 10 }')
 VOCAB_SIZE=${VOCAB_SIZE:-4096}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 
@@ -55,30 +72,32 @@ if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; 
     PRECISION=(--bf16)
 fi
 
-CKPT="$WORK_DIR/checkpoints"
-step "training a small phi for $TRAIN_ITERS steps -> $CKPT"
 # The phi-1 block (parallel attention + MLP, one shared LayerNorm, rotary on 32 of 64 head dims),
-# scaled down: 4 layers, hidden 256, 4 heads. Dropout is off for such a short run.
+# scaled down: 4 layers, hidden 256, 4 heads. Other MODELs train their preset as is.
+ARCH=()
+if [[ "$MODEL" == tiny ]]; then
+    ARCH=(--num-layers 4 --hidden-size 256 --ffn-hidden-size 1024 --num-attention-heads 4 --rotary-dim 32
+          --max-position-embeddings "$SEQ_LENGTH")
+fi
+
+CKPT="$WORK_DIR/checkpoints"
+step "training a small phi ($MODEL) for $TRAIN_ITERS steps -> $CKPT"
+# Dropout is off for such a short run.
 $PY -m megaphi.pretrain \
-    --model tiny \
-    --num-layers 4 \
-    --hidden-size 256 \
-    --ffn-hidden-size 1024 \
-    --num-attention-heads 4 \
-    --rotary-dim 32 \
+    --model "$MODEL" \
+    "${ARCH[@]}" \
     --seq-length "$SEQ_LENGTH" \
-    --max-position-embeddings "$SEQ_LENGTH" \
     --attention-dropout 0.0 \
     --hidden-dropout 0.0 \
     --tokenizer "$TOKENIZER" \
     --data-path "${DATA_PREFIX}_text_document" \
     --split 98,2,0 \
     --micro-batch-size "$MICRO_BATCH" \
-    --global-batch-size "$MICRO_BATCH" \
+    --global-batch-size "$GLOBAL_BATCH" \
     --train-iters "$TRAIN_ITERS" \
-    --lr 2e-3 \
-    --min-lr 2e-4 \
-    --lr-warmup-iters 30 \
+    --lr "$LR" \
+    --min-lr "$MIN_LR" \
+    --lr-warmup-fraction 0.075 \
     --lr-decay-style linear \
     --weight-decay 0.1 \
     --clip-grad 1.0 \
@@ -92,7 +111,7 @@ $PY -m megaphi.pretrain \
     --log-interval 10
 
 step "loss and learning-rate curves"
-$PY tools/plot_metrics.py "$CKPT" --output "$WORK_DIR/curves.png"
+$PY tools/plot_metrics.py "$CKPT" --output "$WORK_DIR/curves.png" --title "quickstart ($MODEL, $TRAIN_ITERS steps)"
 
 MODEL_DIR="$CKPT/$(cat "$CKPT/latest")/model"
 step "greedy completion of 'def fibonacci(n):' ($MODEL_DIR)"
