@@ -276,18 +276,25 @@ def run(args) -> dict:
             os.replace(prefix + ".idx" + tag, prefix + ".idx")
         done = True
     finally:
-        bar.close()
-        if results is not None:
-            results.close()  # stops the worker pool now, also on errors
-        if not done:
-            for key, prefix in outputs.items():
-                if key in builders and not builders[key]._builder.finalized:
-                    builders[key].close()
-                for suffix in (".bin", ".idx"):
-                    try:
-                        os.remove(prefix + suffix + tag)
-                    except FileNotFoundError:
-                        pass
+        # Aborting (an error or a signal is on its way out): a second Ctrl-C/SIGTERM must not cut the cleanup short.
+        held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} \
+            if not done and _is_main_thread() else {}
+        try:
+            bar.close()
+            if results is not None:
+                results.close()  # stops the worker pool now, also on errors
+            if not done:
+                for key, prefix in outputs.items():
+                    if key in builders and not builders[key]._builder.finalized:
+                        builders[key].close()
+                    for suffix in (".bin", ".idx"):
+                        try:
+                            os.remove(prefix + suffix + tag)
+                        except FileNotFoundError:
+                            pass
+        finally:
+            for s, handler in held.items():
+                signal.signal(s, handler)
     elapsed = time.time() - t0
     return {
         "documents": docs, "tokens": tokens, "bytes": nbytes, "skipped": dict(counts),
