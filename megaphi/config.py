@@ -26,6 +26,9 @@ class PhiConfig:
     initializer_range: float = 0.02
     hidden_act: str = "gelu_new"          # tanh-approximated GELU (the only one supported)
     recompute: bool = False               # activation checkpointing per layer
+    recompute_granularity: str = "full"   # with recompute: "full" layers, or "selective" (core attention only)
+    recompute_num_layers: int = 0         # full granularity: recompute the first N layers (0 = all)
+    loss_chunk_tokens: int = 0            # > 0: lm_head + cross entropy N tokens at a time (no full logits)
     use_flash_attn: bool = True           # flash_attn when installed and tensors are CUDA fp16/bf16
     sequence_parallel: bool = False       # Megatron sequence parallel in training forwards (needs TP > 1)
 
@@ -49,6 +52,12 @@ class PhiConfig:
              f"rotary_dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
         for name in ("attention_dropout", "resid_dropout", "embd_dropout"):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1)")
+        need(self.recompute_granularity in ("full", "selective"),
+             f"recompute_granularity must be 'full' or 'selective', got {self.recompute_granularity!r}")
+        need(isinstance(self.recompute_num_layers, int) and self.recompute_num_layers >= 0,
+             f"recompute_num_layers must be an int >= 0, got {self.recompute_num_layers!r}")
+        need(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0,
+             f"loss_chunk_tokens must be an int >= 0, got {self.loss_chunk_tokens!r}")
         need(self.hidden_act in ("gelu_new", "gelu_pytorch_tanh", "gelu_tanh"),
              f"hidden_act {self.hidden_act!r} is not supported (phi uses tanh GELU, 'gelu_new')")
 

@@ -63,7 +63,9 @@ def build_model_config(args, padded_vocab_size):
         "rotary_dim": args.rotary_dim, "max_position_embeddings": args.max_position_embeddings,
         "attention_dropout": args.attention_dropout, "resid_dropout": args.hidden_dropout,
         "embd_dropout": args.embedding_dropout, "initializer_range": args.init_method_std,
-        "recompute": args.recompute,
+        "recompute": bool(args.recompute or args.recompute_granularity),
+        "recompute_granularity": args.recompute_granularity or "full",
+        "recompute_num_layers": args.recompute_num_layers, "loss_chunk_tokens": args.loss_chunk_tokens,
     }
     if args.sequence_parallel and args.tensor_model_parallel_size > 1:
         overrides["sequence_parallel"] = True  # Megatron turns it off at TP=1, where it changes nothing

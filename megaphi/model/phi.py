@@ -22,7 +22,7 @@ from torch import nn
 
 from megaphi.config import PhiConfig
 from megaphi.ops import LayerNorm, apply_rotary_qk, layer_norm, rotary_tables
-from megaphi.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megaphi.parallel.cross_entropy import chunked_linear_cross_entropy, vocab_parallel_cross_entropy
 from megaphi.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                      enter_tensor_parallel_region, init_from_master,
                                      replicated_in_sequence_parallel_region)
@@ -57,13 +57,24 @@ class PhiAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         dropout_p = self.config.attention_dropout if self.training else 0.0
+        if self.recompute_core_attention and self.training and torch.is_grad_enabled() and kv_cache is None:
+            # selective recompute: keep q, k, v, drop what the attention kernel saves; RNG-exact replay
+            out = checkpoint(self._core_attention, q, k, v, dropout_p)
+        else:
+            out = self._core_attention(q, k, v, dropout_p)
+        return self.dense(out.reshape(b, s, self.num_heads * self.head_dim), sequence_parallel=sequence_parallel)
+
+
+    @property
+    def recompute_core_attention(self):
+        return self.config.recompute and self.config.recompute_granularity == "selective"
+
+    def _core_attention(self, q, k, v, dropout_p):
         if dropout_p > 0.0:
             # heads differ per TP rank: their dropout draws from the per-rank stream
             with get_rng_tracker().fork():
-                out = causal_attention(q, k, v, dropout_p, use_flash=self.config.use_flash_attn)
-        else:
-            out = causal_attention(q, k, v, 0.0, use_flash=self.config.use_flash_attn)
-        return self.dense(out.reshape(b, s, self.num_heads * self.head_dim), sequence_parallel=sequence_parallel)
+                return causal_attention(q, k, v, dropout_p, use_flash=self.config.use_flash_attn)
+        return causal_attention(q, k, v, 0.0, use_flash=self.config.use_flash_attn)
 
 
 class PhiMLP(nn.Module):
@@ -149,9 +160,11 @@ class PhiModel(nn.Module):
 
         sp = sequence_parallel
         x = region_dropout(self.embed_dropout, self.embed_tokens(input_ids, sequence_parallel=sp), sp)
-        recompute = self.config.recompute and self.training and torch.is_grad_enabled() and kv_cache is None
-        for layer in self.layers:
-            if recompute:
+        recompute = (self.config.recompute and self.config.recompute_granularity == "full" and self.training
+                     and torch.is_grad_enabled() and kv_cache is None)
+        full_layers = self.config.recompute_num_layers or len(self.layers)
+        for index, layer in enumerate(self.layers):
+            if recompute and index < full_layers:
                 x = checkpoint(layer, x, cos, sin, position_ids, None, sp)
             else:
                 x = layer(x, cos, sin, position_ids, kv_cache, sp)
@@ -234,9 +247,15 @@ class PhiForCausalLM(nn.Module):
             if logits_to_keep and sp:
                 logits_shard = logits_shard[:, -logits_to_keep:]
             return gather_from_tensor_model_parallel_region(logits_shard)
-        logits_shard = self.lm_head(hidden, sequence_parallel=sp)
         valid = labels != IGNORE_INDEX
         mask = valid.float() if loss_mask is None else loss_mask.float() * valid
+        if reduction == "none" and self.config.loss_chunk_tokens > 0:
+            # training's path: the logits never exist as one tensor (none are returned)
+            h = enter_tensor_parallel_region(hidden, sp) if get_tensor_model_parallel_world_size() > 1 else hidden
+            token_losses = chunked_linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias,
+                                                        labels.masked_fill(~valid, 0), self.config.loss_chunk_tokens)
+            return token_losses * mask, None
+        logits_shard = self.lm_head(hidden, sequence_parallel=sp)
         token_losses = vocab_parallel_cross_entropy(logits_shard, labels.masked_fill(~valid, 0)) * mask
         if reduction == "none":
             return token_losses, None

@@ -64,6 +64,14 @@ def build_parser():
     g.add_argument("--init-method-std", type=float)
     g.add_argument("--recompute", "--recompute-activations", dest="recompute", action="store_true",
                    help="activation recomputation per layer")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
+                   help="full: recompute whole layers (implies --recompute); selective: recompute only the "
+                        "core attention (Megatron's names)")
+    g.add_argument("--recompute-num-layers", type=int, default=0,
+                   help="full granularity: recompute the first N layers only (0 = all)")
+    g.add_argument("--loss-chunk-tokens", type=int, default=0,
+                   help="compute lm_head + cross entropy this many tokens at a time, never materializing the "
+                        "full logits (0 = off)")
     g.add_argument("--layernorm-impl", default="auto", choices=LAYERNORM_IMPL_CHOICES,
                    help="LayerNorm kernel (auto: CUDA kernel on a GPU, torch otherwise)")
     g.add_argument("--rotary-impl", default="auto", choices=ROTARY_IMPL_CHOICES,
@@ -262,6 +270,8 @@ def validate_args(args, world_size):
     args.world_size = world_size
     args.data_parallel_size = world_size // tp
 
+    if args.recompute_num_layers < 0 or args.loss_chunk_tokens < 0:
+        raise ArgumentError("--recompute-num-layers and --loss-chunk-tokens must be >= 0")
     if args.micro_batch_size is None:
         raise ArgumentError("--micro-batch-size is required")
     per_step = args.micro_batch_size * args.data_parallel_size
