@@ -30,6 +30,7 @@ class PhiConfig:
     recompute_num_layers: int = 0         # full granularity: recompute the first N layers (0 = all)
     loss_chunk_tokens: int = 0            # > 0: lm_head + cross entropy N tokens at a time (no full logits)
     use_flash_attn: bool = True           # flash_attn when installed and tensors are CUDA fp16/bf16
+    attention_backend: str = "auto"       # auto | flash-attn | sdpa-flash | sdpa-cudnn | sdpa-efficient | math
     sequence_parallel: bool = False       # Megatron sequence parallel in training forwards (needs TP > 1)
 
     def __post_init__(self):
@@ -52,6 +53,9 @@ class PhiConfig:
              f"rotary_dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
         for name in ("attention_dropout", "resid_dropout", "embd_dropout"):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1)")
+        need(self.attention_backend in ("auto", "flash-attn", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "math"),
+             f"attention_backend {self.attention_backend!r} is not one of auto, flash-attn, sdpa-flash, sdpa-cudnn, "
+             f"sdpa-efficient, math")
         need(self.recompute_granularity in ("full", "selective"),
              f"recompute_granularity must be 'full' or 'selective', got {self.recompute_granularity!r}")
         need(isinstance(self.recompute_num_layers, int) and self.recompute_num_layers >= 0,

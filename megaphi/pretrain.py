@@ -66,6 +66,7 @@ def build_model_config(args, padded_vocab_size):
         "recompute": bool(args.recompute or args.recompute_granularity),
         "recompute_granularity": args.recompute_granularity or "full",
         "recompute_num_layers": args.recompute_num_layers, "loss_chunk_tokens": args.loss_chunk_tokens,
+        "attention_backend": args.attention_backend,
     }
     if args.sequence_parallel and args.tensor_model_parallel_size > 1:
         overrides["sequence_parallel"] = True  # Megatron turns it off at TP=1, where it changes nothing

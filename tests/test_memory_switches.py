@@ -124,3 +124,31 @@ def test_recompute_replays_what_it_says(monkeypatch, switches, calls):
     monkeypatch.setattr(phi, "causal_attention", lambda *a, **k: seen.append(1) or original(*a, **k))
     _losses_and_grads(**switches)
     assert len(seen) == calls
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa-flash"])
+def test_forced_sdpa_backends_equal_auto_on_cpu(backend):
+    """CPU has SDPA's math and flash kernels: forcing either gives auto's result (float64 math is the
+    reference), forward and backward."""
+    losses, grads = _losses_and_grads(torch.float32, attention_backend=backend)
+    ref_losses, ref_grads = _losses_and_grads(torch.float32)
+    torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-5)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_unavailable_attention_backend_is_a_clear_error_at_start():
+    from megaphi.config import PhiConfig as Config
+    from megaphi.model.attention import causal_attention
+    from megaphi.training.arguments import ArgumentError
+    from megaphi.training.run_info import attention_backend
+    q = torch.randn(1, 4, 2, 8)
+    with pytest.raises(RuntimeError, match="flash-attn"):
+        causal_attention(q, q, q, backend="flash-attn")
+    config = Config(**CONFIG, attention_backend="sdpa-efficient")
+    with pytest.raises(ArgumentError, match="--attention-backend sdpa-efficient cannot run here"):
+        attention_backend(torch.device("cpu"), torch.float32, config, 16)
+    assert attention_backend(torch.device("cpu"), torch.float32, Config(**CONFIG, attention_backend="math"), 16) == \
+        "math (--attention-backend)"
+    with pytest.raises(ValueError, match="attention_backend"):
+        Config(**CONFIG, attention_backend="xformers")

@@ -20,11 +20,36 @@ def _can_use_flash(q):
     return _flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
-def causal_attention(q, k, v, dropout_p=0.0, softmax_scale=None, use_flash=True):
+ATTENTION_BACKENDS = ("auto", "flash-attn", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "math")
+
+
+def _sdpa_backend(name):
+    from torch.nn.attention import SDPBackend
+    return {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+            "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+
+
+def causal_attention(q, k, v, dropout_p=0.0, softmax_scale=None, use_flash=True, backend="auto"):
     """Causal attention where query i sits at absolute position (kv_len - q_len + i).
 
     The keys cover positions [0, kv_len), so kv_len > q_len means cached keys precede the queries.
+    backend: "auto" (flash-attn when usable and use_flash, else SDPA's own choice), "flash-attn"
+    (required: an error when it cannot run), or one SDPA kernel forced ("sdpa-flash", "sdpa-cudnn",
+    "sdpa-efficient", "math"; torch raises when that kernel cannot take the inputs).
     """
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
+    if backend == "flash-attn" and not _can_use_flash(q):
+        raise RuntimeError("attention backend flash-attn: " + ("flash-attn is not installed" if _flash_attn_func is None
+                           else f"it takes CUDA fp16/bf16 tensors, got {q.dtype} on {q.device}"))
+    if backend not in ("auto", "flash-attn"):
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel([_sdpa_backend(backend)]):
+            return _causal_attention(q, k, v, dropout_p, softmax_scale, use_flash=False)
+    return _causal_attention(q, k, v, dropout_p, softmax_scale, use_flash=use_flash or backend == "flash-attn")
+
+
+def _causal_attention(q, k, v, dropout_p, softmax_scale, use_flash):
     q_len, kv_len = q.shape[1], k.shape[1]
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5

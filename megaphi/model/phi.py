@@ -73,8 +73,9 @@ class PhiAttention(nn.Module):
         if dropout_p > 0.0:
             # heads differ per TP rank: their dropout draws from the per-rank stream
             with get_rng_tracker().fork():
-                return causal_attention(q, k, v, dropout_p, use_flash=self.config.use_flash_attn)
-        return causal_attention(q, k, v, 0.0, use_flash=self.config.use_flash_attn)
+                return causal_attention(q, k, v, dropout_p, use_flash=self.config.use_flash_attn,
+                                        backend=self.config.attention_backend)
+        return causal_attention(q, k, v, 0.0, use_flash=self.config.use_flash_attn, backend=self.config.attention_backend)
 
 
 class PhiMLP(nn.Module):

@@ -64,6 +64,10 @@ def build_parser():
     g.add_argument("--init-method-std", type=float)
     g.add_argument("--recompute", "--recompute-activations", dest="recompute", action="store_true",
                    help="activation recomputation per layer")
+    g.add_argument("--attention-backend", default="auto",
+                   choices=("auto", "flash-attn", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "math"),
+                   help="auto: flash-attn when installed (CUDA fp16/bf16), else torch SDPA's own choice; the others "
+                        "force one kernel and fail at start when it cannot run")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
                    help="full: recompute whole layers (implies --recompute); selective: recompute only the "
                         "core attention (Megatron's names)")

@@ -58,6 +58,10 @@ def attention_backend(device, dtype, config, seq_length, tp=1):
     from megaphi.model import attention
 
     half = dtype in (torch.float16, torch.bfloat16)
+    forced = getattr(config, "attention_backend", "auto")
+    if forced != "auto":
+        check_attention_backend(forced, device, dtype, config, seq_length, tp)
+        return f"{forced} (--attention-backend)"
     if device.type == "cuda" and half and config.use_flash_attn and attention.flash_attn_available():
         import flash_attn
         return f"flash-attn {getattr(flash_attn, '__version__', '?')}"
@@ -68,6 +72,22 @@ def attention_backend(device, dtype, config, seq_length, tp=1):
     kernel = _sdpa_cuda_kernel(device, dtype, config.num_attention_heads // tp, seq_length, config.head_dim,
                                config.attention_dropout)
     return f"torch SDPA, {kernel} kernel ({why})"
+
+
+def check_attention_backend(backend, device, dtype, config, seq_length, tp=1):
+    """Run the forced backend once on this run's attention shape (forward and backward, with its
+    dropout): a backend that cannot take it is a one-line --attention-backend error at start."""
+    from megaphi.model.attention import causal_attention
+    from megaphi.training.arguments import ArgumentError
+
+    heads = config.num_attention_heads // tp
+    q = torch.randn(1, min(seq_length, 256), heads, config.head_dim, device=device, dtype=dtype, requires_grad=True)
+    try:
+        causal_attention(q, q, q, config.attention_dropout, backend=backend).sum().backward()
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArgumentError(f"--attention-backend {backend} cannot run here ({dtype}, {device.type}, head dim "
+                            f"{config.head_dim}, dropout {config.attention_dropout}): {reason}") from None
 
 
 def ops_backend(op, device):
