@@ -25,12 +25,17 @@ ITERS = 3
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """One tiny run: ZeRO 0, a save every iteration, --keep-last 2."""
+    """One tiny run: ZeRO 0, a save every iteration, --keep-last 2, into a folder that holds a stale
+    iter_0000003 (no `latest`, a temporary left by a killed save): refused without --start-over."""
     tmp = tmp_path_factory.mktemp("ckrel")
     prefix = make_token_file(str(tmp / "toy"))
     save = str(tmp / "ck")
+    os.makedirs(os.path.join(save, "iter_0000003"))
+    with open(os.path.join(save, "iter_0000003", "megaphi_meta.json.tmp.99999"), "w") as f:
+        f.write('{"iteration": 3')
     proc = run_pretrain(tiny_flags(prefix, ITERS) + ["--save", save, "--save-interval", "1", "--keep-last", "2",
-                                                     "--zero-stage", "0"])
+                                                     "--zero-stage", "0", "--start-over"])
+    assert f"--start-over: ignoring 1 checkpoint(s) in {save} without a 'latest' file" in proc.stdout
     return types.SimpleNamespace(prefix=prefix, save=save, stdout=proc.stdout, tmp=tmp)
 
 
@@ -216,15 +221,6 @@ def test_resharded_vocab_padding_is_kept():
     assert resume_checks.resume_vocab_rows(meta, 50304, None, 1, 128) == 50304  # --vocab-size: the flag's
 
 
-def test_resume_across_zero_stages_with_no_load_optim(run, tmp_path):
-    load, _ = _copy(run, tmp_path)
-    proc = run_pretrain(tiny_flags(run.prefix, ITERS + 1) + ["--load", load, "--save", load, "--zero-stage", "1",
-                                                             "--no-load-optim", "--lr-decay-iters", str(ITERS),
-                                                             "--eval-iters", "0"])
-    assert f"resumed from {load}/iter_{ITERS:07d} at iteration {ITERS}" in proc.stdout
-    assert checkpointing.verify_checkpoint(load)[1]["iteration"] == ITERS + 1
-
-
 def test_disk_full_is_reported_and_the_partial_save_removed(run, tmp_path):
     mnt = tmp_path / "small"
     mnt.mkdir()
@@ -273,13 +269,18 @@ def test_truncated_metrics_line_is_repaired_and_skipped_by_the_plotter(tmp_path,
     assert f"warning: {path}:2: skipped, not JSON" in capsys.readouterr().err
 
 
-def test_no_save_warns_and_sigterm_does_not_claim_a_save(run, tmp_path):
+def test_resume_across_zero_stages_without_save_and_sigterm(run, tmp_path):
+    """A ZeRO-0 checkpoint resumed at ZeRO 1 with --no-load-optim; no --save: a warning at start, and
+    SIGTERM does not claim a save."""
+    load, tag_dir = _copy(run, tmp_path)
+    before = open(os.path.join(tag_dir, "megaphi_meta.json")).read()
     log_dir = str(tmp_path / "logs")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("RANK", None)
     proc = subprocess.Popen([sys.executable, "-m", "megaphi.pretrain", *tiny_flags(run.prefix, 100000), "--log-dir",
-                             log_dir, "--eval-iters", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                             log_dir, "--eval-iters", "0", "--load", load, "--zero-stage", "1", "--no-load-optim",
+                             "--lr-decay-iters", str(ITERS)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = os.path.join(log_dir, "metrics.jsonl")
     try:
         deadline = time.time() + 240
@@ -294,5 +295,9 @@ def test_no_save_warns_and_sigterm_does_not_claim_a_save(run, tmp_path):
             proc.kill()
     assert proc.returncode == 0, stderr[-3000:]
     assert "warning: no --save: this run saves no checkpoint" in stdout
+    assert f"resumed from {load}/iter_{ITERS:07d} at iteration {ITERS}" in stdout
+    assert json.loads(open(metrics).readline())["iteration"] == ITERS + 1
+    assert checkpointing.iteration_tags(load) == ["iter_0000002", "iter_0000003"]
+    assert open(os.path.join(tag_dir, "megaphi_meta.json")).read() == before
     assert "received SIGTERM: nothing saved (no --save) at iteration" in stdout
     assert "saved at iteration" not in stdout and "saved checkpoint" not in stdout

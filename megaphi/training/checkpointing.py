@@ -388,6 +388,7 @@ def finetune_weights_source(load_dir):
     if tag is None:
         raise CheckpointError(f"--load {load_dir}: neither a model folder (megaphi or Hugging Face phi: config.json "
                            f"+ weights) nor a training checkpoint ({LATEST_NAME} file missing)")
+    verify_checkpoint(load_dir)  # checksums recorded at save, before any weight is read
     exported = os.path.join(load_dir, tag, MODEL_SUBDIR)
     if is_model_folder(exported):
         return "folder", exported
