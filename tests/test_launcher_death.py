@@ -186,6 +186,9 @@ def test_lock_is_exclusive_and_a_stale_file_does_not_block(tmp_path):
         holder.kill()
         holder.wait()
     save_lock.acquire(folder)  # the holder's death released it
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(save_lock.ArgumentError, match=f"--save {tmp_path / 'a_file' / 'ck'}: cannot create "):
+        save_lock.acquire(str(tmp_path / "a_file" / "ck"))
     try:
         assert json.loads(_read(os.path.join(folder, ".megaphi.lock")))["pid"] == os.getpid()
     finally:

@@ -39,15 +39,19 @@ def acquire(folder: str) -> None:
     folder = os.path.abspath(folder)
     if folder in _HELD:
         return
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_NAME)
-    f = open(path, "a+")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        raise ArgumentError(f"--save {folder}: cannot create {path}: {e.strerror or e}") from None
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         f.close()
         if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-            raise
+            raise ArgumentError(f"--save {folder}: cannot lock {path}: {e.strerror or e} (the filesystem may not "
+                                f"support flock)") from None
         raise SaveFolderInUse(f"--save {folder} is in use by another run: {_holder(path)} holds {path}; stop "
                               f"that run or save elsewhere") from None
     f.seek(0)
@@ -67,7 +71,7 @@ def acquire_for_job(folder: str) -> None:
     if not distributed or dist.get_rank() == 0:
         try:
             acquire(folder)
-        except SaveFolderInUse as e:
+        except ArgumentError as e:  # in use, or not creatable/lockable
             error = str(e)
     if distributed and dist.get_world_size() > 1:
         box = [error]
