@@ -101,6 +101,18 @@ def _extensions():
     return exts
 
 
+CONSOLE_SCRIPTS = [
+    "megaphi-train = megaphi.pretrain:main",
+    "megaphi-preprocess = megaphi.cli.preprocess_data:main",
+    "megaphi-train-tokenizer = megaphi.cli.train_tokenizer:main",
+    "megaphi-merge-datasets = megaphi.cli.merge_datasets:main",
+    "megaphi-stdlib-corpus = megaphi.cli.make_stdlib_corpus:main",
+    "megaphi-convert = megaphi.cli.convert_checkpoint:main",
+    "megaphi-generate = megaphi.cli.generate:main",
+    "megaphi-eval = megaphi.cli.eval_humaneval:main",
+    "megaphi-plot = megaphi.cli.plot_metrics:main",
+]
+
 setup(
     name="megaphi",
     version="0.1.0",
@@ -117,7 +129,10 @@ setup(
         "gpu": ["flash-attn"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],  # --wandb-project
         "data": ["pyarrow", "datasets"],  # preprocess_data.py: parquet, saved HF datasets, hf: Hub names
     },
+    # the tools as commands; `python tools/NAME.py` runs the same mains (megaphi/cli)
+    entry_points={"console_scripts": CONSOLE_SCRIPTS},
     zip_safe=False,
 )
