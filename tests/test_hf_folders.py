@@ -100,6 +100,15 @@ def test_inconsistent_rotary_dim_is_a_one_line_error(tmp_path):
         PhiForCausalLM.from_pretrained(tmp_path)
 
 
+def test_unusable_config_is_a_one_line_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(SystemExit, match=r"error: .*config\.json: model_type 'llama' is not a Phi model$"):
+        _tool("generate").main(["--checkpoint", str(tmp_path), "--prompt", "x", "--device", "cpu"])
+    (tmp_path / "config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        PhiForCausalLM.from_pretrained(tmp_path)
+
+
 # -- transformers folder -> megaphi's entry points ----------------------------------------------------
 
 def _byte_tokenizer(folder):
@@ -202,7 +211,7 @@ def test_eval_humaneval_tool_on_hf_folder(hf_phi, tmp_path, capsys):
 
 
 def test_finetune_loads_hf_folder(tmp_path):
-    from safetensors.torch import load_file
+    from megaphi.model.checkpoint import load_megaphi_state
     from test_resume import make_token_file, run_pretrain, tiny_flags
 
     hf = _hf_model(vocab=256, hidden=64, heads=2, factor=0.5, seed=12)  # tiny_flags' shapes, rotary 16
@@ -210,9 +219,10 @@ def test_finetune_loads_hf_folder(tmp_path):
     prefix = make_token_file(str(tmp_path / "toy"))
     out = tmp_path / "ft"
     proc = run_pretrain(tiny_flags(prefix, 1) + ["--rotary-dim", "16", "--finetune", "--load", str(tmp_path / "hf"),
-                                                 "--lr", "0", "--eval-iters", "0", "--save", str(out)])
+                                                 "--lr", "0", "--eval-iters", "0", "--save", str(out),
+                                                 "--no-export-model"])
     assert f"finetuning from weights in {tmp_path / 'hf'}" in proc.stdout
-    saved = load_file(out / "iter_0000001" / "model" / "model.safetensors")  # lr 0: the loaded weights
+    _, saved = load_megaphi_state(out)  # the training checkpoint's weights; lr 0: the loaded ones
     reference = hf.state_dict()
     assert set(saved) == set(reference)
     assert all(torch.equal(saved[k], reference[k]) for k in reference)

@@ -191,9 +191,12 @@ def is_megaphi_folder(path):
 def _is_megaphi_config(path):
     if not os.path.isfile(path):
         return False
-    with open(path) as f:
-        d = json.load(f)
-    return "model_type" not in d and "hidden_size" in d
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except ValueError:
+        return False  # not JSON: the HF folder loader reports it
+    return isinstance(d, dict) and "model_type" not in d and "hidden_size" in d
 
 
 def load_megaphi_folder(path):

@@ -94,8 +94,14 @@ def read_hf_checkpoint(hf_dir):
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found")
-    with open(config_path) as f:
-        config = config_from_hf_dict(json.load(f), source=config_path)
+    try:
+        with open(config_path) as f:
+            d = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{config_path}: expected a JSON object")
+    config = config_from_hf_dict(d, source=config_path)
     state = load_hf_weights(hf_dir)
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if _is_mixformer_state(state):
@@ -113,9 +119,9 @@ def is_hf_folder(path):
     try:
         with open(config_path) as f:
             d = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(d, dict) and ("model_type" in d or "n_embd" in d)
+    except ValueError:
+        return True  # read_hf_checkpoint names the file and the JSON error
+    return not isinstance(d, dict) or "model_type" in d or "n_embd" in d
 
 
 def hf_token_ids(path):
