@@ -34,6 +34,8 @@ def parse():
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--recompute", action="store_true")
+    p.add_argument("--recompute-granularity", choices=("full", "selective"))
+    p.add_argument("--loss-chunk-tokens", type=int, default=0)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-plain", action="store_true", help="skip the plain PyTorch loop")
@@ -56,7 +58,8 @@ def model_config(args):
             ("ffn_hidden_size", "intermediate_size"), ("num_attention_heads", "num_attention_heads"),
             ("vocab_size", "vocab_size")) if getattr(args, k1) is not None}
     over.update(max_position_embeddings=max(args.seq_length, 256), attention_dropout=0.0, resid_dropout=0.0,
-                embd_dropout=0.0, recompute=args.recompute)
+                embd_dropout=0.0, recompute=bool(args.recompute or args.recompute_granularity),
+                recompute_granularity=args.recompute_granularity or "full", loss_chunk_tokens=args.loss_chunk_tokens)
     return get_preset(args.model, **over)
 
 
