@@ -81,6 +81,14 @@ def test_auto_classes_load_megaphi_folder(config, token_ids, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.parameters(), model.parameters()))
 
 
+def test_token_ids_default_to_phi1_endoftext():
+    from megaphi.model.hf_config import default_token_ids, generation_config_dict
+    assert default_token_ids(get_preset("phi-1")) == (50256, 50256)  # codegen-350M-mono's <|endoftext|>
+    assert default_token_ids(get_preset("tiny")) == (None, None)     # not inside a 512-row vocabulary
+    assert default_token_ids(get_preset("tiny"), eos_token_id=3) == (3, 3)
+    assert generation_config_dict(get_preset("phi-1"))["eos_token_id"] == 50256
+
+
 def test_old_format_megaphi_folder_still_loads(tmp_path):
     config = get_preset("tiny", rotary_dim=16)
     model = PhiForCausalLM(config, init_seed=5).eval()
