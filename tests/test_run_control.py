@@ -72,3 +72,21 @@ def test_wandb_is_imported_only_when_asked():
             "print('wandb' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def _agree_on_duration(rank, world_size):
+    import time
+
+    from megaphi.training.train_loop import duration_exceeded
+
+    now = time.time()
+    # only rank 0 has run past the limit (it started 10 minutes "earlier"): every rank must stop
+    assert duration_exceeded(1.0, now - 600 if rank == 0 else now) is True
+    assert duration_exceeded(1.0, now) is False
+    assert duration_exceeded(None, now - 600) is False  # no limit: no collective either
+
+
+def test_exit_duration_ranks_agree():
+    from dist_utils import run_distributed
+
+    run_distributed(_agree_on_duration, 2)
