@@ -77,7 +77,8 @@ def test_per_split_data_paths(prefix, tmp_path):
 def test_aliases(prefix, tmp_path):
     args = parse_args(_base("--data-path", prefix, "--train-iters", "3", "--tokenizer-model", str(tmp_path),
                             "--recompute-activations"), world_size=1)
-    assert args.tokenizer == str(tmp_path) and args.recompute is True
+    # Megatron's --recompute-activations is selective recompute (core attention), not whole layers
+    assert args.tokenizer == str(tmp_path) and args.recompute_granularity == "selective" and not args.recompute
     args = parse_args(_base("--data-path", prefix, "--train-iters", "3", "--eval-only", "--load", str(tmp_path)),
                       world_size=1)
     assert args.skip_train is True

@@ -62,8 +62,9 @@ def build_parser():
     g.add_argument("--hidden-dropout", type=float, help="residual dropout (attention and MLP outputs)")
     g.add_argument("--embedding-dropout", type=float)
     g.add_argument("--init-method-std", type=float)
-    g.add_argument("--recompute", "--recompute-activations", dest="recompute", action="store_true",
-                   help="activation recomputation per layer")
+    g.add_argument("--recompute", action="store_true", help="activation recomputation per layer (full granularity)")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="Megatron's shorthand for --recompute-granularity selective")
     g.add_argument("--attention-backend", default="auto",
                    choices=("auto", "flash-attn", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "math"),
                    help="auto: flash-attn when installed (CUDA fp16/bf16), else torch SDPA's own choice; the others "
@@ -274,6 +275,8 @@ def validate_args(args, world_size):
     args.world_size = world_size
     args.data_parallel_size = world_size // tp
 
+    if args.recompute_activations and args.recompute_granularity is None:
+        args.recompute_granularity = "selective"  # as in Megatron-LM
     if args.recompute_num_layers < 0 or args.loss_chunk_tokens < 0:
         raise ArgumentError("--recompute-num-layers and --loss-chunk-tokens must be >= 0")
     if args.micro_batch_size is None:
