@@ -101,6 +101,8 @@ def test_corrupted_files_are_one_line_errors(run, tmp_path):
     rng_size = os.path.getsize(rng)
     os.remove(rng)
     assert _verify_error(load) == f"{rng}: missing (the metadata lists it, {rng_size} bytes)"
+    # --finetune --load verifies only what it reads (the exported model folder here)
+    assert checkpointing.finetune_weights_source(load) == ("folder", os.path.join(tag_dir, "model"))
 
 
 @pytest.mark.parametrize("content,expected", [

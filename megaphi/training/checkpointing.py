@@ -308,9 +308,10 @@ def read_meta(load_dir, tag):
     return meta
 
 
-def verify_checkpoint(load_dir):
-    """Collective. (tag, metadata) of the checkpoint `latest` names, every file checked against the
-    checksums recorded at save; None when load_dir holds no checkpoint. Any problem: CheckpointError."""
+def verify_checkpoint(load_dir, select=None):
+    """Collective. (tag, metadata) of the checkpoint `latest` names, every file (or those whose relative
+    path `select` accepts) checked against the checksums recorded at save; None when load_dir holds
+    no checkpoint. Any problem: CheckpointError."""
     tag = read_pointer(load_dir)
     if tag is None:
         return None
@@ -321,7 +322,10 @@ def verify_checkpoint(load_dir):
               f"megaphi or converted): its files are not verified", flush=True)
     else:
         try:
-            integrity.verify_files(tag_dir, meta["files"])
+            files = meta["files"]
+            if select is not None and isinstance(files, dict):
+                files = {rel: entry for rel, entry in files.items() if select(rel)}
+            integrity.verify_files(tag_dir, files)
         except integrity.IntegrityError as e:
             raise CheckpointError(str(e)) from None
     meta["tag"] = tag
@@ -388,10 +392,11 @@ def finetune_weights_source(load_dir):
     if tag is None:
         raise CheckpointError(f"--load {load_dir}: neither a model folder (megaphi or Hugging Face phi: config.json "
                            f"+ weights) nor a training checkpoint ({LATEST_NAME} file missing)")
-    verify_checkpoint(load_dir)  # checksums recorded at save, before any weight is read
     exported = os.path.join(load_dir, tag, MODEL_SUBDIR)
     if is_model_folder(exported):
+        verify_checkpoint(load_dir, select=lambda rel: rel.startswith(MODEL_SUBDIR + "/"))  # the files read
         return "folder", exported
+    verify_checkpoint(load_dir, select=lambda rel: rel.endswith("_model_states.pt"))
     return "deepspeed", tag
 
 
