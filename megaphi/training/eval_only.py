@@ -22,7 +22,14 @@ def eval_datasets(args, vocab_size):
     except ValueError as e:
         from .arguments import ArgumentError
         raise ArgumentError(f"{data_description(args)}: {e}") from None
-    return {name: ds for name, ds in (("valid", valid), ("test", test)) if ds is not None and len(ds) >= samples}
+    found = {}
+    for name, ds in (("valid", valid), ("test", test)):
+        if ds is not None and len(ds) < samples:
+            print_rank0(f"--skip-train: the {name} split holds {len(ds)} samples, fewer than --eval-iters "
+                        f"{args.eval_iters} x --global-batch-size {args.global_batch_size} = {samples}; not evaluated")
+        elif ds is not None:
+            found[name] = ds
+    return found
 
 
 def run_eval_only(args, engine, vocab_size, dp_rank, dp_size, dp_group=None):
