@@ -303,3 +303,41 @@ def test_resume_across_zero_stages_without_save_and_sigterm(run, tmp_path):
     assert open(os.path.join(tag_dir, "megaphi_meta.json")).read() == before
     assert "received SIGTERM: nothing saved (no --save) at iteration" in stdout
     assert "saved at iteration" not in stdout and "saved checkpoint" not in stdout
+
+
+def test_kill_9_inside_a_save_never_exposes_a_partial_checkpoint(run, tmp_path):
+    """kill -9 as soon as a save is seen in progress (a tag folder `latest` does not name yet): `latest`
+    names a checkpoint that verifies, no metadata vouches for partial data, and a resume re-saves the
+    interrupted iteration cleanly (no temporaries left)."""
+    save = str(tmp_path / "ck")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    proc = subprocess.Popen([sys.executable, "-m", "megaphi.pretrain", *tiny_flags(run.prefix, 1000), "--save", save,
+                             "--save-interval", "1", "--eval-iters", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            latest = os.path.join(save, "latest")
+            tags = checkpointing.iteration_tags(save)
+            if os.path.exists(latest) and tags and tags[-1] != open(latest).read().strip():
+                break  # a save after the first complete one is being written
+            time.sleep(0.002)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.kill()
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    tag, meta = checkpointing.verify_checkpoint(save)
+    assert meta["iteration"] == int(tag[len("iter_"):])
+    for other in checkpointing.iteration_tags(save):
+        other_meta = os.path.join(save, other, "megaphi_meta.json")
+        if os.path.exists(other_meta):  # complete: every listed file verifies
+            integrity.verify_files(os.path.join(save, other), json.load(open(other_meta))["files"])
+    resumed = run_pretrain(tiny_flags(run.prefix, 1000) + ["--load", save, "--save", save, "--eval-iters", "0",
+                                                           "--exit-interval", str(meta["iteration"] + 1)])
+    assert f"resumed from {save}/{tag} at iteration {meta['iteration']}" in resumed.stdout
+    new_tag, new_meta = checkpointing.verify_checkpoint(save)
+    assert new_meta["iteration"] == meta["iteration"] + 1
+    assert not [f for _, _, files in os.walk(os.path.join(save, new_tag)) for f in files if ".tmp" in f]

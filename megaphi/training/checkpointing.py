@@ -205,6 +205,9 @@ def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_toke
     tag_dir = os.path.join(save_dir, tag)
     if rank == 0 and os.path.isdir(tag_dir):
         integrity.remove_temporaries(tag_dir)  # leftovers of a killed save of the same iteration
+        if tag not in (_pointer_or_none(save_dir, LATEST_NAME), _pointer_or_none(save_dir, BEST_NAME)):
+            with contextlib.suppress(FileNotFoundError):  # an older save's metadata would vouch for new data
+                os.unlink(os.path.join(tag_dir, META_NAME))
     _barrier()
     try:
         # save_latest=False: DeepSpeed's own pointer would be written before our metadata exists.
