@@ -326,11 +326,11 @@ void layer_norm_forward(const void* x, const void* weight, const void* bias, voi
         } else {
             const dim3 grid(static_cast<unsigned>(std::min<int64_t>(rows, kMaxGrid)));
             if (vectorized) {
-                MEGAPHI_LAUNCH((ln_fwd_block_kernel<T, VEC>), grid, threads_for(h / VEC), 0, s, xt, wt, bt, yt, mean, rstd,
-                               rows, h, inv_hidden, eps);
+                MEGAPHI_LAUNCH((ln_fwd_block_kernel<T, VEC>), grid, threads_for(h / VEC), 0, s, xt, wt, bt, yt, mean,
+                               rstd, rows, h, inv_hidden, eps);
             } else {
-                MEGAPHI_LAUNCH((ln_fwd_block_kernel<T, 1>), grid, threads_for(h), 0, s, xt, wt, bt, yt, mean, rstd, rows, h,
-                               inv_hidden, eps);
+                MEGAPHI_LAUNCH((ln_fwd_block_kernel<T, 1>), grid, threads_for(h), 0, s, xt, wt, bt, yt, mean, rstd,
+                               rows, h, inv_hidden, eps);
             }
         }
     });
@@ -363,17 +363,17 @@ void layer_norm_backward(const void* dy, const void* x, const void* weight, cons
         const bool vectorized = hidden % VEC == 0 && aligned16(dy) && aligned16(x) && aligned16(weight) &&
                                 aligned16(dx) && aligned16(workspace);
         if (vectorized && hidden == 1024) {
-            MEGAPHI_LAUNCH((ln_bwd_fast_kernel<T, 1024>), nb, kBwdFastThreads, 0, s, dyt, xt, wt, mean, rstd, dxt, workspace,
-                           rows);
+            MEGAPHI_LAUNCH((ln_bwd_fast_kernel<T, 1024>), nb, kBwdFastThreads, 0, s, dyt, xt, wt, mean, rstd, dxt,
+                           workspace, rows);
         } else if (vectorized && hidden == 2048) {
-            MEGAPHI_LAUNCH((ln_bwd_fast_kernel<T, 2048>), nb, kBwdFastThreads, 0, s, dyt, xt, wt, mean, rstd, dxt, workspace,
-                           rows);
+            MEGAPHI_LAUNCH((ln_bwd_fast_kernel<T, 2048>), nb, kBwdFastThreads, 0, s, dyt, xt, wt, mean, rstd, dxt,
+                           workspace, rows);
         } else if (vectorized) {
-            MEGAPHI_LAUNCH((ln_bwd_block_kernel<T, VEC>), nb, threads_for(h / VEC), shared_bytes, s, dyt, xt, wt, mean, rstd,
-                           dxt, workspace, rows, h, inv_hidden, partials_in_shared);
+            MEGAPHI_LAUNCH((ln_bwd_block_kernel<T, VEC>), nb, threads_for(h / VEC), shared_bytes, s, dyt, xt, wt, mean,
+                           rstd, dxt, workspace, rows, h, inv_hidden, partials_in_shared);
         } else {
-            MEGAPHI_LAUNCH((ln_bwd_block_kernel<T, 1>), nb, threads_for(h), shared_bytes, s, dyt, xt, wt, mean, rstd, dxt,
-                           workspace, rows, h, inv_hidden, partials_in_shared);
+            MEGAPHI_LAUNCH((ln_bwd_block_kernel<T, 1>), nb, threads_for(h), shared_bytes, s, dyt, xt, wt, mean, rstd,
+                           dxt, workspace, rows, h, inv_hidden, partials_in_shared);
         }
         check_cuda(cudaGetLastError(), "layer_norm_backward launch");
         const dim3 grid((h + 31) / 32), block(32, 8);

@@ -117,8 +117,9 @@ void rotary(const void* q_in, void* q_out, const void* k_in, void* k_out, Rotary
         const int qh = static_cast<int>(q_heads), kh = static_cast<int>(k_heads);
         const int hf = static_cast<int>(half);
         if (vectorized) {
-            MEGAPHI_LAUNCH((rotary_kernel<T, VEC_WIDE>), grid, threads, 0, s, qi, qo, ki, ko, layouts, cos, sin, position_ids,
-                           pos_batch_stride, offset, tokens, seq, qh, kh, hf, rot_items, items_per_head, sin_sign);
+            MEGAPHI_LAUNCH((rotary_kernel<T, VEC_WIDE>), grid, threads, 0, s, qi, qo, ki, ko, layouts, cos, sin,
+                           position_ids, pos_batch_stride, offset, tokens, seq, qh, kh, hf, rot_items, items_per_head,
+                           sin_sign);
         } else {
             MEGAPHI_LAUNCH((rotary_kernel<T, 1>), grid, threads, 0, s, qi, qo, ki, ko, layouts, cos, sin, position_ids,
                            pos_batch_stride, offset, tokens, seq, qh, kh, hf, rot_items, items_per_head, sin_sign);

@@ -34,12 +34,27 @@ LIBRARY_NAME = "libmegaphi_kernels_hipcpu.so"
 MAX_GRID_BLOCKS = 13
 # -O1: as fast to run as -O2 here and compiles in two thirds of the time. -fno-strict-aliasing: the
 # kernels read 16-byte packs through reinterpret_cast, which the GPU compiler allows.
-FLAGS = ("-x", "c++", "-std=c++17", "-O1", "-DNDEBUG", "-DMEGAPHI_HIP_CPU", f"-DMEGAPHI_MAX_GRID_BLOCKS={MAX_GRID_BLOCKS}",
-         "-fPIC", "-fno-strict-aliasing", "-Wall", "-Wextra", "-Wno-unknown-pragmas")
+FLAGS = ("-x", "c++", "-std=c++17", "-O1", "-DNDEBUG", "-DMEGAPHI_HIP_CPU",
+         f"-DMEGAPHI_MAX_GRID_BLOCKS={MAX_GRID_BLOCKS}", "-fPIC", "-fno-strict-aliasing", "-Wall", "-Wextra",
+         "-Wno-unknown-pragmas")
 # Files whose presence says the HIP-CPU checkout is whole: its public headers include the others by
 # relative path (src/include, external).
 HIP_CPU_REQUIRED = ("include/hip/hip_runtime.h", "src/include/hip/detail/api.hpp", "external/libco/libco.h",
                     "external/half/half.hpp")
+
+
+FIBER_RUNTIME_DIR = pathlib.Path(__file__).resolve().with_name("fiber_runtime")
+
+
+def runtime():
+    """"hip-cpu" when a complete HIP-CPU checkout is at hand, else "fiber": megaphi's own minimal HIP
+    runtime (tests/hipcpu/fiber_runtime; the copy beside the repository keeps only HIP-CPU's include/,
+    which cannot compile alone). MEGAPHI_CPU_RUNTIME=hip-cpu|fiber forces one."""
+    forced = os.environ.get("MEGAPHI_CPU_RUNTIME")
+    if forced in ("hip-cpu", "fiber"):
+        return forced
+    root = hip_cpu_dir()
+    return "hip-cpu" if all((root / name).exists() for name in HIP_CPU_REQUIRED) else "fiber"
 
 
 def hip_cpu_dir():
@@ -73,7 +88,7 @@ def missing_prerequisite():
         return f"C++ compiler {compiler()!r} not found (set CXX)"
     root = hip_cpu_dir()
     missing = [name for name in HIP_CPU_REQUIRED if not (root / name).exists()]
-    if missing:
+    if missing and runtime() == "hip-cpu":
         return (f"HIP-CPU not found or incomplete at {root} (missing {', '.join(missing)}); "
                 "set MEGAPHI_HIP_CPU_DIR to a checkout of https://github.com/ROCm/HIP-CPU")
     return None
@@ -92,6 +107,8 @@ def _files_digest(paths):
 
 
 def _compile_flags(tbb):
+    if runtime() == "fiber":
+        return list(FLAGS) + ["-DMEGAPHI_FIBER_RUNTIME", "-I", str(FIBER_RUNTIME_DIR), "-I", str(kernel_source_dir())]
     root = hip_cpu_dir()
     # -isystem: HIP-CPU's own headers are not ours to keep warning-free.
     flags = list(FLAGS) + ["-isystem", str(root / "include"), "-I", str(kernel_source_dir())]
@@ -127,11 +144,13 @@ def build(verbose=False):
     if reason is not None:
         raise RuntimeError(reason)
     sources_dir = kernel_source_dir()
-    tbb = has_tbb()
+    tbb = has_tbb() and runtime() == "hip-cpu"
     flags = _compile_flags(tbb)
     version = subprocess.run([compiler(), "--version"], capture_output=True, text=True).stdout
     headers = [p for p in sources_dir.iterdir() if p.suffix in (".h", ".cuh")]
-    hip_cpu_files = [p for sub in ("include", "src/include") for p in (hip_cpu_dir() / sub).rglob("*") if p.is_file()]
+    runtime_roots = [FIBER_RUNTIME_DIR] if runtime() == "fiber" else [hip_cpu_dir() / "include",
+                                                                       hip_cpu_dir() / "src" / "include"]
+    hip_cpu_files = [p for root in runtime_roots for p in root.rglob("*") if p.is_file()]
     common = _digest(version, flags, _files_digest(headers), _files_digest(hip_cpu_files))
     sources = [sources_dir / name for name in KERNEL_FILES] + [ENTRY_SOURCE]
     objects = {src: cache_dir() / "objects" / f"{src.stem}-{_digest(common, src.read_bytes())}.o" for src in sources}

@@ -25,7 +25,9 @@ const char* run_and_wait(F&& launch) {
     }
 }
 
-megaphi::RotaryLayout layout_of(const int64_t* strides) { return megaphi::RotaryLayout{strides[0], strides[1], strides[2]}; }
+megaphi::RotaryLayout layout_of(const int64_t* strides) {
+    return megaphi::RotaryLayout{strides[0], strides[1], strides[2]};
+}
 
 template <typename T>
 void round_floats(const float* src, void* dst, int64_t count) {
