@@ -48,12 +48,19 @@ constexpr unsigned kMaxBlockThreads = 1024;
 // control around the caller's warp alone. Uses HIP-CPU internals (Tile::fibers, Fiber::yield, the
 // this_tile::has_barrier flag that makes a block run as fibers), as of commit e112c93.
 inline void warp_barrier(unsigned lane_id, unsigned block_threads) {
+#if defined(MEGAPHI_FIBER_RUNTIME)
+    // megaphi's own fiber runtime (tests/hipcpu/fiber_runtime) has warp-scoped barriers built in
+    (void)lane_id;
+    (void)block_threads;
+    megaphi_fiber::sync_warp();
+#else
     const unsigned warp_start = lane_id / kWarpSize * kWarpSize;
     const unsigned warp_end = std::min(warp_start + kWarpSize, block_threads);
     if (warp_end - warp_start == 1) return;
     hip::detail::this_tile::has_barrier = true;
     const unsigned next = lane_id + 1 == warp_end ? warp_start : lane_id + 1;
     hip::detail::Fiber::yield(hip::detail::Tile::fibers()[next]);  // fiber i runs thread i of a 1-D block
+#endif
 }
 
 }  // namespace megaphi_hip_cpu
