@@ -113,6 +113,37 @@ def _clean(value):
     return value
 
 
+def repair_truncated_last_line(path):
+    """A run killed (or out of disk) mid-write leaves a last line without its newline: cut it off, so
+    appending goes on from a whole line. Returns the number of bytes removed."""
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return 0
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        keep = 0
+        pos = size
+        while pos > 0:  # find the last newline, reading backwards in blocks
+            start = max(0, pos - 65536)
+            f.seek(start)
+            block = f.read(pos - start)
+            idx = block.rfind(b"\n")
+            if idx >= 0:
+                keep = start + idx + 1
+                break
+            pos = start
+        f.truncate(keep)
+    print(f"[megaphi] {path}: removed a truncated last line ({size - keep} bytes) left by an interrupted write",
+          flush=True)
+    return size - keep
+
+
 # metrics.jsonl keys -> the TensorBoard / W&B tags Megatron-LM writes, so dashboards carry over.
 # (key, tag, scale); "vs samples" twins are written at step = consumed samples, as Megatron does.
 TRAIN_TAGS = (
@@ -145,37 +176,6 @@ def scalar_tags(record, prefix="train"):
         tag, scale = named.get(key, (f"{prefix}/{key}", 1.0))
         out[tag] = value * scale
     return out
-
-
-def repair_truncated_last_line(path):
-    """A run killed (or out of disk) mid-write leaves a last line without its newline: cut it off, so
-    appending goes on from a whole line. Returns the number of bytes removed."""
-    try:
-        f = open(path, "r+b")
-    except FileNotFoundError:
-        return 0
-    with f:
-        size = f.seek(0, os.SEEK_END)
-        if size == 0:
-            return 0
-        f.seek(size - 1)
-        if f.read(1) == b"\n":
-            return 0
-        keep = 0
-        pos = size
-        while pos > 0:  # find the last newline, reading backwards in blocks
-            start = max(0, pos - 65536)
-            f.seek(start)
-            block = f.read(pos - start)
-            idx = block.rfind(b"\n")
-            if idx >= 0:
-                keep = start + idx + 1
-                break
-            pos = start
-        f.truncate(keep)
-    print(f"[megaphi] {path}: removed a truncated last line ({size - keep} bytes) left by an interrupted write",
-          flush=True)
-    return size - keep
 
 
 class MetricsWriter:
