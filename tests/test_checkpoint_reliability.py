@@ -4,7 +4,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ import types
 
 import pytest
 
-from test_resume import make_token_file, run_pretrain, tiny_flags
+from test_resume import make_token_file, run_pretrain, sigterm_after_metrics, tiny_flags
 
 from megaphi.training import checkpoint_integrity as integrity
 from megaphi.training import checkpointing, resume_checks
@@ -284,17 +283,7 @@ def test_resume_across_zero_stages_without_save_and_sigterm(run, tmp_path):
                              "--lr-decay-iters", str(ITERS)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = os.path.join(log_dir, "metrics.jsonl")
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 1):
-            if proc.poll() is not None:
-                raise AssertionError(f"trainer exited early:\n{proc.stderr.read()[-3000:]}")
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    stdout, stderr = sigterm_after_metrics(proc, metrics, lines=1)
     assert proc.returncode == 0, stderr[-3000:]
     assert "warning: no --save: this run saves no checkpoint" in stdout
     assert f"resumed from {load}/iter_{ITERS:07d} at iteration {ITERS}" in stdout

@@ -1,8 +1,10 @@
 """Exact resume: 2N steps in one run == N steps, save, resume, N steps (bit-for-bit, dropout on)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -38,6 +40,24 @@ def run_pretrain(args, timeout=300, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def sigterm_after_metrics(proc, metrics_path, lines, timeout=240):
+    """Wait until a running trainer has logged `lines` complete metrics lines, send it SIGTERM and
+    return its (stdout, stderr); the process is killed if anything goes wrong."""
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if os.path.exists(metrics_path) and open(metrics_path).read().count("\n") >= lines:
+                break
+            if proc.poll() is not None:
+                raise AssertionError(f"trainer exited early:\n{proc.stderr.read()[-3000:]}")
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        return proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def read_metrics(log_dir):

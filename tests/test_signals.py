@@ -6,7 +6,7 @@ import subprocess
 import sys
 import time
 
-from test_resume import make_token_file, run_pretrain, tiny_flags
+from test_resume import make_token_file, run_pretrain, sigterm_after_metrics, tiny_flags
 
 
 def test_sigterm_saves_and_exits_zero(tmp_path):
@@ -17,19 +17,7 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "megaphi.pretrain", *tiny_flags(prefix, 100000), "--save", out,
                              "--eval-iters", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = os.path.join(out, "metrics.jsonl")
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2:
-                break
-            if proc.poll() is not None:
-                raise AssertionError(f"trainer exited early:\n{proc.stderr.read()[-3000:]}")
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    stdout, stderr = sigterm_after_metrics(proc, metrics, lines=2)
     assert proc.returncode == 0, stderr[-3000:]
     assert "received SIGTERM" in stdout
     tag = open(os.path.join(out, "latest")).read().strip()
