@@ -153,7 +153,7 @@ def test_missing_kernel_image_makes_auto_use_torch(monkeypatch):
         reason = _backend.cuda_unavailable_reason()
         assert reason is not None and "no kernel image for GPU 0 (Test GPU, compute capability 10.0)" in reason
         assert "cudaErrorNoKernelImageForDevice" in reason and "MEGAPHI_CUDA_ARCHS=100" in reason
-        cuda_tensor = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device="cuda:0")
+        cuda_tensor = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda", 0))
         assert _backend.resolve("layernorm", "auto", cuda_tensor) == "torch"
         assert _backend.resolve("rotary", None, cuda_tensor) == "torch"
         with pytest.raises(RuntimeError, match="--rotary-impl=cuda is not available here: .*no kernel image"):

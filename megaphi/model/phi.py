@@ -50,20 +50,37 @@ class PhiAttention(nn.Module):
 
     def forward(self, hidden, cos, sin, position_ids=None, kv_cache=None, sequence_parallel=False):
         """hidden: the full [b, s, h] input, already in the TP region (enter_tensor_parallel_region)."""
+        q, k, v = self.rotated_qkv(hidden, cos, sin, position_ids, kv_cache)
+        return self.output(self.attend(q, k, v, kv_cache), sequence_parallel)
+
+    def rotated_qkv(self, hidden, cos, sin, position_ids=None, kv_cache=None):
+        """q, k, v [b, s, heads, head_dim] with rotary applied; k, v include the cache when given."""
         b, s, _ = hidden.shape
         q, k, v = self.query_key_value(hidden).view(b, s, self.num_heads, 3, self.head_dim).unbind(3)
         if self.config.rotary_dim > 0:
             q, k = apply_rotary_qk(q, k, cos, sin, position_ids)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
-        dropout_p = self.config.attention_dropout if self.training else 0.0
-        if self.recompute_core_attention and self.training and torch.is_grad_enabled() and kv_cache is None:
-            # selective recompute: keep q, k, v, drop what the attention kernel saves; RNG-exact replay
-            out = checkpoint(self._core_attention, q, k, v, dropout_p)
-        else:
-            out = self._core_attention(q, k, v, dropout_p)
-        return self.dense(out.reshape(b, s, self.num_heads * self.head_dim), sequence_parallel=sequence_parallel)
+        return q, k, v
 
+    def attend(self, q, k, v, kv_cache=None):
+        dropout_p = self.config.attention_dropout if self.training else 0.0
+        recompute = self.recompute_core_attention and self.training and torch.is_grad_enabled() and kv_cache is None
+        return self._attention_core(q, k, v, dropout_p, recompute)
+
+    def output(self, attended, sequence_parallel=False):
+        b, s = attended.shape[:2]
+        return self.dense(attended.reshape(b, s, self.num_heads * self.head_dim), sequence_parallel=sequence_parallel)
+
+    # Eager even inside a compiled block (one graph break per layer): switching RNG streams (tracker
+    # fork) and the selective checkpoint are Python state changes Dynamo cannot trace, and the
+    # attention kernel is one opaque call, so no fusion is lost.
+    @torch.compiler.disable
+    def _attention_core(self, q, k, v, dropout_p, recompute):
+        if recompute:
+            # selective recompute: keep q, k, v, drop what the attention kernel saves; RNG-exact replay
+            return checkpoint(self._core_attention, q, k, v, dropout_p)
+        return self._core_attention(q, k, v, dropout_p)
 
     @property
     def recompute_core_attention(self):
@@ -103,9 +120,14 @@ def region_dropout(dropout, x, sequence_sharded):
     """Dropout on replicated activations uses the shared default stream; on sequence shards (each TP
     rank holds different tokens) the per-TP-rank stream."""
     if sequence_sharded and dropout.training and dropout.p > 0.0:
-        with get_rng_tracker().fork():
-            return dropout(x)
+        return _dropout_on_tensor_parallel_stream(dropout, x)
     return dropout(x)
+
+
+@torch.compiler.disable  # the stream switch is Python RNG state: eager inside compiled blocks
+def _dropout_on_tensor_parallel_stream(dropout, x):
+    with get_rng_tracker().fork():
+        return dropout(x)
 
 
 class PhiDecoderLayer(nn.Module):
@@ -119,7 +141,11 @@ class PhiDecoderLayer(nn.Module):
     def forward(self, x, cos, sin, position_ids=None, kv_cache=None, sequence_parallel=False):
         sp = sequence_parallel
         h = enter_tensor_parallel_region(apply_layer_norm(self.input_layernorm, x, sp), sp)
-        attn = region_dropout(self.resid_dropout, self.self_attn(h, cos, sin, position_ids, kv_cache, sp), sp)
+        # the attention sublayer's steps are called from here so that, in a compiled block, the one
+        # graph break (PhiAttention._attention_core) splits this frame into two graphs
+        attention = self.self_attn
+        attended = attention.attend(*attention.rotated_qkv(h, cos, sin, position_ids, kv_cache), kv_cache)
+        attn = region_dropout(self.resid_dropout, attention.output(attended, sp), sp)
         mlp = region_dropout(self.resid_dropout, self.mlp(h, sp), sp)
         return attn + mlp + x  # HF's summation order
 

@@ -170,15 +170,23 @@ def requested_impl(op, impl):
 def resolve(op, impl, tensor):
     """The backend ("cuda", "torch" or "apex") that runs `op` on `tensor` given a per-call `impl`
     (None = the selected one)."""
-    impl = requested_impl(op, impl)
+    device = tensor.device
+    return _resolve_on(op, requested_impl(op, impl), device.type, device.index, tensor.dtype)
+
+
+# Under torch.compile this runs once per (op, impl, device, dtype) while tracing and its answer is
+# baked into the graph: the availability probes call into the CUDA runtime, which Dynamo cannot trace.
+@torch.compiler.assume_constant_result
+def _resolve_on(op, impl, device_type, device_index, dtype):
+    is_cuda = device_type == "cuda"
     if impl == "auto":
-        if tensor.is_cuda and tensor.dtype in DTYPE_CODES and cuda_unavailable_reason(tensor.device) is None:
+        if is_cuda and dtype in DTYPE_CODES and cuda_unavailable_reason(device_index) is None:
             return "cuda"
         return "torch"
-    if impl in ("cuda", "apex") and not tensor.is_cuda:
+    if impl in ("cuda", "apex") and not is_cuda:
         _check_impl(op, impl)
-        raise ValueError(f"{op} impl {impl!r} needs CUDA tensors, got a tensor on {tensor.device}")
-    _check_impl(op, impl, tensor.device if impl == "cuda" else None)
+        raise ValueError(f"{op} impl {impl!r} needs CUDA tensors, got a tensor on {device_type}")
+    _check_impl(op, impl, device_index if impl == "cuda" else None)
     return impl
 
 

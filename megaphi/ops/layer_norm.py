@@ -61,40 +61,105 @@ def _backward_blocks(device, rows):
     return max(1, min(rows, 2 * _backend.multiprocessor_count(device.index)))
 
 
-class LayerNormCUDAFunction(torch.autograd.Function):
-    """LayerNorm with megaphi._cuda forward and backward; inputs already validated."""
+# The kernels as torch custom ops (torch.library): torch.compile keeps them as single nodes, sized by
+# their fake implementations, instead of breaking the graph at a Python call. The CPU
+# implementations do the kernels' arithmetic in torch (fp32 statistics, one rounding), so the
+# registration (schema, fake shapes, autograd) is testable without a GPU.
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        module = _backend.cuda_module()
-        hidden = x.shape[-1]
-        rows = x.numel() // hidden
-        y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        mean = torch.empty(rows, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-        module.layer_norm_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(),
-                                  rstd.data_ptr(), rows, hidden, float(eps), _backend.DTYPE_CODES[x.dtype],
-                                  x.device.index, _backend.current_stream_handle(x.device))
-        ctx.save_for_backward(x, weight, mean, rstd)
-        return y
+def _statistics_dtype(x):
+    """fp32 (the kernel's; float64 for float64 inputs, which only the CPU implementation takes)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
-    @staticmethod
-    def backward(ctx, dy):
-        module = _backend.cuda_module()
-        x, weight, mean, rstd = ctx.saved_tensors
-        dy = dy.contiguous()
-        hidden = x.shape[-1]
-        rows = x.numel() // hidden
-        num_blocks = _backward_blocks(x.device, rows)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        dweight = torch.empty_like(weight)
-        dbias = torch.empty_like(weight)
-        workspace = torch.empty((2, num_blocks, hidden), dtype=torch.float32, device=x.device)
-        module.layer_norm_backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                                   dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), workspace.data_ptr(),
-                                   num_blocks, rows, hidden, _backend.DTYPE_CODES[x.dtype], x.device.index,
-                                   _backend.current_stream_handle(x.device))
-        return dx, dweight, dbias, None
+
+@torch.library.custom_op("megaphi::layer_norm_forward", mutates_args=(), device_types="cuda")
+def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd): mean and rstd are fp32 per row, saved for the backward."""
+    module = _backend.cuda_module()
+    x = x.contiguous()
+    hidden = x.shape[-1]
+    rows = x.numel() // hidden
+    y = torch.empty_like(x)
+    mean = torch.empty(rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    module.layer_norm_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(),
+                              rstd.data_ptr(), rows, hidden, float(eps), _backend.DTYPE_CODES[x.dtype],
+                              x.device.index, _backend.current_stream_handle(x.device))
+    return y, mean, rstd
+
+
+@layer_norm_forward.register_kernel("cpu")
+def _layer_norm_forward_cpu(x, weight, bias, eps):
+    acc = _statistics_dtype(x)
+    xa = x.to(acc).reshape(-1, x.shape[-1])
+    mean = xa.mean(dim=1)
+    rstd = torch.rsqrt((xa - mean[:, None]).square().mean(dim=1) + eps)
+    y = (xa - mean[:, None]) * rstd[:, None] * weight.to(acc) + bias.to(acc)
+    return y.to(x.dtype).reshape(x.shape), mean, rstd
+
+
+@layer_norm_forward.register_fake
+def _layer_norm_forward_fake(x, weight, bias, eps):
+    rows = x.numel() // x.shape[-1]
+    stats = x.new_empty((rows,), dtype=_statistics_dtype(x))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("megaphi::layer_norm_backward", mutates_args=(), device_types="cuda")
+def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                        rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias) of the forward above."""
+    module = _backend.cuda_module()
+    dy, x = dy.contiguous(), x.contiguous()
+    hidden = x.shape[-1]
+    rows = x.numel() // hidden
+    num_blocks = _backward_blocks(x.device, rows)
+    dx = torch.empty_like(x)
+    dweight = torch.empty_like(weight)
+    dbias = torch.empty_like(weight)
+    workspace = torch.empty((2, num_blocks, hidden), dtype=torch.float32, device=x.device)
+    module.layer_norm_backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
+                               dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), workspace.data_ptr(),
+                               num_blocks, rows, hidden, _backend.DTYPE_CODES[x.dtype], x.device.index,
+                               _backend.current_stream_handle(x.device))
+    return dx, dweight, dbias
+
+
+@layer_norm_backward.register_kernel("cpu")
+def _layer_norm_backward_cpu(dy, x, weight, mean, rstd):
+    hidden, acc = x.shape[-1], _statistics_dtype(x)
+    dya, xa = dy.to(acc).reshape(-1, hidden), x.to(acc).reshape(-1, hidden)
+    xhat = (xa - mean[:, None]) * rstd[:, None]
+    dxhat = dya * weight.to(acc)
+    dx = rstd[:, None] * (dxhat - dxhat.mean(dim=1, keepdim=True) - xhat * (dxhat * xhat).mean(dim=1, keepdim=True))
+    return (dx.to(x.dtype).reshape(x.shape), (dya * xhat).sum(dim=0).to(weight.dtype),
+            dya.sum(dim=0).to(weight.dtype))
+
+
+@layer_norm_backward.register_fake
+def _layer_norm_backward_fake(dy, x, weight, mean, rstd):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            torch.empty_like(weight))
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+
+
+def _layer_norm_grad(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = layer_norm_backward(dy, x, weight, mean, rstd)
+    return dx, dweight, dbias, None
+
+
+layer_norm_forward.register_autograd(_layer_norm_grad, setup_context=_layer_norm_setup_context)
+
+
+def layer_norm_kernel(x, weight, bias, eps):
+    """y of the kernel op (mean and rstd stay internal to autograd)."""
+    return layer_norm_forward(x, weight, bias, eps)[0]
 
 
 def layer_norm(x, weight, bias, eps=1e-5, impl=None):
@@ -111,7 +176,7 @@ def layer_norm(x, weight, bias, eps=1e-5, impl=None):
         if x.numel() == 0:
             return layer_norm_reference(x, weight, bias, eps)
         check_layer_norm_kernel_inputs(x, weight, bias)
-        return LayerNormCUDAFunction.apply(x, weight, bias, eps)
+        return layer_norm_kernel(x, weight, bias, eps)
     if backend == "apex":
         return _backend.apex_layer_norm()(x, weight, bias, (x.shape[-1],), eps)
     return layer_norm_reference(x, weight, bias, eps)

@@ -8,6 +8,8 @@ Positions: `position_ids` ([batch, seq], [1, seq] or [seq], int64) when given, e
 The torch reference is the spec: it casts cos/sin to the activation dtype and rounds like HF Phi.
 The CUDA kernel rotates in fp32 and rounds once, so in fp16/bf16 the two differ by about one ulp.
 """
+from typing import Optional
+
 import torch
 
 from . import _backend
@@ -207,27 +209,73 @@ def _launch_rotary(q_in, q_out, k_in, k_out, cos, sin, position_ids, offset, inv
         _backend.DTYPE_CODES[q_in.dtype], q_in.device.index, _backend.current_stream_handle(q_in.device))
 
 
-class RotaryCUDAFunction(torch.autograd.Function):
-    """Rotary on q and k with megaphi._cuda; the backward rotates the gradients by -angle."""
+class RotaryInPlaceCUDAFunction(torch.autograd.Function):
+    """Rotary on q and k in place (eager only: torch.compile takes the out-of-place op below)."""
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, position_ids, offset, inplace):
-        q_out = q if inplace else torch.empty_like(q, memory_format=torch.contiguous_format)
-        k_out = k if inplace else torch.empty_like(k, memory_format=torch.contiguous_format)
-        _launch_rotary(q, q_out, k, k_out, cos, sin, position_ids, offset, inverse=False)
-        if inplace:
-            ctx.mark_dirty(q, k)
+    def forward(ctx, q, k, cos, sin, position_ids, offset):
+        _launch_rotary(q, q, k, k, cos, sin, position_ids, offset, inverse=False)
+        ctx.mark_dirty(q, k)
         ctx.save_for_backward(cos, sin, position_ids)
         ctx.offset = offset
-        return q_out, k_out
+        return q, k
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin, position_ids = ctx.saved_tensors
-        dq, dk = dq.contiguous(), dk.contiguous()
-        dq_in, dk_in = torch.empty_like(dq), torch.empty_like(dk)
-        _launch_rotary(dq, dq_in, dk, dk_in, cos, sin, position_ids, ctx.offset, inverse=True)
-        return dq_in, dk_in, None, None, None, None, None
+        dq_in, dk_in = rotary_qk(dq, dk, cos, sin, position_ids, ctx.offset, True)
+        return dq_in, dk_in, None, None, None, None
+
+
+# The kernel as a torch custom op (torch.library), so torch.compile keeps it as one node sized by its
+# fake implementation instead of breaking the graph. The CPU implementation does the kernel's
+# arithmetic in torch (fp32 rotation, one rounding): the registration is testable without a GPU.
+
+@torch.library.custom_op("megaphi::rotary_qk", mutates_args=(), device_types="cuda")
+def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              position_ids: Optional[torch.Tensor], offset: int, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """New contiguous (q, k) rotated by +angle (inverse: -angle, the backward)."""
+    # the kernel takes any strides but a unit last one (gradients may arrive broadcast)
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    q_out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    k_out = torch.empty_like(k, memory_format=torch.contiguous_format)
+    if q.numel() and k.numel():
+        _launch_rotary(q, q_out, k, k_out, cos, sin, position_ids, offset, inverse)
+    return q_out, k_out
+
+
+@rotary_qk.register_kernel("cpu")
+def _rotary_qk_cpu(q, k, cos, sin, position_ids, offset, inverse):
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 like the kernel; float64 stays float64
+    c, s = _gather_tables(cos, sin, q.shape[1], position_ids, acc, offset)
+    s = -s if inverse else s
+    half = cos.shape[1]
+
+    def rotate(x):
+        x1, x2, rest = x[..., :half].to(acc), x[..., half:2 * half].to(acc), x[..., 2 * half:].to(acc)
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1).to(x.dtype)
+    return rotate(q), rotate(k)
+
+
+@rotary_qk.register_fake
+def _rotary_qk_fake(q, k, cos, sin, position_ids, offset, inverse):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format))
+
+
+def _rotary_setup_context(ctx, inputs, output):
+    _, _, cos, sin, position_ids, offset, inverse = inputs
+    ctx.save_for_backward(cos, sin, position_ids)
+    ctx.offset, ctx.inverse = offset, inverse
+
+
+def _rotary_grad(ctx, dq, dk):
+    cos, sin, position_ids = ctx.saved_tensors
+    dq_in, dk_in = rotary_qk(dq, dk, cos, sin, position_ids, ctx.offset, not ctx.inverse)
+    return dq_in, dk_in, None, None, None, None, None
+
+
+rotary_qk.register_autograd(_rotary_grad, setup_context=_rotary_setup_context)
 
 
 def apply_rotary_qk(q, k, cos, sin, position_ids=None, impl=None, offset=0, inplace=False):
@@ -246,7 +294,9 @@ def apply_rotary_qk(q, k, cos, sin, position_ids=None, impl=None, offset=0, inpl
         backend = "torch"  # e.g. a view whose last dim is strided: auto keeps it working
     if backend == "cuda" and q.numel() and k.numel():
         check_rotary_kernel_inputs(q, k, cos, sin, position_ids)
-        return RotaryCUDAFunction.apply(q, k, cos, sin, position_ids, int(offset), bool(inplace))
+        if inplace:
+            return RotaryInPlaceCUDAFunction.apply(q, k, cos, sin, position_ids, int(offset))
+        return rotary_qk(q, k, cos, sin, position_ids, int(offset), False)
     q_rot = rotary_reference(q, cos, sin, position_ids, offset)
     k_rot = rotary_reference(k, cos, sin, position_ids, offset)
     if inplace:
