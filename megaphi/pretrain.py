@@ -323,6 +323,7 @@ def main(argv=None):
 def run(args):
     import megaphi.ops as ops
     from megaphi.model import PhiForCausalLM
+    from megaphi.model.compile import compile_decoder_layers, compile_enabled
     from megaphi.parallel import get_data_parallel_group, get_data_parallel_rank, get_data_parallel_world_size
     from megaphi.parallel import initialize_model_parallel
 
@@ -354,6 +355,9 @@ def run(args):
             print_rank0(f"finetuning from weights in {source}")
 
     check_precision_supported(args)
+    args.compiled_blocks = compile_enabled(args.torch_compile, "cuda" if torch.cuda.is_available() else "cpu")
+    if args.compiled_blocks:
+        compile_decoder_layers(model)  # compiled lazily at the first step; names and checkpoints unchanged
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     requested_stage = args.zero_stage
     ds_config = build_deepspeed_config(args)

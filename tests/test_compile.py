@@ -221,3 +221,49 @@ def test_compiled_residual_dropout_in_law():
     for observed, expected in ((kept_attn, 1 - p), (kept_mlp, 1 - p), (both, (1 - p) ** 2)):
         sd = (expected * (1 - expected) / n) ** 0.5
         assert abs(observed - expected) <= 5 * sd, (observed, expected, n)
+
+
+def _tensor_parallel_worker(rank, world, sequence_parallel):
+    from megaphi.parallel import state
+    torch._dynamo.reset()
+    state.initialize_model_parallel(world)
+    eager = _model(sequence_parallel=sequence_parallel)
+    want = _loss_and_grads(eager)
+    _assert_same_run(_loss_and_grads(_compiled(eager)), want)
+    state.destroy_model_parallel()
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+def test_compiled_equals_eager_tensor_parallel(sequence_parallel):
+    """TP=2 over gloo: the communication's autograd functions are traced into the compiled blocks."""
+    from dist_utils import run_distributed
+    run_distributed(_tensor_parallel_worker, 2, sequence_parallel)
+
+
+def test_compile_switch_choices():
+    from megaphi.model.compile import CUDA_DEFAULT_VERIFIED, compile_enabled
+    assert compile_enabled("on", "cpu") and not compile_enabled("off", "cuda")
+    assert not compile_enabled("auto", "cpu")
+    assert compile_enabled("auto", "cuda") == CUDA_DEFAULT_VERIFIED
+    with pytest.raises(ValueError, match="--torch-compile"):
+        compile_enabled("yes", "cpu")
+
+
+def test_pretrain_torch_compile_flag(tmp_path, capsys):
+    """`--torch-compile on` trains with compiled blocks (the start-up line says so) from the same first
+    loss as eager; later losses differ by rounding amplified by Adam, so only the first is compared."""
+    import re
+    from megaphi import pretrain
+    first_losses = {}
+    for choice in ("off", "on"):
+        argv = ["--model", "tiny", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2",
+                "--ffn-hidden-size", "64", "--rotary-dim", "8", "--seq-length", "16", "--micro-batch-size", "2",
+                "--global-batch-size", "4", "--train-iters", "2", "--log-interval", "1", "--lr", "1e-3",
+                "--lr-warmup-iters", "0", "--eval-iters", "0", "--mock-data", "--seed", "3",
+                "--attention-dropout", "0", "--hidden-dropout", "0",  # Inductor draws other masks
+                "--torch-compile", choice, "--log-dir", str(tmp_path / choice)]
+        assert pretrain.main(argv) in (0, None)
+        out = capsys.readouterr().out
+        assert ("blocks compiled (torch.compile)" if choice == "on" else "blocks eager") in out
+        first_losses[choice] = float(re.search(r"iteration +1/2 .*?\| loss ([0-9.]+)", out).group(1))
+    assert first_losses["on"] == pytest.approx(first_losses["off"], rel=1e-5)

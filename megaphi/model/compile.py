@@ -8,11 +8,18 @@ import torch
 
 COMPILE_CHOICES = ("off", "on", "auto")
 
+# `auto` compiles on CUDA once a GPU run (tools/gpu_check.sh) has shown compiled blocks equal to eager
+# and faster there; none has run yet, so `auto` is eager everywhere. On CPU compiling costs more start-up
+# time than a short run saves, so `auto` stays eager there.
+CUDA_DEFAULT_VERIFIED = False
 
-def compile_enabled(choice, device):
-    """--torch-compile: "on", "off", or "auto" (off: on by default only once verified on a GPU)."""
+
+def compile_enabled(choice, device_type):
+    """Whether --torch-compile `choice` ("on", "off", "auto") compiles the blocks on `device_type`."""
     if choice not in COMPILE_CHOICES:
         raise ValueError(f"--torch-compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
+    if choice == "auto":
+        return device_type == "cuda" and CUDA_DEFAULT_VERIFIED
     return choice == "on"
 
 

@@ -74,6 +74,9 @@ def build_parser():
                         "core attention (Megatron's names)")
     g.add_argument("--recompute-num-layers", type=int, default=0,
                    help="full granularity: recompute the first N layers only (0 = all)")
+    g.add_argument("--torch-compile", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile each decoder block (Inductor fuses the elementwise work around the "
+                        "matmuls and attention); auto: off until verified on a GPU, see docs/training.md")
     g.add_argument("--loss-chunk-tokens", type=int, default=0,
                    help="compute lm_head + cross entropy this many tokens at a time, never materializing the "
                         "full logits (0 = off)")

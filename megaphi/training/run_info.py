@@ -129,6 +129,7 @@ def describe_backends(args, engine, model_config):
     line = " | ".join([
         f"backends: attention {attention}", f"layernorm {layernorm}", f"rotary {rotary}",
         f"optimizer {optimizer_description(engine)}",
+        f"blocks {'compiled (torch.compile)' if getattr(args, 'compiled_blocks', False) else 'eager'}",
         f"device {where}", f"precision {'fp16' if args.fp16 else 'bf16' if args.bf16 else 'fp32'}"])
     return line, [w for w in (ln_warning, rotary_warning) if w]
 
