@@ -6,45 +6,15 @@ only at log intervals, evaluations and saves. This CPU test counts such reads ma
 (DeepSpeed's own are outside its reach, and the data pipeline's reads of CPU batches are host data)
 in a run of 2 and of 6 iterations with one log at the end: the counts must be equal.
 """
-import os
-import sys
-
 import pytest
-import torch
 
-MEGAPHI_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "megaphi")
-# functions that read CPU tensors of the data loader's batches: host data, never a device sync
-HOST_DATA_FUNCTIONS = {"loss_token_mask", "count_loss_tokens",
-                       "should_stop"}  # reads a flag reduced over a CPU (gloo) group by design
-HOST_DATA_DIRS = (os.path.join(MEGAPHI_DIR, "data"),)
-READS = ("item", "tolist", "__float__", "__bool__", "__int__", "__index__")
+from megaphi.training.host_sync_count import ValueReadCounter
 
 
 def _count_value_reads(run):
-    counts = {}
-    originals = {name: getattr(torch.Tensor, name) for name in READS}
-
-    def counting(name):
-        original = originals[name]
-
-        def read(self, *args, **kwargs):
-            caller = sys._getframe(1)
-            path = os.path.abspath(caller.f_code.co_filename)
-            if path.startswith(MEGAPHI_DIR) and not path.startswith(HOST_DATA_DIRS) \
-                    and caller.f_code.co_name not in HOST_DATA_FUNCTIONS:
-                key = f"{os.path.relpath(path, MEGAPHI_DIR)}:{caller.f_lineno} {name}"
-                counts[key] = counts.get(key, 0) + 1
-            return original(self, *args, **kwargs)
-        return read
-
-    try:
-        for name in READS:
-            setattr(torch.Tensor, name, counting(name))
+    with ValueReadCounter(origins=("megaphi",)) as reads:  # megaphi's own reads; DeepSpeed's are not ours
         run()
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-    return counts
+    return reads.counts
 
 
 def _train(tmp_path, iterations):

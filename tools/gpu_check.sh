@@ -12,9 +12,12 @@
 #   build       megaphi._C and the CUDA kernels for this GPU's arch (setup.py build_ext --inplace)
 #   tests_cuda  pytest -m cuda
 #   kernels     benchmarks/kernels.py: LayerNorm/rotary GB/s against the device copy bandwidth
-#   train_*     phi-1-small and phi-1, bf16 then fp16, a few steps of python -m megaphi.pretrain
-#               --mock-data: tokens/s, TFLOP/s, MFU, peak memory, loss falling, backends chosen
-#   train_cpu_tiny (no GPU or --smoke only) the tiny preset on CPU
+#   train_*     phi-1-small and phi-1 in bf16, a few steps of python -m megaphi.pretrain --mock-data:
+#               tokens/s, TFLOP/s, MFU, peak memory, loss falling, backends chosen (fp16 runs come last)
+#   bench_*     benchmarks/train.py, phi-1-small and phi-1, bf16, chunked loss: eager at each micro batch
+#               of a short list until one runs out of memory, then compiled at the fastest that fit
+#               (ms/step, tokens/s, TFLOP/s, MFU, peak memory, host syncs per step; logs/NAME.json)
+#   train_cpu_tiny, bench_cpu_tiny (no GPU or --smoke only) the tiny preset on CPU
 # Report: OUT_DIR/report.md (tables) and OUT_DIR/report.json; per-step logs in OUT_DIR/logs/.
 # Without a GPU (or with --smoke) the GPU steps are skipped with the reason and the CPU steps run.
 # Exit status: 0 when no step failed (and at least one ran).
@@ -23,6 +26,7 @@
 # repo when present), GPU_CHECK_BUDGET (seconds for everything, default 570: each step's timeout is
 # cut to what is left), GPU_CHECK_SKIP (comma-separated steps to skip), GPU_CHECK_MICRO_BATCH (8),
 # GPU_CHECK_TRAIN_ITERS (10), GPU_CHECK_WORK (scratch folder; default a temporary one, removed at exit).
+# Steps run in the order above (fp16 training last); GPU_CHECK_SKIP makes room in a short budget.
 set -uo pipefail  # no -e: a failed step is recorded and the check goes on
 
 usage() { echo "usage: bash tools/gpu_check.sh OUT_DIR [--wheels DIR] [--smoke]" >&2; exit 2; }
@@ -33,7 +37,7 @@ while (($#)); do
     --wheels) (($# >= 2)) || usage; WHEELS=$2; shift 2 ;;
     --wheels=*) WHEELS=${1#--wheels=}; shift ;;
     --smoke) SMOKE=1; shift ;;
-    -h|--help) sed -n '2,26p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $1" >&2; usage ;;
     *) [ -z "$OUT" ] || usage; OUT=$1; shift ;;
   esac
@@ -190,22 +194,37 @@ else
   run_step kernels 150 "$PY" benchmarks/kernels.py --no-compile --iters 20 --warmup 5 --json "$LOGS/kernels.json"
 fi
 
-# training
+# training, then the step benchmark, then the fp16 training runs
 MB=${GPU_CHECK_MICRO_BATCH:-8}
 ITERS=${GPU_CHECK_TRAIN_ITERS:-10}
 WARMUP=$((ITERS >= 6 ? 3 : 0))
-for run in phi-1-small:bf16:150 phi-1-small:fp16:150 phi-1:bf16:240 phi-1:fp16:240; do
-  IFS=: read -r model precision cap <<<"$run"
-  name=train_${model}_${precision}
+train_runs() {  # MODEL:PRECISION:CAP...
+  local run model precision cap name
+  for run in "$@"; do
+    IFS=: read -r model precision cap <<<"$run"
+    name=train_${model}_${precision}
+    if [ -n "$NO_GPU" ]; then skip "$name" "$NO_GPU"; continue; fi
+    run_step "$name" "$cap" bash -c 'train "$@"' _ "$LOGS/$name" --model "$model" "--$precision" --seq-length 2048 \
+      --micro-batch-size "$MB" --train-iters "$ITERS" --eval-interval "$ITERS" --lr 1e-3 --lr-warmup-iters "$WARMUP" \
+      --lr-decay-style constant
+  done
+}
+train_runs phi-1-small:bf16:150 phi-1:bf16:240
+for run in phi-1-small:16,32:200 phi-1:8,16:240; do
+  IFS=: read -r model micro_batches cap <<<"$run"
+  name=bench_$model
   if [ -n "$NO_GPU" ]; then skip "$name" "$NO_GPU"; continue; fi
-  run_step "$name" "$cap" bash -c 'train "$@"' _ "$LOGS/$name" --model "$model" "--$precision" --seq-length 2048 \
-    --micro-batch-size "$MB" --train-iters "$ITERS" --eval-interval "$ITERS" --lr 1e-3 --lr-warmup-iters "$WARMUP" \
-    --lr-decay-style constant
+  run_step "$name" "$cap" "$PY" benchmarks/train.py --model "$model" --bf16 --seq-length 2048 \
+    --grid "compile=off,on recompute=none loss_chunk=4096 micro_batch=$micro_batches" --find-max-micro-batch \
+    --warmup 3 --steps 5 --json "$LOGS/$name.json" --logs "$LOGS/$name"
 done
+train_runs phi-1-small:fp16:150 phi-1:fp16:240
 if [ -n "$NO_GPU" ]; then
   run_step train_cpu_tiny 180 env CUDA_VISIBLE_DEVICES= bash -c 'train "$@"' _ "$LOGS/train_cpu_tiny" --model tiny \
     --seq-length 64 --micro-batch-size 4 --train-iters 8 --eval-interval 8 --lr 3e-3 --lr-warmup-iters 2 \
     --lr-decay-style constant
+  run_step bench_cpu_tiny 150 env CUDA_VISIBLE_DEVICES= "$PY" benchmarks/train.py --model tiny --seq-length 64 \
+    --threads 1 --grid "loss_chunk=0,64" --warmup 1 --steps 2 --json "$LOGS/bench_cpu_tiny.json"
 fi
 
 # report (the environment read again: the install step may have added deepspeed)

@@ -7,8 +7,9 @@
 gpu_check.sh leaves, per step NAME, in OUT_DIR/logs: NAME.log (its output), NAME.status (status=passed|
 failed|skipped, rc=, seconds=, timeout=), NAME.reason (why it failed or was skipped), and for some
 steps more: pytest_cuda.xml (JUnit), kernels.json (benchmarks/kernels.py --json), NAME/metrics.jsonl
-(training). steps.order lists the steps in the order they ran. The report reads only these files, with
-the standard library, so it is written even when torch or the GPU is broken.
+(training), NAME.json (bench_*: benchmarks/train.py --json). steps.order lists the steps in the order
+they ran. The report reads only these files, with the standard library, so it is written even when
+torch or the GPU is broken.
 """
 import json
 import os
@@ -154,6 +155,25 @@ def training_summary(metrics_path, log_text):
     return summary
 
 
+BENCHMARK_FIELDS = ("compile", "recompute", "loss_chunk", "micro_batch", "status", "reason", "ms_per_step",
+                    "tokens_per_sec", "tflops", "mfu", "peak_memory_gib", "forward_backward_memory_gib",
+                    "host_syncs_per_step", "time_vs_baseline")
+
+
+def benchmark_summary(path):
+    """The rows of a benchmarks/train.py --json file (rewritten after each configuration, so a step
+    that timed out still shows what it measured), or None."""
+    try:
+        data = json.loads(_read(path, "") or "null")
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
+        return None
+    return {"setup": data.get("setup"), "baseline": data.get("baseline"),
+            "best_micro_batch": data.get("best_micro_batch"),
+            "rows": [{k: r.get(k) for k in BENCHMARK_FIELDS} for r in data["rows"] if isinstance(r, dict)]}
+
+
 def check_training(log_dir):
     """Exit status of a training step: 0 when metrics.jsonl holds finite losses that fall."""
     t = training_summary(os.path.join(log_dir, "metrics.jsonl"), "")
@@ -189,6 +209,8 @@ def build_report(out_dir):
                 step["kernels"] = None
         elif name.startswith("train_"):
             step["training"] = training_summary(os.path.join(logs, name, "metrics.jsonl"), log_text)
+        elif name.startswith("bench_"):
+            step["benchmark"] = benchmark_summary(os.path.join(logs, name + ".json"))
         elif name == "install":
             installed = re.search(r"^Successfully installed (.*)$", log_text or "", re.MULTILINE)
             step["installed"] = installed.group(1).split() if installed else []
@@ -264,8 +286,36 @@ def markdown(report):
                 f"{_cell(b.get('optimizer', '–'))} |")
         for s in runs:
             lines += [f"- {s['name']}: WARNING {w}" for w in s["training"].get("warnings", [])]
+    lines += benchmark_markdown([s for s in report["steps"] if s.get("benchmark")])
     lines += ["", "Logs: `logs/<step>.log`; machine-readable: `report.json`."]
     return "\n".join(lines) + "\n"
+
+
+def benchmark_markdown(steps):
+    if not steps:
+        return []
+    lines = ["", "**Training step** (`benchmarks/train.py`, `--mock-data`, each configuration in its own process; "
+                 "medians; time ratio against the first configuration at the same micro batch)", "",
+             "| run | compile | recompute | loss chunk | micro batch | ms/step | tokens/s | TFLOP/s | MFU | "
+             "peak mem GiB | host syncs/step | time vs base |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in steps:
+        bench = s["benchmark"]
+        for r in bench["rows"]:
+            head = (f"| {s['name'][len('bench_'):]} | {r['compile']} | {r['recompute']} | {r['loss_chunk'] or 'off'} "
+                    f"| {r['micro_batch']} |")
+            if r["status"] != "ok":
+                lines.append(head + f" {str(r['status']).upper()} |" + " |" * 6)
+                continue
+            mfu = "n/a" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%"
+            tflops = r.get("tflops")
+            lines.append(head + f" {_fmt(r.get('ms_per_step'), '.1f')} | {_fmt(r.get('tokens_per_sec'), ',.0f')} | "
+                         f"{_fmt(tflops, '.1f' if tflops is None or tflops >= 10 else '.3g')} | {mfu} | "
+                         f"{_fmt(r.get('peak_memory_gib'), '.2f')} | {_fmt(r.get('host_syncs_per_step'), 'g')} | "
+                         f"{_fmt(r.get('time_vs_baseline'), '.2f')} |")
+    for s in steps:
+        if s["benchmark"].get("best_micro_batch"):
+            lines.append(f"- {s['name']}: fastest micro batch that fit: {s['benchmark']['best_micro_batch']}")
+    return lines
 
 
 def _yes_no(value):
@@ -283,6 +333,11 @@ def _step_result(step):
     if step.get("training"):
         t = step["training"]
         return f"{t['iterations']} iterations, loss falling: {_yes_no(t.get('loss_falling'))}"
+    if step.get("benchmark"):
+        rows = step["benchmark"]["rows"]
+        counts = {status: sum(1 for r in rows if r["status"] == status) for status in ("ok", "oom", "error")}
+        return f"{len(rows)} configurations: {counts['ok']} measured, {counts['oom']} out of memory, " \
+               f"{counts['error']} failed"
     if step.get("installed"):
         return f"installed {len(step['installed'])} packages: {', '.join(step['installed'])}"
     if step["name"] == "install":
