@@ -7,6 +7,21 @@ column..row region are split along the sequence dim (dim 1 of [batch, seq, hidde
 its bias to the local sequence chunk, so the bias gradient is summed over TP inside the graph
 (see replicated_in_sequence_parallel_region).
 
+Input-gradient overlap (overlap_grad_communication=True, the default; an attribute of each column
+layer, so it can be switched per layer to compare): a column layer that enters the TP region itself
+(input_in_parallel_region=False, e.g. the model's lm_head) runs one fused autograd function whose
+backward computes the input gradient, launches its all-reduce (with sequence parallel: reduce-scatter)
+asynchronously, computes the weight and bias gradients while it runs, and waits before returning.
+Same ops in the same order as F.linear + the region's backward, so the gradients are bitwise those
+of the sequential path (overlap_grad_communication=False). column_parallel_linears_on_shared_input
+does the same for several column layers reading one input (attention query_key_value and MLP fc1):
+one summed input gradient, one collective, every weight gradient overlapping it. On NCCL the GEMM
+only overlaps the collective if the communication kernel is queued first
+(CUDA_DEVICE_MAX_CONNECTIONS=1, as Megatron sets); the result is correct either way.
+
+Row layers and the embedding all-reduce their own fresh matmul/lookup output in place
+(reduce_from_tensor_model_parallel_region_): no copy on the model's path.
+
 Weights are [out, in] like nn.Linear. Parameters are initialized TP-independently: a full (master)
 tensor is drawn on CPU in fp32 and each rank keeps its shard, so TP=k with a given RNG state holds
 exactly the shards of the TP=1 layer.
@@ -18,10 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mappings import (
+    _all_reduce,
+    _gather,
+    _reduce_scatter,
     copy_to_tensor_model_parallel_region,
     gather_along_dim,
     gather_from_tensor_model_parallel_region,
-    reduce_from_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region_,
     reduce_scatter_along_dim,
     scatter_to_tensor_model_parallel_region,
 )
@@ -69,6 +87,55 @@ def _reset_linear(layer, init_method=None, generator=None):
             layer.bias.zero_()
 
 
+class _ColumnParallelLinearsWithOverlappedGradComm(torch.autograd.Function):
+    """outputs[i] = F.linear(total, weight_i, bias_i), total = x entered into the TP region (identity,
+    or all-gathered along the sequence dim 1). Backward: the input gradient sum_i grad_i @ weight_i
+    first, its all-reduce (reduce-scatter along dim 1) launched asynchronously, then the weight and bias
+    gradients, then the wait. The formulas are F.linear's own backward (grad @ W, grad^T @ x, sum over
+    tokens); input gradients add up in layer order, which for one or two layers is bitwise autograd's
+    accumulation (addition commutes)."""
+
+    @staticmethod
+    def forward(ctx, x, sequence_parallel, *weights_and_biases):
+        total = _gather(x, 1) if sequence_parallel else x
+        weights, biases = list(weights_and_biases[0::2]), list(weights_and_biases[1::2])
+        device_type = total.device.type
+        if torch.is_autocast_enabled(device_type):  # cast like autocast's F.linear; save what the GEMMs use
+            dtype = torch.get_autocast_dtype(device_type)
+            total = total.to(dtype)
+            weights = [w.to(dtype) for w in weights]
+            biases = [None if b is None else b.to(dtype) for b in biases]
+        ctx.sequence_parallel = sequence_parallel
+        ctx.input_dtype = x.dtype
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(total, *weights)
+        return tuple(F.linear(total, w, b) for w, b in zip(weights, biases))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        total, *weights = ctx.saved_tensors
+        grads_2d = [g.reshape(-1, g.shape[-1]) for g in grads]
+        pending = None
+        if ctx.needs_input_grad[0]:
+            grad_total = None
+            for grad_2d, weight in zip(grads_2d, weights):
+                part = grad_2d.mm(weight)
+                grad_total = part if grad_total is None else grad_total.add_(part)
+            # communicated in x's dtype, as the sequential path does (autocast's cast sits inside the region)
+            grad_total = grad_total.view(total.shape).to(ctx.input_dtype)
+            # grad_total is this function's own fresh tensor: the all-reduce may work in place
+            pending = (_reduce_scatter(grad_total, 1, async_op=True) if ctx.sequence_parallel
+                       else _all_reduce(grad_total, async_op=True))
+        total_2d = total.reshape(-1, total.shape[-1])
+        param_grads = []
+        for i, (grad_2d, has_bias) in enumerate(zip(grads_2d, ctx.has_bias)):
+            weight_needed, bias_needed = ctx.needs_input_grad[2 + 2 * i], ctx.needs_input_grad[3 + 2 * i]
+            param_grads.append(grad_2d.t().mm(total_2d) if weight_needed else None)
+            param_grads.append(grad_2d.sum(0) if has_bias and bias_needed else None)
+        grad_x = pending.wait() if pending is not None else None
+        return (grad_x, None, *param_grads)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split along its output dim: each rank computes output_size / TP features.
 
@@ -77,13 +144,17 @@ class ColumnParallelLinear(nn.Module):
     the sequence first. input_in_parallel_region=True: the caller already moved x into the
     tensor-parallel region (enter_tensor_parallel_region), so the layer communicates nothing on its
     input; several column layers reading one tensor then share a single all-gather / all-reduce.
+    overlap_grad_communication (attribute, default True): when the layer enters the region itself, its
+    backward overlaps the input-gradient communication with the weight-gradient GEMM (module docstring).
     """
 
     def __init__(self, input_size, output_size, bias=True, gather_output=False, init_method=None,
-                 initialize=True, device=None, dtype=None, sequence_parallel=False, input_in_parallel_region=False):
+                 initialize=True, device=None, dtype=None, sequence_parallel=False, input_in_parallel_region=False,
+                 overlap_grad_communication=True):
         super().__init__()
         self.sequence_parallel = sequence_parallel
         self.input_in_parallel_region = input_in_parallel_region
+        self.overlap_grad_communication = overlap_grad_communication
         if sequence_parallel and gather_output:
             raise ValueError("ColumnParallelLinear: gather_output=True is not supported with sequence_parallel")
         world = get_tensor_model_parallel_world_size()
@@ -107,15 +178,19 @@ class ColumnParallelLinear(nn.Module):
         if get_tensor_model_parallel_world_size() == 1:
             return F.linear(x, self.weight, self.bias)
         sp = self.sequence_parallel if sequence_parallel is None else sequence_parallel
-        if not self.input_in_parallel_region:
-            x = enter_tensor_parallel_region(x, sp)
-        y = F.linear(x, self.weight, self.bias)
+        if self.input_in_parallel_region:
+            y = F.linear(x, self.weight, self.bias)
+        elif self.overlap_grad_communication:
+            (y,) = _ColumnParallelLinearsWithOverlappedGradComm.apply(x, sp, self.weight, self.bias)
+        else:
+            y = F.linear(enter_tensor_parallel_region(x, sp), self.weight, self.bias)
         return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
 
     def extra_repr(self):
         return (f"in={self.input_size}, out={self.output_size} (per rank {self.output_size_per_partition}), "
                 f"bias={self.bias is not None}, gather_output={self.gather_output}, "
-                f"sequence_parallel={self.sequence_parallel}")
+                f"sequence_parallel={self.sequence_parallel}, "
+                f"overlap_grad_communication={self.overlap_grad_communication}")
 
 
 class RowParallelLinear(nn.Module):
@@ -159,7 +234,8 @@ class RowParallelLinear(nn.Module):
         if not self.input_is_parallel:
             x = scatter_to_tensor_model_parallel_region(x)
         y = F.linear(x, self.weight)
-        y = reduce_scatter_along_dim(y, 1) if sp else reduce_from_tensor_model_parallel_region(y)
+        # y is our fresh matmul output (not saved for backward): all-reduce it in place, no copy
+        y = reduce_scatter_along_dim(y, 1) if sp else reduce_from_tensor_model_parallel_region_(y)
         if self.bias is None:
             return y
         return y + (replicated_in_sequence_parallel_region(self.bias) if sp else self.bias)
@@ -192,10 +268,11 @@ class VocabParallelEmbedding(nn.Module):
             return F.embedding(input_ids, self.weight)
         outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
         local_ids = (input_ids - self.vocab_start).masked_fill(outside, 0)
-        out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        # the lookup's fresh output (its backward keeps only the ids): zeroed and all-reduced in place
+        out = F.embedding(local_ids, self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)
         if sequence_parallel:
             return reduce_scatter_along_dim(out, 1)
-        return reduce_from_tensor_model_parallel_region(out)
+        return reduce_from_tensor_model_parallel_region_(out)
 
     def extra_repr(self):
         return f"{self.num_embeddings}, {self.embedding_dim}, rows [{self.vocab_start}, {self.vocab_end})"
@@ -206,6 +283,26 @@ def enter_tensor_parallel_region(x, sequence_parallel=False):
     column-parallel layers: identity forward / all-reduce backward, or all-gather along the sequence
     forward / reduce-scatter backward."""
     return gather_along_dim(x, 1) if sequence_parallel else copy_to_tensor_model_parallel_region(x)
+
+
+def column_parallel_linears_on_shared_input(x, column_layers, sequence_parallel=False):
+    """Enter the TP region once with x and apply every column layer to it (e.g. attention
+    query_key_value and MLP fc1 on one LayerNorm output); returns their outputs, gathered for layers with
+    gather_output. Equals `h = enter_tensor_parallel_region(x, sequence_parallel); [layer(h) ...]` for
+    layers built with input_in_parallel_region=True, but the backward sums the layers' input gradients,
+    launches the one all-reduce (reduce-scatter) and computes every weight gradient while it runs.
+    If any layer has overlap_grad_communication=False, it is exactly that sequential composition."""
+    column_layers = tuple(column_layers)
+    if get_tensor_model_parallel_world_size() == 1:
+        return tuple(F.linear(x, layer.weight, layer.bias) for layer in column_layers)
+    if all(layer.overlap_grad_communication for layer in column_layers):
+        params = [t for layer in column_layers for t in (layer.weight, layer.bias)]
+        outputs = _ColumnParallelLinearsWithOverlappedGradComm.apply(x, sequence_parallel, *params)
+    else:
+        h = enter_tensor_parallel_region(x, sequence_parallel)
+        outputs = [F.linear(h, layer.weight, layer.bias) for layer in column_layers]
+    return tuple(gather_from_tensor_model_parallel_region(y) if layer.gather_output else y
+                 for y, layer in zip(outputs, column_layers))
 
 
 def replicated_in_sequence_parallel_region(param):
