@@ -317,13 +317,19 @@ def measure(args, cfg):
             "value_read_sites": reads.counts,
             "cuda_syncs_per_step": cuda_syncs.count / args.steps if cuda else None,
             "cuda_sync_sites": cuda_syncs.sites if cuda else None,
-            "setup": {"device": torch.cuda.get_device_name(device) if cuda else
-                      f"CPU ({torch.get_num_threads()} threads)", "precision": precision, "peak_tflops": peak_tflops,
+            "setup": {"device": torch.cuda.get_device_name(device) if cuda else cpu_description(),
+                      "precision": precision, "peak_tflops": peak_tflops,
                       "flops_per_token": flops_token, "tokens_per_step": tokens, "parameters": params,
                       "layers": config.num_hidden_layers, "hidden": config.hidden_size,
                       "ffn": config.intermediate_size, "heads": config.num_attention_heads,
                       "vocab": config.vocab_size, "seq_length": seq, "zero_stage": run.zero_stage,
                       "accumulation": run.gradient_accumulation_steps}}
+
+
+def cpu_description():
+    import torch
+    threads = torch.get_num_threads()
+    return f"CPU ({threads} thread{'s' if threads != 1 else ''})"
 
 
 def compare_plain(args, cfg):
