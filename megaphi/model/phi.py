@@ -7,7 +7,8 @@ Attention holds a fused query_key_value column layer whose output rows are laid 
 q_proj/k_proj/v_proj tensors are fused/split by megaphi.model.checkpoint.
 
 Tensor parallel: the LayerNorm output enters the TP region once (shared by the attention and MLP
-column layers); each branch leaves it through its row layer. With config.sequence_parallel (and
+column layers, whose backward overlaps the collective on its gradient with both weight-gradient
+GEMMs); each branch leaves it through its row layer. With config.sequence_parallel (and
 TP > 1, in training) the residual stream, LayerNorms and residual/embedding dropout hold only
 seq/TP tokens ([batch, seq/TP, hidden], split on dim 1): the region entry is an all-gather along the
 sequence and each row layer reduce-scatters. Dropout on those sequence shards draws from the
@@ -24,7 +25,8 @@ from megaphi.config import PhiConfig
 from megaphi.ops import LayerNorm, apply_rotary_qk, layer_norm, rotary_tables
 from megaphi.parallel.cross_entropy import chunked_linear_cross_entropy, vocab_parallel_cross_entropy
 from megaphi.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                     enter_tensor_parallel_region, init_from_master,
+                                     column_parallel_linears_on_shared_input, enter_tensor_parallel_region,
+                                     init_from_master,
                                      replicated_in_sequence_parallel_region)
 from megaphi.parallel.mappings import gather_from_tensor_model_parallel_region
 from megaphi.parallel.random import checkpoint, get_rng_tracker
@@ -55,8 +57,12 @@ class PhiAttention(nn.Module):
 
     def rotated_qkv(self, hidden, cos, sin, position_ids=None, kv_cache=None):
         """q, k, v [b, s, heads, head_dim] with rotary applied; k, v include the cache when given."""
-        b, s, _ = hidden.shape
-        q, k, v = self.query_key_value(hidden).view(b, s, self.num_heads, 3, self.head_dim).unbind(3)
+        return self.split_rotated(self.query_key_value(hidden), cos, sin, position_ids, kv_cache)
+
+    def split_rotated(self, projected, cos, sin, position_ids=None, kv_cache=None):
+        """rotated_qkv from the query_key_value output."""
+        b, s, _ = projected.shape
+        q, k, v = projected.view(b, s, self.num_heads, 3, self.head_dim).unbind(3)
         if self.config.rotary_dim > 0:
             q, k = apply_rotary_qk(q, k, cos, sin, position_ids)
         if kv_cache is not None:
@@ -105,7 +111,11 @@ class PhiMLP(nn.Module):
 
     def forward(self, x, sequence_parallel=False):
         """x: the full input, already in the TP region."""
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"), sequence_parallel=sequence_parallel)
+        return self.from_fc1(self.fc1(x), sequence_parallel)
+
+    def from_fc1(self, projected, sequence_parallel=False):
+        """The MLP's output from the fc1 output."""
+        return self.fc2(F.gelu(projected, approximate="tanh"), sequence_parallel=sequence_parallel)
 
 
 def apply_layer_norm(norm, x, sequence_parallel):
@@ -140,13 +150,16 @@ class PhiDecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, position_ids=None, kv_cache=None, sequence_parallel=False):
         sp = sequence_parallel
-        h = enter_tensor_parallel_region(apply_layer_norm(self.input_layernorm, x, sp), sp)
+        attention = self.self_attn
+        # query_key_value and fc1 read the one LayerNorm output: it enters the TP region once, and the
+        # backward's collective on its gradient runs while both weight gradients are computed
+        qkv, fc1 = column_parallel_linears_on_shared_input(apply_layer_norm(self.input_layernorm, x, sp),
+                                                           (attention.query_key_value, self.mlp.fc1), sp)
         # the attention sublayer's steps are called from here so that, in a compiled block, the one
         # graph break (PhiAttention._attention_core) splits this frame into two graphs
-        attention = self.self_attn
-        attended = attention.attend(*attention.rotated_qkv(h, cos, sin, position_ids, kv_cache), kv_cache)
+        attended = attention.attend(*attention.split_rotated(qkv, cos, sin, position_ids, kv_cache), kv_cache)
         attn = region_dropout(self.resid_dropout, attention.output(attended, sp), sp)
-        mlp = region_dropout(self.resid_dropout, self.mlp(h, sp), sp)
+        mlp = region_dropout(self.resid_dropout, self.mlp.from_fc1(fc1, sp), sp)
         return attn + mlp + x  # HF's summation order
 
 
