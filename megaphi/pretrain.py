@@ -324,6 +324,7 @@ def run(args):
     import megaphi.ops as ops
     from megaphi.model import PhiForCausalLM
     from megaphi.model.compile import compile_decoder_layers, compile_enabled
+    from megaphi.parallel.layers import set_grad_communication_overlap
     from megaphi.parallel import get_data_parallel_group, get_data_parallel_rank, get_data_parallel_world_size
     from megaphi.parallel import initialize_model_parallel
 
@@ -355,6 +356,7 @@ def run(args):
             print_rank0(f"finetuning from weights in {source}")
 
     check_precision_supported(args)
+    set_grad_communication_overlap(model, args.async_tensor_model_parallel_allreduce)
     args.compiled_blocks = compile_enabled(args.torch_compile, "cuda" if torch.cuda.is_available() else "cpu")
     if args.compiled_blocks:
         compile_decoder_layers(model)  # compiled lazily at the first step; names and checkpoints unchanged

@@ -266,3 +266,18 @@ def test_tp1_column_layer_is_one_linear_call():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_no_async_flag_turns_the_overlap_off():
+    """Megatron's --no-async-tensor-model-parallel-allreduce selects the sequential path in every column layer."""
+    from megaphi.config import get_preset
+    from megaphi.model import PhiForCausalLM
+    from megaphi.parallel.layers import ColumnParallelLinear, set_grad_communication_overlap
+    from megaphi.training.arguments import parse_args
+    assert parse_args(["--model", "tiny", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data"]).async_tensor_model_parallel_allreduce
+    args = parse_args(["--model", "tiny", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--no-async-tensor-model-parallel-allreduce"])
+    model = PhiForCausalLM(get_preset("tiny"), initialize=False)
+    columns = [m for m in model.modules() if isinstance(m, ColumnParallelLinear)]
+    assert len(columns) == 2 * model.config.num_hidden_layers + 1 and all(m.overlap_grad_communication for m in columns)
+    set_grad_communication_overlap(model, args.async_tensor_model_parallel_allreduce)
+    assert not any(m.overlap_grad_communication for m in columns)

@@ -305,6 +305,13 @@ def column_parallel_linears_on_shared_input(x, column_layers, sequence_parallel=
                  for y, layer in zip(outputs, column_layers))
 
 
+def set_grad_communication_overlap(model, enabled):
+    """Turn the input-gradient / weight-gradient overlap of every column layer in `model` on or off."""
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear):
+            module.overlap_grad_communication = bool(enabled)
+
+
 def replicated_in_sequence_parallel_region(param):
     """Use a replicated parameter (LayerNorm weight/bias, row bias) on sequence-sharded activations.
 

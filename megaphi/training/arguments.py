@@ -130,6 +130,10 @@ def build_parser():
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor-parallel ranks per model")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="shard LayerNorm/dropout activations over the sequence (TP > 1 only)")
+    g.add_argument("--no-async-tensor-model-parallel-allreduce", dest="async_tensor_model_parallel_allreduce",
+                   action="store_false",
+                   help="TP > 1: communicate the column layers' input gradient after their weight gradients "
+                        "instead of overlapping the two (Megatron's name; for comparison)")
     g.add_argument("--distributed-backend", default=None, choices=("nccl", "gloo"),
                    help="default: nccl with CUDA, else gloo")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
