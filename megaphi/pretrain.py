@@ -36,7 +36,8 @@ def init_distributed(backend=None, timeout_minutes=None):
     timeout_minutes (--distributed-timeout-minutes) bounds every collective of every group."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:  # no launcher
+    single_process = "RANK" not in os.environ  # no launcher
+    if single_process:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", _free_port())
@@ -50,6 +51,9 @@ def init_distributed(backend=None, timeout_minutes=None):
     kwargs = {}
     if timeout_minutes is not None:
         kwargs["timeout"] = dist_timeout.set_default_timeout(timeout_minutes)
+    if single_process:
+        # an in-process store: no TCP port to bind, so concurrent single-process runs never collide
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
     dist.init_process_group(backend, **kwargs)
 
 
