@@ -77,7 +77,7 @@ def test_short_cpu_run_trains_without_a_dataset(tmp_path):
     backends = [line for line in proc.stdout.splitlines() if line.startswith("backends: ")]
     assert backends == [
         "backends: attention torch SDPA (cpu) | layernorm torch (auto) | rotary torch (auto) | optimizer "
-        "torch.optim.AdamW | device cpu | precision fp32 | MFU n/a on cpu (--peak-tflops sets a peak)"]
+        "torch.optim.AdamW | blocks eager | device cpu | precision fp32 | MFU n/a on cpu (--peak-tflops sets a peak)"]
     records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 12 and all(np.isfinite(losses))
