@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from megaphi.config import PhiConfig
+from megaphi.model.compile import prepare_for_compile
 
 CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
               rotary_dim=8, max_position_embeddings=32)
@@ -150,6 +151,7 @@ def test_kernel_ops_stay_in_the_compiled_graph(kernel_ops_on_cpu):
     layer = model.model.layers[0]
     cos, sin = model.model.rotary(torch.device("cpu"), 16)
     hidden = torch.randn(2, 16, CONFIG["hidden_size"], dtype=torch.float64, requires_grad=True)
+    prepare_for_compile()  # what compile_decoder_layers does before compiling
     explanation = torch._dynamo.explain(layer)(hidden, cos, sin)
     reasons = [str(b.reason).splitlines()[0] for b in explanation.break_reasons]
     assert explanation.graph_break_count == 1, reasons
@@ -206,6 +208,7 @@ def test_compiled_residual_dropout_in_law():
         h = layer.input_layernorm(x)
         attn, mlp = layer.self_attn(h, cos, sin), layer.mlp(h)
         compiled = copy.deepcopy(layer)
+        prepare_for_compile()
         compiled.compile(dynamic=False)
         torch.manual_seed(0)
         delta = (compiled(x, cos, sin) - x) * (1 - p)
@@ -267,3 +270,12 @@ def test_pretrain_torch_compile_flag(tmp_path, capsys):
         assert ("blocks compiled (torch.compile)" if choice == "on" else "blocks eager") in out
         first_losses[choice] = float(re.search(r"iteration +1/2 .*?\| loss ([0-9.]+)", out).group(1))
     assert first_losses["on"] == pytest.approx(first_losses["off"], rel=1e-5)
+
+
+def test_importing_the_model_does_not_import_dynamo():
+    """torch._dynamo costs seconds of start-up: only compiling may import it."""
+    import subprocess
+    import sys
+    code = "import sys, megaphi.model, megaphi.pretrain; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"

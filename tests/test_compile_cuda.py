@@ -58,6 +58,8 @@ def test_cuda_kernels_are_graph_nodes():
     layer = model.model.layers[0]
     cos, sin = model.model.rotary(ids.device, ids.shape[1])
     hidden = torch.randn(2, ids.shape[1], 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    from megaphi.model.compile import prepare_for_compile
+    prepare_for_compile()
     explanation = torch._dynamo.explain(layer)(hidden, cos, sin)
     assert explanation.graph_break_count == 1, [str(b.reason) for b in explanation.break_reasons]
     ops = {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes}

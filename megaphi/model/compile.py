@@ -4,6 +4,8 @@ LayerNorm/rotary around their kernels, fused by Inductor).
 Each PhiDecoderLayer is compiled in place (nn.Module.compile), so parameter names, state dicts and
 checkpoints are unchanged. Layers share one compiled graph (parameters are graph inputs).
 """
+import functools
+
 import torch
 
 COMPILE_CHOICES = ("off", "on", "auto")
@@ -23,8 +25,44 @@ def compile_enabled(choice, device_type):
     return choice == "on"
 
 
+# Regions kept out of compiled graphs, each mapped to its torch.compiler.disable version once something
+# is compiled. torch.compiler.disable / assume_constant_result import torch._dynamo, which costs about
+# 2.5 s of start-up in every process, so nothing here calls them before compiling is asked for.
+_EAGER_REGIONS = {}
+
+
+def eager_in_compiled_blocks(fn):
+    """Run fn eagerly inside compiled blocks (one graph break there); plain calls go straight to fn."""
+    _EAGER_REGIONS.setdefault(fn, None)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return _disabled(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return call
+
+
+def _disabled(fn):
+    if _EAGER_REGIONS.get(fn) is None:
+        _EAGER_REGIONS[fn] = torch.compiler.disable(fn)
+    return _EAGER_REGIONS[fn]
+
+
+def prepare_for_compile():
+    """What tracing megaphi's model needs, made before any tracing starts: the eager regions' disabled
+    versions, and the kernel backend choice marked constant (its CUDA-runtime probes cannot be traced;
+    it is then decided once per op, impl, device and dtype while tracing). compile_decoder_layers calls
+    it; call it yourself before torch.compile of anything else that holds megaphi layers."""
+    from megaphi.ops import _backend
+    for fn in list(_EAGER_REGIONS):
+        _disabled(fn)
+    torch.compiler.assume_constant_result(_backend._resolve_on)  # marks the function in place
+
+
 def compile_decoder_layers(model, mode=None, fullgraph=False):
     """Compile every decoder layer of a PhiForCausalLM in place; returns the model."""
+    prepare_for_compile()
     for layer in model.model.layers:
         layer.compile(mode=mode, fullgraph=fullgraph, dynamic=False)
     return model

@@ -34,6 +34,7 @@ from megaphi.parallel.state import get_tensor_model_parallel_world_size
 from megaphi.parallel.utils import divide, set_tensor_model_parallel_attributes
 
 from .attention import causal_attention
+from .compile import eager_in_compiled_blocks
 from .kv_cache import KVCache
 
 IGNORE_INDEX = -100
@@ -81,7 +82,7 @@ class PhiAttention(nn.Module):
     # Eager even inside a compiled block (one graph break per layer): switching RNG streams (tracker
     # fork) and the selective checkpoint are Python state changes Dynamo cannot trace, and the
     # attention kernel is one opaque call, so no fusion is lost.
-    @torch.compiler.disable
+    @eager_in_compiled_blocks
     def _attention_core(self, q, k, v, dropout_p, recompute):
         if recompute:
             # selective recompute: keep q, k, v, drop what the attention kernel saves; RNG-exact replay
@@ -134,7 +135,7 @@ def region_dropout(dropout, x, sequence_sharded):
     return dropout(x)
 
 
-@torch.compiler.disable  # the stream switch is Python RNG state: eager inside compiled blocks
+@eager_in_compiled_blocks  # the stream switch is Python RNG state
 def _dropout_on_tensor_parallel_stream(dropout, x):
     with get_rng_tracker().fork():
         return dropout(x)
