@@ -33,3 +33,10 @@ resolve_env() {
         if [[ -n "${!name:-}" ]]; then printf -v "$name" '%s' "$(abs_path "${!name}")"; fi
     done
 }
+
+# use_one_cuda_queue_if_tensor_parallel TP: with TP > 1, one hardware queue, so each input-gradient
+# collective is queued before the weight-gradient GEMM it overlaps (as Megatron sets it); results are
+# the same either way
+use_one_cuda_queue_if_tensor_parallel() {
+    if [[ "$1" -gt 1 ]]; then export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}; fi
+}

@@ -44,11 +44,7 @@ TP=${TP:-1}
 SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-0}                      # 1: --sequence-parallel (TP > 1)
 PRECISION=${PRECISION:-fp16}                                  # paper: fp16; bf16, or fp32 (no flag)
 
-if [[ "$TP" -gt 1 ]]; then
-  # one hardware queue, so each input-gradient collective is queued before the weight-gradient GEMM
-  # it overlaps (as Megatron sets it); results are the same either way
-  export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
-fi
+use_one_cuda_queue_if_tensor_parallel "$TP"
 
 LAUNCHER=(deepspeed --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE")
 [[ -n "$HOSTFILE" ]] && LAUNCHER+=(--hostfile "$HOSTFILE")

@@ -188,14 +188,23 @@ def is_megaphi_folder(path):
     return os.path.isfile(os.path.join(path, WEIGHTS_NAME)) and _is_megaphi_config(os.path.join(path, CONFIG_NAME))
 
 
-def _is_megaphi_config(path):
+NOT_JSON = object()  # read_config_probe: the file exists but does not parse
+
+
+def read_config_probe(path):
+    """What a folder probe needs of a config.json: None when there is no such file, NOT_JSON when it
+    does not parse (the loader that claims it reports the error), else the parsed value."""
     if not os.path.isfile(path):
-        return False
+        return None
     try:
         with open(path) as f:
-            d = json.load(f)
+            return json.load(f)
     except ValueError:
-        return False  # not JSON: the HF folder loader reports it
+        return NOT_JSON
+
+
+def _is_megaphi_config(path):
+    d = read_config_probe(path)  # not JSON: the HF folder loader reports it
     return isinstance(d, dict) and "model_type" not in d and "hidden_size" in d
 
 

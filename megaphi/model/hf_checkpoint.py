@@ -11,7 +11,7 @@ import re
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import CONFIG_NAME, check_hf_state, register_checkpoint_loader
+from .checkpoint import CONFIG_NAME, NOT_JSON, check_hf_state, read_config_probe, register_checkpoint_loader
 from .hf_config import config_from_hf_dict
 
 def _load_weight_file(path):
@@ -113,13 +113,10 @@ def read_hf_checkpoint(hf_dir):
 def is_hf_folder(path):
     """A folder whose config.json names a model_type (or is a MixFormer config): an HF folder, read by
     read_hf_checkpoint (which explains what is wrong when it is not a phi model)."""
-    config_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(config_path):
+    d = read_config_probe(os.path.join(path, CONFIG_NAME))
+    if d is None:
         return False
-    try:
-        with open(config_path) as f:
-            d = json.load(f)
-    except ValueError:
+    if d is NOT_JSON:
         return True  # read_hf_checkpoint names the file and the JSON error
     return not isinstance(d, dict) or "model_type" in d or "n_embd" in d
 
