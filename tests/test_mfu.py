@@ -55,27 +55,40 @@ def test_no_bf16_units_is_said():
         metrics.lookup_peak_tflops("NVIDIA H200", "fp8")
 
 
-def test_fp32_runs_use_tf32_only_when_torch_enables_it(monkeypatch):
+@pytest.fixture
+def restore_matmul_precision():
+    """Tests below change torch's real fp32-matmul setting (patching `allow_tf32` cannot be undone: it is
+    not a plain attribute of torch.backends.cuda.matmul); put it back afterwards."""
+    saved = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
+def test_fp32_runs_use_tf32_only_when_torch_enables_it(restore_matmul_precision):
     assert metrics.training_precision(bf16=True) == "bf16" and metrics.training_precision(fp16=True) == "fp16"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    torch.set_float32_matmul_precision("highest")
     assert metrics.training_precision() == "fp32"
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    torch.set_float32_matmul_precision("high")
     assert metrics.training_precision() == "tf32"
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = True            # the older switch says the same
+    assert metrics.training_precision() == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert metrics.training_precision(bf16=True) == "bf16" and metrics.training_precision() == "fp32"
 
 
 def _args(peak=None, fp16=False, bf16=False):
     return argparse.Namespace(peak_tflops=peak, fp16=fp16, bf16=bf16)
 
 
-def test_run_peak(monkeypatch):
+def test_run_peak(monkeypatch, restore_matmul_precision):
     from megaphi.training.run_info import resolve_peak_tflops
 
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert resolve_peak_tflops(_args(bf16=True), gpu) == (756.5,
                                                           "MFU peak 756.5 TFLOP/s (NVIDIA H100 PCIe, dense bf16)")
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    torch.set_float32_matmul_precision("highest")
     assert resolve_peak_tflops(_args(), gpu)[0] == 51.2                     # fp32 run: not the bf16 peak
     assert resolve_peak_tflops(_args(peak=100.0, bf16=True), gpu) == (100.0, "MFU peak 100 TFLOP/s (--peak-tflops)")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H20")

