@@ -116,10 +116,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             h = hidden[lo:hi]
             # softmax - onehot(target), scaled by the incoming per-token gradient
             grad_logits = _at_least_fp32(F.linear(h, weight, bias)).sub_(lse[lo:hi].unsqueeze(-1)).exp_()
+            # subtract 1 at each owned target with fixed shapes: a boolean-mask index would run a
+            # nonzero (a host sync per chunk on a GPU). Tokens whose target another rank owns add
+            # -0.0 to column 0, which leaves every value's bits unchanged.
             local = labels[lo:hi] - start
             owned = (local >= 0) & (local < end - start)
-            rows = torch.arange(hi - lo, device=h.device)
-            grad_logits[rows[owned], local[owned]] -= 1.0
+            grad_logits.scatter_add_(-1, local.masked_fill(~owned, 0).unsqueeze(-1),
+                                     owned.to(grad_logits.dtype).neg_().unsqueeze(-1))
             grad_logits.mul_(grad_losses[lo:hi].unsqueeze(-1))
             grad_logits = grad_logits.to(hidden.dtype)
             grad_hidden[lo:hi] = grad_logits @ weight
