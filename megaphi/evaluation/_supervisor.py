@@ -122,6 +122,32 @@ def _remount_read_only():
     return refused
 
 
+def _open_folders(folders):
+    """{folder: O_PATH descriptor} taken before something is mounted over them."""
+    return {folder: os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for folder in folders}
+
+
+def _bind_back(kept):
+    """Bind each folder of _open_folders (recursively: what is hidden inside stays hidden, and the
+    bind keeps the read-only flag of the mount it comes from) back at its own path, creating the
+    folders above it (mode 755). Returns the folders bound."""
+    done = []
+    try:
+        for folder, fd in kept.items():
+            path = "/"
+            for part in folder.strip("/").split("/"):
+                path = os.path.join(path, part)
+                if not os.path.isdir(path):
+                    os.mkdir(path)
+                    os.chmod(path, 0o755)
+            _mount(f"/proc/self/fd/{fd}", folder, None, MS_BIND | MS_REC)
+            done.append(folder)
+    finally:
+        for fd in kept.values():
+            os.close(fd)
+    return done
+
+
 def _cgroup2_mount():
     for point, _, fstype in _mounts():
         if fstype == "cgroup2":
@@ -273,6 +299,16 @@ class Worker:
                 self.hello["hidden"].append(path)
             except OSError:
                 pass
+        for closed, folders in self.cfg.get("uncover", {}).items():
+            # A folder above the interpreter that other uids may not enter (a 0700 home): an empty
+            # read-only tmpfs (mode 755) over it, with the interpreter's folders bound back inside.
+            try:
+                kept = _open_folders(folders)
+                _mount("tmpfs", closed, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,mode=755")
+                self.hello.setdefault("exposed", []).extend(_bind_back(kept))
+                _mount(None, closed, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            except OSError as e:
+                self.hello["expose_error"] = f"cannot expose {folders} under {closed}: {e}"
         if self.cgroup:  # the program must not raise its own limit: cover the cgroup file system
             point = _cgroup2_mount()
             try:
@@ -333,9 +369,13 @@ class Worker:
                     report["namespace_error"] = str(e)
             try:
                 if in_pid_ns and "mount" in self.namespaces:
+                    # The interpreter's folders under /tmp (a venv there) come back into the fresh tmpfs.
+                    kept = _open_folders(f for f in self.cfg.get("expose", ())
+                                         if any(f.startswith(d + "/") for d in _PRIVATE_DIRS))
                     for d in _PRIVATE_DIRS:
                         if os.path.isdir(d) and not os.path.islink(d):
                             _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={job['tmpfs_bytes']},mode=1777")
+                    _bind_back(kept)
                     private_tmp = True
                 if private_tmp:
                     workdir = _WORKDIR

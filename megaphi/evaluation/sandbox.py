@@ -29,15 +29,20 @@ import weakref
 from typing import Optional, Sequence
 
 _SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_supervisor.py")
-_SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
 # Where the run supervisor mounts private tmpfs (same list as _supervisor._PRIVATE_DIRS).
 _PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 # A worker that has not answered this long after a program's timeout is killed (and replaced).
 _WORKER_GRACE_SECONDS = 30.0
-# The probe imports modules the worker does not load itself, so a uid that cannot read the
-# interpreter's standard library fails here rather than in the first program.
+# The probe imports modules the worker does not load itself and lists every folder of the
+# interpreter's installation and packages, so a uid that cannot read them fails here (with the
+# folder named) rather than in the first program.
 _PROBE_PROGRAM = ("import fractions, statistics, unicodedata, zlib, os, sys\n"
                   "assert os.listdir(os.path.dirname(os.__file__))\n"
+                  "for folder in {folders!r}:\n"
+                  "    try:\n"
+                  "        os.listdir(folder)\n"
+                  "    except OSError as e:\n"
+                  "        sys.exit(f'sandbox-probe: cannot read {{folder}}: {{e.strerror}}')\n"
                   "print('sandbox-probe-ok')\n")
 _log = logging.getLogger(__name__)
 
@@ -377,6 +382,40 @@ def _contains(a, b):
     return a == b or b.startswith(a.rstrip("/") + "/")
 
 
+_layouts = {}
+
+
+def _interpreter_layout(python):
+    """{"prefix", "base_prefix", "path", "version"} of `python` as a worker starts it (-s -B, the
+    workers' environment, from /), or None if it cannot say."""
+    if python not in _layouts:
+        code = ("import json, sys; print(json.dumps({'prefix': sys.prefix, 'base_prefix': sys.base_prefix, "
+                "'path': sys.path[1:], 'version': sys.version.split()[0]}))")
+        try:
+            out = subprocess.run([python, "-s", "-B", "-c", code], capture_output=True, text=True, timeout=30,
+                                 env=_minimal_env("/"), cwd="/").stdout
+            _layouts[python] = json.loads(out)
+        except (OSError, subprocess.SubprocessError, ValueError):
+            return None
+    return _layouts[python]
+
+
+def _closed_ancestors(folders):
+    """{outermost folder above some of `folders` that other users may not enter: [those folders]}."""
+    closed = {}
+    for folder in folders:
+        parts = folder.strip("/").split("/")
+        for depth in range(1, len(parts)):
+            ancestor = "/" + "/".join(parts[:depth])
+            try:
+                if not os.stat(ancestor).st_mode & stat.S_IXOTH:
+                    closed.setdefault(ancestor, []).append(folder)
+                    break
+            except OSError:
+                break
+    return closed
+
+
 def _same_or_nested(a, b):
     """True if folder `a` equals `b`, lies inside it, or holds it."""
     a, b = a.rstrip("/") or "/", b.rstrip("/") or "/"
@@ -436,6 +475,9 @@ class Sandbox:
             # The private tmpfs folders are private already; covering one (or a folder holding one,
             # such as "/") with a read-only tmpfs would leave the program no writable /tmp.
             private = {os.path.realpath(d) for d in _PRIVATE_DIRS} | set(_PRIVATE_DIRS)
+            # ... except inside the interpreter's folders, which are bound back into each program's
+            # private /tmp (a venv in /tmp): what is hidden there must stay hidden.
+            brought_back = [f for f in self._layout_folders() if any(_contains(d, f) for d in private)]
             hidden = []
             # Our usual places stay visible when they hold or lie inside the interpreter's
             # installation (a venv in the checkout; megaphi installed in site-packages); a folder
@@ -444,8 +486,10 @@ class Sandbox:
             for path, requested in [(p, False) for p in self._hide_candidates] + [(p, True) for p in self._hide_requested]:
                 path = os.path.realpath(path)
                 blocked = any((_contains(path, k) if requested else _same_or_nested(path, k)) for k in keep)
-                if (os.path.isdir(path) and path != "/" and path not in hidden and not blocked
-                        and not any(_same_or_nested(path, k) for k in private)):
+                in_private = any(_same_or_nested(path, k) for k in private)
+                if in_private and requested and any(_contains(f, path) and f != path for f in brought_back):
+                    in_private = False
+                if os.path.isdir(path) and path != "/" and path not in hidden and not blocked and not in_private:
                     hidden.append(path)
             self._hidden = hidden
         return self._hidden
@@ -454,13 +498,26 @@ class Sandbox:
     def _interpreter_dirs(python):
         """Where `python` finds itself and its standard library (these must stay visible)."""
         dirs = {os.path.dirname(os.path.realpath(python)), os.path.dirname(os.path.abspath(python))}
-        try:
-            out = subprocess.run([python, "-I", "-S", "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
-                                 capture_output=True, text=True, timeout=30, env=_minimal_env("/")).stdout
-            dirs.update(os.path.realpath(line) for line in out.splitlines() if line.startswith("/"))
-        except (OSError, subprocess.SubprocessError):
+        layout = _interpreter_layout(python)
+        if layout is None:
             return {"/"}  # unknown layout: hide nothing
+        dirs.update(os.path.realpath(p) for p in (layout["prefix"], layout["base_prefix"]))
         return dirs
+
+    def _layout_folders(self):
+        layout = _interpreter_layout(self._python)
+        if layout is None:
+            return set()
+        return {os.path.realpath(p) for p in [layout["prefix"], layout["base_prefix"], *layout["path"]]
+                if p.startswith("/") and os.path.isdir(p)}
+
+    def _exposed_folders(self):
+        """The folders programs need to read to run on the interpreter with its packages: its
+        installation and every folder of its sys.path (outermost only, hidden ones left out)."""
+        wanted = self._layout_folders()
+        hidden = self._hidden_paths()
+        wanted = {f for f in wanted if not any(_contains(h, f) for h in hidden)}
+        return sorted(f for f in wanted if not any(o != f and _contains(o, f) for o in wanted))
 
     # -- setup -------------------------------------------------------------------------------------
     def _nproc_limit(self):
@@ -487,8 +544,14 @@ class Sandbox:
         return count
 
     def _worker_settings(self):
+        exposed = self._exposed_folders()
+        # Programs running under another uid (root evaluator) cannot pass a folder above the
+        # installation that only its owner may enter (a 0700 home holding the environment): the
+        # worker covers that folder with an empty tmpfs and binds the installation back.
+        other_uid = os.geteuid() == 0 and self._uid_pool is not None
         return {"isolate": self.isolate, "hide": self._hidden_paths(), "memory_bytes": self.limits.memory_bytes,
-                "cgroup": self.isolate, "cgroup_parent": self.cgroup_parent}
+                "cgroup": self.isolate, "cgroup_parent": self.cgroup_parent, "expose": exposed,
+                "uncover": _closed_ancestors(exposed) if other_uid else {}}
 
     def _probe(self, python, uid_pool):
         """Start a worker with `python` and run a probe program as `uid_pool`'s uid; the worker is
@@ -501,18 +564,22 @@ class Sandbox:
             return False, {"supervisor_error": str(e)}
         with self._pool_cond:
             self._all_workers.append(worker)
-        result, report = self._execute_on(worker, _PROBE_PROGRAM, "sandbox-probe-ok")
+        probe = _PROBE_PROGRAM.format(folders=self._exposed_folders())
+        result, report = self._execute_on(worker, probe, "sandbox-probe-ok")
         if not result.passed:
             self._retire(worker)
         else:
             self._checkin(worker)
-        return result.passed, {**worker.hello, **report}
+        why = [line for line in (result.stderr or "").splitlines() if line.startswith("sandbox-probe:")]
+        failure = why[-1][len("sandbox-probe: "):] if why else result.detail
+        return result.passed, {**worker.hello, **report, "probe_failure": failure}
 
     def _setup(self):
         with self._setup_lock:
             if self._capabilities is not None:
                 return
-            candidates = [self._requested_python] if self._requested_python else [sys.executable, *_SYSTEM_PYTHONS]
+            # Only this interpreter (or the one asked for): programs never run on another silently.
+            python = self._requested_python or sys.executable
             pools, notes = [None], []
             if os.geteuid() == 0:  # never fall back to root silently
                 pools = []
@@ -526,10 +593,9 @@ class Sandbox:
                     notes.append(f"no fallback account {_FALLBACK_ACCOUNT!r}: {e}")
                 if self.allow_root:
                     pools.append(None)
+            failures = []
             for pool in pools:
-                for python in candidates:
-                    if not python or not os.path.exists(python):
-                        continue
+                for python in [python] if python and os.path.exists(python) else []:
                     ok, report = self._probe(python, pool)
                     if ok:
                         runs_as = pwd.getpwuid(os.geteuid()).pw_name
@@ -543,6 +609,10 @@ class Sandbox:
                         namespaces = report.get("namespaces", [])
                         self._capabilities = {
                             "python": python,
+                            "python_version": (_interpreter_layout(python) or {}).get("version"),
+                            "exposed_paths": report.get("exposed", []) + (
+                                [f for f in self._exposed_folders() if any(_contains(d, f) for d in _PRIVATE_DIRS)]
+                                if report.get("private_tmp") else []),
                             "runs_as": runs_as,
                             "dropped_privileges": pool is not None,
                             "program_uids": list(pool.uids) if pool else [],
@@ -562,12 +632,18 @@ class Sandbox:
                     who = ("current user" if pool is None else
                            _FALLBACK_ACCOUNT if isinstance(pool, _SharedAccount) else "a private uid")
                     notes.append(f"{python} as {who} failed the probe")
+                    failures.append(f"as {who}: {report.get('probe_failure') or report.get('supervisor_error')}")
             for pool in pools:
                 if pool is not None:
                     pool.close()
             if os.geteuid() == 0 and not self.allow_root:
                 notes.append("programs are never run as root unless Sandbox(allow_root=True)")
-            raise RuntimeError("sandbox: no Python interpreter could run a probe program: " + "; ".join(notes))
+            if not python or not os.path.exists(python):
+                raise RuntimeError(f"sandbox: interpreter {python!r} does not exist")
+            raise RuntimeError(f"sandbox: programs cannot run on {python} ({'; '.join(failures) or 'no probe ran'}): "
+                               "make its installation readable by other users, or choose another interpreter "
+                               "(--sandbox-python / Sandbox(python=...))"
+                               + "".join(f"; {n}" for n in notes if not n.endswith("failed the probe")))
 
     @property
     def capabilities(self) -> dict:
