@@ -8,7 +8,7 @@ from .mappings import (  # noqa: F401
     reduce_from_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
-from .random import checkpoint, get_cuda_rng_tracker, get_rng_tracker, model_parallel_seed  # noqa: F401
+from .random import checkpoint, get_cuda_rng_tracker, get_rng_tracker, model_parallel_seed, rng_neutral  # noqa: F401
 from .state import (  # noqa: F401
     destroy_model_parallel,
     get_data_parallel_group,

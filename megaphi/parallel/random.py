@@ -97,6 +97,13 @@ def _cuda_state_from(cpu_state):
     return state
 
 
+def rng_neutral():
+    """Context manager for work that may draw random numbers but must not move any stream training
+    draws from: start-up probes and anything only some ranks run (replicated regions need the same
+    default-stream draws on every TP rank). Restores the CPU and the current CUDA device's generators."""
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if _cuda_in_use() else [])
+
+
 _TRACKER = RNGStatesTracker()
 
 

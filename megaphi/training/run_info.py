@@ -5,6 +5,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megaphi.parallel.random import rng_neutral
+
 
 def resolve_peak_tflops(args, device):
     """(peak TFLOP/s MFU divides by, or None; a line saying where it comes from). --peak-tflops wins;
@@ -39,17 +41,18 @@ def _sdpa_cuda_kernel(device, dtype, heads, seq, head_dim, dropout_p):
         order = [SDPBackend(i) for i in torch._C._get_sdp_priority_order()]
     except (AttributeError, TypeError, ValueError):
         order = list(enabled)
-    q = torch.randn(1, heads, seq, head_dim, device=device, dtype=dtype, requires_grad=True)
-    for backend in order:
-        if backend not in enabled or not enabled[backend]():
-            continue
-        try:
-            with warnings.catch_warnings(), sdpa_kernel([backend]):
-                warnings.simplefilter("ignore")
-                F.scaled_dot_product_attention(q, q, q, dropout_p=dropout_p, is_causal=True).sum().backward()
-            return backend.name.lower()
-        except RuntimeError:
-            continue
+    with rng_neutral():  # only rank 0 probes: its draws must not shift the dropout stream TP ranks share
+        q = torch.randn(1, heads, seq, head_dim, device=device, dtype=dtype, requires_grad=True)
+        for backend in order:
+            if backend not in enabled or not enabled[backend]():
+                continue
+            try:
+                with warnings.catch_warnings(), sdpa_kernel([backend]):
+                    warnings.simplefilter("ignore")
+                    F.scaled_dot_product_attention(q, q, q, dropout_p=dropout_p, is_causal=True).sum().backward()
+                return backend.name.lower()
+            except RuntimeError:
+                continue
     return "no"
 
 
@@ -81,9 +84,11 @@ def check_attention_backend(backend, device, dtype, config, seq_length, tp=1):
     from megaphi.training.arguments import ArgumentError
 
     heads = config.num_attention_heads // tp
-    q = torch.randn(1, min(seq_length, 256), heads, config.head_dim, device=device, dtype=dtype, requires_grad=True)
     try:
-        causal_attention(q, q, q, config.attention_dropout, backend=backend).sum().backward()
+        with rng_neutral():  # a probe: leaves every generator as it found it
+            q = torch.randn(1, min(seq_length, 256), heads, config.head_dim, device=device, dtype=dtype,
+                            requires_grad=True)
+            causal_attention(q, q, q, config.attention_dropout, backend=backend).sum().backward()
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArgumentError(f"--attention-backend {backend} cannot run here ({dtype}, {device.type}, head dim "
@@ -140,7 +145,8 @@ def log_run_setup(args, engine, model_config):
     args.peak_tflops, peak_text = resolve_peak_tflops(args, device)
     if dist.get_rank() != 0:
         return
-    line, warnings = describe_backends(args, engine, model_config)
+    with rng_neutral():  # rank-0-only work: whatever it runs must not move rank 0's streams
+        line, warnings = describe_backends(args, engine, model_config)
     print(f"{line} | {peak_text}", flush=True)
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
