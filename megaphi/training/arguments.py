@@ -130,6 +130,9 @@ def build_parser():
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor-parallel ranks per model")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="shard LayerNorm/dropout activations over the sequence (TP > 1 only)")
+    g.add_argument("--check-replicated-params", type=int, nargs="?", const=1, default=None, metavar="N",
+                   help="TP > 1: check that parameters every TP rank holds whole are bitwise equal across the TP "
+                        "group at start and every N iterations (default 1); always checked before each save")
     g.add_argument("--no-async-tensor-model-parallel-allreduce", dest="async_tensor_model_parallel_allreduce",
                    action="store_false",
                    help="TP > 1: communicate the column layers' input gradient after their weight gradients "
@@ -183,6 +186,9 @@ def build_parser():
     g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
                    dest="use_checkpoint_opt_param_scheduler", action="store_true",
                    help="resume with the checkpoint's lr schedule flags (--lr, --min-lr, warmup, decay)")
+    g.add_argument("--override-data-order", action="store_true",
+                   help="resume although --seed, --seq-length or --global-batch-size differ from the checkpoint's "
+                        "(the samples read from the resumed position on are then not those of an uninterrupted run)")
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000, help="validate every N iterations (and at the end)")

@@ -160,6 +160,9 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
     reason = "done"
     first_iteration = state.iteration + 1  # logged whatever --log-interval is: the first line comes soon
     start_time = getattr(args, "start_time", None) or time.time()  # --exit-duration-in-mins counts from here
+    check_every = getattr(args, "check_replicated_params", None)
+    if check_every:
+        check_replicated(engine, args, f" at start (iteration {state.iteration})")
     while state.iteration < args.train_iters:
         lr = scheduler.get_lr()[0]  # the lr this iteration's update uses
         logs = forward_backward_no_pipelining(forward_step, train_iterator, engine, gas,
@@ -170,6 +173,8 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
         state.consumed_samples += args.global_batch_size
         state.consumed_tokens += tokens_per_iter
         interval_iters += 1
+        if check_every and state.iteration % check_every == 0:
+            check_replicated(engine, args, f" after iteration {state.iteration}")
 
         if state.iteration % args.log_interval == 0 or state.iteration in (args.train_iters, first_iteration):
             interval_loss = pending.flush()
@@ -358,7 +363,20 @@ def choose_best(state, val_loss=None, pass_at_1=None, by_humaneval=False):
     return f"val_loss {val_loss:.6f}"
 
 
+def check_replicated(engine, args, when):
+    """TP > 1: replicated parameters must be bitwise equal on every TP rank (one small all-gather)."""
+    if args.tensor_model_parallel_size == 1:
+        return
+    from ..parallel import get_tensor_model_parallel_group
+    from ..parallel.consistency import ReplicatedParameterMismatch, check_replicated_parameters
+    try:
+        check_replicated_parameters(engine.module, get_tensor_model_parallel_group(), when)
+    except ReplicatedParameterMismatch as e:
+        raise TrainingError(str(e)) from None
+
+
 def save(engine, args, state, val_loss=None, tokenizer=None, pass_at_1=None):
+    check_replicated(engine, args, f" at iteration {state.iteration}, before saving")  # never save a drifted model
     best = choose_best(state, val_loss, pass_at_1, by_humaneval=bool(args.eval_humaneval))
     tag = checkpointing.save_checkpoint(
         engine, args.save, state.iteration, state.consumed_samples, state.consumed_tokens, args,
