@@ -1,9 +1,13 @@
-"""megaphi's CUDA kernels (csrc/kernels) executed on the CPU with HIP-CPU, against float64 references.
+"""megaphi's CUDA kernels (csrc/kernels) executed on the CPU, against float64 references.
 
 The .cu sources are compiled unchanged with g++ (tests/hipcpu/build.py, cached) and called through
-ctypes over CPU tensors, so every kernel runs in CI without a GPU. HIP-CPU runs a block's threads as
-fibers in one fixed order: launch limits, races that order hides, and speed are left to the GPU
-tests (tests/test_kernels_cuda.py); everything else the kernels compute is checked here.
+ctypes over CPU tensors, so every kernel runs in CI without a GPU, on two runtimes: megaphi's fiber
+runtime (tests/hipcpu/fiber_runtime), which runs threads between barriers in forward, reverse or
+seeded random order with warps running ahead, interleaves blocks, gives every block fresh garbage
+in its shared memory and refuses launches over 48 KiB of shared memory per block; and HIP-CPU where a
+complete checkout is at hand (one fixed order). Each test runs under one schedule picked from its
+name; the schedule tests run every path under all three and require bitwise equal results. Register
+limits, __launch_bounds__ and speed are left to the GPU tests (tests/test_kernels_cuda.py).
 The build caps grids at MAX_GRID_BLOCKS = 13 blocks instead of 2^20, so 130 rows or a few dozen
 tokens already make blocks stride over rows/tokens, in every kernel that strides (the backward's
 block count is the caller's choice: 1 to 13 here, more blocks than rows included).
@@ -21,13 +25,14 @@ Outputs start as NaN (a missed element fails), buffers sit between guard bytes (
 inputs must come back unchanged, and pass-through data must be bitwise identical.
 """
 import math
+import zlib
 
 import pytest
 import torch
 
 from hipcpu import build
 from hipcpu.buffers import Guarded, same_bits
-from hipcpu.kernels import CpuKernels
+from hipcpu.kernels import SCHEDULES, CpuKernels
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -36,12 +41,32 @@ EPS = 1e-5
 STRIDING_ROWS = 10 * build.MAX_GRID_BLOCKS  # more rows than any grid has blocks (warp forward: 4 rows a block)
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    reason = build.missing_prerequisite()
+@pytest.fixture(scope="module", params=build.runtimes())
+def kernels(request):
+    reason = build.missing_prerequisite(request.param)
     if reason is not None:
         pytest.skip(reason)
-    return CpuKernels(build.build())
+    return CpuKernels(build.build(runtime_name=request.param))
+
+
+@pytest.fixture(autouse=True)
+def fiber_schedule(request):
+    """On the fiber runtime, each test runs under the schedule and seed its name hashes to, so the cases
+    of one test spread over all schedules and a failure reproduces by name. Returns the schedule."""
+    if "kernels" not in request.fixturenames:
+        return None
+    kernels = request.getfixturevalue("kernels")
+    if not kernels.has_schedules:
+        return None
+    name_hash = zlib.crc32(request.node.nodeid.encode())
+    order = SCHEDULES[name_hash % len(SCHEDULES)]
+    kernels.set_schedule(order, seed=name_hash)
+    return order
+
+
+def needs_schedules(kernels):
+    if not kernels.has_schedules:
+        pytest.skip("HIP-CPU runs threads in one fixed order: schedules are the fiber runtime's")
 
 
 def tiny(dtype):
@@ -175,6 +200,55 @@ def test_layer_norm_is_deterministic(kernels, hidden):
             assert same_bits(first[name], again[name]), f"{name} differs between identical runs"
 
 
+LN_PATHS = [  # dtype, hidden, misaligned pointer: every forward and backward path
+    (torch.float32, 1024, None),  # warp forward, fast backward
+    (torch.bfloat16, 1024, None),  # warp forward, fast backward, 16-bit
+    (torch.float16, 2048, None),  # warp forward 2048 (16-bit only), fast backward 2048
+    (torch.float32, 2048, None),  # block forward (fp32 2048), fast backward
+    (torch.bfloat16, 1000, None),  # block forward, block backward with partials in shared memory
+    (torch.float32, 7, None),  # scalar block forward and backward
+    (torch.float32, 6112, None),  # partials + scratch fill exactly the 48 KiB of shared memory
+    (torch.bfloat16, 8192, None),  # partials in the workspace
+    (torch.float16, 1024, "x"),  # unaligned: scalar block paths at a warp-path size
+]
+
+
+def ln_path_id(path):
+    dtype, hidden, misaligned = path
+    return f"{str(dtype)[6:]}-{hidden}" + (f"-unaligned_{misaligned}" if misaligned else "")
+
+
+@pytest.mark.parametrize("dtype, hidden, misaligned", LN_PATHS, ids=[ln_path_id(p) for p in LN_PATHS])
+def test_layer_norm_low_variance_rows(kernels, dtype, hidden, misaligned):
+    """Rows of std 1e-3 (variance 1e-6 < eps = 1e-5): eps decides rstd, so a kernel that drops eps or adds
+    it outside the square root is off by a factor of about 3; at std ~2 eps is invisible."""
+    x, weight, bias, dy = layer_norm_inputs(30, hidden, dtype, seed=hidden + 17)
+    x = ((x.float() - 0.3) / 2 * 1e-3 + 3e-4).to(dtype)  # N(3e-4, 1e-3^2)
+    misalign = {misaligned: 1} if misaligned else None
+    got = run_layer_norm(kernels, x, weight, bias, dy, 4, misalign=misalign)
+    check_layer_norm(got, x, weight, bias, dy, 4, f"std 1e-3 {ln_path_id((dtype, hidden, misaligned))}")
+
+
+@pytest.mark.parametrize("dtype, hidden, misaligned", LN_PATHS, ids=[ln_path_id(p) for p in LN_PATHS])
+def test_layer_norm_same_bits_under_every_schedule(kernels, dtype, hidden, misaligned):
+    """Each path under the forward, reverse and random schedules (warps running ahead, blocks interleaved,
+    garbage in shared memory): right every time, and bitwise the same, since a kernel without races
+    computes the same sums in the same order whatever the order of its threads. Rows enough that every
+    grid strides."""
+    needs_schedules(kernels)
+    x, weight, bias, dy = layer_norm_inputs(STRIDING_ROWS // 2, hidden, dtype, seed=hidden + 23)
+    misalign = {misaligned: 1} if misaligned else None
+    results = {}
+    for order in SCHEDULES:
+        kernels.set_schedule(order, seed=hidden)
+        got = run_layer_norm(kernels, x, weight, bias, dy, 5, misalign=misalign)
+        check_layer_norm(got, x, weight, bias, dy, 5, f"{order} schedule {ln_path_id((dtype, hidden, misaligned))}")
+        results[order] = got
+    for order in SCHEDULES[1:]:
+        for name, tensor in results[order].items():
+            assert same_bits(tensor, results[SCHEDULES[0]][name]), f"{name}: schedules {order} and forward differ"
+
+
 def test_layer_norm_errors_come_back_as_exceptions(kernels):
     x, weight, bias, _ = layer_norm_inputs(2, 8, torch.float32, seed=6)
     y, mean, rstd = torch.empty_like(x), torch.empty(2), torch.empty(2)
@@ -291,6 +365,37 @@ def test_rotary_on_fused_qkv_views(kernels, dtype, head_dim):
     assert all(g.guards_intact() for g in (qkv, out_q, out_kv)), "wrote outside a buffer"
 
 
+@pytest.mark.parametrize("head_dim, row", [(66, 72), (64, 72), (34, 40)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_padded_head_rows(kernels, dtype, head_dim, row):
+    """Heads of head_dim elements at a stride of `row` (padded rows): every stride is a multiple of the
+    16-byte pack, so only head_dim % pack decides the path (66 and 34: scalar, or the pass-through tail
+    would be left unwritten; 64: vectorised). The padding must stay untouched."""
+    gen = torch.Generator().manual_seed(head_dim + row)
+    cos, sin = rotary_tables(32, 64)
+    batch, seq, q_heads, k_heads = 2, 19, 3, 2
+    q = torch.randn(batch, seq, q_heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(batch, seq, k_heads, head_dim, generator=gen).to(dtype)
+    bufs = {name: Guarded((batch, seq, heads, row), dtype) for name, heads in
+            (("q_in", q_heads), ("k_in", k_heads), ("q_out", q_heads), ("k_out", k_heads))}
+    views = {name: g.tensor[..., :head_dim] for name, g in bufs.items()}
+    views["q_in"].copy_(q)
+    views["k_in"].copy_(k)
+    positions = (2 + torch.arange(seq))[None]
+    for inverse in (False, True):
+        what = f"{dtype} head_dim {head_dim} in rows of {row} inverse={inverse}"
+        kernels.rotary(views["q_in"], views["q_out"], views["k_in"], views["k_out"], cos, sin, None, 2, inverse)
+        check_rotary(views["q_out"], q, cos, sin, positions, inverse, what + " q")
+        check_rotary(views["k_out"], k, cos, sin, positions, inverse, what + " k")
+        assert same_bits(views["q_in"], q) and same_bits(views["k_in"], k), what + ": changed the input"
+    kernels.rotary(views["q_in"], views["q_in"], views["k_in"], views["k_in"], cos, sin, None, 2)
+    check_rotary(views["q_in"], q, cos, sin, positions, False, f"{dtype} {head_dim}/{row} in place q")
+    check_rotary(views["k_in"], k, cos, sin, positions, False, f"{dtype} {head_dim}/{row} in place k")
+    for name, g in bufs.items():
+        assert torch.isnan(g.tensor[..., head_dim:]).all(), f"wrote into the padding of {name}"
+        assert g.guards_intact(), f"wrote outside {name}"
+
+
 @pytest.mark.parametrize("inplace", [False, True])
 def test_rotary_q_only(kernels, inplace):
     """k_heads = 0 with null k pointers (as the kernel allows)."""
@@ -346,3 +451,69 @@ def test_dtype_conversions_round_like_torch(kernels, dtype):
     finite = ~torch.isnan(want)
     assert same_bits(got[finite], want[finite]), f"fp32 -> {dtype} rounds differently from torch"
     assert same_bits(kernels.widen_to_floats(want[finite]), want[finite].float()), f"{dtype} -> fp32 is not exact"
+
+
+# ---------------------------------------------------------------------------------- the fiber runtime
+
+
+def test_fiber_schedules_order_threads_and_interleave_blocks(kernels):
+    """forward runs a block's threads in index order, reverse backwards, random in a seeded random order
+    drawn again after each __syncthreads(); no thread goes on past the barrier before all arrived; three
+    blocks run at a time, interleaved, started in index, reverse or random order."""
+    needs_schedules(kernels)
+    blocks, threads = 5, 64
+    everything = sorted((phase, b, t) for phase in (0, 1) for b in range(blocks) for t in range(threads))
+    for order in SCHEDULES:
+        kernels.set_schedule(order, seed=1)
+        log = kernels.probe_order(blocks, threads)
+        assert sorted(log) == everything, f"{order}: not every thread ran once per phase"
+        for b in range(blocks):
+            mine = [(phase, t) for phase, block, t in log if block == b]
+            assert [phase for phase, _ in mine] == [0] * threads + [1] * threads, f"{order}: went past the barrier"
+            starts, after_barrier = [t for _, t in mine[:threads]], [t for _, t in mine[threads:]]
+            if order == "forward":
+                assert starts == after_barrier == list(range(threads))
+            elif order == "reverse":
+                assert starts == after_barrier == list(range(threads))[::-1]
+            else:
+                assert starts not in (sorted(starts), sorted(starts)[::-1]) and starts != after_barrier
+        first_steps = [block for _, block, _ in log[:3]]
+        assert len(set(first_steps)) == 3, f"{order}: blocks do not interleave ({first_steps})"
+        start_order = list(dict.fromkeys(block for phase, block, _ in log if phase == 0))
+        if order == "forward":
+            assert start_order == list(range(blocks))
+        elif order == "reverse":
+            assert start_order == list(range(blocks))[::-1]
+    kernels.set_schedule("random", seed=1)
+    again = kernels.probe_order(blocks, threads)
+    kernels.set_schedule("random", seed=2)
+    other = kernels.probe_order(blocks, threads)
+    kernels.set_schedule("random", seed=1)
+    assert kernels.probe_order(blocks, threads) == again != other, "random schedules are not reproducible by seed"
+
+
+@pytest.mark.parametrize("order", SCHEDULES)
+def test_fiber_shared_memory_is_fresh_garbage_and_private_per_block(kernels, order):
+    """Every block finds random bytes in its static and its dynamic shared memory, not what an earlier
+    block left there, and keeps its own copy while the other resident blocks run."""
+    needs_schedules(kernels)
+    kernels.set_schedule(order, seed=3)
+    blocks = 7
+    seen, intact = kernels.probe_shared(blocks, 64, 4096)
+    assert all(intact), f"a block saw another block's writes to shared memory: {intact}"
+    found = {bytes(seen[b, kind].tolist()) for b in range(blocks) for kind in (0, 1)}
+    assert len(found) == 2 * blocks, "two blocks found the same bytes: garbage is not fresh per block"
+    stamps = {bytes([b + 1] * 16) for b in range(blocks)}  # what each block writes
+    assert not found & stamps, "a block found an earlier block's data"
+
+
+def test_fiber_refuses_more_than_48k_of_shared_memory_per_block(kernels):
+    """Static plus dynamic shared memory over 48 KiB per block fails to launch, as on a GPU without an
+    opt-in (the probe kernel has 1 KiB of static shared memory). LayerNorm's hidden 6112 uses exactly 48 KiB
+    (test_layer_norm_low_variance_rows)."""
+    needs_schedules(kernels)
+    static_bytes = 1024
+    _, intact = kernels.probe_shared(2, 32, 48 * 1024 - static_bytes)
+    assert all(intact)
+    with pytest.raises(RuntimeError, match="invalid argument"):
+        kernels.probe_shared(2, 32, 48 * 1024 - static_bytes + 1)

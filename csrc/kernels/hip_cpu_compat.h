@@ -72,8 +72,14 @@ inline T __shfl_xor_sync(unsigned /*mask*/, T value, int lane_mask) {
         std::fprintf(stderr, "hip_cpu_compat.h: __shfl_xor_sync supports 1-D blocks only\n");
         std::abort();
     }
-    // One slot per thread of the block running on this OS thread (blocks never interleave on one).
+#if defined(MEGAPHI_FIBER_RUNTIME)
+    // blocks interleave there: one slot per thread of the caller's block
+    static_assert(sizeof(T) <= megaphi_fiber::kShuffleSlotBytes, "shuffle slot too small");
+    T* lanes = static_cast<T*>(megaphi_fiber::shuffle_slots());
+#else
+    // One slot per thread of the block running on this OS thread (HIP-CPU never interleaves blocks on one).
     thread_local T lanes[megaphi_hip_cpu::kMaxBlockThreads];
+#endif
     const unsigned lane_id = threadIdx.x;
     const unsigned partner = lane_id ^ static_cast<unsigned>(lane_mask);
     lanes[lane_id] = value;

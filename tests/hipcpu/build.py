@@ -7,20 +7,21 @@ Compiling takes about a minute per file, so each object and the library are cach
 compiler's version, the flags, the source and every header of csrc/kernels and HIP-CPU. Reruns and
 untouched files cost nothing; a concurrent build of the same key only repeats work.
 
-Two runtimes can run them: HIP-CPU (a complete checkout: include/, src/include/, external/), or,
-when none is at hand, megaphi's own minimal HIP runtime on fibers (tests/hipcpu/fiber_runtime),
-which implements just what the kernels use. The copy of HIP-CPU beside the repository keeps only
-include/, which does not compile alone, so CI uses the fiber runtime.
+Two runtimes can run them: megaphi's own HIP runtime on fibers (tests/hipcpu/fiber_runtime), which
+implements just what the kernels use and runs threads and blocks in adversarial orders, and HIP-CPU
+(a complete checkout: include/, src/include/, external/, as beside the repository). The tests run on
+both where both are at hand.
 
 Environment:
-  MEGAPHI_CPU_RUNTIME     hip-cpu | fiber: force one (default: hip-cpu when its checkout is complete)
+  MEGAPHI_CPU_RUNTIME     hip-cpu | fiber: only this one (default: fiber, plus hip-cpu when its checkout
+                          is complete)
   MEGAPHI_HIP_CPU_DIR     HIP-CPU checkout (include/, src/include/, external/), default
                           ../shared/third_party/hip-cpu beside the repository
   MEGAPHI_KERNEL_SOURCES  folder with the kernel sources, default csrc/kernels (the mutation script
                           points it at a patched copy)
   CXX                     the C++ compiler, default g++
 
-`python tests/hipcpu/build.py` builds and prints the library's path.
+`python tests/hipcpu/build.py` builds for each runtime and prints the libraries' paths.
 """
 import concurrent.futures
 import hashlib
@@ -33,6 +34,7 @@ import tempfile
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 ENTRY_SOURCE = pathlib.Path(__file__).resolve().with_name("entry.cpp")
+FIBER_PROBES_SOURCE = pathlib.Path(__file__).resolve().with_name("fiber_probes.cpp")  # fiber runtime only
 KERNEL_FILES = ("layer_norm.cu", "rotary.cu")  # runtime_info.cu and bindings.cpp are CUDA/pybind only
 LIBRARY_NAME = "libmegaphi_kernels_hipcpu.so"
 # The kernels' grid cap (2^20 blocks on a GPU), lowered so that a few hundred rows or tokens already make
@@ -52,15 +54,19 @@ HIP_CPU_REQUIRED = ("include/hip/hip_runtime.h", "src/include/hip/detail/api.hpp
 FIBER_RUNTIME_DIR = pathlib.Path(__file__).resolve().with_name("fiber_runtime")
 
 
-def runtime():
-    """"hip-cpu" when a complete HIP-CPU checkout is at hand, else "fiber": megaphi's own minimal HIP
-    runtime (tests/hipcpu/fiber_runtime; the copy beside the repository keeps only HIP-CPU's include/,
-    which cannot compile alone). MEGAPHI_CPU_RUNTIME=hip-cpu|fiber forces one."""
+def runtimes():
+    """The runtimes to run the kernels on: "fiber" (megaphi's own, always buildable), and "hip-cpu" when a
+    complete HIP-CPU checkout is at hand. MEGAPHI_CPU_RUNTIME=hip-cpu|fiber picks one."""
     forced = os.environ.get("MEGAPHI_CPU_RUNTIME")
     if forced in ("hip-cpu", "fiber"):
-        return forced
+        return [forced]
     root = hip_cpu_dir()
-    return "hip-cpu" if all((root / name).exists() for name in HIP_CPU_REQUIRED) else "fiber"
+    return ["fiber"] + (["hip-cpu"] if all((root / name).exists() for name in HIP_CPU_REQUIRED) else [])
+
+
+def runtime():
+    """The first of runtimes(): what build() builds for when not told."""
+    return runtimes()[0]
 
 
 def hip_cpu_dir():
@@ -88,13 +94,13 @@ def has_tbb():
     return probe.returncode == 0
 
 
-def missing_prerequisite():
+def missing_prerequisite(runtime_name=None):
     """None when the kernels can be built here, else why not (a sentence for pytest.skip)."""
     if shutil.which(compiler()) is None:
         return f"C++ compiler {compiler()!r} not found (set CXX)"
     root = hip_cpu_dir()
     missing = [name for name in HIP_CPU_REQUIRED if not (root / name).exists()]
-    if missing and runtime() == "hip-cpu":
+    if missing and (runtime_name or runtime()) == "hip-cpu":
         return (f"HIP-CPU not found or incomplete at {root} (missing {', '.join(missing)}); "
                 "set MEGAPHI_HIP_CPU_DIR to a checkout of https://github.com/ROCm/HIP-CPU")
     return None
@@ -112,8 +118,8 @@ def _files_digest(paths):
     return _digest(*[x for p in sorted(paths) for x in (p.name, p.read_bytes())])
 
 
-def _compile_flags(tbb):
-    if runtime() == "fiber":
+def _compile_flags(tbb, runtime_name):
+    if runtime_name == "fiber":
         # __shared__ is `static` there: a kernel instantiation that leaves it unused would warn
         return list(FLAGS) + ["-DMEGAPHI_FIBER_RUNTIME", "-Wno-unused-variable", "-I", str(FIBER_RUNTIME_DIR),
                               "-I", str(kernel_source_dir())]
@@ -146,21 +152,25 @@ def _run(cmd, log):
         raise RuntimeError(f"HIP-CPU kernel build failed:\n{output}")
 
 
-def build(verbose=False):
-    """Path of the shared library built from the current sources (from the cache when unchanged)."""
-    reason = missing_prerequisite()
+def build(verbose=False, runtime_name=None):
+    """Path of the shared library built from the current sources for runtime_name (default runtime()),
+    from the cache when unchanged."""
+    runtime_name = runtime_name or runtime()
+    reason = missing_prerequisite(runtime_name)
     if reason is not None:
         raise RuntimeError(reason)
     sources_dir = kernel_source_dir()
-    tbb = has_tbb() and runtime() == "hip-cpu"
-    flags = _compile_flags(tbb)
+    tbb = runtime_name == "hip-cpu" and has_tbb()
+    flags = _compile_flags(tbb, runtime_name)
     version = subprocess.run([compiler(), "--version"], capture_output=True, text=True).stdout
     headers = [p for p in sources_dir.iterdir() if p.suffix in (".h", ".cuh")]
-    runtime_roots = [FIBER_RUNTIME_DIR] if runtime() == "fiber" else [hip_cpu_dir() / "include",
+    runtime_roots = [FIBER_RUNTIME_DIR] if runtime_name == "fiber" else [hip_cpu_dir() / "include",
                                                                        hip_cpu_dir() / "src" / "include"]
     hip_cpu_files = [p for root in runtime_roots for p in root.rglob("*") if p.is_file()]
     common = _digest(version, flags, _files_digest(headers), _files_digest(hip_cpu_files))
     sources = [sources_dir / name for name in KERNEL_FILES] + [ENTRY_SOURCE]
+    if runtime_name == "fiber":
+        sources.append(FIBER_PROBES_SOURCE)
     objects = {src: cache_dir() / "objects" / f"{src.stem}-{_digest(common, src.read_bytes())}.o" for src in sources}
     library = cache_dir() / _digest(common, *sorted(o.name for o in objects.values()), tbb) / LIBRARY_NAME
     if library.exists():
@@ -184,4 +194,5 @@ def build(verbose=False):
 
 
 if __name__ == "__main__":
-    print(build(verbose=True))
+    for name in runtimes():
+        print(build(verbose=True, runtime_name=name))

@@ -87,4 +87,19 @@ const char* megaphi_widen_to_floats(const void* src, float* dst, int64_t count, 
     });
 }
 
+// The fiber runtime's schedule for the launches that follow: order 0 forward, 1 reverse, 2 random
+// (tests/hipcpu/fiber_runtime/megaphi_fiber/scheduler.h); seed feeds the random keys, block order and
+// shared-memory garbage. HIP-CPU has no schedules to choose.
+const char* megaphi_fiber_schedule(int order, uint64_t seed) {
+#if defined(MEGAPHI_FIBER_RUNTIME)
+    if (order < 0 || order > 2) return "megaphi_fiber_schedule: order must be 0, 1 or 2";
+    megaphi_fiber::set_schedule(static_cast<megaphi_fiber::Order>(order), seed);
+    return nullptr;
+#else
+    (void)order;
+    (void)seed;
+    return "megaphi_fiber_schedule: this build runs on HIP-CPU, not the fiber runtime";
+#endif
+}
+
 }  // extern "C"

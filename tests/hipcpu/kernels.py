@@ -14,7 +14,13 @@ _SIGNATURES = {
     "megaphi_rotary": [_P] * 11 + [_I64] * 8 + [_INT, _INT],
     "megaphi_round_floats": [_P, _P, _I64, _INT],
     "megaphi_widen_to_floats": [_P, _P, _I64, _INT],
+    "megaphi_fiber_schedule": [_INT, ctypes.c_uint64],
 }
+_FIBER_PROBES = {  # only in a library built for the fiber runtime (tests/hipcpu/fiber_probes.cpp)
+    "megaphi_fiber_probe_order": [_INT, _INT, _P],
+    "megaphi_fiber_probe_shared": [_INT, _INT, _INT, _P, _P],
+}
+SCHEDULES = ("forward", "reverse", "random")  # the fiber runtime's orders (megaphi_fiber::Order)
 
 
 def _ptr(t):
@@ -27,6 +33,11 @@ class CpuKernels:
         for name, argtypes in _SIGNATURES.items():
             fn = getattr(self._lib, name)
             fn.argtypes, fn.restype = argtypes, ctypes.c_char_p
+        self.has_schedules = hasattr(self._lib, "megaphi_fiber_probe_order")
+        if self.has_schedules:
+            for name, argtypes in _FIBER_PROBES.items():
+                fn = getattr(self._lib, name)
+                fn.argtypes, fn.restype = argtypes, ctypes.c_char_p
 
     def _call(self, name, *args):
         error = getattr(self._lib, name)(*args)
@@ -70,3 +81,23 @@ class CpuKernels:
         out = torch.empty(values.shape, dtype=torch.float32)
         self._call("megaphi_widen_to_floats", _ptr(values), _ptr(out), values.numel(), DTYPE_CODES[values.dtype])
         return out
+
+    def set_schedule(self, order, seed=0):
+        """Fiber runtime only: the order threads and blocks run in from now on (SCHEDULES), seeded."""
+        self._call("megaphi_fiber_schedule", SCHEDULES.index(order), seed & (2**64 - 1))
+
+    def probe_order(self, blocks, threads):
+        """Fiber runtime only: (phase, block, thread) in the order the threads ran, where phase 0 is a
+        thread's start and phase 1 its going on after a __syncthreads()."""
+        log = torch.full((2 * blocks * threads,), -1, dtype=torch.int32)
+        self._call("megaphi_fiber_probe_order", blocks, threads, _ptr(log))
+        total = blocks * threads
+        return [(v // total, v % total // threads, v % threads) for v in log.tolist()]
+
+    def probe_shared(self, blocks, threads, dynamic_bytes):
+        """Fiber runtime only: (the first 16 bytes of static and of dynamic shared memory each block found,
+        [blocks, 2, 16]; whether each block kept its own copy of both while the others ran)."""
+        seen = torch.zeros((blocks, 2, 16), dtype=torch.uint8)
+        intact = torch.zeros(blocks, dtype=torch.int32)
+        self._call("megaphi_fiber_probe_shared", blocks, threads, dynamic_bytes, _ptr(seen), _ptr(intact))
+        return seen, intact.bool().tolist()

@@ -147,7 +147,8 @@ def run_mutation(mutation, timeout):
         env = dict(os.environ, MEGAPHI_KERNEL_SOURCES=str(sources), COLUMNS="400")  # untruncated summary lines
         os.environ["MEGAPHI_KERNEL_SOURCES"] = str(sources)
         try:
-            build.build()
+            for runtime_name in build.runtimes():
+                build.build(runtime_name=runtime_name)
         except RuntimeError as error:
             return "invalid", "does not compile: " + str(error).splitlines()[-1][:200]
         finally:
