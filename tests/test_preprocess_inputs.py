@@ -317,3 +317,55 @@ def test_signal_mid_run_removes_temporaries(tmp_path, codegen_tokenizer_dir, sig
     name = "SIGTERM" if sig == signal.SIGTERM else "SIGINT"
     assert f"interrupted by {name}; no output was written" in err
     assert sorted(os.listdir(tmp_path)) == ["a.jsonl", "stalled"]
+
+
+def _children(pid):
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_workers_exit_quietly_when_the_main_process_is_killed(tmp_path, codegen_tokenizer_dir):
+    """kill -9 of the main process while a worker tokenizes a large batch: the workers go away at once and
+    print nothing (they used to finish the batch, then die of a BrokenPipeError traceback)."""
+    line = "def function_%d(argument):\n    return [value * 2 for value in range(argument)]  # doubled\n"
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "".join(line % (i * 40 + j) for j in range(40))} for i in range(2000)])
+    marker = tmp_path / "stalled"
+    proc = subprocess.Popen([sys.executable, "-c", STALL, TOOL, str(marker), "--input", str(tmp_path / "a.jsonl"),
+                             "--output-prefix", str(tmp_path / "o"), "--tokenizer", str(codegen_tokenizer_dir),
+                             "--workers", "2", "--batch-size", "2000", "--quiet"],
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300  # hang guards, not timing assertions
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the tool never reached its first batch"
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait()
+        while any(_state(w) not in ("Z", None) for w in workers):
+            assert time.monotonic() < deadline, "workers outlived the main process"
+            time.sleep(0.05)
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def _state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None

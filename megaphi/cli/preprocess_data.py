@@ -38,10 +38,12 @@ _WORKER = {}
 
 
 def _init_worker(tokenizer_name: str, keys: List[str], append_eod: bool, threads: int,
-                 max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES, in_pool: bool = True) -> None:
+                 max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES, in_pool: bool = True,
+                 parent_pid: Optional[int] = None) -> None:
     if in_pool:  # never in the main process (--workers 0): its handlers remove the temporary outputs
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the main process handles it
+        _exit_with_parent(parent_pid)
     # Before the tokenizer's first parallel use: one thread per worker unless asked otherwise.
     if threads <= 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -52,6 +54,19 @@ def _init_worker(tokenizer_name: str, keys: List[str], append_eod: bool, threads
 
         _WORKER.update(tok=load_tokenizer(tokenizer_name), name=tokenizer_name)
     _WORKER.update(keys=keys, append_eod=append_eod, max_document_bytes=max_document_bytes)
+
+
+def _exit_with_parent(parent_pid: Optional[int]) -> None:
+    """Linux: a worker gets SIGTERM (default action: exit, silently) when the main process dies, e.g. by
+    kill -9, instead of finishing its batch and dying of a BrokenPipeError traceback on the closed pipe."""
+    if parent_pid is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the main process died before the request: nobody will read our results
+        os._exit(0)
 
 
 def _to_arrays(ids_lists: List[List[int]], eod: Optional[int]):
@@ -126,7 +141,7 @@ def _ordered_results(batches: Iterator[Batch], args):
             yield tokenize_batch(b)
         return
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(args.workers, initializer=_init_worker, initargs=init) as pool:
+    with ctx.Pool(args.workers, initializer=_init_worker, initargs=(*init, True, os.getpid())) as pool:
         pending = collections.deque()
         limit = 2 * args.workers + 2
         for b in batches:
