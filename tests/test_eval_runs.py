@@ -88,8 +88,10 @@ def test_an_interrupted_run_continues_where_it_stopped_and_equals_an_uninterrupt
 
     # Interrupted while decoding its 4th problem (the long prompt is never decoded): 4 problems saved.
     calls = _count_generate_calls(monkeypatch, fail_on_call=4)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:
         tool.main(flags + ["--output", str(tmp_path / "cut_results.jsonl")])
+    assert stopped.value.code == 130
+    assert "interrupted: 4 of 6 problems are saved in" in capsys.readouterr().err
     saved = _lines(tmp_path / "cut_samples.jsonl")
     assert [s["task_id"] for s in saved] == [t for t in ["Toy/1", "Toy/0", "Toy/2", "Toy/5"] for _ in range(2)]
     assert saved == whole[:8] and not (tmp_path / "cut_results.jsonl").exists()

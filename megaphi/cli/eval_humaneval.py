@@ -167,6 +167,14 @@ def main(argv=None):
             samples, config = _generate(args, problems)
     except (ProblemFileError, RunFileError, OSError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        if not args.samples or not os.path.exists(args.samples):
+            raise
+        with open(args.samples, encoding="utf-8") as f:
+            saved = len({json.loads(line)["task_id"] for line in f if line.strip()})
+        print(f"\ninterrupted: {saved} of {len(problems)} problems are saved in {args.samples}; "
+              "the same command continues from there", file=sys.stderr)
+        sys.exit(130)
 
     # The problems' folder (it holds the tests) and the completions' are hidden from the programs.
     hidden = {os.path.dirname(os.path.abspath(p)) for p in (problems_file, args.completions, args.samples) if p}
