@@ -93,7 +93,10 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// Sum of two values over the block; every thread gets the result. `scratch` holds 2 * 32 floats.
+// Floats of shared memory block_sum2 needs: two partial sums for each of up to 32 warps.
+constexpr int kBlockSumScratchFloats = 64;
+
+// Sum of two values over the block; every thread gets the result. `scratch` holds kBlockSumScratchFloats.
 // Ends with a barrier, so scratch can be reused right after the call.
 __device__ __forceinline__ float2 block_sum2(float a, float b, float* scratch) {
     const int lane = threadIdx.x & 31;

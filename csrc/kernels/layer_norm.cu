@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     ln_fwd_block_kernel(const T* __restrict__ x, const T* __restrict__ weight, const T* __restrict__ bias,
                         T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
                         int64_t rows, int hidden, float inv_hidden, float eps) {
-    __shared__ float scratch[64];
+    __shared__ float scratch[kBlockSumScratchFloats];
     const int packs = hidden / VEC;
     for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
         const T* xr = x + row * hidden;
@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kBwdFastThreads)
     static_assert(PACKS >= 1 && HIDDEN % (kBwdFastThreads * VEC) == 0, "fast path needs whole packs per thread");
     static_assert(VEC % 4 == 0, "partials are written as float4");
     constexpr float inv_hidden = 1.0f / HIDDEN;
-    __shared__ float scratch[64];
+    __shared__ float scratch[kBlockSumScratchFloats];
     float w[PACKS][VEC], acc_w[PACKS][VEC], acc_b[PACKS][VEC];
 #pragma unroll
     for (int p = 0; p < PACKS; ++p) {
@@ -191,8 +191,10 @@ __global__ void __launch_bounds__(kMaxThreads)
                         const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
                         float* __restrict__ workspace, int64_t rows, int hidden, float inv_hidden,
                         bool partials_in_shared) {
+    // The static shared memory here counts against the same 48 KiB as the partials, which fill it exactly
+    // at hidden 6112: layer_norm_backward's partials_in_shared must count every static byte added.
     MEGAPHI_DYNAMIC_SHARED(float, shared_partials);
-    __shared__ float scratch[64];
+    __shared__ float scratch[kBlockSumScratchFloats];
     const int packs = hidden / VEC;
     float* part_w_out = workspace + static_cast<int64_t>(blockIdx.x) * hidden;
     float* part_b_out = workspace + (static_cast<int64_t>(gridDim.x) + blockIdx.x) * hidden;
@@ -350,8 +352,10 @@ void layer_norm_backward(const void* dy, const void* x, const void* weight, cons
     const int h = static_cast<int>(hidden);
     const int nb = static_cast<int>(num_blocks);
     const float inv_hidden = static_cast<float>(1.0 / static_cast<double>(hidden));
-    // Shared-memory partials only within the default 48 KiB per block (no opt-in needed).
-    const bool partials_in_shared = 2 * hidden * static_cast<int64_t>(sizeof(float)) + 64 * sizeof(float) <= 48 * 1024;
+    // Shared-memory partials only within the default 48 KiB per block (no opt-in needed), counting
+    // ln_bwd_block_kernel's static scratch: at hidden 6112 the two fill it exactly.
+    const bool partials_in_shared =
+        2 * hidden * static_cast<int64_t>(sizeof(float)) + kBlockSumScratchFloats * sizeof(float) <= 48 * 1024;
     const size_t shared_bytes = partials_in_shared ? 2 * static_cast<size_t>(hidden) * sizeof(float) : 0;
     dispatch_dtype(dtype, [&](auto tag) {
         using T = decltype(tag);

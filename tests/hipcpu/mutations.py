@@ -1,11 +1,14 @@
 """Does tests/test_kernels_hipcpu.py catch broken kernels? Plants one known bug at a time in a copy of
-csrc/kernels, builds it for HIP-CPU and runs the test file against it. A mutation is caught when the
-tests fail, crash or hang; "not caught" means they passed with the bug in place.
+csrc/kernels, builds it for each CPU runtime (the fiber runtime, and HIP-CPU where complete) and runs
+the test file against it on that runtime alone. A mutation is caught when the tests fail, crash or
+hang; "not caught" means they passed with the bug in place.
 
-    python tests/hipcpu/mutations.py              # all mutations, ~2 minutes each on 2 cores
+    python tests/hipcpu/mutations.py              # all mutations, ~1 minute each per runtime on 2 cores
     python tests/hipcpu/mutations.py --only NAME  # some of them
+    MEGAPHI_CPU_RUNTIME=fiber python tests/hipcpu/mutations.py   # one runtime
 
-Prints a markdown table; docs/kernels.md keeps the latest. The repository's sources are never changed.
+Prints a markdown table, one column per runtime; docs/kernels.md keeps the latest. The repository's
+sources are never changed.
 """
 import argparse
 import dataclasses
@@ -104,9 +107,26 @@ MUTATIONS = [
              "const int offset = static_cast<int>(row) * HIDDEN + (p * kBwdFastThreads + threadIdx.x) * VEC;",
              "LayerNorm backward (fast) indexes in int32: wraps past 2^31 elements"),
     Mutation("ln_bwd_shared_partials_over_48k", "layer_norm.cu",
-             "+ 64 * sizeof(float) <= 48 * 1024;",
-             "+ 64 * sizeof(float) <= 96 * 1024;",
+             "+ kBlockSumScratchFloats * sizeof(float) <= 48 * 1024;",
+             "+ kBlockSumScratchFloats * sizeof(float) <= 96 * 1024;",
              "LayerNorm backward keeps partials in shared memory up to 96 KiB (GPUs need an opt-in above 48 KiB)"),
+    Mutation("ln_bwd_block_static_shared_grows", "layer_norm.cu",
+             "MEGAPHI_DYNAMIC_SHARED(float, shared_partials);\n    __shared__ float scratch[kBlockSumScratchFloats];",
+             "MEGAPHI_DYNAMIC_SHARED(float, shared_partials);\n    __shared__ float scratch[kBlockSumScratchFloats + 1];",
+             "LayerNorm backward (block) gets 4 more bytes of static shared memory than the host counts: "
+             "over 48 KiB at hidden 6112"),
+    Mutation("ln_fwd_warp_no_eps", "layer_norm.cu",
+             "rsqrtf(warp_sum(sq) * inv_hidden + eps)",
+             "rsqrtf(warp_sum(sq) * inv_hidden)",
+             "LayerNorm forward (warp, hidden 1024/2048) forgets eps"),
+    Mutation("ln_fwd_warp_eps_outside_rsqrt", "layer_norm.cu",
+             "rsqrtf(warp_sum(sq) * inv_hidden + eps)",
+             "rsqrtf(warp_sum(sq) * inv_hidden) + eps",
+             "LayerNorm forward (warp) computes rsqrt(var) + eps"),
+    Mutation("ln_bwd_reduce_last_row_reads_early", "layer_norm.cu",
+             "    sums_b[threadIdx.y][threadIdx.x] = acc_b;\n    __syncthreads();\n    if (threadIdx.y == 0 && col",
+             "    sums_b[threadIdx.y][threadIdx.x] = acc_b;\n    if (threadIdx.y == 7 && col",
+             "dweight/dbias reduction: the highest-index lanes read the others' sums without __syncthreads()"),
     Mutation("rotary_skips_pass_through_copy", "rotary.cu",
              "const int copy_items = in_place ? 0 : static_cast<int>((head_dim - 2 * half) / vec);",
              "const int copy_items = 0;",
@@ -131,11 +151,15 @@ MUTATIONS = [
              "const bool vectorized = half % VEC_WIDE == 0 && ",
              "const bool vectorized = ",
              "rotary takes 16-byte packs when rotary_dim/2 is not a multiple of them"),
+    Mutation("rotary_vectorises_padded_head", "rotary.cu",
+             "half % VEC_WIDE == 0 && head_dim % VEC_WIDE == 0 && aligned16(q_in)",
+             "half % VEC_WIDE == 0 && aligned16(q_in)",
+             "rotary takes 16-byte packs without checking head_dim % pack (padded rows: the tail is never copied)"),
 ]
 
 
-def run_mutation(mutation, timeout):
-    """('caught' | 'not caught' | 'invalid', detail)."""
+def run_mutation(mutation, runtime_name, timeout):
+    """('caught' | 'not caught' | 'invalid', detail) on one runtime."""
     with tempfile.TemporaryDirectory(prefix=f"megaphi-mutation-{mutation.name}-") as tmp:
         sources = pathlib.Path(tmp) / "kernels"
         shutil.copytree(build.REPO_ROOT / "csrc" / "kernels", sources)
@@ -144,11 +168,11 @@ def run_mutation(mutation, timeout):
         if text.count(mutation.old) != 1:
             return "invalid", f"pattern found {text.count(mutation.old)} times in {mutation.file}"
         target.write_text(text.replace(mutation.old, mutation.new))
-        env = dict(os.environ, MEGAPHI_KERNEL_SOURCES=str(sources), COLUMNS="400")  # untruncated summary lines
+        env = dict(os.environ, MEGAPHI_KERNEL_SOURCES=str(sources), MEGAPHI_CPU_RUNTIME=runtime_name,
+                   COLUMNS="400")  # untruncated summary lines
         os.environ["MEGAPHI_KERNEL_SOURCES"] = str(sources)
         try:
-            for runtime_name in build.runtimes():
-                build.build(runtime_name=runtime_name)
+            build.build(runtime_name=runtime_name)
         except RuntimeError as error:
             return "invalid", "does not compile: " + str(error).splitlines()[-1][:200]
         finally:
@@ -176,17 +200,21 @@ def main():
     parser.add_argument("--only", nargs="*", help="mutation names to run (default: all)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds before a test run counts as hung")
     args = parser.parse_args()
-    reason = build.missing_prerequisite()
-    if reason is not None:
-        sys.exit(reason)
+    runtimes = build.runtimes()
+    for runtime_name in runtimes:
+        reason = build.missing_prerequisite(runtime_name)
+        if reason is not None:
+            sys.exit(reason)
     chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
     rows = []
     for mutation in chosen:
-        verdict, detail = run_mutation(mutation, args.timeout)
-        print(f"{mutation.name}: {verdict} ({detail})", file=sys.stderr, flush=True)
-        cells = (f"`{mutation.name}`", mutation.bug, verdict, detail)
+        cells = [f"`{mutation.name}`", mutation.bug]
+        for runtime_name in runtimes:
+            verdict, detail = run_mutation(mutation, runtime_name, args.timeout)
+            print(f"{mutation.name} on {runtime_name}: {verdict} ({detail})", file=sys.stderr, flush=True)
+            cells.append(f"{verdict}: {detail}")
         rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    print("| mutation | planted bug | verdict | first failure |\n|---|---|---|---|")
+    print("| mutation | planted bug | " + " | ".join(runtimes) + " |\n|---|---|" + "---|" * len(runtimes))
     print("\n".join(rows))
 
 
