@@ -99,3 +99,41 @@ def test_the_summary_names_the_interpreter_programs_ran_on(tmp_path, capsys):
     tool.main(["--completions", samples, "--problems", problems, "--timeout", "10", "--workers", "1",
                "--sandbox-python", other, "--output", str(tmp_path / "other_results.jsonl")])
     assert f"NOT this environment's interpreter ({sys.executable})" in capsys.readouterr().out
+
+
+@as_root  # to become the unprivileged evaluator
+def test_an_unprivileged_evaluators_environment_in_tmp_reaches_its_programs():
+    import shutil
+    import tempfile
+    from test_sandbox import SANDBOX_PY, UNPRIVILEGED_EVALUATOR
+    base = "/usr/bin/python3"
+    if not os.path.exists(base):
+        pytest.skip("needs /usr/bin/python3 (an interpreter the account nobody may run)")
+    folder = tempfile.mkdtemp(prefix="megaphi-env-", dir="/tmp")
+    try:
+        os.chmod(folder, 0o755)
+        venv = os.path.join(folder, "venv")
+        subprocess.run([base, "-m", "venv", "--without-pip", venv], check=True)
+        site = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
+                               "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+        with open(os.path.join(site, "env_only_module.py"), "w") as f:
+            f.write("VALUE = 42\n")
+
+        def drop():
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+        proc = subprocess.run([os.path.join(venv, "bin", "python"), "-s", "-c", UNPRIVILEGED_EVALUATOR, SANDBOX_PY],
+                              input="import env_only_module\nassert env_only_module.VALUE == 42\n", text=True,
+                              capture_output=True, preexec_fn=drop, cwd="/", timeout=120,
+                              env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "TMPDIR": "/tmp"})
+        if proc.returncode != 0:
+            pytest.skip(f"cannot run the sandbox as nobody here: {proc.stderr[-500:]}")
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert out["capabilities"]["python"] == os.path.join(venv, "bin", "python")
+        assert out["result"]["passed"], out["result"]["stderr"]
+        if out["capabilities"]["private_tmp"]:
+            assert venv in out["capabilities"]["exposed_paths"]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
