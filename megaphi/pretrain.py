@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from megaphi.training import checkpointing, resume_checks
 from megaphi.training.arguments import ArgumentError, parse_args
-from megaphi.training import dist_timeout, launcher_watch, save_lock
+from megaphi.training import dist_timeout, launcher_watch, peer_loss, save_lock
 from megaphi.training.deepspeed_config import build_deepspeed_config
 from megaphi.training.data_sources import data_description
 from megaphi.training.metrics import open_metrics_writer
@@ -296,8 +296,10 @@ def main(argv=None):
         return 2
     args.start_time = time.time()  # --exit-duration-in-mins counts from here
     launcher_watch.arm()  # under a launcher: stop (and save) when it goes away
+    peers = []
     try:
         init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
+        peers = peer_loss.record_peers()
         return run(args)
     except (ArgumentError, TrainingError, checkpointing.CheckpointError, TensorParallelMismatchError) as e:
         print(f"megaphi.pretrain: error: {e}", file=sys.stderr, flush=True)
@@ -308,12 +310,20 @@ def main(argv=None):
         print(f"megaphi.pretrain: error: disk full (ENOSPC): {e.strerror}: {e.filename or ''}", file=sys.stderr,
               flush=True)
         return 1
-    except RuntimeError as e:
-        if not dist_timeout.is_timeout(e):
-            raise
-        rank = dist.get_rank() if dist.is_initialized() else None
-        print(f"megaphi.pretrain: error: {dist_timeout.timeout_message(e, args.distributed_timeout_minutes, rank)}",
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the save the first one asked for
+        print("megaphi.pretrain: error: interrupted by a second Ctrl-C; stopped without saving (a save in "
+              "progress is left incomplete and never counts as a checkpoint; 'latest' is unchanged)",
               file=sys.stderr, flush=True)
+        return 130
+    except RuntimeError as e:
+        rank = dist.get_rank() if dist.is_initialized() else None
+        if dist_timeout.is_timeout(e):
+            message = dist_timeout.timeout_message(e, args.distributed_timeout_minutes, rank)
+        elif peer_loss.is_peer_lost(e) and rank is not None:
+            message = peer_loss.peer_lost_message(e, peers, rank, args.save)
+        else:
+            raise
+        print(f"megaphi.pretrain: error: {message}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)  # the group is unusable: tearing it down could wait on the missing rank again
     finally:
