@@ -64,13 +64,13 @@ def bench(config, args, device, dtype):
         if impl == "megaphi":
             model = PhiForCausalLM(config, device=device, dtype=dtype).train()
 
-            def step():
+            def step(model=model):
                 loss, _ = model(tokens, labels=labels)
                 loss.backward()
         else:
             model = build_hf(config, dtype, device).train()
 
-            def step():
+            def step(model=model):
                 model(ids[:, :-1], labels=ids[:, :-1]).loss.backward()  # HF shifts labels itself
         seconds, peak = time_steps(step, args.steps, args.warmup, device)
         results[impl] = (args.batch * args.seq / seconds, peak)

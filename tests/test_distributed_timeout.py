@@ -1,6 +1,5 @@
 """--distributed-timeout-minutes: a stopped rank becomes a clear error, not a 30-minute silent wait."""
 import os
-import signal
 import subprocess
 import sys
 

@@ -6,7 +6,6 @@ import pathlib
 import time
 
 import pytest
-import torch
 
 from megaphi.evaluation.humaneval import evaluate_model, read_completions, score_completions
 from megaphi.evaluation.problems import ProblemFileError, load_problems

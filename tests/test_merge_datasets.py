@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from megaphi.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 

@@ -1,0 +1,18 @@
+"""Lint runs with the tests (the README's test command is what CI runs): ruff, configured in pyproject.toml."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ruff_finds_nothing():
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    if not Path(ruff).exists():
+        pytest.fail("ruff is not installed: bash tools/install.sh installs it (pinned in constraints.txt)")
+    run = subprocess.run([ruff, "check", "megaphi", "tests", "tools", "benchmarks", "setup.py"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
