@@ -130,6 +130,18 @@ def test_layer_norm_unaligned_pointers_take_the_scalar_path(kernels, dtype, hidd
     check_ln(got, reference_ln(x, weight, bias, dy, 1e-5), 37, dtype, "unaligned")
 
 
+@pytest.mark.parametrize("hidden", [7, 1000, 1024, 2048, 6112, 8192])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_low_variance_rows(kernels, dtype, hidden):
+    """Rows of std 1e-3 (variance below eps = 1e-5), where eps decides rstd, on every path: warp forward
+    (1024, 2048 in 16-bit), block forward, fast and block backward, partials in shared memory filling
+    exactly 48 KiB (6112) and in the workspace (8192)."""
+    x, weight, bias, dy = random_ln_inputs(300, hidden, dtype, seed=3)
+    x = ((x.float() - 0.3) / 2 * 1e-3 + 3e-4).to(dtype)
+    got = run_ln(kernels, x, weight, bias, dy, 1e-5)
+    check_ln(got, reference_ln(x, weight, bias, dy, 1e-5), 300, dtype, f"std 1e-3 {dtype} 300x{hidden}")
+
+
 def test_layer_norm_more_blocks_than_rows_and_determinism(kernels):
     x, weight, bias, dy = random_ln_inputs(3, 2048, torch.bfloat16, seed=2)
     got = run_ln(kernels, x, weight, bias, dy, 1e-5, num_blocks=64)
@@ -268,6 +280,33 @@ def test_rotary_kernel_vs_float64(kernels, dtype, shape, positions):
             assert_close(got_q, want_q, rtol, atol, what + " q")
             assert_close(got_k, want_k, rtol, atol, what + " k")
             assert torch.equal(got_q[..., rot:], q[..., rot:]), what + ": pass-through dims changed"
+
+
+@pytest.mark.parametrize("head_dim, row", [(66, 72), (64, 72)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_heads_in_padded_rows(kernels, dtype, head_dim, row):
+    """Heads of head_dim elements at a stride of `row`: 66 must take the scalar path (16-byte packs
+    would leave the pass-through tail unwritten), 64 the vectorised one; the padding stays untouched."""
+    from megaphi.ops import rotary_tables
+
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    batch, seq, hq, hk = 2, 33, 4, 2
+    bufs = [torch.full((batch, seq, heads, row), float("nan"), device="cuda", dtype=dtype)
+            for heads in (hq, hk, hq, hk)]
+    q_in, k_in, q_out, k_out = (b[..., :head_dim] for b in bufs)
+    q_in.copy_(torch.randn(q_in.shape, generator=gen, device="cuda"))
+    k_in.copy_(torch.randn(k_in.shape, generator=gen, device="cuda"))
+    cos, sin = rotary_tables(32, 64, device="cuda")
+    pos = torch.arange(seq, device="cuda")[None]
+    kernels.rotary(q_in.data_ptr(), q_out.data_ptr(), k_in.data_ptr(), k_out.data_ptr(), strides(q_in),
+                   strides(q_out), strides(k_in), strides(k_out), cos.data_ptr(), sin.data_ptr(), 0, 0, 0, batch,
+                   seq, hq, hk, head_dim, 16, False, CODES[dtype], 0, stream())
+    torch.cuda.synchronize()
+    rtol, atol = ROPE_TOL[dtype]
+    assert_close(q_out, reference_rotary(q_in, cos, sin, pos), rtol, atol, f"padded {head_dim}/{row} q")
+    assert_close(k_out, reference_rotary(k_in, cos, sin, pos), rtol, atol, f"padded {head_dim}/{row} k")
+    for b in bufs:
+        assert torch.isnan(b[..., head_dim:]).all(), "wrote into the padding"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
