@@ -1,15 +1,16 @@
 """The helper of tools/gpu_check.sh: facts about the machine, and the report of a check.
 
-    python tools/gpu_report.py env [PATH]          # JSON: Python, torch, CUDA, GPU, nvcc, deepspeed, flash-attn
+    python tools/gpu_report.py env [PATH]          # JSON: Python, torch, CUDA, GPU (torch and nvidia-smi),
+                                                   # nvcc, deepspeed, flash-attn; exit 1 when torch is missing
     python tools/gpu_report.py check-train DIR     # exit 1 unless DIR/metrics.jsonl shows a falling loss
-    python tools/gpu_report.py report OUT_DIR      # OUT_DIR/report.json + report.md from OUT_DIR/logs
+    python tools/gpu_report.py report DIR          # DIR/report.json + report.md from DIR/logs
 
-gpu_check.sh leaves, per step NAME, in OUT_DIR/logs: NAME.log (its output), NAME.status (status=passed|
-failed|skipped, rc=, seconds=, timeout=), NAME.reason (why it failed or was skipped), and for some
-steps more: pytest_cuda.xml (JUnit), kernels.json (benchmarks/kernels.py --json), NAME/metrics.jsonl
-(training), NAME.json (bench_*: benchmarks/train.py --json). steps.order lists the steps in the order
-they ran. The report reads only these files, with the standard library, so it is written even when
-torch or the GPU is broken.
+gpu_check.sh leaves, per step NAME, in DIR/logs: NAME.log (its output), NAME.status (status=passed|
+failed|skipped|not run, rc=, seconds=, timeout=), NAME.reason (why it failed, was skipped or not run),
+and for some steps more: pytest_cuda.xml and pytest_compile_cuda.xml (JUnit), kernels.json
+(benchmarks/kernels.py --json), NAME/metrics.jsonl (training), NAME.json (bench_*: benchmarks/train.py
+--json). steps.order lists the steps in the order they ran. The report reads only these files, with
+the standard library, so it is written even when torch or the GPU is broken.
 """
 import json
 import os
@@ -22,6 +23,8 @@ import sys
 import xml.etree.ElementTree as ET
 
 WARMUP_ITERATIONS = 2  # left out of the throughput medians (allocator, cuBLAS and kernel warm-up)
+TESTED_TORCH = "2.13"  # the torch CI tests; with another, version-sensitive results are provisional
+STATUSES = ("passed", "failed", "skipped", "not run")
 
 
 def _run(cmd, timeout=30):
@@ -50,14 +53,23 @@ def environment():
                                     if os.environ.get("CUDA_HOME") else None)
     release = _run([nvcc, "--version"]) if nvcc else None
     env["nvcc"] = (re.search(r"release ([\d.]+)", release) or [None, release])[1] if release else None
-    smi = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-    env["driver"] = smi.splitlines()[0] if smi else None
+    # nvidia-smi sees the GPU whatever the Python environment holds (a missing or CPU-only torch)
+    smi = _run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"])
+    first = [field.strip() for field in smi.splitlines()[0].split(",")] if smi else []
+    env["nvidia_smi_gpu"] = first[0] if first else None
+    env["driver"] = first[2] if len(first) > 2 else None
     env["git_commit"] = _run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "--short",
                               "HEAD"])
     try:
         import torch
+    except ModuleNotFoundError as e:
+        if e.name != "torch":  # torch is there but one of its own imports is not
+            env["torch_missing"] = f"torch not importable ({e}): this check uses the image's CUDA torch"
+        else:
+            env["torch_missing"] = "torch missing: this check uses the image's CUDA torch"
+        return env
     except Exception as e:  # a broken torch is a finding, not a crash
-        env["torch"] = f"not importable: {type(e).__name__}: {e}"
+        env["torch_missing"] = f"torch not importable ({type(e).__name__}: {e}): this check uses the image's CUDA torch"
         return env
     env.update(torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())
     if env["cuda_available"]:
@@ -87,6 +99,8 @@ def read_step(logs, name):
     for key in ("rc", "seconds", "timeout"):
         if fields.get(key, "") not in ("", None):
             step[key] = int(fields[key])
+    if step["status"] not in STATUSES + ("missing",):
+        step["status"] = "missing"
     if step["status"] == "missing":
         step["reason"] = "the step left no status (the check was interrupted?)"
     return step
@@ -200,8 +214,8 @@ def build_report(out_dir):
     for name in order:
         step = read_step(logs, name)
         log_text = _read(os.path.join(logs, name + ".log"), "")
-        if name == "tests_cuda":
-            step["tests"] = pytest_counts(os.path.join(logs, "pytest_cuda.xml"))
+        if name in ("tests_cuda", "tests_compile_cuda"):
+            step["tests"] = pytest_counts(os.path.join(logs, "pytest_" + name[len("tests_"):] + ".xml"))
         elif name == "kernels":
             try:
                 step["kernels"] = json.loads(_read(os.path.join(logs, "kernels.json"), "") or "null")
@@ -218,10 +232,21 @@ def build_report(out_dir):
             usable = re.search(r"^megaphi kernels: (.*)$", log_text or "", re.MULTILINE)
             step["kernels_usable"] = usable.group(1) if usable else None
         steps.append(step)
-    counts = {s: sum(1 for step in steps if step["status"] == s) for s in ("passed", "failed", "skipped")}
+    counts = {s: sum(1 for step in steps if step["status"] == s) for s in STATUSES}
     mode = _read(os.path.join(logs, "mode"), "unknown").strip()
-    return {"mode": mode, "environment": env, "steps": steps, "counts": counts,
+    torch_version = (env or {}).get("torch")
+    provisional = bool(torch_version) and not _same_minor(torch_version, TESTED_TORCH)
+    for step in steps:  # compile graphs and their timings change with the torch version
+        step["provisional"] = provisional and (step["name"] == "tests_compile_cuda" or step["name"].startswith("bench_"))
+    return {"mode": mode, "environment": env, "steps": steps, "counts": counts, "tested_torch": TESTED_TORCH,
+            "torch_provisional": provisional,
             "ok": counts["failed"] == 0 and all(s["status"] != "missing" for s in steps)}
+
+
+def _same_minor(version, minor):
+    """'2.11.0+cu130' against '2.13': the same major.minor?"""
+    match = re.match(r"(\d+\.\d+)", version or "")
+    return bool(match) and match.group(1) == minor
 
 
 def _fmt(value, spec="", none="–"):
@@ -234,27 +259,39 @@ def _cell(text):
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _gpu_line(env):
+    if env.get("gpu"):
+        gpu = f"{env['gpu']} (sm_{env['arch']}, {env.get('gpu_memory_gib')} GiB, driver {env.get('driver')})"
+    elif env.get("nvidia_smi_gpu"):
+        gpu = f"{env['nvidia_smi_gpu']} seen by nvidia-smi (driver {env.get('driver')}), not usable by torch"
+    else:
+        gpu = "none"
+    torch_text = env.get("torch_missing") or f"torch {env.get('torch')} (CUDA build: {env.get('torch_cuda') or 'none'})"
+    return (f"GPU: {gpu} · {torch_text} · Python {env.get('python')} · nvcc {env.get('nvcc')} · "
+            f"deepspeed {env.get('deepspeed')} · flash-attn {env.get('flash_attn')} · commit {env.get('git_commit')}")
+
+
 def markdown(report):
     env = report["environment"] or {}
+    counts = report["counts"]
     lines = ["# megaphi GPU check", "",
-             f"mode: **{report['mode']}** · {'all steps passed or skipped' if report['ok'] else 'SOME STEPS FAILED'} "
-             f"({report['counts']['passed']} passed, {report['counts']['failed']} failed, "
-             f"{report['counts']['skipped']} skipped)", "",
-             f"GPU: {env.get('gpu') or 'none'}"
-             + (f" (sm_{env['arch']}, {env.get('gpu_memory_gib')} GiB, driver {env.get('driver')})" if env.get("gpu")
-                else "")
-             + f" · torch {env.get('torch')} (CUDA build: {env.get('torch_cuda') or 'none'}) · "
-               f"Python {env.get('python')} · "
-               f"nvcc {env.get('nvcc')} · deepspeed {env.get('deepspeed')} · flash-attn {env.get('flash_attn')} · "
-               f"commit {env.get('git_commit')}", "",
-             "| step | status | seconds | result / reason |", "|---|---|---|---|"]
+             f"mode: **{report['mode']}** · {'no step failed' if report['ok'] else 'SOME STEPS FAILED'} "
+             f"({counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped, "
+             f"{counts['not run']} not run: budget)", "", _gpu_line(env), ""]
+    if report.get("torch_provisional"):
+        lines += [f"**torch {env.get('torch')} is not the torch CI tests ({report['tested_torch']})**: the "
+                  "version-sensitive results (compiled benchmark rows, compile tests, graph breaks) are "
+                  "provisional.", ""]
+    lines += ["| step | status | seconds | result / reason |", "|---|---|---|---|"]
     for step in report["steps"]:
         lines.append(f"| {step['name']} | {step['status']} | {_fmt(step.get('seconds'))} | "
-                     f"{_cell(_step_result(step))} |")
-    tests = next((s.get("tests") for s in report["steps"] if s.get("tests")), None)
-    if tests:
-        lines += ["", f"**pytest -m cuda**: {tests['passed']} passed, {tests['failed']} failed, {tests['errors']} "
-                      f"errors, {tests['skipped']} skipped"]
+                     f"{_cell(_step_result(step))}{' (provisional)' if step.get('provisional') else ''} |")
+    for step in report["steps"]:
+        tests = step.get("tests")
+        if not tests:
+            continue
+        lines += ["", f"**pytest -m cuda** ({step['name']}): {tests['passed']} passed, {tests['failed']} failed, "
+                      f"{tests['errors']} errors, {tests['skipped']} skipped"]
         lines += [f"- failing: {name}" for name in tests["failing"]]
     kernels = next((s.get("kernels") for s in report["steps"] if s.get("kernels")), None)
     if kernels:
@@ -287,7 +324,7 @@ def markdown(report):
         for s in runs:
             lines += [f"- {s['name']}: WARNING {w}" for w in s["training"].get("warnings", [])]
     lines += benchmark_markdown([s for s in report["steps"] if s.get("benchmark")])
-    lines += ["", "Logs: `logs/<step>.log`; machine-readable: `report.json`."]
+    lines += ["", "Everything (this report, `report.json`, `logs/<step>.log`): `gpu_check.tar.gz`."]
     return "\n".join(lines) + "\n"
 
 
@@ -301,7 +338,8 @@ def benchmark_markdown(steps):
     for s in steps:
         bench = s["benchmark"]
         for r in bench["rows"]:
-            head = (f"| {s['name'][len('bench_'):]} | {r['compile']} | {r['recompute']} | {r['loss_chunk'] or 'off'} "
+            compiled = r["compile"] + (" (provisional)" if s.get("provisional") and r["compile"] == "on" else "")
+            head = (f"| {s['name'][len('bench_'):]} | {compiled} | {r['recompute']} | {r['loss_chunk'] or 'off'} "
                     f"| {r['micro_batch']} |")
             if r["status"] != "ok":
                 lines.append(head + f" {str(r['status']).upper()} |" + " |" * 6)
@@ -350,11 +388,16 @@ def _step_result(step):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["env"] and len(argv) <= 2:
-        text = json.dumps(environment(), indent=1)
+        env = environment()
+        text = json.dumps(env, indent=1)
         print(text)
         if len(argv) == 2:
             with open(argv[1], "w") as f:
                 f.write(text + "\n")
+        if env.get("torch_missing"):
+            print(env["torch_missing"] + (f" (nvidia-smi sees {env['nvidia_smi_gpu']})" if env.get("nvidia_smi_gpu")
+                                          else ""))
+            return 1
         return 0
     if argv[:1] == ["check-train"] and len(argv) == 2:
         return check_training(argv[1])
@@ -367,7 +410,7 @@ def main(argv=None):
             f.write(text)
         print(text, end="")
         return 0
-    print("usage: python tools/gpu_report.py env [PATH] | check-train DIR | report OUT_DIR", file=sys.stderr)
+    print("usage: python tools/gpu_report.py env [PATH] | check-train DIR | report DIR", file=sys.stderr)
     return 2
 
 
