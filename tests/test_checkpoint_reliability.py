@@ -25,11 +25,14 @@ ITERS = 3
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One tiny run: ZeRO 0, a save every iteration, --keep-last 2, into a folder that holds a stale
-    iter_0000003 (no `latest`, a temporary left by a killed save): refused without --start-over."""
+    complete iter_0000003 without `latest` (refused without --start-over), with a temporary left by a
+    killed save: overwritten, the stale metadata and the temporary removed."""
     tmp = tmp_path_factory.mktemp("ckrel")
     prefix = make_token_file(str(tmp / "toy"))
     save = str(tmp / "ck")
     os.makedirs(os.path.join(save, "iter_0000003"))
+    with open(os.path.join(save, "iter_0000003", "megaphi_meta.json"), "w") as f:
+        f.write('{"iteration": 3, "consumed_samples": 99, "consumed_tokens": 0}')
     with open(os.path.join(save, "iter_0000003", "megaphi_meta.json.tmp.99999"), "w") as f:
         f.write('{"iteration": 3')
     proc = run_pretrain(tiny_flags(prefix, ITERS) + ["--save", save, "--save-interval", "1", "--keep-last", "2",
@@ -234,8 +237,13 @@ def test_disk_full_is_reported_and_the_partial_save_removed(run, tmp_path):
         assert "Traceback" not in proc.stderr
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith(f"megaphi.pretrain: error: disk full (ENOSPC, No space left on device) while saving "
-                               f"{mnt}/iter_0000001 (")
-        assert "the partial checkpoint was removed" in last and "'latest' still names no checkpoint" in last
+                               f"{mnt}/iter_0000001; the partial checkpoint was removed, ")
+        assert last.endswith("free now; no checkpoint is complete yet ('latest' was never written); free space (or "
+                             "--keep-last N) and resume")
+        # the free space once the partial save is gone (was "0.0 MiB": measured while the failed writer
+        # still held its deleted file open); the 1 MiB tmpfs then holds only metrics.jsonl and the lock
+        free = last.split("the partial checkpoint was removed, ")[1].split(" free now")[0]
+        assert free.endswith(" KiB") and int(free[:-4]) >= 512, last
         assert sorted(n for n in os.listdir(mnt) if not n.startswith(".")) == ["metrics.jsonl"]  # no iter_*, latest
     finally:
         subprocess.run(["umount", str(mnt)])

@@ -19,7 +19,6 @@ temporary name and renamed when complete.
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 
 import torch
@@ -31,7 +30,7 @@ from megaphi.model.sharded_checkpoint import (  # noqa: E402
     META_NAME, is_training_checkpoint, read_training_checkpoint, split_state, training_state_extras,
     write_training_checkpoint)
 from megaphi.model.checkpoint import apply_default_modes, save_json  # noqa: E402
-from megaphi.training.checkpoint_integrity import HASH_NAME, checksum_and_sync  # noqa: E402
+from megaphi.training.checkpoint_integrity import HASH_NAME, checksum_and_sync, seal_metadata  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
@@ -122,7 +121,7 @@ def reshard(ckpt, out_dir, tp):
         # checksums of the new files, so a run resuming from OUT verifies them like any checkpoint
         new_meta["files"] = checksum_and_sync(os.path.join(tmp, tag), META_NAME)
         new_meta["checksum"] = HASH_NAME
-        save_json(os.path.join(tmp, tag, META_NAME), new_meta)
+        save_json(os.path.join(tmp, tag, META_NAME), seal_metadata(new_meta))  # its own checksum, recomputed
     _write_folder(out_dir, fill)
     return config, source_tp
 

@@ -13,14 +13,29 @@ prints the table). The size check catches truncation before any hashing.
 
 Work is shared: rank r hashes (and fsyncs) files r, r + world, ... of the sorted file list, so a
 save or a verify costs about total bytes / world of reading per rank; the results are all-gathered.
+
+Coverage: the list must name every data file of the folder (check_coverage), since DeepSpeed and
+the model loader pick files by name: an unlisted file would be read unverified.
+
+The metadata protects itself (seal_metadata): "metadata_sha256" is the SHA-256 of the canonical JSON
+of every other key (json.dumps with sort_keys=True, separators=(",", ":"), ensure_ascii=True), so it
+does not depend on how the file is indented. SHA-256 rather than CRC-32 here: one flipped digit can
+change several bytes of the canonical text ("1e-3" -> "0.01"), and the cost is nil for a few KiB. A
+flip in the key's own name leaves a "megaphi-train-v2" file without it, which is refused too; only
+files of the older format (no seal) load unsealed, with a warning.
 """
 import errno
+import hashlib
+import json
 import os
+import re
 import zlib
 
 import torch.distributed as dist
 
 HASH_NAME = "crc32"
+SEAL_NAME = "metadata_sha256"
+SEALED_FORMAT = "megaphi-train-v2"  # every metadata of this format carries SEAL_NAME
 BLOCK = 16 << 20
 TMP_MARKERS = (".tmp.", ".tmp-")  # write_text_atomic / tokenizer temporary names
 
@@ -154,6 +169,108 @@ def verify_files(tag_dir, files):
         first = sorted(problems)[0]
         more = f" (and {len(problems) - 1} more bad files)" if len(problems) > 1 else ""
         raise IntegrityError(problems[first] + more)
+
+
+def check_coverage(tag_dir, files, meta_name, select=None):
+    """IntegrityError naming the first data file of the folder (of those `select` accepts) that `files`
+    does not list: a loader would read it unverified."""
+    unlisted = [rel for rel in data_files(tag_dir, meta_name) if (select is None or select(rel)) and rel not in files]
+    if unlisted:
+        more = f"; {len(unlisted) - 1} more files are not covered either" if len(unlisted) > 1 else ""
+        raise IntegrityError(f"{os.path.join(tag_dir, unlisted[0])}: not covered by the checksums in "
+                             f"{os.path.join(tag_dir, meta_name)} (the folder changed after the save, or the "
+                             f"metadata is damaged{more})")
+
+
+def _canonical_digest(meta):
+    body = {k: v for k, v in meta.items() if k != SEAL_NAME}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def seal_metadata(meta):
+    """The metadata with its own checksum (SEALED_FORMAT)."""
+    body = {k: v for k, v in meta.items() if k != SEAL_NAME}
+    body["format"] = SEALED_FORMAT
+    return {**body, SEAL_NAME: _canonical_digest(body)}
+
+
+def check_metadata_seal(meta, path):
+    """True when the metadata's own checksum matches, False for the older, unsealed format;
+    IntegrityError (one line naming `path`) otherwise."""
+    if SEAL_NAME not in meta:
+        if meta.get("format") == SEALED_FORMAT:
+            raise IntegrityError(f"{path}: corrupted: no {SEAL_NAME!r} entry (a {SEALED_FORMAT} metadata has one)")
+        return False
+    if meta[SEAL_NAME] != _canonical_digest(meta):
+        raise IntegrityError(f"{path}: corrupted: its own sha256 does not match its content (the metadata "
+                             f"changed after the save)")
+    return True
+
+
+META_COUNTERS = ("iteration", "consumed_samples", "consumed_tokens")
+
+
+def read_metadata(path):
+    """A checkpoint's metadata, checked (text, JSON, its own checksum, field types); meta["sealed"]
+    says whether it carries its own checksum. IntegrityError (one line naming `path`) otherwise."""
+    try:
+        with open(path, "rb") as f:
+            meta = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise IntegrityError(f"{path}: corrupted (not UTF-8 text)") from None
+    except json.JSONDecodeError as e:
+        raise IntegrityError(f"{path}: corrupted (not valid JSON: {e.msg} at line {e.lineno} column {e.colno})") \
+            from None
+    if not isinstance(meta, dict):
+        raise IntegrityError(f"{path}: corrupted (a JSON {type(meta).__name__}, expected an object)")
+    meta["sealed"] = check_metadata_seal(meta, path)
+    if meta["sealed"] and not isinstance(meta.get("files"), dict):
+        raise IntegrityError(f"{path}: records no file checksums (every {SEALED_FORMAT} metadata does)")
+    for key in META_COUNTERS:
+        if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool) or meta[key] < 0:
+            raise IntegrityError(f"{path}: corrupted ({key!r} is {meta.get(key)!r:.40}, expected an integer >= 0)")
+    for key in ("model_config", "args", "state", "files"):
+        if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
+            raise IntegrityError(f"{path}: corrupted ({key!r} is a {type(meta[key]).__name__}, expected an object)")
+    return meta
+
+
+def check_tag_name(meta, tag, path):
+    """The iteration an iter_NNNNNNN folder's metadata records must be NNNNNNN."""
+    match = re.fullmatch(r"iter_(\d+)", tag)
+    if match and int(match.group(1)) != meta.get("iteration"):
+        raise IntegrityError(f"{path}: iteration {meta.get('iteration')} does not match its folder {tag}")
+
+
+def check_deepspeed_record(tag_dir, meta, path, sealed):
+    """The counters the metadata records against the copy DeepSpeed keeps in its module-states file
+    (our client state), read without loading any tensor (mmap)."""
+    import torch
+
+    names = sorted(n for n in os.listdir(tag_dir) if n.endswith("model_states.pt"))
+    if not names:
+        return  # nothing for DeepSpeed to load either; it says so in one line
+    states = os.path.join(tag_dir, names[0])
+    try:
+        try:
+            state = torch.load(states, map_location="cpu", mmap=True, weights_only=False)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(states, map_location="cpu", weights_only=False)  # an old, non-zip file
+    except Exception as e:
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise IntegrityError(f"{states}: cannot be read ({type(e).__name__}: {first})") from None
+    record = state.get("megaphi") if isinstance(state, dict) else None
+    if not isinstance(record, dict):
+        if sealed:
+            raise IntegrityError(f"{states}: holds no megaphi record (client state) to check {path} against")
+        return  # saved by an older megaphi or another tool
+    for key in META_COUNTERS:
+        if key in record and record[key] != meta.get(key):
+            raise IntegrityError(f"{path}: {key} {meta.get(key)} disagrees with DeepSpeed's record in {states} "
+                                 f"({record[key]}); the metadata is damaged or belongs to another save")
 
 
 def is_disk_full(error, path):

@@ -7,8 +7,9 @@ Layout of --save DIR:
                                        "humaneval_pass@1 0.312500" (highest)
     DIR/<tag>/                         DeepSpeed checkpoint (module, optimizer, lr schedule)
     DIR/<tag>/megaphi_meta.json        iteration, consumed samples/tokens, model config, tokenizer, flags,
-                                       "files": size + CRC-32 of every other file of DIR/<tag>
-                                       (checkpoint_integrity: verified by --load before anything loads)
+                                       "files": size + CRC-32 of every other file of DIR/<tag>,
+                                       "metadata_sha256": its own checksum (checkpoint_integrity:
+                                       all verified by --load before anything loads)
     DIR/<tag>/rng_state_rank<R>.pt     python / numpy / torch / cuda / TP-tracker RNG states of rank R
     DIR/<tag>/model/                   config.json + model.safetensors (PhiForCausalLM.save_pretrained)
                                        + tokenizer.json (when --tokenizer is given),
@@ -17,27 +18,29 @@ The data order needs no state of its own: it is a function of --seed and the con
 
 Save order (durability): data files -> checksums (each file fsynced) -> folders fsynced -> metadata
 (fsynced) -> `best` -> `latest` (fsynced with its folder). A crash or power cut at any point leaves
-`latest` on the previous complete checkpoint. A failed save (disk full) removes its partial folder.
+`latest` on the previous complete checkpoint. A failed save removes its partial folder
+(save_failures). A tag folder without metadata is the leftover of an interrupted save: it never
+counts as a checkpoint, and the run that owns the folder sets it aside (set_aside_incomplete).
 """
 import contextlib
 import json
 import os
-import random
 import re
 import shutil
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import checkpoint_integrity as integrity
+from . import save_failures
+from .rng_state import rng_states, set_rng_states  # noqa: F401 (part of this module's interface)
 
 META_NAME = "megaphi_meta.json"
 LATEST_NAME = "latest"
 BEST_NAME = "best"
 MODEL_SUBDIR = "model"
-FORMAT = "megaphi-train-v1"
+FORMAT = integrity.SEALED_FORMAT
 
 
 class CheckpointError(RuntimeError):
@@ -80,8 +83,15 @@ def read_pointer(directory, name=LATEST_NAME, must_exist=True):
     """The tag a pointer file names, or None when there is no such file. Garbage, an empty file or a
     tag whose folder is gone is a CheckpointError naming the file."""
     path = os.path.join(directory, name)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return None
+    if not os.path.isfile(path):
+        complete = complete_tags(directory)
+        newest = (f"the newest complete checkpoint here is {complete[-1]}" if complete
+                  else "there is no complete checkpoint here")
+        kind = "a directory" if os.path.isdir(path) else "not a regular file"
+        raise CheckpointError(f"{path} is {kind}; it should be a file holding one tag like iter_0000100 ({newest}): "
+                              f"move the {'directory' if os.path.isdir(path) else 'entry'} away")
     with open(path, "rb") as f:
         raw = f.read(4096)
     try:
@@ -110,10 +120,46 @@ def iteration_tags(directory):
                   key=lambda n: int(n[5:]))
 
 
+def is_complete(tag_dir):
+    """A save wrote its metadata (after all its data): anything less is an interrupted save."""
+    return os.path.isfile(os.path.join(tag_dir, META_NAME))
+
+
+def complete_tags(directory):
+    return [t for t in iteration_tags(directory) if is_complete(os.path.join(directory, t))]
+
+
+def set_aside_incomplete(directory, owned, say):
+    """Collective. iter_* folders without metadata (a killed save), except one a pointer names (that is
+    a broken checkpoint, reported at load): renamed to <tag>.incomplete-<n> when this run owns the folder
+    (its --save, locked), only reported otherwise (another job may be writing it)."""
+    if _rank() == 0 and os.path.isdir(directory):
+        named = {_pointer_or_none(directory, LATEST_NAME), _pointer_or_none(directory, BEST_NAME)}
+        for tag in iteration_tags(directory):
+            tag_dir = os.path.join(directory, tag)
+            if tag in named or is_complete(tag_dir):
+                continue
+            if not owned:
+                say(f"ignoring {tag_dir}: incomplete (no {META_NAME}; a save was interrupted or is in progress)")
+                continue
+            n = 1
+            while os.path.lexists(f"{tag_dir}.incomplete-{n}"):
+                n += 1
+            os.rename(tag_dir, f"{tag_dir}.incomplete-{n}")
+            say(f"{tag_dir} is an incomplete checkpoint (no {META_NAME}: a save was interrupted); set aside as "
+                f"{tag_dir}.incomplete-{n} ({save_failures.readable_size(_tree_size(tag_dir + f'.incomplete-{n}'))},"
+                f" nothing in it can be loaded: delete it when it is not needed)")
+    _barrier()
+
+
+def _tree_size(path):
+    return sum(os.lstat(os.path.join(root, f)).st_size for root, _, files in os.walk(path) for f in files)
+
+
 def check_no_orphan_checkpoints(directory, flag_given, role):
-    """A save folder with iter_* checkpoints but no `latest`: refuse to start over silently (the run
-    would overwrite them) unless --start-over."""
-    tags = iteration_tags(directory)
+    """A save folder with complete iter_* checkpoints but no `latest`: refuse to start over silently
+    (the run would overwrite them) unless --start-over."""
+    tags = complete_tags(directory)
     if not tags or read_pointer(directory) is not None:
         return
     if flag_given:
@@ -123,27 +169,6 @@ def check_no_orphan_checkpoints(directory, flag_given, role):
     raise CheckpointError(f"{role} {directory} holds {len(tags)} checkpoint(s) ({tags[0]} .. {tags[-1]}) but no "
                           f"'{LATEST_NAME}' file: restore it (echo {tags[-1]} > {os.path.join(directory, LATEST_NAME)}) "
                           f"to resume, or pass --start-over to train from iteration 0 and overwrite them")
-
-
-def rng_states():
-    from megaphi.parallel.random import get_rng_tracker
-
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-              "tracker": get_rng_tracker().get_states()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def set_rng_states(states):
-    from megaphi.parallel.random import get_rng_tracker
-
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-    get_rng_tracker().set_states(states["tracker"])
 
 
 def _module_config_dict(module):
@@ -180,12 +205,10 @@ def export_model_folder(engine, out_dir, zero_stage, tokenizer=None):
 
 def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_tokens, args, state=None,
                     export_model=True, is_best=False, tokenizer=None, best_metric=None):
-    """Collective. `state` holds extra train-loop fields (best val loss, ...) kept in the metadata."""
+    """Collective. `state` holds extra train-loop fields (best val loss, ...) kept in the metadata.
+    Any failure: CheckpointError (one line), the partial folder removed, `latest` unchanged."""
     tag = tag_for(iteration)
     rank = _rank()
-    if rank == 0:
-        os.makedirs(save_dir, exist_ok=True)
-    _barrier()
     meta = {
         "format": FORMAT,
         "iteration": iteration,
@@ -203,12 +226,17 @@ def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_toke
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     tag_dir = os.path.join(save_dir, tag)
-    if rank == 0 and os.path.isdir(tag_dir):
-        integrity.remove_temporaries(tag_dir)  # leftovers of a killed save of the same iteration
-        if tag not in (_pointer_or_none(save_dir, LATEST_NAME), _pointer_or_none(save_dir, BEST_NAME)):
-            with contextlib.suppress(FileNotFoundError):  # an older save's metadata would vouch for new data
-                os.unlink(os.path.join(tag_dir, META_NAME))
-    _barrier()
+    failure = None
+    if rank == 0:  # every rank learns whether the folder could be prepared, so none waits for the others
+        try:
+            _prepare_tag_dir(save_dir, tag)
+        except Exception as e:
+            if not save_failures.is_save_failure(e):
+                raise
+            failure = _discard_partial_save(save_dir, tag, e)
+    failure = _broadcast_from_rank0(failure)
+    if failure:
+        raise CheckpointError(failure)
     try:
         # save_latest=False: DeepSpeed's own pointer would be written before our metadata exists.
         engine.save_checkpoint(save_dir, tag=tag, client_state={"megaphi": {k: meta[k] for k in
@@ -222,12 +250,13 @@ def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_toke
         meta["files"] = integrity.checksum_and_sync(tag_dir, META_NAME)  # collective; fsyncs data and folders
         meta["checksum"] = integrity.HASH_NAME
         if rank == 0:
-            write_text_atomic(os.path.join(tag_dir, META_NAME), json.dumps(meta, indent=2, sort_keys=True))
+            write_text_atomic(os.path.join(tag_dir, META_NAME),
+                              json.dumps(integrity.seal_metadata(meta), indent=2, sort_keys=True))
             if is_best:
                 write_text_atomic(os.path.join(save_dir, BEST_NAME), tag + "\n" + (f"{best_metric}\n" if best_metric else ""))
             write_text_atomic(os.path.join(save_dir, LATEST_NAME), tag + "\n")  # last: marks it complete
-    except (OSError, RuntimeError) as e:
-        if not integrity.is_disk_full(e, save_dir):
+    except Exception as e:
+        if not save_failures.is_save_failure(e):
             raise
         raise CheckpointError(_discard_partial_save(save_dir, tag, e)) from None
     _barrier()
@@ -237,22 +266,33 @@ def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_toke
     return tag
 
 
-def _discard_partial_save(save_dir, tag, error):
-    """Remove the folder of a save that failed for lack of space (never the one `latest` or `best`
-    names); the message for the one-line error."""
+def _prepare_tag_dir(save_dir, tag):
+    """Rank 0, before anything is written: the save folder and an empty-of-stale-files tag folder."""
+    os.makedirs(save_dir, exist_ok=True)
     tag_dir = os.path.join(save_dir, tag)
-    keep = {_pointer_or_none(save_dir, LATEST_NAME), _pointer_or_none(save_dir, BEST_NAME)}
-    removed = tag not in keep and os.path.isdir(tag_dir)
-    if removed:
-        shutil.rmtree(tag_dir, ignore_errors=True)
-        shutil.rmtree(tag_dir + ".tmp", ignore_errors=True)
-    free = shutil.disk_usage(save_dir).free if os.path.isdir(save_dir) else 0
-    previous = _pointer_or_none(save_dir, LATEST_NAME)
-    detail = getattr(error, "strerror", None) or str(error).splitlines()[0][:120]
-    return (f"disk full (ENOSPC, No space left on device) while saving {tag_dir} ({detail}); "
-            + ("the partial checkpoint was removed" if removed else "nothing was removed")
-            + f", {free / 2**20:.1f} MiB free now; '{LATEST_NAME}' still names "
-            + (previous or "no checkpoint") + "; free space (or --keep-last N) and resume")
+    if os.path.lexists(tag_dir) and not os.path.isdir(tag_dir):
+        raise save_failures.InTheWay(tag_dir)
+    if os.path.isdir(tag_dir):
+        integrity.remove_temporaries(tag_dir)  # leftovers of a killed save of the same iteration
+        if tag not in (_pointer_or_none(save_dir, LATEST_NAME), _pointer_or_none(save_dir, BEST_NAME)):
+            with contextlib.suppress(FileNotFoundError):  # an older save's metadata would vouch for new data
+                os.unlink(os.path.join(tag_dir, META_NAME))
+    os.makedirs(tag_dir, exist_ok=True)
+
+
+def _broadcast_from_rank0(value):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def _discard_partial_save(save_dir, tag, error):
+    """Remove the folder of a failed save (never the one `latest` or `best` names); the one-line message."""
+    protected = {_pointer_or_none(save_dir, LATEST_NAME), _pointer_or_none(save_dir, BEST_NAME)}
+    return save_failures.discard(save_dir, tag, error, protected, _pointer_or_none(save_dir, LATEST_NAME),
+                                 os.path.lexists(os.path.join(save_dir, LATEST_NAME)))
 
 
 def _pointer_or_none(directory, name):
@@ -283,32 +323,17 @@ def _jsonable(value):
         return False
 
 
-_META_INTS = ("iteration", "consumed_samples", "consumed_tokens")
-
-
 def read_meta(load_dir, tag):
-    """The tag's megaphi_meta.json, checked: one CheckpointError line naming the file otherwise."""
+    """The tag's megaphi_meta.json, checked (JSON, types, its own checksum): one CheckpointError line
+    naming the file otherwise. meta["sealed"]: whether it carries its own checksum."""
     path = os.path.join(load_dir, tag, META_NAME)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} is missing: {os.path.join(load_dir, LATEST_NAME)} points to an "
                               f"incomplete or non-megaphi checkpoint")
     try:
-        with open(path, "rb") as f:
-            meta = json.loads(f.read().decode("utf-8"))
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: corrupted (not UTF-8 text)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupted (not valid JSON: {e.msg} at line {e.lineno} column {e.colno})") \
-            from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path}: corrupted (a JSON {type(meta).__name__}, expected an object)")
-    for key in _META_INTS:
-        if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool) or meta[key] < 0:
-            raise CheckpointError(f"{path}: corrupted ({key!r} is {meta.get(key)!r:.40}, expected an integer >= 0)")
-    for key in ("model_config", "args", "state", "files"):
-        if key in meta and meta[key] is not None and not isinstance(meta[key], dict):
-            raise CheckpointError(f"{path}: corrupted ({key!r} is a {type(meta[key]).__name__}, expected an object)")
-    return meta
+        return integrity.read_metadata(path)
+    except integrity.IntegrityError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def verify_checkpoint(load_dir, select=None):
@@ -320,17 +345,25 @@ def verify_checkpoint(load_dir, select=None):
         return None
     meta = read_meta(load_dir, tag)
     tag_dir = os.path.join(load_dir, tag)
-    if meta.get("files") is None:
-        print(f"[megaphi] warning: {os.path.join(tag_dir, META_NAME)} records no checksums (saved by an older "
-              f"megaphi or converted): its files are not verified", flush=True)
-    else:
-        try:
+    path = os.path.join(tag_dir, META_NAME)
+    if not meta["sealed"] and _rank() == 0:
+        print(f"[megaphi] warning: {path} has no checksum of its own (saved by an older megaphi): it is checked "
+              f"against its folder's name and DeepSpeed's record only", flush=True)
+    try:
+        integrity.check_tag_name(meta, tag, path)
+        if meta.get("files") is None:
+            print(f"[megaphi] warning: {path} records no checksums (saved by an older megaphi or converted): its "
+                  f"files are not verified", flush=True)
+        else:
             files = meta["files"]
-            if select is not None and isinstance(files, dict):
+            integrity.check_coverage(tag_dir, files, META_NAME, select)  # every file a loader may read is listed
+            if select is not None:
                 files = {rel: entry for rel, entry in files.items() if select(rel)}
             integrity.verify_files(tag_dir, files)
-        except integrity.IntegrityError as e:
-            raise CheckpointError(str(e)) from None
+        if select is None or select("mp_rank_00_model_states.pt"):
+            integrity.check_deepspeed_record(tag_dir, meta, path, meta["sealed"])
+    except integrity.IntegrityError as e:
+        raise CheckpointError(str(e)) from None
     meta["tag"] = tag
     return tag, meta
 

@@ -15,7 +15,13 @@ names the flag to pass:
 - lr schedule (--lr, --min-lr, --lr-warmup-iters, --lr-decay-iters, --lr-decay-style): refused unless
   --override-opt_param-scheduler (the new flags shape the schedule from the resumed position on) or
   --use-checkpoint-opt_param-scheduler (the checkpoint's values are adopted).
+- data order (--seed, --seq-length, --global-batch-size): the data position is kept as a count of
+  consumed samples, and each of these changes which samples that count leads to (the shuffle, the
+  sample boundaries, the number of samples the indices are built for): refused unless
+  --override-data-order.
 """
+import os
+
 from .checkpointing import ARCH_FIELDS, CheckpointError
 
 # model config field -> argparse dest
@@ -23,6 +29,7 @@ ARCH_ARGS = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size", "i
              "num_attention_heads": "num_attention_heads", "rotary_dim": "rotary_dim",
              "max_position_embeddings": "max_position_embeddings"}
 SCHEDULE_ARGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style")
+DATA_ORDER_ARGS = ("seed", "seq_length", "global_batch_size")
 
 
 def _flag(dest):
@@ -110,18 +117,44 @@ def check_resume_setup(args, meta, model_config, zero_stage, load_dir):
                 f"continue with the new schedule from iteration {meta.get('iteration')}")
 
 
+def check_data_order(args, meta, load_dir, say=print):
+    """Refuse (one line) a resume whose --seed, --seq-length or --global-batch-size differs from the
+    checkpoint's, unless --override-data-order (then said in one line)."""
+    saved = meta.get("args") or {}
+    diffs = "; ".join(f"{_flag(k)} {saved[k]} vs {getattr(args, k, None)}" for k in DATA_ORDER_ARGS
+                      if k in saved and getattr(args, k, None) != saved[k])
+    if not diffs:
+        return
+    if getattr(args, "override_data_order", False):
+        say(f"--override-data-order: continuing with the new data order (checkpoint vs run: {diffs}) from "
+            f"iteration {meta.get('iteration')}")
+        return
+    where = f"--load {load_dir}/{meta.get('tag', '')}".rstrip("/")
+    raise CheckpointError(f"{where}: the data order differs from the checkpoint's (checkpoint vs run: {diffs}): it "
+                          f"changes which samples are read after iteration {meta.get('iteration')} (the data "
+                          f"position is kept as {meta.get('consumed_samples')} consumed samples); pass the "
+                          f"checkpoint's values, or --override-data-order to continue with the new ones")
+
+
 def prepare_resume(args, tokenizer, padded_vocab, say=print):
-    """Before the model is built: refuse iter_* folders without `latest` (unless --start-over), verify
-    the --load checkpoint (checksums, metadata), adopt --use-checkpoint-args / the checkpoint's
-    schedule / its vocabulary rows. Returns (verify_checkpoint's (tag, meta) or None, vocabulary rows).
-    Also warns when nothing will be saved."""
+    """Before the model is built: set aside the --save folder's interrupted saves, refuse iter_* folders
+    without `latest` (unless --start-over), verify the --load checkpoint (checksums, metadata), adopt
+    --use-checkpoint-args / the checkpoint's schedule / its vocabulary rows, refuse a changed data order.
+    Returns (verify_checkpoint's (tag, meta) or None, vocabulary rows). Also warns when nothing will
+    be saved."""
     from . import checkpointing
 
     if not args.save:
         say("warning: no --save: this run saves no checkpoint; a crash, SIGTERM or the end of the run keeps "
             "nothing but the metrics")
+    else:  # the run holds the folder's lock: its interrupted saves are its own
+        checkpointing.set_aside_incomplete(args.save, owned=True, say=say)
     verified = None
     if args.load and not args.finetune:
+        if os.path.exists(args.load) and not os.path.isdir(args.load):
+            raise CheckpointError(f"--load {args.load} is a file, not a checkpoint folder")
+        if not args.save or os.path.realpath(args.load) != os.path.realpath(args.save):
+            checkpointing.set_aside_incomplete(args.load, owned=False, say=say)
         checkpointing.check_no_orphan_checkpoints(args.load, args.start_over, "--load")
         verified = checkpointing.verify_checkpoint(args.load)
     if verified is None and args.save and not args.finetune and args.save != args.load:
@@ -133,6 +166,7 @@ def prepare_resume(args, tokenizer, padded_vocab, say=print):
         adopt_checkpoint_args(args, meta, say)
     if getattr(args, "use_checkpoint_opt_param_scheduler", False):
         adopt_checkpoint_schedule(args, meta, say)
+    check_data_order(args, meta, args.load, say)
     if tokenizer is None:
         return verified, args.vocab_size
     rows = resume_vocab_rows(meta, padded_vocab, tokenizer.vocab_size, args.tensor_model_parallel_size,

@@ -40,6 +40,8 @@ def acquire(folder: str) -> None:
     if folder in _HELD:
         return
     path = os.path.join(folder, LOCK_NAME)
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise ArgumentError(f"--save {folder} is a file, not a folder: give a folder (created if absent)")
     try:
         os.makedirs(folder, exist_ok=True)
         f = open(path, "a+")
