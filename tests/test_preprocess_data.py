@@ -113,7 +113,11 @@ def test_subprocess_extensions_and_no_eod(corpus, codegen_tokenizer_dir, ref_tok
     rc, err = run_tool(["--input", tmp / "src", "--output-prefix", tmp / "o", "--extensions", "txt,.py",
                         "--no-append-eod", "--workers", "2"], codegen_tokenizer_dir, subprocess_mode=True)
     assert rc == 0, err
-    assert "done: 7 documents" in err and "skipped 0 records" in err
+    r = subprocess.run([sys.executable, TOOL, "--input", str(tmp / "src"), "--output-prefix", str(tmp / "o"),
+                        "--extensions", "txt,.py", "--no-append-eod", "--workers", "0", "--overwrite", "--quiet",
+                        "--tokenizer", str(codegen_tokenizer_dir)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "done: 7 documents" in r.stdout and "skipped 0 records" in r.stdout  # the summary: stdout
     from megaphi.data.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(str(tmp / "o_text_document"))
@@ -151,10 +155,11 @@ def test_bad_jsonl_record_skipped_or_strict(tmp_path, codegen_tokenizer_dir, ref
     write_jsonl(tmp_path / "bad.jsonl", lines + [b"\n", b'{"text": "last"}\n'])  # a blank line is ignored
     rc, _ = run_tool(["--input", tmp_path / "bad.jsonl", "--output-prefix", tmp_path / "o", "--workers", "0"],
                      codegen_tokenizer_dir)
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert rc == 0
     assert f"skipped {reason} at {tmp_path / where}" in err
-    assert f"skipped 1 records (1 {reason})" in err
+    assert f"skipped 1 records (1 {reason})" in captured.out
     want_bin, want_idx = expected_files([ref_tok("ok"), ref_tok("last")])
     assert (tmp_path / "o_text_document.bin").read_bytes() == want_bin
     assert (tmp_path / "o_text_document.idx").read_bytes() == want_idx
@@ -179,13 +184,14 @@ def test_bad_files_in_tree_and_truncated_gzip(tmp_path, codegen_tokenizer_dir, c
     (tmp_path / "t.jsonl.gz").write_bytes(data[: len(data) // 2])  # truncated gzip stream
     rc, _ = run_tool(["--input", src, tmp_path / "t.jsonl.gz", "--output-prefix", tmp_path / "o", "--workers", "2"],
                      codegen_tokenizer_dir)
-    err = capsys.readouterr().err
+    captured = capsys.readouterr()
+    err = captured.err
     assert rc == 0
     assert f"undecodable bytes at {src / 'b.py'}" in err
     assert f"empty document at {src / 'c.py'}" in err
     assert f"unreadable file at {src / 'd.py'}" in err
     assert f"unreadable file at {tmp_path / 't.jsonl.gz'}" in err
-    assert "(1 empty document, 1 undecodable bytes, 2 unreadable file)" in err
+    assert "(1 empty document, 1 undecodable bytes, 2 unreadable file)" in captured.out  # the summary
     from megaphi.data.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(str(tmp_path / "o_text_document"))

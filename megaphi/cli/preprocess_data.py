@@ -237,6 +237,9 @@ def run(args) -> dict:
     counts = collections.Counter()
     reported: List[str] = []
     docs = tokens = nbytes = 0
+    key_docs = collections.Counter()
+    key_skips = {k: collections.Counter() for k in args.json_keys}
+    first_skip = {}  # key -> its first skipped record's "reason: where"
     t0 = time.time()
     # Byte-based: input bytes on disk (compressed for .gz and parquet); a total and an ETA unless an input's
     # size is unknown (a source folder is not walked twice, hf: datasets are streamed).
@@ -254,6 +257,9 @@ def run(args) -> dict:
                 if args.strict:
                     raise InputError(f"{reason} at {where} (--strict)")
                 counts[reason] += 1
+                key = _skipped_key(where, args.json_keys)
+                key_skips[key][reason] += 1
+                first_skip.setdefault(key, where)
                 if len(reported) < MAX_REPORTED:
                     reported.append(f"{reason}: {where}")
                     bar.write(f"warning: skipped {reason} at {where}", file=sys.stderr)
@@ -267,6 +273,7 @@ def run(args) -> dict:
                 except OverflowError as e:
                     raise InputError(f"{e} (while writing {outputs[key]}.bin)") from None
                 docs += len(lengths)
+                key_docs[key] += len(lengths)
                 since += len(lengths)
                 tokens += flat.size
             if since >= args.log_interval:
@@ -275,8 +282,11 @@ def run(args) -> dict:
             bar.update(done_bytes)
         bar.set_postfix_str(f"{docs:,} docs, {tokens:,} tokens", refresh=False)
         if docs == 0:
-            why = f"all {sum(counts.values()):,} records were skipped" if counts else "the inputs hold no records"
-            raise InputError(f"no documents: {why}")
+            raise InputError(f"no documents: {_why_empty(counts, first_skip.get(args.json_keys[0]))}")
+        for key in args.json_keys:  # one key without documents would be an empty dataset: an error, not exit 0
+            if key_docs[key] == 0:
+                raise InputError(f"--json-keys {key}: no documents under key {key!r}: "
+                                 f"{_why_empty(key_skips[key], first_skip.get(key))}")
         for key, prefix in outputs.items():
             builders[key].finalize(prefix + ".idx" + tag)
         for prefix in outputs.values():  # .bin first, .idx last: a present .idx means a complete pair
@@ -313,8 +323,26 @@ def run(args) -> dict:
     }
 
 
+def _skipped_key(where: str, keys: List[str]) -> str:
+    """The --json-keys key a skipped record's location names (`key 'K'`, `no key 'K'`); a whole record
+    skipped (malformed line, unreadable file) counts against the first key."""
+    for key in keys:
+        if f"key {key!r}" in where:
+            return key
+    return keys[0]
+
+
+def _why_empty(counts: collections.Counter, first: Optional[str]) -> str:
+    """Why nothing was written, in one line: the skip reasons counted and the first record skipped."""
+    if not counts:
+        return "the inputs hold no records"
+    detail = ", ".join(f"{n:,} {r}" for r, n in sorted(counts.items()))
+    return f"all {sum(counts.values()):,} records were skipped ({detail})" + (f"; first: {first}" if first else "")
+
+
 def print_summary(s: dict, out=None) -> None:
-    out = out or sys.stderr
+    """The result of a finished run, on stdout (per-record warnings went to stderr)."""
+    out = out or sys.stdout
     el = max(s["seconds"], 1e-9)
     skipped = sum(s["skipped"].values())
     print(f"done: {s['documents']:,} documents, {s['tokens']:,} tokens ({s['dtype']}), "

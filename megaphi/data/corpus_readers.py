@@ -233,7 +233,10 @@ def _jsonl_batches(path: str, batch_size: int, batch_bytes: int, limit: int) -> 
 
 
 def _value(v, limit: int):
-    """A record's value as shipped to a worker: strings over `limit` UTF-8 bytes become Oversize."""
+    """A record's value as shipped to a worker: strings over `limit` UTF-8 bytes (and bytes values
+    over `limit` bytes) become Oversize."""
+    if isinstance(v, (bytes, bytearray)) and len(v) > limit:
+        return Oversize(len(v))
     if isinstance(v, str) and len(v) > limit // 4:  # below that, 4 bytes per character still fit
         n = len(v.encode("utf-8", "surrogatepass"))
         if n > limit:
@@ -248,7 +251,7 @@ def _row_batches(source, columns: dict, n: int, first: int, batch_size, batch_by
     for i in range(n):
         row = {k: _value(col[i], limit) for k, col in columns.items()}
         rows.append(row)
-        size += sum(len(v) if isinstance(v, str) else 8 for v in row.values())
+        size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in row.values())
         if len(rows) >= batch_size or size >= batch_bytes:
             yield Batch("records", source, start, rows, share(len(rows)))
             start += len(rows)
@@ -269,6 +272,37 @@ def _shares(total_bytes: int, total_rows: int):
     return share
 
 
+def _names(names) -> str:
+    """Column or key names for a message: the first 20, then how many more."""
+    names = list(names)
+    shown = ", ".join(str(n) for n in names[:20])
+    return shown + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "") if names else "none"
+
+
+def _is_text_type(arrow_type) -> bool:
+    """Arrow types whose values are text: strings, bytes (decoded as UTF-8), all-null, or a dictionary
+    of those (pandas categoricals)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(arrow_type):
+        return _is_text_type(arrow_type.value_type)
+    checks = ("is_string", "is_large_string", "is_string_view", "is_binary", "is_large_binary", "is_binary_view",
+              "is_fixed_size_binary", "is_null")
+    return any(getattr(pa.types, name, lambda t: False)(arrow_type) for name in checks)
+
+
+def check_text_columns(source: str, keys: List[str], schema) -> None:
+    """A whole-input check (parquet, saved and Hub datasets know their columns): every --json-keys key
+    is a column holding text; otherwise one line naming the key, the input and its columns."""
+    for key in keys:
+        if key not in schema.names:
+            raise CorpusError(f"--json-keys {key}: {source} has no column {key!r} (columns: {_names(schema.names)})")
+        arrow_type = schema.field(key).type
+        if not _is_text_type(arrow_type):
+            raise CorpusError(f"--json-keys {key}: {source}: column {key!r} holds {arrow_type}, not text "
+                              f"(columns: {_names(schema.names)})")
+
+
 def _parquet_batches(path: str, keys: List[str], batch_size, batch_bytes, limit) -> Iterator[Batch]:
     try:
         import pyarrow as pa
@@ -278,18 +312,15 @@ def _parquet_batches(path: str, keys: List[str], batch_size, batch_bytes, limit)
     row = 0
     try:
         pf = pq.ParquetFile(path)
-        names = set(pf.schema_arrow.names)
-        cols = [k for k in keys if k in names]
+        check_text_columns(path, keys, pf.schema_arrow)
+        cols = list(keys)
         share = _shares(os.path.getsize(path), pf.metadata.num_rows)
         for g in range(pf.metadata.num_row_groups):  # one row group in memory at a time
-            n = pf.metadata.row_group(g).num_rows
-            if not cols:  # no text column: every row is a "missing key"
-                yield from _row_batches(path, {}, n, row, batch_size, batch_bytes, limit, share)
-                row += n
-                continue
             for rb in pf.iter_batches(batch_size=max(batch_size, 1), row_groups=[g], columns=cols, use_threads=False):
                 yield from _row_batches(path, rb.to_pydict(), rb.num_rows, row, batch_size, batch_bytes, limit, share)
                 row += rb.num_rows
+    except CorpusError:
+        raise
     except (OSError, ValueError, pa.ArrowException) as e:
         where = f"{path}:row {row}" if row else path
         yield Batch("error", f"{where}: {e}", 0, [])
@@ -313,11 +344,9 @@ def _hf_disk_batches(path: str, keys: List[str], batch_size, batch_bytes, limit,
         if hf.split not in ds:
             raise CorpusError(f"--input {path}: no split {hf.split!r} (splits: {', '.join(ds)}); pass --hf-split")
         ds = ds[hf.split]
-    cols = [k for k in keys if k in ds.column_names]
+    check_text_columns(path, keys, ds.data.schema)
+    cols = list(keys)
     share = _shares(input_size(path, (), hf) or 0, len(ds))
-    if not cols:
-        yield from _row_batches(path, {}, len(ds), 0, batch_size, batch_bytes, limit, share)
-        return
     row, step = 0, max(batch_size, 1)
     for chunk in ds.select_columns(cols).iter(batch_size=step):
         n = len(chunk[cols[0]])
@@ -330,17 +359,21 @@ def _hub_batches(spec: str, keys: List[str], batch_size, batch_bytes, limit, hf:
     name = spec[len(HF_PREFIX):]
     try:
         ds = datasets.load_dataset(name, hf.subset, data_dir=hf.data_dir, split=hf.split, streaming=True)
+        features = getattr(ds, "features", None)  # None when the stream's columns are only known per row
+        schema = features.arrow_schema if features is not None else None
         it = iter(ds)
     except Exception as e:  # noqa: BLE001 - offline, unknown name, gated, bad split: one line
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CorpusError(f"--input {spec}: cannot load the dataset: {type(e).__name__}: {msg}") from None
+    if schema is not None:
+        check_text_columns(spec, keys, schema)
     rows, size, start, row = [], 0, 0, 0
     try:
         for ex in it:
             r = {k: _value(ex[k], limit) for k in keys if k in ex}
             rows.append(r)
             row += 1
-            size += sum(len(v) if isinstance(v, str) else 8 for v in r.values())
+            size += sum(len(v) if isinstance(v, (str, bytes)) else 8 for v in r.values())
             if len(rows) >= batch_size or size >= batch_bytes:
                 yield Batch("records", spec, start, rows)
                 rows, size, start = [], 0, row
@@ -388,12 +421,18 @@ def _take_object(obj, where: str, keys, texts: dict, skipped: list, limit: int) 
     """Validates one record (a JSON object or a dataset row) and appends its texts per key."""
     for key in keys:
         if key not in obj:
-            skipped.append(("missing key", f"{where}: no key {key!r}"))
+            skipped.append(("missing key", f"{where}: no key {key!r} (keys: {_names(obj)})"))
             continue
         text = obj[key]
         if isinstance(text, Oversize):
             skipped.append(("document too large", f"{where}: key {key!r}: {_too_large(text.nbytes, limit)}"))
             continue
+        if isinstance(text, (bytes, bytearray)):  # binary columns (parquet, datasets) hold UTF-8 source
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as e:
+                skipped.append(("undecodable bytes", f"{where}: key {key!r}: byte {e.start}"))
+                continue
         if not isinstance(text, str):
             skipped.append(("non-string value", f"{where}: key {key!r} holds {type(text).__name__}"))
             continue
