@@ -477,8 +477,12 @@ def test_fiber_schedules_order_threads_and_interleave_blocks(kernels):
                 assert starts == after_barrier == list(range(threads))[::-1]
             else:
                 assert starts not in (sorted(starts), sorted(starts)[::-1]) and starts != after_barrier
-        first_steps = [block for _, block, _ in log[:3]]
-        assert len(set(first_steps)) == 3, f"{order}: blocks do not interleave ({first_steps})"
+        span = {b: (min(i for i, e in enumerate(log) if e[1] == b), max(i for i, e in enumerate(log) if e[1] == b))
+                for b in range(blocks)}
+        running = [sum(first <= i <= last for first, last in span.values()) for i in range(len(log))]
+        assert max(running) == 3, f"{order}: {max(running)} blocks ran at a time, not 3"
+        switches = sum(a[1] != b[1] for a, b in zip(log, log[1:]))
+        assert switches > 4 * blocks, f"{order}: blocks do not interleave ({switches} switches)"
         start_order = list(dict.fromkeys(block for phase, block, _ in log if phase == 0))
         if order == "forward":
             assert start_order == list(range(blocks))

@@ -2,8 +2,9 @@
 // friendly order of execution hides (a GPU promises no order between barriers):
 // - Schedules. The runnable fiber with the smallest priority key runs until it reaches a barrier or
 //   ends, so one warp runs ahead of the others as far as its barriers let it. Keys: `forward` thread
-//   index order, `reverse` the highest index first, `random` seeded random keys drawn again every
-//   time the block's barrier releases. A missing barrier after shared-memory writers (readers run
+//   index order, `reverse` the highest index first, `random` seeded random keys near the current
+//   step count, drawn again every time the block's barrier releases (near "now", so that fibers
+//   released late mix with those still waiting instead of all running before them). A missing barrier after shared-memory writers (readers run
 //   before the writers) or before shared memory is reused (a warp runs ahead into the next use while
 //   others still read) then changes the results.
 // - Blocks interleave: kResidentBlocks blocks run at a time, their threads' steps interleaved by the
@@ -95,6 +96,7 @@ struct Launch {
     Context scheduler;
     Fiber* current = nullptr;
     Block* statics_owner = nullptr;  // the block whose copy of the static shared memory is in place
+    std::uint64_t steps = 0;  // fibers resumed so far in this launch: the clock random keys are drawn near
     std::priority_queue<Runnable, std::vector<Runnable>, std::greater<Runnable>> runnable;
     std::vector<std::unique_ptr<unsigned char[]>> stacks;  // [slot * kMaxBlockThreads + thread], reused
 };
@@ -115,18 +117,23 @@ inline void fill_with_garbage(std::vector<unsigned char>& bytes) {
     }
 }
 
+inline std::uint64_t random_key() {  // within a few times the resident threads of "now"
+    const std::uint64_t spread = 4ull * kResidentBlocks * blockDim.x * blockDim.y * blockDim.z;
+    return active().steps + next_random(schedule().rng) % spread;
+}
+
 inline std::uint64_t key_for(const Block& block, unsigned linear, unsigned threads) {
     switch (schedule().order) {
         case Order::forward: return static_cast<std::uint64_t>(linear) * kResidentBlocks + block.slot;
         case Order::reverse: return static_cast<std::uint64_t>(threads - 1 - linear) * kResidentBlocks + block.slot;
-        default: return next_random(schedule().rng);
+        default: return random_key();
     }
 }
 
 inline void release(Scope& scope, bool new_phase) {
     Launch& launch = active();
     for (Fiber* fiber : scope.waiting) {
-        if (new_phase && schedule().order == Order::random) fiber->key = next_random(schedule().rng);
+        if (new_phase && schedule().order == Order::random) fiber->key = random_key();
         launch.runnable.emplace(fiber->key, fiber);
     }
     scope.waiting.clear();
@@ -238,6 +245,7 @@ inline hipError_t launch(dim3 grid, dim3 block_dim, std::size_t dynamic_bytes, c
     blockDim = block_dim;
     launch.body = &body;
     launch.statics_owner = nullptr;
+    launch.steps = 0;
     launch.stacks.resize(kResidentBlocks * kMaxBlockThreads);
     const std::vector<unsigned> order = block_order(grid.x * grid.y * grid.z);
     std::vector<std::unique_ptr<Block>> resident(kResidentBlocks);
@@ -256,6 +264,7 @@ inline hipError_t launch(dim3 grid, dim3 block_dim, std::size_t dynamic_bytes, c
         Fiber* fiber = launch.runnable.top().second;
         launch.runnable.pop();
         launch.current = fiber;
+        ++launch.steps;
         threadIdx = fiber->index;
         blockIdx = fiber->block->index;
         swap_static_shared(fiber->block);
