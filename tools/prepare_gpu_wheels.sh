@@ -7,14 +7,15 @@
 # It holds only what the GPU machine's image lacks: deepspeed as a pure-Python wheel with no ops
 # prebuilt (DS_BUILD_OPS=0; megaphi needs none of its JIT ops), and those of deepspeed's requirements
 # that the image does not have (hjson, pydantic and pydantic's own: pydantic-core, annotated-types,
-# typing-inspection), as binary wheels for the image's Python (CPython 3.12, manylinux x86-64). The
-# image brings torch, triton, numpy, tokenizers, safetensors, tqdm, einops, msgpack, ninja, packaging,
-# psutil, py-cpuinfo, typing-extensions, pytest, pybind11 and setuptools. About 4 MB.
+# typing-inspection, and typing-extensions, 45 kB, installed only if the image's is older than pydantic
+# needs), as binary wheels for the image's Python (CPython 3.12, manylinux x86-64). The image brings
+# torch, triton, numpy, tokenizers, safetensors, tqdm, einops, msgpack, ninja, packaging, psutil,
+# py-cpuinfo, pytest, pybind11 and setuptools. 7 wheels, about 5 MB.
 #
 # Environment: PYTHON (python3; builds the deepspeed wheel), GPU_PYTHON_VERSION (3.12: the GPU machine's
 # Python), DEEPSPEED_VERSION (0.19.8: inside the range setup.py pins), GPU_WHEELS (the requirements to
 # download, "hjson pydantic>=2,<3"), GPU_IMAGE_HAS (distributions not to carry although a requirement
-# pulls them in: "typing_extensions").
+# pulls them in, e.g. "typing_extensions"; none by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-.whl}
@@ -22,7 +23,7 @@ PY=${PYTHON:-python3}
 PYVER=${GPU_PYTHON_VERSION:-3.12}
 DS_VERSION=${DEEPSPEED_VERSION:-0.19.8}
 REQS=${GPU_WHEELS:-hjson pydantic>=2,<3}
-IMAGE_HAS=${GPU_IMAGE_HAS:-typing_extensions}
+IMAGE_HAS=${GPU_IMAGE_HAS:-}
 mkdir -p "$DIR"
 rm -f "$DIR"/*.whl  # exactly one version of each: two would stop the install
 
