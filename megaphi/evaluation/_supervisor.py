@@ -882,70 +882,68 @@ def _prepare_template():
 
 # -- the zygote: where each program's tree starts ------------------------------------------------------
 class _Zygote:
-    """A copy of the prepared worker forked before any job was read. For each job it forks a fresh
-    runner that reads that one job from a pipe, runs it (Worker.run: namespaces, init, program)
-    and writes the report straight back to the worker; so a program's memory holds its own job
-    and nothing of an earlier one (the worker's heap holds every job it has read, freed or not).
-    The zygote itself only ever reads one byte per job and writes the runner's exit status."""
+    """A copy of the prepared worker forked before any job was read. It keeps one fresh runner
+    forked ahead, waiting on the job pipe; the runner reads one job, runs it (Worker.run:
+    namespaces, init, program) and writes the report straight back to the worker. So a program's
+    memory holds its own job and nothing of an earlier one (the worker's heap holds every job it
+    has read, freed or not). The zygote itself reads nothing; it writes "<runner number> <exit
+    status>" as each runner ends, then forks the next."""
 
     def __init__(self, worker):
-        go_r, self.go_w = os.pipe()
         job_r, self.job_w = os.pipe()
         self.report_r, report_w = os.pipe()
         self.status_r, status_w = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:
-            for fd in (self.go_w, self.job_w, self.report_r, self.status_r):
+            for fd in (self.job_w, self.report_r, self.status_r):
                 os.close(fd)
-            self._serve(worker, go_r, job_r, report_w, status_w)
-        for fd in (go_r, job_r, report_w, status_w):
+            self._serve(worker, job_r, report_w, status_w)
+        for fd in (job_r, report_w, status_w):
             os.close(fd)
-        for fd in (self.go_w, self.job_w, self.report_r, self.status_r):
+        for fd in (self.job_w, self.report_r, self.status_r):
             os.set_inheritable(fd, False)
         os.set_blocking(self.job_w, False)
         os.set_blocking(self.report_r, False)
+        self.jobs, self._statuses = 0, b""
 
     @staticmethod
-    def _serve(worker, go_r, job_r, report_w, status_w):
+    def _serve(worker, job_r, report_w, status_w):
         """The zygote's loop. Never returns."""
         try:
             _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "prctl(pdeathsig)")
-            while os.read(go_r, 1):
+            for number in itertools.count():
                 pid = os.fork()
                 if pid == 0:
-                    os.close(go_r)
                     os.close(status_w)
                     _run_one(worker, job_r, report_w)
                 _, status = os.waitpid(pid, 0)
-                os.write(status_w, f"{_exit_code(status)}\n".encode())
+                os.write(status_w, f"{number} {_exit_code(status)}\n".encode())
         finally:
             os._exit(0)  # the worker is gone (or this loop failed: the worker sees EOF)
 
     def run(self, line):
-        """Hand one job line to a fresh runner; its report line (bytes). _Broken if the runner or
-        the zygote ended without one."""
-        try:
-            os.write(self.go_w, b"g")
-        except OSError as e:
-            raise _Broken(f"the sandbox zygote is gone ({e})") from None
-        pending, report = memoryview(line + b"\n"), b""
+        """Hand one job line to the waiting runner; its report line (bytes). _Broken if the runner
+        or the zygote ended without one (the worker then ends and is replaced)."""
+        number, self.jobs = self.jobs, self.jobs + 1
+        pending, report, ended = memoryview(line + b"\n"), b"", None
         while b"\n" not in report:
             readable, writable, _ = select.select([self.report_r, self.status_r], [self.job_w] if pending else [], [])
             if writable:
                 pending = pending[os.write(self.job_w, pending[:1 << 16]):]
             if self.report_r in readable:
                 report += _read_available(self.report_r)
-            elif self.status_r in readable:  # the runner ended before its report was complete
-                report += _read_available(self.report_r)
-                if b"\n" not in report:
-                    status = os.read(self.status_r, 64).decode().strip() or "the zygote ended"
-                    raise _Broken(f"the sandbox runner ended without a report ({status})")
-        status = b""
-        while not status.endswith(b"\n"):  # the runner's exit, so the next job has the pipes alone
-            chunk = os.read(self.status_r, 64)
-            if not chunk:
-                raise _Broken("the sandbox zygote ended")
-            status += chunk
+            if self.status_r in readable:
+                chunk = os.read(self.status_r, 4096)
+                if not chunk:
+                    raise _Broken("the sandbox zygote ended")
+                *done, self._statuses = (self._statuses + chunk).split(b"\n")
+                for entry in done:  # earlier runners' exits are expected; this one's is not
+                    if int(entry.split()[0]) == number:
+                        ended = entry.split()[1].decode()
+                if ended is not None and b"\n" not in report:
+                    report += _read_available(self.report_r)
+                    if b"\n" not in report:
+                        raise _Broken(f"the sandbox runner ended without a report (status {ended})")
         return report.partition(b"\n")[0]
 
 
