@@ -132,9 +132,11 @@ def _popen_pretrain(flags):
 
 
 def test_kill_9_during_the_first_save_then_the_same_command_restarts(run, tmp_path):
-    """A restartable job (--save D --load D, --save-interval 5) killed inside its first save. Where the
-    kill lands after the save completed (a loaded machine), the folder is put back into the state a
-    kill before the metadata leaves (metadata and `latest` removed), so the restart always meets it."""
+    """A restartable job (--save D --load D, --save-interval 5) killed inside its first save, as soon as
+    the model export's temporary folder appears (DeepSpeed's and the RNG files written, no metadata: the
+    state the issue reported). Where the kill lands after the save completed (a loaded machine), the
+    folder is put back into the state a kill before the metadata leaves (metadata and `latest`
+    removed), so the restart always meets an interrupted first save."""
     save = str(tmp_path / "ck")
     command = tiny_flags(run.prefix, 8) + ["--save", save, "--load", save, "--save-interval", "5",
                                            "--eval-iters", "0"]
@@ -142,7 +144,8 @@ def test_kill_9_during_the_first_save_then_the_same_command_restarts(run, tmp_pa
     proc = _popen_pretrain(command)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None and not os.path.isdir(tag_dir):
+        while time.time() < deadline and proc.poll() is None and not (
+                os.path.isdir(os.path.join(tag_dir, "model.tmp")) or os.path.isdir(os.path.join(tag_dir, "model"))):
             time.sleep(0.001)
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         proc.kill()
@@ -383,6 +386,12 @@ def test_latest_that_is_a_directory(run, tmp_path):
     message = _one_line_error(_prepare, run.prefix, "--load", load, "--save", load)
     assert message == (f"{load}/latest is a directory; it should be a file holding one tag like iter_0000100 "
                        f"(the newest complete checkpoint here is {run.tag}): move the directory away")
+    # in a --save folder with no checkpoint yet: refused at start, not at the first save
+    save = str(tmp_path / "fresh")
+    os.makedirs(os.path.join(save, "latest"))
+    message = _one_line_error(_prepare, run.prefix, "--save", save)
+    assert message == (f"{save}/latest is a directory; it should be a file holding one tag like iter_0000100 "
+                       f"(there is no complete checkpoint here): move the directory away")
 
 
 def test_save_or_load_that_is_a_regular_file(run, tmp_path):
