@@ -549,8 +549,8 @@ def test_a_killed_worker_fails_its_program_and_is_replaced():
     with Sandbox(SandboxLimits(timeout_seconds=60.0), workers=1) as box:
         assert box.run_with_marker("pass\n").passed
         worker = box._all_workers[0]
-        # worker [-> the worker proper, PID 1 of its namespace] -> init -> program
-        running = 3 if box.capabilities["pid_namespace"] else 2
+        # worker [-> the worker proper, PID 1 of its namespace] -> zygote -> runner -> init -> program
+        running = 5 if box.capabilities["pid_namespace"] else 4
 
         def kill_once_the_program_runs():
             while len(_descendants(worker.proc.pid)) < running:

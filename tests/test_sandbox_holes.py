@@ -185,3 +185,25 @@ def test_private_tmpfs_folders_have_an_inode_cap():
     # /tmp (also the working directory) and /dev/shm each stop at the cap.
     assert made <= 2 * 500, result.stdout
     assert "No space left on device" in result.stdout
+
+
+def test_the_filter_is_claimed_exactly_where_programs_run_under_it():
+    with Sandbox(SandboxLimits(timeout_seconds=10.0), workers=1) as box:
+        claimed = box.capabilities["syscall_filter"]
+        result = box.run_with_marker("print([l.split()[1] for l in open('/proc/self/status') if l.startswith('Seccomp:')])\n")
+    assert result.passed, result
+    mode = result.stdout.split("['")[1].split("'")[0]
+    assert (mode == "2") == claimed.startswith("seccomp"), (claimed, mode)
+    assert claimed.startswith(("seccomp", "unavailable: "))
+
+
+def test_the_filter_is_not_built_for_a_machine_without_a_table():
+    from megaphi.evaluation import _syscall_filter
+    assert _syscall_filter.build("riscv64") is None
+    x86, arm = _syscall_filter.build("x86_64"), _syscall_filter.build("aarch64")
+    assert x86 and arm and x86 != arm
+    # Every jump lands inside the program, and it ends with return instructions.
+    for program in (x86, arm):
+        for i, (code, jt, jf, k) in enumerate(program):
+            assert code == 0x06 or i + 1 + max(jt, jf) < len(program)
+        assert program[-1][0] == 0x06 and program[-2][0] == 0x06 and program[-3][0] == 0x06
