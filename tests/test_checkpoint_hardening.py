@@ -176,6 +176,16 @@ def test_saved_metadata_is_sealed(run):
     assert _reseal(meta)["metadata_sha256"] == meta["metadata_sha256"]
 
 
+def test_the_seal_survives_the_json_round_trip():
+    from megaphi.training import checkpoint_integrity as integrity
+
+    # what json turns into something else: integer keys (which also sort differently as text), tuples
+    meta = integrity.seal_metadata({"iteration": 1, "state": {10: "a", 9: "b"}, "shape": (2, 3)})
+    back = json.loads(json.dumps(meta, indent=2, sort_keys=True))
+    assert integrity.check_metadata_seal(back, "m") is True
+    assert _reseal(back)["metadata_sha256"] == back["metadata_sha256"]
+
+
 @pytest.mark.parametrize("needle,offset,bit", [
     (b'"iteration": 3', 13, 2),             # 3 -> 7
     (b'"consumed_samples": 12', 20, 1),     # 12 -> 32

@@ -189,8 +189,9 @@ def _canonical_digest(meta):
 
 
 def seal_metadata(meta):
-    """The metadata with its own checksum (SEALED_FORMAT)."""
-    body = {k: v for k, v in meta.items() if k != SEAL_NAME}
+    """The metadata with its own checksum (SEALED_FORMAT), computed over what a reader will get back
+    from the JSON (tuples become lists, integer keys strings), so a round trip never breaks the seal."""
+    body = json.loads(json.dumps({k: v for k, v in meta.items() if k != SEAL_NAME}))
     body["format"] = SEALED_FORMAT
     return {**body, SEAL_NAME: _canonical_digest(body)}
 
