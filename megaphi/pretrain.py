@@ -22,6 +22,7 @@ from megaphi.training.data_sources import data_description
 from megaphi.training.metrics import open_metrics_writer
 from megaphi.training.signals import GracefulExit
 from megaphi.training.run_info import log_run_setup
+from megaphi.training.messages import deepspeed_logs_to_stderr, say_rank0
 from megaphi.training.train_loop import TrainingError, TrainState, print_rank0, train
 
 
@@ -58,9 +59,13 @@ def init_distributed(backend=None, timeout_minutes=None):
 
 
 def build_model_config(args, padded_vocab_size):
+    import copy
+
     from megaphi.config import get_preset
 
-    config = get_preset(args.model)
+    # finetuning a model folder: its config (eps, rope base, activation) under the flags' fields
+    base = getattr(args, "base_model_config", None)
+    config = copy.deepcopy(base) if base is not None else get_preset(args.model)
     overrides = {
         "num_hidden_layers": args.num_layers, "hidden_size": args.hidden_size,
         "intermediate_size": args.ffn_hidden_size, "num_attention_heads": args.num_attention_heads,
@@ -87,10 +92,15 @@ def model_vocab_size(args, tokenizer):
     The preset's vocabulary is kept when the tokenizer fits in it and it satisfies the TP padding
     rule: phi-1 with the codegen tokenizer (50295 tokens) keeps 51200 rows, the shape of the released
     checkpoints, rather than Megatron's 50304. Otherwise the tokenizer's size padded to
-    --make-vocab-size-divisible-by x TP.
+    --make-vocab-size-divisible-by x TP. A --vocab-size given (or a finetuned folder's) is used as is.
     """
     from megaphi.config import get_preset
 
+    if getattr(args, "vocab_size", None) is not None:
+        if args.vocab_size < tokenizer.vocab_size:
+            raise ArgumentError(f"--vocab-size {args.vocab_size} is smaller than the tokenizer's "
+                                f"{tokenizer.vocab_size} tokens")
+        return args.vocab_size
     preset_vocab = get_preset(args.model).vocab_size
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     if tokenizer.vocab_size <= preset_vocab and preset_vocab % multiple == 0:
@@ -100,8 +110,14 @@ def model_vocab_size(args, tokenizer):
 
 def load_run_tokenizer(args):
     """The --tokenizer; a path typo that looks like a hub name fails offline with an OSError."""
-    from megaphi.tokenizer import load_tokenizer
+    from megaphi.tokenizer import load_bpe_files, load_tokenizer
 
+    if getattr(args, "vocab_file", None):  # Megatron's GPT2BPETokenizer
+        try:
+            return load_bpe_files(args.vocab_file, args.merge_file, args.make_vocab_size_divisible_by,
+                                  args.tensor_model_parallel_size)
+        except (OSError, ValueError) as e:
+            raise ArgumentError(f"--vocab-file/--merge-file: {e}") from None
     try:
         return load_tokenizer(args.tokenizer, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
     except (OSError, ValueError) as e:
@@ -344,12 +360,13 @@ def run(args):
 
     if args.save:
         save_lock.acquire_for_job(args.save)  # one job per --save folder, before anything reads it
+    deepspeed_logs_to_stderr()  # before anything imports DeepSpeed: its log lines are not results
     initialize_model_parallel(args.tensor_model_parallel_size)
     if hasattr(ops, "set_impl"):
         ops.set_impl(layernorm=args.layernorm_impl, rotary=args.rotary_impl)
     tokenizer = None
     padded_vocab = args.vocab_size
-    if args.tokenizer:
+    if args.tokenizer or getattr(args, "vocab_file", None):
         tokenizer = load_run_tokenizer(args)
         padded_vocab = model_vocab_size(args, tokenizer)
     if args.skip_train:
@@ -359,7 +376,7 @@ def run(args):
         print_rank0(f"--finetune: {args.save} already holds a checkpoint; resuming it instead of loading {args.load}")
         args.finetune, args.load = False, args.save
     # verify the checkpoint (checksums, metadata) and adopt what may be adopted, before building anything
-    verified, padded_vocab = resume_checks.prepare_resume(args, tokenizer, padded_vocab, say=print_rank0)
+    verified, padded_vocab = resume_checks.prepare_resume(args, tokenizer, padded_vocab, say=say_rank0)
     set_seed(args.seed)
     model_config = build_model_config(args, padded_vocab)
     model = PhiForCausalLM(model_config)
@@ -375,11 +392,10 @@ def run(args):
     if args.compiled_blocks:
         compile_decoder_layers(model)  # compiled lazily at the first step; names and checkpoints unchanged
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-    requested_stage = args.zero_stage
     ds_config = build_deepspeed_config(args)
-    if args.zero_stage != requested_stage:
-        print_rank0(f"ZeRO stage {requested_stage} -> {args.zero_stage}: DeepSpeed accumulates and reduces bf16 "
-                    f"gradients in fp32 only with ZeRO >= 1 (one data-parallel rank partitions nothing)")
+    if "bf16" in args.zero_stage_source:
+        print_rank0(f"ZeRO stage {args.zero_stage} ({args.zero_stage_source}): DeepSpeed accumulates and reduces "
+                    f"bf16 gradients in fp32 only with ZeRO >= 1 (one data-parallel rank partitions nothing)")
     if verified is not None:  # ZeRO stage, DP size, architecture, lr schedule vs the checkpoint's
         resume_checks.check_resume_setup(args, verified[1], model_config, args.zero_stage, args.load)
     engine = setup_engine(args, model, ds_config)
@@ -428,7 +444,9 @@ def run(args):
     print_rank0(f"training: {num_params:,} parameters (per TP rank), "
                 f"world {args.world_size} (TP {args.tensor_model_parallel_size} x DP {dp_size}), "
                 f"global batch {args.global_batch_size} = micro {args.micro_batch_size} x DP {dp_size} x "
-                f"accumulation {args.gradient_accumulation_steps}, ZeRO stage {args.zero_stage}, "
+                f"accumulation {args.gradient_accumulation_steps}, ZeRO stage {args.zero_stage} "
+                f"({args.zero_stage_source}), gradient clipping {args.clip_grad:g} "
+                f"({getattr(args, 'clip_grad_source', '--clip-grad' if args.clip_grad_given else 'default')}), "
                 f"{'fp16' if args.fp16 else 'bf16' if args.bf16 else 'fp32'}")
     writer = open_metrics_writer(args, enabled=dist.get_rank() == 0)
     try:

@@ -93,11 +93,13 @@ class MegaphiTokenizer:
                 f"padded_vocab_size={self.padded_vocab_size})")
 
 
-def _byte_level_bpe_from_files(folder: str):
-    """A GPT-2/CodeGen byte-level BPE from vocab.json + merges.txt (+ added_tokens.json)."""
+def _byte_level_bpe_from_files(folder: str, vocab_path: Optional[str] = None, merges_path: Optional[str] = None):
+    """A GPT-2/CodeGen byte-level BPE from vocab.json + merges.txt (+ added_tokens.json) of a folder, or
+    from two files named otherwise (Megatron's --vocab-file/--merge-file)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    vocab_path = vocab_path or os.path.join(folder, "vocab.json")
+    merges_path = merges_path or os.path.join(folder, "merges.txt")
     model = models.BPE.from_file(vocab_path, merges_path)
     tok = Tokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -171,3 +173,14 @@ def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, make_vocab_size_divisi
     """Loads a tokenizer from a tokenizer.json, a folder, or a Hub name; see the module docstring."""
     backend = _load_backend(name_or_path)
     return MegaphiTokenizer(backend, name_or_path, make_vocab_size_divisible_by, tensor_model_parallel_size)
+
+
+def load_bpe_files(vocab_file: str, merge_file: str, make_vocab_size_divisible_by: int = 128,
+                   tensor_model_parallel_size: int = 1) -> MegaphiTokenizer:
+    """Megatron's GPT2BPETokenizer: a byte-level BPE from a vocab.json and a merges.txt (any names; the
+    added_tokens.json and special_tokens_map.json beside the vocabulary are read too)."""
+    try:
+        backend = _byte_level_bpe_from_files(os.path.dirname(os.path.abspath(vocab_file)), vocab_file, merge_file)
+    except Exception as e:  # tokenizers raises plain Exception for unreadable vocab/merges files
+        raise ValueError(f"cannot build a byte-level BPE from {vocab_file} + {merge_file}: {e}") from None
+    return MegaphiTokenizer(backend, vocab_file, make_vocab_size_divisible_by, tensor_model_parallel_size)

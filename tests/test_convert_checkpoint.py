@@ -49,7 +49,17 @@ def assert_same_tensors(a, b):
         assert a[n].dtype == b[n].dtype and torch.equal(a[n], b[n]), n
 
 
-def test_hf_to_megaphi_to_hf_round_trip(hf_model, hf_dir, tmp_path):
+def _one_line_error(capsys, argv):
+    """convert.main(argv) stops with exit 2 and one line on stderr (no traceback); returns the line."""
+    capsys.readouterr()  # what ran before (progress bars)
+    with pytest.raises(SystemExit) as e:
+        convert.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_hf_to_megaphi_to_hf_round_trip(hf_model, hf_dir, tmp_path, capsys):
     convert.main(["hf-to-megaphi", str(hf_dir), str(tmp_path / "mp")])
     ours = PhiForCausalLM.from_pretrained(tmp_path / "mp").eval()
     with torch.no_grad():
@@ -66,8 +76,8 @@ def test_hf_to_megaphi_to_hf_round_trip(hf_model, hf_dir, tmp_path):
     reloaded = transformers.PhiForCausalLM.from_pretrained(tmp_path / "hf_out").eval()
     with torch.no_grad():
         assert (reloaded(ids()).logits - reference).abs().max() <= 1e-5
-    with pytest.raises(FileExistsError):
-        convert.main(["megaphi-to-hf", str(tmp_path / "mp"), str(tmp_path / "hf_out")])
+    line = _one_line_error(capsys, ["megaphi-to-hf", str(tmp_path / "mp"), str(tmp_path / "hf_out")])
+    assert line == f"megaphi-convert megaphi-to-hf: error: {tmp_path / 'hf_out'} already exists and is not empty"
 
 
 def test_bf16_megaphi_round_trip_is_bit_identical(tmp_path):
@@ -129,7 +139,7 @@ def test_mixformer_names(hf_model, tmp_path):
     assert_same_tensors(load_file(tmp_path / "mp" / "model.safetensors"), hf_state)
 
 
-def test_mismatches_name_the_tensor(hf_dir, tmp_path):
+def test_mismatches_name_the_tensor(hf_dir, tmp_path, capsys):
     state = load_file(hf_dir / "model.safetensors")
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -137,14 +147,14 @@ def test_mismatches_name_the_tensor(hf_dir, tmp_path):
     wrong = dict(state)
     wrong["model.layers.1.self_attn.k_proj.weight"] = torch.zeros(HIDDEN, HIDDEN + 1)
     save_file(wrong, bad / "model.safetensors")
-    with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.k_proj\.weight' has shape"):
-        convert.main(["hf-to-megaphi", str(bad), str(tmp_path / "out1")])
+    assert "'model.layers.1.self_attn.k_proj.weight' has shape" in \
+        _one_line_error(capsys, ["hf-to-megaphi", str(bad), str(tmp_path / "out1")])
     missing = dict(state)
     del missing["model.layers.0.mlp.fc2.bias"]
     save_file(missing, bad / "model.safetensors")
-    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.fc2\.bias' is missing"):
-        convert.main(["hf-to-megaphi", str(bad), str(tmp_path / "out2")])
+    assert "'model.layers.0.mlp.fc2.bias' is missing" in \
+        _one_line_error(capsys, ["hf-to-megaphi", str(bad), str(tmp_path / "out2")])
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="neither a model folder"):
-        convert.main(["megaphi-to-hf", str(tmp_path / "empty"), str(tmp_path / "out3")])
+    assert "neither a model folder" in _one_line_error(capsys, ["megaphi-to-hf", str(tmp_path / "empty"),
+                                                               str(tmp_path / "out3")])

@@ -64,7 +64,7 @@ def test_merge_folder_and_subprocess(tmp_path):
     r = subprocess.run([sys.executable, TOOL, "--input", str(tmp_path / "parts"), "--output-prefix",
                         str(tmp_path / "m")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "merged 2 datasets" in r.stderr
+    assert "merged 2 datasets" in r.stdout  # the result on stdout
     assert [x.tolist() for x in IndexedDataset(tmp_path / "m")[:]] == [[1, 2], [3]]  # sorted: a then b
 
 

@@ -13,3 +13,10 @@ def exec_tool(name, namespace):
     """
     spec = importlib.util.find_spec(f"megaphi.cli.{name}")
     exec(spec.loader.get_code(spec.name), namespace)
+
+
+def add_version_flag(parser):
+    """--version: the command's name and megaphi's version, on stdout."""
+    from megaphi import __version__
+
+    parser.add_argument("--version", action="version", version=f"{parser.prog} {__version__}")

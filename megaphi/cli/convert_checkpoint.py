@@ -128,6 +128,8 @@ def reshard(ckpt, out_dir, tp):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="megaphi-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megaphi.cli import add_version_flag
+    add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-megaphi", help="Hugging Face Phi folder -> megaphi folder")
     a.add_argument("hf_dir")
@@ -145,20 +147,22 @@ def main(argv=None):
     c.add_argument("out")
     c.add_argument("--tp", type=int, required=True, help="target tensor-model-parallel size")
     args = parser.parse_args(argv)
-    if args.command == "reshard":
-        try:
+    try:  # a missing or wrong input is one line, not a traceback
+        if args.command == "reshard":
             config, source_tp = reshard(args.ckpt, args.out, args.tp)
-        except (ValueError, FileNotFoundError, FileExistsError) as e:
-            parser.exit(2, f"convert_checkpoint.py reshard: error: {e}\n")
-        print(f"wrote {args.out}: TP {source_tp} -> {args.tp}, {config.num_hidden_layers} layers, "
-              f"hidden {config.hidden_size}, vocab {config.vocab_size} (model weights only; optimizer state dropped)")
-        return
-    if args.command == "hf-to-megaphi":
-        overrides = {k: v for k, v in (("attention_dropout", args.attention_dropout),
-                                       ("resid_dropout", args.resid_dropout)) if v is not None}
-        config = hf_to_megaphi(args.hf_dir, args.out, args.dtype, overrides)
-    else:
-        config = megaphi_to_hf(args.ckpt, args.out_dir, args.tokenizer, args.dtype)
+            print(f"wrote {args.out}: TP {source_tp} -> {args.tp}, {config.num_hidden_layers} layers, "
+                  f"hidden {config.hidden_size}, vocab {config.vocab_size} (model weights only; optimizer state "
+                  f"dropped)")
+            return
+        if args.command == "hf-to-megaphi":
+            overrides = {k: v for k, v in (("attention_dropout", args.attention_dropout),
+                                           ("resid_dropout", args.resid_dropout)) if v is not None}
+            config = hf_to_megaphi(args.hf_dir, args.out, args.dtype, overrides)
+        else:
+            config = megaphi_to_hf(args.ckpt, args.out_dir, args.tokenizer, args.dtype)
+    except (ValueError, OSError, KeyError) as e:  # FileNotFoundError, FileExistsError are OSErrors
+        message = str(e) if not isinstance(e, KeyError) else f"missing entry {e}"
+        parser.exit(2, f"megaphi-convert {args.command}: error: {message}\n")
     print(f"wrote {getattr(args, 'out', None) or args.out_dir}: {config.num_hidden_layers} layers, "
           f"hidden {config.hidden_size}, vocab {config.vocab_size}")
 

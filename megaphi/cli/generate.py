@@ -12,6 +12,8 @@ from megaphi.generation import GenerationConfig, generate, load_model_and_tokeni
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="megaphi-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megaphi.cli import add_version_flag
+    add_version_flag(p)
     p.add_argument("--checkpoint", required=True, help="model folder (megaphi, or Hugging Face phi: config.json + safetensors/.bin) "
                                                   "or training checkpoint")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json / folder / hub name (default: the checkpoint's, else codegen-350M-mono)")

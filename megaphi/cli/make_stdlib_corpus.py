@@ -40,6 +40,8 @@ def stdlib_files(root: str, exclude_tests: bool) -> Iterator[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megaphi-stdlib-corpus", description=__doc__.split("\n\n")[0])
+    from megaphi.cli import add_version_flag
+    add_version_flag(p)
     p.add_argument("--output", required=True, help="JSONL file to write (.jsonl)")
     p.add_argument("--stdlib-dir", default=sysconfig.get_paths()["stdlib"], help="default: this Python's stdlib")
     p.add_argument("--exclude-tests", action="store_true", help="leave out test/ and tests/ folders")
@@ -96,7 +98,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.output}: {s['documents']:,} documents from {s['files']:,} stdlib files, "
-          f"{s['bytes'] / 1e6:,.1f} MB", file=sys.stderr)
+          f"{s['bytes'] / 1e6:,.1f} MB")  # the result: stdout
     return 0
 
 

@@ -15,6 +15,8 @@ from typing import List, Optional
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megaphi-merge-datasets", description=__doc__.split("\n\n")[0])
+    from megaphi.cli import add_version_flag
+    add_version_flag(p)
     p.add_argument("--input", nargs="+", required=True,
                    help="dataset prefixes (without .bin/.idx), or a folder: every *.idx in it, sorted")
     p.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
@@ -86,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     print(f"merged {len(s['inputs'])} datasets: {s['documents']:,} documents, {s['sequences']:,} sequences, "
           f"{s['tokens']:,} {s['dtype']} tokens in {time.time() - t0:.1f} s -> "
-          f"{args.output_prefix}.bin/.idx", file=sys.stderr)
+          f"{args.output_prefix}.bin/.idx")  # the result: stdout
     return 0
 
 

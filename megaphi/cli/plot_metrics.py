@@ -87,6 +87,8 @@ def plot(train, valid, out, title):
 def build_parser():
     p = argparse.ArgumentParser(prog="megaphi-plot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megaphi.cli import add_version_flag
+    add_version_flag(p)
     p.add_argument("run", help="run folder holding metrics.jsonl (the --log-dir / --save folder), or the file")
     p.add_argument("--output", help="PNG path (default: RUN/curves.png)")
     p.add_argument("--title", default=None, help="plot title (default: the run's name, from its folders)")

@@ -154,6 +154,8 @@ def _ordered_results(batches: Iterator[Batch], args):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megaphi-preprocess", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megaphi.cli import add_version_flag
+    add_version_flag(p)
     g = p.add_argument_group("input")
     g.add_argument("--input", nargs="+", required=True, help="JSONL (.jsonl, .jsonl.gz) or parquet files, saved Hugging "
                    "Face datasets (folders), hf:NAME (Hub, streamed), source directories or files")

@@ -20,6 +20,8 @@ EOD = "<|endoftext|>"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megaphi-train-tokenizer", description=__doc__.split("\n\n")[0])
+    from megaphi.cli import add_version_flag
+    add_version_flag(p)
     p.add_argument("--input", nargs="+", required=True, help="JSONL (.jsonl, .jsonl.gz) files, source directories or files")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL keys holding text (default: text)")
     p.add_argument("--extensions", default=".py", help="suffixes of source files taken from directories (default: .py)")
@@ -77,7 +79,7 @@ def train(args) -> str:
     os.replace(tmp, out)
     print(f"trained a byte-level BPE of {tok.get_vocab_size()} tokens (<|endoftext|> = {tok.token_to_id(EOD)}) on "
           f"{stats['documents']:,} documents ({stats['bytes'] / 1e6:.1f} MB, {stats['skipped']} skipped) in "
-          f"{time.time() - t0:.1f} s -> {out}", file=sys.stderr)
+          f"{time.time() - t0:.1f} s -> {out}")  # the result: stdout
     return out
 
 

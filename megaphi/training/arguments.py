@@ -9,12 +9,11 @@ import math
 import os
 import re
 import shlex
+import sys
 
-from megaphi.training import megatron_flags
-
-
-class ArgumentError(ValueError):
-    """A flag (or a combination of flags) is invalid; the message names the flag."""
+from megaphi.training import megatron_compat, megatron_flags
+from megaphi.training.argument_error import ERROR_PREFIX, ArgumentError  # noqa: F401 (imported from here)
+from megaphi.training.model_flags import resolve_model
 
 
 MODEL_PRESETS = ("phi-1", "phi-1-small", "tiny")
@@ -32,10 +31,21 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """`@args.txt` reads flags from a file: shell-like words, several per line, `#` comments."""
+    """`@args.txt` reads flags from a file: shell-like words, several per line, `#` comments. A parse
+    error is one line with the command's error prefix (not the whole usage); an unknown flag comes
+    with the closest known one."""
 
     def convert_arg_line_to_args(self, arg_line):
         return shlex.split(arg_line, comments=True)
+
+    def error(self, message):  # argparse's documented override point for parse errors
+        unknown = message.split("unrecognized arguments: ", 1)
+        if len(unknown) == 2:
+            flag = next((w for w in unknown[1].split() if w.startswith("-")), unknown[1].split()[0])
+            near = megatron_compat.closest_flag(self, flag)
+            message = (f"unrecognized argument {flag}" + (f" (did you mean {near}?)" if near else "") +
+                       "; --help lists the flags")
+        self.exit(2, f"{ERROR_PREFIX} {message}\n")
 
 
 def build_parser():
@@ -44,6 +54,8 @@ def build_parser():
         description="Pretrain or finetune a phi-1-class model (Megatron-style flags, DeepSpeed ZeRO). "
                     "@FILE reads more flags from FILE.",
         allow_abbrev=False, fromfile_prefix_chars="@", formatter_class=HelpFormatter)
+    from megaphi import __version__
+    p.add_argument("--version", action="version", version=f"megaphi.pretrain {__version__}")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="phi-1", choices=MODEL_PRESETS,
@@ -66,9 +78,11 @@ def build_parser():
     g.add_argument("--recompute-activations", action="store_true",
                    help="Megatron's shorthand for --recompute-granularity selective")
     g.add_argument("--attention-backend", default="auto",
-                   choices=("auto", "flash-attn", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "math"),
+                   choices=("auto", "flash-attn", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "math",
+                            *megatron_compat.MEGATRON_ATTENTION_BACKENDS),
                    help="auto: flash-attn when installed (CUDA fp16/bf16), else torch SDPA's own choice; the others "
-                        "force one kernel and fail at start when it cannot run")
+                        "force one kernel and fail at start when it cannot run (Megatron's values: flash = "
+                        "flash-attn, fused = sdpa-cudnn, unfused/local = math)")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
                    help="full: recompute whole layers (implies --recompute); selective: recompute only the "
                         "core attention (Megatron's names)")
@@ -112,7 +126,9 @@ def build_parser():
     g.add_argument("--optimizer-impl", choices=("auto", "torch", "torch-fused", "deepspeed-fused"), default="auto",
                    help="AdamW implementation: auto = torch's fused AdamW on CUDA (no JIT compile), torch's "
                         "default on CPU; deepspeed-fused = DeepSpeed's FusedAdam (compiles on first use)")
-    g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--clip-grad", type=float, default=None,
+                   help="global gradient norm clip, 0 disables it (default: 1.0, or the --deepspeed-config JSON's "
+                        "gradient_clipping)")
 
     g = p.add_argument_group("precision")
     g.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling (default: fp32)")
@@ -205,6 +221,7 @@ def build_parser():
                         "the best checkpoint is then chosen by pass@1")
     g.add_argument("--eval-humaneval-interval", type=int, default=None)
     g.add_argument("--humaneval-max-new-tokens", type=int, default=256, help="completion length cap")
+    megatron_compat.add_compat_flags(p)
     return p
 
 
@@ -214,6 +231,9 @@ def parse_args(argv=None, world_size=None):
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate_args(args, world_size)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in args.flag_notes:
+            print(f"note: {note}", file=sys.stderr, flush=True)
     return args
 
 
@@ -241,27 +261,9 @@ def parse_data_path(data_path):
     return weights, prefixes
 
 
-def _resolve_model(args):
-    """Fill the model fields from the preset; overrides win."""
-    from megaphi.config import get_preset
-
-    preset = get_preset(args.model)
-    fields = {
-        "num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
-        "ffn_hidden_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
-        "rotary_dim": "rotary_dim", "max_position_embeddings": "max_position_embeddings",
-        "attention_dropout": "attention_dropout", "hidden_dropout": "resid_dropout",
-        "embedding_dropout": "embd_dropout", "init_method_std": "initializer_range",
-    }
-    for flag, field in fields.items():
-        if getattr(args, flag) is None:
-            setattr(args, flag, getattr(preset, field))
-    if args.seq_length is None:
-        args.seq_length = args.max_position_embeddings
-
-
 def validate_args(args, world_size):
-    _resolve_model(args)
+    args.flag_notes = megatron_compat.resolve_compat(args)  # Megatron's flags -> megaphi's, or a one-line refusal
+    resolve_model(args)
     _positive(args, "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
               "--rotary-dim", "--seq-length", "--max-position-embeddings", "--micro-batch-size",
               "--global-batch-size", "--train-iters", "--exit-interval", "--lr-decay-iters",
@@ -311,6 +313,9 @@ def validate_args(args, world_size):
     if args.zero_stage is None:
         # one data-parallel rank has nothing to partition; ZeRO would only add buffer copies
         args.zero_stage = 1 if args.data_parallel_size > 1 else 0
+        args.zero_stage_source = f"default with {args.data_parallel_size} data-parallel rank(s)"
+    elif not hasattr(args, "zero_stage_source"):
+        args.zero_stage_source = "--zero-stage"
     if args.zero_stage not in (0, 1, 2, 3):
         raise ArgumentError(f"--zero-stage must be 0, 1, 2 or 3, got {args.zero_stage}")
     if not (args.distributed_timeout_minutes > 0 and math.isfinite(args.distributed_timeout_minutes)):
@@ -332,6 +337,9 @@ def validate_args(args, world_size):
     if args.lr_warmup_iters > args.lr_decay_iters:
         raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters "
                             f"{args.lr_decay_iters}")
+    args.clip_grad_given = args.clip_grad is not None  # else 1.0, unless the DeepSpeed JSON sets gradient_clipping
+    if args.clip_grad is None:
+        args.clip_grad = 1.0
     if args.weight_decay < 0 or args.clip_grad < 0:
         raise ArgumentError("--weight-decay and --clip-grad must be >= 0")
     scale = args.initial_loss_scale

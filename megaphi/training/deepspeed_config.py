@@ -2,7 +2,7 @@
 import copy
 import math
 
-from .arguments import ArgumentError
+from .argument_error import ArgumentError
 
 
 def generate_config(args):
@@ -21,7 +21,7 @@ def generate_config(args):
     if args.zero_stage in (1, 2, 3):
         config["zero_optimization"].update({
             "contiguous_gradients": True,
-            "overlap_comm": args.zero_stage >= 2,
+            "overlap_comm": args.zero_stage >= 2 or bool(getattr(args, "overlap_grad_reduce", False)),
             "reduce_bucket_size": 5e8,
             "allgather_bucket_size": 5e8,
         })
@@ -85,17 +85,45 @@ def build_deepspeed_config(args):
                 raise ArgumentError(f"--deepspeed-config: {key}.enabled={user[key]['enabled']} contradicts "
                                     f"{flag} {'given' if getattr(args, key) else 'not given'}")
     user = {k: v for k, v in user.items() if v != "auto"}
+    _settle_with_flags(args, user)
     config = merge(generate_config(args), user)
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ArgumentError(f"--deepspeed-config: zero_optimization.stage must be 0..3, got {stage}")
     if config.get("bf16", {}).get("enabled"):
+        requested = stage
         stage = accumulate_bf16_gradients_in_fp32(config, stage)
+        if stage != requested:
+            args.zero_stage_source = f"raised from {requested} ({args.zero_stage_source}) for bf16's fp32 gradient " \
+                                     f"accumulation"
     args.zero_stage = stage  # the file may choose the stage; checkpoint export must know it
     if "optimizer" in user or "scheduler" in user:
         raise ArgumentError("--deepspeed-config: 'optimizer'/'scheduler' sections are not used; megaphi builds "
                             "AdamW and the lr schedule from the flags (--lr, --weight-decay, ...)")
     return config
+
+
+def _settle_with_flags(args, user):
+    """The JSON's gradient_clipping and zero_optimization.stage against the flags: a flag given and a
+    different value in the file is an error; a value only the file gives is taken, and credited to it."""
+    path = getattr(args, "deepspeed_config", None)
+    if "gradient_clipping" in user:
+        clip = user["gradient_clipping"]
+        if getattr(args, "clip_grad_given", True) and clip != args.clip_grad:
+            raise ArgumentError(f"--deepspeed-config: {path}: gradient_clipping={clip} contradicts --clip-grad "
+                                f"{args.clip_grad:g}; give one of them")
+        if not isinstance(clip, (int, float)) or isinstance(clip, bool) or clip < 0:
+            raise ArgumentError(f"--deepspeed-config: {path}: gradient_clipping must be a number >= 0, got {clip!r}")
+        args.clip_grad = float(clip)
+        args.clip_grad_source = f"gradient_clipping in {path}"
+    stage = (user.get("zero_optimization") or {}).get("stage") if isinstance(user.get("zero_optimization"), dict) \
+        else None
+    if stage is not None:
+        if getattr(args, "zero_stage_source", None) in ("--zero-stage", "--use-distributed-optimizer") \
+                and stage != args.zero_stage:
+            raise ArgumentError(f"--deepspeed-config: {path}: zero_optimization.stage={stage} contradicts "
+                                f"{args.zero_stage_source} (stage {args.zero_stage}); give one of them")
+        args.zero_stage_source = f"zero_optimization.stage in {path}"
 
 
 def accumulate_bf16_gradients_in_fp32(config, stage):

@@ -14,6 +14,8 @@ Each check raises ArgumentError with a one-line message naming the flag.
 import importlib.util
 import math
 
+from .argument_error import ArgumentError
+
 
 def add_run_length_flags(group):
     group.add_argument("--train-samples", type=int, default=None,
@@ -51,31 +53,26 @@ def add_wandb_flags(group):
                        help="folder for W&B's local files (default: --log-dir, else W&B's ./wandb)")
 
 
-def _error(message):
-    from megaphi.training.arguments import ArgumentError
-    return ArgumentError(message)
-
-
 def resolve_run_length(args):
     """Turn sample/token counts into iterations; needs args.global_batch_size and args.seq_length."""
     gbs = args.global_batch_size
     for name in ("train_samples", "train_tokens", "lr_warmup_samples", "lr_decay_samples"):
         value = getattr(args, name)
         if value is not None and value <= 0:
-            raise _error(f"--{name.replace('_', '-')} must be > 0, got {value}")
+            raise ArgumentError(f"--{name.replace('_', '-')} must be > 0, got {value}")
     if args.train_tokens is not None:
         if args.train_samples is not None:
-            raise _error("--train-tokens and --train-samples exclude each other")
+            raise ArgumentError("--train-tokens and --train-samples exclude each other")
         args.train_samples = args.train_tokens // args.seq_length
         if args.train_samples == 0:
-            raise _error(f"--train-tokens {args.train_tokens} is less than one sample of --seq-length "
+            raise ArgumentError(f"--train-tokens {args.train_tokens} is less than one sample of --seq-length "
                          f"{args.seq_length}")
     if args.train_samples is not None:
         if args.train_iters is not None:
-            raise _error("--train-samples and --train-iters exclude each other: give one run length")
+            raise ArgumentError("--train-samples and --train-iters exclude each other: give one run length")
         args.train_iters = args.train_samples // gbs
         if args.train_iters == 0:
-            raise _error(f"--train-samples {args.train_samples} is less than one --global-batch-size {gbs}")
+            raise ArgumentError(f"--train-samples {args.train_samples} is less than one --global-batch-size {gbs}")
     if args.train_iters is None and args.skip_train:
         args.train_iters = 1  # no training: only the lr schedule's length, which nothing reads
     for name, iters_name in (("lr_warmup_samples", "lr_warmup_iters"), ("lr_decay_samples", "lr_decay_iters")):
@@ -84,10 +81,10 @@ def resolve_run_length(args):
             continue
         flag = "--" + name.replace("_", "-")
         if args.train_samples is None:
-            raise _error(f"{flag} goes with --train-samples (or --train-tokens); use "
+            raise ArgumentError(f"{flag} goes with --train-samples (or --train-tokens); use "
                          f"--{iters_name.replace('_', '-')} with --train-iters")
         if getattr(args, iters_name) is not None:
-            raise _error(f"{flag} and --{iters_name.replace('_', '-')} exclude each other")
+            raise ArgumentError(f"{flag} and --{iters_name.replace('_', '-')} exclude each other")
         setattr(args, iters_name, samples // gbs)
 
 
@@ -99,23 +96,23 @@ def resolve_warmup(args):
         return
     fraction = args.lr_warmup_fraction
     if args.lr_warmup_iters is not None:
-        raise _error("--lr-warmup-fraction and --lr-warmup-iters (or --lr-warmup-samples) exclude each other")
+        raise ArgumentError("--lr-warmup-fraction and --lr-warmup-iters (or --lr-warmup-samples) exclude each other")
     if not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
-        raise _error(f"--lr-warmup-fraction must be in [0, 1], got {fraction}")
+        raise ArgumentError(f"--lr-warmup-fraction must be in [0, 1], got {fraction}")
     args.lr_warmup_iters = int(fraction * args.lr_decay_iters)
 
 
 def validate_run_control(args):
     if args.exit_duration_in_mins is not None:
         if not (math.isfinite(args.exit_duration_in_mins) and args.exit_duration_in_mins > 0):
-            raise _error(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
+            raise ArgumentError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
         if args.save is None:
-            raise _error("--exit-duration-in-mins needs --save DIR (the run saves before exiting)")
+            raise ArgumentError("--exit-duration-in-mins needs --save DIR (the run saves before exiting)")
     if args.skip_train:
         if args.load is None:
-            raise _error("--skip-train needs --load (a training checkpoint or a model folder to evaluate)")
+            raise ArgumentError("--skip-train needs --load (a training checkpoint or a model folder to evaluate)")
         if args.eval_iters <= 0:
-            raise _error("--skip-train evaluates --eval-iters batches; --eval-iters must be > 0")
+            raise ArgumentError("--skip-train evaluates --eval-iters batches; --eval-iters must be > 0")
 
 
 def per_split_data_paths(args):
@@ -129,18 +126,18 @@ def validate_data_sources(args):
     per_split = per_split_data_paths(args)
     if per_split:
         if args.data_path:
-            raise _error("--data-path and --train-data-path/--valid-data-path/--test-data-path exclude each "
+            raise ArgumentError("--data-path and --train-data-path/--valid-data-path/--test-data-path exclude each "
                          "other: one blend split by --split, or one path per split")
         if args.mock_data:
-            raise _error("--mock-data and --train-data-path exclude each other: synthetic tokens or token files")
+            raise ArgumentError("--mock-data and --train-data-path exclude each other: synthetic tokens or token files")
         if "train" not in per_split and not args.skip_train:
-            raise _error("--valid-data-path/--test-data-path need --train-data-path (or --skip-train)")
+            raise ArgumentError("--valid-data-path/--test-data-path need --train-data-path (or --skip-train)")
 
 
 def validate_wandb(args):
     if args.wandb_project is None:
         if args.wandb_exp_name is not None or args.wandb_save_dir is not None:
-            raise _error("--wandb-exp-name and --wandb-save-dir need --wandb-project")
+            raise ArgumentError("--wandb-exp-name and --wandb-save-dir need --wandb-project")
         return
     if importlib.util.find_spec("wandb") is None:
-        raise _error("--wandb-project needs the wandb package: pip install wandb (or pip install megaphi[wandb])")
+        raise ArgumentError("--wandb-project needs the wandb package: pip install wandb (or pip install megaphi[wandb])")

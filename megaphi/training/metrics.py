@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import sys
 
 import torch
 
@@ -96,6 +97,23 @@ def throughput(tokens, seconds, flops_token, num_devices, peak_tflops):
     return tokens_per_sec, tflops, mfu
 
 
+def parameters_norm(parameters):
+    """L2 norm of the whole model's parameters (--log-params-norm, Megatron's params-norm): a shard of a
+    tensor-parallel parameter counts on every TP rank, a replicated one once. A float; all TP ranks call it."""
+    import torch.distributed as dist
+
+    from megaphi.parallel import get_tensor_model_parallel_group, get_tensor_model_parallel_rank
+
+    tp_rank = get_tensor_model_parallel_rank()
+    squares = [p.detach().float().pow(2).sum() for p in parameters
+               if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)]
+    total = torch.stack(squares).sum() if squares else torch.zeros(())
+    group = get_tensor_model_parallel_group()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(total, group=group)
+    return float(total.sqrt())
+
+
 def peak_memory_gb():
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2 ** 30
@@ -140,8 +158,8 @@ def repair_truncated_last_line(path):
                 break
             pos = start
         f.truncate(keep)
-    print(f"[megaphi] {path}: removed a truncated last line ({size - keep} bytes) left by an interrupted write",
-          flush=True)
+    print(f"warning: {path}: removed a truncated last line ({size - keep} bytes) left by an interrupted write",
+          file=sys.stderr, flush=True)
     return size - keep
 
 
@@ -153,7 +171,7 @@ TRAIN_TAGS = (
     ("global_batch_size", "batch-size", 1.0), ("tflops_per_gpu", "throughput", 1.0),
     ("tokens_per_sec", "tokens-per-sec", 1.0), ("mfu", "mfu", 1.0),
     ("skipped_in_interval", "skipped-iterations", 1.0), ("consumed_tokens", "consumed-tokens", 1.0),
-    ("peak_memory_gb", "mem-max-allocated-bytes", 2.0 ** 30),
+    ("peak_memory_gb", "mem-max-allocated-bytes", 2.0 ** 30), ("params_norm", "params-norm", 1.0),
 )
 VALID_TAGS = (("val_loss", "lm loss validation", 1.0), ("val_ppl", "lm loss validation ppl", 1.0))
 TEST_TAGS = (("test_loss", "lm loss test", 1.0), ("test_ppl", "lm loss test ppl", 1.0))
@@ -184,7 +202,7 @@ class MetricsWriter:
     TensorBoard and Weights & Biases (`wandb`: a megaphi.training.wandb_writer.WandbWriter) under
     Megatron's tag names."""
 
-    def __init__(self, log_dir=None, tensorboard_dir=None, enabled=True, wandb=None):
+    def __init__(self, log_dir=None, tensorboard_dir=None, enabled=True, wandb=None, arguments=None):
         self.enabled = enabled
         self.file = None
         self.tb = None
@@ -203,6 +221,9 @@ class MetricsWriter:
                 raise RuntimeError("--tensorboard-dir needs the tensorboard package: pip install tensorboard "
                                    f"({e})") from None
             self.tb = SummaryWriter(log_dir=tensorboard_dir)
+            if arguments:  # the run's flags, once per start, as TensorBoard text (its "Text" tab)
+                self.tb.add_text("arguments", arguments_markdown(arguments), 0)
+                self.tb.flush()
 
     def write(self, record, prefix="train"):
         if not self.enabled:
@@ -237,15 +258,25 @@ class MetricsWriter:
             self.wandb = None
 
 
+def arguments_markdown(arguments):
+    """{name: value} as a two-column markdown table (TensorBoard renders it), sorted by name."""
+    rows = [f"| `--{name.replace('_', '-')}` | `{value}` |" for name, value in sorted(arguments.items())]
+    return "\n".join(["| flag | value |", "|---|---|", *rows])
+
+
 def open_metrics_writer(args, enabled=True):
-    """The run's MetricsWriter: metrics.jsonl in --log-dir, TensorBoard in --tensorboard-dir, and W&B
-    with --wandb-project (started on the writing rank only)."""
+    """The run's MetricsWriter: metrics.jsonl in --log-dir, TensorBoard in --tensorboard-dir (with the
+    run's arguments as text), and W&B with --wandb-project (started on the writing rank only; the run id
+    kept in --save, so a resumed run continues the same W&B run)."""
+    from .wandb_writer import WandbWriter, wandb_config
+
     wandb = None
     if enabled and getattr(args, "wandb_project", None):
-        from .wandb_writer import WandbWriter, wandb_config
         wandb = WandbWriter(args.wandb_project, args.wandb_exp_name, args.wandb_save_dir or args.log_dir,
-                            wandb_config(args))
-    return MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=enabled, wandb=wandb)
+                            wandb_config(args), id_dir=getattr(args, "save", None) or args.wandb_save_dir
+                            or args.log_dir)
+    return MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=enabled, wandb=wandb,
+                         arguments=wandb_config(args))
 
 
 def format_train_line(r):
@@ -256,8 +287,10 @@ def format_train_line(r):
         parts.append(f"grad norm {r['grad_norm']:.4f}")
     parts += [f"loss scale {r['loss_scale']:g}", f"skipped {r['skipped_steps']}",
               f"{r['ms_per_iter']:.1f} ms/iter", f"{r['tokens_per_sec']:.0f} tokens/s",
-              f"{r['tflops_per_gpu']:.2f} TFLOP/s/GPU"]
+              f"{r['tflops_per_gpu']:.2f} TFLOP/s per device"]  # a GPU, or a CPU rank
     parts.append("MFU n/a" if r.get("mfu") is None else f"MFU {100 * r['mfu']:.1f}%")
+    if r.get("params_norm") is not None:
+        parts.append(f"params norm {r['params_norm']:.4f}")
     if r.get("peak_memory_gb") is not None:
         parts.append(f"peak mem {r['peak_memory_gb']:.2f} GiB")
     if r.get("eta_seconds") is not None:

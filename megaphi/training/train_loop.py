@@ -196,6 +196,8 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
                 "global_batch_size": args.global_batch_size,
                 "eta_seconds": metrics.eta_seconds(state.iteration, args.train_iters, interval_time / interval_iters),
             }
+            if getattr(args, "log_params_norm", False):
+                record["params_norm"] = metrics.parameters_norm(engine.module.parameters())
             print_rank0(metrics.format_train_line(record))
             writer.write(record)
             interval_iters = 0

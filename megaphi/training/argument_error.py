@@ -1,0 +1,8 @@
+"""The error every flag check raises, in a module of its own so that the flag modules (arguments,
+megatron_flags, megatron_compat, model_flags) import it without importing each other."""
+
+ERROR_PREFIX = "megaphi.pretrain: error:"  # the one prefix of the training command's errors
+
+
+class ArgumentError(ValueError):
+    """A flag (or a combination of flags) is invalid; the message names the flag."""
