@@ -57,7 +57,7 @@ MIN_STEP=20  # a step is not started with less than this left
 CORE_STEPS="env:30 install:45 build:110 bench_phi-1:120 train_phi-1_bf16:45 train_phi-1_fp16:45 kernels:40"
 TAIL_STEPS="tests_cuda:120 bench_phi-1-small:90 train_phi-1-small_bf16:40 train_phi-1-small_fp16:40
             tests_compile_cuda:150"
-CPU_STEPS="train_cpu_tiny:180 bench_cpu_tiny:120"
+CPU_STEPS="train_cpu_tiny:300 bench_cpu_tiny:120"  # the first builds DeepSpeed's CPU comm op (minutes under load)
 cap_of() { local s; for s in $CORE_STEPS $TAIL_STEPS $CPU_STEPS; do [ "${s%%:*}" = "$1" ] && echo "${s#*:}"; done; }
 if ((PLAN)); then
   echo "budget ${BUDGET}s (reserve ${RESERVE}s); core steps, then the tails with what is left:"
@@ -121,6 +121,8 @@ run_step() {  # NAME COMMAND...: run under timeout (the step's cap, cut to the b
   local limit=$((cap < left ? cap : left)) start=$SECONDS rc
   timeout --kill-after=5 "$limit" "$@" >"$LOGS/$name.log" 2>&1 </dev/null
   rc=$?
+  # a JIT build killed half-way leaves its lock, on which the next step would wait forever
+  ((rc == 124 || rc == 137)) && find "$TORCH_EXTENSIONS_DIR" -name lock -type f -delete 2>/dev/null
   if ((rc == 0)); then
     record "$name" passed 0 $((SECONDS - start)) "$limit" ""
   elif ((rc == 124 || rc == 137)) && ((limit < cap)); then
@@ -137,14 +139,23 @@ run_step() {  # NAME COMMAND...: run under timeout (the step's cap, cut to the b
 }
 
 # --- what the steps run ------------------------------------------------------------------------------
-install_from_wheels() {  # WHEELS PREFIX NAME...
-  local dir=$1 prefix=$2 ds names; shift 2
-  ds=$(ls "$dir"/deepspeed-*.whl 2>/dev/null | head -n 1)
-  names=$(printf '%s\n' "$@" | sed "s/^deepspeed\$/deepspeed${ds:+==$(basename "$ds" | cut -d- -f2)}/")
-  echo "installing from $dir into $prefix (pip --no-index; what is installed already is kept): $names"
+install_from_wheels() {  # WHEELS PREFIX: the folder's wheels whose distribution is not installed, no resolver
+  local dir=$1 prefix=$2 files
+  # --no-deps and explicit files: pip's resolver would also re-check the image's own packages (torch's
+  # pins), which a machine without network cannot satisfy; the folder holds exactly the missing ones.
+  files=$("$PY" -c "import os, sys
+from importlib import metadata
+for name in sorted(os.listdir(sys.argv[1])):
+    if name.endswith('.whl'):
+        try:
+            metadata.version(name.split('-')[0])
+        except metadata.PackageNotFoundError:
+            print(os.path.join(sys.argv[1], name))" "$dir") || return 1
+  [ -n "$files" ] || { echo "$dir holds nothing that is missing here"; return 1; }
+  echo "installing into $prefix (pip --no-index --no-deps; installed distributions are kept):" $files
   # shellcheck disable=SC2086
-  "$PY" -m pip install --no-index --find-links "$dir" --prefix "$prefix" --no-warn-script-location \
-    --disable-pip-version-check $names || return 1
+  "$PY" -m pip install --no-index --no-deps --prefix "$prefix" --no-warn-script-location \
+    --disable-pip-version-check $files || return 1
   add_to_path "$prefix"
   "$PY" -c "import deepspeed, hjson, pydantic; print('deepspeed', deepspeed.__version__, 'importable')"
 }
@@ -202,8 +213,7 @@ if [ "$MODE" = no-torch ]; then
 elif [ -z "$MISSING" ]; then
   skip install "everything needed is importable already (deepspeed $(fact deepspeed))"
 elif [ -n "$WHEELS" ]; then
-  # shellcheck disable=SC2086
-  run_step install bash -c 'install_from_wheels "$@"' _ "$WHEELS" "$WORK/prefix" $MISSING
+  run_step install bash -c 'install_from_wheels "$@"' _ "$WHEELS" "$WORK/prefix"
   add_to_path "$WORK/prefix"
 else
   echo install >>"$LOGS/steps.order"
