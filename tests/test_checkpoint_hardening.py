@@ -230,7 +230,7 @@ def test_metadata_of_an_older_megaphi_loads_with_a_warning(run, tmp_path, capsys
     meta["format"] = "megaphi-train-v1"
     open(path, "w").write(json.dumps(meta))
     assert checkpointing.verify_checkpoint(load)[1]["iteration"] == ITERS
-    assert f"warning: {path} has no checksum of its own (saved by an older megaphi)" in capsys.readouterr().out
+    assert f"warning: {path} has no checksum of its own (saved by an older megaphi)" in capsys.readouterr().err
 
 
 # ---- 3. every file the loader reads is covered by the checksums ----

@@ -209,8 +209,10 @@ def test_changed_setup_is_one_clear_line_or_adopted(run):
 
     # architecture: refused, or taken from the checkpoint
     args, meta, config = _resume_args(run, "--hidden-size", "128")
+    # (the rotary dim follows the head dim, so it differs too)
     with pytest.raises(CheckpointError, match=r"architecture differs from this run \(checkpoint vs run: hidden_size 64 "
-                                              r"vs 128\); pass the checkpoint's model flags or --use-checkpoint-args"):
+                                              r"vs 128; rotary_dim 16 vs 32\); pass the checkpoint's model flags or "
+                                              r"--use-checkpoint-args"):
         resume_checks.check_resume_setup(args, meta, config, 0, run.save)
     args, meta, config = _resume_args(run, "--hidden-size", "128", "--num-layers", "3", "--use-checkpoint-args")
     assert (args.hidden_size, args.num_layers, config.hidden_size) == (64, 2, 64)
@@ -293,7 +295,7 @@ def test_resume_across_zero_stages_without_save_and_sigterm(run, tmp_path):
     metrics = os.path.join(log_dir, "metrics.jsonl")
     stdout, stderr = sigterm_after_metrics(proc, metrics, lines=1)
     assert proc.returncode == 0, stderr[-3000:]
-    assert "warning: no --save: this run saves no checkpoint" in stdout
+    assert "warning: no --save: this run saves no checkpoint" in stderr  # warnings go to stderr
     assert f"resumed from {load}/iter_{ITERS:07d} at iteration {ITERS}" in stdout
     assert json.loads(open(metrics).readline())["iteration"] == ITERS + 1
     assert checkpointing.iteration_tags(load) == ["iter_0000002", "iter_0000003"]

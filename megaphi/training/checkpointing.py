@@ -27,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 
 import torch
@@ -348,12 +349,12 @@ def verify_checkpoint(load_dir, select=None):
     path = os.path.join(tag_dir, META_NAME)
     if not meta["sealed"] and _rank() == 0:
         print(f"[megaphi] warning: {path} has no checksum of its own (saved by an older megaphi): it is checked "
-              f"against its folder's name and DeepSpeed's record only", flush=True)
+              f"against its folder's name and DeepSpeed's record only", file=sys.stderr, flush=True)
     try:
         integrity.check_tag_name(meta, tag, path)
         if meta.get("files") is None:
             print(f"[megaphi] warning: {path} records no checksums (saved by an older megaphi or converted): its "
-                  f"files are not verified", flush=True)
+                  f"files are not verified", file=sys.stderr, flush=True)
         else:
             files = meta["files"]
             integrity.check_coverage(tag_dir, files, META_NAME, select)  # every file a loader may read is listed
