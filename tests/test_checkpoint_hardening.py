@@ -349,6 +349,14 @@ def test_a_partial_save_that_cannot_be_removed_says_so(run, tmp_path, monkeypatc
     assert f"the partial checkpoint {save}/iter_0000001 could not be removed" in message
 
 
+def test_a_lost_rank_during_a_save_is_left_to_the_trainer(run, tmp_path):
+    """gloo's error in a survivor is the trainer's to report (naming the lost rank), not a failed save."""
+    lost = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1")
+    with pytest.raises(RuntimeError) as info:
+        _save(_FakeEngine({"deepspeed": lost}), str(tmp_path / "ck"), 1, run.prefix)
+    assert info.value is lost
+
+
 def test_a_file_in_the_way_of_a_real_run_is_one_line(run, tmp_path):
     save = str(tmp_path / "ck")
     os.makedirs(save)

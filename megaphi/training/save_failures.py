@@ -13,6 +13,7 @@ import traceback
 
 from . import checkpoint_integrity as integrity
 from .dist_timeout import is_timeout
+from .peer_loss import is_peer_lost
 
 
 class InTheWay(OSError):
@@ -27,8 +28,9 @@ class InTheWay(OSError):
 
 def is_save_failure(error):
     """I/O as the writers report it: OSError, torch.save's RuntimeError (errno lost), safetensors'
-    error. A collective timeout is reported by the trainer as such, not as a failed save."""
-    if is_timeout(error):
+    error. A collective timeout or a lost rank is reported by the trainer as such (naming the rank),
+    not as a failed save: the partial folder it leaves is set aside by the next run."""
+    if is_timeout(error) or is_peer_lost(error):
         return False
     return isinstance(error, (OSError, RuntimeError)) or type(error).__name__ == "SafetensorError"
 
