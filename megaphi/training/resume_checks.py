@@ -144,9 +144,10 @@ def prepare_resume(args, tokenizer, padded_vocab, say=print):
     be saved."""
     from . import checkpointing
 
-    if not args.save and not getattr(args, "skip_train", False):  # an evaluation saves nothing anyway
-        say("warning: no --save: this run saves no checkpoint; a crash, SIGTERM or the end of the run keeps "
-            "nothing but the metrics")
+    if not args.save:
+        if not getattr(args, "skip_train", False):  # an evaluation saves nothing anyway
+            say("warning: no --save: this run saves no checkpoint; a crash, SIGTERM or the end of the run keeps "
+                "nothing but the metrics")
     else:  # the run holds the folder's lock: its interrupted saves are its own
         checkpointing.set_aside_incomplete(args.save, owned=True, say=say)
         latest = os.path.join(args.save, checkpointing.LATEST_NAME)
