@@ -14,17 +14,20 @@
 # repository):
 #   PRETRAINED      checkpoints/phi-1-base/iter_0024000/model
 #   DATA_PATH       data/codeexercises_text_document  PREFIX, or "W1 PREFIX1 W2 PREFIX2 ..."
-#   TOKENIZER       Salesforce/codegen-350M-mono      folder, tokenizer.json or Hub name
+#   TOKENIZER       ../shared/tokenizers/codegen-350M-mono beside the checkout, else Salesforce/codegen-350M-mono
+#                                                     (folder, tokenizer.json or Hub name)
 #   MODEL           phi-1                             the architecture of PRETRAINED (phi-1-small, ...)
 #   CHECKPOINT_DIR  checkpoints/$MODEL
 #   SEQ_LENGTH 2048   GLOBAL_BATCH 256   MICRO_BATCH 8 (per GPU)   TRAIN_ITERS 6000   LR 1e-4
 #   WARMUP_ITERS    50 x TRAIN_ITERS / 6000 (the paper's 50 steps, scaled with the run)
 #   GPUS_PER_NODE 8  NNODES 1  HOSTFILE  ZERO_STAGE 1  TP 1  SEQUENCE_PARALLEL 0  PRECISION fp16|bf16|fp32
+#   (PRECISION unset on a machine without a GPU: fp32, with a note)
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 resolve_env PRETRAINED CHECKPOINT_DIR HOSTFILE
 [[ -n "${DATA_PATH:-}" ]] && DATA_PATH=$(abs_data_path "$DATA_PATH")
 TOKENIZER=$(abs_if_exists "${TOKENIZER:-}")
+PRECISION_SET=$([[ -n "${PRECISION:-}" ]] && echo 1 || echo 0)
 cd "$(dirname "$0")/.."
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
@@ -32,7 +35,7 @@ NNODES=${NNODES:-1}
 HOSTFILE=${HOSTFILE:-}
 PRETRAINED=${PRETRAINED:-checkpoints/phi-1-base/iter_0024000/model}
 DATA_PATH=${DATA_PATH:-data/codeexercises_text_document}
-TOKENIZER=${TOKENIZER:-Salesforce/codegen-350M-mono}
+[[ -z "${TOKENIZER:-}" ]] && TOKENIZER=$(default_tokenizer)
 MODEL=${MODEL:-phi-1}
 CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/${MODEL}}
 SEQ_LENGTH=${SEQ_LENGTH:-2048}
@@ -46,6 +49,12 @@ TP=${TP:-1}
 SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-0}                      # 1: --sequence-parallel (TP > 1)
 PRECISION=${PRECISION:-fp16}
 
+require_data "$DATA_PATH" "$TOKENIZER"
+if [[ ! -e "$PRETRAINED" ]]; then
+    echo "finetune_phi1.sh: PRETRAINED: $PRETRAINED does not exist; make it with: bash examples/pretrain_phi1.sh (checkpoints/phi-1-base), or python tools/convert_checkpoint.py hf-to-megaphi HF_PHI_FOLDER $PRETRAINED; or set PRETRAINED" >&2
+    exit 2
+fi
+PRECISION=$(precision_for_this_machine "$PRECISION" "$PRECISION_SET")
 use_one_cuda_queue_if_tensor_parallel "$TP"
 
 LAUNCHER=(deepspeed --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE")

@@ -13,24 +13,27 @@
 # Environment overrides (paths relative to the directory you run the script in; defaults relative to the
 # repository):
 #   DATA_PATH       data/codetextbook_text_document   PREFIX, or "W1 PREFIX1 W2 PREFIX2 ..."
-#   TOKENIZER       Salesforce/codegen-350M-mono      folder, tokenizer.json or Hub name
+#   TOKENIZER       ../shared/tokenizers/codegen-350M-mono beside the checkout, else Salesforce/codegen-350M-mono
+#                                                     (folder, tokenizer.json or Hub name)
 #   MODEL           phi-1                             or phi-1-small
 #   CHECKPOINT_DIR  checkpoints/$MODEL-base
 #   SEQ_LENGTH 2048   GLOBAL_BATCH 1024   MICRO_BATCH 8 (per GPU)   TRAIN_ITERS 36000   LR 1e-3
 #   WARMUP_ITERS    750 x TRAIN_ITERS / 36000 (the paper's 750 steps, scaled with the run)
 #   GPUS_PER_NODE 8  NNODES 1  HOSTFILE  ZERO_STAGE 1  TP 1  SEQUENCE_PARALLEL 0  PRECISION fp16|bf16|fp32
+#   (PRECISION unset on a machine without a GPU: fp32, with a note)
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 resolve_env CHECKPOINT_DIR HOSTFILE
 [[ -n "${DATA_PATH:-}" ]] && DATA_PATH=$(abs_data_path "$DATA_PATH")
 TOKENIZER=$(abs_if_exists "${TOKENIZER:-}")
+PRECISION_SET=$([[ -n "${PRECISION:-}" ]] && echo 1 || echo 0)
 cd "$(dirname "$0")/.."
 
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 NNODES=${NNODES:-1}
 HOSTFILE=${HOSTFILE:-}
 DATA_PATH=${DATA_PATH:-data/codetextbook_text_document}    # PREFIX, or "W1 PREFIX1 W2 PREFIX2"
-TOKENIZER=${TOKENIZER:-Salesforce/codegen-350M-mono}
+[[ -z "${TOKENIZER:-}" ]] && TOKENIZER=$(default_tokenizer)
 MODEL=${MODEL:-phi-1}                                         # or phi-1-small (pretrain_phi1_small.sh)
 CHECKPOINT_DIR=${CHECKPOINT_DIR:-checkpoints/${MODEL}-base}
 SEQ_LENGTH=${SEQ_LENGTH:-2048}
@@ -44,6 +47,8 @@ TP=${TP:-1}
 SEQUENCE_PARALLEL=${SEQUENCE_PARALLEL:-0}                      # 1: --sequence-parallel (TP > 1)
 PRECISION=${PRECISION:-fp16}                                  # paper: fp16; bf16, or fp32 (no flag)
 
+require_data "$DATA_PATH" "$TOKENIZER"
+PRECISION=$(precision_for_this_machine "$PRECISION" "$PRECISION_SET")
 use_one_cuda_queue_if_tensor_parallel "$TP"
 
 LAUNCHER=(deepspeed --num_nodes "$NNODES" --num_gpus "$GPUS_PER_NODE")

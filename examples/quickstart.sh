@@ -15,6 +15,7 @@
 #   SEQ_LENGTH    256              MICRO_BATCH  8         GLOBAL_BATCH  MICRO_BATCH (no accumulation)
 #   TRAIN_ITERS   400              LR           2e-3      (min lr LR/10, warmup 7.5% of TRAIN_ITERS)
 #   VOCAB_SIZE    4096 (trained tokenizer)               PYTHON  python3
+#   MAX_FILES     (all)            take only the first N stdlib files for the corpus (a faster smoke run)
 #
 # Steps: install if needed -> stdlib corpus (tools/make_stdlib_corpus.py) -> byte-level BPE tokenizer
 # (tools/train_tokenizer.py, 4096 tokens) -> token files (tools/preprocess_data.py) -> train
@@ -36,6 +37,8 @@ SEQ_LENGTH=${SEQ_LENGTH:-256}
 LR=${LR:-2e-3}
 MIN_LR=$(awk -v lr="$LR" 'BEGIN { printf "%g", lr / 10 }')
 VOCAB_SIZE=${VOCAB_SIZE:-4096}
+CORPUS_LIMIT=()
+[[ -n "${MAX_FILES:-}" ]] && CORPUS_LIMIT=(--max-files "$MAX_FILES")
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 
 step() { printf '\n== %s\n' "$*"; }
@@ -49,7 +52,7 @@ mkdir -p "$WORK_DIR/data"
 CORPUS="$WORK_DIR/corpus.jsonl"
 if [[ ! -f "$CORPUS" ]]; then
     step "corpus: the Python standard library's sources -> $CORPUS"
-    $PY tools/make_stdlib_corpus.py --output "$CORPUS" --exclude-tests
+    $PY tools/make_stdlib_corpus.py --output "$CORPUS" --exclude-tests "${CORPUS_LIMIT[@]}"
 fi
 
 if [[ -z "${TOKENIZER:-}" ]]; then

@@ -224,6 +224,7 @@ def setup_engine(args, model, ds_config):
     ds_logger.setLevel(os.environ.get("MEGAPHI_DEEPSPEED_LOG_LEVEL", "WARNING").upper())
 
     from megaphi.parallel import mpu
+    from megaphi.training.deepspeed_comm import skip_shm_comm_extension
     from megaphi.training.lr_schedule import WarmupDecayLR
     from megaphi.training.optimizer import build_optimizer
 
@@ -232,6 +233,7 @@ def setup_engine(args, model, ds_config):
                                 args.adam_eps, device_type=device_type, impl=args.optimizer_impl)
     scheduler = WarmupDecayLR(optimizer, args.lr, args.min_lr, args.lr_warmup_iters, args.lr_decay_iters,
                               args.lr_decay_style)
+    skip_shm_comm_extension()  # DeepSpeed's CPU comm extension: a JIT build megaphi does not need
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            mpu=mpu, config=ds_config, dist_init_required=False)
     finish_engine_setup(engine)
@@ -384,7 +386,7 @@ def run(args):
         kind, source = checkpointing.finetune_weights_source(args.load)
         if kind == "folder":
             checkpointing.load_weights_from_folder(model, source)
-            print_rank0(f"finetuning from weights in {source}")
+            print_rank0(f"{'evaluating the' if args.skip_train else 'finetuning from'} weights in {source}")
 
     check_precision_supported(args)
     set_grad_communication_overlap(model, args.async_tensor_model_parallel_allreduce)
@@ -407,7 +409,8 @@ def run(args):
                                              load_optimizer_states=False, load_lr_scheduler_states=False)
             if path is None:
                 raise TrainingError(f"could not load weights from {os.path.join(args.load, source)}")
-            print_rank0(f"finetuning from weights in {os.path.join(args.load, source)}")
+            print_rank0(f"{'evaluating the' if args.skip_train else 'finetuning from'} weights in "
+                        f"{os.path.join(args.load, source)}")
     elif args.load:
         meta = checkpointing.load_checkpoint(engine, args.load, verified, load_optim=not args.no_load_optim,
                                              load_rng=not args.no_load_rng)

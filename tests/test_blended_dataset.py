@@ -133,10 +133,23 @@ def test_build_gpt_datasets_unweighted_blend_uses_sizes(two_corpora):
     np.testing.assert_array_equal(train.dataset_index, ref_dataset)
 
 
+def test_build_gpt_datasets_weighted_without_a_count_blends_one_epoch(two_corpora):
+    code, textbook = two_corpora
+    train, valid, test = build_gpt_datasets(["1", code, "3", textbook], "98,2,0", 16, 1, (None, None, 0))
+    assert test is None  # 0 samples: not built, as the trainer does with evaluation off
+    for blend in (train, valid):
+        sizes = [len(d) for d in blend.datasets]  # each dataset built for one epoch (num_samples None)
+        assert all(d.num_samples is None for d in blend.datasets)
+
+        def fits(n):  # the independent greedy reference draws no dataset past its epoch
+            counts = np.bincount(reference_blending([0.25, 0.75], n)[0], minlength=2)
+            return bool(np.all(counts <= sizes))
+        assert fits(len(blend)) and not fits(len(blend) + 1)
+        np.testing.assert_array_equal(blend.dataset_index, reference_blending([0.25, 0.75], len(blend))[0])
+
+
 def test_build_gpt_datasets_bad_inputs(two_corpora):
     code, textbook = two_corpora
-    with pytest.raises(ValueError, match="sample count"):
-        build_gpt_datasets(["1", code, "1", textbook], "1", 16, 1, (None, None, None))
     with pytest.raises(ValueError, match="train, valid, test"):
         build_gpt_datasets([code], "1", 16, 1, (10, 10))
     with pytest.raises(ValueError, match="seq_length"):

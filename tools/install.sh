@@ -29,4 +29,14 @@ if ! echo '#include <tbb/tbb.h>' | "${CXX:-g++}" -x c++ -std=c++17 -E - >/dev/nu
     echo "megaphi: Intel TBB headers not found (Debian: libtbb-dev); HIP-CPU kernel tests will run serially" >&2
   fi
 fi
+# DeepSpeed JIT-builds its CPU shared-memory comm extension the first time deepspeed.comm starts on a
+# CPU machine (~2 min; a build killed half-way leaves a lock that hangs later starts). megaphi's own runs
+# skip it (megaphi/training/deepspeed_comm.py); code that calls deepspeed.initialize directly (tests)
+# finds it built here instead of building it inside its first run. Nothing to do on GPU machines.
+$PY - <<'PYEOF' || echo "megaphi: DeepSpeed's CPU comm extension was not prebuilt; its first direct use builds it" >&2
+from deepspeed.accelerator import get_accelerator
+builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if builder is not None and builder.is_compatible():
+    builder.load()
+PYEOF
 $PY -c "import megaphi._C; print('megaphi installed')"

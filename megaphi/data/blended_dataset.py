@@ -108,9 +108,13 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
     not named in `splits`, which is then not built at all: a caller that never reads it need not
     have documents for it).
 
-    num_samples gives the samples wanted per split (None: one epoch). One unweighted prefix gives
-    GPTDatasets; weights (even a single one) give BlendedDatasets over per-prefix GPTDatasets;
-    several unweighted prefixes are blended by their sizes (one epoch each).
+    num_samples gives the samples wanted per split, as the trainer asks: a count, 0 (the split is
+    not built: None, as for evaluation off) or None (one epoch; a split that covers no documents is
+    then None, so a small file's empty test split is no error). One unweighted prefix gives
+    GPTDatasets; weights (even a single one) give BlendedDatasets over per-prefix GPTDatasets (with
+    None: one epoch of each, drawn at the weights until the first runs out); several unweighted
+    prefixes are blended by their sizes (one epoch each). A count > 0 for a split without documents
+    is a ValueError naming the split and the file.
 
     vocab_size: every token file is checked to hold ids < vocab_size (token_check.VocabularyError,
     a ValueError naming the dataset), before any index is built.
@@ -135,22 +139,52 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
     results = []
     for k, name in enumerate(SPLIT_NAMES):
         wanted = num_samples[k]
-        if bookends[k] is None or name not in splits:
+        if wanted is not None and (isinstance(wanted, bool) or int(wanted) != wanted or wanted < 0):
+            raise ValueError(f"num_samples for the {name} split must be an integer >= 0 or None, got {wanted!r}")
+        if wanted is None:  # one epoch of what the split holds: prefixes without documents in it give nothing
+            keep = [i for i, p in enumerate(prefixes) if _has_documents(readers[p], split, name)]
+            part_prefixes = [prefixes[i] for i in keep]
+            part_weights = None if weights is None else [weights[i] for i in keep]
+        else:
+            part_prefixes, part_weights = prefixes, weights
+        if bookends[k] is None or name not in splits or wanted == 0 or not part_prefixes:
             results.append(None)
-        elif len(prefixes) == 1 and weights is None:
-            results.append(gpt(prefixes[0], wanted, name))
-        elif weights is not None:
-            if wanted is None:
-                raise ValueError(f"a weighted --data-path needs a sample count for the {name} split")
-            norm = normalize_weights(weights)
+        elif len(part_prefixes) == 1 and part_weights is None:
+            results.append(gpt(part_prefixes[0], wanted, name))
+        elif part_weights is not None and wanted is None:
+            parts = [gpt(p, None, name) for p in part_prefixes]
+            norm = normalize_weights(part_weights)
+            results.append(BlendedDataset(parts, norm, one_epoch_blend_size([len(d) for d in parts], norm)))
+        elif part_weights is not None:
+            norm = normalize_weights(part_weights)
             targets = [int(math.ceil(wanted * w)) for w in norm]
-            parts = [gpt(p, int(math.ceil(t * (1 + MID_LEVEL_SURPLUS))), name) for p, t in zip(prefixes, targets)]
+            parts = [gpt(p, int(math.ceil(t * (1 + MID_LEVEL_SURPLUS))), name) for p, t in zip(part_prefixes, targets)]
             results.append(BlendedDataset(parts, norm, sum(targets)))
         else:
-            parts = [gpt(p, None, name) for p in prefixes]
+            parts = [gpt(p, None, name) for p in part_prefixes]
             lengths = [len(d) for d in parts]
             if wanted is None:
                 results.append(BlendedDataset(parts, lengths, None))
             else:
                 results.append(BlendedDataset(parts, lengths, min(wanted, sum(lengths))))
     return tuple(results)
+
+
+def one_epoch_blend_size(lengths: Sequence[int], weights: Sequence[float]) -> int:
+    """The largest blend at `weights` (normalised) that draws no dataset past its `lengths`."""
+    from megaphi import _C
+
+    size = int(min(n / w for n, w in zip(lengths, weights))) + 1  # the greedy blend is within 1 of w * size
+    while size > 0:
+        index, _ = _C.build_blending_indices(np.array(weights, dtype=np.float64), size)
+        if np.all(np.bincount(index, minlength=len(lengths)) <= np.array(lengths)):
+            return size
+        size -= 1
+    return 0
+
+
+def _has_documents(reader, split: str, split_name: str) -> bool:
+    from .splits import split_document_range
+
+    doc_range = split_document_range(split, split_name, len(reader.sequence_lengths))
+    return doc_range is not None and doc_range[1] > doc_range[0]

@@ -73,8 +73,9 @@ def resolve_run_length(args):
         args.train_iters = args.train_samples // gbs
         if args.train_iters == 0:
             raise ArgumentError(f"--train-samples {args.train_samples} is less than one --global-batch-size {gbs}")
-    if args.train_iters is None and args.skip_train:
-        args.train_iters = 1  # no training: only the lr schedule's length, which nothing reads
+    if args.skip_train:  # no training: the lr schedule and its length are never read
+        args.train_iters = 1 if args.train_iters is None else args.train_iters
+        args.lr = 0.0 if args.lr is None else args.lr
     for name, iters_name in (("lr_warmup_samples", "lr_warmup_iters"), ("lr_decay_samples", "lr_decay_iters")):
         samples = getattr(args, name)
         if samples is None:
