@@ -470,7 +470,7 @@ def test_recipe_without_its_data_names_the_command_that_makes_it(tmp_path, scrip
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert f"{prefix}_text_document.bin does not exist" in lines[0], lines
-    assert f"python tools/preprocess_data.py --input CORPUS.jsonl --tokenizer " in lines[0], lines
+    assert "python tools/preprocess_data.py --input CORPUS.jsonl --tokenizer " in lines[0], lines
     assert f"--output-prefix {prefix} " in lines[0], lines
     if os.path.exists(CODEGEN):  # the tokenizer the recipe would use: the one beside the checkout
         assert "--tokenizer ../shared/tokenizers/codegen-350M-mono " in lines[0], lines
@@ -517,3 +517,25 @@ def test_datasets_snippet_runs_on_a_small_file(tmp_path, monkeypatch, test_sampl
     # a blend of N samples at weights 0.7 / 0.3 holds ceil(0.7 N) + ceil(0.3 N) (docs/datasets.md)
     assert (len(train), len(valid), test) == (12 + 5, 6 + 3, None)
     assert scope["batch"]["tokens"].shape == (8, 64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Start-up: DeepSpeed's CPU comm extension is neither built nor loaded by megaphi's runs (the doc
+# commands above run with an empty TORCH_EXTENSIONS_DIR and check it stays empty). The hook it uses:
+
+def test_deepspeed_shm_comm_hook_is_where_megaphi_expects_it():
+    import importlib
+    import inspect
+
+    from megaphi.training.deepspeed_comm import skip_shm_comm_extension
+
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    assert callable(ds_torch_comm.build_shm_op)
+    init = inspect.getsource(ds_torch_comm.TorchBackend.__init__)
+    assert "self.shm_comm_op = build_shm_op()" in init  # looked up in the module at call time
+    assert "if self.shm_comm_op != None" in init or "if self.shm_comm_op is not None" in init
+    skip_shm_comm_extension()
+    skip_shm_comm_extension()  # idempotent
+    assert ds_torch_comm.build_shm_op() is None
+    # without the extension, DeepSpeed's only user of it falls back to torch.distributed
+    assert "torch.distributed.all_reduce" in inspect.getsource(ds_torch_comm.TorchBackend.inference_all_reduce)
