@@ -11,7 +11,7 @@ falls back to torch.distributed.all_reduce without it; megaphi's collectives are
 No public setting turns the build off (DS_BUILD_SHM_COMM only affects `pip install`), so the module
 function TorchBackend calls, deepspeed.comm.torch.build_shm_op, is replaced by one returning None:
 the state DeepSpeed itself is in where the extension is not available (non-Linux). The hook is pinned
-by tests/test_docs_commands.py (the function exists, TorchBackend calls it, nothing is built).
+by tests/test_fresh_checkout.py (the function exists, TorchBackend calls it, nothing is built).
 """
 
 
