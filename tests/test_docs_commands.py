@@ -441,7 +441,7 @@ def workspace(tmp_path_factory):
     return Workspace(str(tmp_path_factory.mktemp("docs")))
 
 
-@pytest.mark.parametrize("key", list(RUNS))
+@pytest.mark.parametrize("key", list(RUNS), ids=[re.sub(r"[^\w.=/-]+", "_", key)[:90] for key in RUNS])
 def test_documented_command_runs(workspace, key):
     output = need(workspace, key)
     if RUNS[key].check is not None:
