@@ -360,9 +360,9 @@ def run(args):
     from megaphi.parallel import get_data_parallel_group, get_data_parallel_rank, get_data_parallel_world_size
     from megaphi.parallel import initialize_model_parallel
 
+    deepspeed_logs_to_stderr()  # before anything imports DeepSpeed: its log lines are not results
     if args.save:
         save_lock.acquire_for_job(args.save)  # one job per --save folder, before anything reads it
-    deepspeed_logs_to_stderr()  # before anything imports DeepSpeed: its log lines are not results
     initialize_model_parallel(args.tensor_model_parallel_size)
     if hasattr(ops, "set_impl"):
         ops.set_impl(layernorm=args.layernorm_impl, rotary=args.rotary_impl)
