@@ -4,9 +4,9 @@
 //   ends, so one warp runs ahead of the others as far as its barriers let it. Keys: `forward` thread
 //   index order, `reverse` the highest index first, `random` seeded random keys near the current
 //   step count, drawn again every time the block's barrier releases (near "now", so that fibers
-//   released late mix with those still waiting instead of all running before them). A missing barrier after shared-memory writers (readers run
-//   before the writers) or before shared memory is reused (a warp runs ahead into the next use while
-//   others still read) then changes the results.
+//   released late mix with those still waiting instead of all running before them). A missing
+//   barrier after shared-memory writers (readers run before the writers) or before shared memory is
+//   reused (a warp runs ahead into the next use while others still read) then changes the results.
 // - Blocks interleave: kResidentBlocks blocks run at a time, their threads' steps interleaved by the
 //   keys (forward: block by block after the last resident one, reverse and random: in reverse and
 //   random order), and the next block starts when one ends.
@@ -88,7 +88,17 @@ struct Block {
     std::vector<unsigned char> static_image, dynamic_shared, shuffle_slots;
 };
 
-using Runnable = std::pair<std::uint64_t, Fiber*>;
+// Ordered by key, ties by (slot, thread): never by address, which would differ from run to run.
+struct Runnable {
+    std::uint64_t key, tie;
+    Fiber* fiber;
+    bool operator>(const Runnable& other) const { return key != other.key ? key > other.key : tie > other.tie; }
+};
+
+inline Runnable runnable_entry(Fiber* fiber) {
+    const std::uint64_t tie = static_cast<std::uint64_t>(fiber->block->slot) * kMaxBlockThreads + fiber->linear;
+    return Runnable{fiber->key, tie, fiber};
+}
 
 struct Launch {
     const std::function<void()>* body = nullptr;
@@ -134,7 +144,7 @@ inline void release(Scope& scope, bool new_phase) {
     Launch& launch = active();
     for (Fiber* fiber : scope.waiting) {
         if (new_phase && schedule().order == Order::random) fiber->key = random_key();
-        launch.runnable.emplace(fiber->key, fiber);
+        launch.runnable.push(runnable_entry(fiber));
     }
     scope.waiting.clear();
 }
@@ -214,7 +224,7 @@ inline std::unique_ptr<Block> start_block(unsigned linear_block, unsigned slot, 
         auto& stack = launch.stacks[slot * kMaxBlockThreads + t];
         if (!stack) stack.reset(new unsigned char[kStackBytes]);
         start_context(fiber.context, stack.get(), kStackBytes, fiber_entry);
-        launch.runnable.emplace(fiber.key, &fiber);
+        launch.runnable.push(runnable_entry(&fiber));
     }
     return block;
 }
@@ -261,7 +271,7 @@ inline hipError_t launch(dim3 grid, dim3 block_dim, std::size_t dynamic_bytes, c
             }
         }
         if (launch.runnable.empty()) break;
-        Fiber* fiber = launch.runnable.top().second;
+        Fiber* fiber = launch.runnable.top().fiber;
         launch.runnable.pop();
         launch.current = fiber;
         ++launch.steps;
