@@ -241,13 +241,23 @@ def setup_engine(args, model, ds_config):
 
 
 def finish_engine_setup(engine):
-    """Small fixes on a fresh engine: log the fp32 grad norm; skip the gradient all-reduce of ZeRO 0
-    when there is a single data-parallel rank (it would only copy gradients into buckets and back)."""
+    """Small fixes on a fresh engine: log the fp32 grad norm; skip the engine's gradient all-reduce
+    when there is a single data-parallel rank.
+
+    The engine all-reduces (engine.allreduce_gradients -> buffered_allreduce_fallback) the module's
+    gradients at ZeRO 0 (fp32, fp16; bf16 at ZeRO 0 is left as it was) and, for bf16 at ZeRO 1 with fp32 accumulation (megaphi's bf16 default), the
+    BF16 optimizer's flat fp32 gradient buffers: over one rank that only flattens the gradient into a
+    bucket of up to 500M elements (2 GB in fp32), "reduces" it and copies it back, ~4 passes over the
+    fp32 gradient per step. The BF16 optimizer accumulates its fp32 gradients before the flag is read
+    (engine._backward_epilogue), so turning the flag off skips the reduction only. The ZeRO optimizers
+    (stages 1-3 otherwise) move gradients into their partitions inside their reduction: not touched."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
     from megaphi.parallel import get_data_parallel_world_size
 
     record_fp32_grad_norm(engine)
-    if engine.zero_optimization_stage() == 0 and get_data_parallel_world_size() == 1 \
-            and not engine.bfloat16_enabled():
+    fp32_fp16_zero0 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+    if (fp32_fp16_zero0 or isinstance(engine.optimizer, BF16_Optimizer)) and get_data_parallel_world_size() == 1:
         engine.enable_backward_allreduce = False
 
 

@@ -5,8 +5,11 @@ finish_engine_setup, megaphi/training/train_loop.py loss_scale_of):
 - engine.clip_fp32_gradients() is what DeepSpeed's engine._take_model_step(lr_kwargs) calls to clip
   fp32 gradients without ZeRO/fp16/bf16; megaphi replaces it to keep the grad norm it computes, and
   wraps _take_model_step to compute a norm when nothing clips;
-- engine.enable_backward_allreduce = False skips the gradient all-reduce at ZeRO 0 on one
-  data-parallel rank (it would only copy the gradients through buckets);
+- engine.enable_backward_allreduce = False skips the gradient all-reduce on one data-parallel rank
+  at ZeRO 0 and with bf16's BF16_Optimizer (it would only copy the gradients through buckets); the
+  BF16_Optimizer must accumulate its fp32 gradients before the engine reads the flag, and its
+  bf16.immediate_grad_update config key frees each bf16 gradient once accumulated
+  (tests/test_bf16_one_rank_reduction.py checks both behaviours end to end);
 - the fp16 optimizers' current loss scale is read as optimizer.cur_scale or optimizer.loss_scale.
 A DeepSpeed that renames or reroutes any of these makes megaphi log no grad norm, all-reduce for
 nothing or log a NaN loss scale, silently: these tests fail instead. setup.py pins the range they
@@ -53,6 +56,22 @@ def test_fp16_optimizers_expose_the_loss_scale_megaphi_reads():
     for cls in (FP16_Optimizer, FP16_UnfusedOptimizer, DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3):
         readable = [name for name in ("cur_scale", "loss_scale") if isinstance(getattr(cls, name, None), property)]
         assert readable, f"{cls.__name__} has neither a cur_scale nor a loss_scale property"
+
+
+def test_bf16_optimizer_internals_megaphi_relies_on():
+    import inspect
+
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+
+    assert "immediate_grad_update" in DeepSpeedBF16Config.model_fields
+    # finish_engine_setup turns the all-reduce off for this class; the fp32 accumulation must not
+    # depend on it: in _backward_epilogue, the optimizer's epilogue runs before the flag is read
+    epilogue = inspect.getsource(DeepSpeedEngine._backward_epilogue)
+    assert "self.optimizer.backward_epilogue()" in epilogue and "self.enable_backward_allreduce" in epilogue
+    assert epilogue.index("self.optimizer.backward_epilogue()") < epilogue.index("self.enable_backward_allreduce")
+    assert hasattr(BF16_Optimizer, "get_grads_for_reduction")
 
 
 def test_loss_scale_of_reads_a_property():
