@@ -71,7 +71,6 @@ struct Fiber {
     unsigned linear = 0;  // thread index within the block
     dim3 index;
     std::uint64_t key = 0;
-    bool done = false;
 };
 
 struct Scope {  // the block ([0]) or one warp: who must arrive before a barrier releases
@@ -167,7 +166,6 @@ inline void fiber_entry() {
     Launch& launch = active();
     (*launch.body)();
     Fiber* self = launch.current;
-    self->done = true;
     Block& block = *self->block;
     --block.remaining;
     for (int s : {0, 1 + static_cast<int>(self->linear / kWarpSize)}) {  // no longer awaited at barriers
