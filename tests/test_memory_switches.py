@@ -152,3 +152,43 @@ def test_unavailable_attention_backend_is_a_clear_error_at_start():
         "math (--attention-backend)"
     with pytest.raises(ValueError, match="attention_backend"):
         Config(**CONFIG, attention_backend="xformers")
+
+
+def _held_bytes_per_layer(granularity, backend, dropout):
+    """benchmarks/recompute_memory.py's deterministic count (bytes of distinct storages autograd or a
+    checkpoint keeps for the backward, parameters excluded) for one decoder layer."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "recompute_memory.py"
+    spec = importlib.util.spec_from_file_location("recompute_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = argparse.Namespace(hidden=128, layers=2, seq=_S, batch=_B, vocab=96, dropout=dropout, dtype="float32",
+                              backend=backend)
+    return module.per_layer(args, granularity, module.measure(granularity, args))
+
+
+# b, s, heads at hidden 128: the s x s probabilities are b*heads*s*s fp32, the logsumexp b*heads*s
+_B, _S, _HEADS = 2, 256, 2
+_BSH = _B * _S * 128 * 4
+
+
+@pytest.mark.parametrize("backend, dropout", [("math", 0.0), ("auto", 0.1)], ids=["math", "dropout"])
+def test_selective_recompute_drops_the_attention_probabilities(backend, dropout):
+    """Where the attention kernel keeps the s x s probabilities (SDPA's math kernel; on CPU also
+    whenever dropout is on), selective recompute frees them but keeps the rotated q and k to recompute
+    from (the math kernel keeps scaled copies of them instead), and full recompute frees more."""
+    none, selective, full = (_held_bytes_per_layer(g, backend, dropout) for g in ("none", "selective", "full"))
+    probabilities = _B * _HEADS * _S * _S * 4  # 4 x _BSH here
+    assert none - selective >= probabilities - 2 * _BSH
+    assert full < selective
+
+
+def test_selective_recompute_saves_almost_nothing_with_a_flash_kernel():
+    """A flash kernel (here SDPA's CPU flash kernel, no dropout) keeps q, k, v, its output and the
+    logsumexp; q, k, v stay for the recompute and the output is the dense layer's input anyway, so
+    selective frees only the logsumexp."""
+    none, selective = (_held_bytes_per_layer(g, "sdpa-flash", 0.0) for g in ("none", "selective"))
+    assert 0 <= none - selective <= _B * _HEADS * _S * 4
