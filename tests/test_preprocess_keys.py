@@ -65,7 +65,7 @@ def test_non_text_second_key_is_an_error_not_an_empty_dataset(tmp_path, codegen_
     assert not list(tmp_path.glob("o_*"))
 
 
-def test_bytes_columns_are_utf8_text(tmp_path, codegen_tokenizer_dir, ref_tok, capsys):
+def test_bytes_columns_are_utf8_text(tmp_path, codegen_tokenizer_dir, ref_tok, capsys):  # noqa: F811 (the imported fixture)
     docs = ["def f():\n    return 'é'\n", "x = 1\n", "print('日本')\n"]
     raw = [d.encode() for d in docs]
     write_parquet(tmp_path / "b.parquet", {"content": raw[:2] + [b"\xff\xfe bad\n"]})
