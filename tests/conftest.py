@@ -33,3 +33,19 @@ def _single_threaded_torch():
     # Tests on a 2-core machine: avoid oversubscription when several processes run.
     torch.set_num_threads(int(os.environ.get("MEGAPHI_TEST_THREADS", "1")))
     yield
+
+
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _launcher_variables_restored():
+    # A test that runs megaphi.pretrain.main in-process sets RANK/MASTER_PORT (as a plain run does); left
+    # behind, they make every later subprocess believe a launcher started it, on a port still held here.
+    saved = {name: os.environ.get(name) for name in LAUNCHER_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -388,7 +388,9 @@ class Workspace:
         self.extensions = os.path.join(root, "torch_extensions")  # an empty JIT-extension cache: a fresh machine
         os.makedirs(self.extensions)
         bin_dir = os.path.dirname(sys.executable)
-        self.env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        launched = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        self.env = dict({k: v for k, v in os.environ.items() if k not in launched},  # a user's plain shell
+                        PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
                         HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1",
                         TORCH_EXTENSIONS_DIR=self.extensions, PYTHONUNBUFFERED="1")
         self.done: Dict[str, str] = {}

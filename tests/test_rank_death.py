@@ -38,7 +38,10 @@ def test_survivor_names_the_lost_rank_and_how_to_resume(tmp_path):
     save, logs = tmp_path / "ckpt", tmp_path / "logs"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     launcher = subprocess.Popen(
+        # a slow monitor: the launcher would otherwise SIGTERM the survivor as soon as it sees rank 1 gone,
+        # racing the survivor's own discovery; the message under test is the survivor's
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "--monitor-interval", "60",
          "--log-dir", str(logs), "--redirects", "3", "-m", "megaphi.pretrain", *TINY, "--global-batch-size", "4",
          "--train-iters", "100000", "--save", str(save), "--save-interval", "100000"],
         cwd=str(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -70,6 +73,7 @@ def test_second_ctrl_c_is_one_line(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt  # what GracefulExit raises on a second SIGINT
 
+    monkeypatch.setattr(pretrain, "init_distributed", lambda *args: None)  # no process group in the test process
     monkeypatch.setattr(pretrain, "run", interrupted)
     rc = pretrain.main([*TINY, "--global-batch-size", "2", "--train-iters", "1"])
     err = capsys.readouterr().err

@@ -8,6 +8,10 @@ import torch.distributed as dist
 from .utils import is_tensor_model_parallel_param
 
 
+# torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there)
+_all_gather_into_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class ReplicatedParameterMismatch(RuntimeError):
     pass
 
@@ -46,7 +50,7 @@ def check_replicated_parameters(module, group, when=""):
         return
     local = torch.stack([bitwise_checksum(_local_values(p)) for _, p in named])
     gathered = torch.empty((world * local.shape[0], local.shape[1]), dtype=local.dtype, device=local.device)
-    dist.all_gather_into_tensor(gathered, local, group=group)   # rank-major rows (gloo wants dim 0 = world x)
+    _all_gather_into_tensor(gathered, local, group=group)   # rank-major rows (gloo wants dim 0 = world x)
     gathered = gathered.view(world, *local.shape)
     differs = (gathered != gathered[0]).any(dim=2)            # [rank, parameter]
     if not bool(differs.any()):                               # the only host sync when all agree
@@ -56,7 +60,7 @@ def check_replicated_parameters(module, group, when=""):
     name, param = named[index]
     values = _local_values(param)
     copies = torch.empty(world * values.numel(), dtype=values.dtype, device=values.device)
-    dist.all_gather_into_tensor(copies, values.contiguous(), group=group)
+    _all_gather_into_tensor(copies, values.contiguous(), group=group)
     copies = copies.view(world, values.numel())
     gap = (copies[other].float() - copies[0].float()).abs().max().item()
     raise ReplicatedParameterMismatch(
