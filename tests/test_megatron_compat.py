@@ -5,22 +5,11 @@ carry their dependents (rotary dim, vocabulary); finetuning takes the architectu
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from megaphi.training.arguments import ArgumentError, parse_args
 from megaphi.training.deepspeed_config import build_deepspeed_config
-
-
-@pytest.fixture(scope="module")
-def prefix(tmp_path_factory):
-    from megaphi.data import IndexedDatasetBuilder
-
-    p = str(tmp_path_factory.mktemp("data") / "toy")
-    builder = IndexedDatasetBuilder(p + ".bin", np.uint16)
-    builder.add_document(np.arange(100, dtype=np.uint16))
-    builder.finalize(p + ".idx")
-    return p
+from test_megatron_flags import prefix  # noqa: F401 (a fixture: a one-document token file)
 
 
 def _args(*extra, model="tiny", world_size=1):

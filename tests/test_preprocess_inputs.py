@@ -321,16 +321,10 @@ def test_signal_mid_run_removes_temporaries(tmp_path, codegen_tokenizer_dir, sig
 
 
 def _children(pid):
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    return found
+    from megaphi.training.launcher_watch import _proc_stat
+
+    return [int(entry) for entry in os.listdir("/proc")
+            if entry.isdigit() and (_proc_stat(int(entry)) or ("", None))[1] == pid]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
@@ -365,8 +359,7 @@ def test_workers_exit_quietly_when_the_main_process_is_killed(tmp_path, codegen_
 
 
 def _state(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
+    from megaphi.training.launcher_watch import _proc_stat
+
+    stat = _proc_stat(pid)
+    return None if stat is None else stat[0]

@@ -10,6 +10,8 @@ import time
 import pytest
 from dist_utils import free_port
 
+from megaphi.training import launcher_watch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "tiny", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
         "--num-attention-heads", "4", "--rotary-dim", "8", "--seq-length", "32", "--vocab-size", "256",
@@ -20,10 +22,9 @@ def _rank_pids(launcher_pid):
     """{RANK: pid} of the launcher's children (read from their environment)."""
     ranks = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
+        if (launcher_watch._proc_stat(int(entry)) or ("", None))[1] != launcher_pid:
+            continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) != launcher_pid:
-                    continue
             with open(f"/proc/{entry}/environ", "rb") as f:
                 env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
         except (OSError, ValueError):

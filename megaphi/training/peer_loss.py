@@ -11,6 +11,8 @@ import time
 
 import torch.distributed as dist
 
+from .launcher_watch import _proc_stat
+
 _PEER_LOST_TEXT = re.compile(r"connection (reset|closed) by peer|broken pipe|remote process exited|"
                              r"peer (closed|disconnected)|ncclRemoteError|NCCL communicator was aborted",
                              re.IGNORECASE)
@@ -30,11 +32,8 @@ def is_peer_lost(exc: BaseException) -> bool:
 
 
 def _running(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
 
 
 def lost_ranks(peers, my_rank, settle_seconds=10.0):
