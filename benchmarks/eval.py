@@ -25,9 +25,9 @@ import torch
 
 from megaphi.config import get_preset
 from megaphi.evaluation.problems import load_problem_set
-from megaphi.evaluation.sandbox import Sandbox, SandboxLimits
 from megaphi.generation import GenerationConfig, generate_tokens, resolve_device_and_dtype
 from megaphi.model import PhiForCausalLM
+from megaphi.sandbox import Sandbox, SandboxLimits
 
 OFFICIAL = """
 import json, sys, time

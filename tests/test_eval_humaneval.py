@@ -9,7 +9,7 @@ import pytest
 
 from megaphi.evaluation.humaneval import evaluate_model, read_completions, score_completions
 from megaphi.evaluation.problems import ProblemFileError, load_problems
-from megaphi.evaluation.sandbox import Sandbox, SandboxLimits
+from megaphi.sandbox import Sandbox, SandboxLimits
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

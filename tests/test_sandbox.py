@@ -1,7 +1,6 @@
 """The sandbox is the security boundary: hostile programs are scored as failures and the evaluator
 (this pytest process) and the machine survive all of them."""
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -15,8 +14,7 @@ import time
 import pytest
 
 from megaphi.evaluation.problems import Problem
-import megaphi.evaluation.sandbox as sandbox_module
-from megaphi.evaluation.sandbox import Sandbox, SandboxLimits
+from megaphi.sandbox import Sandbox, SandboxLimits, cgroups, host, uid_pool
 
 PROMPT = 'def add(a, b):\n    """Return a + b."""\n'
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"
@@ -99,17 +97,14 @@ def test_kill_every_visible_process(sandbox):
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SANDBOX_PY = os.path.join(REPO, "megaphi", "evaluation", "sandbox.py")
-SUPERVISOR_PY = os.path.join(REPO, "megaphi", "evaluation", "_supervisor.py")
 
 # Runs the sandbox as an unprivileged evaluator (uid nobody): the user-namespace mode, where the
 # program runs as the evaluator's own uid and only the read-only remount keeps host files safe.
 UNPRIVILEGED_EVALUATOR = """
-import importlib.util, json, sys
-spec = importlib.util.spec_from_file_location("sandbox", sys.argv[1])
-sandbox = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sandbox)
-box = sandbox.Sandbox(sandbox.SandboxLimits(timeout_seconds=5.0), workers=1)
+import json, sys
+sys.path.insert(0, sys.argv[1])  # the checkout (-I leaves it off the path)
+from megaphi.sandbox import Sandbox, SandboxLimits
+box = Sandbox(SandboxLimits(timeout_seconds=5.0), workers=1)
 result = box.run_with_marker(sys.stdin.read())
 print(json.dumps({"capabilities": box.capabilities, "result": result.to_dict()}))
 """
@@ -122,7 +117,7 @@ def _run_as_unprivileged_evaluator(program):
         os.setgid(nobody)
         os.setuid(nobody)
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-    proc = subprocess.run([python, "-I", "-c", UNPRIVILEGED_EVALUATOR, SANDBOX_PY], input=program, text=True,
+    proc = subprocess.run([python, "-I", "-c", UNPRIVILEGED_EVALUATOR, REPO], input=program, text=True,
                           capture_output=True, preexec_fn=drop, cwd="/", timeout=120,
                           env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "TMPDIR": "/tmp"})
     if proc.returncode != 0:
@@ -273,7 +268,7 @@ def test_a_lock_folder_someone_else_owns_never_makes_programs_run_as_root(tmp_pa
     os.chown(squatted, 65533, 65533)  # as if another user created it first
     link = tmp_path / "link-to-root-owned"
     link.symlink_to(tmp_path)
-    monkeypatch.setattr(sandbox_module, "_UID_LOCK_DIRS", (str(squatted), str(link)))
+    monkeypatch.setattr(uid_pool, "LOCK_DIRS", (str(squatted), str(link)))
     box = Sandbox(SandboxLimits(timeout_seconds=5.0), workers=1)
     try:
         caps = box.capabilities
@@ -301,10 +296,11 @@ class _FakePool:
 
 def test_running_programs_as_root_needs_allow_root(monkeypatch):
     # Pretend only running as root passes the probe: private uids and nobody both fail.
-    monkeypatch.setattr(sandbox_module.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(sandbox_module, "_UidPool", _FakePool)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(host, "UidPool", _FakePool)
     probed = []
-    monkeypatch.setattr(Sandbox, "_probe", lambda self, python, pool: (probed.append(pool) or pool is None, {}))
+    monkeypatch.setattr(Sandbox, "_probe",
+                        lambda self, python, pool: host.ProbeOutcome(probed.append(pool) or pool is None))
     with pytest.raises(RuntimeError, match="allow_root"):
         Sandbox(python=sys.executable).capabilities
     assert probed and None not in probed  # root was never even tried
@@ -325,11 +321,11 @@ def test_evaluator_working_in_tmp_does_not_break_the_private_tmp(monkeypatch):
 def test_a_uid_pool_that_cannot_replace_a_retired_uid_shrinks_without_raising(tmp_path, monkeypatch):
     _needs_root()
     os.chmod(tmp_path, 0o700)
-    monkeypatch.setattr(sandbox_module, "_UID_LOCK_DIRS", (str(tmp_path),))
-    pool = sandbox_module._UidPool(1)
+    monkeypatch.setattr(uid_pool, "LOCK_DIRS", (str(tmp_path),))
+    pool = uid_pool.UidPool(1)
     try:
         uid = pool.acquire()
-        monkeypatch.setattr(sandbox_module, "_kill_processes_of", lambda uid: False)  # a stuck zombie
+        monkeypatch.setattr(uid_pool, "kill_processes_of", lambda uid: False)  # a stuck zombie
         def no_uid_left():
             raise RuntimeError("no unused uid left")
         monkeypatch.setattr(pool, "_reserve", no_uid_left)
@@ -482,17 +478,9 @@ def test_a_cgroup_bounds_memory_that_no_process_maps():
     assert "exceeded the memory limit" in result.detail or "Cannot allocate memory" in result.stderr, result
 
 
-def _load_supervisor():
-    spec = importlib.util.spec_from_file_location("megaphi_supervisor", SUPERVISOR_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cgroup_setup_on_a_simulated_hierarchy(tmp_path, monkeypatch):
     """open_cgroup's choices on a fake cgroup v2 tree (the kernel's interface files are simulated:
     mkdir makes them, as cgroupfs does)."""
-    supervisor = _load_supervisor()
     root = tmp_path / "cgroup"
     (root / "a" / "b").mkdir(parents=True)
     (root / "cgroup.controllers").write_text("cpu memory pids\n")
@@ -509,23 +497,23 @@ def test_cgroup_setup_on_a_simulated_hierarchy(tmp_path, monkeypatch):
                            ("memory.events", "low 0\nhigh 0\nmax 0\noom 0\noom_kill 2\noom_group_kill 0\n")):
             with open(os.path.join(path, name), "w") as f:
                 f.write(text)
-    monkeypatch.setattr(supervisor.os, "mkdir", cgroupfs_mkdir)
-    cgroup, why_not = supervisor.open_cgroup(123 << 20, mount=str(root), own="/a/b")
+    monkeypatch.setattr(cgroups.os, "mkdir", cgroupfs_mkdir)
+    cgroup, why_not = cgroups.open_cgroup(123 << 20, mount=str(root), own="/a/b")
     assert why_not is None, why_not
     leaf = root / "a" / f"megaphi-sandbox-{os.getpid()}"
     try:
-        assert cgroup["path"] == str(leaf)
+        assert cgroup.path == str(leaf)
         assert (leaf / "memory.max").read_text() == str(123 << 20)
         assert (leaf / "memory.swap.max").read_text() == "0" and (leaf / "memory.oom.group").read_text() == "1"
         assert (root / "a" / "cgroup.subtree_control").read_text() == "+memory"
         assert not (root / "a" / "megaphi-sandbox-999999999").exists()
-        assert supervisor.memory_events(cgroup["events_fd"])["oom_kill"] == 2
+        assert cgroup.events()["oom_kill"] == 2
     finally:
-        for key in ("procs_fd", "events_fd", "dir_fd"):
-            os.close(cgroup[key])
+        for fd in (cgroup.procs_fd, cgroup.events_fd, cgroup.dir_fd):
+            os.close(fd)
     # An explicit parent comes first; a tree without the memory controller anywhere says why.
     (root / "a" / "cgroup.controllers").write_text("pids\n")
-    cgroup, why_not = supervisor.open_cgroup(1 << 30, mount=str(root), own="/a/b")
+    cgroup, why_not = cgroups.open_cgroup(1 << 30, mount=str(root), own="/a/b")
     assert cgroup is None and "no memory controller" in why_not
 
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from megaphi.evaluation.sandbox import Sandbox, SandboxLimits
+from megaphi.sandbox import Sandbox, SandboxLimits
 from test_eval_humaneval import PROBLEMS, _load_tool, write_jsonl
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="programs run under a private uid only when the evaluator is root")
@@ -105,7 +105,7 @@ def test_the_summary_names_the_interpreter_programs_ran_on(tmp_path, capsys):
 def test_an_unprivileged_evaluators_environment_in_tmp_reaches_its_programs():
     import shutil
     import tempfile
-    from test_sandbox import SANDBOX_PY, UNPRIVILEGED_EVALUATOR
+    from test_sandbox import REPO, UNPRIVILEGED_EVALUATOR
     base = "/usr/bin/python3"
     if not os.path.exists(base):
         pytest.skip("needs /usr/bin/python3 (an interpreter the account nobody may run)")
@@ -124,7 +124,7 @@ def test_an_unprivileged_evaluators_environment_in_tmp_reaches_its_programs():
             os.setgroups([])
             os.setgid(65534)
             os.setuid(65534)
-        proc = subprocess.run([os.path.join(venv, "bin", "python"), "-s", "-c", UNPRIVILEGED_EVALUATOR, SANDBOX_PY],
+        proc = subprocess.run([os.path.join(venv, "bin", "python"), "-s", "-c", UNPRIVILEGED_EVALUATOR, REPO],
                               input="import env_only_module\nassert env_only_module.VALUE == 42\n", text=True,
                               capture_output=True, preexec_fn=drop, cwd="/", timeout=120,
                               env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "TMPDIR": "/tmp"})

