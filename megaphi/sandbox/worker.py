@@ -204,7 +204,11 @@ def main():
     line, buf = linux.read_line(job_fd, b"")
     if line is None:
         sys.exit("sandbox worker: no settings on stdin")
-    worker = Worker(protocol.decode(line, WorkerSettings))
+    try:
+        settings = protocol.decode(line, WorkerSettings)
+    except protocol.ProtocolError as e:
+        sys.exit(f"sandbox worker: {e}")
+    worker = Worker(settings)
     prepare_template(worker.seccomp_filter)
     # After the uid maps are written (a non-dumpable process cannot write its own /proc files):
     # programs running as our uid may not ptrace or read us.
