@@ -11,7 +11,21 @@ either side builds on: worker_process.py, uid_pool.py, folders.py, results.py on
 namespaces.py, cgroups.py, runner.py, program.py, syscall_filter.py, linux.py in the worker.
 docs/evaluation.md lists the guarantees and where each holds.
 """
-from .host import Sandbox
+from typing import TYPE_CHECKING
+
 from .results import ExecutionResult, SandboxLimits
 
+if TYPE_CHECKING:
+    from .host import Sandbox
+
 __all__ = ["Sandbox", "SandboxLimits", "ExecutionResult"]
+
+
+def __getattr__(name):
+    # Sandbox is imported on first use: `python -m megaphi.sandbox.worker` imports this package
+    # first, and the host side's modules in the worker would sit in every program's memory and
+    # make each fork slower.
+    if name == "Sandbox":
+        from .host import Sandbox
+        return Sandbox
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -132,8 +132,9 @@ class Sandbox:
         # installation that only its owner may enter (a 0700 home holding the environment): the
         # worker covers that folder with an empty tmpfs and binds the installation back.
         other_uid = os.geteuid() == 0 and self._uid_pool is not None
-        return WorkerSettings(isolate=self.isolate, hide=self._hidden_paths(), memory_bytes=self.limits.memory_bytes,
-                              cgroup=self.isolate, cgroup_parent=self.cgroup_parent, expose=exposed,
+        return WorkerSettings(isolate=bool(self.isolate), hide=self._hidden_paths(),
+                              memory_bytes=int(self.limits.memory_bytes),
+                              cgroup=bool(self.isolate), cgroup_parent=self.cgroup_parent, expose=exposed,
                               uncover=folders.closed_ancestors(exposed) if other_uid else {})
 
     def _start_worker(self):
@@ -292,7 +293,7 @@ class Sandbox:
         limits = self.limits
         return Job(source=source, runner_marker=runner_prints_marker, uid=uid, gid=gid,
                    timeout_seconds=limits.timeout_seconds,
-                   cpu_seconds=limits.cpu_seconds or int(limits.timeout_seconds) + 2,
+                   cpu_seconds=int(limits.cpu_seconds or int(limits.timeout_seconds) + 2),
                    memory_bytes=limits.memory_bytes, file_bytes=limits.file_bytes, tmpfs_bytes=limits.tmpfs_bytes,
                    tmpfs_inodes=limits.tmpfs_inodes, nproc=self._nproc, output_bytes=limits.output_bytes,
                    env=minimal_env("/tmp/sandbox"), host_tmpdir=tempfile.gettempdir())
