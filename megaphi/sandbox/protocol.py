@@ -7,7 +7,7 @@ Both sides import this module, so a field is named once. Every message travels a
     worker -> host   Hello            once, after setup: which layers hold
     host -> worker   Job              one program to run
     worker -> host   Report           how that program ended (one per Job)
-    init -> worker   InitStatus       inside the worker's process tree: how the program's process ended
+    init -> runner   InitStatus       inside the worker's process tree: how the program's process ended
 
 decode() checks the tag, that every field is known and present (or has a default) and that each
 value has its declared type; anything else raises ProtocolError with a one-line message.

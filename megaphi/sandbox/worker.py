@@ -45,8 +45,6 @@ from megaphi.sandbox.program import prepare_template
 from megaphi.sandbox.protocol import Hello, Job, WorkerSettings
 from megaphi.sandbox.runner import WorkerBroken
 
-MODULE = "megaphi.sandbox.worker"  # what the host runs with `python -m`
-
 
 class Worker:
     """The worker's state, set up once: its cgroup, namespaces, and the seccomp filter's probe."""
