@@ -42,6 +42,8 @@ def _job_fields():
 
 @pytest.mark.parametrize("line, expected, words", [
     (b"not json", Job, "not JSON"),
+    (None, Job, "not JSON"),
+    (b"", Job, "not JSON"),
     (b"[1, 2]", Job, "expected a JSON object"),
     (b'{"type": "launch"}', Job, "unknown message type 'launch'"),
     (b'{"source": "x"}', Job, "unknown message type None"),

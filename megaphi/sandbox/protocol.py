@@ -112,7 +112,7 @@ def decode(line: Union[bytes, str], expected: Type[Message]) -> Message:
     """The message of type `expected` in `line`; ProtocolError if it is anything else."""
     try:
         obj = json.loads(line)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:  # TypeError: not text at all (None at end of input)
         raise ProtocolError(f"sandbox protocol: not JSON ({e})") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"sandbox protocol: expected a JSON object, got {type(obj).__name__}")
