@@ -2,7 +2,7 @@
 
 Writes a file of --size-mb random bytes the way a checkpoint file is written (torch.save of a
 tensor, then fsync), then times, on the same file: a cold-ish read + CRC-32 (what a save adds: the
-checksum pass, megaphi.training.checkpoint_integrity.file_crc32 with fsync), and in-memory hashing
+checksum pass, megaphi.checkpoint.integrity.file_crc32 with fsync), and in-memory hashing
 speed of the candidate hashes (zlib.crc32, zlib.adler32, blake2b, sha256, md5). Prints a table and a
 JSON line. The save overhead is hash time / write time: the checksum pass reads back a file that is
 still in the page cache, so it costs about one in-memory hash of every byte written, split over the ranks.
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-from megaphi.training.checkpoint_integrity import file_crc32  # noqa: E402
+from megaphi.checkpoint.integrity import file_crc32  # noqa: E402
 
 HASHES = {
     "crc32 (zlib)": lambda b: zlib.crc32(b),

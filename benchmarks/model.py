@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megaphi.config import get_preset  # noqa: E402
 from megaphi.model import PhiForCausalLM  # noqa: E402
-from megaphi.model.hf_config import hf_phi_config  # noqa: E402
+from megaphi.checkpoint.hf_config import hf_phi_config  # noqa: E402
 
 SMALL = {  # name -> (preset, overrides)
     "phi-1-small-shape, 4 layers": ("phi-1-small", dict(num_hidden_layers=4)),

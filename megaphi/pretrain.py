@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megaphi.training import checkpointing, resume_checks
+from megaphi.checkpoint import layout, lock, model_folder, resume_checks, training_state
 from megaphi.training.arguments import ArgumentError, parse_args
-from megaphi.training import dist_timeout, launcher_watch, peer_loss, save_lock
+from megaphi.training import dist_timeout, launcher_watch, peer_loss
 from megaphi.training.deepspeed_config import build_deepspeed_config
 from megaphi.training.data_sources import data_description
 from megaphi.training.metrics import open_metrics_writer
@@ -315,7 +315,7 @@ def check_precision_supported(args):
 
 
 def main(argv=None):
-    from megaphi.model.sharded_checkpoint import TensorParallelMismatchError
+    from megaphi.checkpoint.reshard import TensorParallelMismatchError
 
     try:
         args = parse_args(argv)
@@ -329,7 +329,7 @@ def main(argv=None):
         init_distributed(args.distributed_backend, args.distributed_timeout_minutes)
         peers = peer_loss.record_peers()
         return run(args)
-    except (ArgumentError, TrainingError, checkpointing.CheckpointError, TensorParallelMismatchError) as e:
+    except (ArgumentError, TrainingError, layout.CheckpointError, TensorParallelMismatchError) as e:
         print(f"megaphi.pretrain: error: {e}", file=sys.stderr, flush=True)
         return 1
     except OSError as e:
@@ -357,7 +357,7 @@ def main(argv=None):
     finally:
         from megaphi.parallel import destroy_model_parallel
         destroy_model_parallel()
-        save_lock.release_all()
+        lock.release_all()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -372,7 +372,7 @@ def run(args):
 
     deepspeed_logs_to_stderr()  # before anything imports DeepSpeed: its log lines are not results
     if args.save:
-        save_lock.acquire_for_job(args.save)  # one job per --save folder, before anything reads it
+        lock.acquire_for_job(args.save)  # one job per --save folder, before anything reads it
     initialize_model_parallel(args.tensor_model_parallel_size)
     if hasattr(ops, "set_impl"):
         ops.set_impl(layernorm=args.layernorm_impl, rotary=args.rotary_impl)
@@ -383,7 +383,7 @@ def run(args):
         padded_vocab = model_vocab_size(args, tokenizer)
     if args.skip_train:
         args.finetune = True  # load the weights only (a checkpoint or a model folder), as finetuning does
-    if args.finetune and args.save and checkpointing.read_pointer(args.save) is not None:
+    if args.finetune and args.save and layout.read_pointer(args.save) is not None:
         # a restarted finetuning job: continue its own checkpoints rather than start over
         print_rank0(f"--finetune: {args.save} already holds a checkpoint; resuming it instead of loading {args.load}")
         args.finetune, args.load = False, args.save
@@ -393,9 +393,9 @@ def run(args):
     model_config = build_model_config(args, padded_vocab)
     model = PhiForCausalLM(model_config)
     if args.finetune:
-        kind, source = checkpointing.finetune_weights_source(args.load)
+        kind, source = model_folder.finetune_weights_source(args.load)
         if kind == "folder":
-            checkpointing.load_weights_from_folder(model, source)
+            model_folder.load_weights_from_folder(model, source)
             print_rank0(f"{'evaluating the' if args.skip_train else 'finetuning from'} weights in {source}")
 
     check_precision_supported(args)
@@ -414,7 +414,7 @@ def run(args):
     state = TrainState()
     if args.finetune:
         if kind == "deepspeed":
-            checkpointing.check_checkpoint_tensor_parallel_size(args.load, source)
+            training_state.check_checkpoint_tensor_parallel_size(args.load, source)
             path, _ = engine.load_checkpoint(args.load, tag=source, load_module_only=True,
                                              load_optimizer_states=False, load_lr_scheduler_states=False)
             if path is None:
@@ -422,7 +422,7 @@ def run(args):
             print_rank0(f"{'evaluating the' if args.skip_train else 'finetuning from'} weights in "
                         f"{os.path.join(args.load, source)}")
     elif args.load:
-        meta = checkpointing.load_checkpoint(engine, args.load, verified, load_optim=not args.no_load_optim,
+        meta = training_state.load_checkpoint(engine, args.load, verified, load_optim=not args.no_load_optim,
                                              load_rng=not args.no_load_rng)
         if meta is None:
             print_rank0(f"no checkpoint in {args.load} (no 'latest' file): starting from scratch")

@@ -16,9 +16,9 @@ import torch
 
 from test_resume import make_token_file, run_pretrain, tiny_flags
 
-from megaphi.training import checkpointing, resume_checks
+from megaphi.checkpoint import layout, model_folder, resume_checks, training_state
 from megaphi.training.arguments import parse_args
-from megaphi.training.checkpointing import CheckpointError
+from megaphi.checkpoint.layout import CheckpointError
 
 ITERS = 3
 META = "megaphi_meta.json"
@@ -163,9 +163,9 @@ def test_kill_9_during_the_first_save_then_the_same_command_restarts(run, tmp_pa
     assert f"{tag_dir} is an incomplete checkpoint (no {META}: a save was interrupted); set aside as " \
            f"{tag_dir}.incomplete-1" in restarted.stdout
     assert "starting from scratch" in restarted.stdout
-    tag, meta = checkpointing.verify_checkpoint(save)
+    tag, meta = training_state.verify_checkpoint(save)
     assert (tag, meta["iteration"]) == ("iter_0000008", 8)
-    assert checkpointing.iteration_tags(save) == ["iter_0000005", "iter_0000008"]
+    assert layout.iteration_tags(save) == ["iter_0000005", "iter_0000008"]
 
 
 # ---- 2. the metadata's own checksum, cross-checked with the tag and DeepSpeed's record ----
@@ -177,7 +177,7 @@ def test_saved_metadata_is_sealed(run):
 
 
 def test_the_seal_survives_the_json_round_trip():
-    from megaphi.training import checkpoint_integrity as integrity
+    from megaphi.checkpoint import integrity
 
     # what json turns into something else: integer keys (which also sort differently as text), tuples
     meta = integrity.seal_metadata({"iteration": 1, "state": {10: "a", 9: "b"}, "shape": (2, 3)})
@@ -196,7 +196,7 @@ def test_one_flipped_bit_in_the_metadata_is_refused(run, tmp_path, needle, offse
     load, tag_dir = _copy(run, tmp_path)
     path = os.path.join(tag_dir, META)
     _flip_bit(path, needle, offset, bit)
-    message = _one_line_error(checkpointing.verify_checkpoint, load)
+    message = _one_line_error(training_state.verify_checkpoint, load)
     assert message == (f"{path}: corrupted: its own sha256 does not match its content (the metadata changed "
                        f"after the save)")
 
@@ -205,19 +205,19 @@ def test_a_flipped_bit_in_the_seal_key_is_refused(run, tmp_path):
     load, tag_dir = _copy(run, tmp_path)
     path = os.path.join(tag_dir, META)
     _flip_bit(path, b'"metadata_sha256"', 1, 0)  # the key becomes "letadata_sha256"
-    message = _one_line_error(checkpointing.verify_checkpoint, load)
+    message = _one_line_error(training_state.verify_checkpoint, load)
     assert message == f"{path}: corrupted: no 'metadata_sha256' entry (a megaphi-train-v2 metadata has one)"
 
 
 def test_consistent_but_wrong_metadata_disagrees_with_the_tag_and_deepspeed(run, tmp_path):
     load, tag_dir = _copy(run, tmp_path)
     path = _rewrite_meta(tag_dir, lambda m: m.update(iteration=7))
-    message = _one_line_error(checkpointing.verify_checkpoint, load)
+    message = _one_line_error(training_state.verify_checkpoint, load)
     assert message == f"{path}: iteration 7 does not match its folder {run.tag}"
 
     _rewrite_meta(tag_dir, lambda m: m.update(iteration=3, consumed_samples=16))
     states = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
-    message = _one_line_error(checkpointing.verify_checkpoint, load)
+    message = _one_line_error(training_state.verify_checkpoint, load)
     assert message == (f"{path}: consumed_samples 16 disagrees with DeepSpeed's record in {states} (12); "
                        f"the metadata is damaged or belongs to another save")
 
@@ -229,7 +229,7 @@ def test_metadata_of_an_older_megaphi_loads_with_a_warning(run, tmp_path, capsys
     del meta["metadata_sha256"]
     meta["format"] = "megaphi-train-v1"
     open(path, "w").write(json.dumps(meta))
-    assert checkpointing.verify_checkpoint(load)[1]["iteration"] == ITERS
+    assert training_state.verify_checkpoint(load)[1]["iteration"] == ITERS
     assert f"warning: {path} has no checksum of its own (saved by an older megaphi)" in capsys.readouterr().err
 
 
@@ -240,7 +240,7 @@ def test_an_empty_file_list_with_a_flipped_weight_is_refused(run, tmp_path):
     _rewrite_meta(tag_dir, lambda m: m.update(files={}))
     states = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     _flip_bit(states, b"PK", 100, 3)
-    message = _one_line_error(checkpointing.verify_checkpoint, load)
+    message = _one_line_error(training_state.verify_checkpoint, load)
     assert message == (f"{tag_dir}/model/config.json: not covered by the checksums in {tag_dir}/{META} (the folder "
                        f"changed after the save, or the metadata is damaged; 4 more files are not covered either)")
 
@@ -248,20 +248,20 @@ def test_an_empty_file_list_with_a_flipped_weight_is_refused(run, tmp_path):
 def test_every_file_read_must_be_listed(run, tmp_path):
     load, tag_dir = _copy(run, tmp_path)
     meta_path = _rewrite_meta(tag_dir, lambda m: m["files"].pop("rng_state_rank0.pt"))
-    message = _one_line_error(checkpointing.verify_checkpoint, load)
+    message = _one_line_error(training_state.verify_checkpoint, load)
     assert message == (f"{tag_dir}/rng_state_rank0.pt: not covered by the checksums in {meta_path} (the folder "
                        f"changed after the save, or the metadata is damaged)")
     _rewrite_meta(tag_dir, lambda m: m["files"].update({"rng_state_rank0.pt": json.load(open(
         os.path.join(run.save, run.tag, META)))["files"]["rng_state_rank0.pt"]}))
-    assert checkpointing.verify_checkpoint(load)[0] == run.tag
+    assert training_state.verify_checkpoint(load)[0] == run.tag
     # a file added to the folder after the save (DeepSpeed would read a second optimizer partition)
     extra = os.path.join(tag_dir, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
     shutil.copyfile(os.path.join(tag_dir, "rng_state_rank0.pt"), extra)
-    assert _one_line_error(checkpointing.verify_checkpoint, load).startswith(f"{extra}: not covered by the checksums")
+    assert _one_line_error(training_state.verify_checkpoint, load).startswith(f"{extra}: not covered by the checksums")
     os.remove(extra)
     # --finetune reads the exported model folder: it must be covered too
     _rewrite_meta(tag_dir, lambda m: m["files"].pop("model/model.safetensors"))
-    message = _one_line_error(checkpointing.finetune_weights_source, load)
+    message = _one_line_error(model_folder.finetune_weights_source, load)
     assert message.startswith(f"{tag_dir}/model/model.safetensors: not covered by the checksums")
 
 
@@ -289,7 +289,7 @@ class _FakeEngine:
 
 def _save(engine, save, iteration, prefix, export=True):
     args = parse_args(tiny_flags(prefix, 10) + ["--save", save])
-    return checkpointing.save_checkpoint(engine, save, iteration, 4 * iteration, 128 * iteration, args,
+    return training_state.save_checkpoint(engine, save, iteration, 4 * iteration, 128 * iteration, args,
                                          export_model=export)
 
 
@@ -313,21 +313,21 @@ def test_every_save_failure_is_one_line_and_leaves_latest(run, tmp_path, monkeyp
     assert _save(_FakeEngine(), save, 1, run.prefix) == "iter_0000001"
     engine = _FakeEngine({where: error})
     if where in ("meta", "latest"):
-        real = checkpointing.write_text_atomic
+        real = training_state.write_text_atomic
         target = META if where == "meta" else "latest"
 
         def failing(path, text):
             if os.path.basename(path) == target:
                 raise error
             return real(path, text)
-        monkeypatch.setattr(checkpointing, "write_text_atomic", failing)
+        monkeypatch.setattr(training_state, "write_text_atomic", failing)
     tag_dir = os.path.join(save, "iter_0000002")
     message = _one_line_error(_save, engine, save, 2, run.prefix)
     assert message == (f"saving {tag_dir} failed ({cause}); the partial checkpoint was removed; 'latest' still "
                        f"names iter_0000001")
     assert open(os.path.join(save, "latest")).read() == "iter_0000001\n"
-    assert checkpointing.iteration_tags(save) == ["iter_0000001"]
-    assert checkpointing.verify_checkpoint(save)[0] == "iter_0000001"
+    assert layout.iteration_tags(save) == ["iter_0000001"]
+    assert training_state.verify_checkpoint(save)[0] == "iter_0000001"
 
 
 def test_a_file_where_the_tag_folder_should_be_is_left_alone(run, tmp_path):
@@ -343,7 +343,7 @@ def test_a_file_where_the_tag_folder_should_be_is_left_alone(run, tmp_path):
 
 def test_a_partial_save_that_cannot_be_removed_says_so(run, tmp_path, monkeypatch):
     save = str(tmp_path / "ck")
-    monkeypatch.setattr(checkpointing.shutil, "rmtree", lambda *a, **kw: None)  # e.g. a read-only remount
+    monkeypatch.setattr(training_state.shutil, "rmtree", lambda *a, **kw: None)  # e.g. a read-only remount
     message = _one_line_error(_save, _FakeEngine({"export": OSError(errno.EROFS, "Read-only file system")}), save, 1,
                               run.prefix)
     assert f"the partial checkpoint {save}/iter_0000001 could not be removed" in message
@@ -371,8 +371,8 @@ def test_a_file_in_the_way_of_a_real_run_is_one_line(run, tmp_path):
 
 def test_disk_full_message_gives_free_space_in_readable_units(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "iter_0000002")
-    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=40 * 1024))
-    message = checkpointing._discard_partial_save(str(tmp_path), "iter_0000002",
+    monkeypatch.setattr(training_state.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=40 * 1024))
+    message = training_state._discard_partial_save(str(tmp_path), "iter_0000002",
                                                   OSError(errno.ENOSPC, "No space left on device"))
     assert message == (f"disk full (ENOSPC, No space left on device) while saving {tmp_path}/iter_0000002; the "
                        f"partial checkpoint was removed, 40 KiB free now; no checkpoint is complete yet ('latest' "
@@ -413,13 +413,12 @@ def test_latest_that_is_a_directory(run, tmp_path):
 
 
 def test_save_or_load_that_is_a_regular_file(run, tmp_path):
-    from megaphi.training import save_lock
-    from megaphi.training.arguments import ArgumentError
+    from megaphi.checkpoint import lock
 
     path = str(tmp_path / "a_file")
     open(path, "w").write("")
-    with pytest.raises(ArgumentError) as info:
-        save_lock.acquire(path)  # the first thing a run does with --save
+    with pytest.raises(lock.SaveFolderError) as info:
+        lock.acquire(path)  # the first thing a run does with --save
     assert str(info.value) == f"--save {path} is a file, not a folder: give a folder (created if absent)"
     message = _one_line_error(_prepare, run.prefix, "--load", path)
     assert message == f"--load {path} is a file, not a checkpoint folder"

@@ -13,10 +13,9 @@ import pytest
 
 from test_resume import make_token_file, run_pretrain, sigterm_after_metrics, tiny_flags
 
-from megaphi.training import checkpoint_integrity as integrity
-from megaphi.training import checkpointing, resume_checks
+from megaphi.checkpoint import integrity, layout, model_folder, resume_checks, training_state
+from megaphi.checkpoint.layout import CheckpointError
 from megaphi.training.arguments import parse_args
-from megaphi.training.checkpointing import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS = 3
@@ -49,7 +48,7 @@ def _copy(run, tmp_path):
 
 def _verify_error(load_dir):
     with pytest.raises(CheckpointError) as info:
-        checkpointing.verify_checkpoint(load_dir)
+        training_state.verify_checkpoint(load_dir)
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -64,9 +63,9 @@ def test_save_records_checksums_fsyncs_prunes_and_modes(run):
             "model/config.json"} <= set(meta["files"])
     for rel, entry in meta["files"].items():
         assert (entry["size"], entry["crc32"]) == integrity.file_crc32(os.path.join(tag_dir, rel))
-    assert checkpointing.verify_checkpoint(run.save)[0] == f"iter_{ITERS:07d}"
+    assert training_state.verify_checkpoint(run.save)[0] == f"iter_{ITERS:07d}"
     # --keep-last 2: the oldest save is gone, the two newest stay
-    assert checkpointing.iteration_tags(run.save) == ["iter_0000002", "iter_0000003"]
+    assert layout.iteration_tags(run.save) == ["iter_0000002", "iter_0000003"]
     assert "--keep-last 2: deleted iter_0000001" in run.stdout
     # no temporaries inside a completed checkpoint, and the umask's modes (not mkstemp's 0600/0700)
     mask = os.umask(0)
@@ -104,7 +103,7 @@ def test_corrupted_files_are_one_line_errors(run, tmp_path):
     os.remove(rng)
     assert _verify_error(load) == f"{rng}: missing (the metadata lists it, {rng_size} bytes)"
     # --finetune --load verifies only what it reads (the exported model folder here)
-    assert checkpointing.finetune_weights_source(load) == ("folder", os.path.join(tag_dir, "model"))
+    assert model_folder.finetune_weights_source(load) == ("folder", os.path.join(tag_dir, "model"))
 
 
 @pytest.mark.parametrize("content,expected", [
@@ -157,8 +156,8 @@ def test_latest_missing_with_iter_folders_is_refused(run, tmp_path):
     os.remove(os.path.join(load, "latest"))
     with pytest.raises(CheckpointError, match=r"holds 2 checkpoint\(s\) \(iter_0000002 \.\. iter_0000003\) but no "
                                               r"'latest' file: restore it .* or pass --start-over"):
-        checkpointing.check_no_orphan_checkpoints(load, False, "--load")
-    checkpointing.check_no_orphan_checkpoints(load, True, "--load")  # --start-over: allowed
+        training_state.check_no_orphan_checkpoints(load, False, "--load")
+    training_state.check_no_orphan_checkpoints(load, True, "--load")  # --start-over: allowed
     args = parse_args(tiny_flags(run.prefix, ITERS) + ["--load", load, "--save", load])
     with pytest.raises(CheckpointError, match="--load .* but no 'latest' file"):
         resume_checks.prepare_resume(args, None, 256, say=lambda *_: None)
@@ -169,8 +168,8 @@ def test_keep_last_never_deletes_latest_or_best(tmp_path):
         os.makedirs(tmp_path / f"iter_{i:07d}")
     (tmp_path / "latest").write_text("iter_0000004\n")  # e.g. iter 5 is a save in progress
     (tmp_path / "best").write_text("iter_0000001\nval_loss 2.0\n")
-    assert checkpointing.prune_checkpoints(str(tmp_path), 1) == ["iter_0000002", "iter_0000003"]
-    assert checkpointing.iteration_tags(str(tmp_path)) == ["iter_0000001", "iter_0000004", "iter_0000005"]
+    assert training_state.prune_checkpoints(str(tmp_path), 1) == ["iter_0000002", "iter_0000003"]
+    assert layout.iteration_tags(str(tmp_path)) == ["iter_0000001", "iter_0000004", "iter_0000005"]
 
 
 def _resume_args(run, *extra):
@@ -195,7 +194,7 @@ def test_changed_setup_is_one_clear_line_or_adopted(run):
     # a longer --train-iters moves --lr-decay-iters (its default): refused, or overridden, or adopted
     flags = tiny_flags(run.prefix, 6) + ["--load", run.save]
     args = parse_args(flags)
-    meta = checkpointing.verify_checkpoint(run.save)[1]
+    meta = training_state.verify_checkpoint(run.save)[1]
     from megaphi.pretrain import build_model_config
     config = build_model_config(args, args.vocab_size)
     with pytest.raises(CheckpointError, match=r"the lr schedule differs from the checkpoint's \(checkpoint vs run: "
@@ -257,9 +256,9 @@ def test_disk_full_detection_and_discard(tmp_path):
     os.makedirs(tmp_path / "iter_0000001")
     os.makedirs(tmp_path / "iter_0000002")
     (tmp_path / "latest").write_text("iter_0000001\n")
-    message = checkpointing._discard_partial_save(str(tmp_path), "iter_0000002", OSError(errno.ENOSPC, "No space left on device"))
+    message = training_state._discard_partial_save(str(tmp_path), "iter_0000002", OSError(errno.ENOSPC, "No space left on device"))
     assert "the partial checkpoint was removed" in message and "'latest' still names iter_0000001" in message
-    assert checkpointing.iteration_tags(str(tmp_path)) == ["iter_0000001"]
+    assert layout.iteration_tags(str(tmp_path)) == ["iter_0000001"]
 
 
 def test_truncated_metrics_line_is_repaired_and_skipped_by_the_plotter(tmp_path, capsys):
@@ -298,7 +297,7 @@ def test_resume_across_zero_stages_without_save_and_sigterm(run, tmp_path):
     assert "warning: no --save: this run saves no checkpoint" in stderr  # warnings go to stderr
     assert f"resumed from {load}/iter_{ITERS:07d} at iteration {ITERS}" in stdout
     assert json.loads(open(metrics).readline())["iteration"] == ITERS + 1
-    assert checkpointing.iteration_tags(load) == ["iter_0000002", "iter_0000003"]
+    assert layout.iteration_tags(load) == ["iter_0000002", "iter_0000003"]
     assert open(os.path.join(tag_dir, "megaphi_meta.json")).read() == before
     assert "received SIGTERM: nothing saved (no --save) at iteration" in stdout
     assert "saved at iteration" not in stdout and "saved checkpoint" not in stdout
@@ -318,7 +317,7 @@ def test_kill_9_inside_a_save_never_exposes_a_partial_checkpoint(run, tmp_path):
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
             latest = os.path.join(save, "latest")
-            tags = checkpointing.iteration_tags(save)
+            tags = layout.iteration_tags(save)
             if os.path.exists(latest) and tags and tags[-1] != open(latest).read().strip():
                 break  # a save after the first complete one is being written
             time.sleep(0.002)
@@ -328,15 +327,15 @@ def test_kill_9_inside_a_save_never_exposes_a_partial_checkpoint(run, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    tag, meta = checkpointing.verify_checkpoint(save)
+    tag, meta = training_state.verify_checkpoint(save)
     assert meta["iteration"] == int(tag[len("iter_"):])
-    for other in checkpointing.iteration_tags(save):
+    for other in layout.iteration_tags(save):
         other_meta = os.path.join(save, other, "megaphi_meta.json")
         if os.path.exists(other_meta):  # complete: every listed file verifies
             integrity.verify_files(os.path.join(save, other), json.load(open(other_meta))["files"])
     resumed = run_pretrain(tiny_flags(run.prefix, 1000) + ["--load", save, "--save", save, "--eval-iters", "0",
                                                            "--exit-interval", str(meta["iteration"] + 1)])
     assert f"resumed from {save}/{tag} at iteration {meta['iteration']}" in resumed.stdout
-    new_tag, new_meta = checkpointing.verify_checkpoint(save)
+    new_tag, new_meta = training_state.verify_checkpoint(save)
     assert new_meta["iteration"] == meta["iteration"] + 1
     assert not [f for _, _, files in os.walk(os.path.join(save, new_tag)) for f in files if ".tmp" in f]

@@ -9,6 +9,7 @@ from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
+from megaphi.checkpoint.hf_config import config_from_hf_dict  # noqa: E402
 from megaphi.model import PhiForCausalLM  # noqa: E402
 
 TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
@@ -81,7 +82,7 @@ def test_hf_to_megaphi_to_hf_round_trip(hf_model, hf_dir, tmp_path, capsys):
 
 
 def test_bf16_megaphi_round_trip_is_bit_identical(tmp_path):
-    model = PhiForCausalLM(convert.config_from_hf_dict(json.loads(json.dumps({
+    model = PhiForCausalLM(config_from_hf_dict(json.loads(json.dumps({
         "model_type": "phi", "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": 256,
         "num_hidden_layers": LAYERS, "num_attention_heads": 2, "partial_rotary_factor": 0.5}))), init_seed=4)
     model.to(torch.bfloat16).save_pretrained(tmp_path / "a")

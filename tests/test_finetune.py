@@ -52,7 +52,8 @@ def test_finetune_from_checkpoint_and_model_folder(tmp_path):
 def test_finetune_rejects_other_architecture(tmp_path):
     import pytest
     from megaphi.model import PhiForCausalLM, get_preset
-    from megaphi.training.checkpointing import CheckpointError, load_weights_from_folder
+    from megaphi.checkpoint.layout import CheckpointError
+    from megaphi.checkpoint.model_folder import load_weights_from_folder
 
     small = get_preset("tiny", vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=2)
     PhiForCausalLM(small).save_pretrained(str(tmp_path / "m"))

@@ -59,7 +59,7 @@ def _hf_model(megaphi_config, dtype):
 
 
 def test_matches_transformers_generate_greedy_via_converted_checkpoint(tmp_path):
-    from megaphi.model.checkpoint import save_megaphi_folder
+    from megaphi.checkpoint.model_folder import save_megaphi_folder
     config = tiny_model().config
     hf = _hf_model(config, torch.float64)
     # Convert: HF state dict (HF names) -> a megaphi checkpoint folder -> from_pretrained.

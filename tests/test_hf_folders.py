@@ -82,7 +82,7 @@ def test_auto_classes_load_megaphi_folder(config, token_ids, tmp_path):
 
 
 def test_token_ids_default_to_phi1_endoftext():
-    from megaphi.model.hf_config import default_token_ids, generation_config_dict
+    from megaphi.checkpoint.hf_config import default_token_ids, generation_config_dict
     assert default_token_ids(get_preset("phi-1")) == (50256, 50256)  # codegen-350M-mono's <|endoftext|>
     assert default_token_ids(get_preset("tiny")) == (None, None)     # not inside a 512-row vocabulary
     assert default_token_ids(get_preset("tiny"), eos_token_id=3) == (3, 3)
@@ -219,7 +219,7 @@ def test_eval_humaneval_tool_on_hf_folder(hf_phi, tmp_path, capsys):
 
 
 def test_finetune_loads_hf_folder(tmp_path):
-    from megaphi.model.checkpoint import load_megaphi_state
+    from megaphi.checkpoint.model_folder import load_megaphi_state
     from test_resume import make_token_file, run_pretrain, tiny_flags
 
     hf = _hf_model(vocab=256, hidden=64, heads=2, factor=0.5, seed=12)  # tiny_flags' shapes, rotary 16

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from megaphi.training import launcher_watch, save_lock
+from megaphi.checkpoint import lock as save_lock
+from megaphi.training import launcher_watch
 from megaphi.training.signals import GracefulExit
 
 TRAIN_FLAGS = ["--model", "tiny", "--mock-data", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
@@ -175,7 +176,7 @@ def test_lock_is_exclusive_and_a_stale_file_does_not_block(tmp_path):
     os.makedirs(folder)
     with open(os.path.join(folder, ".megaphi.lock"), "w") as f:
         f.write('{"pid": 1, "host": "gone", "started": "yesterday"}')  # left by a killed run: not held
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from megaphi.training import save_lock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from megaphi.checkpoint import lock as save_lock; "
                                "save_lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(300)", folder],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -187,7 +188,7 @@ def test_lock_is_exclusive_and_a_stale_file_does_not_block(tmp_path):
         holder.wait()
     save_lock.acquire(folder)  # the holder's death released it
     (tmp_path / "a_file").write_text("")
-    with pytest.raises(save_lock.ArgumentError, match=f"--save {tmp_path / 'a_file' / 'ck'}: cannot create "):
+    with pytest.raises(save_lock.SaveFolderError, match=f"--save {tmp_path / 'a_file' / 'ck'}: cannot create "):
         save_lock.acquire(str(tmp_path / "a_file" / "ck"))
     try:
         assert json.loads(_read(os.path.join(folder, ".megaphi.lock")))["pid"] == os.getpid()

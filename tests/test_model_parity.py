@@ -6,7 +6,7 @@ transformers = pytest.importorskip("transformers")
 
 from megaphi.config import PhiConfig  # noqa: E402
 from megaphi.model import PhiForCausalLM  # noqa: E402
-from megaphi.model.checkpoint import model_to_hf_names  # noqa: E402
+from megaphi.checkpoint.hf_names import model_to_hf_names  # noqa: E402
 
 # (vocab, hidden, ffn, layers, heads, rotary_dim): head dim 64 with rotary 32 like phi-1; a deeper one.
 CONFIGS = {

@@ -154,7 +154,7 @@ def check_model(rank, world, reference):
     for name, p in model.named_parameters():
         grad = _gather(p.grad, p.partition_dim) if p.tensor_model_parallel else p.grad
         _close(grad, reference["grads"][name])
-    from megaphi.model.checkpoint import model_to_hf_names
+    from megaphi.checkpoint.hf_names import model_to_hf_names
     expected = model_to_hf_names(reference["params"], model.config)
     exported = model.hf_state_dict()  # gathers the shards (what save_pretrained writes)
     assert set(exported) == set(expected) and all(torch.equal(exported[n], expected[n]) for n in expected)

@@ -12,8 +12,8 @@ import torch
 from dist_utils import run_distributed
 from megaphi.config import PhiConfig
 from megaphi.model import PhiForCausalLM
-from megaphi.model.sharded_checkpoint import (TensorParallelMismatchError, check_tensor_parallel_size,
-                                              read_training_checkpoint, resolve_tag_dir)
+from megaphi.checkpoint.layout import resolve_tag_dir
+from megaphi.checkpoint.reshard import TensorParallelMismatchError, check_tensor_parallel_size, read_training_checkpoint
 from megaphi.parallel import pad_vocab_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ def _engine(model, tp):
 def save_worker(rank, world, save_dir, logits_path):
     """TP=2: one optimizer step (so the weights are no longer the seeded init), then the trainer's save."""
     from megaphi.parallel import state
-    from megaphi.training.checkpointing import save_checkpoint
+    from megaphi.checkpoint.training_state import save_checkpoint
     state.initialize_model_parallel(world)
     engine = _engine(PhiForCausalLM(PhiConfig(**CONFIG), init_seed=5), world)
     loss, _ = engine(IDS, labels=IDS)

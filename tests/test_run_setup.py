@@ -6,10 +6,10 @@ import os
 import pytest
 import torch
 
-from megaphi.model.sharded_checkpoint import TensorParallelMismatchError
+from megaphi.checkpoint.reshard import TensorParallelMismatchError
 from megaphi.pretrain import model_vocab_size
 from megaphi.tokenizer import load_tokenizer
-from megaphi.training import checkpointing
+from megaphi.checkpoint import training_state
 
 
 def _args(model, divisible_by=128, tp=1):
@@ -55,7 +55,7 @@ class _EngineThatMustNotLoad:
 def test_resume_at_another_tp_size_points_at_reshard(tmp_path):
     _fake_checkpoint(tmp_path, tp=2)
     with pytest.raises(TensorParallelMismatchError) as err:
-        checkpointing.load_checkpoint(_EngineThatMustNotLoad(), str(tmp_path))  # this process: TP=1
+        training_state.load_checkpoint(_EngineThatMustNotLoad(), str(tmp_path))  # this process: TP=1
     message = str(err.value)
     assert "--tensor-model-parallel-size 2" in message and "uses 1" in message
     assert "convert_checkpoint.py reshard" in message and "--tp 1" in message

@@ -4,7 +4,7 @@ Block (parallel attention + MLP, one shared LayerNorm):
     h = LN(x);  x = drop(dense(attn(h))) + drop(fc2(gelu_tanh(fc1(h)))) + x
 Attention holds a fused query_key_value column layer whose output rows are laid out per head as
 [q_h; k_h; v_h] (head-major), so splitting it over TP ranks gives each rank whole heads; the HF
-q_proj/k_proj/v_proj tensors are fused/split by megaphi.model.checkpoint.
+q_proj/k_proj/v_proj tensors are fused/split by megaphi.checkpoint.hf_names.
 
 Tensor parallel: the LayerNorm output enters the TP region once (shared by the attention and MLP
 column layers, whose backward overlaps the collective on its gradient with both weight-gradient
@@ -315,23 +315,23 @@ class PhiForCausalLM(nn.Module):
     # -- checkpoints (config.json + model.safetensors in HF PhiForCausalLM names) --
     @classmethod
     def from_pretrained(cls, path, dtype=None, device=None):
-        from .checkpoint import load_megaphi_state
+        from megaphi.checkpoint.model_folder import load_megaphi_state
         config, hf_state = load_megaphi_state(path)
         model = cls(config, initialize=False, device=device, dtype=dtype)
         model.load_hf_state_dict(hf_state, source=str(path))
         return model
 
     def load_hf_state_dict(self, hf_state, source="state dict"):
-        from .checkpoint import load_hf_state_into
+        from megaphi.checkpoint.hf_names import load_hf_state_into
         load_hf_state_into(self, hf_state, source)
 
     def hf_state_dict(self):
-        from .checkpoint import model_to_hf_state
+        from megaphi.checkpoint.hf_names import model_to_hf_state
         return model_to_hf_state(self)
 
     def save_pretrained(self, path, bos_token_id=None, eos_token_id=None):
         """A Hugging Face folder (AutoModelForCausalLM loads it); token ids default to phi-1's <|endoftext|>."""
-        from .checkpoint import save_megaphi_folder
+        from megaphi.checkpoint.model_folder import save_megaphi_folder
         from megaphi.parallel.state import get_data_parallel_rank, get_tensor_model_parallel_rank
         state = self.hf_state_dict()  # collective under TP: every rank takes part
         if get_tensor_model_parallel_rank() == 0 and get_data_parallel_rank() == 0:

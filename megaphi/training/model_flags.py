@@ -30,16 +30,16 @@ def folder_to_finetune(args):
     checkpoint, or no such run)."""
     if not (args.finetune or args.skip_train) or not args.load or not os.path.isdir(args.load):
         return None
-    from megaphi.training import checkpointing
+    from megaphi.checkpoint import layout, model_folder
 
-    if checkpointing.is_model_folder(args.load):
+    if model_folder.is_model_folder(args.load):
         return args.load
     try:
-        tag = checkpointing.read_pointer(args.load)
-    except checkpointing.CheckpointError as e:
+        tag = layout.read_pointer(args.load)
+    except layout.CheckpointError as e:
         raise ArgumentError(str(e)) from None
-    exported = os.path.join(args.load, tag, checkpointing.MODEL_SUBDIR) if tag else None
-    return exported if exported and checkpointing.is_model_folder(exported) else None
+    exported = os.path.join(args.load, tag, layout.MODEL_SUBDIR) if tag else None
+    return exported if exported and model_folder.is_model_folder(exported) else None
 
 
 def read_folder_config(folder):
@@ -47,7 +47,7 @@ def read_folder_config(folder):
     import json
 
     from megaphi.config import PhiConfig
-    from megaphi.model.hf_config import config_from_hf_dict
+    from megaphi.checkpoint.hf_config import config_from_hf_dict
 
     path = os.path.join(folder, "config.json")
     try:

@@ -8,7 +8,9 @@ import torch
 import torch.distributed as dist
 
 from ..model.phi import IGNORE_INDEX  # labels the model leaves out of the loss
-from . import checkpointing, metrics
+from megaphi.checkpoint import rng_state, training_state
+
+from . import metrics
 from .schedules import forward_backward_no_pipelining, reduce_loss_dicts, reduce_loss_tensors
 
 
@@ -118,7 +120,7 @@ def evaluate(engine, forward_step, make_valid_iterator, eval_iters, num_microbat
 def _humaneval(engine, args, tokenizer):
     from megaphi.evaluation.humaneval import evaluate_model
 
-    saved_rng = checkpointing.rng_states()  # generation must not perturb the training RNG streams
+    saved_rng = rng_state.rng_states()  # generation must not perturb the training RNG streams
     gather = contextlib.nullcontext()
     if args.zero_stage == 3:
         import deepspeed
@@ -132,7 +134,7 @@ def _humaneval(engine, args, tokenizer):
                                         max_new_tokens=args.humaneval_max_new_tokens)
     finally:
         engine.train()
-        checkpointing.set_rng_states(saved_rng)
+        rng_state.set_rng_states(saved_rng)
     if dist.is_initialized():
         dist.barrier()
     return result
@@ -380,7 +382,7 @@ def check_replicated(engine, args, when):
 def save(engine, args, state, val_loss=None, tokenizer=None, pass_at_1=None):
     check_replicated(engine, args, f" at iteration {state.iteration}, before saving")  # never save a drifted model
     best = choose_best(state, val_loss, pass_at_1, by_humaneval=bool(args.eval_humaneval))
-    tag = checkpointing.save_checkpoint(
+    tag = training_state.save_checkpoint(
         engine, args.save, state.iteration, state.consumed_samples, state.consumed_tokens, args,
         state={k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                for k, v in asdict(state).items() if k != "last_saved_iteration"},

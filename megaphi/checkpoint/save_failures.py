@@ -11,9 +11,10 @@ import os
 import shutil
 import traceback
 
-from . import checkpoint_integrity as integrity
-from .dist_timeout import is_timeout
-from .peer_loss import is_peer_lost
+from megaphi.training.dist_timeout import is_timeout
+from megaphi.training.peer_loss import is_peer_lost
+
+from . import integrity
 
 
 class InTheWay(OSError):

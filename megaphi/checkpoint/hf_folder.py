@@ -1,7 +1,7 @@
 """Reading Hugging Face phi folders: HF Phi names or the original MixFormer names, safetensors or .bin,
-sharded (index json) or not. Registered as a checkpoint loader, so every place that takes a model folder
-(PhiForCausalLM.from_pretrained, --finetune --load, tools/generate.py, tools/eval_humaneval.py) takes
-these folders too; megaphi's own model folders are HF folders and load through here as well.
+sharded (index json) or not. model_folder.load_megaphi_state dispatches here, so every place that takes a
+model folder (PhiForCausalLM.from_pretrained, --finetune --load, tools/generate.py, tools/eval_humaneval.py)
+takes these folders too; megaphi's own model folders are HF folders and load through here as well.
 """
 import glob
 import json
@@ -11,8 +11,24 @@ import re
 import torch
 from safetensors.torch import load_file
 
-from .checkpoint import CONFIG_NAME, NOT_JSON, check_hf_state, read_config_probe, register_checkpoint_loader
 from .hf_config import config_from_hf_dict
+from .hf_names import check_hf_state
+from .layout import CONFIG_NAME
+
+NOT_JSON = object()  # read_config_probe: the file exists but does not parse
+
+
+def read_config_probe(path):
+    """What a folder probe needs of a config.json: None when there is no such file, NOT_JSON when it
+    does not parse (the reader that claims it reports the error), else the parsed value."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError:
+        return NOT_JSON
+
 
 def _load_weight_file(path):
     if path.endswith(".safetensors"):
@@ -91,7 +107,7 @@ def _is_mixformer_state(state):
 
 def read_hf_checkpoint(hf_dir):
     """(PhiConfig, HF-named state dict) from a Hugging Face Phi or MixFormer folder."""
-    config_path = os.path.join(hf_dir, "config.json")
+    config_path = os.path.join(hf_dir, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} not found")
     try:
@@ -127,5 +143,3 @@ def hf_token_ids(path):
         d = json.load(f)
     return d.get("bos_token_id"), d.get("eos_token_id")
 
-
-register_checkpoint_loader(is_hf_folder, read_hf_checkpoint, first=False)

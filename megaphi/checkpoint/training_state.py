@@ -8,7 +8,7 @@ Layout of --save DIR:
     DIR/<tag>/                         DeepSpeed checkpoint (module, optimizer, lr schedule)
     DIR/<tag>/megaphi_meta.json        iteration, consumed samples/tokens, model config, tokenizer, flags,
                                        "files": size + CRC-32 of every other file of DIR/<tag>,
-                                       "metadata_sha256": its own checksum (checkpoint_integrity:
+                                       "metadata_sha256": its own checksum (integrity.py:
                                        all verified by --load before anything loads)
     DIR/<tag>/rng_state_rank<R>.pt     python / numpy / torch / cuda / TP-tracker RNG states of rank R
     DIR/<tag>/model/                   config.json + model.safetensors (PhiForCausalLM.save_pretrained)
@@ -25,117 +25,29 @@ counts as a checkpoint, and the run that owns the folder sets it aside (set_asid
 import contextlib
 import json
 import os
-import re
 import shutil
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 
-from . import checkpoint_integrity as integrity
-from . import save_failures
-from .rng_state import rng_states, set_rng_states  # noqa: F401 (part of this module's interface)
+from . import integrity, save_failures
+from .atomic import write_atomic, write_text_atomic
+from .collective import barrier, broadcast_from_rank0, global_rank
+from .layout import (BEST_NAME, LATEST_NAME, META_NAME, MODEL_SUBDIR, CheckpointError, complete_tags, is_complete,
+                     iteration_tags, pointer_or_none, pointer_text, protected_tags, read_pointer, rng_state_path,
+                     tag_for)
+from .rng_state import rng_states, set_rng_states
 
-META_NAME = "megaphi_meta.json"
-LATEST_NAME = "latest"
-BEST_NAME = "best"
-MODEL_SUBDIR = "model"
 FORMAT = integrity.SEALED_FORMAT
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit this run."""
-
-
-def tag_for(iteration):
-    return f"iter_{iteration:07d}"
-
-
-def _rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def write_text_atomic(path, text):
-    """Write, fsync, rename, fsync the folder; the temporary file never outlives a failure."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    integrity.fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
-
-
-def read_pointer(directory, name=LATEST_NAME, must_exist=True):
-    """The tag a pointer file names, or None when there is no such file. Garbage, an empty file or a
-    tag whose folder is gone is a CheckpointError naming the file."""
-    path = os.path.join(directory, name)
-    if not os.path.lexists(path):
-        return None
-    if not os.path.isfile(path):
-        complete = complete_tags(directory)
-        newest = (f"the newest complete checkpoint here is {complete[-1]}" if complete
-                  else "there is no complete checkpoint here")
-        kind = "a directory" if os.path.isdir(path) else "not a regular file"
-        raise CheckpointError(f"{path} is {kind}; it should be a file holding one tag like iter_0000100 ({newest}): "
-                              f"move the {'directory' if os.path.isdir(path) else 'entry'} away")
-    with open(path, "rb") as f:
-        raw = f.read(4096)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: not a checkpoint tag (binary content; it should hold one line like "
-                              f"iter_0000100)") from None
-    lines = text.strip().splitlines()
-    if not lines:
-        raise CheckpointError(f"{path} is empty (it should hold one line like iter_0000100)")
-    tag = lines[0].strip()
-    if not TAG_RE.fullmatch(tag):
-        raise CheckpointError(f"{path}: not a checkpoint tag ({tag[:60]!r}; it should hold one line like "
-                              f"iter_0000100)")
-    if must_exist and not os.path.isdir(os.path.join(directory, tag)):
-        raise CheckpointError(f"{path} points to {tag}, but {os.path.join(directory, tag)} does not exist")
-    return tag
-
-
-def iteration_tags(directory):
-    """Sorted iter_NNNNNNN folder names in a save folder."""
-    if not os.path.isdir(directory):
-        return []
-    return sorted((n for n in os.listdir(directory)
-                   if re.fullmatch(r"iter_\d{7,}", n) and os.path.isdir(os.path.join(directory, n))),
-                  key=lambda n: int(n[5:]))
-
-
-def is_complete(tag_dir):
-    """A save wrote its metadata (after all its data): anything less is an interrupted save."""
-    return os.path.isfile(os.path.join(tag_dir, META_NAME))
-
-
-def complete_tags(directory):
-    return [t for t in iteration_tags(directory) if is_complete(os.path.join(directory, t))]
 
 
 def set_aside_incomplete(directory, owned, say):
     """Collective. iter_* folders without metadata (a killed save), except one a pointer names (that is
     a broken checkpoint, reported at load): renamed to <tag>.incomplete-<n> when this run owns the folder
     (its --save, locked), only reported otherwise (another job may be writing it)."""
-    if _rank() == 0 and os.path.isdir(directory):
-        named = {_pointer_or_none(directory, LATEST_NAME), _pointer_or_none(directory, BEST_NAME)}
+    if global_rank() == 0 and os.path.isdir(directory):
+        named = protected_tags(directory)
         for tag in iteration_tags(directory):
             tag_dir = os.path.join(directory, tag)
             if tag in named or is_complete(tag_dir):
@@ -150,7 +62,7 @@ def set_aside_incomplete(directory, owned, say):
             say(f"{tag_dir} is an incomplete checkpoint (no {META_NAME}: a save was interrupted); set aside as "
                 f"{tag_dir}.incomplete-{n} ({save_failures.readable_size(_tree_size(tag_dir + f'.incomplete-{n}'))},"
                 f" nothing in it can be loaded: delete it when it is not needed)")
-    _barrier()
+    barrier()
 
 
 def _tree_size(path):
@@ -172,7 +84,7 @@ def check_no_orphan_checkpoints(directory, flag_given, role):
                           f"to resume, or pass --start-over to train from iteration 0 and overwrite them")
 
 
-def _module_config_dict(module):
+def module_config_dict(module):
     config = getattr(module, "config", None)
     if config is None:
         return None
@@ -190,18 +102,18 @@ def export_model_folder(engine, out_dir, zero_stage, tokenizer=None):
         import deepspeed
         gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
     tmp = out_dir + ".tmp"
-    if _rank() == 0:
+    if global_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    barrier()
     with gather:
         module.save_pretrained(tmp, eos_token_id=None if tokenizer is None else tokenizer.eod)
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if global_rank() == 0:
         if tokenizer is not None:
             tokenizer.save(tmp)  # tools/generate.py picks it up from the folder
         shutil.rmtree(out_dir, ignore_errors=True)
         os.replace(tmp, out_dir)
-    _barrier()
+    barrier()
 
 
 def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_tokens, args, state=None,
@@ -209,7 +121,7 @@ def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_toke
     """Collective. `state` holds extra train-loop fields (best val loss, ...) kept in the metadata.
     Any failure: CheckpointError (one line), the partial folder removed, `latest` unchanged."""
     tag = tag_for(iteration)
-    rank = _rank()
+    rank = global_rank()
     meta = {
         "format": FORMAT,
         "iteration": iteration,
@@ -221,7 +133,7 @@ def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_toke
         "zero_stage": getattr(args, "zero_stage", None),
         "seed": getattr(args, "seed", None),
         "tokenizer": getattr(args, "tokenizer", None),
-        "model_config": _module_config_dict(engine.module),
+        "model_config": module_config_dict(engine.module),
         "args": {k: v for k, v in vars(args).items() if _jsonable(v)},
         "state": state or {},
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -235,32 +147,31 @@ def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_toke
             if not save_failures.is_save_failure(e):
                 raise
             failure = _discard_partial_save(save_dir, tag, e)
-    failure = _broadcast_from_rank0(failure)
+    failure = broadcast_from_rank0(failure)
     if failure:
         raise CheckpointError(failure)
     try:
         # save_latest=False: DeepSpeed's own pointer would be written before our metadata exists.
         engine.save_checkpoint(save_dir, tag=tag, client_state={"megaphi": {k: meta[k] for k in
                                ("iteration", "consumed_samples", "consumed_tokens")}}, save_latest=False)
-        rng_path = os.path.join(tag_dir, f"rng_state_rank{rank}.pt")
-        torch.save(rng_states(), rng_path + ".tmp")
-        os.replace(rng_path + ".tmp", rng_path)
+        states = rng_states()
+        write_atomic(rng_state_path(tag_dir, rank), lambda tmp: torch.save(states, tmp))
         if export_model:
             export_model_folder(engine, os.path.join(tag_dir, MODEL_SUBDIR), getattr(args, "zero_stage", 0), tokenizer)
-        _barrier()
+        barrier()
         meta["files"] = integrity.checksum_and_sync(tag_dir, META_NAME)  # collective; fsyncs data and folders
         meta["checksum"] = integrity.HASH_NAME
         if rank == 0:
             write_text_atomic(os.path.join(tag_dir, META_NAME),
                               json.dumps(integrity.seal_metadata(meta), indent=2, sort_keys=True))
             if is_best:
-                write_text_atomic(os.path.join(save_dir, BEST_NAME), tag + "\n" + (f"{best_metric}\n" if best_metric else ""))
-            write_text_atomic(os.path.join(save_dir, LATEST_NAME), tag + "\n")  # last: marks it complete
+                write_text_atomic(os.path.join(save_dir, BEST_NAME), pointer_text(tag, best_metric))
+            write_text_atomic(os.path.join(save_dir, LATEST_NAME), pointer_text(tag))  # last: marks it complete
     except Exception as e:
         if not save_failures.is_save_failure(e):
             raise
         raise CheckpointError(_discard_partial_save(save_dir, tag, e)) from None
-    _barrier()
+    barrier()
     keep_last = getattr(args, "keep_last", None)
     if rank == 0 and keep_last:
         prune_checkpoints(save_dir, keep_last)
@@ -275,38 +186,22 @@ def _prepare_tag_dir(save_dir, tag):
         raise save_failures.InTheWay(tag_dir)
     if os.path.isdir(tag_dir):
         integrity.remove_temporaries(tag_dir)  # leftovers of a killed save of the same iteration
-        if tag not in (_pointer_or_none(save_dir, LATEST_NAME), _pointer_or_none(save_dir, BEST_NAME)):
+        if tag not in protected_tags(save_dir):
             with contextlib.suppress(FileNotFoundError):  # an older save's metadata would vouch for new data
                 os.unlink(os.path.join(tag_dir, META_NAME))
     os.makedirs(tag_dir, exist_ok=True)
 
 
-def _broadcast_from_rank0(value):
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
-
-
 def _discard_partial_save(save_dir, tag, error):
     """Remove the folder of a failed save (never the one `latest` or `best` names); the one-line message."""
-    protected = {_pointer_or_none(save_dir, LATEST_NAME), _pointer_or_none(save_dir, BEST_NAME)}
-    return save_failures.discard(save_dir, tag, error, protected, _pointer_or_none(save_dir, LATEST_NAME),
+    return save_failures.discard(save_dir, tag, error, protected_tags(save_dir), pointer_or_none(save_dir, LATEST_NAME),
                                  os.path.lexists(os.path.join(save_dir, LATEST_NAME)))
-
-
-def _pointer_or_none(directory, name):
-    try:
-        return read_pointer(directory, name, must_exist=False)
-    except CheckpointError:
-        return None
 
 
 def prune_checkpoints(save_dir, keep_last):
     """Delete iter_* checkpoints older than the newest `keep_last`, never the one `latest` or `best`
     names. Returns the deleted tags."""
-    protected = {_pointer_or_none(save_dir, LATEST_NAME), _pointer_or_none(save_dir, BEST_NAME)}
+    protected = protected_tags(save_dir)
     tags = iteration_tags(save_dir)
     doomed = [t for t in tags[:max(len(tags) - keep_last, 0)] if t not in protected]
     for tag in doomed:
@@ -347,7 +242,7 @@ def verify_checkpoint(load_dir, select=None):
     meta = read_meta(load_dir, tag)
     tag_dir = os.path.join(load_dir, tag)
     path = os.path.join(tag_dir, META_NAME)
-    if not meta["sealed"] and _rank() == 0:
+    if not meta["sealed"] and global_rank() == 0:
         print(f"[megaphi] warning: {path} has no checksum of its own (saved by an older megaphi): it is checked "
               f"against its folder's name and DeepSpeed's record only", file=sys.stderr, flush=True)
     try:
@@ -389,7 +284,7 @@ def load_checkpoint(engine, load_dir, verified=None, load_optim=True, load_rng=T
         raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it ({type(e).__name__}: {first})") from None
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint {tag_dir}")
-    rng_path = os.path.join(tag_dir, f"rng_state_rank{_rank()}.pt")
+    rng_path = rng_state_path(tag_dir, global_rank())
     if not load_rng:
         print(f"[megaphi] --no-load-rng: RNG states of {tag_dir} not restored", flush=True)
     elif os.path.isfile(rng_path):
@@ -407,55 +302,8 @@ def load_checkpoint(engine, load_dir, verified=None, load_optim=True, load_rng=T
 def check_checkpoint_tensor_parallel_size(load_dir, tag):
     """A DeepSpeed checkpoint holds one model shard per TP rank: loading it at another TP size must
     fail clearly (pointing at `convert_checkpoint.py reshard`), not deep inside DeepSpeed."""
-    from megaphi.model.sharded_checkpoint import check_tensor_parallel_size
     from megaphi.parallel import get_tensor_model_parallel_world_size
 
+    from .reshard import check_tensor_parallel_size
+
     check_tensor_parallel_size(os.path.join(load_dir, tag), get_tensor_model_parallel_world_size())
-
-
-def is_model_folder(path):
-    """A model folder: megaphi's (current or older format) or a Hugging Face phi folder."""
-    from megaphi.model.checkpoint import is_megaphi_folder
-    from megaphi.model.hf_checkpoint import is_hf_folder
-    return os.path.isdir(path) and (is_megaphi_folder(path) or is_hf_folder(path))
-
-
-def finetune_weights_source(load_dir):
-    """Where --finetune --load DIR takes its weights from: ("folder", path) for a model folder (megaphi or
-    Hugging Face phi; or a training checkpoint's exported DIR/<tag>/model), ("deepspeed", tag) otherwise."""
-    if is_model_folder(load_dir):
-        return "folder", load_dir
-    tag = read_pointer(load_dir)
-    if tag is None:
-        raise CheckpointError(f"--load {load_dir}: neither a model folder (megaphi or Hugging Face phi: config.json "
-                           f"+ weights) nor a training checkpoint ({LATEST_NAME} file missing)")
-    exported = os.path.join(load_dir, tag, MODEL_SUBDIR)
-    if is_model_folder(exported):
-        verify_checkpoint(load_dir, select=lambda rel: rel.startswith(MODEL_SUBDIR + "/"))  # the files read
-        return "folder", exported
-    verify_checkpoint(load_dir, select=lambda rel: rel.endswith("_model_states.pt"))
-    return "deepspeed", tag
-
-
-ARCH_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
-               "rotary_dim", "vocab_size")
-
-
-def load_weights_from_folder(model, folder):
-    """Copy the weights of a model folder (megaphi or Hugging Face phi) into `model` (same architecture, checked)."""
-    from megaphi.model.checkpoint import load_megaphi_state
-
-    try:
-        config, hf_state = load_megaphi_state(folder)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"--load {folder}: {e}") from None
-    saved = config.to_dict()
-    mine = _module_config_dict(model) or {}
-    diffs = [f"{k}: checkpoint {saved.get(k)} vs run {mine.get(k)}" for k in ARCH_FIELDS
-             if k in saved and k in mine and saved[k] != mine[k]]
-    if diffs:
-        raise CheckpointError(f"--load {folder}: architecture differs from the flags ({'; '.join(diffs)})")
-    try:
-        model.load_hf_state_dict(hf_state, source=folder)
-    except ValueError as e:
-        raise CheckpointError(f"--load {e}") from None

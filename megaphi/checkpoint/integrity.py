@@ -31,23 +31,19 @@ import os
 import re
 import zlib
 
-import torch.distributed as dist
+from .atomic import TMP_INFIX, fsync_dir
+from .collective import gather_union, rank_and_world
 
 HASH_NAME = "crc32"
 SEAL_NAME = "metadata_sha256"
 SEALED_FORMAT = "megaphi-train-v2"  # every metadata of this format carries SEAL_NAME
 BLOCK = 16 << 20
-TMP_MARKERS = (".tmp.", ".tmp-")  # write_text_atomic / tokenizer temporary names
+# atomic.write_atomic's and the tokenizer's temporary names; ".tmp." those of saves by an older megaphi
+TMP_MARKERS = (".tmp.", TMP_INFIX)
 
 
 class IntegrityError(RuntimeError):
     """One line naming the file and what is wrong with it."""
-
-
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def file_crc32(path, fsync=False):
@@ -92,41 +88,20 @@ def remove_temporaries(tag_dir):
                     pass
 
 
-def _gather(local):
-    """Merge per-rank dicts (all ranks get the union)."""
-    _, world = _world()
-    if world == 1:
-        return dict(local)
-    parts = [None] * world
-    dist.all_gather_object(parts, local)
-    merged = {}
-    for part in parts:
-        merged.update(part)
-    return merged
-
-
 def checksum_and_sync(tag_dir, meta_name):
     """Collective. {relative path: {"size", "crc32"}} of the tag folder's data files, each file
     fsynced by the rank that hashed it; then rank 0 fsyncs every folder of the tree."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     files = data_files(tag_dir, meta_name)
     local = {}
     for rel in files[rank::world]:
         size, crc = file_crc32(os.path.join(tag_dir, rel), fsync=True)
         local[rel] = {"size": size, HASH_NAME: crc}
-    merged = _gather(local)
+    merged = gather_union(local)
     if rank == 0:
         for root, _, _ in os.walk(tag_dir):
             fsync_dir(root)
     return {rel: merged[rel] for rel in sorted(merged)}
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_file(tag_dir, rel, expected):
@@ -157,14 +132,14 @@ def verify_files(tag_dir, files):
     bad one (the same error on every rank)."""
     if not isinstance(files, dict):
         raise IntegrityError(f"{tag_dir}: the metadata's file list is malformed ({type(files).__name__})")
-    rank, world = _world()
+    rank, world = rank_and_world()
     names = sorted(files)
     local = {}
     for rel in names[rank::world]:
         problem = check_file(tag_dir, rel, files[rel])
         if problem:
             local[rel] = problem
-    problems = _gather(local)
+    problems = gather_union(local)
     if problems:
         first = sorted(problems)[0]
         more = f" (and {len(problems) - 1} more bad files)" if len(problems) > 1 else ""

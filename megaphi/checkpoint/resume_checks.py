@@ -22,7 +22,9 @@ names the flag to pass:
 """
 import os
 
-from .checkpointing import ARCH_FIELDS, CheckpointError
+from . import layout, training_state
+from .layout import CheckpointError
+from .model_folder import ARCH_FIELDS
 
 # model config field -> argparse dest
 ARCH_ARGS = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size", "intermediate_size": "ffn_hidden_size",
@@ -142,27 +144,25 @@ def prepare_resume(args, tokenizer, padded_vocab, say=print):
     --use-checkpoint-args / the checkpoint's schedule / its vocabulary rows, refuse a changed data order.
     Returns (verify_checkpoint's (tag, meta) or None, vocabulary rows). Also warns when nothing will
     be saved."""
-    from . import checkpointing
-
     if not args.save:
         if not getattr(args, "skip_train", False):  # an evaluation saves nothing anyway
             say("warning: no --save: this run saves no checkpoint; a crash, SIGTERM or the end of the run keeps "
                 "nothing but the metrics")
     else:  # the run holds the folder's lock: its interrupted saves are its own
-        checkpointing.set_aside_incomplete(args.save, owned=True, say=say)
-        latest = os.path.join(args.save, checkpointing.LATEST_NAME)
+        training_state.set_aside_incomplete(args.save, owned=True, say=say)
+        latest = os.path.join(args.save, layout.LATEST_NAME)
         if os.path.lexists(latest) and not os.path.isfile(latest):
-            checkpointing.read_pointer(args.save)  # refused now rather than at the first save (one line)
+            layout.read_pointer(args.save)  # refused now rather than at the first save (one line)
     verified = None
     if args.load and not args.finetune:
         if os.path.exists(args.load) and not os.path.isdir(args.load):
             raise CheckpointError(f"--load {args.load} is a file, not a checkpoint folder")
         if not args.save or os.path.realpath(args.load) != os.path.realpath(args.save):
-            checkpointing.set_aside_incomplete(args.load, owned=False, say=say)
-        checkpointing.check_no_orphan_checkpoints(args.load, args.start_over, "--load")
-        verified = checkpointing.verify_checkpoint(args.load)
+            training_state.set_aside_incomplete(args.load, owned=False, say=say)
+        training_state.check_no_orphan_checkpoints(args.load, args.start_over, "--load")
+        verified = training_state.verify_checkpoint(args.load)
     if verified is None and args.save and not args.finetune and args.save != args.load:
-        checkpointing.check_no_orphan_checkpoints(args.save, args.start_over, "--save")
+        training_state.check_no_orphan_checkpoints(args.save, args.start_over, "--save")
     if verified is None:
         return None, padded_vocab
     meta = verified[1]

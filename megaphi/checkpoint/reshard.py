@@ -15,17 +15,17 @@ so ("optimizer_states": false).
 import glob
 import json
 import os
-import re
+import shutil
 
 import torch
 
 from megaphi.config import PhiConfig
+from megaphi.model.phi import PhiForCausalLM
 
-from .checkpoint import model_to_hf_names, register_checkpoint_loader
-
-META_NAME = "megaphi_meta.json"
-LATEST_NAME = "latest"
-MODEL_STATES = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+from .atomic import write_folder_atomic, write_json_atomic
+from .integrity import HASH_NAME, checksum_and_sync, seal_metadata
+from .layout import (CONFIG_NAME, LATEST_NAME, META_NAME, MODEL_STATES_RE, MODEL_SUBDIR, WEIGHTS_NAME, pointer_text,
+                     resolve_tag_dir)
 
 
 class TensorParallelMismatchError(ValueError):
@@ -34,7 +34,6 @@ class TensorParallelMismatchError(ValueError):
 
 def partition_dims(config):
     """{parameter name: partition dim, or None when replicated}, from a meta-device model."""
-    from .phi import PhiForCausalLM
     # The attributes do not depend on the TP size of the calling process (only shard shapes do).
     model = PhiForCausalLM(config, initialize=False, device="meta")
     return {name: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
@@ -80,21 +79,11 @@ def split_state(full, config, tp, source="checkpoint"):
 
 # -- training checkpoint folders -------------------------------------------------------------------
 
-def resolve_tag_dir(path):
-    """DIR (with a `latest` pointer) or DIR/<tag> -> the tag folder holding mp_rank_XX files."""
-    path = os.path.abspath(str(path))
-    pointer = os.path.join(path, LATEST_NAME)
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            path = os.path.join(path, f.read().strip())
-    return path
-
-
 def model_state_files(tag_dir):
     """{tp rank: path} of the mp_rank_XX_model_states.pt files in tag_dir."""
     files = {}
     for p in glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")):
-        m = MODEL_STATES.match(os.path.basename(p))
+        m = MODEL_STATES_RE.match(os.path.basename(p))
         if m:
             files[int(m.group(1))] = p
     return files
@@ -105,7 +94,9 @@ def is_training_checkpoint(path):
     return os.path.isfile(os.path.join(tag_dir, META_NAME)) and bool(model_state_files(tag_dir))
 
 
-def read_meta(tag_dir):
+def read_tag_meta(tag_dir):
+    """megaphi_meta.json of a tag folder as written (the resharder copies it; a run's --load verifies it
+    through training_state.verify_checkpoint)."""
     path = os.path.join(tag_dir, META_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: not a megaphi training checkpoint folder")
@@ -115,7 +106,7 @@ def read_meta(tag_dir):
 
 def checkpoint_tensor_parallel_size(tag_dir):
     """TP size a training checkpoint was saved with (megaphi_meta.json, checked against its files)."""
-    meta = read_meta(tag_dir)
+    meta = read_tag_meta(tag_dir)
     files = model_state_files(tag_dir)
     tp = int(meta.get("tensor_model_parallel_size", len(files) or 1))
     if files and sorted(files) != list(range(tp)):
@@ -138,7 +129,7 @@ def check_tensor_parallel_size(tag_dir, tp):
 def read_training_checkpoint(path):
     """(PhiConfig, full state dict in model names, meta, tag_dir) from a training checkpoint of any TP size."""
     tag_dir = resolve_tag_dir(path)
-    meta = read_meta(tag_dir)
+    meta = read_tag_meta(tag_dir)
     if not meta.get("model_config"):
         raise ValueError(f"{os.path.join(tag_dir, META_NAME)}: no model_config recorded")
     config = PhiConfig.from_dict(meta["model_config"], source=os.path.join(tag_dir, META_NAME))
@@ -150,7 +141,7 @@ def read_training_checkpoint(path):
         module = state.get("module") if isinstance(state, dict) else None
         if not module:
             raise ValueError(f"{files[r]}: no 'module' state dict (was the model saved with ZeRO stage 3? "
-                             f"use the exported {os.path.join(tag_dir, 'model')} folder instead)")
+                             f"use the exported {os.path.join(tag_dir, MODEL_SUBDIR)} folder instead)")
         shards.append(module)
     return config, merge_shards(shards, config, source=tag_dir), meta, tag_dir
 
@@ -169,15 +160,10 @@ def training_state_extras(tag_dir):
     return {k: v for k, v in state.items() if k not in _LAYOUT_KEYS}
 
 
-def load_training_checkpoint_as_hf(path):
-    config, full, _, _ = read_training_checkpoint(path)
-    return config, model_to_hf_names(full, config)
-
-
 def write_training_checkpoint(out_dir, tag, shards, meta, extras=None):
     """OUT/<tag>/mp_rank_XX_model_states.pt (DeepSpeed's module-state layout: model weights, no
     optimizer; `extras` from training_state_extras), OUT/<tag>/megaphi_meta.json, then OUT/latest.
-    The caller writes into a temporary folder."""
+    The caller writes into a temporary folder (atomic.write_folder_atomic)."""
     tag_dir = os.path.join(out_dir, tag)
     os.makedirs(tag_dir, exist_ok=True)
     defaults = {"lr_scheduler": None, "data_sampler": None, "random_ltd": None, "skipped_steps": 0,
@@ -192,7 +178,39 @@ def write_training_checkpoint(out_dir, tag, shards, meta, extras=None):
     with open(os.path.join(tag_dir, META_NAME), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     with open(os.path.join(out_dir, LATEST_NAME), "w") as f:
-        f.write(tag + "\n")
+        f.write(pointer_text(tag))
 
 
-register_checkpoint_loader(is_training_checkpoint, load_training_checkpoint_as_hf)
+def reshard(ckpt, out_dir, tp):
+    """Re-split a training checkpoint's model weights for `tp` TP ranks (optimizer state dropped).
+    Returns (PhiConfig, the source's TP size)."""
+    if tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {tp}")
+    if not is_training_checkpoint(ckpt):
+        if os.path.isfile(os.path.join(ckpt, CONFIG_NAME)) and os.path.isfile(os.path.join(ckpt, WEIGHTS_NAME)):
+            raise ValueError(f"{ckpt} is a megaphi model folder: its tensors are full (TP-independent) and load at "
+                             f"any --tensor-model-parallel-size; reshard takes training checkpoints")
+        raise ValueError(f"{ckpt}: not a megaphi training checkpoint (expected a `latest` file or "
+                         f"{META_NAME} with mp_rank_XX_model_states.pt files)")
+    config, full, meta, tag_dir = read_training_checkpoint(ckpt)
+    source_tp = meta.get("tensor_model_parallel_size", 1)
+    shards = split_state(full, config, tp, source=tag_dir)
+    new_meta = dict(meta)
+    new_meta.update({"tensor_model_parallel_size": tp, "optimizer_states": False,
+                     "resharded_from": {"path": tag_dir, "tensor_model_parallel_size": source_tp}})
+    new_meta.pop("files", None)  # the source's checksums; the output's are recorded below
+    if isinstance(new_meta.get("args"), dict):
+        new_meta["args"] = {**new_meta["args"], "tensor_model_parallel_size": tp}
+    tag = os.path.basename(tag_dir.rstrip(os.sep))
+
+    def fill(tmp):
+        write_training_checkpoint(tmp, tag, shards, new_meta, training_state_extras(tag_dir))
+        exported = os.path.join(tag_dir, MODEL_SUBDIR)  # the full-tensor model folder, if the run wrote one
+        if os.path.isdir(exported):
+            shutil.copytree(exported, os.path.join(tmp, tag, MODEL_SUBDIR))
+        # checksums of the new files, so a run resuming from OUT verifies them like any checkpoint
+        new_meta["files"] = checksum_and_sync(os.path.join(tmp, tag), META_NAME)
+        new_meta["checksum"] = HASH_NAME
+        write_json_atomic(os.path.join(tmp, tag, META_NAME), seal_metadata(new_meta))  # its own checksum, recomputed
+    write_folder_atomic(out_dir, fill)
+    return config, source_tp

@@ -15,14 +15,19 @@ import json
 import os
 import socket
 
-from .arguments import ArgumentError
+from .collective import broadcast_from_rank0, global_rank
+from .layout import LOCK_NAME, CheckpointError
 
-LOCK_NAME = ".megaphi.lock"
 _HELD = {}  # folder -> open file (the lock lives as long as it stays open)
 
 
-class SaveFolderInUse(ArgumentError):
-    """An ArgumentError (it names --save): the trainer prints it as one line and exits 1."""
+class SaveFolderError(CheckpointError):
+    """--save names no usable folder (a file, or not creatable or lockable): one line naming --save;
+    the trainer prints it and exits 1."""
+
+
+class SaveFolderInUse(SaveFolderError):
+    """Another run holds the folder's lock."""
 
 
 def _holder(path):
@@ -41,18 +46,18 @@ def acquire(folder: str) -> None:
         return
     path = os.path.join(folder, LOCK_NAME)
     if os.path.lexists(folder) and not os.path.isdir(folder):
-        raise ArgumentError(f"--save {folder} is a file, not a folder: give a folder (created if absent)")
+        raise SaveFolderError(f"--save {folder} is a file, not a folder: give a folder (created if absent)")
     try:
         os.makedirs(folder, exist_ok=True)
         f = open(path, "a+")
     except OSError as e:
-        raise ArgumentError(f"--save {folder}: cannot create {path}: {e.strerror or e}") from None
+        raise SaveFolderError(f"--save {folder}: cannot create {path}: {e.strerror or e}") from None
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         f.close()
         if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-            raise ArgumentError(f"--save {folder}: cannot lock {path}: {e.strerror or e} (the filesystem may not "
+            raise SaveFolderError(f"--save {folder}: cannot lock {path}: {e.strerror or e} (the filesystem may not "
                                 f"support flock)") from None
         raise SaveFolderInUse(f"--save {folder} is in use by another run: {_holder(path)} holds {path}; stop "
                               f"that run or save elsewhere") from None
@@ -66,19 +71,13 @@ def acquire(folder: str) -> None:
 
 def acquire_for_job(folder: str) -> None:
     """Collective: rank 0 takes the lock; every rank raises SaveFolderInUse when it could not."""
-    import torch.distributed as dist
-
     error = None
-    distributed = dist.is_available() and dist.is_initialized()
-    if not distributed or dist.get_rank() == 0:
+    if global_rank() == 0:
         try:
             acquire(folder)
-        except ArgumentError as e:  # in use, or not creatable/lockable
+        except SaveFolderError as e:  # in use, or not creatable/lockable
             error = str(e)
-    if distributed and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+    error = broadcast_from_rank0(error)
     if error is not None:
         raise SaveFolderInUse(error)
 
