@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megaphi.config import get_preset  # noqa: E402
-from megaphi.model import PhiForCausalLM  # noqa: E402
+from megaphi.model import ModelRuntime, PhiForCausalLM  # noqa: E402
 from megaphi.checkpoint.hf_config import hf_phi_config  # noqa: E402
 
 SMALL = {  # name -> (preset, overrides)
@@ -54,7 +54,7 @@ def time_steps(step, steps, warmup, device):
     return elapsed, peak
 
 
-def bench(config, args, device, dtype):
+def bench(config, args, device, dtype, runtime):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), generator=g).to(device)
     tokens, labels = ids[:, :-1], ids[:, 1:]
@@ -62,7 +62,7 @@ def bench(config, args, device, dtype):
     for impl in ("megaphi", "transformers"):
         torch.manual_seed(0)
         if impl == "megaphi":
-            model = PhiForCausalLM(config, device=device, dtype=dtype).train()
+            model = PhiForCausalLM(config, device=device, dtype=dtype, runtime=runtime).train()
 
             def step(model=model):
                 loss, _ = model(tokens, labels=labels)
@@ -103,9 +103,8 @@ def main():
     for name, (preset, overrides) in table.items():
         if args.only and args.only not in name:
             continue
-        config = get_preset(preset, **overrides, attention_dropout=args.dropout, resid_dropout=args.dropout,
-                            recompute=args.recompute)
-        r = bench(config, args, device, dtype)
+        config = get_preset(preset, **overrides, attention_dropout=args.dropout, resid_dropout=args.dropout)
+        r = bench(config, args, device, dtype, ModelRuntime(recompute="full" if args.recompute else "none"))
         (ours, ours_mem), (hf, hf_mem) = r["megaphi"], r["transformers"]
         print(f"| {name:28} | {ours:13.1f} | {hf:8.1f} | {ours / hf:5.2f} | {ours_mem:16.0f} | {hf_mem:11.0f} |",
               flush=True)

@@ -51,14 +51,14 @@ def held_storages(model):
 
 def measure(granularity, args):
     from megaphi.config import PhiConfig
-    from megaphi.model import PhiForCausalLM
+    from megaphi.model import ModelRuntime, PhiForCausalLM
 
-    switches = {} if granularity == "none" else {"recompute": True, "recompute_granularity": granularity}
     config = PhiConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, rotary_dim=32,
                        max_position_embeddings=args.seq, attention_dropout=args.dropout, resid_dropout=args.dropout,
-                       embd_dropout=0.0, attention_backend=args.backend, **switches)
-    model = PhiForCausalLM(config, init_seed=0).to(getattr(torch, args.dtype)).train()
+                       embd_dropout=0.0)
+    runtime = ModelRuntime(recompute=granularity, attention_backend=args.backend)
+    model = PhiForCausalLM(config, init_seed=0, runtime=runtime).to(getattr(torch, args.dtype)).train()
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
     with held_storages(model) as held:
         loss, _ = model(ids[:, :-1], labels=ids[:, 1:])

@@ -118,10 +118,12 @@ class StepMemory:
 
 def build_engine(args, cfg, device):
     """(engine, pretrain args, model config, parameter count) as python -m megaphi.pretrain builds them."""
+    import dataclasses
+
     import megaphi.ops as ops
-    from megaphi.model import PhiForCausalLM
-    from megaphi.model.compile import compile_decoder_layers
-    from megaphi.pretrain import build_model_config, check_precision_supported, set_seed, setup_engine
+    from megaphi.model import PhiForCausalLM, apply_runtime
+    from megaphi.pretrain import (build_model_config, build_model_runtime, check_precision_supported, set_seed,
+                                  setup_engine)
     from megaphi.training.arguments import parse_args
     from megaphi.training.deepspeed_config import build_deepspeed_config
 
@@ -133,8 +135,7 @@ def build_engine(args, cfg, device):
     config = build_model_config(run, None)
     model = PhiForCausalLM(config, initialize=False, device=device)
     init_on_device(model, config, run.seed)
-    if cfg["compile"] == "on":
-        compile_decoder_layers(model)
+    apply_runtime(model, dataclasses.replace(build_model_runtime(run), compile=cfg["compile"] == "on"))
     params = sum(p.numel() for p in model.parameters())
     return setup_engine(run, model, build_deepspeed_config(run)), run, config, params
 
@@ -222,6 +223,8 @@ def cpu_description():
 def compare_plain(args, cfg):
     """The engine's step alternating with a plain PyTorch loop on the same weights and batches, so load
     on a shared machine hits both alike: {"status", "seconds": {loop: [wall]}, "cpu_seconds": ...}."""
+    import dataclasses
+
     import torch
     from megaphi.model import PhiForCausalLM
     from megaphi.parallel import initialize_model_parallel
@@ -237,7 +240,8 @@ def compare_plain(args, cfg):
     source = make_train_iterator(0)
     gas = run.gradient_accumulation_steps
     data = [next(source) for _ in range(gas * 4)]
-    plain = PhiForCausalLM(config, initialize=False, device=device)
+    plain = PhiForCausalLM(config, initialize=False, device=device,  # the engine's switches, eager
+                           runtime=dataclasses.replace(engine.module.runtime, compile=False))
     plain.load_state_dict(engine.module.state_dict())
     decay = [p for p in plain.parameters() if p.ndim >= 2]
     no_decay = [p for p in plain.parameters() if p.ndim < 2]

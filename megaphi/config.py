@@ -1,5 +1,9 @@
 """Model configuration (PhiConfig), presets, and the exact parameter count.
 
+PhiConfig is the architecture only: what a model folder's config.json records. How a model runs
+(recompute, loss chunking, attention kernel, sequence parallel, compiled blocks) is a ModelRuntime
+(megaphi.model.runtime), chosen by whoever builds the model and never exported.
+
 Field names follow Hugging Face's PhiConfig where one exists; `rotary_dim` replaces HF's
 partial_rotary_factor (rotary_dim = factor * head_dim), the dropouts are named
 attention_dropout / resid_dropout / embd_dropout (HF: attention_dropout / resid_pdrop / embd_pdrop).
@@ -25,13 +29,6 @@ class PhiConfig:
     embd_dropout: float = 0.0
     initializer_range: float = 0.02
     hidden_act: str = "gelu_new"          # tanh-approximated GELU (the only one supported)
-    recompute: bool = False               # activation checkpointing per layer
-    recompute_granularity: str = "full"   # with recompute: "full" layers, or "selective" (core attention only)
-    recompute_num_layers: int = 0         # full granularity: recompute the first N layers (0 = all)
-    loss_chunk_tokens: int = 0            # > 0: lm_head + cross entropy N tokens at a time (no full logits)
-    use_flash_attn: bool = True           # flash_attn when installed and tensors are CUDA fp16/bf16
-    attention_backend: str = "auto"       # auto | flash-attn | sdpa-flash | sdpa-cudnn | sdpa-efficient | math
-    sequence_parallel: bool = False       # Megatron sequence parallel in training forwards (needs TP > 1)
 
     def __post_init__(self):
         self.validate()
@@ -53,15 +50,6 @@ class PhiConfig:
              f"rotary_dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
         for name in ("attention_dropout", "resid_dropout", "embd_dropout"):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1)")
-        need(self.attention_backend in ("auto", "flash-attn", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "math"),
-             f"attention_backend {self.attention_backend!r} is not one of auto, flash-attn, sdpa-flash, sdpa-cudnn, "
-             f"sdpa-efficient, math")
-        need(self.recompute_granularity in ("full", "selective"),
-             f"recompute_granularity must be 'full' or 'selective', got {self.recompute_granularity!r}")
-        need(isinstance(self.recompute_num_layers, int) and self.recompute_num_layers >= 0,
-             f"recompute_num_layers must be an int >= 0, got {self.recompute_num_layers!r}")
-        need(isinstance(self.loss_chunk_tokens, int) and self.loss_chunk_tokens >= 0,
-             f"loss_chunk_tokens must be an int >= 0, got {self.loss_chunk_tokens!r}")
         need(self.hidden_act in ("gelu_new", "gelu_pytorch_tanh", "gelu_tanh"),
              f"hidden_act {self.hidden_act!r} is not supported (phi uses tanh GELU, 'gelu_new')")
 
@@ -78,11 +66,13 @@ class PhiConfig:
 
     @classmethod
     def from_dict(cls, d, source="config"):
+        """PhiConfig from a dict of its fields; the runtime keys that configs written before the
+        architecture/runtime split carry (LEGACY_RUNTIME_KEYS) are ignored, so such a model runs plain."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(set(d) - known - set(LEGACY_RUNTIME_KEYS))
         if unknown:
             raise ValueError(f"{source}: unknown PhiConfig field(s) {unknown}")
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def from_json_file(cls, path):
@@ -91,6 +81,12 @@ class PhiConfig:
 
     def replace(self, **overrides):
         return dataclasses.replace(self, **overrides)
+
+
+# Runtime choices that config.json files and checkpoint metadata recorded as PhiConfig fields before
+# they moved to ModelRuntime; reading such a file skips them.
+LEGACY_RUNTIME_KEYS = ("recompute", "recompute_granularity", "recompute_num_layers", "loss_chunk_tokens",
+                       "use_flash_attn", "attention_backend", "sequence_parallel")
 
 
 PRESETS = {

@@ -72,18 +72,27 @@ def build_model_config(args, padded_vocab_size):
         "rotary_dim": args.rotary_dim, "max_position_embeddings": args.max_position_embeddings,
         "attention_dropout": args.attention_dropout, "resid_dropout": args.hidden_dropout,
         "embd_dropout": args.embedding_dropout, "initializer_range": args.init_method_std,
-        "recompute": bool(args.recompute or args.recompute_granularity),
-        "recompute_granularity": args.recompute_granularity or "full",
-        "recompute_num_layers": args.recompute_num_layers, "loss_chunk_tokens": args.loss_chunk_tokens,
-        "attention_backend": args.attention_backend,
     }
-    if args.sequence_parallel and args.tensor_model_parallel_size > 1:
-        overrides["sequence_parallel"] = True  # Megatron turns it off at TP=1, where it changes nothing
     if padded_vocab_size is not None:
         overrides["vocab_size"] = padded_vocab_size
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
+
+
+def build_model_runtime(args):
+    """How this run's model runs (megaphi.model.ModelRuntime): the recompute, loss-chunk, attention,
+    sequence-parallel and --torch-compile flags. Never part of the exported config."""
+    from megaphi.model import ModelRuntime
+    from megaphi.model.compile import compile_enabled
+
+    granularity = args.recompute_granularity or ("full" if args.recompute else None)
+    return ModelRuntime(
+        recompute=granularity or "none", recompute_num_layers=args.recompute_num_layers,
+        loss_chunk_tokens=args.loss_chunk_tokens, attention_backend=args.attention_backend,
+        # Megatron turns sequence parallel off at TP=1, where it changes nothing
+        sequence_parallel=bool(args.sequence_parallel and args.tensor_model_parallel_size > 1),
+        compile=compile_enabled(args.torch_compile, "cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def model_vocab_size(args, tokenizer):
@@ -364,8 +373,7 @@ def main(argv=None):
 
 def run(args):
     import megaphi.ops as ops
-    from megaphi.model import PhiForCausalLM
-    from megaphi.model.compile import compile_decoder_layers, compile_enabled
+    from megaphi.model import PhiForCausalLM, apply_runtime
     from megaphi.parallel.layers import set_grad_communication_overlap
     from megaphi.parallel import get_data_parallel_group, get_data_parallel_rank, get_data_parallel_world_size
     from megaphi.parallel import initialize_model_parallel
@@ -391,7 +399,7 @@ def run(args):
     verified, padded_vocab = resume_checks.prepare_resume(args, tokenizer, padded_vocab, say=say_rank0)
     set_seed(args.seed)
     model_config = build_model_config(args, padded_vocab)
-    model = PhiForCausalLM(model_config)
+    model = PhiForCausalLM(model_config)  # plain until its weights are in; the runtime comes below
     if args.finetune:
         kind, source = model_folder.finetune_weights_source(args.load)
         if kind == "folder":
@@ -400,9 +408,7 @@ def run(args):
 
     check_precision_supported(args)
     set_grad_communication_overlap(model, args.async_tensor_model_parallel_allreduce)
-    args.compiled_blocks = compile_enabled(args.torch_compile, "cuda" if torch.cuda.is_available() else "cpu")
-    if args.compiled_blocks:
-        compile_decoder_layers(model)  # compiled lazily at the first step; names and checkpoints unchanged
+    apply_runtime(model, build_model_runtime(args))  # compiled blocks: lazily at the first step, names unchanged
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     ds_config = build_deepspeed_config(args)
     if "bf16" in args.zero_stage_source:

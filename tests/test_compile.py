@@ -22,8 +22,7 @@ from megaphi.model.compile import prepare_for_compile
 
 CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
               rotary_dim=8, max_position_embeddings=32)
-RECOMPUTE = {"none": {}, "selective": dict(recompute=True, recompute_granularity="selective"),
-             "full": dict(recompute=True, recompute_granularity="full")}
+RECOMPUTE = {"none": {}, "selective": dict(recompute="selective"), "full": dict(recompute="full")}
 TOL = 1e-9  # float64: relative to the largest magnitude of each compared tensor
 
 
@@ -57,10 +56,10 @@ def kernel_ops_on_cpu(monkeypatch):
 
 
 def _model(dropout=0.0, attention_dropout=None, **switches):
-    from megaphi.model import PhiForCausalLM
+    from megaphi.model import ModelRuntime, PhiForCausalLM
     config = PhiConfig(**CONFIG, attention_dropout=dropout if attention_dropout is None else attention_dropout,
-                       resid_dropout=dropout, embd_dropout=0.0, **switches)
-    return PhiForCausalLM(config, init_seed=5).double().train()
+                       resid_dropout=dropout, embd_dropout=0.0)
+    return PhiForCausalLM(config, init_seed=5, runtime=ModelRuntime(**switches)).double().train()
 
 
 def _batch():
@@ -81,8 +80,13 @@ def _loss_and_grads(model, seed=0):
 
 
 def _compiled(model):
-    from megaphi.model.compile import compile_decoder_layers
-    return compile_decoder_layers(copy.deepcopy(model))
+    """A compiled copy of the eager model, through the runtime (the path training takes)."""
+    import dataclasses
+
+    from megaphi.model import apply_runtime
+    compiled = apply_runtime(copy.deepcopy(model), dataclasses.replace(model.runtime, compile=True))
+    assert compiled.runtime.compile and not model.runtime.compile
+    return compiled
 
 
 def _assert_close(got, want, what):

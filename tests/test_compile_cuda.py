@@ -22,14 +22,14 @@ def _kernels_ready():
 
 
 def _setup(**switches):
-    from megaphi.model import PhiForCausalLM
+    from megaphi.model import ModelRuntime, PhiForCausalLM
     if not _kernels_ready():
         pytest.skip("megaphi._cuda kernels are not usable on this GPU")
     torch._dynamo.reset()
     config = PhiConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
                        num_attention_heads=4, rotary_dim=32, max_position_embeddings=256, attention_dropout=0.0,
-                       resid_dropout=0.0, embd_dropout=0.0, **switches)
-    model = PhiForCausalLM(config, init_seed=3).to("cuda", torch.bfloat16).train()
+                       resid_dropout=0.0, embd_dropout=0.0)
+    model = PhiForCausalLM(config, init_seed=3, runtime=ModelRuntime(**switches)).to("cuda", torch.bfloat16).train()
     ids = torch.randint(0, 512, (2, 129), generator=torch.Generator().manual_seed(0)).cuda()
     return model, ids[:, :-1], ids[:, 1:]
 
@@ -42,8 +42,8 @@ def _run(model, ids, labels):
     return losses.float().detach(), grads
 
 
-@pytest.mark.parametrize("recompute", [{}, dict(recompute=True, recompute_granularity="selective"),
-                                       dict(recompute=True)], ids=["none", "selective", "full"])
+@pytest.mark.parametrize("recompute", [{}, dict(recompute="selective"), dict(recompute="full")],
+                         ids=["none", "selective", "full"])
 def test_compiled_blocks_equal_eager_on_gpu(recompute):
     from megaphi.model.compile import compile_decoder_layers
     model, ids, labels = _setup(**recompute)

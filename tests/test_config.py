@@ -25,7 +25,7 @@ def test_parameter_count_from_config_and_meta_model(name, expected):
 
 
 def test_dict_round_trip_and_errors():
-    c = get_preset("phi-1-small", recompute=True)
+    c = get_preset("phi-1-small", rope_theta=500.0)
     assert PhiConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="unknown PhiConfig field.*n_embd"):
         PhiConfig.from_dict({**c.to_dict(), "n_embd": 3})

@@ -12,7 +12,7 @@ PROMPTS = [[11, 22, 33, 44, 55], [7, 8, 9], [100, 200, 300, 400, 500], [1], [42,
 def tiny_model(vocab_size=512, dtype=torch.float64, seed=3):
     # A wider init than training's makes logits decisive, so greedy never rests on a rounding tie.
     config = get_preset("tiny", vocab_size=vocab_size, attention_dropout=0.0, resid_dropout=0.0,
-                        initializer_range=0.3, use_flash_attn=False)
+                        initializer_range=0.3)
     return PhiForCausalLM(config, init_seed=seed, dtype=dtype)
 
 

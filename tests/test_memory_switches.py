@@ -1,7 +1,8 @@
 """Memory switches equal the default path: chunked lm_head + cross entropy (no full logits), selective
 (core attention) recompute and recompute of the first N layers.
 
-References are the default (unchunked, no recompute) model on the same weights and batch: torch's
+The switches are ModelRuntime choices (megaphi.model.runtime). References are the plain runtime
+(unchunked, no recompute) on the same weights and batch: torch's
 F.cross_entropy over full logits at TP=1, so the chunked loss is checked against independent code.
 Float64 comparisons are exact up to summation order (1e-12); recompute replays the same ops with the
 same RNG states, so it is compared bit for bit.
@@ -11,6 +12,7 @@ import torch
 
 from dist_utils import run_distributed
 from megaphi.config import PhiConfig
+from megaphi.model.runtime import ModelRuntime
 
 CONFIG = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               rotary_dim=4, max_position_embeddings=32)
@@ -26,8 +28,8 @@ def _batch():
 
 def _losses_and_grads(dtype=torch.float64, dropout=0.0, seed=None, **switches):
     from megaphi.model import PhiForCausalLM
-    config = PhiConfig(**CONFIG, attention_dropout=dropout, resid_dropout=dropout, embd_dropout=0.0, **switches)
-    model = PhiForCausalLM(config, init_seed=9).to(dtype).train()
+    config = PhiConfig(**CONFIG, attention_dropout=dropout, resid_dropout=dropout, embd_dropout=0.0)
+    model = PhiForCausalLM(config, init_seed=9, runtime=ModelRuntime(**switches)).to(dtype).train()
     ids, labels = _batch()
     if seed is not None:
         from megaphi.parallel.random import model_parallel_seed
@@ -67,9 +69,8 @@ def test_chunked_loss_in_float32_within_rounding():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("switches", [dict(recompute=True, recompute_granularity="selective"),
-                                      dict(recompute=True, recompute_num_layers=1),
-                                      dict(recompute=True)], ids=["selective", "first-layer", "full"])
+@pytest.mark.parametrize("switches", [dict(recompute="selective"), dict(recompute="full", recompute_num_layers=1),
+                                      dict(recompute="full")], ids=["selective", "first-layer", "full"])
 def test_recompute_is_rng_exact_with_dropout(switches):
     losses, grads = _losses_and_grads(dropout=0.3, seed=5, **switches)
     ref_losses, ref_grads = _losses_and_grads(dropout=0.3, seed=5)
@@ -85,9 +86,9 @@ def _tp_worker(rank, world, sequence_parallel, expected, out_path):
     from megaphi.parallel import state
     from megaphi.parallel.mappings import _gather
     state.initialize_model_parallel(world)
-    config = PhiConfig(**CONFIG, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0,
-                       loss_chunk_tokens=6, sequence_parallel=sequence_parallel)
-    model = PhiForCausalLM(config, init_seed=9).double().train()
+    config = PhiConfig(**CONFIG, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
+    runtime = ModelRuntime(loss_chunk_tokens=6, sequence_parallel=sequence_parallel)
+    model = PhiForCausalLM(config, init_seed=9, runtime=runtime).double().train()
     ids, labels = _batch()
     losses, _ = model(ids, labels=labels, reduction="none")
     losses.sum().backward()
@@ -105,15 +106,19 @@ def test_chunked_vocab_parallel_loss_equals_tp1(sequence_parallel, tmp_path):
 
 
 def test_switch_validation():
-    with pytest.raises(ValueError, match="recompute_granularity"):
-        PhiConfig(**CONFIG, recompute_granularity="half")
+    with pytest.raises(ValueError, match="recompute must be one of none, selective, full"):
+        ModelRuntime(recompute="half")
     with pytest.raises(ValueError, match="loss_chunk_tokens"):
-        PhiConfig(**CONFIG, loss_chunk_tokens=-1)
+        ModelRuntime(loss_chunk_tokens=-1)
+    with pytest.raises(ValueError, match="recompute_num_layers"):
+        ModelRuntime(recompute="full", recompute_num_layers=True)
+    with pytest.raises(TypeError):
+        PhiConfig(**CONFIG, recompute=True)  # not an architecture field any more
 
 
-@pytest.mark.parametrize("switches, calls", [(dict(), 2), (dict(recompute=True, recompute_granularity="selective"), 4),
-                                             (dict(recompute=True, recompute_num_layers=1), 3),
-                                             (dict(recompute=True), 4)],
+@pytest.mark.parametrize("switches, calls", [(dict(), 2), (dict(recompute="selective"), 4),
+                                             (dict(recompute="full", recompute_num_layers=1), 3),
+                                             (dict(recompute="full"), 4)],
                          ids=["none", "selective", "first-layer", "full"])
 def test_recompute_replays_what_it_says(monkeypatch, switches, calls):
     """The attention core runs once per layer in the forward, and once more in the backward for every
@@ -138,20 +143,19 @@ def test_forced_sdpa_backends_equal_auto_on_cpu(backend):
 
 
 def test_unavailable_attention_backend_is_a_clear_error_at_start():
-    from megaphi.config import PhiConfig as Config
     from megaphi.model.attention import causal_attention
     from megaphi.training.arguments import ArgumentError
     from megaphi.training.run_info import attention_backend
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(RuntimeError, match="flash-attn"):
         causal_attention(q, q, q, backend="flash-attn")
-    config = Config(**CONFIG, attention_backend="sdpa-efficient")
+    config = PhiConfig(**CONFIG)
     with pytest.raises(ArgumentError, match="--attention-backend sdpa-efficient cannot run here"):
-        attention_backend(torch.device("cpu"), torch.float32, config, 16)
-    assert attention_backend(torch.device("cpu"), torch.float32, Config(**CONFIG, attention_backend="math"), 16) == \
+        attention_backend(torch.device("cpu"), torch.float32, config, 16, forced="sdpa-efficient")
+    assert attention_backend(torch.device("cpu"), torch.float32, config, 16, forced="math") == \
         "math (--attention-backend)"
     with pytest.raises(ValueError, match="attention_backend"):
-        Config(**CONFIG, attention_backend="xformers")
+        ModelRuntime(attention_backend="xformers")
 
 
 def _held_bytes_per_layer(granularity, backend, dropout):

@@ -5,12 +5,14 @@ import torch
 
 from dist_utils import run_distributed
 from megaphi.config import PhiConfig
+from megaphi.model.runtime import ModelRuntime
 from megaphi.parallel import state
 from megaphi.parallel.mappings import _gather, count_communication
 
 MODEL_CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                     num_attention_heads=4, rotary_dim=16, max_position_embeddings=64,
-                    attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0, sequence_parallel=True)
+                    attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
+SP = ModelRuntime(sequence_parallel=True)
 INIT_SEED = 99
 SEQ = 12  # divisible by 2 and 4
 
@@ -34,7 +36,8 @@ def _identical_across_tp(t):
 
 def check_equivalence(reference, recompute):
     from megaphi.model import PhiForCausalLM
-    model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG, recompute=recompute), init_seed=INIT_SEED).train()
+    runtime = ModelRuntime(sequence_parallel=True, recompute="full" if recompute else "none")
+    model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=INIT_SEED, runtime=runtime).train()
     ids, labels, mask = reference["ids"], reference["labels"], reference["loss_mask"]
     assert model.sequence_parallel_active(ids)
     with torch.no_grad():
@@ -84,7 +87,7 @@ def check_dropout_streams(rank, world):
     # The whole SP model with dropout: reproducible with the same seed, different with another.
     from megaphi.model import PhiForCausalLM
     config = PhiConfig(**{**MODEL_CONFIG, "resid_dropout": 0.1, "embd_dropout": 0.1, "attention_dropout": 0.1})
-    model = PhiForCausalLM(config, init_seed=INIT_SEED).train()
+    model = PhiForCausalLM(config, init_seed=INIT_SEED, runtime=SP).train()
     ids = torch.randint(0, 512, (2, SEQ), generator=torch.Generator().manual_seed(0))
     losses = []
     for seed in (3, 3, 4):
@@ -111,7 +114,7 @@ def sp_worker(rank, world, reference):
 @pytest.fixture(scope="module")
 def reference():
     from megaphi.model import PhiForCausalLM
-    model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=INIT_SEED).train()  # TP=1: SP is a no-op
+    model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=INIT_SEED, runtime=SP).train()  # TP=1: SP is a no-op
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 512, (2, SEQ), generator=g)
     labels = torch.randint(0, 512, (2, SEQ), generator=g)
@@ -134,6 +137,6 @@ def test_sequence_parallel_matches_single_process(world, reference):
 
 def test_sequence_parallel_flag_is_a_noop_at_tp1(reference):
     from megaphi.model import PhiForCausalLM
-    model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=INIT_SEED).train()
+    model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=INIT_SEED, runtime=SP).train()
     assert not model.sequence_parallel_active(reference["ids"])
-    assert PhiConfig.from_dict(model.config.to_dict()).sequence_parallel is True
+    assert model.runtime.sequence_parallel and "sequence_parallel" not in model.config.to_dict()

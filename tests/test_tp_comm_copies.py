@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dist_utils import run_distributed
 from megaphi.config import PhiConfig
+from megaphi.model.runtime import ModelRuntime
 from megaphi.parallel import layers, mappings, state
 
 MODEL_CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -128,7 +129,8 @@ def check_no_copies_on_model_path(rank, world):
     assert probe.copies == ["aten::clone"], probe.copies
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))  # batch 1: SP gathers are views
     for sp in (False, True):
-        model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG, sequence_parallel=sp), init_seed=3).train()
+        model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=3,
+                               runtime=ModelRuntime(sequence_parallel=sp)).train()
         assert model.sequence_parallel_active(ids) == sp
         with CopiesFromCommunication() as mode:
             token_losses, _ = model(ids, labels=ids, reduction="none")
@@ -242,7 +244,8 @@ def check_overlap_matches_sequential(rank, world):
         ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
         grads = []
         for overlap in (True, False):
-            model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG, sequence_parallel=sp), init_seed=4).train()
+            model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=4,
+                                   runtime=ModelRuntime(sequence_parallel=sp)).train()
             for module in model.modules():
                 if isinstance(module, layers.ColumnParallelLinear):
                     module.overlap_grad_communication = overlap

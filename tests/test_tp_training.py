@@ -11,6 +11,7 @@ import torch
 from comparison_tolerances import COMPARISON_ADAM_EPS, COMPARISON_PARAM_TOL
 from dist_utils import run_distributed
 from megaphi.config import PhiConfig
+from megaphi.model.runtime import ModelRuntime
 
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               rotary_dim=16, max_position_embeddings=32, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
@@ -31,7 +32,8 @@ def train(tp, sp, stage):
     from megaphi.parallel.mappings import _gather
     state.initialize_model_parallel(tp)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
-    model = PhiForCausalLM(PhiConfig(**CONFIG, sequence_parallel=sp), init_seed=INIT_SEED).train()
+    model = PhiForCausalLM(PhiConfig(**CONFIG), init_seed=INIT_SEED,
+                           runtime=ModelRuntime(sequence_parallel=sp)).train()
     micro = GLOBAL_BATCH // dp
     ds_config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
                  "gradient_clipping": CLIP, "zero_optimization": {"stage": stage}}

@@ -61,9 +61,14 @@ def prepare_for_compile():
 
 
 def compile_decoder_layers(model, mode=None):
-    """Compile every decoder layer of a PhiForCausalLM in place; returns the model. (Never fullgraph:
-    each block breaks once, on purpose, at its eager attention core.)"""
+    """Compile every decoder layer of a PhiForCausalLM in place; returns the model, whose runtime then
+    says compile=True (apply_runtime with compile=True calls this). (Never fullgraph: each block breaks
+    once, on purpose, at its eager attention core.)"""
+    import dataclasses
+
+    from .runtime import set_runtime
     prepare_for_compile()
     for layer in model.model.layers:
         layer.compile(mode=mode, dynamic=False)
+    set_runtime(model, dataclasses.replace(model.runtime, compile=True))
     return model

@@ -8,11 +8,15 @@ q_proj/k_proj/v_proj tensors are fused/split by megaphi.checkpoint.hf_names.
 
 Tensor parallel: the LayerNorm output enters the TP region once (shared by the attention and MLP
 column layers, whose backward overlaps the collective on its gradient with both weight-gradient
-GEMMs); each branch leaves it through its row layer. With config.sequence_parallel (and
+GEMMs); each branch leaves it through its row layer. With runtime.sequence_parallel (and
 TP > 1, in training) the residual stream, LayerNorms and residual/embedding dropout hold only
 seq/TP tokens ([batch, seq/TP, hidden], split on dim 1): the region entry is an all-gather along the
 sequence and each row layer reduce-scatters. Dropout on those sequence shards draws from the
 per-TP-rank stream (different tokens per rank), so an SP run equals TP=1 in law, not bitwise.
+
+The config (PhiConfig) is the architecture; how the model runs (recompute, loss chunking, attention
+kernel, sequence parallel, compiled blocks) is its ModelRuntime (megaphi.model.runtime), held by the
+modules that read it and replaced as one by apply_runtime.
 """
 import math
 import zlib
@@ -36,6 +40,7 @@ from megaphi.parallel.utils import divide, set_tensor_model_parallel_attributes
 from .attention import causal_attention
 from .compile import eager_in_compiled_blocks
 from .kv_cache import KVCache
+from .runtime import PLAIN, apply_runtime
 
 IGNORE_INDEX = -100
 
@@ -44,6 +49,7 @@ class PhiAttention(nn.Module):
     def __init__(self, config, layer_idx, device=None, dtype=None):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
+        self.runtime = PLAIN  # set by apply_runtime
         self.head_dim = config.head_dim
         self.num_heads = divide(config.num_attention_heads, get_tensor_model_parallel_world_size(), "num_attention_heads")
         h = config.hidden_size
@@ -91,15 +97,14 @@ class PhiAttention(nn.Module):
 
     @property
     def recompute_core_attention(self):
-        return self.config.recompute and self.config.recompute_granularity == "selective"
+        return self.runtime.recompute == "selective"
 
     def _core_attention(self, q, k, v, dropout_p):
         if dropout_p > 0.0:
             # heads differ per TP rank: their dropout draws from the per-rank stream
             with get_rng_tracker().fork():
-                return causal_attention(q, k, v, dropout_p, use_flash=self.config.use_flash_attn,
-                                        backend=self.config.attention_backend)
-        return causal_attention(q, k, v, 0.0, use_flash=self.config.use_flash_attn, backend=self.config.attention_backend)
+                return causal_attention(q, k, v, dropout_p, backend=self.runtime.attention_backend)
+        return causal_attention(q, k, v, 0.0, backend=self.runtime.attention_backend)
 
 
 class PhiMLP(nn.Module):
@@ -168,6 +173,7 @@ class PhiModel(nn.Module):
     def __init__(self, config, device=None, dtype=None):
         super().__init__()
         self.config = config
+        self.runtime = PLAIN  # set by apply_runtime
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, initialize=False,
                                                    device=device, dtype=dtype)
         self.embed_dropout = nn.Dropout(config.embd_dropout)
@@ -201,9 +207,8 @@ class PhiModel(nn.Module):
 
         sp = sequence_parallel
         x = region_dropout(self.embed_dropout, self.embed_tokens(input_ids, sequence_parallel=sp), sp)
-        recompute = (self.config.recompute and self.config.recompute_granularity == "full" and self.training
-                     and torch.is_grad_enabled() and kv_cache is None)
-        full_layers = self.config.recompute_num_layers or len(self.layers)
+        recompute = self.runtime.recompute == "full" and self.training and torch.is_grad_enabled() and kv_cache is None
+        full_layers = self.runtime.recompute_num_layers or len(self.layers)
         for index, layer in enumerate(self.layers):
             if recompute and index < full_layers:
                 x = checkpoint(layer, x, cos, sin, position_ids, None, sp)
@@ -220,14 +225,16 @@ def _parameter_seed(seed, name):
 
 
 class PhiForCausalLM(nn.Module):
-    """phi-1 causal LM. `initialize=False` leaves parameters uninitialized (for loading weights)."""
+    """phi-1 causal LM: `config` is the architecture, `runtime` how it runs (ModelRuntime; default
+    plain). `initialize=False` leaves parameters uninitialized (for loading weights)."""
 
-    def __init__(self, config, init_seed=None, initialize=True, device=None, dtype=None):
+    def __init__(self, config, init_seed=None, initialize=True, device=None, dtype=None, runtime=None):
         super().__init__()
         if isinstance(config, dict):
             config = PhiConfig.from_dict(config)
         config.check_tensor_parallel(get_tensor_model_parallel_world_size())
         self.config = config
+        self.runtime = PLAIN
         self.model = PhiModel(config, device=device, dtype=dtype)
         self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, initialize=False,
                                             device=device, dtype=dtype)
@@ -238,6 +245,8 @@ class PhiForCausalLM(nn.Module):
                 param.sequence_parallel = True  # on sequence shards under SP: TP-summed gradient
         if initialize:
             self.reset_parameters(init_seed)
+        if runtime is not None:
+            apply_runtime(self, runtime)
 
     def reset_parameters(self, seed=None):
         """normal(0, initializer_range) weights, zero biases, LayerNorm ones; dense and fc2 weights use
@@ -263,10 +272,10 @@ class PhiForCausalLM(nn.Module):
                 init_from_master(param, lambda t, g, s=s: t.normal_(0.0, s, generator=g), gen)
 
     def sequence_parallel_active(self, input_ids, kv_cache=None):
-        """Sequence parallel runs in training forwards (no KV cache) when configured and TP > 1;
+        """Sequence parallel runs in training forwards (no KV cache) when the runtime asks and TP > 1;
         eval and decoding take the plain TP path, which computes the same function."""
         tp = get_tensor_model_parallel_world_size()
-        if not (self.config.sequence_parallel and tp > 1 and self.training and kv_cache is None):
+        if not (self.runtime.sequence_parallel and tp > 1 and self.training and kv_cache is None):
             return False
         if input_ids.shape[1] % tp != 0:
             raise ValueError(f"sequence parallel: sequence length {input_ids.shape[1]} is not divisible by "
@@ -290,11 +299,11 @@ class PhiForCausalLM(nn.Module):
             return gather_from_tensor_model_parallel_region(logits_shard)
         valid = labels != IGNORE_INDEX
         mask = valid.float() if loss_mask is None else loss_mask.float() * valid
-        if reduction == "none" and self.config.loss_chunk_tokens > 0:
+        if reduction == "none" and self.runtime.loss_chunk_tokens > 0:
             # training's path: the logits never exist as one tensor (none are returned)
             h = enter_tensor_parallel_region(hidden, sp) if get_tensor_model_parallel_world_size() > 1 else hidden
             token_losses = chunked_linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias,
-                                                        labels.masked_fill(~valid, 0), self.config.loss_chunk_tokens)
+                                                        labels.masked_fill(~valid, 0), self.runtime.loss_chunk_tokens)
             return token_losses * mask, None
         logits_shard = self.lm_head(hidden, sequence_parallel=sp)
         token_losses = vocab_parallel_cross_entropy(logits_shard, labels.masked_fill(~valid, 0)) * mask
@@ -314,12 +323,14 @@ class PhiForCausalLM(nn.Module):
 
     # -- checkpoints (config.json + model.safetensors in HF PhiForCausalLM names) --
     @classmethod
-    def from_pretrained(cls, path, dtype=None, device=None):
+    def from_pretrained(cls, path, dtype=None, device=None, runtime=None):
+        """The model of a folder or training checkpoint; it runs plain unless `runtime` is given (the
+        runtime choices older folders recorded in config.json are ignored)."""
         from megaphi.checkpoint.model_folder import load_megaphi_state
         config, hf_state = load_megaphi_state(path)
         model = cls(config, initialize=False, device=device, dtype=dtype)
         model.load_hf_state_dict(hf_state, source=str(path))
-        return model
+        return model if runtime is None else apply_runtime(model, runtime)
 
     def load_hf_state_dict(self, hf_state, source="state dict"):
         from megaphi.checkpoint.hf_names import load_hf_state_into

@@ -56,22 +56,21 @@ def _sdpa_cuda_kernel(device, dtype, heads, seq, head_dim, dropout_p):
     return "no"
 
 
-def attention_backend(device, dtype, config, seq_length, tp=1):
-    """What the model's attention runs on: flash-attn, or torch SDPA (and its kernel on CUDA)."""
+def attention_backend(device, dtype, config, seq_length, tp=1, forced="auto"):
+    """What the model's attention runs on: flash-attn, or torch SDPA (and its kernel on CUDA).
+    `forced`: the runtime's attention_backend (ModelRuntime)."""
     from megaphi.model import attention
 
     half = dtype in (torch.float16, torch.bfloat16)
-    forced = getattr(config, "attention_backend", "auto")
     if forced != "auto":
         check_attention_backend(forced, device, dtype, config, seq_length, tp)
         return f"{forced} (--attention-backend)"
-    if device.type == "cuda" and half and config.use_flash_attn and attention.flash_attn_available():
+    if device.type == "cuda" and half and attention.flash_attn_available():
         import flash_attn
         return f"flash-attn {getattr(flash_attn, '__version__', '?')}"
     if device.type != "cuda":
         return f"torch SDPA ({device.type})"
-    why = ("flash-attn is not installed" if not attention.flash_attn_available() else
-           "flash-attn takes fp16/bf16 only" if not half else "use_flash_attn is off")
+    why = "flash-attn is not installed" if not attention.flash_attn_available() else "flash-attn takes fp16/bf16 only"
     kernel = _sdpa_cuda_kernel(device, dtype, config.num_attention_heads // tp, seq_length, config.head_dim,
                                config.attention_dropout)
     return f"torch SDPA, {kernel} kernel ({why})"
@@ -130,11 +129,13 @@ def describe_backends(args, engine, model_config):
     layernorm, ln_warning = ops_backend("layernorm", device)
     rotary, rotary_warning = ops_backend("rotary", device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    attention = attention_backend(device, dtype, model_config, args.seq_length, args.tensor_model_parallel_size)
+    runtime = engine.module.runtime
+    attention = attention_backend(device, dtype, model_config, args.seq_length, args.tensor_model_parallel_size,
+                                  runtime.attention_backend)
     line = " | ".join([
         f"backends: attention {attention}", f"layernorm {layernorm}", f"rotary {rotary}",
         f"optimizer {optimizer_description(engine)}",
-        f"blocks {'compiled (torch.compile)' if getattr(args, 'compiled_blocks', False) else 'eager'}",
+        f"blocks {'compiled (torch.compile)' if runtime.compile else 'eager'}",
         f"device {where}", f"precision {'fp16' if args.fp16 else 'bf16' if args.bf16 else 'fp32'}"])
     return line, [w for w in (ln_warning, rotary_warning) if w]
 
