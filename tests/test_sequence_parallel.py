@@ -6,7 +6,7 @@ import torch
 from dist_utils import run_distributed
 from megaphi.config import PhiConfig
 from megaphi.parallel import state
-from megaphi.parallel.mappings import _gather, count_communication
+from megaphi.parallel.mappings import gather_shards, count_communication
 
 MODEL_CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                     num_attention_heads=4, rotary_dim=16, max_position_embeddings=64,
@@ -22,7 +22,7 @@ def _close(a, b, tol=1e-5, what=""):
 
 
 def _full(param, tensor):
-    return _gather(tensor, param.partition_dim) if param.tensor_model_parallel else tensor
+    return gather_shards(tensor, param.partition_dim) if param.tensor_model_parallel else tensor
 
 
 def _identical_across_tp(t):

@@ -1,7 +1,7 @@
 """Tensor/sequence-parallel communication without extra copies, and the overlapped input-gradient
 communication of column-parallel layers (2 CPU processes, gloo).
 
-* _gather / _reduce_scatter (one preallocated buffer, all_gather_into_tensor / reduce_scatter_tensor)
+* gather_shards / _reduce_scatter (one preallocated buffer, all_gather_into_tensor / reduce_scatter_tensor)
   equal the list-based all_gather + cat and all-reduce + split for dims 0, 1, -1 and non-contiguous
   inputs; so does the fallback for a gloo without the tensor collectives.
 * A TP=2 forward + backward of the tiny PhiForCausalLM (batch 1, with and without sequence parallel)
@@ -58,7 +58,7 @@ def _check_collectives(rank):
     for name, x in _inputs(rank).items():
         before = x.clone()
         for dim in (0, 1, -1, 2):
-            got = mappings._gather(x, dim)
+            got = mappings.gather_shards(x, dim)
             assert torch.equal(got, _list_gather(x, dim)), (name, dim)
             assert got.is_contiguous(), (name, dim)
             got = mappings._reduce_scatter(x, dim)

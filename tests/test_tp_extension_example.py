@@ -13,7 +13,7 @@ from megaphi.model.attention import causal_attention
 from megaphi.parallel import state
 from megaphi.parallel.layers import (ColumnParallelLinear, RowParallelLinear, enter_tensor_parallel_region,
                                      init_from_master)
-from megaphi.parallel.mappings import _gather, copy_to_tensor_model_parallel_region
+from megaphi.parallel.mappings import gather_shards, copy_to_tensor_model_parallel_region
 from megaphi.parallel.utils import divide, set_tensor_model_parallel_attributes
 
 HIDDEN, HEADS, HEAD_DIM, SEED = 32, 4, 8, 17
@@ -82,7 +82,7 @@ def run_block():
     x.requires_grad_()
     out = block(x)
     (out * upstream).sum().backward()
-    grads = {n: (_gather(p.grad, p.partition_dim) if p.tensor_model_parallel else p.grad)
+    grads = {n: (gather_shards(p.grad, p.partition_dim) if p.tensor_model_parallel else p.grad)
              for n, p in block.named_parameters()}
     grads["input"] = x.grad
     return out.detach(), grads, block

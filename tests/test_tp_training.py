@@ -28,7 +28,7 @@ def train(tp, sp, stage):
     import deepspeed
     from megaphi.model import PhiForCausalLM
     from megaphi.parallel import mpu, state
-    from megaphi.parallel.mappings import _gather
+    from megaphi.parallel.mappings import gather_shards
     state.initialize_model_parallel(tp)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
     model = PhiForCausalLM(PhiConfig(**CONFIG, sequence_parallel=sp), init_seed=INIT_SEED).train()
@@ -48,7 +48,7 @@ def train(tp, sp, stage):
         torch.distributed.all_reduce(mean_loss, group=state.get_data_parallel_group())
         losses.append(mean_loss.item() / dp)
         norms.append(float(engine.get_global_grad_norm()))
-    params = {n: (_gather(p.detach(), p.partition_dim) if p.tensor_model_parallel else p.detach()).clone()
+    params = {n: (gather_shards(p.detach(), p.partition_dim) if p.tensor_model_parallel else p.detach()).clone()
               for n, p in engine.module.named_parameters()}
     state.destroy_model_parallel()
     return losses, norms, params

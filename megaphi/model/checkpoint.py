@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from megaphi.config import PhiConfig
 from megaphi.parallel.layers import full_shape, shard_of
-from megaphi.parallel.mappings import _gather
+from megaphi.parallel.mappings import gather_shards as _gather
 from megaphi.parallel.state import get_tensor_model_parallel_world_size
 from megaphi.parallel.utils import is_tensor_model_parallel_param
 
