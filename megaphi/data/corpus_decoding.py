@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 from .corpus_readers import DEFAULT_MAX_DOCUMENT_BYTES, Batch, Oversize, describe_names
 
@@ -18,16 +18,17 @@ def _read_source(path: str, limit: int):
     """(text bytes, None) or (None, (reason, location)). Opens without blocking (a FIFO never hangs)
     and reads at most limit + 1 bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        opened = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         return None, ("unreadable file", f"{path}: {e.strerror or e}")
+    fd: Optional[int] = opened  # None once the file object owns it
     try:
-        st = os.fstat(fd)
+        st = os.fstat(opened)
         if not stat.S_ISREG(st.st_mode):
             return None, ("not a regular file", path)
         if st.st_size > limit:
             return None, ("document too large", f"{path}: {_too_large(st.st_size, limit)}")
-        with os.fdopen(fd, "rb") as f:
+        with os.fdopen(opened, "rb") as f:
             fd = None
             raw = f.read(limit + 1)
     except OSError as e:
@@ -73,8 +74,8 @@ def _take_object(obj, where: str, keys, texts: dict, skipped: list, limit: int) 
 def decode_batch(batch: Batch, keys: List[str], max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES):
     """Texts per key of a batch, the skipped records as (reason, location), and the bytes read."""
     limit = max_document_bytes
-    texts = {k: [] for k in keys}
-    skipped = []
+    texts: Dict[str, List[str]] = {k: [] for k in keys}
+    skipped: List[Tuple[str, str]] = []
     nbytes = 0
     if batch.kind == "error":
         return texts, [("unreadable file", batch.source)], 0

@@ -23,7 +23,7 @@ import glob
 import gzip
 import os
 import stat
-from typing import Iterator, List, NamedTuple, Optional
+from typing import Iterator, List, NamedTuple, Optional, Sequence
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -146,7 +146,7 @@ def _file_size(path: str) -> int:
 
 
 def iter_batches(inputs: List[str], extensions: tuple, batch_size: int, batch_bytes: int = 1 << 62,
-                 keys: List[str] = ("text",), max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
+                 keys: Sequence[str] = ("text",), max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
                  hf: HFOptions = HFOptions()) -> Iterator[Batch]:
     """Batches of raw records (at most batch_size records or about batch_bytes bytes), in input order.
     Opening/reading failures become "error" batches; non-regular files "skip" batches."""

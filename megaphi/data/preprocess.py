@@ -49,7 +49,7 @@ def run(args) -> dict:
     extensions = parse_extensions(args.extensions)
     hf = HFOptions(args.hf_split, args.hf_subset, args.hf_data_dir)
     sizes = [input_size(path, extensions, hf) for path in args.input]  # CorpusError: missing or unknown type
-    total = None if None in sizes else sum(sizes)
+    total = None if None in sizes else sum(s or 0 for s in sizes)
     if args.batch_size < 1 or args.batch_bytes < 1:
         raise InputError("--batch-size and --batch-bytes must be >= 1")
     if args.max_document_bytes < 1:
@@ -78,12 +78,12 @@ def run(args) -> dict:
     tag = f".tmp-{os.getpid()}"
     builders: Dict[str, IndexedDatasetBuilder] = {}
     done, results = False, None
-    counts = collections.Counter()
+    counts: collections.Counter = collections.Counter()
     reported: List[str] = []
     docs = tokens = nbytes = 0
-    key_docs = collections.Counter()
-    key_skips = {k: collections.Counter() for k in args.json_keys}
-    first_skip = {}  # key -> its first skipped record's "reason: where"
+    key_docs: collections.Counter = collections.Counter()
+    key_skips: Dict[str, collections.Counter] = {k: collections.Counter() for k in args.json_keys}
+    first_skip: Dict[str, str] = {}  # key -> its first skipped record's "reason: where"
     t0 = time.time()
     # Byte-based: input bytes on disk (compressed for .gz and parquet); a total and an ETA unless an input's
     # size is unknown (a source folder is not walked twice, hf: datasets are streamed).

@@ -28,7 +28,7 @@ def compile_enabled(choice, device_type):
 # Regions kept out of compiled graphs, each mapped to its torch.compiler.disable version once something
 # is compiled. torch.compiler.disable / assume_constant_result import torch._dynamo, which costs about
 # 2.5 s of start-up in every process, so nothing here calls them before compiling is asked for.
-_EAGER_REGIONS = {}
+_EAGER_REGIONS: dict = {}
 
 
 def eager_in_compiled_blocks(fn):

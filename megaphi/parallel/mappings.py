@@ -51,7 +51,7 @@ class CommunicationCounter:
         self.bytes[op] += int(num_bytes)
 
 
-_COUNTERS = []
+_COUNTERS: list = []
 
 
 @contextlib.contextmanager
