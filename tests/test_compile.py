@@ -237,6 +237,7 @@ def _tensor_parallel_worker(rank, world, sequence_parallel):
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+@pytest.mark.distributed
 def test_compiled_equals_eager_tensor_parallel(sequence_parallel):
     """TP=2 over gloo: the communication's autograd functions are traced into the compiled blocks."""
     from dist_utils import run_distributed

@@ -190,6 +190,7 @@ def _evaluate_on_two_ranks(rank, world_size, checkpoint, problems_path, out_path
     pathlib.Path(f"{out_path}.{rank}.tmp").rename(f"{out_path}.{rank}")
 
 
+@pytest.mark.distributed
 def test_evaluate_model_under_torch_distributed_issues_no_collectives(tmp_path, codegen_tokenizer_dir):
     from dist_utils import run_distributed
     from megaphi.tokenizer import load_tokenizer

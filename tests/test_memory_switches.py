@@ -100,6 +100,7 @@ def _tp_worker(rank, world, sequence_parallel, expected, out_path):
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+@pytest.mark.distributed
 def test_chunked_vocab_parallel_loss_equals_tp1(sequence_parallel, tmp_path):
     run_distributed(_tp_worker, 2, sequence_parallel, _losses_and_grads(), str(tmp_path / "unused"))
 

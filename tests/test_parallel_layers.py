@@ -209,6 +209,7 @@ def model_reference():
 
 
 @pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.distributed
 def test_tensor_parallel_matches_single_process(world, model_reference):
     run_distributed(tp_worker, world, 2, model_reference)
 

@@ -78,6 +78,7 @@ def _tp1_logits(ckpt):
         return model.eval()(IDS), meta
 
 
+@pytest.mark.distributed
 def test_reshard_between_tp_sizes(tmp_path):
     tp2, logits_path = str(tmp_path / "tp2"), str(tmp_path / "logits.pt")
     run_distributed(save_worker, 2, tp2, logits_path)

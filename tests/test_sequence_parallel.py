@@ -128,6 +128,7 @@ def reference():
 
 
 @pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.distributed
 def test_sequence_parallel_matches_single_process(world, reference):
     run_distributed(sp_worker, world, reference)
 

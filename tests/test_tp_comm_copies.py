@@ -83,6 +83,7 @@ def check_collectives_match_list_semantics(rank, world):
         mappings._GLOO_HAS_TENSOR_COLLECTIVES = True
 
 
+@pytest.mark.distributed
 def test_gather_and_reduce_scatter_match_list_semantics():
     run_distributed(check_collectives_match_list_semantics, 2)
 
@@ -137,6 +138,7 @@ def check_no_copies_on_model_path(rank, world):
         assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.distributed
 def test_no_copies_in_communication_on_model_path():
     run_distributed(check_no_copies_on_model_path, 2)
 
@@ -252,6 +254,7 @@ def check_overlap_matches_sequential(rank, world):
         assert all(torch.equal(a, s) for a, s in zip(*grads)), sp
 
 
+@pytest.mark.distributed
 def test_overlapped_input_grad_communication_is_bitwise_sequential():
     run_distributed(check_overlap_matches_sequential, 2)
 

@@ -4,6 +4,7 @@ it. TP=2 and TP=4 (4 gloo processes, so TP=2 also runs beside DP=2) give the TP=
 gradients; TP=1 itself is checked against attention written out by hand."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,8 +14,10 @@ from megaphi.model.attention import causal_attention
 from megaphi.parallel import state
 from megaphi.parallel.layers import (ColumnParallelLinear, RowParallelLinear, enter_tensor_parallel_region,
                                      init_from_master)
-from megaphi.parallel.mappings import gather_shards, copy_to_tensor_model_parallel_region
+from megaphi.parallel.mappings import copy_to_tensor_model_parallel_region, gather_shards
 from megaphi.parallel.utils import divide, set_tensor_model_parallel_attributes
+
+pytestmark = pytest.mark.distributed
 
 HIDDEN, HEADS, HEAD_DIM, SEED = 32, 4, 8, 17
 

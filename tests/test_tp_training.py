@@ -12,6 +12,8 @@ from comparison_tolerances import COMPARISON_ADAM_EPS, COMPARISON_PARAM_TOL
 from dist_utils import run_distributed
 from megaphi.config import PhiConfig
 
+pytestmark = pytest.mark.distributed
+
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               rotary_dim=16, max_position_embeddings=32, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
 GLOBAL_BATCH, SEQ, STEPS, INIT_SEED, LR = 8, 8, 3, 21, 1e-2
