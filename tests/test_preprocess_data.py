@@ -27,7 +27,7 @@ def ref_tok(codegen_tokenizer_dir):
 
 
 def expected_files(docs_ids, append_eod=True):
-    """.bin and .idx bytes for uint16 documents, packed by hand per DESIGN.md."""
+    """.bin and .idx bytes for uint16 documents, packed by hand per docs/design.md."""
     seqs = [list(ids) + ([EOD] if append_eod else []) for ids in docs_ids]
     s = len(seqs)
     lengths = [len(x) for x in seqs]

@@ -1,6 +1,6 @@
 """Megatron-LM MMIDIDX v1 token files: the memory-mapped reader and the streaming builder.
 
-Layout (little-endian, packed; see DESIGN.md). ``PREFIX.bin`` holds every sequence's tokens back to
+Layout (little-endian, packed; see docs/design.md). ``PREFIX.bin`` holds every sequence's tokens back to
 back, no header. ``PREFIX.idx``::
 
     0        9 bytes  magic b"MMIDIDX\\x00\\x00"
