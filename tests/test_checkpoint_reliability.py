@@ -271,8 +271,7 @@ def test_truncated_metrics_line_is_repaired_and_skipped_by_the_plotter(tmp_path,
     writer.close()
     assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
-    sys.path.insert(0, os.path.join(REPO, "tools"))
-    import plot_metrics
+    from megaphi.cli import plot_metrics
     path.write_text(json.dumps(good[0]) + "\n" + '{"iteration": 2, "lo\n' + json.dumps(good[1]) + "\n")
     train, valid = plot_metrics.read_metrics(str(path))
     assert [r["iteration"] for r in train] == [1, 2] and valid == []

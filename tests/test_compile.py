@@ -36,10 +36,10 @@ def fresh_dynamo():
 @pytest.fixture
 def kernel_ops_on_cpu(monkeypatch):
     """Dispatch LayerNorm and rotary to megaphi's custom ops (CPU implementations) as on a GPU."""
-    from megaphi.ops import _backend
+    from megaphi.ops import backend
     layer_norm = importlib.import_module("megaphi.ops.layer_norm")  # the package exports a function of that name
     rotary = importlib.import_module("megaphi.ops.rotary")
-    monkeypatch.setattr(_backend, "_resolve_on", lambda op, impl, *device: "cuda")
+    monkeypatch.setattr(backend, "_resolve_on", lambda op, impl, *device: "cuda")
     monkeypatch.setattr(layer_norm, "layer_norm_kernel_problem", lambda *a: None)
     monkeypatch.setattr(rotary, "rotary_kernel_problem", lambda *a, **k: None)
     calls = {"layer_norm": 0, "rotary": 0}
@@ -241,6 +241,7 @@ def _tensor_parallel_worker(rank, world, sequence_parallel):
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+@pytest.mark.distributed
 def test_compiled_equals_eager_tensor_parallel(sequence_parallel):
     """TP=2 over gloo: the communication's autograd functions are traced into the compiled blocks."""
     from dist_utils import run_distributed

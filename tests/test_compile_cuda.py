@@ -17,8 +17,8 @@ BF16_TOL = 2.0 ** -7
 
 
 def _kernels_ready():
-    from megaphi.ops import _backend
-    return torch.cuda.is_available() and _backend.cuda_unavailable_reason(0) is None
+    from megaphi.ops import backend
+    return torch.cuda.is_available() and backend.cuda_unavailable_reason(0) is None
 
 
 def _setup(**switches):

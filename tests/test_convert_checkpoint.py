@@ -1,7 +1,5 @@
-"""tools/convert_checkpoint.py against transformers' own save/load."""
-import importlib.util
+"""megaphi-convert (tools/convert_checkpoint.py) against transformers' own save/load."""
 import json
-import pathlib
 
 import pytest
 import torch
@@ -12,10 +10,7 @@ transformers = pytest.importorskip("transformers")
 from megaphi.checkpoint.hf_config import config_from_hf_dict  # noqa: E402
 from megaphi.model import PhiForCausalLM  # noqa: E402
 
-TOOL = pathlib.Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
-spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
-convert = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(convert)
+from megaphi.cli import convert_checkpoint as convert  # noqa: E402
 
 HIDDEN, LAYERS, VOCAB = 128, 2, 256
 

@@ -12,7 +12,7 @@ finish_engine_setup, megaphi/training/train_loop.py loss_scale_of):
   (tests/test_bf16_one_rank_reduction.py checks both behaviours end to end);
 - the fp16 optimizers' current loss scale is read as optimizer.cur_scale or optimizer.loss_scale.
 A DeepSpeed that renames or reroutes any of these makes megaphi log no grad norm, all-reduce for
-nothing or log a NaN loss scale, silently: these tests fail instead. setup.py pins the range they
+nothing or log a NaN loss scale, silently: these tests fail instead. pyproject.toml pins the range they
 were run on.
 """
 import json
@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _deepspeed_requirement():
-    text = (REPO / "setup.py").read_text()
+    text = (REPO / "pyproject.toml").read_text()
     match = re.search(r'"deepspeed([^"]*)"', text)
-    assert match, "setup.py names no deepspeed requirement"
+    assert match, "pyproject.toml names no deepspeed requirement"
     return SpecifierSet(match.group(1))
 
 
@@ -41,7 +41,7 @@ def test_setup_pins_a_range_that_holds_the_installed_deepspeed():
     assert any(s.operator in ("<", "<=", "==", "~=") for s in spec), f"deepspeed{spec} has no upper bound"
     assert any(s.operator in (">", ">=", "==", "~=") for s in spec), f"deepspeed{spec} has no lower bound"
     installed = Version(metadata.version("deepspeed"))
-    assert installed in spec, f"deepspeed {installed} is installed, setup.py supports deepspeed{spec}"
+    assert installed in spec, f"deepspeed {installed} is installed, pyproject.toml supports deepspeed{spec}"
     # the GPU check carries the same version it was tested with
     carried = re.search(r"DEEPSPEED_VERSION:-([\d.]+)", (REPO / "tools" / "prepare_gpu_wheels.sh").read_text())
     assert carried and Version(carried.group(1)) in spec

@@ -44,6 +44,7 @@ def test_flag_default_and_validation():
         parse_args(MOCK_FLAGS + ["--distributed-timeout-minutes", "0"], world_size=1)
 
 
+@pytest.mark.distributed
 def test_stopped_rank_times_out_with_a_clear_error(tmp_path):
     port = str(free_port())
     procs = []

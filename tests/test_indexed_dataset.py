@@ -17,7 +17,7 @@ MAGIC = b"MMIDIDX\x00\x00"
 
 
 def expected_idx(code, lengths, itemsize, doc_indices=None):
-    """The .idx bytes written by hand from DESIGN.md's table (independent of the code under test)."""
+    """The .idx bytes written by hand from docs/design.md's table (independent of the code under test)."""
     s = len(lengths)
     if doc_indices is None:
         doc_indices = list(range(s + 1))

@@ -25,12 +25,12 @@ CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 @pytest.fixture(scope="module")
 def kernels():
-    from megaphi.ops import _backend
+    from megaphi.ops import backend
 
-    reason = _backend.cuda_unavailable_reason()
+    reason = backend.cuda_unavailable_reason()
     if reason is not None:
         pytest.fail(f"a GPU is present but the kernels are unusable: {reason}")
-    return _backend.cuda_module()
+    return backend.cuda_module()
 
 
 def stream():

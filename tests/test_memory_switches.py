@@ -84,7 +84,7 @@ def test_recompute_is_rng_exact_with_dropout(switches):
 def _tp_worker(rank, world, sequence_parallel, expected, out_path):
     from megaphi.model import PhiForCausalLM
     from megaphi.parallel import state
-    from megaphi.parallel.mappings import _gather
+    from megaphi.parallel.mappings import gather_shards
     state.initialize_model_parallel(world)
     config = PhiConfig(**CONFIG, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
     runtime = ModelRuntime(loss_chunk_tokens=6, sequence_parallel=sequence_parallel)
@@ -95,12 +95,13 @@ def _tp_worker(rank, world, sequence_parallel, expected, out_path):
     ref_losses, ref_grads = expected
     torch.testing.assert_close(losses.detach(), ref_losses, rtol=0, atol=1e-12)
     for name, p in model.named_parameters():
-        grad = _gather(p.grad, p.partition_dim) if p.tensor_model_parallel else p.grad
+        grad = gather_shards(p.grad, p.partition_dim) if p.tensor_model_parallel else p.grad
         torch.testing.assert_close(grad, ref_grads[name], rtol=0, atol=1e-12, msg=name)
     state.destroy_model_parallel()
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sp"])
+@pytest.mark.distributed
 def test_chunked_vocab_parallel_loss_equals_tp1(sequence_parallel, tmp_path):
     run_distributed(_tp_worker, 2, sequence_parallel, _losses_and_grads(), str(tmp_path / "unused"))
 

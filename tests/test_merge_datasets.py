@@ -1,5 +1,4 @@
 """tools/merge_datasets.py: byte-exact concatenation, dtype checks, atomic outputs."""
-import importlib.util
 import os
 import struct
 import subprocess
@@ -7,13 +6,11 @@ import sys
 
 import numpy as np
 
+from megaphi.cli import merge_datasets as md
 from megaphi.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "merge_datasets.py")
-_spec = importlib.util.spec_from_file_location("merge_datasets", TOOL)
-md = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(md)
 
 
 def build(prefix, docs, dtype=np.uint16):

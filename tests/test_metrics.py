@@ -9,7 +9,7 @@ from megaphi.training import metrics
 
 
 def test_flops_per_token_matches_design_numbers():
-    # DESIGN.md: 9.085e9 (phi-1) and 2.328e9 (phi-1-small) at s = 2048
+    # docs/design.md: 9.085e9 (phi-1) and 2.328e9 (phi-1-small) at s = 2048
     phi1 = metrics.flops_per_token(24, 2048, 8192, 51200, 2048)
     small = metrics.flops_per_token(20, 1024, 4096, 51200, 2048)
     assert phi1 == pytest.approx(9.085e9, rel=2e-4)

@@ -89,18 +89,18 @@ def test_short_cpu_run_trains_without_a_dataset(tmp_path):
 
 def test_auto_fallback_on_cuda_is_a_warning(monkeypatch):
     import megaphi.ops as ops
-    from megaphi.ops import _backend
+    from megaphi.ops import backend
     from megaphi.training.run_info import ops_backend
 
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
-    monkeypatch.setattr(_backend, "cuda_unavailable_reason", lambda device=None: "no kernel image for sm_90")
+    monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda device=None: "no kernel image for sm_90")
     ops.set_impl(layernorm="auto", rotary="auto")
     impl, warning = ops_backend("layernorm", gpu)
     assert impl == "torch (auto)"
     assert warning == ("--layernorm-impl auto falls back to the torch reference on NVIDIA H200: "
                        "no kernel image for sm_90")
-    monkeypatch.setattr(_backend, "cuda_unavailable_reason", lambda device=None: None)
+    monkeypatch.setattr(backend, "cuda_unavailable_reason", lambda device=None: None)
     assert ops_backend("rotary", gpu) == ("cuda (auto: megaphi._cuda)", None)
     ops.set_impl(rotary="torch")
     try:

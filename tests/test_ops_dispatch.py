@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from megaphi import ops
-from megaphi.ops import _backend
+from megaphi.ops import backend
 
 NO_GPU = not torch.cuda.is_available()
 
 
 @pytest.fixture(autouse=True)
 def _restore_impl():
-    saved = {op: ops.get_impl(op) for op in _backend.OPS}
+    saved = {op: ops.get_impl(op) for op in backend.OPS}
     yield
     ops.set_impl(**saved)
 
@@ -61,9 +61,9 @@ def test_cuda_impl_without_gpu_is_a_clear_error():
 
 def test_auto_uses_torch_for_cpu_tensors():
     x = torch.randn(3, 8)
-    assert _backend.resolve("layernorm", None, x) == "torch"
-    assert _backend.resolve("rotary", "auto", x) == "torch"
-    assert _backend.resolve("layernorm", "torch", x) == "torch"
+    assert backend.resolve("layernorm", None, x) == "torch"
+    assert backend.resolve("rotary", "auto", x) == "torch"
+    assert backend.resolve("layernorm", "torch", x) == "torch"
     ops.set_impl(layernorm="torch")
     w, b = torch.randn(8), torch.randn(8)
     assert torch.equal(ops.layer_norm(x, w, b), torch.nn.functional.layer_norm(x, (8,), w, b, 1e-5))
@@ -76,7 +76,7 @@ def test_cuda_module_imports_after_nvcc_build():
     assert cuda_module.cuda_runtime_version() >= 11000
     assert (cuda_module.FLOAT32, cuda_module.FLOAT16, cuda_module.BFLOAT16) == (0, 1, 2)
     assert isinstance(cuda_module.cuda_device_status(), str)
-    assert _backend.cuda_module() is cuda_module
+    assert backend.cuda_module() is cuda_module
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: megaphi._cuda is not built here")
@@ -107,17 +107,17 @@ def test_python_m_megaphi_ops_reports_backends():
 
 
 def test_missing_module_reason_is_reported(monkeypatch):
-    monkeypatch.setattr(_backend, "_load_cuda_module", lambda: (None, "megaphi._cuda cannot be imported (test)"))
-    _backend.clear_availability_caches()
+    monkeypatch.setattr(backend, "_load_cuda_module", lambda: (None, "megaphi._cuda cannot be imported (test)"))
+    backend.clear_availability_caches()
     try:
-        assert _backend.cuda_unavailable_reason() == "megaphi._cuda cannot be imported (test)"
-        text = "\n".join(_backend.describe())
+        assert backend.cuda_unavailable_reason() == "megaphi._cuda cannot be imported (test)"
+        text = "\n".join(backend.describe())
         assert "megaphi._cuda: not available: megaphi._cuda cannot be imported (test)" in text
         with pytest.raises(RuntimeError, match=r"--layernorm-impl=cuda is not available here: .*\(test\)"):
             ops.set_impl(layernorm="cuda")
     finally:
         monkeypatch.undo()
-        _backend.clear_availability_caches()
+        backend.clear_availability_caches()
 
 
 class _ModuleWithoutImageForThisGPU:
@@ -141,35 +141,35 @@ class _ModuleWithoutImageForThisGPU:
 
 
 def test_missing_kernel_image_makes_auto_use_torch(monkeypatch):
-    monkeypatch.setattr(_backend, "_load_cuda_module", lambda: (_ModuleWithoutImageForThisGPU(), None))
+    monkeypatch.setattr(backend, "_load_cuda_module", lambda: (_ModuleWithoutImageForThisGPU(), None))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (10, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
-    monkeypatch.setattr(_backend, "apex_unavailable_reason", lambda: "not installed (test)")
-    _backend.clear_availability_caches()
+    monkeypatch.setattr(backend, "apex_unavailable_reason", lambda: "not installed (test)")
+    backend.clear_availability_caches()
     try:
-        reason = _backend.cuda_unavailable_reason()
+        reason = backend.cuda_unavailable_reason()
         assert reason is not None and "no kernel image for GPU 0 (Test GPU, compute capability 10.0)" in reason
         assert "cudaErrorNoKernelImageForDevice" in reason and "MEGAPHI_CUDA_ARCHS=100" in reason
         cuda_tensor = types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device=torch.device("cuda", 0))
-        assert _backend.resolve("layernorm", "auto", cuda_tensor) == "torch"
-        assert _backend.resolve("rotary", None, cuda_tensor) == "torch"
+        assert backend.resolve("layernorm", "auto", cuda_tensor) == "torch"
+        assert backend.resolve("rotary", None, cuda_tensor) == "torch"
         with pytest.raises(RuntimeError, match="--rotary-impl=cuda is not available here: .*no kernel image"):
             ops.set_impl(rotary="cuda")
-        text = "\n".join(_backend.describe())
+        text = "\n".join(backend.describe())
         assert "layernorm: selected 'auto'; usable here: torch; auto -> torch (megaphi._cuda has no kernel image" in text
     finally:
         monkeypatch.undo()
-        _backend.clear_availability_caches()
+        backend.clear_availability_caches()
 
 
 def test_module_with_a_kernel_image_is_usable():
     module = _ModuleWithoutImageForThisGPU()
     module.kernel_image_error = lambda device: ""
-    assert _backend.kernel_image_reason(module, 0) is None
-    assert "older build" in _backend.kernel_image_reason(types.SimpleNamespace(), 0)  # no kernel_image_error
+    assert backend.kernel_image_reason(module, 0) is None
+    assert "older build" in backend.kernel_image_reason(types.SimpleNamespace(), 0)  # no kernel_image_error
 
 
 class _ModuleWithImageOnlyForGPU0(_ModuleWithoutImageForThisGPU):
@@ -191,17 +191,17 @@ class _ModuleWithImageOnlyForGPU0(_ModuleWithoutImageForThisGPU):
 def two_gpus_image_on_gpu0(monkeypatch):
     module = _ModuleWithImageOnlyForGPU0()
     current = {"device": 0}
-    monkeypatch.setattr(_backend, "_load_cuda_module", lambda: (module, None))
+    monkeypatch.setattr(backend, "_load_cuda_module", lambda: (module, None))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0) if device == 0 else (10, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"Test GPU {device}")
-    monkeypatch.setattr(_backend, "apex_unavailable_reason", lambda: "not installed (test)")
-    _backend.clear_availability_caches()
+    monkeypatch.setattr(backend, "apex_unavailable_reason", lambda: "not installed (test)")
+    backend.clear_availability_caches()
     yield module, current
     monkeypatch.undo()
-    _backend.clear_availability_caches()
+    backend.clear_availability_caches()
 
 
 def _fake_cuda_tensor(index):
@@ -211,12 +211,12 @@ def _fake_cuda_tensor(index):
 def test_only_the_requested_device_is_probed_and_cached(two_gpus_image_on_gpu0):
     module, current = two_gpus_image_on_gpu0
     current["device"] = 1
-    reason = _backend.cuda_unavailable_reason()  # the current device, as set_impl / the report use
+    reason = backend.cuda_unavailable_reason()  # the current device, as set_impl / the report use
     assert "no kernel image for GPU 1 (Test GPU 1, compute capability 10.0)" in reason
     assert module.probed == [1], "GPU 0 must not be touched by a process working on GPU 1"
     for _ in range(3):
-        assert _backend.resolve("layernorm", "auto", _fake_cuda_tensor(1)) == "torch"
-        assert _backend.cuda_unavailable_reason(1) == reason
+        assert backend.resolve("layernorm", "auto", _fake_cuda_tensor(1)) == "torch"
+        assert backend.cuda_unavailable_reason(1) == reason
     assert module.probed == [1], "the probe result must be cached per device"
     with pytest.raises(RuntimeError, match="--rotary-impl=cuda is not available here: .*GPU 1"):
         ops.set_impl(rotary="cuda")
@@ -225,21 +225,21 @@ def test_only_the_requested_device_is_probed_and_cached(two_gpus_image_on_gpu0):
 
 def test_auto_per_device_uses_the_kernel_where_an_image_exists(two_gpus_image_on_gpu0):
     module, current = two_gpus_image_on_gpu0
-    assert _backend.resolve("rotary", "auto", _fake_cuda_tensor(0)) == "cuda"
+    assert backend.resolve("rotary", "auto", _fake_cuda_tensor(0)) == "cuda"
     assert module.probed == [0]
-    assert _backend.resolve("layernorm", None, _fake_cuda_tensor(1)) == "torch"  # falls back, no error
-    assert _backend.resolve("layernorm", "auto", _fake_cuda_tensor(0)) == "cuda"
+    assert backend.resolve("layernorm", None, _fake_cuda_tensor(1)) == "torch"  # falls back, no error
+    assert backend.resolve("layernorm", "auto", _fake_cuda_tensor(0)) == "cuda"
     assert sorted(module.probed) == [0, 1]
-    assert _backend.resolve("layernorm", "cuda", _fake_cuda_tensor(0)) == "cuda"
+    assert backend.resolve("layernorm", "cuda", _fake_cuda_tensor(0)) == "cuda"
     with pytest.raises(RuntimeError, match="--layernorm-impl=cuda is not available here: .*no kernel image for GPU 1"):
-        _backend.resolve("layernorm", "cuda", _fake_cuda_tensor(1))
+        backend.resolve("layernorm", "cuda", _fake_cuda_tensor(1))
     ops.set_impl(layernorm="cuda")  # the current device (0) has an image
     assert sorted(module.probed) == [0, 1]
 
 
 def test_report_probes_every_gpu_and_says_so(two_gpus_image_on_gpu0):
     module, _ = two_gpus_image_on_gpu0
-    text = "\n".join(_backend.describe())
+    text = "\n".join(backend.describe())
     assert "this report probes all 2; training processes probe only their own device" in text
     assert "GPU 0: kernel image present" in text and "GPU 1: megaphi._cuda has no kernel image for GPU 1" in text
     assert "layernorm: selected 'auto'; usable here: cuda, torch; auto -> cuda" in text

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megaphi.ops import LayerNorm, layer_norm, layer_norm_reference
-from megaphi.ops import _backend
+from megaphi.ops import backend
 from megaphi.ops.layer_norm import (check_layer_norm_inputs, check_layer_norm_kernel_inputs,
                                      layer_norm_kernel_problem)
 
@@ -97,8 +97,8 @@ def test_auto_falls_back_to_torch_when_the_kernel_cannot_take_the_input(monkeypa
     # "auto" an input the kernel cannot take must go to the torch reference, never raise; an
     # explicit "cuda" must still raise the clear error. Launching the kernel here would fail, so
     # reaching it at all fails the test.
-    monkeypatch.setattr(_backend, "resolve", lambda op, impl, tensor: "cuda")
-    monkeypatch.setattr(_backend, "cuda_module", lambda: pytest.fail("the kernel must not be launched"))
+    monkeypatch.setattr(backend, "resolve", lambda op, impl, tensor: "cuda")
+    monkeypatch.setattr(backend, "cuda_module", lambda: pytest.fail("the kernel must not be launched"))
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(8, 4, generator=gen).t()  # non-contiguous
     weight, bias = torch.randn(8, generator=gen), torch.randn(8, generator=gen)

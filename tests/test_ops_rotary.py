@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megaphi.ops import apply_rotary_qk, rotary_reference, rotary_tables
-from megaphi.ops import _backend
+from megaphi.ops import backend
 from megaphi.ops.rotary import check_rotary_kernel_inputs, rotary_kernel_problem
 
 
@@ -150,8 +150,8 @@ def test_kernel_problem_names_what_the_kernel_cannot_take():
 def test_auto_falls_back_to_torch_when_the_kernel_cannot_take_the_input(monkeypatch):
     # As if the dispatcher chose the kernel (CUDA tensors, usable GPU): "auto" must take the torch
     # path for a q whose last dim is strided; an explicit "cuda" must raise.
-    monkeypatch.setattr(_backend, "resolve", lambda op, impl, tensor: "cuda")
-    monkeypatch.setattr(_backend, "cuda_module", lambda: pytest.fail("the kernel must not be launched"))
+    monkeypatch.setattr(backend, "resolve", lambda op, impl, tensor: "cuda")
+    monkeypatch.setattr(backend, "cuda_module", lambda: pytest.fail("the kernel must not be launched"))
     gen = torch.Generator().manual_seed(5)
     cos, sin = rotary_tables(8, 16)
     q = torch.randn(1, 4, 8, 2, generator=gen, dtype=torch.float64).float().transpose(2, 3)  # [1, 4, 2, 8]

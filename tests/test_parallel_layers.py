@@ -140,10 +140,10 @@ def check_rng_streams(rank, world):
 
 def check_model(rank, world, reference):
     from megaphi.model import PhiForCausalLM
-    from megaphi.parallel.mappings import _gather
+    from megaphi.parallel.mappings import gather_shards
     model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=INIT_SEED)
     for name, p in model.named_parameters():  # TP-independent init: shards of the TP=1 model
-        full = _gather(p.detach(), p.partition_dim) if p.tensor_model_parallel else p.detach()
+        full = gather_shards(p.detach(), p.partition_dim) if p.tensor_model_parallel else p.detach()
         assert torch.equal(full, reference["params"][name]), name
     ids, labels = reference["ids"], reference["labels"]
     logits = model(ids)
@@ -152,7 +152,7 @@ def check_model(rank, world, reference):
     _close(loss, reference["loss"])
     loss.backward()
     for name, p in model.named_parameters():
-        grad = _gather(p.grad, p.partition_dim) if p.tensor_model_parallel else p.grad
+        grad = gather_shards(p.grad, p.partition_dim) if p.tensor_model_parallel else p.grad
         _close(grad, reference["grads"][name])
     from megaphi.checkpoint.hf_names import model_to_hf_names
     expected = model_to_hf_names(reference["params"], model.config)
@@ -209,6 +209,7 @@ def model_reference():
 
 
 @pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.distributed
 def test_tensor_parallel_matches_single_process(world, model_reference):
     run_distributed(tp_worker, world, 2, model_reference)
 

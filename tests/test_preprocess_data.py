@@ -1,7 +1,6 @@
 """tools/preprocess_data.py end to end: formats, order, keys, bad inputs, --strict, atomic outputs.
 Parquet / HF datasets inputs, size limits, signals and stale temporaries: test_preprocess_inputs.py."""
 import gzip
-import importlib.util
 import json
 import os
 import struct
@@ -11,22 +10,12 @@ import sys
 import numpy as np
 import pytest
 
+from megaphi.cli import preprocess_data as pp
+from megaphi.data import preprocess_workers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, "tools", "preprocess_data.py")
+TOOL = os.path.join(REPO, "tools", "preprocess_data.py")  # a wrapper of pp.main, run as a script
 EOD = 50256
-
-
-def _load_tool():
-    # Registered under its own name so that worker processes can unpickle its functions.
-    spec = importlib.util.spec_from_file_location("preprocess_data", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["preprocess_data"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-pp = _load_tool()
-
 
 @pytest.fixture
 def ref_tok(codegen_tokenizer_dir):
@@ -38,7 +27,7 @@ def ref_tok(codegen_tokenizer_dir):
 
 
 def expected_files(docs_ids, append_eod=True):
-    """.bin and .idx bytes for uint16 documents, packed by hand per DESIGN.md."""
+    """.bin and .idx bytes for uint16 documents, packed by hand per docs/design.md."""
     seqs = [list(ids) + ([EOD] if append_eod else []) for ids in docs_ids]
     s = len(seqs)
     lengths = [len(x) for x in seqs]
@@ -96,7 +85,7 @@ def corpus(tmp_path):
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_mixed_inputs_byte_exact_in_order(corpus, codegen_tokenizer_dir, ref_tok, workers, monkeypatch):
     tmp, texts = corpus
-    monkeypatch.setattr(pp, "ENCODE_CHARS", 40)  # several encode_batch calls per batch (workers are forked)
+    monkeypatch.setattr(preprocess_workers, "ENCODE_CHARS", 40)  # several encode_batch calls per batch (workers are forked)
     out = tmp / f"out{workers}"
     rc, _ = run_tool(["--input", tmp / "a.jsonl", tmp / "b.jsonl.gz", tmp / "src", "--output-prefix", out,
                       "--workers", workers, "--batch-size", 2], codegen_tokenizer_dir)
@@ -230,9 +219,7 @@ def test_existing_outputs_and_arguments(tmp_path, codegen_tokenizer_dir, capsys)
 
 
 def test_make_stdlib_corpus(tmp_path, codegen_tokenizer_dir, ref_tok):
-    spec = importlib.util.spec_from_file_location("make_stdlib_corpus", os.path.join(REPO, "tools", "make_stdlib_corpus.py"))
-    mk = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mk)
+    from megaphi.cli import make_stdlib_corpus as mk
     lib = tmp_path / "lib"
     (lib / "pkg").mkdir(parents=True)
     (lib / "site-packages").mkdir()

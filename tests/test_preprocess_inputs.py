@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from test_preprocess_data import TEXTS, TOOL, expected_files, pp, run_tool, write_jsonl
+from test_preprocess_data import TEXTS, TOOL, expected_files, run_tool, write_jsonl
 
 DOCS = TEXTS + ["def g(x):\n    return x * 2\n", "print('last')\n"]
 
@@ -163,10 +163,10 @@ def test_oversized_documents_skipped_and_never_held(tmp_path, codegen_tokenizer_
     line = len(f'{{"text": "{big}"}}'.replace("\n", "\\n"))  # the JSON line's bytes, newline excluded
     inputs = [tmp_path / "a.jsonl", tmp_path / "b.parquet", tmp_path / "src"]
     # The reader hands workers a size marker, not the record.
-    items = [it for b in pp.iter_batches([str(p) for p in inputs], (".py",), 10, max_document_bytes=limit)
+    from megaphi.data.corpus_readers import Oversize, iter_batches
+
+    items = [it for b in iter_batches([str(p) for p in inputs], (".py",), 10, max_document_bytes=limit)
              for it in b.items]
-    assert pp.decode_batch.__module__ == "megaphi.data.corpus_readers"
-    from megaphi.data.corpus_readers import Oversize
 
     assert items[1] == Oversize(line + 1)  # read in chunks, counted with its newline
     assert items[4] == {"text": Oversize(len(big))}
@@ -275,11 +275,9 @@ def test_stale_temporaries_of_dead_runs_removed(tmp_path, codegen_tokenizer_dir,
 
 
 STALL = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("preprocess_data", sys.argv[1])
-pp = importlib.util.module_from_spec(spec)
-sys.modules["preprocess_data"] = pp
-spec.loader.exec_module(pp)
+import sys
+from megaphi.cli import preprocess_data
+from megaphi.data import preprocess as pp
 real = pp.iter_batches
 def stalled(*a, **k):
     for i, b in enumerate(real(*a, **k)):
@@ -288,7 +286,7 @@ def stalled(*a, **k):
             open(sys.argv[2], "w").close()
             sys.stdin.read()  # blocks until the test signals this process
 pp.iter_batches = stalled
-sys.exit(pp.main(sys.argv[3:]))
+sys.exit(preprocess_data.main(sys.argv[3:]))
 """
 
 

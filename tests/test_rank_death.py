@@ -35,6 +35,7 @@ def _rank_pids(launcher_pid):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.distributed
 def test_survivor_names_the_lost_rank_and_how_to_resume(tmp_path):
     save, logs = tmp_path / "ckpt", tmp_path / "logs"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

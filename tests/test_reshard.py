@@ -17,8 +17,7 @@ from megaphi.checkpoint.reshard import TensorParallelMismatchError, check_tensor
 from megaphi.parallel import pad_vocab_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import convert_checkpoint  # noqa: E402
+from megaphi.cli import convert_checkpoint  # noqa: E402
 
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               rotary_dim=16, max_position_embeddings=32, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
@@ -79,6 +78,7 @@ def _tp1_logits(ckpt):
         return model.eval()(IDS), meta
 
 
+@pytest.mark.distributed
 def test_reshard_between_tp_sizes(tmp_path):
     tp2, logits_path = str(tmp_path / "tp2"), str(tmp_path / "logits.pt")
     run_distributed(save_worker, 2, tp2, logits_path)

@@ -86,6 +86,7 @@ def _agree_on_duration(rank, world_size):
     assert duration_exceeded(None, now - 600) is False  # no limit: no collective either
 
 
+@pytest.mark.distributed
 def test_exit_duration_ranks_agree():
     from dist_utils import run_distributed
 

@@ -152,6 +152,7 @@ def _masked_dp_worker(rank, world, out_path):
         torch.save(result, out_path)
 
 
+@pytest.mark.distributed
 def test_masked_micro_batches_are_token_averaged(tmp_path):
     """Micro-batches with different unmasked token counts: micro 2 x accum 2 == micro 4, and the logged
     loss is the global token average."""
@@ -264,6 +265,7 @@ def _mixed_worker(rank, world, out_path):
         torch.save({"forward_only": forward_only, "losses": losses, "params": params}, out_path)
 
 
+@pytest.mark.distributed
 def test_masked_and_clean_micro_batches_mix(tmp_path):
     """A micro-batch with -100 labels next to a clean one, on one rank (2 micro-batches) and split over
     2 data-parallel ranks: no error or hang, and the logged loss is the token average of the whole batch."""

@@ -7,7 +7,7 @@ from dist_utils import run_distributed
 from megaphi.config import PhiConfig
 from megaphi.model.runtime import ModelRuntime
 from megaphi.parallel import state
-from megaphi.parallel.mappings import _gather, count_communication
+from megaphi.parallel.mappings import gather_shards, count_communication
 
 MODEL_CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                     num_attention_heads=4, rotary_dim=16, max_position_embeddings=64,
@@ -24,7 +24,7 @@ def _close(a, b, tol=1e-5, what=""):
 
 
 def _full(param, tensor):
-    return _gather(tensor, param.partition_dim) if param.tensor_model_parallel else tensor
+    return gather_shards(tensor, param.partition_dim) if param.tensor_model_parallel else tensor
 
 
 def _identical_across_tp(t):
@@ -131,6 +131,7 @@ def reference():
 
 
 @pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.distributed
 def test_sequence_parallel_matches_single_process(world, reference):
     run_distributed(sp_worker, world, reference)
 

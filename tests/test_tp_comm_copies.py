@@ -1,7 +1,7 @@
 """Tensor/sequence-parallel communication without extra copies, and the overlapped input-gradient
 communication of column-parallel layers (2 CPU processes, gloo).
 
-* _gather / _reduce_scatter (one preallocated buffer, all_gather_into_tensor / reduce_scatter_tensor)
+* gather_shards / _reduce_scatter (one preallocated buffer, all_gather_into_tensor / reduce_scatter_tensor)
   equal the list-based all_gather + cat and all-reduce + split for dims 0, 1, -1 and non-contiguous
   inputs; so does the fallback for a gloo without the tensor collectives.
 * A TP=2 forward + backward of the tiny PhiForCausalLM (batch 1, with and without sequence parallel)
@@ -59,7 +59,7 @@ def _check_collectives(rank):
     for name, x in _inputs(rank).items():
         before = x.clone()
         for dim in (0, 1, -1, 2):
-            got = mappings._gather(x, dim)
+            got = mappings.gather_shards(x, dim)
             assert torch.equal(got, _list_gather(x, dim)), (name, dim)
             assert got.is_contiguous(), (name, dim)
             got = mappings._reduce_scatter(x, dim)
@@ -84,6 +84,7 @@ def check_collectives_match_list_semantics(rank, world):
         mappings._GLOO_HAS_TENSOR_COLLECTIVES = True
 
 
+@pytest.mark.distributed
 def test_gather_and_reduce_scatter_match_list_semantics():
     run_distributed(check_collectives_match_list_semantics, 2)
 
@@ -139,6 +140,7 @@ def check_no_copies_on_model_path(rank, world):
         assert all(p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.distributed
 def test_no_copies_in_communication_on_model_path():
     run_distributed(check_no_copies_on_model_path, 2)
 
@@ -255,6 +257,7 @@ def check_overlap_matches_sequential(rank, world):
         assert all(torch.equal(a, s) for a, s in zip(*grads)), sp
 
 
+@pytest.mark.distributed
 def test_overlapped_input_grad_communication_is_bitwise_sequential():
     run_distributed(check_overlap_matches_sequential, 2)
 

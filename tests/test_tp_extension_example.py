@@ -4,6 +4,7 @@ it. TP=2 and TP=4 (4 gloo processes, so TP=2 also runs beside DP=2) give the TP=
 gradients; TP=1 itself is checked against attention written out by hand."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,8 +14,10 @@ from megaphi.model.attention import causal_attention
 from megaphi.parallel import state
 from megaphi.parallel.layers import (ColumnParallelLinear, RowParallelLinear, enter_tensor_parallel_region,
                                      init_from_master)
-from megaphi.parallel.mappings import _gather, copy_to_tensor_model_parallel_region
+from megaphi.parallel.mappings import copy_to_tensor_model_parallel_region, gather_shards
 from megaphi.parallel.utils import divide, set_tensor_model_parallel_attributes
+
+pytestmark = pytest.mark.distributed
 
 HIDDEN, HEADS, HEAD_DIM, SEED = 32, 4, 8, 17
 
@@ -82,7 +85,7 @@ def run_block():
     x.requires_grad_()
     out = block(x)
     (out * upstream).sum().backward()
-    grads = {n: (_gather(p.grad, p.partition_dim) if p.tensor_model_parallel else p.grad)
+    grads = {n: (gather_shards(p.grad, p.partition_dim) if p.tensor_model_parallel else p.grad)
              for n, p in block.named_parameters()}
     grads["input"] = x.grad
     return out.detach(), grads, block

@@ -74,6 +74,7 @@ def _guard_worker(rank, world, case):
 
 
 @pytest.mark.parametrize("case", ["equal", "bias"])
+@pytest.mark.distributed
 def test_guard_names_the_first_tensor_that_differs(case):
     run_distributed(_guard_worker, 2, case)
 
@@ -102,6 +103,7 @@ def _train_tp2(tmp_path, backend, sequence_parallel, iters=4):
 
 @pytest.mark.parametrize("backend,sequence_parallel", [("math", False), ("math", True), ("auto", False),
                                                        ("auto", True)])
+@pytest.mark.distributed
 def test_tp2_training_with_dropout_keeps_replicated_tensors_bitwise_equal(tmp_path, backend, sequence_parallel):
     rank0, rank1 = _train_tp2(tmp_path, backend, sequence_parallel)
     replicated = sorted(name for name in rank0 if any(part in name for part in REPLICATED))

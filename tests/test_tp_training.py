@@ -13,6 +13,8 @@ from dist_utils import run_distributed
 from megaphi.config import PhiConfig
 from megaphi.model.runtime import ModelRuntime
 
+pytestmark = pytest.mark.distributed
+
 CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               rotary_dim=16, max_position_embeddings=32, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
 GLOBAL_BATCH, SEQ, STEPS, INIT_SEED, LR = 8, 8, 3, 21, 1e-2
@@ -29,7 +31,7 @@ def train(tp, sp, stage):
     import deepspeed
     from megaphi.model import PhiForCausalLM
     from megaphi.parallel import mpu, state
-    from megaphi.parallel.mappings import _gather
+    from megaphi.parallel.mappings import gather_shards
     state.initialize_model_parallel(tp)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
     model = PhiForCausalLM(PhiConfig(**CONFIG), init_seed=INIT_SEED,
@@ -50,7 +52,7 @@ def train(tp, sp, stage):
         torch.distributed.all_reduce(mean_loss, group=state.get_data_parallel_group())
         losses.append(mean_loss.item() / dp)
         norms.append(float(engine.get_global_grad_norm()))
-    params = {n: (_gather(p.detach(), p.partition_dim) if p.tensor_model_parallel else p.detach()).clone()
+    params = {n: (gather_shards(p.detach(), p.partition_dim) if p.tensor_model_parallel else p.detach()).clone()
               for n, p in engine.module.named_parameters()}
     state.destroy_model_parallel()
     return losses, norms, params

@@ -109,6 +109,7 @@ def _reference():
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.distributed
 def test_zero_stages_agree_with_each_other_and_plain_pytorch(tmp_path):
     out = tmp_path / "zero.pt"
     run_distributed(_zero_worker, WORLD, str(out))

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Convert phi checkpoints between Hugging Face and megaphi, and reshard training checkpoints. `python tools/convert_checkpoint.py --help`.
 
-The code is megaphi/cli/convert_checkpoint.py, installed as the `megaphi-convert` command; this file runs it as its own module.
+A wrapper: the command is megaphi/cli/convert_checkpoint.py, also installed as `megaphi-convert`; this file calls its main().
 """
-from megaphi.cli import exec_tool
+import sys
 
-exec_tool("convert_checkpoint", globals())
+from megaphi.cli.convert_checkpoint import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Evaluate a model on HumanEval (pass@k), or score a completions file. `python tools/eval_humaneval.py --help`.
 
-The code is megaphi/cli/eval_humaneval.py, installed as the `megaphi-eval` command; this file runs it as its own module.
+A wrapper: the command is megaphi/cli/eval_humaneval.py, also installed as `megaphi-eval`; this file calls its main().
 """
-from megaphi.cli import exec_tool
+import sys
 
-exec_tool("eval_humaneval", globals())
+from megaphi.cli.eval_humaneval import main
+
+if __name__ == "__main__":
+    sys.exit(main())

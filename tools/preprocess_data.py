@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Turn a corpus (JSONL, parquet, HF datasets, source trees) into Megatron .bin/.idx token files. `python tools/preprocess_data.py --help`.
 
-The code is megaphi/cli/preprocess_data.py, installed as the `megaphi-preprocess` command; this file runs it as its own module.
+A wrapper: the command is megaphi/cli/preprocess_data.py, also installed as `megaphi-preprocess`; this file calls its main().
 """
-from megaphi.cli import exec_tool
+import sys
 
-exec_tool("preprocess_data", globals())
+from megaphi.cli.preprocess_data import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Train a byte-level BPE tokenizer on a corpus, offline. `python tools/train_tokenizer.py --help`.
 
-The code is megaphi/cli/train_tokenizer.py, installed as the `megaphi-train-tokenizer` command; this file runs it as its own module.
+A wrapper: the command is megaphi/cli/train_tokenizer.py, also installed as `megaphi-train-tokenizer`; this file calls its main().
 """
-from megaphi.cli import exec_tool
+import sys
 
-exec_tool("train_tokenizer", globals())
+from megaphi.cli.train_tokenizer import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-// Streaming writer for Megatron-LM MMIDIDX v1 token files (.bin + .idx), see DESIGN.md.
+// Streaming writer for Megatron-LM MMIDIDX v1 token files (.bin + .idx), see docs/design.md.
 //
 // Tokens are converted to the output dtype (with a range check on every token) and written to the
 // .bin through a fixed-size buffer as they arrive; only the per-sequence lengths (int32) and the

@@ -7,7 +7,7 @@ convert. Training checkpoints hold the model's own names (reshard.py).
 import torch
 
 from megaphi.parallel.layers import full_shape, shard_of
-from megaphi.parallel.mappings import _gather
+from megaphi.parallel.mappings import gather_shards
 from megaphi.parallel.state import get_tensor_model_parallel_world_size
 from megaphi.parallel.utils import is_tensor_model_parallel_param
 
@@ -105,6 +105,6 @@ def model_to_hf_state(model):
     for name, param in model.named_parameters():
         t = param.detach()
         if is_tensor_model_parallel_param(param) and get_tensor_model_parallel_world_size() > 1:
-            t = _gather(t, param.partition_dim)
+            t = gather_shards(t, param.partition_dim)
         state[name] = t.cpu().contiguous()
     return model_to_hf_names(state, model.config)

@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expand(inputs: List[str]) -> List[str]:
-    from megaphi.data.indexed_dataset import _strip_suffix
+    from megaphi.data.indexed_dataset import strip_suffix
 
     prefixes = []
     for item in inputs:
@@ -36,7 +36,7 @@ def _expand(inputs: List[str]) -> List[str]:
                 raise ValueError(f"--input {item}: folder holds no .idx files")
             prefixes += found
         else:
-            prefixes.append(_strip_suffix(item))
+            prefixes.append(strip_suffix(item))
     return prefixes
 
 

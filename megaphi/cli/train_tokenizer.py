@@ -13,14 +13,15 @@ import sys
 import time
 from typing import Iterator, List, Optional
 
-from megaphi.cli.preprocess_data import decode_batch, iter_batches, parse_extensions  # noqa: E402
+from megaphi.cli import add_version_flag
+from megaphi.data.corpus_decoding import decode_batch
+from megaphi.data.corpus_readers import iter_batches, parse_extensions
 
 EOD = "<|endoftext|>"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megaphi-train-tokenizer", description=__doc__.split("\n\n")[0])
-    from megaphi.cli import add_version_flag
     add_version_flag(p)
     p.add_argument("--input", nargs="+", required=True, help="JSONL (.jsonl, .jsonl.gz) files, source directories or files")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL keys holding text (default: text)")

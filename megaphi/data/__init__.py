@@ -1,4 +1,5 @@
-"""megaphi.data: token files, Megatron-compatible datasets and the pretraining sampler."""
+"""megaphi.data: token files, Megatron-compatible datasets and the pretraining sampler; the corpus readers
+and the preprocessing pipeline (preprocess.py) that make the token files."""
 from .blended_dataset import BlendedDataset, build_gpt_datasets, parse_data_path
 from .gpt_dataset import GPTDataset, build_gpt_indices
 from .indexed_dataset import IndexedDataset, IndexedDatasetBuilder, dtype_for_vocab

@@ -136,7 +136,7 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
         return GPTDataset(prefix, seq_length, samples, seed, split=split, split_name=split_name,
                           cache_dir=cache_dir, indexed_dataset=readers[prefix])
 
-    results = []
+    results: List[Optional[object]] = []  # per split: a GPTDataset, a BlendedDataset or None
     for k, name in enumerate(SPLIT_NAMES):
         wanted = num_samples[k]
         if wanted is not None and (isinstance(wanted, bool) or int(wanted) != wanted or wanted < 0):
@@ -156,6 +156,7 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
             norm = normalize_weights(part_weights)
             results.append(BlendedDataset(parts, norm, one_epoch_blend_size([len(d) for d in parts], norm)))
         elif part_weights is not None:
+            assert wanted is not None  # the branch above took the blend without a sample count
             norm = normalize_weights(part_weights)
             targets = [int(math.ceil(wanted * w)) for w in norm]
             parts = [gpt(p, int(math.ceil(t * (1 + MID_LEVEL_SURPLUS))), name) for p, t in zip(part_prefixes, targets)]

@@ -1,5 +1,5 @@
-"""Corpus readers of tools/preprocess_data.py (and tools/train_tokenizer.py): inputs -> batches of raw
-records, in input order -> decoded, validated texts.
+"""Corpus readers of the preprocessing pipeline (megaphi/data/preprocess.py) and the tokenizer trainer:
+inputs -> batches of raw records, in input order (decoded into validated texts by corpus_decoding.py).
 
 Input kinds (``--input``, in the order given):
 
@@ -12,19 +12,18 @@ Input kinds (``--input``, in the order given):
 * a folder of source files (one document per file, sorted full-path order) or one source file.
 
 Main process: ``iter_batches`` yields ``Batch``es (raw lines, file paths or row dicts) with the input
-bytes each accounts for (the progress bar). Workers: ``decode_batch`` turns a batch into texts per key
-and the skipped records as (reason, location). Nothing holds more than one record above
-``max_document_bytes``: longer JSONL lines are skipped while read, longer files are not read, longer
+bytes each accounts for (the progress bar). Workers: ``decode_batch`` (megaphi/data/corpus_decoding.py)
+turns a batch into texts per key and the skipped records as (reason, location). Nothing holds more
+than one record above ``max_document_bytes``: longer JSONL lines are skipped while read, longer files are not read, longer
 values are replaced by an ``Oversize`` marker before they reach a worker.
 """
 from __future__ import annotations
 
 import glob
 import gzip
-import json
 import os
 import stat
-from typing import Iterator, List, NamedTuple, Optional
+from typing import Iterator, List, NamedTuple, Optional, Sequence
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -147,7 +146,7 @@ def _file_size(path: str) -> int:
 
 
 def iter_batches(inputs: List[str], extensions: tuple, batch_size: int, batch_bytes: int = 1 << 62,
-                 keys: List[str] = ("text",), max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
+                 keys: Sequence[str] = ("text",), max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
                  hf: HFOptions = HFOptions()) -> Iterator[Batch]:
     """Batches of raw records (at most batch_size records or about batch_bytes bytes), in input order.
     Opening/reading failures become "error" batches; non-regular files "skip" batches."""
@@ -272,7 +271,7 @@ def _shares(total_bytes: int, total_rows: int):
     return share
 
 
-def _names(names) -> str:
+def describe_names(names) -> str:
     """Column or key names for a message: the first 20, then how many more."""
     names = list(names)
     shown = ", ".join(str(n) for n in names[:20])
@@ -296,11 +295,11 @@ def check_text_columns(source: str, keys: List[str], schema) -> None:
     is a column holding text; otherwise one line naming the key, the input and its columns."""
     for key in keys:
         if key not in schema.names:
-            raise CorpusError(f"--json-keys {key}: {source} has no column {key!r} (columns: {_names(schema.names)})")
+            raise CorpusError(f"--json-keys {key}: {source} has no column {key!r} (columns: {describe_names(schema.names)})")
         arrow_type = schema.field(key).type
         if not _is_text_type(arrow_type):
             raise CorpusError(f"--json-keys {key}: {source}: column {key!r} holds {arrow_type}, not text "
-                              f"(columns: {_names(schema.names)})")
+                              f"(columns: {describe_names(schema.names)})")
 
 
 def _parquet_batches(path: str, keys: List[str], batch_size, batch_bytes, limit) -> Iterator[Batch]:
@@ -384,125 +383,3 @@ def _hub_batches(spec: str, keys: List[str], batch_size, batch_bytes, limit, hf:
         yield Batch("error", f"{spec}:row {row}: {type(e).__name__}: {e}", 0, [])
     if rows:
         yield Batch("records", spec, start, rows)
-
-
-# ----------------------------------------------------------------------------- decoding
-def _too_large(n: int, limit: int) -> str:
-    return f"{n:,} bytes > --max-document-bytes {limit:,}"
-
-
-def _read_source(path: str, limit: int):
-    """(text bytes, None) or (None, (reason, location)). Opens without blocking (a FIFO never hangs)
-    and reads at most limit + 1 bytes."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        return None, ("unreadable file", f"{path}: {e.strerror or e}")
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None, ("not a regular file", path)
-        if st.st_size > limit:
-            return None, ("document too large", f"{path}: {_too_large(st.st_size, limit)}")
-        with os.fdopen(fd, "rb") as f:
-            fd = None
-            raw = f.read(limit + 1)
-    except OSError as e:
-        return None, ("unreadable file", f"{path}: {e.strerror or e}")
-    finally:
-        if fd is not None:
-            os.close(fd)
-    if len(raw) > limit:  # grew since fstat
-        return None, ("document too large", f"{path}: {_too_large(len(raw), limit)}")
-    return raw, None
-
-
-def _take_object(obj, where: str, keys, texts: dict, skipped: list, limit: int) -> None:
-    """Validates one record (a JSON object or a dataset row) and appends its texts per key."""
-    for key in keys:
-        if key not in obj:
-            skipped.append(("missing key", f"{where}: no key {key!r} (keys: {_names(obj)})"))
-            continue
-        text = obj[key]
-        if isinstance(text, Oversize):
-            skipped.append(("document too large", f"{where}: key {key!r}: {_too_large(text.nbytes, limit)}"))
-            continue
-        if isinstance(text, (bytes, bytearray)):  # binary columns (parquet, datasets) hold UTF-8 source
-            try:
-                text = bytes(text).decode("utf-8")
-            except UnicodeDecodeError as e:
-                skipped.append(("undecodable bytes", f"{where}: key {key!r}: byte {e.start}"))
-                continue
-        if not isinstance(text, str):
-            skipped.append(("non-string value", f"{where}: key {key!r} holds {type(text).__name__}"))
-            continue
-        if not text.strip():
-            skipped.append(("empty document", f"{where}: key {key!r}"))
-            continue
-        try:
-            text.encode("utf-8")  # lone surrogates from \ud800-style escapes cannot be tokenized
-        except UnicodeEncodeError:
-            skipped.append(("undecodable bytes", f"{where}: key {key!r} has an unpaired surrogate"))
-            continue
-        texts[key].append(text)
-
-
-def decode_batch(batch: Batch, keys: List[str], max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES):
-    """Texts per key of a batch, the skipped records as (reason, location), and the bytes read."""
-    limit = max_document_bytes
-    texts = {k: [] for k in keys}
-    skipped = []
-    nbytes = 0
-    if batch.kind == "error":
-        return texts, [("unreadable file", batch.source)], 0
-    if batch.kind == "skip":
-        return texts, list(batch.items), 0
-    if batch.kind == "files":
-        key = keys[0]  # a source file is the first key's document
-        for path in batch.items:
-            raw, bad = _read_source(path, limit)
-            if bad:
-                skipped.append(bad)
-                continue
-            nbytes += len(raw)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                skipped.append(("undecodable bytes", f"{path}: byte {e.start}"))
-                continue
-            if not text.strip():
-                skipped.append(("empty document", path))
-                continue
-            texts[key].append(text)
-        return texts, skipped, nbytes
-    if batch.kind == "records":
-        for i, row in enumerate(batch.items):
-            _take_object(row, f"{batch.source}:row {batch.first_line + i}", keys, texts, skipped, limit)
-        return texts, skipped, batch.size
-    for i, line in enumerate(batch.items):
-        where = f"{batch.source}:{batch.first_line + i}"
-        if isinstance(line, Oversize):
-            nbytes += line.nbytes
-            skipped.append(("document too large", f"{where}: line of {_too_large(line.nbytes, limit)}"))
-            continue
-        nbytes += len(line)
-        if not line.strip():
-            continue  # blank lines separate nothing in JSONL; ignored
-        try:
-            s = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            skipped.append(("undecodable bytes", f"{where}: byte {e.start}"))
-            continue
-        try:
-            obj = json.loads(s)
-        except RecursionError:
-            skipped.append(("malformed JSON", f"{where}: nested too deeply"))
-            continue
-        except ValueError as e:
-            skipped.append(("malformed JSON", f"{where}: {e}"))
-            continue
-        if not isinstance(obj, dict):
-            skipped.append(("malformed JSON", f"{where}: not a JSON object"))
-            continue
-        _take_object(obj, where, keys, texts, skipped, limit)
-    return texts, skipped, nbytes

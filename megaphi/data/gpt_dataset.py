@@ -188,6 +188,7 @@ class GPTDataset:
         def build():
             return build_gpt_indices(lengths, self.begin, self.end, self.seq_length, self.num_samples, self.seed)
 
+        self.cache_paths: Optional[Dict[str, str]]
         if cache:
             directory = cache_dir if cache_dir is not None else os.path.join(
                 os.path.dirname(os.path.abspath(self.prefix)), "cache", "GPTDataset_indices")

@@ -1,6 +1,6 @@
 """Megatron-LM MMIDIDX v1 token files: the memory-mapped reader and the streaming builder.
 
-Layout (little-endian, packed; see DESIGN.md). ``PREFIX.bin`` holds every sequence's tokens back to
+Layout (little-endian, packed; see docs/design.md). ``PREFIX.bin`` holds every sequence's tokens back to
 back, no header. ``PREFIX.idx``::
 
     0        9 bytes  magic b"MMIDIDX\\x00\\x00"
@@ -67,7 +67,8 @@ def index_file_path(prefix: str) -> str:
     return prefix + ".idx"
 
 
-def _strip_suffix(path_prefix: str) -> str:
+def strip_suffix(path_prefix: Union[str, os.PathLike]) -> str:
+    """The dataset prefix of PREFIX, PREFIX.bin or PREFIX.idx."""
     path_prefix = os.fspath(path_prefix)
     for suffix in (".bin", ".idx"):
         if path_prefix.endswith(suffix):
@@ -106,7 +107,7 @@ class IndexedDataset:
     """
 
     def __init__(self, path_prefix: Union[str, os.PathLike], mmap: bool = True):
-        self.path_prefix = _strip_suffix(path_prefix)
+        self.path_prefix = strip_suffix(path_prefix)
         self.idx_path = index_file_path(self.path_prefix)
         self.bin_path = data_file_path(self.path_prefix)
         for p in (self.idx_path, self.bin_path):
@@ -233,7 +234,7 @@ class IndexedDataset:
 
     @staticmethod
     def exists(path_prefix) -> bool:
-        p = _strip_suffix(path_prefix)
+        p = strip_suffix(path_prefix)
         return os.path.isfile(index_file_path(p)) and os.path.isfile(data_file_path(p))
 
     def __repr__(self) -> str:
@@ -325,6 +326,11 @@ class IndexedDatasetBuilder:
     def close(self) -> None:
         """Closes the .bin without an index (after an error; the caller removes the file)."""
         self._builder.close()
+
+    @property
+    def finalized(self) -> bool:
+        """True once finalize() wrote the index (then close() has nothing left to do)."""
+        return self._builder.finalized
 
     @property
     def num_documents(self) -> int:

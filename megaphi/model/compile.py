@@ -28,7 +28,7 @@ def compile_enabled(choice, device_type):
 # Regions kept out of compiled graphs, each mapped to its torch.compiler.disable version once something
 # is compiled. torch.compiler.disable / assume_constant_result import torch._dynamo, which costs about
 # 2.5 s of start-up in every process, so nothing here calls them before compiling is asked for.
-_EAGER_REGIONS = {}
+_EAGER_REGIONS: dict = {}
 
 
 def eager_in_compiled_blocks(fn):
@@ -54,10 +54,11 @@ def prepare_for_compile():
     versions, and the kernel backend choice marked constant (its CUDA-runtime probes cannot be traced;
     it is then decided once per op, impl, device and dtype while tracing). compile_decoder_layers calls
     it; call it yourself before torch.compile of anything else that holds megaphi layers."""
-    from megaphi.ops import _backend
+    from megaphi.ops.backend import mark_choice_constant_for_compile
+
     for fn in list(_EAGER_REGIONS):
         _disabled(fn)
-    torch.compiler.assume_constant_result(_backend._resolve_on)  # marks the function in place
+    mark_choice_constant_for_compile()
 
 
 def compile_decoder_layers(model, mode=None):

@@ -1,5 +1,5 @@
 """`python -m megaphi.ops`: which LayerNorm/rotary backends can run here, and why not."""
-from ._backend import describe
+from .backend import describe
 
 
 def main():

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _backend
+from . import backend
 
 
 def layer_norm_reference(x, weight, bias, eps):
@@ -34,9 +34,9 @@ def layer_norm_kernel_problem(x, weight, bias):
     """Why the CUDA kernel cannot take these (already check_layer_norm_inputs-valid) tensors, as
     (exception type, message), or None when it can. `auto` falls back to torch on a problem;
     an explicit "cuda" raises it (check_layer_norm_kernel_inputs)."""
-    if x.dtype not in _backend.DTYPE_CODES:
+    if x.dtype not in backend.DTYPE_CODES:
         return TypeError, (f"layer_norm (cuda): dtype {x.dtype} is not supported; "
-                           f"use one of {sorted(str(d) for d in _backend.DTYPE_CODES)}")
+                           f"use one of {sorted(str(d) for d in backend.DTYPE_CODES)}")
     if weight is None or bias is None:
         return ValueError, "layer_norm (cuda): the kernel needs both weight and bias"
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
@@ -58,7 +58,7 @@ def check_layer_norm_kernel_inputs(x, weight, bias):
 
 def _backward_blocks(device, rows):
     # Enough blocks to fill the GPU twice over; each leaves one row of partial sums per parameter.
-    return max(1, min(rows, 2 * _backend.multiprocessor_count(device.index)))
+    return max(1, min(rows, 2 * backend.multiprocessor_count(device.index)))
 
 
 # The kernels as torch custom ops (torch.library): torch.compile keeps them as single nodes, sized by
@@ -75,7 +75,7 @@ def _statistics_dtype(x):
 def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd): mean and rstd are fp32 per row, saved for the backward."""
-    module = _backend.cuda_module()
+    module = backend.cuda_module()
     x = x.contiguous()
     hidden = x.shape[-1]
     rows = x.numel() // hidden
@@ -83,8 +83,8 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     module.layer_norm_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(),
-                              rstd.data_ptr(), rows, hidden, float(eps), _backend.DTYPE_CODES[x.dtype],
-                              x.device.index, _backend.current_stream_handle(x.device))
+                              rstd.data_ptr(), rows, hidden, float(eps), backend.DTYPE_CODES[x.dtype],
+                              x.device.index, backend.current_stream_handle(x.device))
     return y, mean, rstd
 
 
@@ -109,7 +109,7 @@ def _layer_norm_forward_fake(x, weight, bias, eps):
 def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                         rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias) of the forward above."""
-    module = _backend.cuda_module()
+    module = backend.cuda_module()
     dy, x = dy.contiguous(), x.contiguous()
     hidden = x.shape[-1]
     rows = x.numel() // hidden
@@ -120,8 +120,8 @@ def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     workspace = torch.empty((2, num_blocks, hidden), dtype=torch.float32, device=x.device)
     module.layer_norm_backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                                dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), workspace.data_ptr(),
-                               num_blocks, rows, hidden, _backend.DTYPE_CODES[x.dtype], x.device.index,
-                               _backend.current_stream_handle(x.device))
+                               num_blocks, rows, hidden, backend.DTYPE_CODES[x.dtype], x.device.index,
+                               backend.current_stream_handle(x.device))
     return dx, dweight, dbias
 
 
@@ -168,17 +168,17 @@ def layer_norm(x, weight, bias, eps=1e-5, impl=None):
     impl: None (the backend chosen with megaphi.ops.set_impl), "auto", "cuda", "torch" or "apex".
     """
     check_layer_norm_inputs(x, weight, bias)
-    backend = _backend.resolve("layernorm", impl, x)
-    if (backend == "cuda" and _backend.requested_impl("layernorm", impl) == "auto"
+    chosen = backend.resolve("layernorm", impl, x)
+    if (chosen == "cuda" and backend.requested_impl("layernorm", impl) == "auto"
             and layer_norm_kernel_problem(x, weight, bias) is not None):
-        backend = "torch"  # e.g. no affine or a non-contiguous view: auto keeps these working
-    if backend == "cuda":
+        chosen = "torch"  # e.g. no affine or a non-contiguous view: auto keeps these working
+    if chosen == "cuda":
         if x.numel() == 0:
             return layer_norm_reference(x, weight, bias, eps)
         check_layer_norm_kernel_inputs(x, weight, bias)
         return layer_norm_kernel(x, weight, bias, eps)
-    if backend == "apex":
-        return _backend.apex_layer_norm()(x, weight, bias, (x.shape[-1],), eps)
+    if chosen == "apex":
+        return backend.apex_layer_norm()(x, weight, bias, (x.shape[-1],), eps)
     return layer_norm_reference(x, weight, bias, eps)
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import _backend
+from . import backend
 
 
 def rotary_tables(rotary_dim, max_positions, base=10000.0, device=None):
@@ -169,9 +169,9 @@ def rotary_kernel_problem(q, k, cos, sin, position_ids=None):
     """Why the CUDA kernel cannot take these (already check_rotary_inputs-valid) tensors, as
     (exception type, message), or None when it can. `auto` falls back to torch on a problem;
     an explicit "cuda" raises it (check_rotary_kernel_inputs)."""
-    if q.dtype not in _backend.DTYPE_CODES:
+    if q.dtype not in backend.DTYPE_CODES:
         return TypeError, (f"rotary (cuda): dtype {q.dtype} is not supported; "
-                           f"use one of {sorted(str(d) for d in _backend.DTYPE_CODES)}")
+                           f"use one of {sorted(str(d) for d in backend.DTYPE_CODES)}")
     for name, t in (("q", q), ("k", k)):
         if t.stride(-1) != 1:  # other strides are fine: q and k are often views into a fused qkv
             return ValueError, (f"rotary (cuda): {name}'s last dim is not contiguous (shape {tuple(t.shape)}, "
@@ -202,11 +202,11 @@ def _launch_rotary(q_in, q_out, k_in, k_out, cos, sin, position_ids, offset, inv
     else:
         pos_ptr = position_ids.data_ptr()
         pos_batch_stride = seq if (position_ids.dim() == 2 and position_ids.shape[0] == batch and batch > 1) else 0
-    _backend.cuda_module().rotary(
+    backend.cuda_module().rotary(
         q_in.data_ptr(), q_out.data_ptr(), k_in.data_ptr(), k_out.data_ptr(), q_in.stride()[:3], q_out.stride()[:3],
         k_in.stride()[:3], k_out.stride()[:3], cos.data_ptr(), sin.data_ptr(),
         pos_ptr, pos_batch_stride, offset, batch, seq, q_heads, k_in.shape[2], head_dim, cos.shape[1], inverse,
-        _backend.DTYPE_CODES[q_in.dtype], q_in.device.index, _backend.current_stream_handle(q_in.device))
+        backend.DTYPE_CODES[q_in.dtype], q_in.device.index, backend.current_stream_handle(q_in.device))
 
 
 class RotaryInPlaceCUDAFunction(torch.autograd.Function):
@@ -288,11 +288,11 @@ def apply_rotary_qk(q, k, cos, sin, position_ids=None, impl=None, offset=0, inpl
     check_rotary_inputs(q, k, cos, sin, position_ids, offset)
     if inplace:
         check_rotary_outputs(q, k)
-    backend = _backend.resolve("rotary", impl, q)
-    if (backend == "cuda" and _backend.requested_impl("rotary", impl) == "auto"
+    chosen = backend.resolve("rotary", impl, q)
+    if (chosen == "cuda" and backend.requested_impl("rotary", impl) == "auto"
             and rotary_kernel_problem(q, k, cos, sin, position_ids) is not None):
-        backend = "torch"  # e.g. a view whose last dim is strided: auto keeps it working
-    if backend == "cuda" and q.numel() and k.numel():
+        chosen = "torch"  # e.g. a view whose last dim is strided: auto keeps it working
+    if chosen == "cuda" and q.numel() and k.numel():
         check_rotary_kernel_inputs(q, k, cos, sin, position_ids)
         if inplace:
             return RotaryInPlaceCUDAFunction.apply(q, k, cos, sin, position_ids, int(offset))

@@ -34,11 +34,11 @@ from torch import nn
 
 from .mappings import (
     _all_reduce,
-    _gather,
     _reduce_scatter,
     copy_to_tensor_model_parallel_region,
     gather_along_dim,
     gather_from_tensor_model_parallel_region,
+    gather_shards,
     reduce_from_tensor_model_parallel_region_,
     reduce_scatter_along_dim,
     scatter_to_tensor_model_parallel_region,
@@ -97,7 +97,7 @@ class _ColumnParallelLinearsWithOverlappedGradComm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, sequence_parallel, *weights_and_biases):
-        total = _gather(x, 1) if sequence_parallel else x
+        total = gather_shards(x, 1) if sequence_parallel else x
         weights, biases = list(weights_and_biases[0::2]), list(weights_and_biases[1::2])
         device_type = total.device.type
         if torch.is_autocast_enabled(device_type):  # cast like autocast's F.linear; save what the GEMMs use

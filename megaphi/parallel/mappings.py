@@ -51,7 +51,7 @@ class CommunicationCounter:
         self.bytes[op] += int(num_bytes)
 
 
-_COUNTERS = []
+_COUNTERS: list = []
 
 
 @contextlib.contextmanager
@@ -128,8 +128,9 @@ def _merge_rank_dim(stacked, dim):
     return stacked.movedim(0, dim).reshape(shape)
 
 
-def _gather(x, dim):
-    """Concatenate every TP rank's x along dim."""
+def gather_shards(x, dim):
+    """Concatenate every TP rank's x along dim (no autograd: the regions below wrap it; checkpoints and
+    checks use it to see a sharded parameter whole)."""
     world = get_tensor_model_parallel_world_size()
     if world == 1:
         return x
@@ -211,14 +212,14 @@ class _ScatterToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, ctx.dim), None
+        return gather_shards(grad, ctx.dim), None
 
 
 class _GatherFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim):
         ctx.dim = dim
-        return _gather(x, dim)
+        return gather_shards(x, dim)
 
     @staticmethod
     def backward(ctx, grad):
@@ -231,7 +232,7 @@ class _GatherAlongDim(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim):
         ctx.dim = dim
-        return _gather(x, dim)
+        return gather_shards(x, dim)
 
     @staticmethod
     def backward(ctx, grad):
@@ -248,7 +249,7 @@ class _ReduceScatterAlongDim(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _gather(grad, ctx.dim), None
+        return gather_shards(grad, ctx.dim), None
 
 
 def _tp_active():

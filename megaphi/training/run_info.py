@@ -97,7 +97,7 @@ def check_attention_backend(backend, device, dtype, config, seq_length, tp=1):
 def ops_backend(op, device):
     """(the implementation `op` runs on here, a warning when `auto` falls back to torch on CUDA)."""
     import megaphi.ops as ops
-    from megaphi.ops import _backend
+    from megaphi.ops import backend as _backend
 
     impl = ops.get_impl(op) if hasattr(ops, "get_impl") else "auto"
     if impl != "auto":

@@ -174,9 +174,13 @@ def resolve(op, impl, tensor):
     return _resolve_on(op, requested_impl(op, impl), device.type, device.index, tensor.dtype)
 
 
-# megaphi.model.compile.prepare_for_compile marks this torch.compiler.assume_constant_result: under
-# torch.compile it then runs once per (op, impl, device, dtype) while tracing and its answer is baked
-# into the graph, since the availability probes call into the CUDA runtime, which Dynamo cannot trace.
+def mark_choice_constant_for_compile():
+    """Under torch.compile, decide the backend once per (op, impl, device, dtype) while tracing and bake
+    the answer into the graph: the availability probes call into the CUDA runtime, which Dynamo cannot
+    trace. megaphi.model.compile.prepare_for_compile calls it; the mark is made on the function in place."""
+    torch.compiler.assume_constant_result(_resolve_on)
+
+
 def _resolve_on(op, impl, device_type, device_index, dtype):
     is_cuda = device_type == "cuda"
     if impl == "auto":
