@@ -54,7 +54,7 @@ def check_schedule_arguments(pipeline_size, num_microbatches, num_chunks=1):
                          f"--pipeline-model-parallel-size {pipeline_size}")
 
 
-class _Labels:
+class Routing:
     """Where this rank's outputs go and what it receives next, per chunk and direction."""
 
     def __init__(self, rank, pipeline_size, num_chunks):
@@ -102,7 +102,7 @@ def one_forward_one_backward(rank, pipeline_size, num_microbatches):
     one backward per step, then the remaining backwards. Stage 0 holds at most P micro-batches'
     activations at once, whatever m is."""
     check_schedule_arguments(pipeline_size, num_microbatches)
-    P, m, labels = pipeline_size, num_microbatches, _Labels(rank, pipeline_size, 1)
+    P, m, labels = pipeline_size, num_microbatches, Routing(rank, pipeline_size, 1)
     first, last = rank == 0, rank == P - 1
     warmup = min(P - rank - 1, m)
     remaining = m - warmup
@@ -157,7 +157,7 @@ def interleaved_one_forward_one_backward(rank, pipeline_size, num_microbatches, 
     check_schedule_arguments(pipeline_size, num_microbatches, num_chunks)
     P, v = pipeline_size, num_chunks
     total = num_microbatches * v
-    labels = _Labels(rank, P, v)
+    labels = Routing(rank, P, v)
     first_rank, last_rank = rank == 0, rank == P - 1
     warmup = total if forward_only else interleaved_warmup(rank, P, num_microbatches, v)
     all_warmup = forward_only or (warmup == total and num_microbatches == P)
@@ -236,7 +236,7 @@ def forward_only_plan(rank, pipeline_size, num_microbatches, num_chunks=1):
         return interleaved_one_forward_one_backward(rank, pipeline_size, num_microbatches, num_chunks,
                                                     forward_only=True)
     check_schedule_arguments(pipeline_size, num_microbatches)
-    labels = _Labels(rank, pipeline_size, 1)
+    labels = Routing(rank, pipeline_size, 1)
     plan = []
     for mb in range(num_microbatches):
         if rank > 0:
