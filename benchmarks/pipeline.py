@@ -186,7 +186,8 @@ def main():
     for work in args.work:
         for P in (args.pp if work == "sleep" else args.model_pp):
             rows += run(args, work, P)
-    header = f"{'work':6} {'schedule':12} {'P':>2} {'v':>2} {'m':>3} {'stage ms':>9} {'step ms':>9} {'bubble':>7} {'theory':>7}"
+    header = (f"{'work':6} {'schedule':12} {'P':>2} {'v':>2} {'m':>3} {'stage ms':>9} {'step ms':>9} "
+              f"{'bubble':>7} {'theory':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:

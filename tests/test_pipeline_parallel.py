@@ -18,7 +18,6 @@ by <= n * u * 10 ~ 1e-12 absolute; through AdamW with eps = COMPARISON_ADAM_EPS 
 1000x room, while a missing micro-batch, a wrong 1/m or 1/dp, or an unreduced gradient moves weights
 by ~lr * 0.1 = 1e-3.
 """
-import pytest
 import torch
 
 from comparison_tolerances import COMPARISON_ADAM_EPS

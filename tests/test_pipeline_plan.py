@@ -7,7 +7,7 @@ import pytest
 from megaphi.parallel.pipeline.plan import (Backward, Communicate, Forward, build_plan, forward_only_plan,
                                             interleaved_warmup, max_live_activations)
 from megaphi.parallel.pipeline.simulate import PlanError, bubble_fraction, simulate
-from megaphi.parallel.pipeline.stage import split_layers, virtual_stages_per_rank
+from megaphi.parallel.pipeline.stage import check_pipeline_composition, split_layers, virtual_stages_per_rank
 
 
 @pytest.mark.parametrize("P", [1, 2, 3, 4, 8])
@@ -61,6 +61,12 @@ def test_simulator_catches_deadlock_and_mislabelled_transfers():
         simulate([rank0[:2], rank1], 1)
 
 
+def test_zero_1_composes_with_pipelining():
+    for stage in (0, 1):
+        check_pipeline_composition(4, zero_stage=stage)
+    check_pipeline_composition(1, zero_stage=3)  # no pipeline: every stage is allowed
+
+
 def test_layer_splits():
     assert split_layers(8, 2) == [(0, 4), (4, 8)]
     assert split_layers(8, 2, 2) == [(0, 2), (2, 4), (4, 6), (6, 8)]  # virtual stage c * P + r
@@ -76,9 +82,12 @@ def test_layer_splits():
                                                  "--pipeline-model-parallel-size 4"]),
     (lambda: virtual_stages_per_rank(8, 1, 2), ["--num-layers-per-virtual-pipeline-stage",
                                                 "--pipeline-model-parallel-size"]),
+    (lambda: check_pipeline_composition(2, zero_stage=2), ["--zero-stage 2", "--pipeline-model-parallel-size 2"]),
+    (lambda: check_pipeline_composition(4, zero_stage=3), ["--zero-stage 3", "--pipeline-model-parallel-size 4"]),
     (lambda: build_plan(0, 4, 6, 2), ["--num-layers-per-virtual-pipeline-stage", "--pipeline-model-parallel-size 4"]),
 ])
 def test_bad_split_is_a_one_line_error_naming_the_flags(call, flags):
+    """Splits, virtual stages, micro-batch counts and ZeRO stages that cannot work: one line, the flags named."""
     with pytest.raises(ValueError) as info:
         call()
     message = str(info.value)
