@@ -11,10 +11,12 @@ real executor) on one of two kinds of stage work:
           chunks when interleaved): the schedule's own bubble, independent of how many cores the
           machine has free, with the real transfers between stages.
 
-  stage ms   one stage's forward + backward of one micro-batch alone (no communication), the
-             slowest stage's; m of them is the ideal step
-  step ms    measured step (median over --iters, slowest rank)
-  bubble     1 - m x stage ms / step ms (idle share of the step, communication included)
+  stage ms   forward + backward time of one micro-batch on a stage, measured inside the step (the
+             schedule's compute_seconds / m, mean over stages); m of them is the ideal step
+  step ms    measured step (median over --iters, or the fastest with --best; slowest rank)
+  bubble     1 - compute / step, mean over stages: the idle share of the step, waiting for
+             transfers included (the simulated schedule with free communication gives exactly
+             the theory, tests/test_pipeline_plan.py)
   theory     (P - 1) / (m + P - 1) for 1F1B; ((P - 1) / v) / (m + (P - 1) / v) interleaved
 
 Usage: python benchmarks/pipeline.py [--work sleep model] [--pp 2 4] [--micro-batches 4 8]
@@ -24,7 +26,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import sys
 import tempfile
 import time
@@ -93,24 +94,9 @@ def _batches(args, m):
     return [{"tokens": d[:, :-1], "labels": d[:, 1:]} for d in data]
 
 
-def _stage_alone(chunks, batches, shape):
-    """Forward + backward of one micro-batch through this rank's chunks, no communication (seconds)."""
-    start = time.perf_counter()
-    for batch in batches:
-        for chunk in chunks:
-            x = None if chunk.holds_embedding else torch.randn(shape, requires_grad=True)
-            chunk.set_input_tensor(x)
-            out, _ = chunk(batch["tokens"], labels=batch["labels"], reduction="none")
-            (out.mean() if chunk.holds_loss else (out * torch.ones_like(out)).sum()).backward()
-    for chunk in chunks:
-        chunk.set_input_tensor(None)
-        chunk.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / len(batches)
-
-
-def _slowest(value):
+def _reduce(value, op):
     t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=op)
     return t.item()
 
 
@@ -130,22 +116,25 @@ def _worker(rank, world, port, store, args, work, out_path):
                 continue
             chunks = _chunks(args, work, rank, world, v)
             batches = _batches(args, m)
-            stage_s = _slowest(_stage_alone(chunks, batches[:2], shape))
             steps = []
             for i in range(args.iters + 1):  # the first step warms up allocators and threads
                 dist.barrier()
+                stats = {}
                 start = time.perf_counter()
-                forward_backward_pipelining(_forward_step, [iter(batches) for _ in chunks], chunks, m, comm)
-                elapsed = _slowest(time.perf_counter() - start)
+                forward_backward_pipelining(_forward_step, [iter(batches) for _ in chunks], chunks, m, comm,
+                                            stats=stats)
+                elapsed = _reduce(time.perf_counter() - start, dist.ReduceOp.MAX)
+                compute = _reduce(stats["compute_seconds"], dist.ReduceOp.SUM) / world
                 for chunk in chunks:
                     chunk.zero_grad(set_to_none=True)
                 if i:
-                    steps.append(elapsed)
-            step_s = statistics.median(steps)
+                    steps.append((elapsed, compute))
+            step_s, compute_s = min(steps, key=lambda s: s[0]) if args.best else \
+                sorted(steps)[len(steps) // 2]
             ideal_bubble = (world - 1) / v
             rows.append(dict(work=work, schedule="1F1B" if v == 1 else "interleaved", P=world, v=v, m=m,
-                             stage_ms=1000 * stage_s, step_ms=1000 * step_s,
-                             bubble=1.0 - m * stage_s / step_s, theory=ideal_bubble / (m + ideal_bubble)))
+                             stage_ms=1000 * compute_s / m, step_ms=1000 * step_s,
+                             bubble=1.0 - compute_s / step_s, theory=ideal_bubble / (m + ideal_bubble)))
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(rows, f)
@@ -178,6 +167,8 @@ def main():
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--best", action="store_true", help="report the fastest step instead of the median "
+                        "(on a machine shared with other work)")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     if args.layers_per_stage % args.chunks:

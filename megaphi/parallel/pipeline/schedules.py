@@ -15,6 +15,7 @@ the size of dp_group (1 without one): gradients are then averaged over it by the
 (allreduce_data_parallel_gradients).
 """
 import contextlib
+import time
 
 import torch
 import torch.distributed as dist
@@ -79,6 +80,7 @@ class _Executor:
         self.outgoing_activations, self.outgoing_grads = {}, {}  # keyed by the receiver's label
         self.stored = {}                              # (chunk, mb) -> (input, output) awaiting backward
         self.max_live = 0
+        self.compute_seconds = 0.0                    # host time in forward and backward steps
         self.losses = []
 
     def forward(self, chunk, mb):
@@ -129,12 +131,17 @@ class _Executor:
 
     def run(self, plan):
         for step in plan:
+            if isinstance(step, Communicate):
+                self.communicate(step)
+                continue
+            start = time.perf_counter()
             if isinstance(step, Forward):
                 self.forward(step.chunk, step.microbatch)
             elif isinstance(step, Backward):
                 self.backward(step.chunk, step.microbatch)
-            elif isinstance(step, Communicate):
-                self.communicate(step)
+            else:
+                raise TypeError(f"unknown pipeline plan step {step!r}")
+            self.compute_seconds += time.perf_counter() - start
         leftovers = [d for d in (self.inputs, self.output_grads, self.outgoing_activations, self.outgoing_grads,
                                  self.stored) if d]
         if leftovers:
@@ -149,7 +156,9 @@ def forward_backward_pipelining(forward_step_func, data_iterator, model, num_mic
     one iterator, or one per chunk. Returns the per-micro-batch loss logs on the rank holding the loss
     (in micro-batch order) and [] elsewhere. Gradients accumulate in the chunks' .grad; the caller
     then reduces them over data parallelism and steps the optimizer. stats (a dict), if given,
-    receives "max_live_activations": the most micro-batch activations this rank held at once."""
+    receives "max_live_activations": the most micro-batch activations this rank held at once, and
+    "compute_seconds": host time spent in forward and backward steps (the rest of the step is
+    waiting: the bubble and communication; on a GPU it measures launches, not kernels)."""
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     v = len(chunks)
     rank = state.get_pipeline_model_parallel_rank() if pipeline_rank is None else pipeline_rank
@@ -173,6 +182,7 @@ def forward_backward_pipelining(forward_step_func, data_iterator, model, num_mic
             chunk.set_input_tensor(None)
     if stats is not None:
         stats["max_live_activations"] = executor.max_live
+        stats["compute_seconds"] = executor.compute_seconds
     return executor.losses
 
 
