@@ -18,6 +18,7 @@ by <= n * u * 10 ~ 1e-12 absolute; through AdamW with eps = COMPARISON_ADAM_EPS 
 1000x room, while a missing micro-batch, a wrong 1/m or 1/dp, or an unreduced gradient moves weights
 by ~lr * 0.1 = 1e-3.
 """
+import pytest
 import torch
 
 from comparison_tolerances import COMPARISON_ADAM_EPS
@@ -79,13 +80,14 @@ def _full(param, tensor):
     return _gather(tensor, param.partition_dim) if getattr(param, "tensor_model_parallel", False) else tensor
 
 
-def _pipelined(config, pp, tp=1, chunks=1, micro=1, layers_per_stage=None, count_tokens=False):
+def _pipelined(config, pp, tp=1, chunks=1, micro=1, layers_per_stage=None, count_tokens=False, **overrides):
     """The same training through the pipeline engine; returns what _reference returns, for this
     rank's stage (losses only on the last stage), plus the most activations it held."""
     from megaphi.parallel import state
     from megaphi.parallel.pipeline import (StageCommunicator, allreduce_data_parallel_gradients, boundary_shape,
                                            build_model_chunks, clip_grad_norm_across_stages,
                                            forward_backward_pipelining)
+    config = config.replace(**overrides)
     state.initialize_model_parallel(tp, pp)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
     model = build_model_chunks(config, state.get_pipeline_model_parallel_rank(), pp, chunks, layers_per_stage,
@@ -148,12 +150,15 @@ def _two_stage_worker(rank, world):
     config = PhiConfig(**CONFIG)
     reference = _reference(config, micro=1)
     runs = {"PP=2": dict(pp=2), "PP=2 interleaved v=2": dict(pp=2, chunks=2),
-            "PP=2 split 1,3": dict(pp=2, layers_per_stage=[1, 3])}
+            "PP=2 split 1,3": dict(pp=2, layers_per_stage=[1, 3]),
+            "PP=2 full recompute": dict(pp=2, recompute=True)}  # replays the same ops: bitwise too
     for name, kwargs in runs.items():
         result = _pipelined(config, **kwargs)
         _compare(name, result, reference, 1, bitwise=True)
         if kwargs.get("chunks", 1) == 1 and rank == 0:
             assert result["max_live"] == 2, (name, result["max_live"])  # P, not m = 8
+    # the chunked loss sums the cross entropy in another order: equal within the float64 bound
+    _compare("PP=2 chunked loss", _pipelined(config, pp=2, loss_chunk_tokens=4), reference, 1, bitwise=False)
 
 
 def _four_rank_worker(rank, world):
@@ -171,7 +176,8 @@ def _four_rank_worker(rank, world):
 
 
 def test_pipeline_two_stages_equal_pp1():
-    """PP=2 1F1B, interleaved with 2 virtual stages, and an uneven split: bitwise PP=1."""
+    """PP=2 1F1B, interleaved with 2 virtual stages, an uneven split and full recompute: bitwise PP=1;
+    the chunked loss within the float64 bound."""
     run_distributed(_two_stage_worker, 2)
 
 
@@ -215,3 +221,15 @@ def _dropout_worker(rank, world):
 
 def test_pipeline_dropout_is_reproducible_and_recompute_exact():
     run_distributed(_dropout_worker, 2)
+
+
+def _four_stage_interleaved_worker(rank, world):
+    config = PhiConfig(**{**CONFIG, "num_hidden_layers": 8})
+    reference = _reference(config, micro=1)
+    _compare("PP=4 interleaved v=2", _pipelined(config, pp=4, chunks=2), reference, 1, bitwise=True)
+
+
+@pytest.mark.slow
+def test_pipeline_four_stages_interleaved_equal_pp1():
+    """P = 4 with 2 virtual stages (8 layers, one per virtual stage; m = 8): bitwise PP=1."""
+    run_distributed(_four_stage_interleaved_worker, 4)

@@ -94,3 +94,19 @@ def test_bad_split_is_a_one_line_error_naming_the_flags(call, flags):
     assert "\n" not in message
     for flag in flags:
         assert flag in message, (flag, message)
+
+
+def test_boundary_tensors_have_the_shape_fixed_for_the_run():
+    """Shapes are agreed before the step; a tensor of another shape or dtype is refused before any
+    transfer is posted (no process group needed to get there)."""
+    import torch
+    from megaphi.parallel.pipeline.p2p import StageCommunicator, boundary_shape
+    assert boundary_shape(2, 16, 32, sequence_parallel=True, tp_size=4) == (2, 4, 32)
+    assert boundary_shape(2, 16, 32, sequence_parallel=False, tp_size=4) == (2, 16, 32)
+    comm = StageCommunicator((2, 16, 32), torch.float32, next_rank=1, prev_rank=1)
+    with pytest.raises(ValueError, match="boundary shape"):
+        comm.communicate(send_next=torch.zeros(2, 8, 32))
+    with pytest.raises(ValueError, match="boundary shape"):
+        comm.communicate(send_prev=torch.zeros(2, 16, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="--tensor-model-parallel-size 4"):
+        boundary_shape(2, 18, 32, sequence_parallel=True, tp_size=4)
