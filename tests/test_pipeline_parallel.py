@@ -80,6 +80,24 @@ def _full(param, tensor):
     return _gather(tensor, param.partition_dim) if getattr(param, "tensor_model_parallel", False) else tensor
 
 
+def _check_rank_layout(tp, pp):
+    """Megatron's order: rank = pp_rank * (tp * dp) + dp_rank * tp + tp_rank; pipelines are rings."""
+    from megaphi.parallel import state
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    stage_size = world // pp
+    pipeline = list(range(rank % stage_size, world, stage_size))
+    assert state.get_pipeline_model_parallel_group_ranks() == pipeline
+    assert state.get_pipeline_model_parallel_rank() == rank // stage_size
+    assert state.get_tensor_model_parallel_rank() == rank % tp
+    assert state.get_data_parallel_rank() == (rank % stage_size) // tp
+    assert state.get_data_parallel_world_size() == stage_size // tp
+    stage = rank // stage_size
+    assert state.get_pipeline_model_parallel_next_rank() == pipeline[(stage + 1) % pp]
+    assert state.get_pipeline_model_parallel_prev_rank() == pipeline[(stage - 1) % pp]
+    assert state.is_pipeline_first_stage() == (stage == 0)
+    assert state.is_pipeline_last_stage() == (stage == pp - 1)
+
+
 def _pipelined(config, pp, tp=1, chunks=1, micro=1, layers_per_stage=None, count_tokens=False, **overrides):
     """The same training through the pipeline engine; returns what _reference returns, for this
     rank's stage (losses only on the last stage), plus the most activations it held."""
@@ -89,6 +107,7 @@ def _pipelined(config, pp, tp=1, chunks=1, micro=1, layers_per_stage=None, count
                                            forward_backward_pipelining)
     config = config.replace(**overrides)
     state.initialize_model_parallel(tp, pp)
+    _check_rank_layout(tp, pp)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
     model = build_model_chunks(config, state.get_pipeline_model_parallel_rank(), pp, chunks, layers_per_stage,
                                init_seed=INIT_SEED, dtype=torch.float64)
