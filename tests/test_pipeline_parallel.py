@@ -165,6 +165,32 @@ def _compare(name, result, reference, micro, bitwise):
         assert (w - ref_weights[n]).abs().max() <= WEIGHT_TOL, (name, n, (w - ref_weights[n]).abs().max())
 
 
+def _forward_only_equals_pp1(config, pp, chunks):
+    """Evaluation (forward-only plan, no_grad): the last stage's per-micro-batch losses are bitwise
+    those of the unsplit model; no activation is kept."""
+    from megaphi.model import PhiForCausalLM
+    from megaphi.parallel import state
+    from megaphi.parallel.pipeline import (StageCommunicator, boundary_shape, build_model_chunks,
+                                           forward_backward_pipelining)
+    mbs = _micro_batches(_batches()[0], 2)
+    unsplit = PhiForCausalLM(config, init_seed=INIT_SEED, dtype=torch.float64).eval()
+    with torch.no_grad():
+        expected = [unsplit(mb["tokens"], labels=mb["labels"], reduction="none")[0].mean() for mb in mbs]
+    state.initialize_model_parallel(1, pp)
+    model = [c.eval() for c in build_model_chunks(config, state.get_pipeline_model_parallel_rank(), pp, chunks,
+                                                  init_seed=INIT_SEED, dtype=torch.float64)]
+    comm = StageCommunicator(boundary_shape(2, SEQ, config.hidden_size), torch.float64)
+    stats = {}
+    logs = forward_backward_pipelining(_forward_step, [iter(mbs) for _ in model], model, len(mbs), comm,
+                                       forward_only=True, stats=stats)
+    assert stats["max_live_activations"] == 0
+    if state.is_pipeline_last_stage():
+        assert [d["lm loss"] for d in logs] == expected
+    else:
+        assert logs == []
+    state.destroy_model_parallel()
+
+
 def _two_stage_worker(rank, world):
     config = PhiConfig(**CONFIG)
     reference = _reference(config, micro=1)
@@ -178,6 +204,8 @@ def _two_stage_worker(rank, world):
             assert result["max_live"] == 2, (name, result["max_live"])  # P, not m = 8
     # the chunked loss sums the cross entropy in another order: equal within the float64 bound
     _compare("PP=2 chunked loss", _pipelined(config, pp=2, loss_chunk_tokens=4), reference, 1, bitwise=False)
+    for chunks in (1, 2):
+        _forward_only_equals_pp1(config, 2, chunks)
 
 
 def _four_rank_worker(rank, world):
@@ -196,7 +224,7 @@ def _four_rank_worker(rank, world):
 
 def test_pipeline_two_stages_equal_pp1():
     """PP=2 1F1B, interleaved with 2 virtual stages, an uneven split and full recompute: bitwise PP=1;
-    the chunked loss within the float64 bound."""
+    the chunked loss within the float64 bound; forward-only evaluation (plain and interleaved) bitwise."""
     run_distributed(_two_stage_worker, 2)
 
 
