@@ -254,6 +254,7 @@ def _dropout_worker(rank, world):
         logs = forward_backward_pipelining(_forward_step, iter(mbs), model, len(mbs), comm)
         results[name] = ([d["lm loss"] for d in logs], {n: p.grad.clone() for n, p in model[0].named_parameters()})
         state.destroy_model_parallel()
+    _overflow_is_agreed(rank)
     for name in ("again", "recompute"):
         assert results[name][0] == results["first"][0]
         for n, g in results[name][1].items():
@@ -266,7 +267,23 @@ def _dropout_worker(rank, world):
         assert all(abs(float(a) - float(b)) > 1e-6 for a, b in zip(results["first"][0], clean))
 
 
+def _overflow_is_agreed(rank):
+    """An inf in one stage's gradients makes every stage skip the step (fp16 loss scaling)."""
+    from megaphi.parallel import state
+    from megaphi.parallel.pipeline import any_stage_overflowed, build_model_chunks
+    state.initialize_model_parallel(1, 2)
+    model = build_model_chunks(PhiConfig(**CONFIG), state.get_pipeline_model_parallel_rank(), 2, init_seed=INIT_SEED)
+    for p in model[0].parameters():
+        p.grad = torch.zeros_like(p)
+    assert not any_stage_overflowed(model)
+    if rank == 1:
+        next(model[0].parameters()).grad[0] = float("inf")
+    assert any_stage_overflowed(model)
+    state.destroy_model_parallel()
+
+
 def test_pipeline_dropout_is_reproducible_and_recompute_exact():
+    """Also: an fp16 overflow found on one stage is seen by every stage."""
     run_distributed(_dropout_worker, 2)
 
 

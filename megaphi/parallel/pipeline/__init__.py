@@ -3,6 +3,7 @@ from .p2p import StageCommunicator, boundary_shape  # noqa: F401
 from .plan import build_plan, forward_only_plan, max_live_activations  # noqa: F401
 from .schedules import (  # noqa: F401
     allreduce_data_parallel_gradients,
+    any_stage_overflowed,
     clip_grad_norm_across_stages,
     forward_backward_pipelining,
     global_grad_norm,

@@ -229,3 +229,18 @@ def clip_grad_norm_across_stages(chunks, max_norm):
                 if param.grad is not None:
                     param.grad.mul_(coefficient.to(param.grad.dtype))
     return norm
+
+
+def any_stage_overflowed(chunks):
+    """fp16 loss scaling: whether any stage (any TP rank of it) has a non-finite gradient. Every rank
+    gets the same answer, so all stages skip the step and lower the scale together."""
+    first = next(iter(chunks[0].parameters()))
+    found = torch.zeros((), dtype=torch.float32, device=first.device)
+    for chunk in chunks:
+        for param in chunk.parameters():
+            if param.grad is not None and not torch.isfinite(param.grad).all():
+                found.fill_(1.0)
+    for group in (state.get_tensor_model_parallel_group(), state.get_pipeline_model_parallel_group()):
+        if group is not None and dist.get_world_size(group=group) > 1:
+            dist.all_reduce(found, op=dist.ReduceOp.MAX, group=group)
+    return bool(found.item())
