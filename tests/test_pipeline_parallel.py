@@ -191,6 +191,52 @@ def _forward_only_equals_pp1(config, pp, chunks):
     state.destroy_model_parallel()
 
 
+def _masked_forward_step(data_iterator, model):
+    """The 3-tuple contract: (masked token-loss sum, token count, logs), as the trainer's forward
+    step returns for batches with a loss mask."""
+    batch = next(data_iterator)
+    output, _ = model(batch["tokens"], labels=batch["labels"], reduction="none")
+
+    def loss_func(token_losses):
+        loss_sum = (token_losses * batch["loss_mask"]).sum()
+        count = batch["loss_mask"].sum()
+        return loss_sum, count, {"lm loss": torch.stack([loss_sum.detach(), count])}
+
+    return output, loss_func
+
+
+def _token_average_equals_pp1(config):
+    """Micro-batches with different numbers of loss tokens: the pipeline backpropagates
+    loss_sum_i / T (T counted before the first backward) exactly as forward_backward_no_pipelining."""
+    from megaphi.model import PhiForCausalLM
+    from megaphi.parallel import state
+    from megaphi.parallel.pipeline import (StageCommunicator, boundary_shape, build_model_chunks,
+                                           forward_backward_pipelining)
+    from megaphi.training.schedules import forward_backward_no_pipelining
+    mbs = _micro_batches(_batches()[0], 2)
+    for i, mb in enumerate(mbs):
+        mb["loss_mask"] = torch.ones(mb["labels"].shape, dtype=torch.float64)
+        mb["loss_mask"][:, :i + 1] = 0.0  # micro-batch i ignores its first i + 1 positions
+
+    def count(mb):
+        return mb["loss_mask"].sum().item()
+
+    unsplit = PhiForCausalLM(config, init_seed=INIT_SEED, dtype=torch.float64).train()
+    ref_logs = forward_backward_no_pipelining(_masked_forward_step, iter(mbs), unsplit, len(mbs),
+                                              count_tokens_func=count)
+    state.initialize_model_parallel(1, 2)
+    model = [c.train() for c in build_model_chunks(config, state.get_pipeline_model_parallel_rank(), 2,
+                                                   init_seed=INIT_SEED, dtype=torch.float64)]
+    comm = StageCommunicator(boundary_shape(2, SEQ, config.hidden_size), torch.float64)
+    logs = forward_backward_pipelining(_masked_forward_step, iter(mbs), model, len(mbs), comm, count_tokens_func=count)
+    if state.is_pipeline_last_stage():
+        assert all(torch.equal(a["lm loss"], b["lm loss"]) for a, b in zip(logs, ref_logs, strict=True))
+    reference = dict(unsplit.named_parameters())
+    for n, p in model[0].named_parameters():
+        assert torch.equal(p.grad, reference[n].grad), n
+    state.destroy_model_parallel()
+
+
 def _two_stage_worker(rank, world):
     config = PhiConfig(**CONFIG)
     reference = _reference(config, micro=1)
@@ -206,6 +252,7 @@ def _two_stage_worker(rank, world):
     _compare("PP=2 chunked loss", _pipelined(config, pp=2, loss_chunk_tokens=4), reference, 1, bitwise=False)
     for chunks in (1, 2):
         _forward_only_equals_pp1(config, 2, chunks)
+    _token_average_equals_pp1(config)
 
 
 def _four_rank_worker(rank, world):
@@ -224,7 +271,8 @@ def _four_rank_worker(rank, world):
 
 def test_pipeline_two_stages_equal_pp1():
     """PP=2 1F1B, interleaved with 2 virtual stages, an uneven split and full recompute: bitwise PP=1;
-    the chunked loss within the float64 bound; forward-only evaluation (plain and interleaved) bitwise."""
+    the chunked loss within the float64 bound; forward-only evaluation (plain and interleaved) and
+    the token-averaged loss over unequal masked micro-batches bitwise."""
     run_distributed(_two_stage_worker, 2)
 
 
