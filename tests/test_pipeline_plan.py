@@ -110,3 +110,9 @@ def test_boundary_tensors_have_the_shape_fixed_for_the_run():
         comm.communicate(send_prev=torch.zeros(2, 16, 32, dtype=torch.float64))
     with pytest.raises(ValueError, match="--tensor-model-parallel-size 4"):
         boundary_shape(2, 18, 32, sequence_parallel=True, tp_size=4)
+
+
+def test_interleaving_needs_one_data_iterator_per_chunk():
+    from megaphi.parallel.pipeline.schedules import forward_backward_pipelining
+    with pytest.raises(ValueError, match="one data iterator per model chunk"):
+        forward_backward_pipelining(None, iter([]), [object(), object()], 2, pipeline_rank=0, pipeline_size=1)

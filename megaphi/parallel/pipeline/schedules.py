@@ -25,12 +25,15 @@ from megaphi.parallel import state
 from .plan import Backward, Communicate, Forward, Routing, build_plan, forward_only_plan
 
 
-def _as_list(x, n, what):
-    if isinstance(x, (list, tuple)):
-        if len(x) != n:
-            raise ValueError(f"{what}: {len(x)} given for {n} model chunks")
-        return list(x)
-    return [x] * n
+def _iterators_per_chunk(data_iterator, num_chunks):
+    if isinstance(data_iterator, (list, tuple)):
+        if len(data_iterator) != num_chunks:
+            raise ValueError(f"pipeline schedule: {len(data_iterator)} data iterators for {num_chunks} model chunks")
+        return list(data_iterator)
+    if num_chunks > 1:
+        # chunks read their micro-batches at different times: one shared iterator would mix them up
+        raise ValueError("interleaved pipeline schedule: pass one data iterator per model chunk")
+    return [data_iterator]
 
 
 def _count_tokens(data_iterator, num_microbatches, count_tokens_func, dp_group):
@@ -40,7 +43,9 @@ def _count_tokens(data_iterator, num_microbatches, count_tokens_func, dp_group):
     world = dist.get_world_size(group=dp_group) if dp_group is not None else 1
     if world == 1:
         return iter(micro_batches), counts, sum(counts), world
-    total = torch.full((), sum(counts), dtype=torch.float64)
+    # NCCL reduces device tensors only; the one read back is a host sync per step, at the step's start
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(dp_group) == "nccl" else "cpu"
+    total = torch.full((), sum(counts), dtype=torch.float64, device=device)
     dist.all_reduce(total, group=dp_group)
     return iter(micro_batches), counts, total.item(), world
 
@@ -165,7 +170,7 @@ def forward_backward_pipelining(forward_step_func, data_iterator, model, num_mic
     size = state.get_pipeline_model_parallel_world_size() if pipeline_size is None else pipeline_size
     if size > 1 and communicator is None:
         raise ValueError("pipeline schedule: a StageCommunicator is needed with --pipeline-model-parallel-size > 1")
-    iterators = _as_list(data_iterator, v, "data iterators")
+    iterators = _iterators_per_chunk(data_iterator, v)
     plan = (forward_only_plan if forward_only else build_plan)(rank, size, num_microbatches, v)
     counts, total, scale_base = None, None, 1.0
     holds_loss = rank == size - 1
