@@ -1,0 +1,66 @@
+"""Multi-host training on simulated hosts (network namespaces joined by a bridge, tests/netns_hosts.py):
+torchrun with --nnodes 2 --node-rank 0|1, 2 ranks per host, gloo over the hosts' veth only, TP=2 inside a
+host and DP=2 across hosts, ZeRO 1, dropout 0.1. Every tensor of the checkpoints (weights, optimizer
+shards, RNG states) is bitwise equal to the same run as 4 ranks on one host, and checkpoints move between
+host counts: a 2-host checkpoint resumes on one host and a 1-host checkpoint on two, both ending equal
+to the uninterrupted run."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from dist_utils import free_port
+from multihost_utils import assert_same_weights, env, latest, logs, static_flags, tail, torchrun, wait_all
+from netns_hosts import IFNAME, SimulatedHosts, unavailable
+
+pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"simulated hosts: {unavailable()}")
+
+TP2 = ["--tensor-model-parallel-size", "2", "--train-iters", "4", "--save-interval", "2"]
+
+
+def run_one_host(tmp, save, extra=()):
+    log_dir = tmp / f"logs-{os.path.basename(save)}"
+    p = subprocess.Popen(torchrun(4, ["--master-port", str(free_port())], [*TP2, "--save", str(save), *extra],
+                                  log_dir), env=env(), cwd=str(tmp))
+    assert wait_all([p]) == [0], tail(log_dir)
+    return "".join(logs(log_dir, "stdout.log").values())
+
+
+def run_two_hosts(tmp, save, extra=()):
+    with SimulatedHosts(2) as hosts:
+        log_dirs = [tmp / f"logs-{os.path.basename(save)}-host{i}" for i in range(2)]
+        procs = [hosts.popen(i, torchrun(2, static_flags(2, i, hosts.addr(0), 29500),
+                                         [*TP2, "--save", str(save), *extra], log_dirs[i]),
+                             env=env(GLOO_SOCKET_IFNAME=IFNAME), cwd=str(tmp))
+                 for i in range(2)]
+        assert wait_all(procs) == [0, 0], tail(log_dirs[0]) + tail(log_dirs[1])
+    return "".join(logs(log_dirs[0], "stdout.log").values())
+
+
+def copy_checkpoint(src, tag, dst):
+    """A save folder holding only src's checkpoint `tag` (as if the run had stopped there)."""
+    os.makedirs(dst)
+    shutil.copytree(os.path.join(src, tag), os.path.join(dst, tag))
+    with open(os.path.join(dst, "latest"), "w") as f:
+        f.write(tag)
+
+
+def test_two_hosts_equal_one_host_and_checkpoints_move_between_host_counts(tmp_path):
+    one, two = tmp_path / "one-host", tmp_path / "two-hosts"
+    run_one_host(tmp_path, one)
+    run_two_hosts(tmp_path, two)
+    assert latest(two) == "iter_0000004"
+    for tag in ("iter_0000002", "iter_0000004"):
+        assert assert_same_weights(one, two, tag) > 50
+
+    # the 2-host checkpoint of iteration 2 resumes on one host; the 1-host one on two hosts
+    two_to_one, one_to_two = tmp_path / "two-to-one", tmp_path / "one-to-two"
+    copy_checkpoint(two, "iter_0000002", two_to_one)
+    copy_checkpoint(one, "iter_0000002", one_to_two)
+    out = {two_to_one: run_one_host(tmp_path, two_to_one, ["--load", str(two_to_one)]),
+           one_to_two: run_two_hosts(tmp_path, one_to_two, ["--load", str(one_to_two)])}
+    for resumed in (two_to_one, one_to_two):
+        assert f"resumed from {resumed}/iter_0000002 at iteration 2" in out[resumed], out[resumed][-2000:]
+        assert latest(resumed) == "iter_0000004"
+        assert assert_same_weights(one, resumed, "iter_0000004") > 50
