@@ -87,8 +87,15 @@ class SimulatedHosts:
         return subprocess.run(["ip", "netns", "exec", self.names[i], *cmd], capture_output=True, text=True,
                               check=check)
 
-    def popen(self, i, cmd, **kwargs):
-        """Start cmd inside host i (same filesystem and pid space as the test, host i's network only)."""
+    def popen(self, i, cmd, binds=(), **kwargs):
+        """Start cmd inside host i (same filesystem and pid space as the test, host i's network only).
+        binds: (source, target, read_only) bind mounts made in a private mount namespace for this host's
+        command only (a folder that this host does not share, or cannot write)."""
+        if binds:
+            script = " && ".join(f"mount --bind {s!r} {t!r}" + (f" && mount -o remount,bind,ro {t!r}" if ro else "")
+                                 for s, t, ro in binds)
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script + ' && exec "$@"', "sh",
+                   *cmd]
         p = subprocess.Popen(["ip", "netns", "exec", self.names[i], *cmd], start_new_session=True, **kwargs)
         self.procs.append(p)
         return p

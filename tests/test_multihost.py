@@ -64,3 +64,29 @@ def test_two_hosts_equal_one_host_and_checkpoints_move_between_host_counts(tmp_p
         assert f"resumed from {resumed}/iter_0000002 at iteration 2" in out[resumed], out[resumed][-2000:]
         assert latest(resumed) == "iter_0000004"
         assert assert_same_weights(one, resumed, "iter_0000004") > 50
+
+
+@pytest.mark.parametrize("kind", ["read-only", "not shared"])
+def test_save_folder_one_host_cannot_use_is_one_line_at_start(tmp_path, kind):
+    save, elsewhere = tmp_path / "shared-save", tmp_path / "host1-private"
+    save.mkdir()
+    elsewhere.mkdir()
+    binds = [(str(save), str(save), True)] if kind == "read-only" else [(str(elsewhere), str(save), False)]
+    with SimulatedHosts(2) as hosts:
+        log_dirs = [tmp_path / f"logs-host{i}" for i in range(2)]
+        procs = [hosts.popen(i, torchrun(1, static_flags(2, i, hosts.addr(0), 29500),
+                                         ["--train-iters", "2", "--save", str(save)], log_dirs[i]),
+                             binds=binds if i == 1 else (), env=env(GLOO_SOCKET_IFNAME=IFNAME), cwd=str(tmp_path))
+                 for i in range(2)]
+        codes = wait_all(procs)
+    assert codes == [1, 1], tail(log_dirs[0]) + tail(log_dirs[1])
+    expected = "cannot write it: Read-only file system" if kind == "read-only" else \
+        "is not the same folder on every host: rank 1 (host"
+    for log_dir in log_dirs:
+        (err,) = logs(log_dir).values()
+        lines = [line for line in err.splitlines() if line.startswith("megaphi.pretrain: error:")]
+        assert len(lines) == 1 and f"--save {save}" in lines[0] and expected in lines[0], err[-2000:]
+        assert "Traceback" not in err
+        (out,) = logs(log_dir, "stdout.log").values()
+        assert "iteration" not in out  # nothing trained
+    assert not os.path.exists(save / "latest") and not list(save.glob(".megaphi-probe-*"))
