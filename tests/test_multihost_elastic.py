@@ -21,7 +21,7 @@ import time
 import pytest
 
 from dist_utils import free_port
-from multihost_utils import (assert_same_weights, env, latest, logs, static_flags, tail, torchrun, wait_all)
+from multihost_utils import (ROOT, TINY, assert_same_weights, env, latest, logs, static_flags, tail, torchrun, wait_all)
 from netns_hosts import IFNAME, SimulatedHosts, unavailable
 from test_rank_death import _rank_pids
 
@@ -31,15 +31,18 @@ ITERS, EVERY = 12, 3
 RUN = ["--tensor-model-parallel-size", "2", "--train-iters", str(ITERS), "--save-interval", str(EVERY)]
 
 
-def elastic_flags(hosts, i):
-    """The documented elastic invocation; --local-addr and is_host are needed only because simulated hosts
-    share one host name (on real hosts the name resolves to the right address and the store host is found)."""
-    return ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{hosts.addr(0)}:29400",
-            "--rdzv-id", "megaphi-test", "--rdzv-conf", f"is_host={'true' if i == 0 else 'false'}",
-            "--local-addr", hosts.addr(i), "--max-restarts", "2", "--monitor-interval", "1"]
+SCRIPT = os.path.join(ROOT, "examples", "multinode", "torchrun.sh")
 
 
-ELASTIC_ENV = dict(GLOO_SOCKET_IFNAME=IFNAME, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+def elastic_launch(hosts, i, train, log_dir, **kwargs):
+    """examples/multinode/torchrun.sh on host i, as docs/training.md gives it; LOCAL_ADDR and RDZV_IS_HOST are
+    needed only because simulated hosts share one host name (on real hosts the name resolves to the right
+    address and torchrun finds the store host by itself)."""
+    launch_env = env(MASTER_ADDR=hosts.addr(0), MASTER_PORT="29400", NNODES="2", NPROC_PER_NODE="2",
+                     MAX_RESTARTS="2", RUN_ID="megaphi-test", IFNAME=IFNAME, LOCAL_ADDR=hosts.addr(i),
+                     RDZV_IS_HOST="true" if i == 0 else "false",
+                     TORCHRUN_ARGS=f"--monitor-interval 1 --log-dir {log_dir} --redirects 3")
+    return hosts.popen(i, ["bash", SCRIPT, *TINY, *train], env=launch_env, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +84,8 @@ def test_elastic_restart_resumes_exactly(tmp_path, uninterrupted, failure):
     train = [*RUN, "--save", str(save), "--load", str(save), "--distributed-timeout-minutes", "1"]
     with SimulatedHosts(2) as hosts:
         def launch(i, attempt=0):
-            return hosts.popen(i, torchrun(2, elastic_flags(hosts, i), train, tmp_path / f"logs{i}-{attempt}"),
-                               env=env(**ELASTIC_ENV), cwd=str(tmp_path), stdout=subprocess.DEVNULL,
-                               stderr=open(tmp_path / f"launcher{i}-{attempt}.txt", "w"))
+            return elastic_launch(hosts, i, train, tmp_path / f"logs{i}-{attempt}", cwd=str(tmp_path),
+                                  stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"launcher{i}-{attempt}.txt", "w"))
         procs = [launch(0), launch(1)]
         wait_for_iterations(save, 5, procs)
         checkpoint = latest(save)
