@@ -3,7 +3,7 @@
     with SimulatedHosts(2) as hosts:          # hosts.addr(0) == "10.R.0.1", hosts.addr(1) == "10.R.0.2"
         p = hosts.popen(1, ["python3", ...])  # a process whose only network is host 1's veth (and its loopback)
         hosts.link_down(1)                    # cut host 1 off; hosts.link_up(1) to restore
-        hosts.netem(1, "delay 200ms loss 30%")
+        hosts.degrade(1)                      # delay and loss (netem, or a narrow tbf where netem is missing)
 
 Each host is a namespace with one veth (`eth0` inside) whose other end is enslaved to a bridge living in
 its own namespace, so nothing is added to the machine's own network. Addresses are 10.R.0.N/24, R random
@@ -111,10 +111,22 @@ class SimulatedHosts:
     def link_up(self, i):
         self.exec_bridge("ip", "link", "set", f"v{i}", "up")
 
-    def netem(self, i, spec):
-        """Degrade host i's link (both directions of its veth), e.g. "delay 100ms loss 20%"."""
+    def qdisc(self, i, *spec):
+        """Shape host i's link in both directions with a tc qdisc, e.g. ("netem", "delay", "20ms", "loss", "5%")."""
         for run, dev in ((self.exec_bridge, f"v{i}"), (lambda *c: self.exec(i, *c), IFNAME)):
-            run("tc", "qdisc", "replace", "dev", dev, "root", "netem", *spec.split())
+            run("tc", "qdisc", "replace", "dev", dev, "root", *spec)
+
+    def degrade(self, i):
+        """A slow, lossy link for host i: netem delay + loss where the kernel has sch_netem, else a token
+        bucket (tbf) so narrow that packets queue (delay) and overflow (loss). Returns what was applied."""
+        for spec in (("netem", "delay", "20ms", "10ms", "loss", "5%"),
+                     ("tbf", "rate", "4mbit", "burst", "16kb", "latency", "20ms")):
+            try:
+                self.qdisc(i, *spec)
+                return " ".join(spec)
+            except subprocess.CalledProcessError:
+                continue
+        raise RuntimeError("neither netem nor tbf qdiscs are available")
 
     def close(self):
         for p in self.procs:
