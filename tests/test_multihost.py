@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from dist_utils import free_port
-from multihost_utils import assert_same_weights, env, latest, logs, static_flags, tail, torchrun, wait_all
+from multihost_utils import ROOT, TINY, assert_same_weights, env, latest, logs, static_flags, tail, torchrun, wait_all
 from netns_hosts import IFNAME, SimulatedHosts, unavailable
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"simulated hosts: {unavailable()}")
@@ -46,27 +46,59 @@ def copy_checkpoint(src, tag, dst):
         f.write(tag)
 
 
-def test_two_hosts_equal_one_host_and_checkpoints_move_between_host_counts(tmp_path):
-    one, two = tmp_path / "one-host", tmp_path / "two-hosts"
-    run_one_host(tmp_path, one)
-    run_two_hosts(tmp_path, two)
-    assert latest(two) == "iter_0000004"
-    for tag in ("iter_0000002", "iter_0000004"):
-        assert assert_same_weights(one, two, tag) > 50
+@pytest.fixture(scope="module")
+def one_host(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one-host")
+    run_one_host(tmp, tmp / "save")
+    return tmp / "save"
 
+
+@pytest.fixture(scope="module")
+def two_hosts(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two-hosts")
+    run_two_hosts(tmp, tmp / "save")
+    return tmp / "save"
+
+
+def test_two_hosts_equal_one_host(one_host, two_hosts):
+    assert latest(two_hosts) == "iter_0000004"
+    for tag in ("iter_0000002", "iter_0000004"):
+        assert assert_same_weights(one_host, two_hosts, tag) > 50
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_host_counts(tmp_path, one_host, two_hosts):
     # the 2-host checkpoint of iteration 2 resumes on one host; the 1-host one on two hosts
     two_to_one, one_to_two = tmp_path / "two-to-one", tmp_path / "one-to-two"
-    copy_checkpoint(two, "iter_0000002", two_to_one)
-    copy_checkpoint(one, "iter_0000002", one_to_two)
+    copy_checkpoint(two_hosts, "iter_0000002", two_to_one)
+    copy_checkpoint(one_host, "iter_0000002", one_to_two)
     out = {two_to_one: run_one_host(tmp_path, two_to_one, ["--load", str(two_to_one)]),
            one_to_two: run_two_hosts(tmp_path, one_to_two, ["--load", str(one_to_two)])}
     for resumed in (two_to_one, one_to_two):
         assert f"resumed from {resumed}/iter_0000002 at iteration 2" in out[resumed], out[resumed][-2000:]
         assert latest(resumed) == "iter_0000004"
-        assert assert_same_weights(one, resumed, "iter_0000004") > 50
+        assert assert_same_weights(one_host, resumed, "iter_0000004") > 50
 
 
-@pytest.mark.parametrize("kind", ["read-only", "not shared"])
+@pytest.mark.slow
+def test_deepspeed_launcher_without_ssh_on_two_hosts(tmp_path, one_host):
+    """examples/multinode/deepspeed_hostfile.sh, route 2 (deepspeed --no_ssh --node_rank) on each host."""
+    save, hostfile = tmp_path / "save", tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
+    with SimulatedHosts(2) as hosts:
+        procs = [hosts.popen(i, ["bash", os.path.join(ROOT, "examples", "multinode", "deepspeed_hostfile.sh"), *TINY,
+                                 *TP2, "--save", str(save)],
+                             env=env(HOSTFILE=str(hostfile), NODE_RANK=str(i), MASTER_ADDR=hosts.addr(0),
+                                     MASTER_PORT="29500", IFNAME=IFNAME),
+                             cwd=str(tmp_path), stdout=open(tmp_path / f"host{i}.txt", "w"), stderr=subprocess.STDOUT)
+                 for i in range(2)]
+        codes = wait_all(procs)
+    assert codes == [0, 0], (tmp_path / "host0.txt").read_text()[-3000:] + (tmp_path / "host1.txt").read_text()[-3000:]
+    assert latest(save) == "iter_0000004"
+    assert assert_same_weights(one_host, save, "iter_0000004") > 50
+
+
+@pytest.mark.parametrize("kind", ["read-only", pytest.param("not shared", marks=pytest.mark.slow)])
 def test_save_folder_one_host_cannot_use_is_one_line_at_start(tmp_path, kind):
     save, elsewhere = tmp_path / "shared-save", tmp_path / "host1-private"
     save.mkdir()

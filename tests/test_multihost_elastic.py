@@ -119,6 +119,7 @@ def test_elastic_restart_resumes_exactly(tmp_path, uninterrupted, failure):
           f"{recovered:.1f} s later, {logged - resumed_at} logged iterations redone, {n} tensors bitwise equal")
 
 
+@pytest.mark.slow
 def test_link_cut_longer_than_the_timeout_is_one_line_and_keeps_the_checkpoint(tmp_path):
     save = tmp_path / "save"
     train = [*RUN, "--train-iters", "100000", "--save", str(save), "--distributed-timeout-minutes", "0.25"]

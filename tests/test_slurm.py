@@ -41,7 +41,7 @@ def test_sbatch_requeues_after_a_failure_and_resumes_exactly(tmp_path):
                   SAVE_MINUTES="600", IFNAME="eth0", TORCHRUN_ARGS=f"--monitor-interval 1 --log-dir {log_dir} "
                                                                    f"--redirects 3")
     with SimulatedHosts(2) as hosts, SlurmCluster(hosts, tmp_path / "slurm") as slurm:
-        job = slurm.sbatch(["--gres=none", "--cpus-per-task=2", SBATCH, *TINY, *RUN[:4]], job_env, tmp_path)
+        job = slurm.sbatch(["--gres=none", "--cpus-per-task=2", SBATCH, *TINY, *RUN], job_env, tmp_path)
         deadline = time.monotonic() + 300
         while not (save / "metrics.jsonl").exists() or open(save / "metrics.jsonl").read().count("\n") < 3:
             assert time.monotonic() < deadline and slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), \
