@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megaphi.checkpoint import layout, lock, model_folder, resume_checks, training_state
 from megaphi.training.arguments import ArgumentError, parse_args
 from megaphi.training import dist_timeout, launcher_watch, peer_loss
+from megaphi.training.multinode import check_save_folder, warn_elastic_store
 from megaphi.training.deepspeed_config import build_deepspeed_config
 from megaphi.training.data_sources import data_description
 from megaphi.training.metrics import open_metrics_writer
@@ -379,7 +380,9 @@ def run(args):
     from megaphi.parallel import initialize_model_parallel
 
     deepspeed_logs_to_stderr()  # before anything imports DeepSpeed: its log lines are not results
+    warn_elastic_store(say_rank0)
     if args.save:
+        check_save_folder(args.save)  # every host can write it and sees the same folder, before anything else
         lock.acquire_for_job(args.save)  # one job per --save folder, before anything reads it
     initialize_model_parallel(args.tensor_model_parallel_size)
     if hasattr(ops, "set_impl"):

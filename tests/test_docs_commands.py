@@ -279,6 +279,9 @@ SKIPS: Dict[str, str] = {
     "--output-prefix data/stack_smol_py --workers 8": "downloads from the Hugging Face Hub",
     "bash tools/prepare_gpu_wheels.sh .whl": "downloads wheels from the package registry",
     "bash tools/gpu_check.sh '$OUT' --wheels .whl": "needs a GPU (its CPU --smoke mode runs in test_gpu_check.py)",
+    "MASTER_ADDR=node1 NNODES=2 NPROC_PER_NODE=8 IFNAME=eth0 bash examples/multinode/torchrun.sh --model phi-1 "
+    "--save /shared/ckpt --load /shared/ckpt --save-interval-minutes 30":
+        "needs two hosts (the script runs on two simulated hosts in test_multihost_elastic.py)",
 }
 
 

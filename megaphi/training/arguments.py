@@ -180,6 +180,9 @@ def build_parser():
     g.add_argument("--load", default=None, help="checkpoint folder to resume from (or, with --finetune / "
                                                   "--skip-train, a model folder: megaphi or Hugging Face phi)")
     g.add_argument("--save-interval", type=int, default=None, help="save every N iterations (and at the end)")
+    g.add_argument("--save-interval-minutes", type=float, default=None, metavar="M",
+                   help="also save when M minutes have passed since the start or the last such save (decided "
+                        "on rank 0, all ranks save at the same iteration)")
     g.add_argument("--finetune", action="store_true",
                    help="with --load: load weights only; fresh optimizer, schedule and iteration")
     g.add_argument("--no-export-model", action="store_true",
@@ -381,6 +384,8 @@ def validate_args(args, world_size):
 
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")
+    if args.save_interval_minutes is not None and (args.save is None or not args.save_interval_minutes > 0):
+        raise ArgumentError(f"--save-interval-minutes must be > 0 and needs --save DIR, got {args.save_interval_minutes}")
     if args.exit_interval is not None and args.save is None:
         raise ArgumentError("--exit-interval needs --save DIR (the run saves before exiting)")
     if args.keep_last is not None and (args.keep_last < 1 or args.save is None):

@@ -12,6 +12,7 @@ from megaphi.checkpoint import rng_state, training_state
 
 from . import metrics
 from .schedules import forward_backward_no_pipelining, reduce_loss_dicts, reduce_loss_tensors
+from .multinode import SaveTimer
 
 
 class TrainingError(RuntimeError):
@@ -155,6 +156,7 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
 
     engine.train()
     control_group = _control_group()
+    save_timer = SaveTimer(getattr(args, "save_interval_minutes", None))  # --save-interval-minutes
     pending = PendingLosses(args.fp16)
     watch = TrainingStopwatch(device)  # step time only: evaluation and saving are paused out
     interval_iters = 0
@@ -231,7 +233,8 @@ def train(args, engine, train_iterator, make_valid_iterator, state, writer, mode
         stop = stop_signal is not None and stop_signal.should_stop(control_group, torch.device("cpu"))
         exit_now = args.exit_interval is not None and state.iteration % args.exit_interval == 0
         out_of_time = duration_exceeded(getattr(args, "exit_duration_in_mins", None), start_time, control_group)
-        periodic = args.save_interval is not None and state.iteration % args.save_interval == 0
+        periodic = args.save_interval is not None and state.iteration % args.save_interval == 0 \
+            or save_timer.due(control_group)
         if args.save and (periodic or stop or exit_now or out_of_time or state.iteration == args.train_iters):
             watch.pause()
             pending.check()  # never save weights that a non-finite loss already reached
