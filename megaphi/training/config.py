@@ -258,7 +258,7 @@ def resolve_config(args, world_size=None, device=None):
     ArgumentError / CheckpointError for what the files named by the flags refuse."""
     from megaphi.model.compile import compile_enabled
     from megaphi.training import checkpointing, resume_checks
-    from megaphi.training.deepspeed_config import build_deepspeed_config
+    from megaphi.training.deepspeed_config import resolve_deepspeed
     from megaphi.training.model_flags import load_run_tokenizer, model_vocab_size
     from megaphi.training.run_info import resolve_peak_tflops
 
@@ -270,7 +270,9 @@ def resolve_config(args, world_size=None, device=None):
     except ArgumentError as e:
         raise FlagError(str(e)) from None
     messages = []
-    deepspeed = build_deepspeed_config(flags)  # settles the ZeRO stage and clipping with the JSON
+    deepspeed = resolve_deepspeed(flags)  # the ZeRO stage and clipping settled with the JSON
+    flags.zero_stage, flags.zero_stage_source = deepspeed.zero_stage, deepspeed.zero_stage_source
+    flags.clip_grad, flags.clip_grad_source = deepspeed.clip_grad, deepspeed.clip_grad_source
     if "bf16" in flags.zero_stage_source:
         messages.append(f"ZeRO stage {flags.zero_stage} ({flags.zero_stage_source}): DeepSpeed accumulates and "
                         f"reduces bf16 gradients in fp32 only with ZeRO >= 1 (one data-parallel rank partitions "
@@ -299,15 +301,14 @@ def resolve_config(args, world_size=None, device=None):
     flags.peak_tflops, peak_text = resolve_peak_tflops(flags, device)
     flags.compiled_blocks = compile_enabled(flags.torch_compile, device.type)
     flags.start_time = start_time
-    clip_source = getattr(flags, "clip_grad_source", "--clip-grad" if flags.clip_grad_given else "default")
     values = vars(flags)
     base = flags.base_model_config.to_dict() if flags.base_model_config is not None else None
     return RunConfig(
         model=_section(ModelConfig, values, vocab_size=rows, base_model_config=_freeze(base)),
         runtime=_section(RuntimeConfig, values),
-        parallel=_section(ParallelConfig, values, deepspeed_json=json.dumps(deepspeed)),
+        parallel=_section(ParallelConfig, values, deepspeed_json=json.dumps(deepspeed.config)),
         training=_section(TrainingConfig, values),
-        optimizer=_section(OptimizerConfig, values, clip_grad_source=clip_source),
+        optimizer=_section(OptimizerConfig, values),
         data=_section(DataConfig, values, tokenizer_vocab_size=tokenizer_size),
         checkpoint=_section(CheckpointConfig, values, resume_tag=resume[0] if resume else None),
         eval=_section(EvalConfig, values),
