@@ -50,6 +50,13 @@ class Trainer:
     def __init__(self, config, schedule=forward_backward_no_pipelining, build_model=None):
         """config: a RunConfig. schedule: runs one step's micro-batches (see the module docstring).
         build_model(PhiConfig) -> the module to train (default: PhiForCausalLM(PhiConfig))."""
+        try:
+            self._build(config, schedule, build_model)
+        except BaseException:
+            self.close()  # a half-built run gives back the --save lock and the model-parallel groups
+            raise
+
+    def _build(self, config, schedule, build_model):
         import megaphi.ops as ops
         from megaphi.model import PhiForCausalLM
         from megaphi.model.compile import compile_decoder_layers
