@@ -148,7 +148,7 @@ def _synchronize(device):
 _CONTROL_GROUPS = {}
 
 
-def _control_group():
+def cpu_control_group():
     """A gloo group over all ranks for small control decisions (stop flags) that the host needs now:
     over NCCL each would be a device round trip and a blocking read. None: the default group is
     already a CPU one (or there is no group)."""

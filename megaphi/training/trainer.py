@@ -24,7 +24,7 @@ from megaphi.training.engine import build_engine, check_precision_supported, los
 from megaphi.training.messages import deepspeed_logs_to_stderr, say_rank0
 from megaphi.training.process_group import init_distributed
 from megaphi.training.schedules import forward_backward_no_pipelining, reduce_loss_tensors
-from megaphi.training.train_loop import (PendingLosses, TrainingError, TrainingStopwatch, TrainState, _control_group,
+from megaphi.training.train_loop import (PendingLosses, TrainingError, TrainingStopwatch, TrainState, cpu_control_group,
                                          check_replicated, choose_best, count_loss_tokens, duration_exceeded,
                                          evaluate, humaneval_pass_at_1, make_forward_step, print_rank0)
 
@@ -255,7 +255,7 @@ class Trainer:
                                               self.model_config.intermediate_size, self.model_config.vocab_size,
                                               t.seq_length)
         self.engine.train()
-        control_group = _control_group()
+        control_group = cpu_control_group()
         pending = PendingLosses(c.optimizer.fp16)
         watch = TrainingStopwatch(next(self.engine.module.parameters()).device)  # evaluation and saves paused out
         interval_iters, skipped_before = 0, self.engine.skipped_steps
