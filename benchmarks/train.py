@@ -144,7 +144,7 @@ def run_config(args, cfg, workdir, index):
     child_args = {k: v for k, v in vars(args).items() if k not in ("grid", "json", "logs", "child")}
     with open(spec_path, "w") as f:
         json.dump({"args": child_args, "config": cfg, "result": result_path}, f)
-    # each child makes its own one-rank process group (pretrain.init_distributed), even under a launcher
+    # each child makes its own one-rank process group (a Trainer in a plain process), even under a launcher
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     started = time.perf_counter()
     try:

@@ -1,10 +1,11 @@
 """benchmarks/train.py's child process: one configuration in a fresh process (its own memory peak,
-allocator and compile caches). Builds the engine as python -m megaphi.pretrain does, times the warm-up and
+allocator and compile caches). Builds a megaphi Trainer as python -m megaphi.pretrain does, times the warm-up and
 the timed steps, counts memory and host syncs, and writes a result dict as JSON for the parent.
 Run through `python benchmarks/train.py --child SPEC`, not on its own (train.py puts megaphi on sys.path)."""
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 
@@ -22,6 +23,7 @@ def pretrain_argv(args, cfg):
             argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     if cfg["recompute"] != "none":
         argv += ["--recompute-granularity", cfg["recompute"]]
+    argv += ["--torch-compile", cfg["compile"]]
     return argv + (["--bf16"] if args.bf16 else []) + (["--fp16"] if args.fp16 else [])
 
 
@@ -116,54 +118,39 @@ class StepMemory:
                 max(f - h for f, h in zip(self.forward_backward, self.held)))
 
 
-def build_engine(args, cfg, device):
-    """(engine, pretrain args, model config, parameter count) as python -m megaphi.pretrain builds them."""
-    import dataclasses
+def build_trainer(args, cfg, device):
+    """A megaphi Trainer of this configuration, built as python -m megaphi.pretrain builds it, with the
+    model's weights drawn directly on `device` (see init_on_device)."""
+    from megaphi.model import PhiForCausalLM
+    from megaphi.training.config import RunConfig
+    from megaphi.training.trainer import Trainer
 
-    import megaphi.ops as ops
-    from megaphi.model import PhiForCausalLM, apply_runtime
-    from megaphi.pretrain import (build_model_config, build_model_runtime, check_precision_supported, set_seed,
-                                  setup_engine)
-    from megaphi.training.arguments import parse_args
-    from megaphi.training.deepspeed_config import build_deepspeed_config
+    config = RunConfig.from_flags(pretrain_argv(args, cfg), world_size=1)
 
-    run = parse_args(pretrain_argv(args, cfg), world_size=1)
-    if hasattr(ops, "set_impl"):
-        ops.set_impl(layernorm=run.layernorm_impl, rotary=run.rotary_impl)
-    set_seed(run.seed)
-    check_precision_supported(run)
-    config = build_model_config(run, None)
-    model = PhiForCausalLM(config, initialize=False, device=device)
-    init_on_device(model, config, run.seed)
-    apply_runtime(model, dataclasses.replace(build_model_runtime(run), compile=cfg["compile"] == "on"))
-    params = sum(p.numel() for p in model.parameters())
-    return setup_engine(run, model, build_deepspeed_config(run)), run, config, params
+    def build_model(model_config):
+        model = PhiForCausalLM(model_config, initialize=False, device=device)
+        init_on_device(model, model_config, config.training.seed)
+        return model
+    return Trainer(config, build_model=build_model)
 
 
 def measure(args, cfg):
     """One configuration: warm-up, then the timed steps; a dict for the JSON row."""
     import torch
-    from megaphi.parallel import get_data_parallel_group, initialize_model_parallel
-    from megaphi.pretrain import build_mock_data, init_distributed
     from megaphi.training import metrics
     from megaphi.training.host_sync_count import CudaSyncCounter, ValueReadCounter
-    from megaphi.training.schedules import forward_backward_no_pipelining, reduce_loss_tensors
-    from megaphi.training.train_loop import PendingLosses, count_loss_tokens, make_forward_step
+    from megaphi.training.train_loop import PendingLosses
 
-    init_distributed()
-    initialize_model_parallel(1)
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    engine, run, config, params = build_engine(args, cfg, device)
-    make_train_iterator, _ = build_mock_data(run, config.vocab_size, 0, 1)
-    batches, forward_step, dp_group = make_train_iterator(0), make_forward_step(device), get_data_parallel_group()
-    pending = PendingLosses(run.fp16)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    trainer = build_trainer(args, cfg, device)
+    engine, run, config, params = trainer.engine, trainer.config, trainer.model_config, trainer.num_params
+    batches = trainer.make_train_iterator(0)
+    pending = PendingLosses(run.optimizer.fp16)
     engine.train()
 
-    def step(i):  # the body of megaphi.training.train_loop.train's iteration, without its logging
-        logs = forward_backward_no_pipelining(forward_step, batches, engine, run.gradient_accumulation_steps,
-                                              count_tokens_func=count_loss_tokens, dp_group=dp_group)
-        pending.add(i, reduce_loss_tensors(logs, dp_group)["lm loss"])
+    def step(i):  # Trainer.train's iteration, without its logging
+        pending.add(i, trainer.train_step(batches).loss)
 
     def sync():
         if cuda:
@@ -191,11 +178,11 @@ def measure(args, cfg):
     loss_last = pending.flush()  # reading the losses is the log's work, not the step's
     peak, step_memory, forward_backward_memory = memory.summary()
 
-    seq, precision = run.seq_length, metrics.training_precision(run.fp16, run.bf16)
+    seq, precision = run.training.seq_length, run.optimizer.precision
     peak_tflops = args.peak_tflops or metrics.device_peak_tflops(precision=precision)
     flops_token = metrics.flops_per_token(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
                                           config.vocab_size, seq)
-    tokens = cfg["micro_batch"] * run.gradient_accumulation_steps * seq
+    tokens = cfg["micro_batch"] * run.training.gradient_accumulation_steps * seq
     by_origin = reads.by_origin()
     return {"status": "ok", "step_seconds": times, "step_cpu_seconds": cpu_times, "warmup_seconds": warmup_seconds,
             "loss_first": loss_first, "loss_last": loss_last,
@@ -210,8 +197,8 @@ def measure(args, cfg):
                       "flops_per_token": flops_token, "tokens_per_step": tokens, "parameters": params,
                       "layers": config.num_hidden_layers, "hidden": config.hidden_size,
                       "ffn": config.intermediate_size, "heads": config.num_attention_heads,
-                      "vocab": config.vocab_size, "seq_length": seq, "zero_stage": run.zero_stage,
-                      "accumulation": run.gradient_accumulation_steps}}
+                      "vocab": config.vocab_size, "seq_length": seq, "zero_stage": run.parallel.zero_stage,
+                      "accumulation": run.training.gradient_accumulation_steps}}
 
 
 def cpu_description():
@@ -227,38 +214,32 @@ def compare_plain(args, cfg):
 
     import torch
     from megaphi.model import PhiForCausalLM
-    from megaphi.parallel import initialize_model_parallel
-    from megaphi.pretrain import build_mock_data, init_distributed
-    from megaphi.training.schedules import forward_backward_no_pipelining
-    from megaphi.training.train_loop import count_loss_tokens, make_forward_step
 
-    init_distributed()
-    initialize_model_parallel(1)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    engine, run, config, _ = build_engine(args, cfg, device)
-    make_train_iterator, _ = build_mock_data(run, config.vocab_size, 0, 1)
-    source = make_train_iterator(0)
-    gas = run.gradient_accumulation_steps
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    trainer = build_trainer(args, cfg, device)
+    engine, config = trainer.engine, trainer.model_config
+    source = trainer.make_train_iterator(0)
+    gas = trainer.config.training.gradient_accumulation_steps
     data = [next(source) for _ in range(gas * 4)]
     plain = PhiForCausalLM(config, initialize=False, device=device,  # the engine's switches, eager
                            runtime=dataclasses.replace(engine.module.runtime, compile=False))
     plain.load_state_dict(engine.module.state_dict())
     decay = [p for p in plain.parameters() if p.ndim >= 2]
     no_decay = [p for p in plain.parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": run.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=run.lr)
-    forward_step = make_forward_step(device)
+    optimizer = trainer.config.optimizer
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": optimizer.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=optimizer.lr)
 
     def engine_step(i):
-        micro = iter(data[(i * gas) % len(data):] + data)
-        forward_backward_no_pipelining(forward_step, micro, engine, gas, count_tokens_func=count_loss_tokens)
+        trainer.train_step(iter(data[(i * gas) % len(data):] + data))
 
     def plain_step(i):
         for a in range(gas):
             b = data[(i * gas + a) % len(data)]
             token_losses, _ = plain(b["tokens"].to(device), labels=b["labels"].to(device), reduction="none")
             (token_losses.float().mean() / gas).backward()
-        torch.nn.utils.clip_grad_norm_(plain.parameters(), run.clip_grad)
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), optimizer.clip_grad)
         opt.step()
         opt.zero_grad(set_to_none=True)
 

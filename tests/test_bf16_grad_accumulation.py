@@ -83,7 +83,7 @@ def _worst_violation(result):
 def _megaphi_ds_config(tmp_path, *extra):
     from megaphi.data import IndexedDatasetBuilder
     from megaphi.training.arguments import parse_args
-    from megaphi.training.deepspeed_config import build_deepspeed_config
+    from megaphi.training.deepspeed_config import resolve_deepspeed
 
     prefix = str(tmp_path / "toy")
     builder = IndexedDatasetBuilder(prefix + ".bin", np.uint16)
@@ -92,14 +92,15 @@ def _megaphi_ds_config(tmp_path, *extra):
     args = parse_args(["--model", "tiny", "--bf16", "--micro-batch-size", str(MICRO), "--global-batch-size",
                        str(MICRO * MICRO_BATCHES), "--train-iters", "10", "--lr", "1e-3", "--data-path", prefix,
                        *extra], world_size=1)
-    return build_deepspeed_config(args), args
+    return resolve_deepspeed(args)
 
 
 @pytest.mark.parametrize("zero_flag", [[], ["--zero-stage", "2"]], ids=["default-stage", "zero2"])
 def test_bf16_gradients_accumulate_in_fp32(tmp_path, zero_flag):
-    config, args = _megaphi_ds_config(tmp_path, *zero_flag)
+    settings = _megaphi_ds_config(tmp_path, *zero_flag)
+    config = settings.config
     assert config["data_types"]["grad_accum_dtype"] == "fp32" and config["communication_data_type"] == "fp32"
-    assert args.zero_stage >= 1  # DeepSpeed refuses an fp32 accumulation at stage 0
+    assert settings.zero_stage >= 1  # DeepSpeed refuses an fp32 accumulation at stage 0
     out = tmp_path / "fp32.pt"
     run_distributed(_worker, 1, config, str(out))
     worst = _worst_violation(torch.load(out))
@@ -107,7 +108,7 @@ def test_bf16_gradients_accumulate_in_fp32(tmp_path, zero_flag):
 
 
 def test_deepspeed_default_bf16_accumulation_misses_the_bound(tmp_path):
-    config, _ = _megaphi_ds_config(tmp_path)
+    config = _megaphi_ds_config(tmp_path).config
     del config["data_types"], config["communication_data_type"]
     out = tmp_path / "bf16.pt"
     run_distributed(_worker, 1, config, str(out))

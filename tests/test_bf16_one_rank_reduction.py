@@ -39,7 +39,7 @@ def _train(config, megaphi_setup):
     from megaphi.model import PhiForCausalLM
     from megaphi.parallel import mpu
     from megaphi.parallel.random import model_parallel_seed
-    from megaphi.pretrain import finish_engine_setup
+    from megaphi.training.engine import finish_engine_setup
     from megaphi.training.optimizer import build_optimizer
 
     torch.manual_seed(0)

@@ -84,9 +84,14 @@ def _killed_first_save(save, tag="iter_0000005"):
 
 
 def _prepare(prefix, *flags):
-    lines = []
-    args = parse_args(tiny_flags(prefix, ITERS) + list(flags))
-    verified, _ = resume_checks.prepare_resume(args, None, args.vocab_size, say=lines.append)
+    """What a run of these flags resolves (reading --load's metadata) and then prepares before building
+    the model: (verified checkpoint or None, the lines both said)."""
+    from megaphi.training.arguments import parse_flags
+    from megaphi.training.config import resolve_config
+
+    config = resolve_config(parse_flags(tiny_flags(prefix, ITERS) + list(flags)), world_size=1)
+    lines = list(config.logging.messages)
+    verified = resume_checks.prepare_resume(config.flag_namespace(), say=lines.append)
     return verified, " | ".join(lines)
 
 

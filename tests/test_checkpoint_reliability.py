@@ -160,7 +160,7 @@ def test_latest_missing_with_iter_folders_is_refused(run, tmp_path):
     training_state.check_no_orphan_checkpoints(load, True, "--load")  # --start-over: allowed
     args = parse_args(tiny_flags(run.prefix, ITERS) + ["--load", load, "--save", load])
     with pytest.raises(CheckpointError, match="--load .* but no 'latest' file"):
-        resume_checks.prepare_resume(args, None, 256, say=lambda *_: None)
+        resume_checks.prepare_resume(args, say=lambda *_: None)
 
 
 def test_keep_last_never_deletes_latest_or_best(tmp_path):
@@ -172,11 +172,18 @@ def test_keep_last_never_deletes_latest_or_best(tmp_path):
     assert layout.iteration_tags(str(tmp_path)) == ["iter_0000001", "iter_0000004", "iter_0000005"]
 
 
+def _run_config(flags):
+    from megaphi.training.arguments import parse_flags
+    from megaphi.training.config import resolve_config
+
+    return resolve_config(parse_flags(flags), world_size=1)
+
+
 def _resume_args(run, *extra):
-    args = parse_args(tiny_flags(run.prefix, ITERS) + ["--load", run.save, *extra])
-    verified, rows = resume_checks.prepare_resume(args, None, args.vocab_size, say=lambda *_: None)
-    from megaphi.pretrain import build_model_config
-    return args, verified[1], build_model_config(args, rows)
+    """(the resolved flags, the checkpoint's metadata, the model config) of a run resuming run.save."""
+    config = _run_config(tiny_flags(run.prefix, ITERS) + ["--load", run.save, *extra])
+    verified = resume_checks.prepare_resume(config.flag_namespace(), say=lambda *_: None)
+    return config.flag_namespace(), verified[1], config.phi_config()
 
 
 def test_changed_setup_is_one_clear_line_or_adopted(run):
@@ -195,14 +202,12 @@ def test_changed_setup_is_one_clear_line_or_adopted(run):
     flags = tiny_flags(run.prefix, 6) + ["--load", run.save]
     args = parse_args(flags)
     meta = training_state.verify_checkpoint(run.save)[1]
-    from megaphi.pretrain import build_model_config
-    config = build_model_config(args, args.vocab_size)
+    config = _run_config(flags).phi_config()
     with pytest.raises(CheckpointError, match=r"the lr schedule differs from the checkpoint's \(checkpoint vs run: "
                                               r"--lr-decay-iters 3 vs 6;"):
         resume_checks.check_resume_setup(args, meta, config, 0, run.save)
     resume_checks.check_resume_setup(parse_args(flags + ["--override-opt_param-scheduler"]), meta, config, 0, run.save)
-    args = parse_args(flags + ["--use-checkpoint-opt_param-scheduler"])
-    resume_checks.prepare_resume(args, None, 256, say=lambda *_: None)
+    args = _run_config(flags + ["--use-checkpoint-opt_param-scheduler"]).flag_namespace()
     assert args.lr_decay_iters == 3 and args.train_iters == 6
     resume_checks.check_resume_setup(args, meta, config, 0, run.save)
 

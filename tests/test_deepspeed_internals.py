@@ -1,16 +1,18 @@
 """The DeepSpeed internals megaphi relies on, and the DeepSpeed versions it supports.
 
-megaphi wraps DeepSpeed through its public API except in a few places (megaphi/pretrain.py
-finish_engine_setup, megaphi/training/train_loop.py loss_scale_of):
+megaphi wraps DeepSpeed through its public API except in a few places, all in
+megaphi/training/engine.py (and no other module of the package names them):
 - engine.clip_fp32_gradients() is what DeepSpeed's engine._take_model_step(lr_kwargs) calls to clip
-  fp32 gradients without ZeRO/fp16/bf16; megaphi replaces it to keep the grad norm it computes, and
-  wraps _take_model_step to compute a norm when nothing clips;
+  fp32 gradients without ZeRO/fp16/bf16; megaphi's GradNormRecorder replaces it to keep the grad norm
+  it computes, and wraps _take_model_step to compute a norm when nothing clips;
 - engine.enable_backward_allreduce = False skips the gradient all-reduce on one data-parallel rank
   at ZeRO 0 and with bf16's BF16_Optimizer (it would only copy the gradients through buckets); the
   BF16_Optimizer must accumulate its fp32 gradients before the engine reads the flag, and its
   bf16.immediate_grad_update config key frees each bf16 gradient once accumulated
   (tests/test_bf16_one_rank_reduction.py checks both behaviours end to end);
-- the fp16 optimizers' current loss scale is read as optimizer.cur_scale or optimizer.loss_scale.
+- the fp16 optimizers' current loss scale is read as optimizer.cur_scale or optimizer.loss_scale;
+- engine.basic_optimizer is the optimizer megaphi passed (named in the start-up line);
+- deepspeed.comm.torch.build_shm_op is replaced (pinned by tests/test_fresh_checkout.py).
 A DeepSpeed that renames or reroutes any of these makes megaphi log no grad norm, all-reduce for
 nothing or log a NaN loss scale, silently: these tests fail instead. pyproject.toml pins the range they
 were run on.
@@ -75,7 +77,7 @@ def test_bf16_optimizer_internals_megaphi_relies_on():
 
 
 def test_loss_scale_of_reads_a_property():
-    from megaphi.training.train_loop import loss_scale_of
+    from megaphi.training.engine import loss_scale_of
 
     class Optimizer:
         loss_scale = property(lambda self: 1024.0)
@@ -92,7 +94,7 @@ def test_loss_scale_of_reads_a_property():
 def _engine(clip, torch):
     import deepspeed
     from megaphi.parallel import mpu
-    from megaphi.pretrain import finish_engine_setup
+    from megaphi.training.engine import finish_engine_setup
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
@@ -101,8 +103,7 @@ def _engine(clip, torch):
               "timers": {"throughput": {"enabled": False}}}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                            mpu=mpu, config=config, dist_init_required=False)
-    finish_engine_setup(engine)
-    return engine
+    return engine, finish_engine_setup(engine)
 
 
 def _step(engine, torch):
@@ -128,7 +129,7 @@ def _worker(rank, world, out_path):
     initialize_model_parallel(1)
     result = {}
     for clip in (0.5, 0.0):
-        engine = _engine(clip, torch)
+        engine, grad_norms = _engine(clip, torch)
         calls = {"take_model_step": [], "clip": 0, "after": None}
         take_model_step, clip_fp32 = engine._take_model_step, engine.clip_fp32_gradients
 
@@ -143,11 +144,11 @@ def _worker(rank, world, out_path):
 
         engine._take_model_step, engine.clip_fp32_gradients = counting_take, counting_clip
         norm = _step(engine, torch)
-        result[f"clip{clip}"] = {"norm": norm, "recorded": float(engine.megaphi_grad_norm), "after": calls["after"],
+        result[f"clip{clip}"] = {"norm": norm, "recorded": float(grad_norms.latest()), "after": calls["after"],
                                  "take_model_step": calls["take_model_step"], "clip_calls": calls["clip"],
                                  "reported": engine.get_global_grad_norm(), "skipped": engine.skipped_steps}
 
-    engine = _engine(1.0, torch)
+    engine, _ = _engine(1.0, torch)
     result["backward_allreduce_flag"] = engine.enable_backward_allreduce
     for flag in (False, True):
         engine.enable_backward_allreduce = flag
@@ -176,3 +177,34 @@ def test_engine_hooks_megaphi_replaces_are_still_called(tmp_path):
     # ZeRO 0, one data-parallel rank, fp32: megaphi turns the all-reduce off, and DeepSpeed obeys the flag
     assert r["backward_allreduce_flag"] is False
     assert r["allreduces_False"] == 0 and r["allreduces_True"] >= 1
+
+
+def test_engine_internals_megaphi_wraps_still_exist():
+    """The private engine members engine.py replaces or reads, and how DeepSpeed calls them."""
+    import inspect
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    assert list(inspect.signature(DeepSpeedEngine._take_model_step).parameters)[:2] == ["self", "lr_kwargs"]
+    assert callable(getattr(DeepSpeedEngine, "clip_fp32_gradients", None))
+    take_step = inspect.getsource(DeepSpeedEngine._take_model_step)
+    assert "self.clip_fp32_gradients()" in take_step  # the replaced method is what the step calls
+    init = inspect.getsource(DeepSpeedEngine.__init__)
+    assert "self.enable_backward_allreduce" in init and "self.skipped_steps" in init
+    assert "self.basic_optimizer" in inspect.getsource(DeepSpeedEngine._configure_optimizer)
+    assert callable(getattr(DeepSpeedEngine, "get_global_grad_norm", None))
+
+
+def test_deepspeed_internals_are_named_only_in_the_engine_module():
+    """Every use of a DeepSpeed internal lives in megaphi/training/engine.py (where this file pins it)."""
+    internals = ("_take_model_step", "clip_fp32_gradients", "enable_backward_allreduce", "cur_scale",
+                 "basic_optimizer", "build_shm_op", "megaphi_grad_norm")
+    found = []
+    for path in sorted((REPO / "megaphi").rglob("*.py")):
+        if path == REPO / "megaphi" / "training" / "engine.py":
+            continue
+        text = path.read_text()
+        found += [f"{path.relative_to(REPO)}: {name}" for name in internals if name in text]
+    assert found == []
+    engine_source = (REPO / "megaphi" / "training" / "engine.py").read_text()
+    assert all(name in engine_source for name in internals if name != "megaphi_grad_norm")

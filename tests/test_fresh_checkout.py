@@ -89,7 +89,7 @@ def test_deepspeed_shm_comm_hook_is_where_megaphi_expects_it():
     import importlib
     import inspect
 
-    from megaphi.training.deepspeed_comm import skip_shm_comm_extension
+    from megaphi.training.engine import skip_shm_comm_extension
 
     ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
     assert callable(ds_torch_comm.build_shm_op)

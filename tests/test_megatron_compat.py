@@ -114,7 +114,7 @@ def test_gpt2_bpe_vocab_and_merge_files(codegen_tokenizer_dir, tmp_path):
 
     from tokenizers import Tokenizer
 
-    from megaphi.pretrain import load_run_tokenizer
+    from megaphi.training.model_flags import load_run_tokenizer
 
     text = "def f(x):\n    return x  # ünï 日本\n"
     # a bare pair (Megatron's usual names): GPT-2's byte-level BPE, as transformers' GPT2Tokenizer reads it
@@ -155,7 +155,7 @@ def test_small_architecture_on_the_default_preset_scales_the_rotary_dim():
 
 
 def test_vocab_size_flag_is_not_padded_to_the_presets(codegen_tokenizer_dir):
-    from megaphi.pretrain import load_run_tokenizer, model_vocab_size
+    from megaphi.training.model_flags import load_run_tokenizer, model_vocab_size
 
     args = _args("--vocab-size", "50432", "--tokenizer", str(codegen_tokenizer_dir), model="phi-1")
     assert model_vocab_size(args, load_run_tokenizer(args)) == 50432

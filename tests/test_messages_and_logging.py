@@ -9,7 +9,7 @@ import types
 import pytest
 
 from megaphi.training.arguments import ArgumentError, parse_args
-from megaphi.training.deepspeed_config import build_deepspeed_config
+from megaphi.training.deepspeed_config import build_deepspeed_config, resolve_deepspeed
 
 
 def _args(*extra, world_size=1):
@@ -25,10 +25,9 @@ def _ds_json(tmp_path, config):
 
 def test_json_gradient_clipping_against_clip_grad(tmp_path):
     path = _ds_json(tmp_path, {"gradient_clipping": 0.5})
-    args = _args("--deepspeed-config", path)
-    config = build_deepspeed_config(args)
-    assert config["gradient_clipping"] == 0.5 and args.clip_grad == 0.5
-    assert args.clip_grad_source == f"gradient_clipping in {path}"
+    settings = resolve_deepspeed(_args("--deepspeed-config", path))
+    assert settings.config["gradient_clipping"] == 0.5 and settings.clip_grad == 0.5
+    assert settings.clip_grad_source == f"gradient_clipping in {path}"
     with pytest.raises(ArgumentError, match=r"gradient_clipping=0.5 contradicts --clip-grad 1; give one of them"):
         build_deepspeed_config(_args("--deepspeed-config", path, "--clip-grad", "1.0"))
     args = _args("--deepspeed-config", path, "--clip-grad", "0.5")  # the same value twice: fine
@@ -38,20 +37,16 @@ def test_json_gradient_clipping_against_clip_grad(tmp_path):
 
 def test_zero_stage_source_is_credited(tmp_path):
     path = _ds_json(tmp_path, {"zero_optimization": {"stage": 2}})
-    args = _args("--deepspeed-config", path)
-    assert build_deepspeed_config(args)["zero_optimization"]["stage"] == 2
-    assert (args.zero_stage, args.zero_stage_source) == (2, f"zero_optimization.stage in {path}")
+    settings = resolve_deepspeed(_args("--deepspeed-config", path))
+    assert settings.config["zero_optimization"]["stage"] == 2
+    assert (settings.zero_stage, settings.zero_stage_source) == (2, f"zero_optimization.stage in {path}")
     with pytest.raises(ArgumentError, match=r"zero_optimization.stage=2 contradicts --zero-stage \(stage 1\)"):
         build_deepspeed_config(_args("--deepspeed-config", path, "--zero-stage", "1"))
-    args = _args()
-    build_deepspeed_config(args)
-    assert (args.zero_stage, args.zero_stage_source) == (0, "default with 1 data-parallel rank(s)")
-    args = _args("--bf16")
-    build_deepspeed_config(args)
-    assert args.zero_stage == 1 and args.zero_stage_source.startswith("raised from 0 (default with 1")
-    args = _args("--zero-stage", "2")
-    build_deepspeed_config(args)
-    assert args.zero_stage_source == "--zero-stage"
+    settings = resolve_deepspeed(_args())
+    assert (settings.zero_stage, settings.zero_stage_source) == (0, "default with 1 data-parallel rank(s)")
+    settings = resolve_deepspeed(_args("--bf16"))
+    assert settings.zero_stage == 1 and settings.zero_stage_source.startswith("raised from 0 (default with 1")
+    assert resolve_deepspeed(_args("--zero-stage", "2")).zero_stage_source == "--zero-stage"
 
 
 def test_warnings_on_stderr_results_on_stdout(capsys):

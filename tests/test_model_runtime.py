@@ -154,19 +154,19 @@ def test_folders_with_runtime_keys_load_and_run_plain(tmp_path, monkeypatch):
 
 
 def test_finetune_takes_the_runtime_from_its_flags_only(tmp_path):
-    from megaphi.pretrain import build_model_config, build_model_runtime
-    from megaphi.training.arguments import parse_args
+    from megaphi.training.config import RunConfig
 
     _, (folder, _) = _legacy_folders(tmp_path)
-    args = parse_args(["--finetune", "--load", folder, "--mock-data", "--micro-batch-size", "1",
-                       "--global-batch-size", "1", "--train-iters", "1", "--seq-length", "16", "--lr", "1e-3",
-                       "--torch-compile", "off"], world_size=1)
-    assert build_model_runtime(args) == ModelRuntime()
-    assert build_model_config(args, None).hidden_size == CONFIG.hidden_size
-    args = parse_args(["--finetune", "--load", folder, "--mock-data", "--micro-batch-size", "1",
-                       "--global-batch-size", "1", "--train-iters", "1", "--seq-length", "16", "--lr", "1e-3",
-                       "--torch-compile", "off", "--recompute", "--loss-chunk-tokens", "4"], world_size=1)
-    assert build_model_runtime(args) == ModelRuntime(recompute="full", loss_chunk_tokens=4)
+    config = RunConfig.from_flags(["--finetune", "--load", folder, "--mock-data", "--micro-batch-size", "1",
+                                   "--global-batch-size", "1", "--train-iters", "1", "--seq-length", "16",
+                                   "--lr", "1e-3", "--torch-compile", "off"], world_size=1)
+    assert config.model_runtime() == ModelRuntime()
+    assert config.phi_config().hidden_size == CONFIG.hidden_size
+    config = RunConfig.from_flags(["--finetune", "--load", folder, "--mock-data", "--micro-batch-size", "1",
+                                   "--global-batch-size", "1", "--train-iters", "1", "--seq-length", "16",
+                                   "--lr", "1e-3", "--torch-compile", "off", "--recompute",
+                                   "--loss-chunk-tokens", "4"], world_size=1)
+    assert config.model_runtime() == ModelRuntime(recompute="full", loss_chunk_tokens=4)
 
 
 @pytest.mark.parametrize("flags, runtime", [
@@ -183,12 +183,12 @@ def test_finetune_takes_the_runtime_from_its_flags_only(tmp_path):
 ], ids=["plain", "recompute", "recompute-activations", "full-first-layer", "selective", "chunk-math", "sp-tp1",
         "compile"])
 def test_runtime_from_training_flags(flags, runtime):
-    from megaphi.pretrain import build_model_runtime
-    from megaphi.training.arguments import parse_args
+    from megaphi.training.config import RunConfig
 
-    args = parse_args(["--model", "tiny", "--mock-data", "--micro-batch-size", "1", "--global-batch-size", "1",
-                       "--train-iters", "1", "--lr", "1e-3", "--torch-compile", "off", *flags], world_size=1)
-    assert build_model_runtime(args) == runtime
+    config = RunConfig.from_flags(["--model", "tiny", "--mock-data", "--micro-batch-size", "1",
+                                   "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
+                                   "--torch-compile", "off", *flags], world_size=1)
+    assert config.model_runtime() == runtime
 
 
 def test_training_with_runtime_flags_exports_architecture_only(tmp_path):

@@ -1,4 +1,4 @@
-"""Run setup decisions in megaphi.pretrain that do not need a training step."""
+"""Run setup decisions (vocabulary rows, data, tokenizer, tensor-parallel checks) that need no training step."""
 import argparse
 import json
 import os
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megaphi.checkpoint.reshard import TensorParallelMismatchError
-from megaphi.pretrain import model_vocab_size
+from megaphi.training.model_flags import model_vocab_size
 from megaphi.tokenizer import load_tokenizer
 from megaphi.checkpoint import training_state
 
@@ -63,9 +63,9 @@ def test_resume_at_another_tp_size_points_at_reshard(tmp_path):
 
 
 def _data_args(tmp_path, data_path, *extra, train_iters=2):
-    from megaphi.training.arguments import parse_args
+    from megaphi.training.config import RunConfig
 
-    return parse_args(["--model", "tiny", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+    return RunConfig.from_flags(["--model", "tiny", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
                        "--num-attention-heads", "2", "--seq-length", "32", "--vocab-size", "256",
                        "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(train_iters),
                        "--lr", "1e-3", "--eval-iters", "1", "--data-cache-path", str(tmp_path / "cache"),
@@ -74,7 +74,7 @@ def _data_args(tmp_path, data_path, *extra, train_iters=2):
 
 def test_small_file_trains_with_the_default_split(tmp_path):
     from test_resume import make_token_file
-    from megaphi.pretrain import build_data
+    from megaphi.training.data_sources import build_data
 
     # 300 documents: the default --split 969,30,1 gives the test split no document; the trainer never
     # reads it, so it must not be built
@@ -91,7 +91,7 @@ def test_small_file_trains_with_the_default_split(tmp_path):
 
 def test_too_little_data_is_a_clear_error_before_training(tmp_path):
     from test_resume import make_token_file
-    from megaphi.pretrain import build_data
+    from megaphi.training.data_sources import build_data
     from megaphi.training.arguments import ArgumentError
 
     a = make_token_file(str(tmp_path / "a"), docs=20, seed=1)
@@ -109,7 +109,7 @@ def test_too_little_data_is_a_clear_error_before_training(tmp_path):
 
 def test_unwritable_index_cache_names_the_flag(tmp_path):
     from test_resume import make_token_file
-    from megaphi.pretrain import build_data
+    from megaphi.training.data_sources import build_data
     from megaphi.training.arguments import ArgumentError
 
     prefix = make_token_file(str(tmp_path / "toy"), docs=30)
@@ -119,7 +119,7 @@ def test_unwritable_index_cache_names_the_flag(tmp_path):
 
 
 def test_bad_tokenizer_is_an_argument_error(tmp_path, monkeypatch):
-    from megaphi.pretrain import load_run_tokenizer
+    from megaphi.training.model_flags import load_run_tokenizer
     from megaphi.training.arguments import ArgumentError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

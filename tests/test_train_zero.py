@@ -134,7 +134,7 @@ def _fp16_worker(rank, world, out_path):
     from megaphi.training.lr_schedule import WarmupDecayLR
     from megaphi.training.optimizer import build_optimizer
     from megaphi.training.schedules import forward_backward_no_pipelining
-    from megaphi.training.train_loop import loss_scale_of
+    from megaphi.training.engine import loss_scale_of
 
     # DeepSpeed refuses fp16 on CPUs without mkldnn fp16; the loss-scaling logic under test is the
     # same on any device, so allow it here (tiny fp16 matmuls run fine on CPU).
@@ -193,7 +193,7 @@ def _first_step_grad_norm_without_clipping(rank):
     import deepspeed
     from megaphi.model import PhiForCausalLM
     from megaphi.parallel import mpu
-    from megaphi.pretrain import finish_engine_setup
+    from megaphi.training.engine import finish_engine_setup
     from megaphi.training.lr_schedule import WarmupDecayLR
     from megaphi.training.optimizer import build_optimizer
     from megaphi.training.schedules import forward_backward_no_pipelining
@@ -208,10 +208,10 @@ def _first_step_grad_norm_without_clipping(rank):
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       lr_scheduler=WarmupDecayLR(optimizer, LR, 0.0, WARMUP, DECAY), mpu=mpu,
                                       config=config, dist_init_required=False)
-    finish_engine_setup(engine)
+    grad_norms = finish_engine_setup(engine)
     forward_backward_no_pipelining(make_forward_step(torch.device("cpu")), iter(_rank_micro_batches(rank)),
                                    engine, ACCUM)
-    return engine.get_global_grad_norm(), getattr(engine, "megaphi_grad_norm", None)
+    return engine.get_global_grad_norm(), grad_norms.fp32_norm
 
 
 def _reference_first_grad_norm():

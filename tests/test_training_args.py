@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from megaphi.training.arguments import ArgumentError, parse_args
-from megaphi.training.deepspeed_config import build_deepspeed_config
+from megaphi.training.deepspeed_config import build_deepspeed_config, resolve_deepspeed
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +91,10 @@ def test_deepspeed_config_merge(data_prefix, tmp_path):
     user.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": False},
                                 "train_micro_batch_size_per_gpu": 2, "fp16": {"loss_scale_window": 100}}))
     args = parse_args(_argv(data_prefix, "--fp16", "--deepspeed-config", str(user)), world_size=1)
-    config = build_deepspeed_config(args)
+    settings = resolve_deepspeed(args)
+    config = settings.config
     assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["overlap_comm"] is False
-    assert args.zero_stage == 3
+    assert settings.zero_stage == 3
     assert config["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                               "loss_scale_window": 100, "hysteresis": 2, "min_loss_scale": 1.0}
 
@@ -118,9 +119,10 @@ def test_deepspeed_config_non_numeric_batch_key_names_file_and_key(data_prefix, 
 def test_example_zero2_config_merges(data_prefix):
     args = parse_args(_argv(data_prefix, "--global-batch-size", "8", "--deepspeed-config",
                             "examples/ds_config_zero2.json"), world_size=2)
-    config = build_deepspeed_config(args)
+    settings = resolve_deepspeed(args)
+    config = settings.config
     zero = config["zero_optimization"]
-    assert zero["stage"] == 2 and args.zero_stage == 2
+    assert zero["stage"] == 2 and settings.zero_stage == 2
     assert zero["overlap_comm"] is True and zero["contiguous_gradients"] is True
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 2e8
     # "auto" batch keys take the flags' values
@@ -168,8 +170,9 @@ def test_optimizer_impls():
 def test_bf16_accumulates_in_fp32_and_leaves_zero_stage_0(data_prefix):
     args = parse_args(_argv(data_prefix, "--bf16"), world_size=1)
     assert args.zero_stage == 0
-    config = build_deepspeed_config(args)
+    settings = resolve_deepspeed(args)
+    config = settings.config
     assert config["data_types"] == {"grad_accum_dtype": "fp32"} and config["communication_data_type"] == "fp32"
-    assert config["zero_optimization"]["stage"] == 1 and args.zero_stage == 1
+    assert config["zero_optimization"]["stage"] == 1 and settings.zero_stage == 1 and args.zero_stage == 0
     fp32 = parse_args(_argv(data_prefix), world_size=1)
     assert "data_types" not in build_deepspeed_config(fp32) and fp32.zero_stage == 0

@@ -42,31 +42,32 @@ def _zero_family(stage):
     return None if stage is None else (0 if stage == 0 else 3 if stage == 3 else 1)
 
 
-def adopt_checkpoint_args(args, meta, say=print):
-    """--use-checkpoint-args: architecture (and, without --tokenizer, vocabulary) from the checkpoint."""
+def adopt_checkpoint_args(args, meta):
+    """--use-checkpoint-args: (the architecture (and, without --tokenizer, vocabulary) values to take from
+    the checkpoint, the line that says so). `args` is read, not changed."""
     config = meta.get("model_config") or {}
-    changed = []
+    values, changed = {}, []
     for field, dest in ARCH_ARGS.items():
         if field in config and getattr(args, dest, None) != config[field]:
             changed.append(f"{_flag(dest)} {getattr(args, dest, None)} -> {config[field]}")
-            setattr(args, dest, config[field])
+            values[dest] = config[field]
     if "vocab_size" in config and not getattr(args, "tokenizer", None) and args.vocab_size != config["vocab_size"]:
         changed.append(f"--vocab-size {args.vocab_size} -> {config['vocab_size']}")
-        args.vocab_size = config["vocab_size"]
-    if args.seq_length > args.max_position_embeddings:
-        args.seq_length = args.max_position_embeddings
-    say("--use-checkpoint-args: " + (", ".join(changed) if changed else "the flags already match the checkpoint"))
+        values["vocab_size"] = config["vocab_size"]
+    max_positions = values.get("max_position_embeddings", args.max_position_embeddings)
+    if args.seq_length > max_positions:
+        values["seq_length"] = max_positions
+    return values, "--use-checkpoint-args: " + (", ".join(changed) if changed else
+                                                 "the flags already match the checkpoint")
 
 
-def adopt_checkpoint_schedule(args, meta, say=print):
-    """--use-checkpoint-opt_param-scheduler: the checkpoint's lr schedule flags."""
+def adopt_checkpoint_schedule(args, meta):
+    """--use-checkpoint-opt_param-scheduler: (the checkpoint's lr schedule values, the line saying so)."""
     saved = meta.get("args") or {}
     changed = [f"{_flag(k)} {getattr(args, k)} -> {saved[k]}" for k in SCHEDULE_ARGS
                if k in saved and getattr(args, k) != saved[k]]
-    for k in SCHEDULE_ARGS:
-        if k in saved:
-            setattr(args, k, saved[k])
-    say("--use-checkpoint-opt_param-scheduler: " + (", ".join(changed) if changed else "same schedule"))
+    values = {k: saved[k] for k in SCHEDULE_ARGS if k in saved}
+    return values, "--use-checkpoint-opt_param-scheduler: " + (", ".join(changed) if changed else "same schedule")
 
 
 def resume_vocab_rows(meta, run_rows, tokenizer_size, tp, multiple):
@@ -138,12 +139,52 @@ def check_data_order(args, meta, load_dir, say=print):
                           f"checkpoint's values, or --override-data-order to continue with the new ones")
 
 
-def prepare_resume(args, tokenizer, padded_vocab, say=print):
-    """Before the model is built: set aside the --save folder's interrupted saves, refuse iter_* folders
-    without `latest` (unless --start-over), verify the --load checkpoint (checksums, metadata), adopt
-    --use-checkpoint-args / the checkpoint's schedule / its vocabulary rows, refuse a changed data order.
-    Returns (verify_checkpoint's (tag, meta) or None, vocabulary rows). Also warns when nothing will
-    be saved."""
+def resume_point(args):
+    """(tag, metadata) of the checkpoint --load resumes (`latest`), read without verifying its files, or
+    None (no --load, finetuning, or no `latest`). Read-only: run configuration is resolved from it."""
+    if not args.load or args.finetune:
+        return None
+    if os.path.exists(args.load) and not os.path.isdir(args.load):
+        raise CheckpointError(f"--load {args.load} is a file, not a checkpoint folder")
+    tag = layout.read_pointer(args.load) if os.path.isdir(args.load) else None
+    if tag is None:
+        return None
+    meta = training_state.read_meta(args.load, tag)
+    meta["tag"] = tag
+    return tag, meta
+
+
+def resume_adoptions(args, meta, tokenizer_size, padded_vocab):
+    """What a resume takes from the checkpoint: --use-checkpoint-args, the checkpoint's schedule, its
+    vocabulary rows; a changed data order refused (unless --override-data-order). Returns (values by
+    flag name, lines to say); `args` is read, not changed."""
+    values, lines = {}, []
+    if args.use_checkpoint_args:
+        adopted, line = adopt_checkpoint_args(args, meta)
+        values.update(adopted)
+        lines.append(line)
+    if getattr(args, "use_checkpoint_opt_param_scheduler", False):
+        adopted, line = adopt_checkpoint_schedule(args, meta)
+        values.update(adopted)
+        lines.append(line)
+    check_data_order(args, meta, args.load, say=lines.append)
+    if tokenizer_size is None:
+        values.setdefault("vocab_size", args.vocab_size)
+        return values, lines
+    rows = resume_vocab_rows(meta, padded_vocab, tokenizer_size, args.tensor_model_parallel_size,
+                             args.make_vocab_size_divisible_by)
+    if rows != padded_vocab:
+        lines.append(f"resuming with the checkpoint's {rows} vocabulary rows (this run alone would pad "
+                     f"{tokenizer_size} tokens to {padded_vocab})")
+    values["vocab_size"] = rows
+    return values, lines
+
+
+def prepare_resume(args, say=print):
+    """Before the model is built, holding the --save lock: set aside the --save folder's interrupted
+    saves, refuse iter_* folders without `latest` (unless --start-over), verify the --load checkpoint
+    (checksums, metadata). Returns verify_checkpoint's (tag, meta) or None. Also warns when nothing
+    will be saved."""
     if not args.save:
         if not getattr(args, "skip_train", False):  # an evaluation saves nothing anyway
             say("warning: no --save: this run saves no checkpoint; a crash, SIGTERM or the end of the run keeps "
@@ -163,19 +204,4 @@ def prepare_resume(args, tokenizer, padded_vocab, say=print):
         verified = training_state.verify_checkpoint(args.load)
     if verified is None and args.save and not args.finetune and args.save != args.load:
         training_state.check_no_orphan_checkpoints(args.save, args.start_over, "--save")
-    if verified is None:
-        return None, padded_vocab
-    meta = verified[1]
-    if args.use_checkpoint_args:
-        adopt_checkpoint_args(args, meta, say)
-    if getattr(args, "use_checkpoint_opt_param_scheduler", False):
-        adopt_checkpoint_schedule(args, meta, say)
-    check_data_order(args, meta, args.load, say)
-    if tokenizer is None:
-        return verified, args.vocab_size
-    rows = resume_vocab_rows(meta, padded_vocab, tokenizer.vocab_size, args.tensor_model_parallel_size,
-                             args.make_vocab_size_divisible_by)
-    if rows != padded_vocab:
-        say(f"resuming with the checkpoint's {rows} vocabulary rows (this run alone would pad "
-            f"{tokenizer.vocab_size} tokens to {padded_vocab})")
-    return verified, rows
+    return verified

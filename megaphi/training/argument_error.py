@@ -6,3 +6,8 @@ ERROR_PREFIX = "megaphi.pretrain: error:"  # the one prefix of the training comm
 
 class ArgumentError(ValueError):
     """A flag (or a combination of flags) is invalid; the message names the flag."""
+
+
+class FlagError(ArgumentError):
+    """A flag check that fails before anything is read from disk (the command exits with status 2, as
+    argparse does for a bad command line); ArgumentError otherwise exits with 1."""

@@ -1,20 +1,17 @@
-"""Command-line flags of `python -m megaphi.pretrain` (Megatron-LM names) and their validation.
+"""Command-line flags of `python -m megaphi.pretrain`: Megatron-LM's names, `@FILE`, `--help` with
+defaults. Every flag is declared here, one `_add_*_args` group per concern; parsing only.
 
-Everything that can be checked before touching a GPU or the data is checked here, so a bad run
-fails in the first second with a message that names the flag.
+The parsed flags are checked and resolved into a frozen `RunConfig` by megaphi.training.config
+(`resolve_config`); `parse_args` gives the same resolved values as a namespace, for tools and tests.
 """
 import argparse
-import json
-import math
 import os
-import re
 import shlex
 import sys
 
-from megaphi.training import megatron_compat, megatron_flags
+from megaphi.training import megatron_compat
 from megaphi.training.argument_error import ERROR_PREFIX, ArgumentError  # noqa: F401 (imported from here)
-from megaphi.training.model_flags import resolve_model
-
+from megaphi.training.megatron_compat import MEGATRON_ATTENTION_BACKENDS
 
 MODEL_PRESETS = ("phi-1", "phi-1-small", "tiny")
 LAYERNORM_IMPL_CHOICES = ("auto", "cuda", "torch", "apex")
@@ -56,7 +53,31 @@ def build_parser():
         allow_abbrev=False, fromfile_prefix_chars="@", formatter_class=HelpFormatter)
     from megaphi import __version__
     p.add_argument("--version", action="version", version=f"megaphi.pretrain {__version__}")
+    for add_group in (_add_model_args, _add_batch_args, _add_learning_rate_args, _add_optimizer_args,
+                      _add_precision_args, _add_distributed_args, _add_data_args, _add_checkpoint_args,
+                      _add_logging_args, _add_megatron_args):
+        add_group(p)
+    return p
 
+
+def parse_flags(argv=None):
+    """The command line as argparse reads it, nothing checked beyond argparse's types and choices."""
+    return build_parser().parse_args(argv)
+
+
+def parse_args(argv=None, world_size=None):
+    """Parse and resolve (megaphi.training.flag_checks.resolve_flags): the run's flag values as a new
+    namespace. world_size defaults to $WORLD_SIZE (1 without a launcher)."""
+    from megaphi.training.flag_checks import resolve_flags
+
+    args = resolve_flags(parse_flags(argv), world_size)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in args.flag_notes:
+            print(f"note: {note}", file=sys.stderr, flush=True)
+    return args
+
+
+def _add_model_args(p):
     g = p.add_argument_group("model")
     g.add_argument("--model", default="phi-1", choices=MODEL_PRESETS,
                    help="architecture preset; the flags below override single fields")
@@ -79,7 +100,7 @@ def build_parser():
                    help="Megatron's shorthand for --recompute-granularity selective")
     g.add_argument("--attention-backend", default="auto",
                    choices=("auto", "flash-attn", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "math",
-                            *megatron_compat.MEGATRON_ATTENTION_BACKENDS),
+                            *MEGATRON_ATTENTION_BACKENDS),
                    help="auto: flash-attn when installed (CUDA fp16/bf16), else torch SDPA's own choice; the others "
                         "force one kernel and fail at start when it cannot run (Megatron's values: flash = "
                         "flash-attn, fused = sdpa-cudnn, unfused/local = math)")
@@ -99,6 +120,8 @@ def build_parser():
     g.add_argument("--rotary-impl", default="auto", choices=ROTARY_IMPL_CHOICES,
                    help="rotary embedding kernel (auto: CUDA kernel on a GPU, torch otherwise)")
 
+
+def _add_batch_args(p):
     g = p.add_argument_group("batch and iterations")
     g.add_argument("--micro-batch-size", type=int, default=None, help="samples per device per forward pass")
     g.add_argument("--global-batch-size", type=int, default=None,
@@ -107,8 +130,10 @@ def build_parser():
     g.add_argument("--exit-interval", type=int, default=None,
                    help="save and exit when the iteration is a multiple of this")
     g.add_argument("--seed", type=int, default=1234, help="seeds data order, initialization and dropout")
-    megatron_flags.add_run_length_flags(g)
+    _add_run_length_args(g)
 
+
+def _add_learning_rate_args(p):
     g = p.add_argument_group("learning rate")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
@@ -116,8 +141,10 @@ def build_parser():
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     g.add_argument("--lr-decay-style", default="linear", choices=("linear", "cosine", "constant"),
                    help="decay from --lr to --min-lr after the warmup")
-    megatron_flags.add_lr_flags(g)
+    _add_lr_units_args(g)
 
+
+def _add_optimizer_args(p):
     g = p.add_argument_group("optimizer")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases, LayerNorm)")
     g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
@@ -130,6 +157,8 @@ def build_parser():
                    help="global gradient norm clip, 0 disables it (default: 1.0, or the --deepspeed-config JSON's "
                         "gradient_clipping)")
 
+
+def _add_precision_args(p):
     g = p.add_argument_group("precision")
     g.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling (default: fp32)")
     g.add_argument("--bf16", action="store_true", help="bf16 (default: fp32)")
@@ -139,6 +168,8 @@ def build_parser():
                    help="fp16: steps without overflow before the loss scale doubles")
     g.add_argument("--hysteresis", type=int, default=2, help="fp16: overflows tolerated before the scale halves")
 
+
+def _add_distributed_args(p):
     g = p.add_argument_group("distributed")
     g.add_argument("--zero-stage", type=int, default=None,
                    help="DeepSpeed ZeRO stage 0-3 (default: 1 with several data-parallel ranks, else 0)")
@@ -162,19 +193,23 @@ def build_parser():
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help=argparse.SUPPRESS)
 
+
+def _add_data_args(p):
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="PREFIX or W1 PREFIX1 W2 PREFIX2 ... (prefix of .bin/.idx)")
     g.add_argument("--mock-data", action="store_true",
                    help="train on synthetic tokens (no --data-path, no tokenizer needed): benchmarks, checks")
     g.add_argument("--split", default="969,30,1", help="train,valid,test weights of --data-path's documents")
-    megatron_flags.add_data_flags(g)
+    _add_split_data_args(g)
     g.add_argument("--tokenizer", "--tokenizer-model", dest="tokenizer", default=None,
                    help="tokenizer folder, tokenizer.json or Hugging Face Hub name")
     g.add_argument("--data-cache-path", "--data-cache-dir", dest="data_cache_path", default=None,
                    help="folder for the dataset index cache (default: <data dir>/cache/GPTDataset_indices)")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
 
+
+def _add_checkpoint_args(p):
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None, help="checkpoint folder to write")
     g.add_argument("--load", default=None, help="checkpoint folder to resume from (or, with --finetune / "
@@ -209,6 +244,8 @@ def build_parser():
                    help="resume although --seed, --seq-length or --global-batch-size differ from the checkpoint's "
                         "(the samples read from the resumed position on are then not those of an uninterrupted run)")
 
+
+def _add_logging_args(p):
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, default=1000, help="validate every N iterations (and at the end)")
     g.add_argument("--eval-iters", type=int, default=100, help="0 disables validation")
@@ -216,7 +253,7 @@ def build_parser():
                    help="log every N iterations (the first iteration is always logged)")
     g.add_argument("--log-dir", default=None, help="metrics.jsonl goes here (default: --save)")
     g.add_argument("--tensorboard-dir", default=None, help="TensorBoard event files (Megatron's tag names)")
-    megatron_flags.add_wandb_flags(g)
+    _add_wandb_args(g)
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s per device for MFU (default: looked up by device name)")
     g.add_argument("--eval-humaneval", default=None, metavar="PROBLEMS",
@@ -224,215 +261,65 @@ def build_parser():
                         "the best checkpoint is then chosen by pass@1")
     g.add_argument("--eval-humaneval-interval", type=int, default=None)
     g.add_argument("--humaneval-max-new-tokens", type=int, default=256, help="completion length cap")
-    megatron_compat.add_compat_flags(p)
-    return p
 
 
-def parse_args(argv=None, world_size=None):
-    """Parse and validate; world_size defaults to $WORLD_SIZE (1 without a launcher)."""
-    args = build_parser().parse_args(argv)
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_args(args, world_size)
-    if int(os.environ.get("RANK", "0")) == 0:
-        for note in args.flag_notes:
-            print(f"note: {note}", file=sys.stderr, flush=True)
-    return args
+def _add_run_length_args(group):
+    group.add_argument("--train-samples", type=int, default=None,
+                       help="train for this many samples: --train-iters = samples // --global-batch-size")
+    group.add_argument("--train-tokens", type=int, default=None,
+                       help="train for this many tokens: --train-samples = tokens // --seq-length")
+    group.add_argument("--exit-duration-in-mins", type=float, default=None,
+                       help="save and exit once the run has lasted this many minutes (all ranks agree)")
+    group.add_argument("--skip-train", "--eval-only", dest="skip_train", action="store_true",
+                       help="no training: report the validation (and test) loss and perplexity of --load")
 
 
-def _positive(args, *names):
-    for name in names:
-        value = getattr(args, name.lstrip("-").replace("-", "_"))
-        if value is not None and value <= 0:
-            raise ArgumentError(f"{name} must be > 0, got {value}")
+def _add_lr_units_args(group):
+    group.add_argument("--lr-warmup-fraction", type=float, default=None,
+                       help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
+    group.add_argument("--lr-warmup-samples", type=int, default=None,
+                       help="warmup in samples (with --train-samples): iterations = samples // global batch")
+    group.add_argument("--lr-decay-samples", type=int, default=None,
+                       help="decay in samples (with --train-samples): iterations = samples // global batch")
 
 
-def parse_data_path(data_path):
-    """Megatron's list: [prefix, ...] or [w1, p1, w2, p2, ...] -> (weights or None, prefixes)."""
-    from megaphi.data import parse_data_path as parse
-
-    try:
-        prefixes, weights = parse(data_path)
-    except ValueError as e:
-        raise ArgumentError(str(e) if str(e).startswith("--data-path") else f"--data-path: {e}") from None
-    if weights is not None:
-        for w, prefix in zip(weights, prefixes):
-            if not math.isfinite(w) or w < 0:
-                raise ArgumentError(f"--data-path: weight {w} of {prefix} must be a non-negative number")
-        if sum(weights) <= 0:
-            raise ArgumentError("--data-path: the weights sum to 0")
-    return weights, prefixes
+def _add_split_data_args(group):
+    for split in ("train", "valid", "test"):
+        group.add_argument(f"--{split}-data-path", nargs="+", default=None,
+                           help=f"the {split} split's own PREFIX or W1 PREFIX1 W2 PREFIX2 ... (used whole, "
+                                f"instead of --data-path with --split)")
 
 
-def validate_args(args, world_size):
-    args.flag_notes = megatron_compat.resolve_compat(args)  # Megatron's flags -> megaphi's, or a one-line refusal
-    resolve_model(args)
-    _positive(args, "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
-              "--rotary-dim", "--seq-length", "--max-position-embeddings", "--micro-batch-size",
-              "--global-batch-size", "--train-iters", "--exit-interval", "--lr-decay-iters",
-              "--save-interval", "--eval-interval", "--log-interval", "--tensor-model-parallel-size",
-              "--eval-humaneval-interval", "--vocab-size", "--make-vocab-size-divisible-by")
-    for name in ("attention_dropout", "hidden_dropout", "embedding_dropout"):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
-
-    heads, hidden, tp = args.num_attention_heads, args.hidden_size, args.tensor_model_parallel_size
-    if hidden % heads:
-        raise ArgumentError(f"--hidden-size {hidden} is not divisible by --num-attention-heads {heads}")
-    head_dim = hidden // heads
-    if args.rotary_dim > head_dim or args.rotary_dim % 2:
-        raise ArgumentError(f"--rotary-dim {args.rotary_dim} must be even and <= head dim {head_dim}")
-    if args.seq_length > args.max_position_embeddings:
-        raise ArgumentError(f"--seq-length {args.seq_length} exceeds the model's max position embeddings "
-                            f"{args.max_position_embeddings} (--max-position-embeddings)")
-    if world_size % tp:
-        raise ArgumentError(f"--tensor-model-parallel-size {tp} does not divide the world size {world_size}")
-    if heads % tp or args.ffn_hidden_size % tp:
-        raise ArgumentError(f"--tensor-model-parallel-size {tp} must divide --num-attention-heads {heads} "
-                            f"and --ffn-hidden-size {args.ffn_hidden_size}")
-    args.world_size = world_size
-    args.data_parallel_size = world_size // tp
-
-    if args.recompute_activations and args.recompute_granularity is None:
-        args.recompute_granularity = "selective"  # as in Megatron-LM
-    if args.recompute_num_layers < 0 or args.loss_chunk_tokens < 0:
-        raise ArgumentError("--recompute-num-layers and --loss-chunk-tokens must be >= 0")
-    if args.micro_batch_size is None:
-        raise ArgumentError("--micro-batch-size is required")
-    per_step = args.micro_batch_size * args.data_parallel_size
-    if args.global_batch_size is None:
-        args.global_batch_size = per_step
-    if args.global_batch_size % per_step:
-        raise ArgumentError(
-            f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
-            f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size} = {per_step}")
-    args.gradient_accumulation_steps = args.global_batch_size // per_step
-    megatron_flags.resolve_run_length(args)  # --train-samples / --train-tokens -> --train-iters
-    if args.train_iters is None:
-        raise ArgumentError("--train-iters is required (or --train-samples / --train-tokens)")
-
-    if args.fp16 and args.bf16:
-        raise ArgumentError("--fp16 and --bf16 are mutually exclusive")
-    if args.zero_stage is None:
-        # one data-parallel rank has nothing to partition; ZeRO would only add buffer copies
-        args.zero_stage = 1 if args.data_parallel_size > 1 else 0
-        args.zero_stage_source = f"default with {args.data_parallel_size} data-parallel rank(s)"
-    elif not hasattr(args, "zero_stage_source"):
-        args.zero_stage_source = "--zero-stage"
-    if args.zero_stage not in (0, 1, 2, 3):
-        raise ArgumentError(f"--zero-stage must be 0, 1, 2 or 3, got {args.zero_stage}")
-    if not (args.distributed_timeout_minutes > 0 and math.isfinite(args.distributed_timeout_minutes)):
-        raise ArgumentError(f"--distributed-timeout-minutes must be > 0, got {args.distributed_timeout_minutes}")
-
-    if args.lr is None:
-        raise ArgumentError("--lr is required")
-    if args.lr < 0 or args.min_lr < 0:
-        raise ArgumentError("--lr and --min-lr must be >= 0")
-    if args.min_lr > args.lr:
-        raise ArgumentError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_decay_iters <= 0:
-        raise ArgumentError(f"--lr-decay-iters must be > 0, got {args.lr_decay_iters}")
-    megatron_flags.resolve_warmup(args)  # --lr-warmup-fraction -> --lr-warmup-iters
-    if args.lr_warmup_iters < 0:
-        raise ArgumentError("--lr-warmup-iters must be >= 0")
-    if args.lr_warmup_iters > args.lr_decay_iters:
-        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters "
-                            f"{args.lr_decay_iters}")
-    args.clip_grad_given = args.clip_grad is not None  # else 1.0, unless the DeepSpeed JSON sets gradient_clipping
-    if args.clip_grad is None:
-        args.clip_grad = 1.0
-    if args.weight_decay < 0 or args.clip_grad < 0:
-        raise ArgumentError("--weight-decay and --clip-grad must be >= 0")
-    scale = args.initial_loss_scale
-    if not (math.isfinite(scale) and scale > 0 and math.log2(scale) == int(math.log2(scale))):
-        raise ArgumentError(f"--initial-loss-scale must be a power of 2 > 0 (e.g. 65536), got {scale}")
-    if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1):
-        raise ArgumentError("--adam-beta1 and --adam-beta2 must be in [0, 1)")
-
-    if args.mock_data and args.data_path:
-        raise ArgumentError("--mock-data and --data-path exclude each other: synthetic tokens or token files")
-    megatron_flags.validate_data_sources(args)
-    per_split = megatron_flags.per_split_data_paths(args)
-    if not args.data_path and not args.mock_data and not per_split:
-        raise ArgumentError("--data-path is required (PREFIX or W1 PREFIX1 W2 PREFIX2 ...), "
-                            "or --mock-data for synthetic tokens")
-    args.data_weights, args.data_prefixes = parse_data_path(args.data_path) if args.data_path else (None, [])
-    sources = [("--data-path", args.data_prefixes)]
-    for split, path in per_split.items():
-        flag = f"--{split}-data-path"
-        try:
-            sources.append((flag, parse_data_path(path)[1]))
-        except ArgumentError as e:
-            raise ArgumentError(str(e).replace("--data-path", flag)) from None
-    for flag, prefixes in sources:
-        for prefix in prefixes:
-            for ext in (".bin", ".idx"):
-                if not os.path.exists(prefix + ext):
-                    raise ArgumentError(f"{flag}: {prefix + ext} does not exist")
-    parts = args.split.replace("/", ",").split(",")
-    try:
-        split = [float(x) for x in parts]
-    except ValueError:
-        raise ArgumentError(f"--split {args.split!r}: expected numbers like 969,30,1") from None
-    if not split or len(split) > 3 or any(x < 0 for x in split) or sum(split) <= 0:
-        raise ArgumentError(f"--split {args.split!r}: expected up to three non-negative numbers like 969,30,1")
-    if args.tokenizer is not None and not os.path.exists(args.tokenizer) \
-            and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.tokenizer):  # else a Hugging Face Hub name
-        raise ArgumentError(f"--tokenizer: {args.tokenizer} does not exist")
-
-    if args.save_interval is not None and args.save is None:
-        raise ArgumentError("--save-interval needs --save DIR")
-    if args.save_interval_minutes is not None and (args.save is None or not args.save_interval_minutes > 0):
-        raise ArgumentError(f"--save-interval-minutes must be > 0 and needs --save DIR, got {args.save_interval_minutes}")
-    if args.exit_interval is not None and args.save is None:
-        raise ArgumentError("--exit-interval needs --save DIR (the run saves before exiting)")
-    if args.keep_last is not None and (args.keep_last < 1 or args.save is None):
-        raise ArgumentError(f"--keep-last must be >= 1 and needs --save DIR, got {args.keep_last}")
-    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
-        raise ArgumentError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
-    if args.finetune and args.load is None:
-        raise ArgumentError("--finetune needs --load (a training checkpoint, or a model folder: megaphi or Hugging Face phi)")
-    megatron_flags.validate_run_control(args)
-    megatron_flags.validate_wandb(args)
-    if (args.finetune or args.skip_train) and not os.path.exists(args.load):
-        raise ArgumentError(f"--load: {args.load} does not exist")
-    if args.log_dir is None:
-        args.log_dir = args.save
-    if args.eval_iters < 0:
-        raise ArgumentError("--eval-iters must be >= 0")
-    if (args.eval_humaneval is None) != (args.eval_humaneval_interval is None):
-        raise ArgumentError("--eval-humaneval PATH and --eval-humaneval-interval N go together")
-    if args.eval_humaneval is not None and args.tokenizer is None:
-        raise ArgumentError("--eval-humaneval needs --tokenizer (to encode prompts and decode completions)")
-    if args.eval_humaneval is not None:
-        from megaphi.evaluation.problems import ProblemFileError, resolve_problem_set
-        try:
-            problems_file, _ = resolve_problem_set(args.eval_humaneval)
-        except ProblemFileError as e:
-            raise ArgumentError(f"--eval-humaneval: {e}") from None
-        if not os.path.exists(problems_file):
-            raise ArgumentError(f"--eval-humaneval: {problems_file} does not exist")
-    if args.peak_tflops is not None and args.peak_tflops <= 0:
-        raise ArgumentError("--peak-tflops must be > 0")
-
-    if args.deepspeed_config is not None:
-        args.deepspeed_config_dict = load_json_config(args.deepspeed_config)
-    else:
-        args.deepspeed_config_dict = {}
-    return args
+def _add_wandb_args(group):
+    group.add_argument("--wandb-project", default=None,
+                       help="log metrics to this Weights & Biases project (needs `pip install wandb`; "
+                            "WANDB_MODE=offline works without a network)")
+    group.add_argument("--wandb-exp-name", default=None, help="W&B run name (default: W&B's own)")
+    group.add_argument("--wandb-save-dir", default=None,
+                       help="folder for W&B's local files (default: --log-dir, else W&B's ./wandb)")
 
 
-def load_json_config(path):
-    if not os.path.exists(path):
-        raise ArgumentError(f"--deepspeed-config: {path} does not exist")
-    with open(path) as f:
-        text = f.read()
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ArgumentError(f"--deepspeed-config: {path}:{e.lineno}:{e.colno}: {e.msg}") from None
-    if not isinstance(config, dict):
-        raise ArgumentError(f"--deepspeed-config: {path} must hold a JSON object")
-    return config
+def _add_megatron_args(parser):
+    g = parser.add_argument_group("Megatron-LM / Megatron-DeepSpeed flags (see docs/training.md)")
+    g.add_argument("--vocab-file", default=None, help="GPT-2-style vocab.json (with --merge-file): a byte-level BPE")
+    g.add_argument("--merge-file", default=None, help="GPT-2-style merges.txt (with --vocab-file)")
+    g.add_argument("--tokenizer-type", default=None, choices=("GPT2BPETokenizer", "HuggingFaceTokenizer"),
+                   help="GPT2BPETokenizer: --vocab-file + --merge-file; HuggingFaceTokenizer: --tokenizer-model")
+    g.add_argument("--use-flash-attn", action="store_true", help="= --attention-backend flash-attn")
+    g.add_argument("--position-embedding-type", default="rope",
+                   help="rope only (phi's rotary embeddings); accepted for Megatron scripts")
+    g.add_argument("--rotary-percent", type=float, default=None,
+                   help="rotary dim = this x head dim (Megatron's way to give --rotary-dim)")
+    g.add_argument("--normalization", default="LayerNorm", help="LayerNorm only (phi's)")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="shard the optimizer state over data-parallel ranks: ZeRO stage 1 (unless --zero-stage >= 1)")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the gradient reduction with the backward pass (ZeRO's overlap_comm)")
+    g.add_argument("--deepspeed", action="store_true", help="accepted (megaphi always runs DeepSpeed)")
+    g.add_argument("--deepspeed_config", dest="deepspeed_config_alias", default=None, help=argparse.SUPPRESS)
+    for flag in ("--untie-embeddings-and-output-weights", "--log-throughput", "--log-memory-to-tensorboard",
+                 "--log-validation-ppl-to-tensorboard", "--log-params-norm", "--log-num-zeros-in-grad",
+                 "--swiglu", "--group-query-attention", "--disable-bias-linear", "--no-save-optim"):
+        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    for flag in ("--timing-log-level", "--tensorboard-log-interval", "--num-query-groups"):
+        g.add_argument(flag, type=int, default=None, help=argparse.SUPPRESS)

@@ -1,6 +1,7 @@
 """The DeepSpeed config generated from the flags, with a user JSON merged over it."""
 import copy
 import math
+from typing import NamedTuple
 
 from .argument_error import ArgumentError
 
@@ -75,9 +76,19 @@ def _batch_value(args, key):
     return int(number)
 
 
-def build_deepspeed_config(args):
-    """Generated config + the --deepspeed-config JSON. The batch geometry and precision are owned by
-    the flags (the data loader and schedule depend on them): the file may repeat them, not change them."""
+class DeepSpeedSettings(NamedTuple):
+    """The DeepSpeed config of a run and what it settles of the flags (with where each value comes from)."""
+    config: dict
+    zero_stage: int
+    zero_stage_source: str
+    clip_grad: float
+    clip_grad_source: str
+
+
+def resolve_deepspeed(args):
+    """Generated config + the --deepspeed-config JSON (args.deepspeed_config_dict) as DeepSpeedSettings;
+    `args` (resolved flags) is read, not changed. The batch geometry and precision are owned by the
+    flags (the data loader and schedule depend on them): the file may repeat them, not change them."""
     user = getattr(args, "deepspeed_config_dict", {}) or {}
     for key, (attr, flag) in _BATCH_KEYS.items():
         if key in user and user[key] != "auto" and _batch_value(args, key) != getattr(args, attr):
@@ -89,7 +100,7 @@ def build_deepspeed_config(args):
                 raise ArgumentError(f"--deepspeed-config: {key}.enabled={user[key]['enabled']} contradicts "
                                     f"{flag} {'given' if getattr(args, key) else 'not given'}")
     user = {k: v for k, v in user.items() if v != "auto"}
-    _settle_with_flags(args, user)
+    clip_grad, clip_source, stage_source = _settle_with_flags(args, user)
     config = merge(generate_config(args), user)
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
@@ -98,19 +109,26 @@ def build_deepspeed_config(args):
         requested = stage
         stage = accumulate_bf16_gradients_in_fp32(config, stage)
         if stage != requested:
-            args.zero_stage_source = f"raised from {requested} ({args.zero_stage_source}) for bf16's fp32 gradient " \
-                                     f"accumulation"
-    args.zero_stage = stage  # the file may choose the stage; checkpoint export must know it
+            stage_source = f"raised from {requested} ({stage_source}) for bf16's fp32 gradient accumulation"
     if "optimizer" in user or "scheduler" in user:
         raise ArgumentError("--deepspeed-config: 'optimizer'/'scheduler' sections are not used; megaphi builds "
                             "AdamW and the lr schedule from the flags (--lr, --weight-decay, ...)")
-    return config
+    return DeepSpeedSettings(config, stage, stage_source, clip_grad, clip_source)
+
+
+def build_deepspeed_config(args):
+    """The DeepSpeed config dict of resolve_deepspeed."""
+    return resolve_deepspeed(args).config
 
 
 def _settle_with_flags(args, user):
     """The JSON's gradient_clipping and zero_optimization.stage against the flags: a flag given and a
-    different value in the file is an error; a value only the file gives is taken, and credited to it."""
+    different value in the file is an error; a value only the file gives is taken, and credited to it.
+    Returns (clip, where it comes from, where the ZeRO stage comes from)."""
     path = getattr(args, "deepspeed_config", None)
+    clip = args.clip_grad
+    clip_source = "--clip-grad" if getattr(args, "clip_grad_given", True) else "default"
+    stage_source = args.zero_stage_source
     if "gradient_clipping" in user:
         clip = user["gradient_clipping"]
         if getattr(args, "clip_grad_given", True) and clip != args.clip_grad:
@@ -118,16 +136,15 @@ def _settle_with_flags(args, user):
                                 f"{args.clip_grad:g}; give one of them")
         if not isinstance(clip, (int, float)) or isinstance(clip, bool) or clip < 0:
             raise ArgumentError(f"--deepspeed-config: {path}: gradient_clipping must be a number >= 0, got {clip!r}")
-        args.clip_grad = float(clip)
-        args.clip_grad_source = f"gradient_clipping in {path}"
+        clip, clip_source = float(clip), f"gradient_clipping in {path}"
     stage = (user.get("zero_optimization") or {}).get("stage") if isinstance(user.get("zero_optimization"), dict) \
         else None
     if stage is not None:
-        if getattr(args, "zero_stage_source", None) in ("--zero-stage", "--use-distributed-optimizer") \
-                and stage != args.zero_stage:
+        if stage_source in ("--zero-stage", "--use-distributed-optimizer") and stage != args.zero_stage:
             raise ArgumentError(f"--deepspeed-config: {path}: zero_optimization.stage={stage} contradicts "
-                                f"{args.zero_stage_source} (stage {args.zero_stage}); give one of them")
-        args.zero_stage_source = f"zero_optimization.stage in {path}"
+                                f"{stage_source} (stage {args.zero_stage}); give one of them")
+        stage_source = f"zero_optimization.stage in {path}"
+    return clip, clip_source, stage_source
 
 
 def accumulate_bf16_gradients_in_fp32(config, stage):

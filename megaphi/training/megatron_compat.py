@@ -1,5 +1,5 @@
-"""Flags of Megatron-LM and Megatron-DeepSpeed that megaphi takes with their meaning, notes about, or
-refuses in one line, and the closest known flag for an unknown one.
+"""Flags of Megatron-LM and Megatron-DeepSpeed (declared in arguments.py) that megaphi takes with their
+meaning, notes about, or refuses in one line, and the closest known flag for an unknown one.
 
 - accepted, doing what they say: `--vocab-file/--merge-file` (`--tokenizer-type GPT2BPETokenizer`: a
   byte-level BPE from the pair), `--use-flash-attn`, `--attention-backend flash|fused|unfused|local|auto`,
@@ -44,32 +44,6 @@ REFUSED = {  # flag -> why it cannot apply to phi
     "no_save_optim": "--no-save-optim: not supported: DeepSpeed writes the optimizer state with every "
                      "checkpoint (the weights alone are exported to DIR/<tag>/model/)",
 }
-
-
-def add_compat_flags(parser):
-    g = parser.add_argument_group("Megatron-LM / Megatron-DeepSpeed flags (see docs/training.md)")
-    g.add_argument("--vocab-file", default=None, help="GPT-2-style vocab.json (with --merge-file): a byte-level BPE")
-    g.add_argument("--merge-file", default=None, help="GPT-2-style merges.txt (with --vocab-file)")
-    g.add_argument("--tokenizer-type", default=None, choices=("GPT2BPETokenizer", "HuggingFaceTokenizer"),
-                   help="GPT2BPETokenizer: --vocab-file + --merge-file; HuggingFaceTokenizer: --tokenizer-model")
-    g.add_argument("--use-flash-attn", action="store_true", help="= --attention-backend flash-attn")
-    g.add_argument("--position-embedding-type", default="rope",
-                   help="rope only (phi's rotary embeddings); accepted for Megatron scripts")
-    g.add_argument("--rotary-percent", type=float, default=None,
-                   help="rotary dim = this x head dim (Megatron's way to give --rotary-dim)")
-    g.add_argument("--normalization", default="LayerNorm", help="LayerNorm only (phi's)")
-    g.add_argument("--use-distributed-optimizer", action="store_true",
-                   help="shard the optimizer state over data-parallel ranks: ZeRO stage 1 (unless --zero-stage >= 1)")
-    g.add_argument("--overlap-grad-reduce", action="store_true",
-                   help="overlap the gradient reduction with the backward pass (ZeRO's overlap_comm)")
-    g.add_argument("--deepspeed", action="store_true", help="accepted (megaphi always runs DeepSpeed)")
-    g.add_argument("--deepspeed_config", dest="deepspeed_config_alias", default=None, help=argparse.SUPPRESS)
-    for flag in ("--untie-embeddings-and-output-weights", "--log-throughput", "--log-memory-to-tensorboard",
-                 "--log-validation-ppl-to-tensorboard", "--log-params-norm", "--log-num-zeros-in-grad",
-                 "--swiglu", "--group-query-attention", "--disable-bias-linear", "--no-save-optim"):
-        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    for flag in ("--timing-log-level", "--tensorboard-log-interval", "--num-query-groups"):
-        g.add_argument(flag, type=int, default=None, help=argparse.SUPPRESS)
 
 
 def resolve_compat(args):

@@ -1,4 +1,4 @@
-"""Flags a Megatron-LM user types, beyond the core ones in arguments.py, and their resolution.
+"""Resolution of the flags a Megatron-LM user types beyond the core ones (declared in arguments.py):
 
 - run length in samples or tokens (`--train-samples`, `--train-tokens`, `--lr-warmup-samples`,
   `--lr-decay-samples`), turned into iterations of --global-batch-size, as Megatron does without
@@ -15,42 +15,6 @@ import importlib.util
 import math
 
 from .argument_error import ArgumentError
-
-
-def add_run_length_flags(group):
-    group.add_argument("--train-samples", type=int, default=None,
-                       help="train for this many samples: --train-iters = samples // --global-batch-size")
-    group.add_argument("--train-tokens", type=int, default=None,
-                       help="train for this many tokens: --train-samples = tokens // --seq-length")
-    group.add_argument("--exit-duration-in-mins", type=float, default=None,
-                       help="save and exit once the run has lasted this many minutes (all ranks agree)")
-    group.add_argument("--skip-train", "--eval-only", dest="skip_train", action="store_true",
-                       help="no training: report the validation (and test) loss and perplexity of --load")
-
-
-def add_lr_flags(group):
-    group.add_argument("--lr-warmup-fraction", type=float, default=None,
-                       help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
-    group.add_argument("--lr-warmup-samples", type=int, default=None,
-                       help="warmup in samples (with --train-samples): iterations = samples // global batch")
-    group.add_argument("--lr-decay-samples", type=int, default=None,
-                       help="decay in samples (with --train-samples): iterations = samples // global batch")
-
-
-def add_data_flags(group):
-    for split in ("train", "valid", "test"):
-        group.add_argument(f"--{split}-data-path", nargs="+", default=None,
-                           help=f"the {split} split's own PREFIX or W1 PREFIX1 W2 PREFIX2 ... (used whole, "
-                                f"instead of --data-path with --split)")
-
-
-def add_wandb_flags(group):
-    group.add_argument("--wandb-project", default=None,
-                       help="log metrics to this Weights & Biases project (needs `pip install wandb`; "
-                            "WANDB_MODE=offline works without a network)")
-    group.add_argument("--wandb-exp-name", default=None, help="W&B run name (default: W&B's own)")
-    group.add_argument("--wandb-save-dir", default=None,
-                       help="folder for W&B's local files (default: --log-dir, else W&B's ./wandb)")
 
 
 def resolve_run_length(args):

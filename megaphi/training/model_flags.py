@@ -123,3 +123,42 @@ def resolve_model(args):
         args.rotary_dim = preset.rotary_dim  # hidden/heads invalid: validate_args names those flags
     if args.seq_length is None:
         args.seq_length = args.max_position_embeddings
+
+
+def model_vocab_size(args, tokenizer):
+    """Rows of the embedding and lm_head for a run with a tokenizer.
+
+    The preset's vocabulary is kept when the tokenizer fits in it and it satisfies the TP padding
+    rule: phi-1 with the codegen tokenizer (50295 tokens) keeps 51200 rows, the shape of the released
+    checkpoints, rather than Megatron's 50304. Otherwise the tokenizer's size padded to
+    --make-vocab-size-divisible-by x TP. A --vocab-size given (or a finetuned folder's) is used as is.
+    """
+    from megaphi.config import get_preset
+
+    if getattr(args, "vocab_size", None) is not None:
+        if args.vocab_size < tokenizer.vocab_size:
+            raise ArgumentError(f"--vocab-size {args.vocab_size} is smaller than the tokenizer's "
+                                f"{tokenizer.vocab_size} tokens")
+        return args.vocab_size
+    preset_vocab = get_preset(args.model).vocab_size
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    if tokenizer.vocab_size <= preset_vocab and preset_vocab % multiple == 0:
+        return preset_vocab
+    return tokenizer.padded_vocab_size
+
+
+def load_run_tokenizer(args):
+    """The --tokenizer (or --vocab-file/--merge-file); a path typo that looks like a hub name fails
+    offline with an OSError, reported as a one-line ArgumentError."""
+    from megaphi.tokenizer import load_bpe_files, load_tokenizer
+
+    if getattr(args, "vocab_file", None):  # Megatron's GPT2BPETokenizer
+        try:
+            return load_bpe_files(args.vocab_file, args.merge_file, args.make_vocab_size_divisible_by,
+                                  args.tensor_model_parallel_size)
+        except (OSError, ValueError) as e:
+            raise ArgumentError(f"--vocab-file/--merge-file: {e}") from None
+    try:
+        return load_tokenizer(args.tokenizer, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+    except (OSError, ValueError) as e:
+        raise ArgumentError(f"--tokenizer {args.tokenizer}: cannot load it: {e}") from None

@@ -10,7 +10,8 @@ from megaphi.parallel.random import rng_neutral
 
 def resolve_peak_tflops(args, device):
     """(peak TFLOP/s MFU divides by, or None; a line saying where it comes from). --peak-tflops wins;
-    else the device's dense peak for the run's precision (fp32 runs: tf32 when torch enables it)."""
+    else the device's dense peak for the run's precision (fp32 runs: tf32 when torch enables it).
+    `args`: the flags peak_tflops, fp16 and bf16."""
     from megaphi.training import metrics
 
     if args.peak_tflops:
@@ -80,7 +81,7 @@ def check_attention_backend(backend, device, dtype, config, seq_length, tp=1):
     """Run the forced backend once on this run's attention shape (forward and backward, with its
     dropout): a backend that cannot take it is a one-line --attention-backend error at start."""
     from megaphi.model.attention import causal_attention
-    from megaphi.training.arguments import ArgumentError
+    from megaphi.training.argument_error import ArgumentError
 
     heads = config.num_attention_heads // tp
     try:
@@ -111,43 +112,32 @@ def ops_backend(op, device):
                             f"{torch.cuda.get_device_name(device)}: {reason}")
 
 
-def optimizer_description(engine):
-    basic = getattr(engine, "basic_optimizer", None) or engine.optimizer
-    cls = type(basic)
-    module = "torch.optim" if cls.__module__.startswith("torch.optim.") else cls.__module__
-    flags = [key for key in ("fused", "foreach") if getattr(basic, "defaults", {}).get(key)]
-    text = f"{module}.{cls.__qualname__}" + (f" ({', '.join(flags)})" if flags else "")
-    if engine.optimizer is not basic:
-        text += f" in DeepSpeed {type(engine.optimizer).__name__}"
-    return text
-
-
-def describe_backends(args, engine, model_config):
+def describe_backends(config, engine, model_config):
     """(the start-up 'backends:' line, warnings): attention, LayerNorm, rotary, optimizer, device."""
+    from megaphi.training.engine import describe_optimizer
+
     device = next(engine.module.parameters()).device
-    dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+    precision = config.optimizer.precision
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     layernorm, ln_warning = ops_backend("layernorm", device)
     rotary, rotary_warning = ops_backend("rotary", device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    runtime = engine.module.runtime
-    attention = attention_backend(device, dtype, model_config, args.seq_length, args.tensor_model_parallel_size,
-                                  runtime.attention_backend)
+    attention = attention_backend(device, dtype, model_config, config.training.seq_length,
+                                  config.parallel.tensor_model_parallel_size, config.runtime.attention_backend)
     line = " | ".join([
         f"backends: attention {attention}", f"layernorm {layernorm}", f"rotary {rotary}",
-        f"optimizer {optimizer_description(engine)}",
-        f"blocks {'compiled (torch.compile)' if runtime.compile else 'eager'}",
-        f"device {where}", f"precision {'fp16' if args.fp16 else 'bf16' if args.bf16 else 'fp32'}"])
+        f"optimizer {describe_optimizer(engine)}",
+        f"blocks {'compiled (torch.compile)' if config.runtime.compiled_blocks else 'eager'}",
+        f"device {where}", f"precision {precision}"])
     return line, [w for w in (ln_warning, rotary_warning) if w]
 
 
-def log_run_setup(args, engine, model_config):
-    """Print what the run uses, and set args.peak_tflops to the peak MFU is measured against."""
-    device = next(engine.module.parameters()).device
-    args.peak_tflops, peak_text = resolve_peak_tflops(args, device)
+def log_run_setup(config, engine, model_config):
+    """Print (rank 0) what the run uses and the peak TFLOP/s MFU is measured against."""
     if dist.get_rank() != 0:
         return
     with rng_neutral():  # rank-0-only work: whatever it runs must not move rank 0's streams
-        line, warnings = describe_backends(args, engine, model_config)
-    print(f"{line} | {peak_text}", flush=True)
+        line, warnings = describe_backends(config, engine, model_config)
+    print(f"{line} | {config.logging.peak_tflops_text}", flush=True)
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)

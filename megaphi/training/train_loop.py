@@ -1,18 +1,18 @@
-"""The train loop: schedule -> engine step -> metrics, evaluation, checkpoints, clean exits."""
+"""The train loop's parts (megaphi.training.trainer.Trainer runs them): the state a checkpoint keeps, the
+forward step and its loss, evaluation, HumanEval, the stopwatch and the pending losses of a log interval,
+the best-checkpoint choice and the stop decisions."""
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..model.phi import IGNORE_INDEX  # labels the model leaves out of the loss
-from megaphi.checkpoint import rng_state, training_state
+from megaphi.checkpoint import rng_state
 
-from . import metrics
-from .schedules import forward_backward_no_pipelining, reduce_loss_dicts, reduce_loss_tensors
-from .multinode import SaveTimer
+from .schedules import forward_backward_no_pipelining, reduce_loss_dicts
 
 
 class TrainingError(RuntimeError):
@@ -37,8 +37,6 @@ def _rank():
 def print_rank0(*a):
     if _rank() == 0:
         print(*a, flush=True)
-
-
 
 
 def loss_token_mask(batch):
@@ -93,17 +91,6 @@ def make_forward_step(device):
     return forward_step
 
 
-def loss_scale_of(engine):
-    if not engine.fp16_enabled():
-        return 1.0
-    opt = engine.optimizer
-    for name in ("cur_scale", "loss_scale"):
-        value = getattr(opt, name, None)
-        if value is not None:
-            return float(value() if callable(value) else value)
-    return float("nan")
-
-
 def evaluate(engine, forward_step, make_valid_iterator, eval_iters, num_microbatches, dp_group):
     """Validation loss on the first eval_iters global batches of the validation split (the same
     batches every time, so values are comparable across evaluations and resumes)."""
@@ -118,144 +105,29 @@ def evaluate(engine, forward_step, make_valid_iterator, eval_iters, num_microbat
     return reduce_loss_dicts(logs, dp_group)["lm loss"]
 
 
-def _humaneval(engine, args, tokenizer):
+def humaneval_pass_at_1(engine, tokenizer, problems, max_new_tokens, zero_stage, tensor_parallel_size):
+    """Greedy HumanEval pass@1 of the model being trained (rank 0, or every TP rank), or None on the
+    ranks that did not score; the training RNG streams are left as they were."""
     from megaphi.evaluation.humaneval import evaluate_model
 
     saved_rng = rng_state.rng_states()  # generation must not perturb the training RNG streams
     gather = contextlib.nullcontext()
-    if args.zero_stage == 3:
+    if zero_stage == 3:
         import deepspeed
         gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
     result = None
     engine.eval()
     try:
         with gather:
-            if _rank() == 0 or args.tensor_model_parallel_size > 1:
-                result = evaluate_model(engine.module, tokenizer, args.eval_humaneval, num_samples=1, greedy=True,
-                                        max_new_tokens=args.humaneval_max_new_tokens)
+            if _rank() == 0 or tensor_parallel_size > 1:
+                result = evaluate_model(engine.module, tokenizer, problems, num_samples=1, greedy=True,
+                                        max_new_tokens=max_new_tokens)
     finally:
         engine.train()
         rng_state.set_rng_states(saved_rng)
     if dist.is_initialized():
         dist.barrier()
-    return result
-
-
-def train(args, engine, train_iterator, make_valid_iterator, state, writer, model_config, tokenizer=None,
-          stop_signal=None, dp_group=None):
-    """Run until --train-iters (or --exit-interval / a signal). Returns the reason it stopped."""
-    device = next(engine.module.parameters()).device
-    forward_step = make_forward_step(device)
-    seq = args.seq_length
-    flops_token = metrics.flops_per_token(model_config.num_hidden_layers, model_config.hidden_size,
-                                          model_config.intermediate_size, model_config.vocab_size, seq)
-    peak = args.peak_tflops  # set by run_info.log_run_setup (None: no known peak, MFU n/a)
-    tokens_per_iter = args.global_batch_size * seq
-    gas = args.gradient_accumulation_steps
-    scheduler = engine.lr_scheduler
-
-    engine.train()
-    control_group = _control_group()
-    save_timer = SaveTimer(getattr(args, "save_interval_minutes", None))  # --save-interval-minutes
-    pending = PendingLosses(args.fp16)
-    watch = TrainingStopwatch(device)  # step time only: evaluation and saving are paused out
-    interval_iters = 0
-    skipped_before = engine.skipped_steps
-    reason = "done"
-    first_iteration = state.iteration + 1  # logged whatever --log-interval is: the first line comes soon
-    start_time = getattr(args, "start_time", None) or time.time()  # --exit-duration-in-mins counts from here
-    check_every = getattr(args, "check_replicated_params", None)
-    if check_every:
-        check_replicated(engine, args, f" at start (iteration {state.iteration})")
-    while state.iteration < args.train_iters:
-        lr = scheduler.get_lr()[0]  # the lr this iteration's update uses
-        logs = forward_backward_no_pipelining(forward_step, train_iterator, engine, gas,
-                                              count_tokens_func=count_loss_tokens, dp_group=dp_group)
-        state.iteration += 1
-        # the loss stays on the device until the next log, save or evaluation: no host sync per step
-        pending.add(state.iteration, reduce_loss_tensors(logs, dp_group)["lm loss"])
-        state.consumed_samples += args.global_batch_size
-        state.consumed_tokens += tokens_per_iter
-        interval_iters += 1
-        if check_every and state.iteration % check_every == 0:
-            check_replicated(engine, args, f" after iteration {state.iteration}")
-
-        if state.iteration % args.log_interval == 0 or state.iteration in (args.train_iters, first_iteration):
-            interval_loss = pending.flush()
-            interval_time = watch.take()
-            tok_s, tflops, mfu = metrics.throughput(tokens_per_iter * interval_iters, interval_time, flops_token,
-                                                    args.world_size, peak)
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is None:
-                grad_norm = getattr(engine, "megaphi_grad_norm", None)
-            record = {
-                "iteration": state.iteration, "train_iters": args.train_iters,
-                "consumed_samples": state.consumed_samples, "consumed_tokens": state.consumed_tokens,
-                "loss": interval_loss, "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "loss_scale": loss_scale_of(engine), "skipped_steps": engine.skipped_steps,
-                "skipped_in_interval": engine.skipped_steps - skipped_before,
-                "ms_per_iter": 1000 * interval_time / interval_iters, "tokens_per_sec": tok_s,
-                "tflops_per_gpu": tflops, "mfu": mfu, "peak_memory_gb": metrics.peak_memory_gb(),
-                "global_batch_size": args.global_batch_size,
-                "eta_seconds": metrics.eta_seconds(state.iteration, args.train_iters, interval_time / interval_iters),
-            }
-            if getattr(args, "log_params_norm", False):
-                record["params_norm"] = metrics.parameters_norm(engine.module.parameters())
-            print_rank0(metrics.format_train_line(record))
-            writer.write(record)
-            interval_iters = 0
-            skipped_before = engine.skipped_steps
-
-        val_loss = None
-        if args.eval_iters > 0 and make_valid_iterator is not None and (
-                state.iteration % args.eval_interval == 0 or state.iteration == args.train_iters):
-            watch.pause()
-            pending.check()
-            val_loss = evaluate(engine, forward_step, make_valid_iterator, args.eval_iters, gas, dp_group)
-            val_ppl = math.exp(min(val_loss, 50.0))
-            print_rank0(f"validation at iteration {state.iteration} | lm loss {val_loss:.6f} | ppl {val_ppl:.3f}")
-            writer.write({"iteration": state.iteration, "consumed_samples": state.consumed_samples,
-                          "val_loss": val_loss, "val_ppl": val_ppl}, prefix="valid")
-
-        pass_at_1 = None
-        if args.eval_humaneval and state.iteration % args.eval_humaneval_interval == 0:
-            watch.pause()
-            pending.check()
-            result = _humaneval(engine, args, tokenizer)
-            if result is not None:
-                pass_at_1 = result["pass@1"]
-                print_rank0(f"HumanEval at iteration {state.iteration} | pass@1 {result['pass@1']:.4f}")
-                writer.write({"iteration": state.iteration, "humaneval_pass@1": result["pass@1"]}, prefix="humaneval")
-
-        # the stop decision is taken over the whole world, so every rank saves; on a CPU group, so
-        # taking it does not wait for the GPU
-        stop = stop_signal is not None and stop_signal.should_stop(control_group, torch.device("cpu"))
-        exit_now = args.exit_interval is not None and state.iteration % args.exit_interval == 0
-        out_of_time = duration_exceeded(getattr(args, "exit_duration_in_mins", None), start_time, control_group)
-        periodic = args.save_interval is not None and state.iteration % args.save_interval == 0 \
-            or save_timer.due(control_group)
-        if args.save and (periodic or stop or exit_now or out_of_time or state.iteration == args.train_iters):
-            watch.pause()
-            pending.check()  # never save weights that a non-finite loss already reached
-            save(engine, args, state, val_loss, tokenizer, pass_at_1)
-        watch.resume()
-        if stop:
-            what = f"saved at iteration {state.iteration}" if args.save else \
-                f"nothing saved (no --save) at iteration {state.iteration}"
-            print_rank0(f"received {stop_signal.signal_name or 'a stop signal'}: {what}, exiting")
-            reason = "signal"
-            break
-        if exit_now:
-            print_rank0(f"--exit-interval {args.exit_interval}: saved at iteration {state.iteration}, exiting")
-            reason = "exit-interval"
-            break
-        if out_of_time:
-            print_rank0(f"--exit-duration-in-mins {args.exit_duration_in_mins:g}: saved at iteration "
-                        f"{state.iteration}, exiting")
-            reason = "exit-duration"
-            break
-    return reason
+    return None if result is None else result["pass@1"]
 
 
 def duration_exceeded(limit_minutes, start_time, group=None):
@@ -277,7 +149,7 @@ def _synchronize(device):
 _CONTROL_GROUPS = {}
 
 
-def _control_group():
+def cpu_control_group():
     """A gloo group over all ranks for small control decisions (stop flags) that the host needs now:
     over NCCL each would be a device round trip and a blocking read. None: the default group is
     already a CPU one (or there is no group)."""
@@ -370,26 +242,13 @@ def choose_best(state, val_loss=None, pass_at_1=None, by_humaneval=False):
     return f"val_loss {val_loss:.6f}"
 
 
-def check_replicated(engine, args, when):
+def check_replicated(module, tensor_parallel_size, when):
     """TP > 1: replicated parameters must be bitwise equal on every TP rank (one small all-gather)."""
-    if args.tensor_model_parallel_size == 1:
+    if tensor_parallel_size == 1:
         return
     from ..parallel import get_tensor_model_parallel_group
     from ..parallel.consistency import ReplicatedParameterMismatch, check_replicated_parameters
     try:
-        check_replicated_parameters(engine.module, get_tensor_model_parallel_group(), when)
+        check_replicated_parameters(module, get_tensor_model_parallel_group(), when)
     except ReplicatedParameterMismatch as e:
         raise TrainingError(str(e)) from None
-
-
-def save(engine, args, state, val_loss=None, tokenizer=None, pass_at_1=None):
-    check_replicated(engine, args, f" at iteration {state.iteration}, before saving")  # never save a drifted model
-    best = choose_best(state, val_loss, pass_at_1, by_humaneval=bool(args.eval_humaneval))
-    tag = training_state.save_checkpoint(
-        engine, args.save, state.iteration, state.consumed_samples, state.consumed_tokens, args,
-        state={k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-               for k, v in asdict(state).items() if k != "last_saved_iteration"},
-        export_model=not args.no_export_model, is_best=best is not None, tokenizer=tokenizer, best_metric=best)
-    state.last_saved_iteration = state.iteration
-    print_rank0(f"saved checkpoint {args.save}/{tag}" + (f" (best so far: {best})" if best else ""))
-    return tag
