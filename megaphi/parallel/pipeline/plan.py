@@ -18,6 +18,7 @@ Model chunk c on pipeline rank r holds virtual stage c * P + r (Megatron's inter
 stage 0 (chunk 0 on rank 0) holds the embedding, virtual stage v*P - 1 the loss.
 """
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,10 @@ class Backward:
 
 @dataclass(frozen=True)
 class Communicate:
-    send_next: tuple = None
-    send_prev: tuple = None
-    recv_prev: tuple = None
-    recv_next: tuple = None
+    send_next: Optional[tuple] = None
+    send_prev: Optional[tuple] = None
+    recv_prev: Optional[tuple] = None
+    recv_next: Optional[tuple] = None
 
     def is_empty(self):
         return self.send_next is None and self.send_prev is None and self.recv_prev is None and self.recv_next is None
