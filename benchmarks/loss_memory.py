@@ -8,6 +8,7 @@ torch.cuda.max_memory_allocated above the inputs; on CPU the growth of the peak 
     python benchmarks/loss_memory.py                                   # CPU, fp32, 4096 tokens
     python benchmarks/loss_memory.py --device cuda --dtype bfloat16 --tokens 16384 --hidden 2048
 """
+
 import argparse
 import json
 import resource
@@ -43,8 +44,12 @@ def measure(args, chunk):
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"chunk_tokens": chunk, "peak_extra_gib": peak / 2 ** 30, "seconds": time.perf_counter() - start,
-            "loss": losses.mean().item()}
+    return {
+        "chunk_tokens": chunk,
+        "peak_extra_gib": peak / 2**30,
+        "seconds": time.perf_counter() - start,
+        "loss": losses.mean().item(),
+    }
 
 
 def main():
@@ -63,12 +68,28 @@ def main():
         return
     rows = []
     for chunk in args.chunks:
-        cmd = [sys.executable, __file__, "--device", args.device, "--dtype", args.dtype, "--tokens", str(args.tokens),
-               "--hidden", str(args.hidden), "--vocab", str(args.vocab), "--child", str(chunk)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+            "--tokens",
+            str(args.tokens),
+            "--hidden",
+            str(args.hidden),
+            "--vocab",
+            str(args.vocab),
+            "--child",
+            str(chunk),
+        ]
         rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1]))
     full = rows[0]["peak_extra_gib"] if rows and rows[0]["chunk_tokens"] == 0 else None
-    print(f"lm_head + cross entropy, forward + backward: {args.tokens} tokens x hidden {args.hidden} -> vocab "
-          f"{args.vocab}, {args.dtype} on {args.device}\n")
+    print(
+        f"lm_head + cross entropy, forward + backward: {args.tokens} tokens x hidden {args.hidden} -> vocab "
+        f"{args.vocab}, {args.dtype} on {args.device}\n"
+    )
     print("| loss | peak memory above inputs (GiB) | vs full logits | seconds | mean loss |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -7,6 +7,7 @@ phi-1-small and phi-1 shapes (use with --device cuda --dtype bfloat16).
   python benchmarks/model.py                                   # CPU, scaled-down shapes
   python benchmarks/model.py --full --device cuda --dtype bfloat16 --batch 4 --seq 2048
 """
+
 import argparse
 import os
 import sys
@@ -22,10 +23,14 @@ from megaphi.checkpoint.hf_config import hf_phi_config  # noqa: E402
 
 SMALL = {  # name -> (preset, overrides)
     "phi-1-small-shape, 4 layers": ("phi-1-small", dict(num_hidden_layers=4)),
-    "h512, 4 layers": ("phi-1-small", dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8,
-                                            num_hidden_layers=4)),
-    "h256, 2 layers, vocab 8192": ("phi-1-small", dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4,
-                                                       num_hidden_layers=2, vocab_size=8192)),
+    "h512, 4 layers": (
+        "phi-1-small",
+        dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_hidden_layers=4),
+    ),
+    "h256, 2 layers, vocab 8192": (
+        "phi-1-small",
+        dict(hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_hidden_layers=2, vocab_size=8192),
+    ),
 }
 FULL = {"phi-1-small": ("phi-1-small", {}), "phi-1": ("phi-1", {})}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,6 +38,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def build_hf(config, dtype, device):
     import transformers
+
     hf_config = hf_phi_config(config)
     hf_config._attn_implementation = "sdpa"
     return transformers.PhiForCausalLM(hf_config).to(device=device, dtype=dtype)
@@ -72,6 +78,7 @@ def bench(config, args, device, dtype, runtime):
 
             def step(model=model):
                 model(ids[:, :-1], labels=ids[:, :-1]).loss.backward()  # HF shifts labels itself
+
         seconds, peak = time_steps(step, args.steps, args.warmup, device)
         results[impl] = (args.batch * args.seq / seconds, peak)
         del model
@@ -95,8 +102,10 @@ def main():
     args = p.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     table = FULL if args.full else SMALL
-    print(f"device={device} dtype={args.dtype} batch={args.batch} seq={args.seq} steps={args.steps} "
-          f"threads={torch.get_num_threads()} dropout={args.dropout}")
+    print(
+        f"device={device} dtype={args.dtype} batch={args.batch} seq={args.seq} steps={args.steps} "
+        f"threads={torch.get_num_threads()} dropout={args.dropout}"
+    )
     header = f"| {'config':28} | megaphi tok/s | HF tok/s | ratio | megaphi peak MiB | HF peak MiB |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
@@ -106,8 +115,10 @@ def main():
         config = get_preset(preset, **overrides, attention_dropout=args.dropout, resid_dropout=args.dropout)
         r = bench(config, args, device, dtype, ModelRuntime(recompute="full" if args.recompute else "none"))
         (ours, ours_mem), (hf, hf_mem) = r["megaphi"], r["transformers"]
-        print(f"| {name:28} | {ours:13.1f} | {hf:8.1f} | {ours / hf:5.2f} | {ours_mem:16.0f} | {hf_mem:11.0f} |",
-              flush=True)
+        print(
+            f"| {name:28} | {ours:13.1f} | {hf:8.1f} | {ours / hf:5.2f} | {ours_mem:16.0f} | {hf_mem:11.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

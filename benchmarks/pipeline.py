@@ -22,6 +22,7 @@ real executor) on one of two kinds of stage work:
 Usage: python benchmarks/pipeline.py [--work sleep model] [--pp 2 4] [--micro-batches 4 8]
        [--chunks 2] [--forward-ms 20] [--model-pp 2] [--json out.json]
 """
+
 import argparse
 import json
 import os
@@ -77,14 +78,24 @@ def _forward_step(data_iterator, model):
 def _chunks(args, work, rank, P, v):
     from megaphi.config import PhiConfig
     from megaphi.parallel.pipeline import build_model_chunks
+
     shape = (args.micro_batch, args.seq, args.hidden)
     if work == "sleep":
         last = P * v - 1
-        return [SleepChunk(shape, args.forward_ms / 1000.0 / v, c * P + rank == 0, c * P + rank == last)
-                for c in range(v)]
-    config = PhiConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                       num_hidden_layers=args.layers_per_stage * P, num_attention_heads=args.hidden // 64,
-                       max_position_embeddings=args.seq, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
+        return [
+            SleepChunk(shape, args.forward_ms / 1000.0 / v, c * P + rank == 0, c * P + rank == last) for c in range(v)
+        ]
+    config = PhiConfig(
+        vocab_size=1024,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers_per_stage * P,
+        num_attention_heads=args.hidden // 64,
+        max_position_embeddings=args.seq,
+        attention_dropout=0.0,
+        resid_dropout=0.0,
+        embd_dropout=0.0,
+    )
     return [c.train() for c in build_model_chunks(config, rank, P, v, init_seed=1)]
 
 
@@ -106,6 +117,7 @@ def _worker(rank, world, port, store, args, work, out_path):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     from megaphi.parallel import state
     from megaphi.parallel.pipeline import StageCommunicator, forward_backward_pipelining
+
     state.initialize_model_parallel(1, world)
     shape = (args.micro_batch, args.seq, args.hidden)
     comm = StageCommunicator(shape, torch.float32)
@@ -121,20 +133,30 @@ def _worker(rank, world, port, store, args, work, out_path):
                 dist.barrier()
                 stats = {}
                 start = time.perf_counter()
-                forward_backward_pipelining(_forward_step, [iter(batches) for _ in chunks], chunks, m, comm,
-                                            stats=stats)
+                forward_backward_pipelining(
+                    _forward_step, [iter(batches) for _ in chunks], chunks, m, comm, stats=stats
+                )
                 elapsed = _reduce(time.perf_counter() - start, dist.ReduceOp.MAX)
                 compute = _reduce(stats["compute_seconds"], dist.ReduceOp.SUM) / world
                 for chunk in chunks:
                     chunk.zero_grad(set_to_none=True)
                 if i:
                     steps.append((elapsed, compute))
-            step_s, compute_s = min(steps, key=lambda s: s[0]) if args.best else \
-                sorted(steps)[len(steps) // 2]
+            step_s, compute_s = min(steps, key=lambda s: s[0]) if args.best else sorted(steps)[len(steps) // 2]
             ideal_bubble = (world - 1) / v
-            rows.append(dict(work=work, schedule="1F1B" if v == 1 else "interleaved", P=world, v=v, m=m,
-                             stage_ms=1000 * compute_s / m, step_ms=1000 * step_s,
-                             bubble=1.0 - compute_s / step_s, theory=ideal_bubble / (m + ideal_bubble)))
+            rows.append(
+                dict(
+                    work=work,
+                    schedule="1F1B" if v == 1 else "interleaved",
+                    P=world,
+                    v=v,
+                    m=m,
+                    stage_ms=1000 * compute_s / m,
+                    step_ms=1000 * step_s,
+                    bubble=1.0 - compute_s / step_s,
+                    theory=ideal_bubble / (m + ideal_bubble),
+                )
+            )
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(rows, f)
@@ -157,8 +179,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", nargs="+", default=["sleep", "model"], choices=["sleep", "model"])
     parser.add_argument("--pp", nargs="+", type=int, default=[2, 4], help="pipeline sizes for sleep work")
-    parser.add_argument("--model-pp", nargs="+", type=int, default=[2],
-                        help="pipeline sizes for model work (at most the free cores)")
+    parser.add_argument(
+        "--model-pp", nargs="+", type=int, default=[2], help="pipeline sizes for model work (at most the free cores)"
+    )
     parser.add_argument("--micro-batches", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--chunks", type=int, default=2, help="virtual stages per rank for the interleaved rows")
     parser.add_argument("--forward-ms", type=float, default=20.0)
@@ -167,23 +190,30 @@ def main():
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--best", action="store_true", help="report the fastest step instead of the median "
-                        "(on a machine shared with other work)")
+    parser.add_argument(
+        "--best",
+        action="store_true",
+        help="report the fastest step instead of the median (on a machine shared with other work)",
+    )
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
     if args.layers_per_stage % args.chunks:
         parser.error(f"--layers-per-stage {args.layers_per_stage} must be a multiple of --chunks {args.chunks}")
     rows = []
     for work in args.work:
-        for P in (args.pp if work == "sleep" else args.model_pp):
+        for P in args.pp if work == "sleep" else args.model_pp:
             rows += run(args, work, P)
-    header = (f"{'work':6} {'schedule':12} {'P':>2} {'v':>2} {'m':>3} {'stage ms':>9} {'step ms':>9} "
-              f"{'bubble':>7} {'theory':>7}")
+    header = (
+        f"{'work':6} {'schedule':12} {'P':>2} {'v':>2} {'m':>3} {'stage ms':>9} {'step ms':>9} "
+        f"{'bubble':>7} {'theory':>7}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['work']:6} {r['schedule']:12} {r['P']:>2} {r['v']:>2} {r['m']:>3} {r['stage_ms']:>9.1f} "
-              f"{r['step_ms']:>9.1f} {r['bubble']:>7.3f} {r['theory']:>7.3f}")
+        print(
+            f"{r['work']:6} {r['schedule']:12} {r['P']:>2} {r['v']:>2} {r['m']:>3} {r['stage_ms']:>9.1f} "
+            f"{r['step_ms']:>9.1f} {r['bubble']:>7.3f} {r['theory']:>7.3f}"
+        )
     print(json.dumps(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -12,6 +12,7 @@ Defaults are small (a couple of minutes on 2 cores); the figures in docs/data.md
 
     python benchmarks/preprocess.py --tokenizer ../shared/tokenizers/codegen-350M-mono --workers 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,9 +61,22 @@ def _status_kb(pid: int, field: str) -> int:
 def run_preprocess(corpus: str, prefix: str, tokenizer: str, workers: int, batch_size: int, monitor: bool):
     """Runs preprocess_data.py; returns (wall seconds, seconds the tool reports (after start-up),
     CPU seconds of the whole process tree, peaks in MB: main, worker, total)."""
-    cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", corpus, "--output-prefix",
-           prefix, "--tokenizer", tokenizer, "--workers", str(workers), "--batch-size", str(batch_size),
-           "--overwrite", "--quiet"]
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "tools", "preprocess_data.py"),
+        "--input",
+        corpus,
+        "--output-prefix",
+        prefix,
+        "--tokenizer",
+        tokenizer,
+        "--workers",
+        str(workers),
+        "--batch-size",
+        str(batch_size),
+        "--overwrite",
+        "--quiet",
+    ]
     peaks = {"main": 0, "worker": 0, "total": 0}
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -104,7 +118,7 @@ def raw_encode(corpus: str, tokenizer: str, batch_size: int):
     t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for i in range(0, len(texts), batch_size):
-        n += sum(len(x) for x in tok.encode_batch(texts[i:i + batch_size]))
+        n += sum(len(x) for x in tok.encode_batch(texts[i : i + batch_size]))
     return n, time.perf_counter() - t0, time.process_time() - c0, len(texts)
 
 
@@ -113,8 +127,12 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--throughput-size", type=parse_size, default=parse_size("16MB"),
-                   help="corpus size of the throughput run (stdlib files, cut or repeated)")
+    p.add_argument(
+        "--throughput-size",
+        type=parse_size,
+        default=parse_size("16MB"),
+        help="corpus size of the throughput run (stdlib files, cut or repeated)",
+    )
     p.add_argument("--repeats", type=int, default=2, help="throughput runs (best is kept: the machine may be busy)")
     p.add_argument("--rss-sizes", default="25MB,100MB", help="comma-separated corpus sizes for the memory runs")
     p.add_argument("--work-dir", default=None, help="where corpora and outputs go (default: a temp folder)")
@@ -129,8 +147,10 @@ def main(argv=None) -> int:
     work = args.work_dir or tempfile.mkdtemp(prefix="megaphi_bench_")
     os.makedirs(work, exist_ok=True)
     cores = len(os.sched_getaffinity(0))
-    print(f"# preprocess_data benchmark: {cores} cores, tokenizer {args.tokenizer}, workers {args.workers}, "
-          f"batch {args.batch_size}, work dir {work}")
+    print(
+        f"# preprocess_data benchmark: {cores} cores, tokenizer {args.tokenizer}, workers {args.workers}, "
+        f"batch {args.batch_size}, work dir {work}"
+    )
 
     if not args.skip_throughput:
         corpus = os.path.join(work, "throughput.jsonl")
@@ -139,8 +159,9 @@ def main(argv=None) -> int:
         for _ in range(args.repeats):
             n_raw, t_raw, c_raw, docs = raw_encode(corpus, args.tokenizer, args.batch_size)
             raw.append((t_raw, c_raw))
-            t_e2e, t_in, c_e2e, _ = run_preprocess(corpus, os.path.join(work, "tp"), args.tokenizer, args.workers,
-                                                   args.batch_size, False)
+            t_e2e, t_in, c_e2e, _ = run_preprocess(
+                corpus, os.path.join(work, "tp"), args.tokenizer, args.workers, args.batch_size, False
+            )
             ds = IndexedDataset(os.path.join(work, "tp_text_document"))
             n_e2e = ds.num_tokens - ds.num_documents  # without the EODs
             assert n_e2e == n_raw, (n_e2e, n_raw)
@@ -150,30 +171,39 @@ def main(argv=None) -> int:
         print(f"\n## Throughput ({mb:.1f} MB, {docs:,} documents, {n_raw:,} tokens; best of {args.repeats} runs)\n")
         print("| method | wall s | tokens/s | MB/s | relative | CPU s | tokens per CPU s | relative |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
-        rows = [(f"raw tokenizer.encode_batch ({cores} threads, text in memory)", raw),
-                (f"preprocess_data.py --workers {args.workers}, end to end (process start to exit)", e2e),
-                (f"preprocess_data.py --workers {args.workers}, after start-up (its own timer)", inner)]
+        rows = [
+            (f"raw tokenizer.encode_batch ({cores} threads, text in memory)", raw),
+            (f"preprocess_data.py --workers {args.workers}, end to end (process start to exit)", e2e),
+            (f"preprocess_data.py --workers {args.workers}, after start-up (its own timer)", inner),
+        ]
         ref_wall, ref_cpu = min(w for w, _ in raw), min(c for _, c in raw)
         for name, runs in rows:
             wall, cpu = min(w for w, _ in runs), min(c for _, c in runs)
-            print(f"| {name} | {wall:.1f} | {n_raw / wall:,.0f} | {mb / wall:.2f} | {100 * ref_wall / wall:.1f}% | "
-                  f"{cpu:.1f} | {n_raw / cpu:,.0f} | {100 * ref_cpu / cpu:.1f}% |")
+            print(
+                f"| {name} | {wall:.1f} | {n_raw / wall:,.0f} | {mb / wall:.2f} | {100 * ref_wall / wall:.1f}% | "
+                f"{cpu:.1f} | {n_raw / cpu:,.0f} | {100 * ref_cpu / cpu:.1f}% |"
+            )
 
     if not args.skip_rss:
         print("\n## Peak memory\n")
-        print("| corpus | documents | tokens | time (s) | tokens/s | main peak RSS (MB) | largest worker (MB) | "
-              "process tree peak (MB) |")
+        print(
+            "| corpus | documents | tokens | time (s) | tokens/s | main peak RSS (MB) | largest worker (MB) | "
+            "process tree peak (MB) |"
+        )
         print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for spec in args.rss_sizes.split(","):
             size = parse_size(spec)
             corpus = os.path.join(work, "rss.jsonl")
             info = make_corpus(corpus, stdlib, target_size=size, overwrite=True)
-            seconds, _, _, peaks = run_preprocess(corpus, os.path.join(work, "rss"), args.tokenizer, args.workers,
-                                            args.batch_size, True)
+            seconds, _, _, peaks = run_preprocess(
+                corpus, os.path.join(work, "rss"), args.tokenizer, args.workers, args.batch_size, True
+            )
             ds = IndexedDataset(os.path.join(work, "rss_text_document"))
-            print(f"| {info['bytes'] / 1e9:.3f} GB | {ds.num_documents:,} | {ds.num_tokens:,} | {seconds:.0f} | "
-                  f"{ds.num_tokens / seconds:,.0f} | {peaks['main']:.0f} | {peaks['worker']:.0f} | {peaks['total']:.0f} |",
-                  flush=True)
+            print(
+                f"| {info['bytes'] / 1e9:.3f} GB | {ds.num_documents:,} | {ds.num_tokens:,} | {seconds:.0f} | "
+                f"{ds.num_tokens / seconds:,.0f} | {peaks['main']:.0f} | {peaks['worker']:.0f} | {peaks['total']:.0f} |",
+                flush=True,
+            )
             del ds
             for suffix in (".bin", ".idx"):
                 os.remove(os.path.join(work, "rss_text_document" + suffix))

@@ -8,6 +8,7 @@ parameters excluded. Prints a table (per decoder layer) and a JSON line.
     python benchmarks/recompute_memory.py                            # hidden 256, 4 heads x 64, seq 512
     python benchmarks/recompute_memory.py --backend math --dtype bfloat16
 """
+
 import argparse
 import json
 from contextlib import contextmanager
@@ -53,10 +54,18 @@ def measure(granularity, args):
     from megaphi.config import PhiConfig
     from megaphi.model import ModelRuntime, PhiForCausalLM
 
-    config = PhiConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden,
-                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, rotary_dim=32,
-                       max_position_embeddings=args.seq, attention_dropout=args.dropout, resid_dropout=args.dropout,
-                       embd_dropout=0.0)
+    config = PhiConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        rotary_dim=32,
+        max_position_embeddings=args.seq,
+        attention_dropout=args.dropout,
+        resid_dropout=args.dropout,
+        embd_dropout=0.0,
+    )
     runtime = ModelRuntime(recompute=granularity, attention_backend=args.backend)
     model = PhiForCausalLM(config, init_seed=0, runtime=runtime).to(getattr(torch, args.dtype)).train()
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
@@ -88,14 +97,15 @@ def main():
     totals = {g: measure(g, args) for g in GRANULARITIES}
     layers = {g: per_layer(args, g, t) for g, t in totals.items()}
     unit = args.batch * args.seq * args.hidden * torch.finfo(getattr(torch, args.dtype)).bits // 8
-    print(f"hidden {args.hidden}, {args.hidden // 64} heads x 64, seq {args.seq}, batch {args.batch}, "
-          f"{args.dtype}, dropout {args.dropout}, attention {args.backend}, {args.layers} layers\n")
+    print(
+        f"hidden {args.hidden}, {args.hidden // 64} heads x 64, seq {args.seq}, batch {args.batch}, "
+        f"{args.dtype}, dropout {args.dropout}, attention {args.backend}, {args.layers} layers\n"
+    )
     print("| recompute | held per layer (MiB) | in units of b*s*h | whole model (MiB) |")
     print("|---|---|---|---|")
     for g in GRANULARITIES:
         print(f"| {g} | {layers[g] / 2**20:.2f} | {layers[g] / unit:.2f} | {totals[g] / 2**20:.2f} |")
-    print(json.dumps({"args": vars(args), "total_bytes": totals, "per_layer_bytes": layers,
-                      "bsh_bytes": unit}))
+    print(json.dumps({"args": vars(args), "total_bytes": totals, "per_layer_bytes": layers, "bsh_bytes": unit}))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Also reported per case: whether DeepSpeed printed `... built successfully` (a JI
 of its extensions during the run). Prints a table, then the rows as JSON (`--json PATH` writes them).
 The machine's load matters: the table says the load average at the start.
 """
+
 import argparse
 import json
 import os
@@ -27,8 +28,23 @@ import tempfile
 import threading
 import time
 
-TINY = ["--model", "tiny", "--mock-data", "--micro-batch-size", "2", "--train-iters", "2", "--lr", "1e-3",
-        "--seq-length", "64", "--eval-iters", "0", "--log-interval", "1"]
+TINY = [
+    "--model",
+    "tiny",
+    "--mock-data",
+    "--micro-batch-size",
+    "2",
+    "--train-iters",
+    "2",
+    "--lr",
+    "1e-3",
+    "--seq-length",
+    "64",
+    "--eval-iters",
+    "0",
+    "--log-interval",
+    "1",
+]
 
 
 def timed_run(command, env, timeout):
@@ -58,29 +74,43 @@ def measure(name, command, env, rounds, timeout):
         firsts.append(first)
         totals.append(total)
         built = built or "built successfully" in output
-    row = {"case": name, "rounds": rounds, "end_to_end_s": statistics.median(totals),
-           "first_iteration_s": None, "deepspeed_built_line": built, "command": " ".join(command)}
+    row = {
+        "case": name,
+        "rounds": rounds,
+        "end_to_end_s": statistics.median(totals),
+        "first_iteration_s": None,
+        "deepspeed_built_line": built,
+        "command": " ".join(command),
+    }
     if all(f is not None for f in firsts):
         row["first_iteration_s"] = statistics.median(firsts)
     return row
 
 
 def table(rows, load):
-    out = [f"load average at start: {load}", "",
-           "| case | rounds | to first iteration (s) | end to end (s) | DeepSpeed 'built successfully' |",
-           "|---|---|---|---|---|"]
+    out = [
+        f"load average at start: {load}",
+        "",
+        "| case | rounds | to first iteration (s) | end to end (s) | DeepSpeed 'built successfully' |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         first = "-" if r["first_iteration_s"] is None else f"{r['first_iteration_s']:.1f}"
-        out.append(f"| {r['case']} | {r['rounds']} | {first} | {r['end_to_end_s']:.1f} | "
-                   f"{'yes' if r['deepspeed_built_line'] else 'no'} |")
+        out.append(
+            f"| {r['case']} | {r['rounds']} | {first} | {r['end_to_end_s']:.1f} | "
+            f"{'yes' if r['deepspeed_built_line'] else 'no'} |"
+        )
     return "\n".join(out)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--fresh-extensions", action="store_true",
-                   help="add a run with an empty TORCH_EXTENSIONS_DIR (a fresh machine's first run)")
+    p.add_argument(
+        "--fresh-extensions",
+        action="store_true",
+        help="add a run with an empty TORCH_EXTENSIONS_DIR (a fresh machine's first run)",
+    )
     p.add_argument("--torchrun", action="store_true", help="add the tiny run under torchrun, 2 ranks")
     p.add_argument("--timeout", type=float, default=900, help="seconds before a run is killed")
     p.add_argument("--json", help="write the rows to this file")
@@ -89,15 +119,34 @@ def main(argv=None):
     py = sys.executable
     env = dict(os.environ)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    rows = [measure("help", [py, "-m", "megaphi.pretrain", "--help"], env, args.rounds, args.timeout),
-            measure("tiny to first iteration", [py, "-m", "megaphi.pretrain", *TINY], env, args.rounds, args.timeout)]
+    rows = [
+        measure("help", [py, "-m", "megaphi.pretrain", "--help"], env, args.rounds, args.timeout),
+        measure("tiny to first iteration", [py, "-m", "megaphi.pretrain", *TINY], env, args.rounds, args.timeout),
+    ]
     if args.fresh_extensions:
         with tempfile.TemporaryDirectory(prefix="megaphi-startup-ext-") as ext:
-            rows.append(measure("tiny, fresh extensions", [py, "-m", "megaphi.pretrain", *TINY],
-                                dict(env, TORCH_EXTENSIONS_DIR=ext), 1, args.timeout))
+            rows.append(
+                measure(
+                    "tiny, fresh extensions",
+                    [py, "-m", "megaphi.pretrain", *TINY],
+                    dict(env, TORCH_EXTENSIONS_DIR=ext),
+                    1,
+                    args.timeout,
+                )
+            )
     if args.torchrun:
-        command = [py, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "megaphi.pretrain", *TINY,
-                   "--global-batch-size", "4"]
+        command = [
+            py,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "megaphi.pretrain",
+            *TINY,
+            "--global-batch-size",
+            "4",
+        ]
         rows.append(measure("torchrun 2 ranks", command, env, args.rounds, args.timeout))
     print(table(rows, load))
     print(json.dumps({"load_average": load, "rows": rows}))

@@ -22,6 +22,7 @@ length. Every collective issued by megaphi.parallel.mappings is counted
 
 Usage: python benchmarks/tp.py [--tp 1 2 4 8] [--seq 32] [--batch 1] [--preset phi-1] [--iters 2]
 """
+
 import argparse
 import os
 import socket
@@ -59,6 +60,7 @@ def _worker(rank, world, port, args, sp, out_path):
         from megaphi.parallel import initialize_model_parallel
         from megaphi.parallel.layers import init_from_master
         from megaphi.parallel.mappings import count_communication
+
         initialize_model_parallel(world)
         device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
         dtype = torch.bfloat16 if use_cuda else torch.float32
@@ -69,8 +71,15 @@ def _worker(rank, world, port, args, sp, out_path):
                 init_from_master(p, lambda t, g: t.normal_(0, 0.02, generator=g), torch.Generator().manual_seed(0))
         cos, sin = (t.to(device=device, dtype=dtype) for t in rotary_tables(config.rotary_dim, args.seq, device=device))
         local_seq = args.seq // world if sp else args.seq
-        x = torch.randn(args.batch, local_seq, config.hidden_size, device=device, dtype=dtype,
-                        generator=torch.Generator(device=device).manual_seed(rank if sp else 0), requires_grad=True)
+        x = torch.randn(
+            args.batch,
+            local_seq,
+            config.hidden_size,
+            device=device,
+            dtype=dtype,
+            generator=torch.Generator(device=device).manual_seed(rank if sp else 0),
+            requires_grad=True,
+        )
 
         def step():
             layer(x, cos, sin, None, None, sp).float().square().mean().backward()
@@ -88,9 +97,16 @@ def _worker(rank, world, port, args, sp, out_path):
             torch.cuda.synchronize()
         elapsed = (time.perf_counter() - start) / args.iters
         if rank == 0:
-            torch.save({"calls": dict(counter.calls), "bytes": dict(counter.bytes), "ms": elapsed * 1e3,
-                        "element_size": torch.empty(0, dtype=dtype).element_size(),
-                        "backend": "nccl/GPU" if use_cuda else "gloo/CPU"}, out_path)
+            torch.save(
+                {
+                    "calls": dict(counter.calls),
+                    "bytes": dict(counter.bytes),
+                    "ms": elapsed * 1e3,
+                    "element_size": torch.empty(0, dtype=dtype).element_size(),
+                    "backend": "nccl/GPU" if use_cuda else "gloo/CPU",
+                },
+                out_path,
+            )
     finally:
         dist.destroy_process_group()
 
@@ -129,24 +145,35 @@ def main():
     parser.add_argument("--iters", type=int, default=2)
     args = parser.parse_args()
     config = get_preset(args.preset)
-    print(f"{args.preset} block (h={config.hidden_size}, ffn={config.intermediate_size}, "
-          f"heads={config.num_attention_heads}), measured at batch {args.batch} x seq {args.seq}; "
-          f"'phi-1 s=2048' = batch 1 x {FULL_SEQ} tokens, bf16")
-    header = ("| TP | SP | calls AR/AG/RS | counted (run) | counted -> s=2048 bf16 | formula s=2048 bf16 "
-              "| ring bytes/rank (formula) | step ms | backend |")
+    print(
+        f"{args.preset} block (h={config.hidden_size}, ffn={config.intermediate_size}, "
+        f"heads={config.num_attention_heads}), measured at batch {args.batch} x seq {args.seq}; "
+        f"'phi-1 s=2048' = batch 1 x {FULL_SEQ} tokens, bf16"
+    )
+    header = (
+        "| TP | SP | calls AR/AG/RS | counted (run) | counted -> s=2048 bf16 | formula s=2048 bf16 "
+        "| ring bytes/rank (formula) | step ms | backend |"
+    )
     print(header)
     print("|" + "---|" * 9)
     for tp in args.tp:
-        for sp in ((False,) if tp == 1 else (False, True)):
+        for sp in (False,) if tp == 1 else (False, True):
             r = measure(tp, sp, args)
             calls = "/".join(str(r["calls"].get(op, 0)) for op in ("all_reduce", "all_gather", "reduce_scatter"))
             counted = sum(r["bytes"].values())
             # scale the b*s*h collectives by tokens and dtype; the h-sized ones (SP parameter grads) by dtype only
             small = 4 * config.hidden_size * r["element_size"] if sp and tp > 1 else 0
-            scaled = ((counted - small) * (FULL_SEQ / (args.batch * args.seq)) + small) * FULL_BYTES_PER_ELEMENT / r["element_size"]
+            scaled = (
+                ((counted - small) * (FULL_SEQ / (args.batch * args.seq)) + small)
+                * FULL_BYTES_PER_ELEMENT
+                / r["element_size"]
+            )
             message, ring = formula(tp, sp, config, 1, FULL_SEQ, FULL_BYTES_PER_ELEMENT)
-            print(f"| {tp} | {'on' if sp else 'off'} | {calls} | {_mb(counted)} | {_mb(scaled)} | {_mb(message)} "
-                  f"| {_mb(ring)} | {r['ms']:.1f} | {r['backend']} |", flush=True)
+            print(
+                f"| {tp} | {'on' if sp else 'off'} | {calls} | {_mb(counted)} | {_mb(scaled)} | {_mb(message)} "
+                f"| {_mb(ring)} | {r['ms']:.1f} | {r['backend']} |",
+                flush=True,
+            )
     print("Step time on GPUs needs a machine with >= TP GPUs (NCCL); the CPU figures above only show the runs work.")
 
 

@@ -36,6 +36,7 @@ Ratios are against the baseline: the first value of each axis (compile off, reco
 chunk 0 in the default grid) at the same micro batch. A CUDA out-of-memory is a row "OOM" (and the
 larger micro batches of the same configuration are not tried).
 """
+
 import argparse
 import itertools
 import json
@@ -52,8 +53,15 @@ if BENCHMARKS not in sys.path:  # loaded by path (the tests): appended, so bench
     sys.path.append(BENCHMARKS)
 
 from train_config_run import child_main  # noqa: E402
-from train_table import (AXES, add_ratios, describe, markdown_table, print_compare_plain,  # noqa: E402
-                         same_combination, summarize)
+from train_table import (
+    AXES,
+    add_ratios,
+    describe,
+    markdown_table,
+    print_compare_plain,  # noqa: E402
+    same_combination,
+    summarize,
+)
 
 CHOICES = {"compile": ("off", "on"), "recompute": ("none", "selective", "full")}
 
@@ -61,8 +69,15 @@ CHOICES = {"compile": ("off", "on"), "recompute": ("none", "selective", "full")}
 def parse_cli(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=("tiny", "phi-1-small", "phi-1"))
-    for flag in ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads", "--rotary-dim",
-                 "--vocab-size", "--seq-length"):
+    for flag in (
+        "--num-layers",
+        "--hidden-size",
+        "--ffn-hidden-size",
+        "--num-attention-heads",
+        "--rotary-dim",
+        "--vocab-size",
+        "--seq-length",
+    ):
         p.add_argument(flag, type=int, help="overrides the preset (default: the preset's; seq: its context)")
     p.add_argument("--micro-batch-size", type=int, default=4, help="micro batch when the grid names none")
     p.add_argument("--accumulation", type=int, default=1, help="micro-batches per step")
@@ -72,24 +87,38 @@ def parse_cli(argv=None):
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--recompute-num-layers", type=int, default=0)
     p.add_argument("--grid", action="append", help="AXIS=V1,V2 ... (see above); may be repeated")
-    p.add_argument("--find-max-micro-batch", action="store_true",
-                   help="run the first configuration at each micro batch of the grid (default 1, 2, 4, ... 256) "
-                        "until one runs out of memory; the other configurations run at the fastest that fit")
+    p.add_argument(
+        "--find-max-micro-batch",
+        action="store_true",
+        help="run the first configuration at each micro batch of the grid (default 1, 2, 4, ... 256) "
+        "until one runs out of memory; the other configurations run at the fastest that fit",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: megaphi's table for the GPU)")
     p.add_argument("--json", help="write the results here too (rewritten after each configuration)")
     p.add_argument("--logs", help="keep each configuration's output in this folder")
-    p.add_argument("--threads", type=int, help="CPU: torch threads per configuration (1 is steadiest on a busy "
-                                                 "machine, where waiting OpenMP threads spin); default torch's")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="what ms/step and the columns from it measure: wall time, or this process's CPU time "
-                        "(with --threads 1 on a busy CPU: the work done, not the waits for other programs)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="CPU: torch threads per configuration (1 is steadiest on a busy "
+        "machine, where waiting OpenMP threads spin); default torch's",
+    )
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="what ms/step and the columns from it measure: wall time, or this process's CPU time "
+        "(with --threads 1 on a busy CPU: the work done, not the waits for other programs)",
+    )
     p.add_argument("--config-timeout", type=float, default=1800, help="seconds per configuration")
-    p.add_argument("--compare-plain", action="store_true",
-                   help="instead of the grid: the first configuration's engine steps alternating with a plain "
-                        "PyTorch loop (torch AdamW, no DeepSpeed) on the same model and batches (fp32)")
+    p.add_argument(
+        "--compare-plain",
+        action="store_true",
+        help="instead of the grid: the first configuration's engine steps alternating with a plain "
+        "PyTorch loop (torch AdamW, no DeepSpeed) on the same model and batches (fp32)",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.compare_plain and (args.bf16 or args.fp16):
@@ -126,6 +155,7 @@ def parse_grid(specs, cuda, default_micro_batch):
 
 # ---------------------------------------------------------------------------------- the grid (parent)
 
+
 def last_line(path):
     try:
         with open(path, errors="replace") as f:
@@ -137,8 +167,10 @@ def last_line(path):
 
 def run_config(args, cfg, workdir, index):
     """Run one configuration in a fresh process; its result dict (status ok | oom | error)."""
-    name = f"{index:02d}_compile-{cfg['compile']}_recompute-{cfg['recompute']}_chunk-{cfg['loss_chunk']}" \
-           f"_mb-{cfg['micro_batch']}"
+    name = (
+        f"{index:02d}_compile-{cfg['compile']}_recompute-{cfg['recompute']}_chunk-{cfg['loss_chunk']}"
+        f"_mb-{cfg['micro_batch']}"
+    )
     spec_path, result_path = os.path.join(workdir, name + ".spec.json"), os.path.join(workdir, name + ".result.json")
     log_path = os.path.join(args.logs or workdir, name + ".log")
     child_args = {k: v for k, v in vars(args).items() if k not in ("grid", "json", "logs", "child")}
@@ -149,9 +181,14 @@ def run_config(args, cfg, workdir, index):
     started = time.perf_counter()
     try:
         with open(log_path, "w") as log:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec_path], stdout=log,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                  timeout=args.config_timeout)
+            proc = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--child", spec_path],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                timeout=args.config_timeout,
+            )
     except subprocess.TimeoutExpired:
         return {"status": "error", "reason": f"timed out after {args.config_timeout:g}s: {last_line(log_path)}"}
     try:
@@ -165,7 +202,7 @@ def run_config(args, cfg, workdir, index):
 
 
 def powers_of_two(limit=256):
-    return [2 ** i for i in range(limit.bit_length()) if 2 ** i <= limit]
+    return [2**i for i in range(limit.bit_length()) if 2**i <= limit]
 
 
 class GridRun:
@@ -178,9 +215,17 @@ class GridRun:
 
     def run(self, index):
         cfg = self.configs[index]
-        smaller_oom = next((c["micro_batch"] for i, c in enumerate(self.configs) if i != index
-                            and same_combination(c, cfg) and c["micro_batch"] <= cfg["micro_batch"]
-                            and any(r["status"] == "oom" for r in self.results.get(i, []))), None)
+        smaller_oom = next(
+            (
+                c["micro_batch"]
+                for i, c in enumerate(self.configs)
+                if i != index
+                and same_combination(c, cfg)
+                and c["micro_batch"] <= cfg["micro_batch"]
+                and any(r["status"] == "oom" for r in self.results.get(i, []))
+            ),
+            None,
+        )
         if smaller_oom is not None and not self.results.get(index):
             result = {"status": "oom", "reason": f"not run: micro batch {smaller_oom} ran out of memory"}
         else:
@@ -203,9 +248,12 @@ class GridRun:
             if self.run(index)["status"] != "ok":
                 break
         clock = self.args.clock
-        ran = [dict(self.configs[i], speed=summarize(self.configs[i], self.results[i], clock)["tokens_per_sec"])
-               for i in tried if self.results[i][-1]["status"] == "ok"]
-        self.configs = self.configs[:len(tried)]
+        ran = [
+            dict(self.configs[i], speed=summarize(self.configs[i], self.results[i], clock)["tokens_per_sec"])
+            for i in tried
+            if self.results[i][-1]["status"] == "ok"
+        ]
+        self.configs = self.configs[: len(tried)]
         if not ran:
             return
         self.best_micro_batch = max(ran, key=lambda r: r["speed"])["micro_batch"]
@@ -229,12 +277,20 @@ class GridRun:
 
     def report(self):
         ok = [r for rs in self.results.values() for r in rs if r["status"] == "ok"]
-        return {"benchmark": "megaphi training step (benchmarks/train.py)",
-                "command": " ".join(shlex.quote(a) for a in sys.argv), "model": self.args.model,
-                "setup": ok[0]["setup"] if ok else None, "warmup": self.args.warmup, "steps": self.args.steps,
-                "rounds": self.args.rounds, "clock": self.args.clock, "data": "megaphi.data.mock_dataset (--mock-data)",
-                "baseline": describe(self.configs[0], micro_batch=False) + ", at the same micro batch",
-                "best_micro_batch": self.best_micro_batch, "rows": self.rows()}
+        return {
+            "benchmark": "megaphi training step (benchmarks/train.py)",
+            "command": " ".join(shlex.quote(a) for a in sys.argv),
+            "model": self.args.model,
+            "setup": ok[0]["setup"] if ok else None,
+            "warmup": self.args.warmup,
+            "steps": self.args.steps,
+            "rounds": self.args.rounds,
+            "clock": self.args.clock,
+            "data": "megaphi.data.mock_dataset (--mock-data)",
+            "baseline": describe(self.configs[0], micro_batch=False) + ", at the same micro batch",
+            "best_micro_batch": self.best_micro_batch,
+            "rows": self.rows(),
+        }
 
     def write_json(self):
         if self.args.json:

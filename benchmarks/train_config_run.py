@@ -2,6 +2,7 @@
 allocator and compile caches). Builds a megaphi Trainer as python -m megaphi.pretrain does, times the warm-up and
 the timed steps, counts memory and host syncs, and writes a result dict as JSON for the parent.
 Run through `python benchmarks/train.py --child SPEC`, not on its own (train.py puts megaphi on sys.path)."""
+
 import argparse
 import contextlib
 import json
@@ -12,13 +13,39 @@ import time
 
 def pretrain_argv(args, cfg):
     """The python -m megaphi.pretrain flags of this configuration (so the engine is built as training does)."""
-    argv = ["--model", args.model, "--mock-data", "--lr", "1e-4", "--lr-warmup-iters", "0", "--eval-iters", "0",
-            "--micro-batch-size", str(cfg["micro_batch"]),
-            "--global-batch-size", str(cfg["micro_batch"] * args.accumulation),
-            "--train-iters", str(max(args.warmup + args.steps + 1, 4)), "--loss-chunk-tokens", str(cfg["loss_chunk"]),
-            "--attention-backend", args.attention_backend, "--recompute-num-layers", str(args.recompute_num_layers)]
-    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "rotary_dim", "vocab_size",
-                 "seq_length", "zero_stage"):
+    argv = [
+        "--model",
+        args.model,
+        "--mock-data",
+        "--lr",
+        "1e-4",
+        "--lr-warmup-iters",
+        "0",
+        "--eval-iters",
+        "0",
+        "--micro-batch-size",
+        str(cfg["micro_batch"]),
+        "--global-batch-size",
+        str(cfg["micro_batch"] * args.accumulation),
+        "--train-iters",
+        str(max(args.warmup + args.steps + 1, 4)),
+        "--loss-chunk-tokens",
+        str(cfg["loss_chunk"]),
+        "--attention-backend",
+        args.attention_backend,
+        "--recompute-num-layers",
+        str(args.recompute_num_layers),
+    ]
+    for name in (
+        "num_layers",
+        "hidden_size",
+        "ffn_hidden_size",
+        "num_attention_heads",
+        "rotary_dim",
+        "vocab_size",
+        "seq_length",
+        "zero_stage",
+    ):
         if getattr(args, name) is not None:
             argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     if cfg["recompute"] != "none":
@@ -73,14 +100,17 @@ class StepMemory:
             self.forward_backward[-1] = max(self.forward_backward[-1], self._peak())
             self._reset_peak()
             return update(*args, **kwargs)
+
         engine.step = read_peak_then_update
 
     def _peak(self):
         import torch
+
         return torch.cuda.max_memory_allocated() if self.cuda else host_memory("VmHWM")
 
     def _reset_peak(self):
         import torch
+
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             return
@@ -101,6 +131,7 @@ class StepMemory:
         else:
             try:  # freed heap pages back to the system, so the resident set is what is alive
                 import ctypes
+
                 ctypes.CDLL("libc.so.6").malloc_trim(0)
             except (OSError, AttributeError):
                 pass
@@ -114,8 +145,11 @@ class StepMemory:
 
     def summary(self):
         """(peak, peak above held, forward + backward peak above held): the largest over the steps."""
-        return (max(self.peak), max(p - h for p, h in zip(self.peak, self.held)),
-                max(f - h for f, h in zip(self.forward_backward, self.held)))
+        return (
+            max(self.peak),
+            max(p - h for p, h in zip(self.peak, self.held)),
+            max(f - h for f, h in zip(self.forward_backward, self.held)),
+        )
 
 
 def build_trainer(args, cfg, device):
@@ -131,6 +165,7 @@ def build_trainer(args, cfg, device):
         model = PhiForCausalLM(model_config, initialize=False, device=device)
         init_on_device(model, model_config, config.training.seed)
         return model
+
     return Trainer(config, build_model=build_model)
 
 
@@ -180,29 +215,47 @@ def measure(args, cfg):
 
     seq, precision = run.training.seq_length, run.optimizer.precision
     peak_tflops = args.peak_tflops or metrics.device_peak_tflops(precision=precision)
-    flops_token = metrics.flops_per_token(config.num_hidden_layers, config.hidden_size, config.intermediate_size,
-                                          config.vocab_size, seq)
+    flops_token = metrics.flops_per_token(
+        config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.vocab_size, seq
+    )
     tokens = cfg["micro_batch"] * run.training.gradient_accumulation_steps * seq
     by_origin = reads.by_origin()
-    return {"status": "ok", "step_seconds": times, "step_cpu_seconds": cpu_times, "warmup_seconds": warmup_seconds,
-            "loss_first": loss_first, "loss_last": loss_last,
-            "peak_memory_bytes": peak, "step_memory_bytes": step_memory,
-            "forward_backward_memory_bytes": forward_backward_memory,
-            "value_reads_per_step": {k: v / args.steps for k, v in by_origin.items()},
-            "value_read_sites": reads.counts,
-            "cuda_syncs_per_step": cuda_syncs.count / args.steps if cuda else None,
-            "cuda_sync_sites": cuda_syncs.sites if cuda else None,
-            "setup": {"device": torch.cuda.get_device_name(device) if cuda else cpu_description(),
-                      "precision": precision, "peak_tflops": peak_tflops,
-                      "flops_per_token": flops_token, "tokens_per_step": tokens, "parameters": params,
-                      "layers": config.num_hidden_layers, "hidden": config.hidden_size,
-                      "ffn": config.intermediate_size, "heads": config.num_attention_heads,
-                      "vocab": config.vocab_size, "seq_length": seq, "zero_stage": run.parallel.zero_stage,
-                      "accumulation": run.training.gradient_accumulation_steps}}
+    return {
+        "status": "ok",
+        "step_seconds": times,
+        "step_cpu_seconds": cpu_times,
+        "warmup_seconds": warmup_seconds,
+        "loss_first": loss_first,
+        "loss_last": loss_last,
+        "peak_memory_bytes": peak,
+        "step_memory_bytes": step_memory,
+        "forward_backward_memory_bytes": forward_backward_memory,
+        "value_reads_per_step": {k: v / args.steps for k, v in by_origin.items()},
+        "value_read_sites": reads.counts,
+        "cuda_syncs_per_step": cuda_syncs.count / args.steps if cuda else None,
+        "cuda_sync_sites": cuda_syncs.sites if cuda else None,
+        "setup": {
+            "device": torch.cuda.get_device_name(device) if cuda else cpu_description(),
+            "precision": precision,
+            "peak_tflops": peak_tflops,
+            "flops_per_token": flops_token,
+            "tokens_per_step": tokens,
+            "parameters": params,
+            "layers": config.num_hidden_layers,
+            "hidden": config.hidden_size,
+            "ffn": config.intermediate_size,
+            "heads": config.num_attention_heads,
+            "vocab": config.vocab_size,
+            "seq_length": seq,
+            "zero_stage": run.parallel.zero_stage,
+            "accumulation": run.training.gradient_accumulation_steps,
+        },
+    }
 
 
 def cpu_description():
     import torch
+
     threads = torch.get_num_threads()
     return f"CPU ({threads} thread{'s' if threads != 1 else ''})"
 
@@ -222,17 +275,23 @@ def compare_plain(args, cfg):
     source = trainer.make_train_iterator(0)
     gas = trainer.config.training.gradient_accumulation_steps
     data = [next(source) for _ in range(gas * 4)]
-    plain = PhiForCausalLM(config, initialize=False, device=device,  # the engine's switches, eager
-                           runtime=dataclasses.replace(engine.module.runtime, compile=False))
+    plain = PhiForCausalLM(
+        config,
+        initialize=False,
+        device=device,  # the engine's switches, eager
+        runtime=dataclasses.replace(engine.module.runtime, compile=False),
+    )
     plain.load_state_dict(engine.module.state_dict())
     decay = [p for p in plain.parameters() if p.ndim >= 2]
     no_decay = [p for p in plain.parameters() if p.ndim < 2]
     optimizer = trainer.config.optimizer
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": optimizer.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=optimizer.lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=optimizer.lr,
+    )
 
     def engine_step(i):
-        trainer.train_step(iter(data[(i * gas) % len(data):] + data))
+        trainer.train_step(iter(data[(i * gas) % len(data) :] + data))
 
     def plain_step(i):
         for a in range(gas):
@@ -266,6 +325,7 @@ def child_main(spec_path):
     try:
         if args.threads:
             import torch
+
             torch.set_num_threads(args.threads)
         result = compare_plain(args, cfg) if args.compare_plain else measure(args, cfg)
     except Exception as e:  # noqa: BLE001 - every failure becomes a row of the table
@@ -274,6 +334,7 @@ def child_main(spec_path):
         result = {"status": "oom" if oom else "error", "reason": f"{type(e).__name__}: {first_line}"[:300]}
         if not oom:
             import traceback
+
             traceback.print_exc()
     with open(spec["result"], "w") as f:
         json.dump(result, f)

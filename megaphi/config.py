@@ -8,6 +8,7 @@ Field names follow Hugging Face's PhiConfig where one exists; `rotary_dim` repla
 partial_rotary_factor (rotary_dim = factor * head_dim), the dropouts are named
 attention_dropout / resid_dropout / embd_dropout (HF: attention_dropout / resid_pdrop / embd_pdrop).
 """
+
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -15,20 +16,20 @@ from dataclasses import dataclass
 
 @dataclass
 class PhiConfig:
-    vocab_size: int = 51200               # padded vocabulary (rows of the embedding and lm_head)
+    vocab_size: int = 51200  # padded vocabulary (rows of the embedding and lm_head)
     hidden_size: int = 2048
     intermediate_size: int = 8192
     num_hidden_layers: int = 24
     num_attention_heads: int = 32
-    rotary_dim: int = 32                  # leading dims of each head that are rotated
+    rotary_dim: int = 32  # leading dims of each head that are rotated
     max_position_embeddings: int = 2048
     layer_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    attention_dropout: float = 0.1        # on attention probabilities, training only (paper)
-    resid_dropout: float = 0.1            # on the attention and MLP outputs, training only (paper)
+    attention_dropout: float = 0.1  # on attention probabilities, training only (paper)
+    resid_dropout: float = 0.1  # on the attention and MLP outputs, training only (paper)
     embd_dropout: float = 0.0
     initializer_range: float = 0.02
-    hidden_act: str = "gelu_new"          # tanh-approximated GELU (the only one supported)
+    hidden_act: str = "gelu_new"  # tanh-approximated GELU (the only one supported)
 
     def __post_init__(self):
         self.validate()
@@ -41,22 +42,38 @@ class PhiConfig:
         def need(cond, msg):
             if not cond:
                 raise ValueError(f"PhiConfig: {msg}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "max_position_embeddings"):
+
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+        ):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive int")
-        need(self.hidden_size % self.num_attention_heads == 0,
-             f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-        need(0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
-             f"rotary_dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}")
+        need(
+            self.hidden_size % self.num_attention_heads == 0,
+            f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}",
+        )
+        need(
+            0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
+            f"rotary_dim {self.rotary_dim} must be even and <= head_dim {self.head_dim}",
+        )
         for name in ("attention_dropout", "resid_dropout", "embd_dropout"):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1)")
-        need(self.hidden_act in ("gelu_new", "gelu_pytorch_tanh", "gelu_tanh"),
-             f"hidden_act {self.hidden_act!r} is not supported (phi uses tanh GELU, 'gelu_new')")
+        need(
+            self.hidden_act in ("gelu_new", "gelu_pytorch_tanh", "gelu_tanh"),
+            f"hidden_act {self.hidden_act!r} is not supported (phi uses tanh GELU, 'gelu_new')",
+        )
 
     def check_tensor_parallel(self, tp):
         """Raise if this config cannot be split over tp ranks."""
-        for name, value in (("num_attention_heads", self.num_attention_heads),
-                            ("intermediate_size", self.intermediate_size), ("vocab_size", self.vocab_size)):
+        for name, value in (
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("vocab_size", self.vocab_size),
+        ):
             if value % tp != 0:
                 hint = " (pad it: megaphi.parallel.pad_vocab_size)" if name == "vocab_size" else ""
                 raise ValueError(f"PhiConfig.{name}={value} is not divisible by tensor-model-parallel size {tp}{hint}")
@@ -85,16 +102,29 @@ class PhiConfig:
 
 # Runtime choices that config.json files and checkpoint metadata recorded as PhiConfig fields before
 # they moved to ModelRuntime; reading such a file skips them.
-LEGACY_RUNTIME_KEYS = ("recompute", "recompute_granularity", "recompute_num_layers", "loss_chunk_tokens",
-                       "use_flash_attn", "attention_backend", "sequence_parallel")
+LEGACY_RUNTIME_KEYS = (
+    "recompute",
+    "recompute_granularity",
+    "recompute_num_layers",
+    "loss_chunk_tokens",
+    "use_flash_attn",
+    "attention_backend",
+    "sequence_parallel",
+)
 
 
 PRESETS = {
     "phi-1": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32),
     "phi-1-small": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=20, num_attention_heads=16),
     # Tests and smoke runs: 2 layers, head dim 64 with rotary 32 like the real models.
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-                 num_attention_heads=2, max_position_embeddings=256),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+    ),
 }
 
 
@@ -108,9 +138,15 @@ def get_preset(name, **overrides):
 def num_parameters(config):
     """Exact parameter count of PhiForCausalLM(config), computed from the config alone."""
     h, f, v, n = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
-    per_layer = (2 * h                 # shared LayerNorm
-                 + 3 * h * h + 3 * h   # q, k, v
-                 + h * h + h           # dense
-                 + h * f + f           # fc1
-                 + f * h + h)          # fc2
+    per_layer = (
+        2 * h  # shared LayerNorm
+        + 3 * h * h
+        + 3 * h  # q, k, v
+        + h * h
+        + h  # dense
+        + h * f
+        + f  # fc1
+        + f * h
+        + h
+    )  # fc2
     return v * h + n * per_layer + 2 * h + (h * v + v)

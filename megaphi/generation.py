@@ -12,6 +12,7 @@ Sampling draws on the CPU from a torch.Generator, so a seed gives the same token
 (up to logit rounding), and every tensor-parallel rank (they all see the full gathered logits) draws
 the same tokens.
 """
+
 import dataclasses
 from collections import defaultdict
 from typing import Callable, List, Optional, Sequence
@@ -42,8 +43,13 @@ class GenerationConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def sample_next_token(logits: torch.Tensor, greedy: bool, temperature: float = 1.0, top_p: float = 1.0,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_next_token(
+    logits: torch.Tensor,
+    greedy: bool,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """logits [batch, vocab] -> token ids [batch] (int64, on logits' device)."""
     if greedy:
         return logits.argmax(dim=-1)
@@ -119,10 +125,15 @@ def _next_token_logits(model, ids, cache):
     return model(ids, logits_to_keep=1)[:, -1]
 
 
-def generate_tokens(model, prompts: Sequence[Sequence[int]], config: GenerationConfig,
-                    eod_id: Optional[int] = None, vocab_limit: Optional[int] = None,
-                    should_stop: Optional[Callable[[List[int]], bool]] = None,
-                    generator: Optional[torch.Generator] = None) -> List[List[int]]:
+def generate_tokens(
+    model,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    eod_id: Optional[int] = None,
+    vocab_limit: Optional[int] = None,
+    should_stop: Optional[Callable[[List[int]], bool]] = None,
+    generator: Optional[torch.Generator] = None,
+) -> List[List[int]]:
     """New token ids per prompt (EOD excluded). should_stop(new_tokens) ends a row early."""
     config.validate()
     if any(len(p) == 0 for p in prompts):
@@ -139,9 +150,10 @@ def generate_tokens(model, prompts: Sequence[Sequence[int]], config: GenerationC
         for length in sorted(by_length):
             indices = by_length[length]
             for start in range(0, len(indices), config.batch_size):
-                chunk = indices[start:start + config.batch_size]
-                results = _decode_group(model, [list(prompts[i]) for i in chunk], config, eod_id,
-                                        vocab_limit, generator, should_stop)
+                chunk = indices[start : start + config.batch_size]
+                results = _decode_group(
+                    model, [list(prompts[i]) for i in chunk], config, eod_id, vocab_limit, generator, should_stop
+                )
                 for i, tokens in zip(chunk, results):
                     outputs[i] = tokens
         return outputs
@@ -160,8 +172,13 @@ def truncate_at_stop(text: str, stop_sequences: Sequence[str]) -> str:
     return text[:cut]
 
 
-def generate(model, tokenizer, prompts: Sequence[str], config: Optional[GenerationConfig] = None,
-             generator: Optional[torch.Generator] = None) -> List[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    config: Optional[GenerationConfig] = None,
+    generator: Optional[torch.Generator] = None,
+) -> List[str]:
     """Completions (text after each prompt), cut at the first stop sequence, EOD or max_new_tokens."""
     config = config or GenerationConfig()
     stops = [s for s in config.stop_sequences if s]
@@ -172,21 +189,33 @@ def generate(model, tokenizer, prompts: Sequence[str], config: Optional[Generati
         def should_stop(tokens):
             # Only the tail can hold a stop that just appeared; every token decodes to >= 0 chars, so
             # look at enough tokens to cover the longest stop sequence plus merges at the boundary.
-            tail = tokenizer.decode(tokens[-(longest + 8):])
+            tail = tokenizer.decode(tokens[-(longest + 8) :])
             return any(s in tail for s in stops)
 
     prompt_ids = tokenizer.encode_batch(list(prompts))
-    token_lists = generate_tokens(model, prompt_ids, config, eod_id=getattr(tokenizer, "eod_id", None),
-                                  vocab_limit=getattr(tokenizer, "vocab_size", None),
-                                  should_stop=should_stop, generator=generator)
+    token_lists = generate_tokens(
+        model,
+        prompt_ids,
+        config,
+        eod_id=getattr(tokenizer, "eod_id", None),
+        vocab_limit=getattr(tokenizer, "vocab_size", None),
+        should_stop=should_stop,
+        generator=generator,
+    )
     return [truncate_at_stop(tokenizer.decode(tokens), stops) for tokens in token_lists]
 
 
 def resolve_device_and_dtype(device: Optional[str] = None, dtype: Optional[str] = None):
     """--device/--dtype flags -> (torch.device, torch.dtype): CUDA + bf16 when there is a GPU, else CPU + fp32."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype is None:
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     if dtype not in names:
@@ -194,8 +223,9 @@ def resolve_device_and_dtype(device: Optional[str] = None, dtype: Optional[str] 
     return device, names[dtype]
 
 
-def load_model_and_tokenizer(checkpoint: str, tokenizer_path: Optional[str] = None,
-                             device: Optional[str] = None, dtype: Optional[str] = None):
+def load_model_and_tokenizer(
+    checkpoint: str, tokenizer_path: Optional[str] = None, device: Optional[str] = None, dtype: Optional[str] = None
+):
     """A model folder (megaphi, or Hugging Face phi with HF or MixFormer names) or training checkpoint
     (PhiForCausalLM.from_pretrained) and its tokenizer, ready to decode.
 
@@ -204,6 +234,7 @@ def load_model_and_tokenizer(checkpoint: str, tokenizer_path: Optional[str] = No
     import os
     from megaphi.model import PhiForCausalLM
     from megaphi.tokenizer import DEFAULT_TOKENIZER, load_tokenizer
+
     if not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
     if tokenizer_path is None:
@@ -213,6 +244,8 @@ def load_model_and_tokenizer(checkpoint: str, tokenizer_path: Optional[str] = No
     model.eval()
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"--tokenizer {tokenizer_path}: {tokenizer.vocab_size} tokens, but the checkpoint's "
-                         f"vocabulary has only {model.config.vocab_size} rows")
+        raise ValueError(
+            f"--tokenizer {tokenizer_path}: {tokenizer.vocab_size} tokens, but the checkpoint's "
+            f"vocabulary has only {model.config.vocab_size} rows"
+        )
     return model, tokenizer

@@ -4,6 +4,7 @@ Runs under the `deepspeed` launcher, `torchrun`, or as one plain process (a 1-ra
 The launcher only: flags -> RunConfig (megaphi.training.config) -> Trainer(config).train()
 (megaphi.training.trainer), and each failure as one error line with its exit status.
 """
+
 import errno
 import os
 import sys
@@ -48,8 +49,10 @@ def main(argv=None):
         _error(f"disk full (ENOSPC): {e.strerror}: {e.filename or ''}")
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, without the save the first one asked for
-        _error("interrupted by a second Ctrl-C; stopped without saving (a save in progress is left incomplete "
-               "and never counts as a checkpoint; 'latest' is unchanged)")
+        _error(
+            "interrupted by a second Ctrl-C; stopped without saving (a save in progress is left incomplete "
+            "and never counts as a checkpoint; 'latest' is unchanged)"
+        )
         return 130
     except RuntimeError as e:
         rank = dist.get_rank() if dist.is_initialized() else None
@@ -65,6 +68,7 @@ def main(argv=None):
         os._exit(1)  # the group is unusable: tearing it down could wait on the missing rank again
     finally:
         from megaphi.parallel import destroy_model_parallel
+
         destroy_model_parallel()
         lock.release_all()
         if dist.is_initialized():

@@ -10,6 +10,7 @@ The wrapper never adds BOS/EOS: documents get the EOD token (``<|endoftext|>``) 
 tools/preprocess_data.py appends it. A literal ``<|endoftext|>`` inside a text is a special token, so
 it encodes to the EOD id (the Hugging Face default for this tokenizer, what phi-1 saw).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,9 @@ DEFAULT_TOKENIZER = "Salesforce/codegen-350M-mono"
 EOD_TOKEN = "<|endoftext|>"
 
 
-def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1) -> int:
+def pad_vocab_size(
+    vocab_size: int, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1
+) -> int:
     """Smallest multiple of divisible_by * TP that is >= vocab_size (Megatron's padding rule)."""
     multiple = int(make_vocab_size_divisible_by) * int(tensor_model_parallel_size)
     if multiple <= 0:
@@ -31,8 +34,14 @@ def pad_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128, ten
 class MegaphiTokenizer:
     """Encode/decode with an HF ``tokenizers.Tokenizer``; exposes vocab size, EOD id, padded vocab size."""
 
-    def __init__(self, tokenizer, name_or_path: str = "", make_vocab_size_divisible_by: int = 128,
-                 tensor_model_parallel_size: int = 1, eod_token: str = EOD_TOKEN):
+    def __init__(
+        self,
+        tokenizer,
+        name_or_path: str = "",
+        make_vocab_size_divisible_by: int = 128,
+        tensor_model_parallel_size: int = 1,
+        eod_token: str = EOD_TOKEN,
+    ):
         self._tok = tokenizer
         # Whatever tokenizer.json says, we never truncate, pad or add special tokens.
         self._tok.no_truncation()
@@ -41,13 +50,17 @@ class MegaphiTokenizer:
         self.eod_token = eod_token
         eod = self._tok.token_to_id(eod_token)
         if eod is None:
-            raise ValueError(f"tokenizer {self.name_or_path or '<in memory>'} has no {eod_token!r} token "
-                             f"(needed as the end-of-document token)")
+            raise ValueError(
+                f"tokenizer {self.name_or_path or '<in memory>'} has no {eod_token!r} token "
+                f"(needed as the end-of-document token)"
+            )
         self.eod_id = int(eod)
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         self.make_vocab_size_divisible_by = make_vocab_size_divisible_by
         self.tensor_model_parallel_size = tensor_model_parallel_size
-        self.padded_vocab_size = pad_vocab_size(self.vocab_size, make_vocab_size_divisible_by, tensor_model_parallel_size)
+        self.padded_vocab_size = pad_vocab_size(
+            self.vocab_size, make_vocab_size_divisible_by, tensor_model_parallel_size
+        )
 
     # Megatron-style aliases
     @property
@@ -89,8 +102,10 @@ class MegaphiTokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return (f"MegaphiTokenizer({self.name_or_path!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id}, "
-                f"padded_vocab_size={self.padded_vocab_size})")
+        return (
+            f"MegaphiTokenizer({self.name_or_path!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id}, "
+            f"padded_vocab_size={self.padded_vocab_size})"
+        )
 
 
 def _byte_level_bpe_from_files(folder: str, vocab_path: Optional[str] = None, merges_path: Optional[str] = None):
@@ -132,8 +147,10 @@ def _byte_level_bpe_from_files(folder: str, vocab_path: Optional[str] = None, me
             tok.add_tokens([AddedToken(content, normalized=True)])
         got = tok.token_to_id(content)
         if got != want:
-            raise ValueError(f"{added_path}: token {content!r} should have id {want} but got {got} "
-                             f"(ids must follow vocab.json without gaps)")
+            raise ValueError(
+                f"{added_path}: token {content!r} should have id {want} but got {got} "
+                f"(ids must follow vocab.json without gaps)"
+            )
     return tok
 
 
@@ -157,26 +174,32 @@ def _load_backend(name_or_path: str):
     if looks_like_path:
         raise FileNotFoundError(f"tokenizer {name_or_path!r}: no such file or folder")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise OSError(f"tokenizer {name_or_path!r} is not a local file or folder, and HF_HUB_OFFLINE is set so it "
-                      f"cannot be downloaded from the Hugging Face Hub. Pass a tokenizer.json or a folder "
-                      f"(e.g. one written by tools/train_tokenizer.py).")
+        raise OSError(
+            f"tokenizer {name_or_path!r} is not a local file or folder, and HF_HUB_OFFLINE is set so it "
+            f"cannot be downloaded from the Hugging Face Hub. Pass a tokenizer.json or a folder "
+            f"(e.g. one written by tools/train_tokenizer.py)."
+        )
     try:
         return Tokenizer.from_pretrained(path)
     except Exception as e:
-        raise OSError(f"tokenizer {name_or_path!r} is not a local file or folder, and downloading it from the "
-                      f"Hugging Face Hub failed (offline?): {e}. Pass a tokenizer.json or a folder with "
-                      f"tokenizer.json or vocab.json + merges.txt (e.g. one written by tools/train_tokenizer.py).") from None
+        raise OSError(
+            f"tokenizer {name_or_path!r} is not a local file or folder, and downloading it from the "
+            f"Hugging Face Hub failed (offline?): {e}. Pass a tokenizer.json or a folder with "
+            f"tokenizer.json or vocab.json + merges.txt (e.g. one written by tools/train_tokenizer.py)."
+        ) from None
 
 
-def load_tokenizer(name_or_path: str = DEFAULT_TOKENIZER, make_vocab_size_divisible_by: int = 128,
-                   tensor_model_parallel_size: int = 1) -> MegaphiTokenizer:
+def load_tokenizer(
+    name_or_path: str = DEFAULT_TOKENIZER, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1
+) -> MegaphiTokenizer:
     """Loads a tokenizer from a tokenizer.json, a folder, or a Hub name; see the module docstring."""
     backend = _load_backend(name_or_path)
     return MegaphiTokenizer(backend, name_or_path, make_vocab_size_divisible_by, tensor_model_parallel_size)
 
 
-def load_bpe_files(vocab_file: str, merge_file: str, make_vocab_size_divisible_by: int = 128,
-                   tensor_model_parallel_size: int = 1) -> MegaphiTokenizer:
+def load_bpe_files(
+    vocab_file: str, merge_file: str, make_vocab_size_divisible_by: int = 128, tensor_model_parallel_size: int = 1
+) -> MegaphiTokenizer:
     """Megatron's GPT2BPETokenizer: a byte-level BPE from a vocab.json and a merges.txt (any names; the
     added_tokens.json and special_tokens_map.json beside the vocabulary are read too)."""
     try:

@@ -14,5 +14,6 @@ at lr = 1e-2, and by <= COMPARISON_PARAM_TOL = 1e-6 over a few steps, with room.
 its ZeRO partitioning, clipping and the lr schedule are exercised all the same; a wrong shard, a
 missing all-reduce or a wrong scale moves weights by ~lr, four orders of magnitude above the bound.
 """
+
 COMPARISON_ADAM_EPS = 0.1
 COMPARISON_PARAM_TOL = 1e-6

@@ -7,8 +7,9 @@ import torch
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 # phi-1's tokenizer files live beside the project (../shared), not in it; MEGAPHI_CODEGEN_TOKENIZER_DIR
 # points elsewhere (e.g. a clone in another folder).
-CODEGEN_TOKENIZER_DIR = pathlib.Path(os.environ.get(
-    "MEGAPHI_CODEGEN_TOKENIZER_DIR", REPO_ROOT.parent / "shared" / "tokenizers" / "codegen-350M-mono"))
+CODEGEN_TOKENIZER_DIR = pathlib.Path(
+    os.environ.get("MEGAPHI_CODEGEN_TOKENIZER_DIR", REPO_ROOT.parent / "shared" / "tokenizers" / "codegen-350M-mono")
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,5 @@
 """Run a function on N CPU processes with the gloo backend (multi-rank tests)."""
+
 import os
 import socket
 import sys
@@ -19,13 +20,16 @@ def free_port():
 def _worker(rank, world_size, port, store_path, fn, args, results):
     # MASTER_* are set for code that reads them (DeepSpeed); the group itself rendezvouses through a
     # file, so concurrent test runs can never collide on a TCP port.
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     import torch
+
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=300))
+        dist.init_process_group(
+            "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size, timeout=timedelta(seconds=300)
+        )
         fn(rank, world_size, *args)
         dist.barrier()
         dist.destroy_process_group()
@@ -52,8 +56,10 @@ def run_distributed(fn, world_size, *args):
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="megaphi-dist-") as tmp:
         store_path = os.path.join(tmp, "store")
-        procs = [ctx.Process(target=_worker, args=(r, world_size, port, store_path, fn, args, results))
-                 for r in range(world_size)]
+        procs = [
+            ctx.Process(target=_worker, args=(r, world_size, port, store_path, fn, args, results))
+            for r in range(world_size)
+        ]
         for p in procs:
             p.start()
         for p in procs:

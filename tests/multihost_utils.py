@@ -1,5 +1,6 @@
 """Helpers of the multi-host tests: tiny megaphi runs launched by torchrun on simulated hosts
 (tests/netns_hosts.py) or on this machine, and checkpoint comparison."""
+
 import glob
 import os
 import subprocess
@@ -10,30 +11,93 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 2 layers, hidden 32, 4 heads (TP=2 splits them), dropout on: the exactness claims cover the dropout masks
-TINY = ["--model", "tiny", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-        "--num-attention-heads", "4", "--rotary-dim", "4", "--seq-length", "16", "--vocab-size", "128",
-        "--micro-batch-size", "1", "--global-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "1",
-        "--mock-data", "--eval-iters", "0", "--log-interval", "1", "--zero-stage", "1",
-        "--attention-dropout", "0.1", "--hidden-dropout", "0.1"]
+TINY = [
+    "--model",
+    "tiny",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--ffn-hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--rotary-dim",
+    "4",
+    "--seq-length",
+    "16",
+    "--vocab-size",
+    "128",
+    "--micro-batch-size",
+    "1",
+    "--global-batch-size",
+    "4",
+    "--lr",
+    "1e-3",
+    "--lr-warmup-iters",
+    "1",
+    "--mock-data",
+    "--eval-iters",
+    "0",
+    "--log-interval",
+    "1",
+    "--zero-stage",
+    "1",
+    "--attention-dropout",
+    "0.1",
+    "--hidden-dropout",
+    "0.1",
+]
 
 
 def env(**extra):
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK", "LOCAL_WORLD_SIZE",
-                "TORCHELASTIC_RUN_ID", "GLOO_SOCKET_IFNAME"):
+    for key in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "GROUP_RANK",
+        "LOCAL_WORLD_SIZE",
+        "TORCHELASTIC_RUN_ID",
+        "GLOO_SOCKET_IFNAME",
+    ):
         e.pop(key, None)
     e.update(extra)
     return e
 
 
 def torchrun(nproc, launcher_flags, train_flags, log_dir):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *launcher_flags,
-            "--log-dir", str(log_dir), "--redirects", "3", "-m", "megaphi.pretrain", *TINY, *train_flags]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        *launcher_flags,
+        "--log-dir",
+        str(log_dir),
+        "--redirects",
+        "3",
+        "-m",
+        "megaphi.pretrain",
+        *TINY,
+        *train_flags,
+    ]
 
 
 def static_flags(nnodes, node_rank, master_addr, port):
-    return ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", master_addr,
-            "--master-port", str(port)]
+    return [
+        "--nnodes",
+        str(nnodes),
+        "--node-rank",
+        str(node_rank),
+        "--master-addr",
+        master_addr,
+        "--master-port",
+        str(port),
+    ]
 
 
 def wait_all(procs, timeout=600):
@@ -60,8 +124,9 @@ def logs(log_dir, name="stderr.log"):
 
 
 def tail(log_dir, n=2500):
-    return "\n".join(f"== {p}\n{t[-n:]}" for p, t in logs(log_dir).items()) + \
-        "\n".join(f"== {p}\n{t[-n:]}" for p, t in logs(log_dir, "stdout.log").items())
+    return "\n".join(f"== {p}\n{t[-n:]}" for p, t in logs(log_dir).items()) + "\n".join(
+        f"== {p}\n{t[-n:]}" for p, t in logs(log_dir, "stdout.log").items()
+    )
 
 
 def latest(save):
@@ -78,6 +143,7 @@ def checkpoint_tensors(save, tag=None):
         rel = os.path.relpath(path, root)
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
+
             for k, v in load_file(path).items():
                 out[f"{rel}/{k}"] = v
         elif path.endswith(".pt"):

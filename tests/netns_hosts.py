@@ -11,6 +11,7 @@ per instance so that concurrent test runs do not share names or addresses. Every
 also when the test fails. `unavailable()` says why namespaces cannot be made (not root, no `ip`), for
 pytest.skip.
 """
+
 import os
 import random
 import shutil
@@ -80,22 +81,21 @@ class SimulatedHosts:
             self.exec(i, "ip", "link", "set", "lo", "up")
 
     def exec_bridge(self, *cmd):
-        return subprocess.run(["ip", "netns", "exec", self.bridge_ns, *cmd], capture_output=True, text=True,
-                              check=True)
+        return subprocess.run(["ip", "netns", "exec", self.bridge_ns, *cmd], capture_output=True, text=True, check=True)
 
     def exec(self, i, *cmd, check=True):
-        return subprocess.run(["ip", "netns", "exec", self.names[i], *cmd], capture_output=True, text=True,
-                              check=check)
+        return subprocess.run(["ip", "netns", "exec", self.names[i], *cmd], capture_output=True, text=True, check=check)
 
     def popen(self, i, cmd, binds=(), **kwargs):
         """Start cmd inside host i (same filesystem and pid space as the test, host i's network only).
         binds: (source, target, read_only) bind mounts made in a private mount namespace for this host's
         command only (a folder that this host does not share, or cannot write)."""
         if binds:
-            script = " && ".join(f"mount --bind {s!r} {t!r}" + (f" && mount -o remount,bind,ro {t!r}" if ro else "")
-                                 for s, t, ro in binds)
-            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script + ' && exec "$@"', "sh",
-                   *cmd]
+            script = " && ".join(
+                f"mount --bind {s!r} {t!r}" + (f" && mount -o remount,bind,ro {t!r}" if ro else "")
+                for s, t, ro in binds
+            )
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script + ' && exec "$@"', "sh", *cmd]
         p = subprocess.Popen(["ip", "netns", "exec", self.names[i], *cmd], start_new_session=True, **kwargs)
         self.procs.append(p)
         return p
@@ -119,8 +119,10 @@ class SimulatedHosts:
     def degrade(self, i):
         """A slow, lossy link for host i: netem delay + loss where the kernel has sch_netem, else a token
         bucket (tbf) so narrow that packets queue (delay) and overflow (loss). Returns what was applied."""
-        for spec in (("netem", "delay", "20ms", "10ms", "loss", "5%"),
-                     ("tbf", "rate", "4mbit", "burst", "16kb", "latency", "20ms")):
+        for spec in (
+            ("netem", "delay", "20ms", "10ms", "loss", "5%"),
+            ("tbf", "rate", "4mbit", "burst", "16kb", "latency", "20ms"),
+        ):
             try:
                 self.qdisc(i, *spec)
                 return " ".join(spec)

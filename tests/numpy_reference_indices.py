@@ -3,13 +3,22 @@
 Written from docs/design.md's "Samples" and "Blending" text with plain loops and searchsorted, sharing no
 code with megaphi.data. Also writes MMIDIDX v1 .bin/.idx files byte by byte with struct.
 """
+
 import math
 import struct
 
 import numpy as np
 
-DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.int8): 2, np.dtype(np.int16): 3, np.dtype(np.int32): 4,
-               np.dtype(np.int64): 5, np.dtype(np.float64): 6, np.dtype(np.float32): 7, np.dtype(np.uint16): 8}
+DTYPE_CODES = {
+    np.dtype(np.uint8): 1,
+    np.dtype(np.int8): 2,
+    np.dtype(np.int16): 3,
+    np.dtype(np.int32): 4,
+    np.dtype(np.int64): 5,
+    np.dtype(np.float64): 6,
+    np.dtype(np.float32): 7,
+    np.dtype(np.uint16): 8,
+}
 
 
 def write_token_files(prefix, documents, dtype=np.uint16):
@@ -111,7 +120,7 @@ def reference_samples(documents, document_index, shuffle_index, seq_length):
     """Sample i = stream[j * L : j * L + L + 1] with j = shuffle_index[i], the stream being the
     documents concatenated in document_index order."""
     stream = np.concatenate([np.asarray(documents[d], dtype=np.int64) for d in document_index])
-    return [stream[j * seq_length: j * seq_length + seq_length + 1] for j in shuffle_index]
+    return [stream[j * seq_length : j * seq_length + seq_length + 1] for j in shuffle_index]
 
 
 def reference_blending(weights, size):

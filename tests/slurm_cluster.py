@@ -10,6 +10,7 @@ is absent, for pytest.skip. The daemons run as root with proctrack/linuxproc and
 file lives under the given folder, the ports inside the hosts' namespaces. munged is started only when
 none runs, and then stopped again.
 """
+
 import os
 import re
 import shutil
@@ -22,8 +23,9 @@ PROGRAMS = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "srun", "munge
 def missing():
     absent = [p for p in PROGRAMS if shutil.which(p) is None]
     if absent:
-        return f"Slurm is not installed ({', '.join(absent)} missing: apt-get install slurmctld slurmd " \
-               f"slurm-client munge)"
+        return (
+            f"Slurm is not installed ({', '.join(absent)} missing: apt-get install slurmctld slurmd slurm-client munge)"
+        )
     return None
 
 
@@ -35,8 +37,11 @@ class SlurmCluster:
 
     def _write_conf(self):
         f = self.folder
-        nodes = "\n".join(f"NodeName=n{i} NodeAddr={self.hosts.addr(i)} CPUs={self.cpus} Sockets=1 "
-                          f"CoresPerSocket={self.cpus} State=UNKNOWN" for i in range(self.hosts.n))
+        nodes = "\n".join(
+            f"NodeName=n{i} NodeAddr={self.hosts.addr(i)} CPUs={self.cpus} Sockets=1 "
+            f"CoresPerSocket={self.cpus} State=UNKNOWN"
+            for i in range(self.hosts.n)
+        )
         with open(self.conf, "w") as out:
             out.write(f"""ClusterName=megaphitest
 SlurmctldHost={os.uname().nodename}({self.hosts.addr(0)})
@@ -84,20 +89,41 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         if not os.path.exists("/run/munge/munge.socket.2"):
             os.makedirs("/run/munge", exist_ok=True)
             shutil.chown("/run/munge", "munge", "munge")
-            self.munged = subprocess.Popen(["runuser", "-u", "munge", "--", "munged", "--foreground"],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.munged = subprocess.Popen(
+                ["runuser", "-u", "munge", "--", "munged", "--foreground"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             deadline = time.monotonic() + 30
             while not os.path.exists("/run/munge/munge.socket.2"):
                 assert time.monotonic() < deadline and self.munged.poll() is None, "munged did not start"
                 time.sleep(0.1)
         log = open(os.path.join(self.folder, "daemons.txt"), "a")
-        self.daemons.append(self.hosts.popen(0, ["slurmctld", "-D", "-f", self.conf], env=self.env(),
-                                             stdout=log, stderr=subprocess.STDOUT))
+        self.daemons.append(
+            self.hosts.popen(
+                0, ["slurmctld", "-D", "-f", self.conf], env=self.env(), stdout=log, stderr=subprocess.STDOUT
+            )
+        )
         for i in range(self.hosts.n):
             # nsenter (network only), not `ip netns exec`: slurmd needs the machine's /sys/fs/cgroup
-            self.daemons.append(subprocess.Popen(
-                ["nsenter", f"--net=/run/netns/{self.hosts.names[i]}", "slurmd", "-D", "-f", self.conf, "-N", f"n{i}"],
-                env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            self.daemons.append(
+                subprocess.Popen(
+                    [
+                        "nsenter",
+                        f"--net=/run/netns/{self.hosts.names[i]}",
+                        "slurmd",
+                        "-D",
+                        "-f",
+                        self.conf,
+                        "-N",
+                        f"n{i}",
+                    ],
+                    env=self.env(),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         deadline = time.monotonic() + 60
         while True:
             states = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
@@ -109,13 +135,24 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def run(self, *cmd, check=True):
         """A Slurm client command, run on host 0."""
-        return subprocess.run(["ip", "netns", "exec", self.hosts.names[0], *cmd], env=self.env(),
-                              capture_output=True, text=True, check=check, timeout=60)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.hosts.names[0], *cmd],
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=60,
+        )
 
     def sbatch(self, args, env, cwd):
-        out = subprocess.run(["ip", "netns", "exec", self.hosts.names[0], "sbatch", "--parsable", *args],
-                             env=dict(env, SLURM_CONF=self.conf), cwd=str(cwd), capture_output=True, text=True,
-                             timeout=60)
+        out = subprocess.run(
+            ["ip", "netns", "exec", self.hosts.names[0], "sbatch", "--parsable", *args],
+            env=dict(env, SLURM_CONF=self.conf),
+            cwd=str(cwd),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout.strip().split(";")[0]
 

@@ -8,6 +8,7 @@ the standard error bound of recursive summation (each of the N - 1 additions rou
 larger than sum_i |g_i|). DeepSpeed's default bf16 accumulation (u_bf16 = 2^-8) misses it by orders of
 magnitude; the test checks that too, so it cannot pass by accident.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -16,13 +17,23 @@ from dist_utils import run_distributed
 
 MICRO_BATCHES = 64
 MICRO, SEQ = 2, 16
-U_FP32 = 2.0 ** -24
+U_FP32 = 2.0**-24
 
 
 def _config():
     from megaphi.model import get_preset
-    return get_preset("tiny", vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                      max_position_embeddings=64, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
+
+    return get_preset(
+        "tiny",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        attention_dropout=0.0,
+        resid_dropout=0.0,
+        embd_dropout=0.0,
+    )
 
 
 def _micro_batches():
@@ -33,6 +44,7 @@ def _micro_batches():
 def _reference():
     """Per-micro-batch bf16 gradients of a plain bf16 model: float64 mean and mean of |g_i|."""
     from megaphi.model import PhiForCausalLM
+
     torch.manual_seed(0)
     model = PhiForCausalLM(_config()).bfloat16()
     total, total_abs = {}, {}
@@ -59,8 +71,9 @@ def _worker(rank, world, ds_config, out_path):
     reference = _reference()
     torch.manual_seed(0)
     model = PhiForCausalLM(_config())
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, 1e-3, 0.1), mpu=mpu,
-                                      config=ds_config, dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, 1e-3, 0.1), mpu=mpu, config=ds_config, dist_init_required=False
+    )
     for batch in _micro_batches():
         loss, _ = engine(batch[:, :-1], labels=batch[:, 1:])
         engine.backward(loss)
@@ -89,9 +102,25 @@ def _megaphi_ds_config(tmp_path, *extra):
     builder = IndexedDatasetBuilder(prefix + ".bin", np.uint16)
     builder.add_document(np.arange(100, dtype=np.uint16))
     builder.finalize(prefix + ".idx")
-    args = parse_args(["--model", "tiny", "--bf16", "--micro-batch-size", str(MICRO), "--global-batch-size",
-                       str(MICRO * MICRO_BATCHES), "--train-iters", "10", "--lr", "1e-3", "--data-path", prefix,
-                       *extra], world_size=1)
+    args = parse_args(
+        [
+            "--model",
+            "tiny",
+            "--bf16",
+            "--micro-batch-size",
+            str(MICRO),
+            "--global-batch-size",
+            str(MICRO * MICRO_BATCHES),
+            "--train-iters",
+            "10",
+            "--lr",
+            "1e-3",
+            "--data-path",
+            prefix,
+            *extra,
+        ],
+        world_size=1,
+    )
     return resolve_deepspeed(args)
 
 

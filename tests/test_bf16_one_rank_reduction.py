@@ -6,6 +6,7 @@ one-rank group, where it only copies the gradient into a bucket and back; and it
 gradient alive next to its fp32 accumulator. The engine megaphi builds (its config and
 finish_engine_setup) must do neither, and train bitwise like plain DeepSpeed does over a few steps.
 """
+
 import json
 import pytest
 import torch
@@ -19,16 +20,43 @@ def _megaphi_config(*extra):
     from megaphi.training.arguments import parse_args
     from megaphi.training.deepspeed_config import build_deepspeed_config
 
-    args = parse_args(["--model", "tiny", "--bf16", "--mock-data", "--micro-batch-size", str(MICRO),
-                       "--global-batch-size", str(MICRO * ACCUMULATION), "--train-iters", "10", "--lr", "1e-2",
-                       "--clip-grad", "1.0", *extra], world_size=1)
+    args = parse_args(
+        [
+            "--model",
+            "tiny",
+            "--bf16",
+            "--mock-data",
+            "--micro-batch-size",
+            str(MICRO),
+            "--global-batch-size",
+            str(MICRO * ACCUMULATION),
+            "--train-iters",
+            "10",
+            "--lr",
+            "1e-2",
+            "--clip-grad",
+            "1.0",
+            *extra,
+        ],
+        world_size=1,
+    )
     return build_deepspeed_config(args)
 
 
 def _model_config():
     from megaphi.model import get_preset
-    return get_preset("tiny", vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                      max_position_embeddings=64, attention_dropout=0.1, resid_dropout=0.1, embd_dropout=0.1)
+
+    return get_preset(
+        "tiny",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        attention_dropout=0.1,
+        resid_dropout=0.1,
+        embd_dropout=0.1,
+    )
 
 
 def _train(config, megaphi_setup):
@@ -44,8 +72,9 @@ def _train(config, megaphi_setup):
 
     torch.manual_seed(0)
     model = PhiForCausalLM(_model_config())
-    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, 1e-2, 0.1), mpu=mpu,
-                                      config=config, dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=build_optimizer(model, 1e-2, 0.1), mpu=mpu, config=config, dist_init_required=False
+    )
     if megaphi_setup:
         finish_engine_setup(engine)
     reduced, lingering, losses = [0], [], []
@@ -69,9 +98,14 @@ def _train(config, megaphi_setup):
     finally:
         ds_comm.all_reduce = all_reduce
     params = {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
-    return {"params": params, "losses": losses, "reduced": reduced[0], "lingering": lingering,
-            "optimizer": type(engine.optimizer).__name__,
-            "numel": sum(p.numel() for p in engine.module.parameters())}
+    return {
+        "params": params,
+        "losses": losses,
+        "reduced": reduced[0],
+        "lingering": lingering,
+        "optimizer": type(engine.optimizer).__name__,
+        "numel": sum(p.numel() for p in engine.module.parameters()),
+    }
 
 
 def _worker(rank, world, megaphi_config, plain_config, out_path):

@@ -1,4 +1,5 @@
 """Blending indices vs a Python loop; build_gpt_datasets' per-dataset sizes and splits."""
+
 import math
 
 import numpy as np
@@ -9,14 +10,17 @@ from megaphi.data import BlendedDataset, GPTDataset, build_gpt_datasets, parse_d
 from numpy_reference_indices import blend_sizes, reference_blending, write_token_files
 
 
-@pytest.mark.parametrize("weights,size", [
-    ([0.7, 0.3], 1000),
-    ([1.0], 17),
-    ([1, 1, 1], 301),          # exact ties go to the lowest dataset
-    ([5.0, 0.001, 2.5, 1.0], 2000),
-    ([0.2, 0.8], 0),
-    ([3, 1], 1),
-])
+@pytest.mark.parametrize(
+    "weights,size",
+    [
+        ([0.7, 0.3], 1000),
+        ([1.0], 17),
+        ([1, 1, 1], 301),  # exact ties go to the lowest dataset
+        ([5.0, 0.001, 2.5, 1.0], 2000),
+        ([0.2, 0.8], 0),
+        ([3, 1], 1),
+    ],
+)
 def test_blending_indices_match_python_loop(weights, size):
     dataset_index, sample_index = _C.build_blending_indices(np.array(weights, float) / np.sum(weights), size)
     ref_dataset, ref_sample = reference_blending(weights, size)
@@ -56,15 +60,18 @@ def test_blended_dataset_routes_samples():
         ds[900]
 
 
-@pytest.mark.parametrize("datasets,weights,size,message", [
-    (2, [1.0], 10, "2 datasets but 1 weights"),
-    (2, [1.0, 2.0, 3.0], 10, "2 datasets but 3 weights"),
-    (2, [1.0, 0.0], 10, "> 0"),
-    (2, [1.0, -1.0], 10, "> 0"),
-    (0, [], 10, "at least one"),
-    (2, [1.0, 1.0], -1, "size"),
-    (2, [1.0, 1.0], 1000, "only 10"),
-])
+@pytest.mark.parametrize(
+    "datasets,weights,size,message",
+    [
+        (2, [1.0], 10, "2 datasets but 1 weights"),
+        (2, [1.0, 2.0, 3.0], 10, "2 datasets but 3 weights"),
+        (2, [1.0, 0.0], 10, "> 0"),
+        (2, [1.0, -1.0], 10, "> 0"),
+        (0, [], 10, "at least one"),
+        (2, [1.0, 1.0], -1, "size"),
+        (2, [1.0, 1.0], 1000, "only 10"),
+    ],
+)
 def test_blended_dataset_bad_inputs(datasets, weights, size, message):
     parts = [ListDataset(str(i), 10) for i in range(datasets)]
     with pytest.raises(ValueError, match=message):
@@ -98,7 +105,9 @@ def test_build_gpt_datasets_weighted_blend(two_corpora, tmp_path):
     code, textbook = two_corpora
     num_samples = (500, 40, 10)
     cache = str(tmp_path / "cache")
-    train, valid, test = build_gpt_datasets(["0.7", code, "0.3", textbook], "90,8,2", 16, 7, num_samples, cache_dir=cache)
+    train, valid, test = build_gpt_datasets(
+        ["0.7", code, "0.3", textbook], "90,8,2", 16, 7, num_samples, cache_dir=cache
+    )
     for ds, n, name in ((train, 500, "train"), (valid, 40, "valid"), (test, 10, "test")):
         assert isinstance(ds, BlendedDataset)
         targets, requested = blend_sizes([0.7, 0.3], n)
@@ -144,6 +153,7 @@ def test_build_gpt_datasets_weighted_without_a_count_blends_one_epoch(two_corpor
         def fits(n):  # the independent greedy reference draws no dataset past its epoch
             counts = np.bincount(reference_blending([0.25, 0.75], n)[0], minlength=2)
             return bool(np.all(counts <= sizes))
+
         assert fits(len(blend)) and not fits(len(blend) + 1)
         np.testing.assert_array_equal(blend.dataset_index, reference_blending([0.25, 0.75], len(blend))[0])
 

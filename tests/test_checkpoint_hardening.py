@@ -1,6 +1,7 @@
 """Checkpoint hardening (issue 18): a killed first save never blocks a restart, the metadata carries
 its own checksum and agrees with the tag and DeepSpeed's record, every file read is covered by the
 checksums, every save failure is one line, and a resume that changes the data order is refused."""
+
 import errno
 import hashlib
 import json
@@ -73,6 +74,7 @@ def _rewrite_meta(tag_dir, change):
 
 # ---- 1. an incomplete tag folder never counts as a checkpoint ----
 
+
 def _killed_first_save(save, tag="iter_0000005"):
     """What kill -9 inside the first save leaves: DeepSpeed's file, the model export's temporary folder,
     no metadata, no `latest`."""
@@ -101,8 +103,10 @@ def test_incomplete_first_save_is_set_aside(run, tmp_path):
     verified, said = _prepare(run.prefix, "--save", save, "--load", save)
     assert verified is None
     assert not os.path.exists(tag_dir) and os.path.isdir(tag_dir + ".incomplete-1")
-    assert (f"{tag_dir} is an incomplete checkpoint (no {META}: a save was interrupted); set aside as "
-            f"{tag_dir}.incomplete-1") in said
+    assert (
+        f"{tag_dir} is an incomplete checkpoint (no {META}: a save was interrupted); set aside as "
+        f"{tag_dir}.incomplete-1"
+    ) in said
     _killed_first_save(save)  # killed again: the next free name
     _prepare(run.prefix, "--save", save, "--load", save)
     assert sorted(os.listdir(save)) == ["iter_0000005.incomplete-1", "iter_0000005.incomplete-2"]
@@ -132,8 +136,13 @@ def test_incomplete_folder_in_a_load_only_folder_is_ignored_not_moved(run, tmp_p
 def _popen_pretrain(flags):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("RANK", None)
-    return subprocess.Popen([sys.executable, "-m", "megaphi.pretrain", *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "megaphi.pretrain", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def test_kill_9_during_the_first_save_then_the_same_command_restarts(run, tmp_path):
@@ -143,14 +152,16 @@ def test_kill_9_during_the_first_save_then_the_same_command_restarts(run, tmp_pa
     folder is put back into the state a kill before the metadata leaves (metadata and `latest`
     removed), so the restart always meets an interrupted first save."""
     save = str(tmp_path / "ck")
-    command = tiny_flags(run.prefix, 8) + ["--save", save, "--load", save, "--save-interval", "5",
-                                           "--eval-iters", "0"]
+    command = tiny_flags(run.prefix, 8) + ["--save", save, "--load", save, "--save-interval", "5", "--eval-iters", "0"]
     tag_dir = os.path.join(save, "iter_0000005")
     proc = _popen_pretrain(command)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None and not (
-                os.path.isdir(os.path.join(tag_dir, "model.tmp")) or os.path.isdir(os.path.join(tag_dir, "model"))):
+        while (
+            time.time() < deadline
+            and proc.poll() is None
+            and not (os.path.isdir(os.path.join(tag_dir, "model.tmp")) or os.path.isdir(os.path.join(tag_dir, "model")))
+        ):
             time.sleep(0.001)
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         proc.kill()
@@ -165,8 +176,10 @@ def test_kill_9_during_the_first_save_then_the_same_command_restarts(run, tmp_pa
     assert os.path.isdir(tag_dir)
     restarted = run_pretrain(command, check=False)
     assert restarted.returncode == 0, restarted.stdout[-2000:] + restarted.stderr[-2000:]
-    assert f"{tag_dir} is an incomplete checkpoint (no {META}: a save was interrupted); set aside as " \
-           f"{tag_dir}.incomplete-1" in restarted.stdout
+    assert (
+        f"{tag_dir} is an incomplete checkpoint (no {META}: a save was interrupted); set aside as "
+        f"{tag_dir}.incomplete-1" in restarted.stdout
+    )
     assert "starting from scratch" in restarted.stdout
     tag, meta = training_state.verify_checkpoint(save)
     assert (tag, meta["iteration"]) == ("iter_0000008", 8)
@@ -174,6 +187,7 @@ def test_kill_9_during_the_first_save_then_the_same_command_restarts(run, tmp_pa
 
 
 # ---- 2. the metadata's own checksum, cross-checked with the tag and DeepSpeed's record ----
+
 
 def test_saved_metadata_is_sealed(run):
     meta = json.load(open(os.path.join(run.save, run.tag, META)))
@@ -191,19 +205,23 @@ def test_the_seal_survives_the_json_round_trip():
     assert _reseal(back)["metadata_sha256"] == back["metadata_sha256"]
 
 
-@pytest.mark.parametrize("needle,offset,bit", [
-    (b'"iteration": 3', 13, 2),             # 3 -> 7
-    (b'"consumed_samples": 12', 20, 1),     # 12 -> 32
-    (b'"consumed_tokens": 384', 19, 0),     # 384 -> 284 ... a silent shift of the data position
-    (b'"metadata_sha256": "', 20, 0),       # the seal itself
-])
+@pytest.mark.parametrize(
+    "needle,offset,bit",
+    [
+        (b'"iteration": 3', 13, 2),  # 3 -> 7
+        (b'"consumed_samples": 12', 20, 1),  # 12 -> 32
+        (b'"consumed_tokens": 384', 19, 0),  # 384 -> 284 ... a silent shift of the data position
+        (b'"metadata_sha256": "', 20, 0),  # the seal itself
+    ],
+)
 def test_one_flipped_bit_in_the_metadata_is_refused(run, tmp_path, needle, offset, bit):
     load, tag_dir = _copy(run, tmp_path)
     path = os.path.join(tag_dir, META)
     _flip_bit(path, needle, offset, bit)
     message = _one_line_error(training_state.verify_checkpoint, load)
-    assert message == (f"{path}: corrupted: its own sha256 does not match its content (the metadata changed "
-                       f"after the save)")
+    assert message == (
+        f"{path}: corrupted: its own sha256 does not match its content (the metadata changed after the save)"
+    )
 
 
 def test_a_flipped_bit_in_the_seal_key_is_refused(run, tmp_path):
@@ -223,8 +241,10 @@ def test_consistent_but_wrong_metadata_disagrees_with_the_tag_and_deepspeed(run,
     _rewrite_meta(tag_dir, lambda m: m.update(iteration=3, consumed_samples=16))
     states = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     message = _one_line_error(training_state.verify_checkpoint, load)
-    assert message == (f"{path}: consumed_samples 16 disagrees with DeepSpeed's record in {states} (12); "
-                       f"the metadata is damaged or belongs to another save")
+    assert message == (
+        f"{path}: consumed_samples 16 disagrees with DeepSpeed's record in {states} (12); "
+        f"the metadata is damaged or belongs to another save"
+    )
 
 
 def test_metadata_of_an_older_megaphi_loads_with_a_warning(run, tmp_path, capsys):
@@ -240,24 +260,37 @@ def test_metadata_of_an_older_megaphi_loads_with_a_warning(run, tmp_path, capsys
 
 # ---- 3. every file the loader reads is covered by the checksums ----
 
+
 def test_an_empty_file_list_with_a_flipped_weight_is_refused(run, tmp_path):
     load, tag_dir = _copy(run, tmp_path)
     _rewrite_meta(tag_dir, lambda m: m.update(files={}))
     states = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     _flip_bit(states, b"PK", 100, 3)
     message = _one_line_error(training_state.verify_checkpoint, load)
-    assert message == (f"{tag_dir}/model/config.json: not covered by the checksums in {tag_dir}/{META} (the folder "
-                       f"changed after the save, or the metadata is damaged; 4 more files are not covered either)")
+    assert message == (
+        f"{tag_dir}/model/config.json: not covered by the checksums in {tag_dir}/{META} (the folder "
+        f"changed after the save, or the metadata is damaged; 4 more files are not covered either)"
+    )
 
 
 def test_every_file_read_must_be_listed(run, tmp_path):
     load, tag_dir = _copy(run, tmp_path)
     meta_path = _rewrite_meta(tag_dir, lambda m: m["files"].pop("rng_state_rank0.pt"))
     message = _one_line_error(training_state.verify_checkpoint, load)
-    assert message == (f"{tag_dir}/rng_state_rank0.pt: not covered by the checksums in {meta_path} (the folder "
-                       f"changed after the save, or the metadata is damaged)")
-    _rewrite_meta(tag_dir, lambda m: m["files"].update({"rng_state_rank0.pt": json.load(open(
-        os.path.join(run.save, run.tag, META)))["files"]["rng_state_rank0.pt"]}))
+    assert message == (
+        f"{tag_dir}/rng_state_rank0.pt: not covered by the checksums in {meta_path} (the folder "
+        f"changed after the save, or the metadata is damaged)"
+    )
+    _rewrite_meta(
+        tag_dir,
+        lambda m: m["files"].update(
+            {
+                "rng_state_rank0.pt": json.load(open(os.path.join(run.save, run.tag, META)))["files"][
+                    "rng_state_rank0.pt"
+                ]
+            }
+        ),
+    )
     assert training_state.verify_checkpoint(load)[0] == run.tag
     # a file added to the folder after the save (DeepSpeed would read a second optimizer partition)
     extra = os.path.join(tag_dir, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
@@ -271,6 +304,7 @@ def test_every_file_read_must_be_listed(run, tmp_path):
 
 
 # ---- 4. every save failure: one line, partial save removed, `latest` untouched ----
+
 
 class _FakeEngine:
     """Writes what DeepSpeed writes first (the module-states file, through torch.save); `fail` injects."""
@@ -294,25 +328,37 @@ class _FakeEngine:
 
 def _save(engine, save, iteration, prefix, export=True):
     args = parse_args(tiny_flags(prefix, 10) + ["--save", save])
-    return training_state.save_checkpoint(engine, save, iteration, 4 * iteration, 128 * iteration, args,
-                                         export_model=export)
+    return training_state.save_checkpoint(
+        engine, save, iteration, 4 * iteration, 128 * iteration, args, export_model=export
+    )
 
 
 def _no_space_here(*a, **kw):
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
-@pytest.mark.parametrize("where,error,cause", [
-    ("deepspeed", OSError(errno.EIO, "Input/output error"), "EIO, Input/output error"),
-    ("deepspeed", RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
-                               "file data/0: file write failed\nmore"),
-     "RuntimeError: [enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
-     "file write failed"),
-    ("export", PermissionError(errno.EACCES, "Permission denied", "x/model.tmp/model.safetensors"),
-     "EACCES, Permission denied: x/model.tmp/model.safetensors"),
-    ("meta", OSError(errno.EROFS, "Read-only file system"), "EROFS, Read-only file system"),
-    ("latest", OSError(errno.EIO, "Input/output error"), "EIO, Input/output error"),
-])
+@pytest.mark.parametrize(
+    "where,error,cause",
+    [
+        ("deepspeed", OSError(errno.EIO, "Input/output error"), "EIO, Input/output error"),
+        (
+            "deepspeed",
+            RuntimeError(
+                "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                "file data/0: file write failed\nmore"
+            ),
+            "RuntimeError: [enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
+            "file write failed",
+        ),
+        (
+            "export",
+            PermissionError(errno.EACCES, "Permission denied", "x/model.tmp/model.safetensors"),
+            "EACCES, Permission denied: x/model.tmp/model.safetensors",
+        ),
+        ("meta", OSError(errno.EROFS, "Read-only file system"), "EROFS, Read-only file system"),
+        ("latest", OSError(errno.EIO, "Input/output error"), "EIO, Input/output error"),
+    ],
+)
 def test_every_save_failure_is_one_line_and_leaves_latest(run, tmp_path, monkeypatch, where, error, cause):
     save = str(tmp_path / "ck")
     assert _save(_FakeEngine(), save, 1, run.prefix) == "iter_0000001"
@@ -325,11 +371,13 @@ def test_every_save_failure_is_one_line_and_leaves_latest(run, tmp_path, monkeyp
             if os.path.basename(path) == target:
                 raise error
             return real(path, text)
+
         monkeypatch.setattr(training_state, "write_text_atomic", failing)
     tag_dir = os.path.join(save, "iter_0000002")
     message = _one_line_error(_save, engine, save, 2, run.prefix)
-    assert message == (f"saving {tag_dir} failed ({cause}); the partial checkpoint was removed; 'latest' still "
-                       f"names iter_0000001")
+    assert message == (
+        f"saving {tag_dir} failed ({cause}); the partial checkpoint was removed; 'latest' still names iter_0000001"
+    )
     assert open(os.path.join(save, "latest")).read() == "iter_0000001\n"
     assert layout.iteration_tags(save) == ["iter_0000001"]
     assert training_state.verify_checkpoint(save)[0] == "iter_0000001"
@@ -341,16 +389,19 @@ def test_a_file_where_the_tag_folder_should_be_is_left_alone(run, tmp_path):
     in_the_way = os.path.join(save, "iter_0000001")
     open(in_the_way, "w").write("not a checkpoint")
     message = _one_line_error(_save, _FakeEngine(), save, 1, run.prefix)
-    assert message == (f"saving {in_the_way} failed ({in_the_way} is a file, not a folder: move it away and "
-                       f"resume); nothing was removed; no checkpoint is complete yet ('latest' was never written)")
+    assert message == (
+        f"saving {in_the_way} failed ({in_the_way} is a file, not a folder: move it away and "
+        f"resume); nothing was removed; no checkpoint is complete yet ('latest' was never written)"
+    )
     assert open(in_the_way).read() == "not a checkpoint" and not os.path.exists(os.path.join(save, "latest"))
 
 
 def test_a_partial_save_that_cannot_be_removed_says_so(run, tmp_path, monkeypatch):
     save = str(tmp_path / "ck")
     monkeypatch.setattr(training_state.shutil, "rmtree", lambda *a, **kw: None)  # e.g. a read-only remount
-    message = _one_line_error(_save, _FakeEngine({"export": OSError(errno.EROFS, "Read-only file system")}), save, 1,
-                              run.prefix)
+    message = _one_line_error(
+        _save, _FakeEngine({"export": OSError(errno.EROFS, "Read-only file system")}), save, 1, run.prefix
+    )
     assert f"the partial checkpoint {save}/iter_0000001 could not be removed" in message
 
 
@@ -371,32 +422,42 @@ def test_a_file_in_the_way_of_a_real_run_is_one_line(run, tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"megaphi.pretrain: error: saving {in_the_way} failed ({in_the_way} is a file, not a folder: move it away "
-        f"and resume); nothing was removed; no checkpoint is complete yet ('latest' was never written)")
+        f"and resume); nothing was removed; no checkpoint is complete yet ('latest' was never written)"
+    )
 
 
 def test_disk_full_message_gives_free_space_in_readable_units(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "iter_0000002")
     monkeypatch.setattr(training_state.shutil, "disk_usage", lambda p: types.SimpleNamespace(free=40 * 1024))
-    message = training_state._discard_partial_save(str(tmp_path), "iter_0000002",
-                                                  OSError(errno.ENOSPC, "No space left on device"))
-    assert message == (f"disk full (ENOSPC, No space left on device) while saving {tmp_path}/iter_0000002; the "
-                       f"partial checkpoint was removed, 40 KiB free now; no checkpoint is complete yet ('latest' "
-                       f"was never written); free space (or --keep-last N) and resume")
+    message = training_state._discard_partial_save(
+        str(tmp_path), "iter_0000002", OSError(errno.ENOSPC, "No space left on device")
+    )
+    assert message == (
+        f"disk full (ENOSPC, No space left on device) while saving {tmp_path}/iter_0000002; the "
+        f"partial checkpoint was removed, 40 KiB free now; no checkpoint is complete yet ('latest' "
+        f"was never written); free space (or --keep-last N) and resume"
+    )
 
 
 # ---- 6. a resume that changes the data order; three messages ----
 
-@pytest.mark.parametrize("flags,diff", [
-    (["--seed", "7"], "--seed 1234 vs 7"),
-    (["--seq-length", "16"], "--seq-length 32 vs 16"),
-    (["--global-batch-size", "8"], "--global-batch-size 4 vs 8"),
-])
+
+@pytest.mark.parametrize(
+    "flags,diff",
+    [
+        (["--seed", "7"], "--seed 1234 vs 7"),
+        (["--seq-length", "16"], "--seq-length 32 vs 16"),
+        (["--global-batch-size", "8"], "--global-batch-size 4 vs 8"),
+    ],
+)
 def test_a_changed_data_order_is_refused_or_overridden(run, flags, diff):
     message = _one_line_error(_prepare, run.prefix, "--load", run.save, *flags)
-    assert message == (f"--load {run.save}/{run.tag}: the data order differs from the checkpoint's (checkpoint vs "
-                       f"run: {diff}): it changes which samples are read after iteration {ITERS} (the data "
-                       f"position is kept as 12 consumed samples); pass the checkpoint's values, or "
-                       f"--override-data-order to continue with the new ones")
+    assert message == (
+        f"--load {run.save}/{run.tag}: the data order differs from the checkpoint's (checkpoint vs "
+        f"run: {diff}): it changes which samples are read after iteration {ITERS} (the data "
+        f"position is kept as 12 consumed samples); pass the checkpoint's values, or "
+        f"--override-data-order to continue with the new ones"
+    )
     verified, said = _prepare(run.prefix, "--load", run.save, *flags, "--override-data-order")
     assert verified[0] == run.tag
     assert f"--override-data-order: continuing with the new data order (checkpoint vs run: {diff})" in said
@@ -407,14 +468,18 @@ def test_latest_that_is_a_directory(run, tmp_path):
     os.remove(os.path.join(load, "latest"))
     os.makedirs(os.path.join(load, "latest"))
     message = _one_line_error(_prepare, run.prefix, "--load", load, "--save", load)
-    assert message == (f"{load}/latest is a directory; it should be a file holding one tag like iter_0000100 "
-                       f"(the newest complete checkpoint here is {run.tag}): move the directory away")
+    assert message == (
+        f"{load}/latest is a directory; it should be a file holding one tag like iter_0000100 "
+        f"(the newest complete checkpoint here is {run.tag}): move the directory away"
+    )
     # in a --save folder with no checkpoint yet: refused at start, not at the first save
     save = str(tmp_path / "fresh")
     os.makedirs(os.path.join(save, "latest"))
     message = _one_line_error(_prepare, run.prefix, "--save", save)
-    assert message == (f"{save}/latest is a directory; it should be a file holding one tag like iter_0000100 "
-                       f"(there is no complete checkpoint here): move the directory away")
+    assert message == (
+        f"{save}/latest is a directory; it should be a file holding one tag like iter_0000100 "
+        f"(there is no complete checkpoint here): move the directory away"
+    )
 
 
 def test_save_or_load_that_is_a_regular_file(run, tmp_path):

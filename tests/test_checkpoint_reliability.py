@@ -1,5 +1,6 @@
 """Checkpoint reliability (issue 12): checksums verified on --load with one-line errors, durability
 order, `latest` missing, disk full, changed setup on resume, --keep-last, file modes, no --save."""
+
 import errno
 import json
 import os
@@ -34,8 +35,10 @@ def run(tmp_path_factory):
         f.write('{"iteration": 3, "consumed_samples": 99, "consumed_tokens": 0}')
     with open(os.path.join(save, "iter_0000003", "megaphi_meta.json.tmp.99999"), "w") as f:
         f.write('{"iteration": 3')
-    proc = run_pretrain(tiny_flags(prefix, ITERS) + ["--save", save, "--save-interval", "1", "--keep-last", "2",
-                                                     "--zero-stage", "0", "--start-over"])
+    proc = run_pretrain(
+        tiny_flags(prefix, ITERS)
+        + ["--save", save, "--save-interval", "1", "--keep-last", "2", "--zero-stage", "0", "--start-over"]
+    )
     assert f"--start-over: ignoring 1 checkpoint(s) in {save} without a 'latest' file" in proc.stdout
     return types.SimpleNamespace(prefix=prefix, save=save, stdout=proc.stdout, tmp=tmp)
 
@@ -59,8 +62,9 @@ def test_save_records_checksums_fsyncs_prunes_and_modes(run):
     meta = json.load(open(os.path.join(tag_dir, "megaphi_meta.json")))
     assert meta["checksum"] == "crc32"
     assert sorted(meta["files"]) == integrity.data_files(tag_dir, "megaphi_meta.json")
-    assert {"mp_rank_00_model_states.pt", "rng_state_rank0.pt", "model/model.safetensors",
-            "model/config.json"} <= set(meta["files"])
+    assert {"mp_rank_00_model_states.pt", "rng_state_rank0.pt", "model/model.safetensors", "model/config.json"} <= set(
+        meta["files"]
+    )
     for rel, entry in meta["files"].items():
         assert (entry["size"], entry["crc32"]) == integrity.file_crc32(os.path.join(tag_dir, rel))
     assert training_state.verify_checkpoint(run.save)[0] == f"iter_{ITERS:07d}"
@@ -106,12 +110,15 @@ def test_corrupted_files_are_one_line_errors(run, tmp_path):
     assert model_folder.finetune_weights_source(load) == ("folder", os.path.join(tag_dir, "model"))
 
 
-@pytest.mark.parametrize("content,expected", [
-    (b"\xff\xfe\x00\x81garbage", "latest: not a checkpoint tag (binary content"),
-    (b"", "latest is empty"),
-    (b"../../etc\n", "latest: not a checkpoint tag ('../../etc'"),
-    (b"iter_0009999\n", "latest points to iter_0009999, but "),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (b"\xff\xfe\x00\x81garbage", "latest: not a checkpoint tag (binary content"),
+        (b"", "latest is empty"),
+        (b"../../etc\n", "latest: not a checkpoint tag ('../../etc'"),
+        (b"iter_0009999\n", "latest points to iter_0009999, but "),
+    ],
+)
 def test_garbage_in_latest(run, tmp_path, content, expected):
     load, _ = _copy(run, tmp_path)
     with open(os.path.join(load, "latest"), "wb") as f:
@@ -119,14 +126,22 @@ def test_garbage_in_latest(run, tmp_path, content, expected):
     assert expected in _verify_error(load)
 
 
-@pytest.mark.parametrize("content,expected", [
-    (b"\x00\xff\xfe", "corrupted (not UTF-8 text)"),
-    (b'{"iteration": 3, "consum', "corrupted (not valid JSON: Unterminated string"),
-    (b"[1, 2]", "corrupted (a JSON list, expected an object)"),
-    (b'{"iteration": "3", "consumed_samples": 12, "consumed_tokens": 384}', "corrupted ('iteration' is '3', expected"),
-    (b'{"iteration": 3, "consumed_samples": 12, "consumed_tokens": 384, "files": [1]}',
-     "corrupted ('files' is a list, expected an object)"),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (b"\x00\xff\xfe", "corrupted (not UTF-8 text)"),
+        (b'{"iteration": 3, "consum', "corrupted (not valid JSON: Unterminated string"),
+        (b"[1, 2]", "corrupted (a JSON list, expected an object)"),
+        (
+            b'{"iteration": "3", "consumed_samples": 12, "consumed_tokens": 384}',
+            "corrupted ('iteration' is '3', expected",
+        ),
+        (
+            b'{"iteration": 3, "consumed_samples": 12, "consumed_tokens": 384, "files": [1]}',
+            "corrupted ('files' is a list, expected an object)",
+        ),
+    ],
+)
 def test_garbage_in_metadata(run, tmp_path, content, expected):
     load, tag_dir = _copy(run, tmp_path)
     with open(os.path.join(tag_dir, "megaphi_meta.json"), "wb") as f:
@@ -147,15 +162,19 @@ def test_load_of_a_corrupted_checkpoint_exits_1_with_one_line(run, tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"megaphi.pretrain: error: {states}: corrupted: crc32 ") and last.endswith(" was saved "
-                                                                                                   "(the file changed after the save)")
+    assert last.startswith(f"megaphi.pretrain: error: {states}: corrupted: crc32 ") and last.endswith(
+        " was saved (the file changed after the save)"
+    )
 
 
 def test_latest_missing_with_iter_folders_is_refused(run, tmp_path):
     load, _ = _copy(run, tmp_path)
     os.remove(os.path.join(load, "latest"))
-    with pytest.raises(CheckpointError, match=r"holds 2 checkpoint\(s\) \(iter_0000002 \.\. iter_0000003\) but no "
-                                              r"'latest' file: restore it .* or pass --start-over"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"holds 2 checkpoint\(s\) \(iter_0000002 \.\. iter_0000003\) but no "
+        r"'latest' file: restore it .* or pass --start-over",
+    ):
         training_state.check_no_orphan_checkpoints(load, False, "--load")
     training_state.check_no_orphan_checkpoints(load, True, "--load")  # --start-over: allowed
     args = parse_args(tiny_flags(run.prefix, ITERS) + ["--load", load, "--save", load])
@@ -188,9 +207,12 @@ def _resume_args(run, *extra):
 
 def test_changed_setup_is_one_clear_line_or_adopted(run):
     args, meta, config = _resume_args(run, "--zero-stage", "1")
-    with pytest.raises(CheckpointError, match=r"saved with ZeRO stage 0, this run uses stage 1; the optimizer state "
-                                              r"does not carry across these stages: pass --no-load-optim .* or resume "
-                                              r"with --zero-stage 0"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"saved with ZeRO stage 0, this run uses stage 1; the optimizer state "
+        r"does not carry across these stages: pass --no-load-optim .* or resume "
+        r"with --zero-stage 0",
+    ):
         resume_checks.check_resume_setup(args, meta, config, 1, run.save)
     args, meta, config = _resume_args(run, "--zero-stage", "1", "--bf16")
     with pytest.raises(CheckpointError, match=r"\(bf16 runs use ZeRO >= 1 for fp32 gradient accumulation\)"):
@@ -203,8 +225,11 @@ def test_changed_setup_is_one_clear_line_or_adopted(run):
     args = parse_args(flags)
     meta = training_state.verify_checkpoint(run.save)[1]
     config = _run_config(flags).phi_config()
-    with pytest.raises(CheckpointError, match=r"the lr schedule differs from the checkpoint's \(checkpoint vs run: "
-                                              r"--lr-decay-iters 3 vs 6;"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"the lr schedule differs from the checkpoint's \(checkpoint vs run: "
+        r"--lr-decay-iters 3 vs 6;",
+    ):
         resume_checks.check_resume_setup(args, meta, config, 0, run.save)
     resume_checks.check_resume_setup(parse_args(flags + ["--override-opt_param-scheduler"]), meta, config, 0, run.save)
     args = _run_config(flags + ["--use-checkpoint-opt_param-scheduler"]).flag_namespace()
@@ -214,9 +239,12 @@ def test_changed_setup_is_one_clear_line_or_adopted(run):
     # architecture: refused, or taken from the checkpoint
     args, meta, config = _resume_args(run, "--hidden-size", "128")
     # (the rotary dim follows the head dim, so it differs too)
-    with pytest.raises(CheckpointError, match=r"architecture differs from this run \(checkpoint vs run: hidden_size 64 "
-                                              r"vs 128; rotary_dim 16 vs 32\); pass the checkpoint's model flags or "
-                                              r"--use-checkpoint-args"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"architecture differs from this run \(checkpoint vs run: hidden_size 64 "
+        r"vs 128; rotary_dim 16 vs 32\); pass the checkpoint's model flags or "
+        r"--use-checkpoint-args",
+    ):
         resume_checks.check_resume_setup(args, meta, config, 0, run.save)
     args, meta, config = _resume_args(run, "--hidden-size", "128", "--num-layers", "3", "--use-checkpoint-args")
     assert (args.hidden_size, args.num_layers, config.hidden_size) == (64, 2, 64)
@@ -242,10 +270,14 @@ def test_disk_full_is_reported_and_the_partial_save_removed(run, tmp_path):
         assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
         assert "Traceback" not in proc.stderr
         last = proc.stderr.strip().splitlines()[-1]
-        assert last.startswith(f"megaphi.pretrain: error: disk full (ENOSPC, No space left on device) while saving "
-                               f"{mnt}/iter_0000001; the partial checkpoint was removed, ")
-        assert last.endswith("free now; no checkpoint is complete yet ('latest' was never written); free space (or "
-                             "--keep-last N) and resume")
+        assert last.startswith(
+            f"megaphi.pretrain: error: disk full (ENOSPC, No space left on device) while saving "
+            f"{mnt}/iter_0000001; the partial checkpoint was removed, "
+        )
+        assert last.endswith(
+            "free now; no checkpoint is complete yet ('latest' was never written); free space (or "
+            "--keep-last N) and resume"
+        )
         # the free space once the partial save is gone (was "0.0 MiB": measured while the failed writer
         # still held its deleted file open); the 1 MiB tmpfs then holds only metrics.jsonl and the lock
         free = last.split("the partial checkpoint was removed, ")[1].split(" free now")[0]
@@ -261,13 +293,16 @@ def test_disk_full_detection_and_discard(tmp_path):
     os.makedirs(tmp_path / "iter_0000001")
     os.makedirs(tmp_path / "iter_0000002")
     (tmp_path / "latest").write_text("iter_0000001\n")
-    message = training_state._discard_partial_save(str(tmp_path), "iter_0000002", OSError(errno.ENOSPC, "No space left on device"))
+    message = training_state._discard_partial_save(
+        str(tmp_path), "iter_0000002", OSError(errno.ENOSPC, "No space left on device")
+    )
     assert "the partial checkpoint was removed" in message and "'latest' still names iter_0000001" in message
     assert layout.iteration_tags(str(tmp_path)) == ["iter_0000001"]
 
 
 def test_truncated_metrics_line_is_repaired_and_skipped_by_the_plotter(tmp_path, capsys):
     from megaphi.training.metrics import MetricsWriter
+
     path = tmp_path / "metrics.jsonl"
     good = [{"iteration": 1, "loss": 5.0, "lr": 1e-3}, {"iteration": 2, "loss": 4.5, "lr": 1e-3}]
     path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"iteration": 3, "lo')
@@ -277,6 +312,7 @@ def test_truncated_metrics_line_is_repaired_and_skipped_by_the_plotter(tmp_path,
     assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [1, 2, 3]
 
     from megaphi.cli import plot_metrics
+
     path.write_text(json.dumps(good[0]) + "\n" + '{"iteration": 2, "lo\n' + json.dumps(good[1]) + "\n")
     train, valid = plot_metrics.read_metrics(str(path))
     assert [r["iteration"] for r in train] == [1, 2] and valid == []
@@ -291,10 +327,29 @@ def test_resume_across_zero_stages_without_save_and_sigterm(run, tmp_path):
     log_dir = str(tmp_path / "logs")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("RANK", None)
-    proc = subprocess.Popen([sys.executable, "-m", "megaphi.pretrain", *tiny_flags(run.prefix, 100000), "--log-dir",
-                             log_dir, "--eval-iters", "0", "--load", load, "--zero-stage", "1", "--no-load-optim",
-                             "--lr-decay-iters", str(ITERS)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "megaphi.pretrain",
+            *tiny_flags(run.prefix, 100000),
+            "--log-dir",
+            log_dir,
+            "--eval-iters",
+            "0",
+            "--load",
+            load,
+            "--zero-stage",
+            "1",
+            "--no-load-optim",
+            "--lr-decay-iters",
+            str(ITERS),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     metrics = os.path.join(log_dir, "metrics.jsonl")
     stdout, stderr = sigterm_after_metrics(proc, metrics, lines=1)
     assert proc.returncode == 0, stderr[-3000:]
@@ -314,9 +369,24 @@ def test_kill_9_inside_a_save_never_exposes_a_partial_checkpoint(run, tmp_path):
     save = str(tmp_path / "ck")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("RANK", None)
-    proc = subprocess.Popen([sys.executable, "-m", "megaphi.pretrain", *tiny_flags(run.prefix, 1000), "--save", save,
-                             "--save-interval", "1", "--eval-iters", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "megaphi.pretrain",
+            *tiny_flags(run.prefix, 1000),
+            "--save",
+            save,
+            "--save-interval",
+            "1",
+            "--eval-iters",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
@@ -332,13 +402,15 @@ def test_kill_9_inside_a_save_never_exposes_a_partial_checkpoint(run, tmp_path):
         if proc.poll() is None:
             proc.kill()
     tag, meta = training_state.verify_checkpoint(save)
-    assert meta["iteration"] == int(tag[len("iter_"):])
+    assert meta["iteration"] == int(tag[len("iter_") :])
     for other in layout.iteration_tags(save):
         other_meta = os.path.join(save, other, "megaphi_meta.json")
         if os.path.exists(other_meta):  # complete: every listed file verifies
             integrity.verify_files(os.path.join(save, other), json.load(open(other_meta))["files"])
-    resumed = run_pretrain(tiny_flags(run.prefix, 1000) + ["--load", save, "--save", save, "--eval-iters", "0",
-                                                           "--exit-interval", str(meta["iteration"] + 1)])
+    resumed = run_pretrain(
+        tiny_flags(run.prefix, 1000)
+        + ["--load", save, "--save", save, "--eval-iters", "0", "--exit-interval", str(meta["iteration"] + 1)]
+    )
     assert f"resumed from {save}/{tag} at iteration {meta['iteration']}" in resumed.stdout
     new_tag, new_meta = training_state.verify_checkpoint(save)
     assert new_meta["iteration"] == meta["iteration"] + 1

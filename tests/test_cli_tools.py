@@ -1,6 +1,7 @@
 """The tools as installed commands (pyproject.toml [project.scripts] -> megaphi/cli and megaphi.pretrain),
 the tools/*.py files as thin wrappers that import and call the cli mains, and the plotter (matplotlib,
 run-named title)."""
+
 import importlib
 import importlib.metadata
 import json
@@ -25,8 +26,14 @@ def console_scripts():
 
 def test_every_console_script_has_a_main_with_help(capsys):
     scripts = console_scripts()
-    assert {"megaphi-train", "megaphi-preprocess", "megaphi-convert", "megaphi-generate", "megaphi-eval",
-            "megaphi-plot"} <= set(scripts)
+    assert {
+        "megaphi-train",
+        "megaphi-preprocess",
+        "megaphi-convert",
+        "megaphi-generate",
+        "megaphi-eval",
+        "megaphi-plot",
+    } <= set(scripts)
     for name, target in scripts.items():
         module, func = target.split(":")
         main = getattr(importlib.import_module(module), func)
@@ -51,8 +58,12 @@ def test_tools_are_thin_wrappers_without_sys_path_edits():
 
 
 def test_tool_wrapper_runs_the_cli_main():
-    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "merge_datasets.py"), "--version"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "merge_datasets.py"), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and out.stdout.startswith("megaphi-merge-datasets "), out.stderr
 
 

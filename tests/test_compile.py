@@ -11,6 +11,7 @@ Equality is checked in float64, where compiled and eager differ only by summatio
 masks (seeded from torch's generator): compiled runs equal eager in law, and equal each other
 across recompute modes, because recompute replays the generator states.
 """
+
 import copy
 import importlib
 
@@ -20,8 +21,15 @@ import torch
 from megaphi.config import PhiConfig
 from megaphi.model.compile import prepare_for_compile
 
-CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-              rotary_dim=8, max_position_embeddings=32)
+CONFIG = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    rotary_dim=8,
+    max_position_embeddings=32,
+)
 RECOMPUTE = {"none": {}, "selective": dict(recompute="selective"), "full": dict(recompute="full")}
 TOL = 1e-9  # float64: relative to the largest magnitude of each compared tensor
 
@@ -37,6 +45,7 @@ def fresh_dynamo():
 def kernel_ops_on_cpu(monkeypatch):
     """Dispatch LayerNorm and rotary to megaphi's custom ops (CPU implementations) as on a GPU."""
     from megaphi.ops import backend
+
     layer_norm = importlib.import_module("megaphi.ops.layer_norm")  # the package exports a function of that name
     rotary = importlib.import_module("megaphi.ops.rotary")
     monkeypatch.setattr(backend, "_resolve_on", lambda op, impl, *device: "cuda")
@@ -49,7 +58,9 @@ def kernel_ops_on_cpu(monkeypatch):
         def call(*args):
             calls[name] += 1
             return op(*args)
+
         return call
+
     monkeypatch.setattr(layer_norm, "layer_norm_forward", counted("layer_norm", forward))
     monkeypatch.setattr(rotary, "rotary_qk", counted("rotary", rotary_op))
     return calls
@@ -57,8 +68,13 @@ def kernel_ops_on_cpu(monkeypatch):
 
 def _model(dropout=0.0, attention_dropout=None, **switches):
     from megaphi.model import ModelRuntime, PhiForCausalLM
-    config = PhiConfig(**CONFIG, attention_dropout=dropout if attention_dropout is None else attention_dropout,
-                       resid_dropout=dropout, embd_dropout=0.0)
+
+    config = PhiConfig(
+        **CONFIG,
+        attention_dropout=dropout if attention_dropout is None else attention_dropout,
+        resid_dropout=dropout,
+        embd_dropout=0.0,
+    )
     return PhiForCausalLM(config, init_seed=5, runtime=ModelRuntime(**switches)).double().train()
 
 
@@ -70,6 +86,7 @@ def _batch():
 
 def _loss_and_grads(model, seed=0):
     from megaphi.parallel.random import model_parallel_seed
+
     model_parallel_seed(seed)
     ids, labels = _batch()
     token_losses, _ = model(ids, labels=labels, reduction="none")
@@ -84,6 +101,7 @@ def _compiled(model):
     import dataclasses
 
     from megaphi.model import apply_runtime
+
     compiled = apply_runtime(copy.deepcopy(model), dataclasses.replace(model.runtime, compile=True))
     assert compiled.runtime.compile and not model.runtime.compile
     return compiled
@@ -105,6 +123,7 @@ def test_kernel_ops_registration():
     """Schema, fake (meta) shapes, autograd registration and AOT dispatch of the custom ops."""
     from megaphi.ops.layer_norm import layer_norm_backward, layer_norm_forward
     from megaphi.ops.rotary import rotary_qk, rotary_tables
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 16, generator=g, requires_grad=True)
     w = torch.randn(16, generator=g, requires_grad=True)
@@ -125,6 +144,7 @@ def test_kernel_ops_cpu_equal_float64_references():
     and of the rotary reference, in float64."""
     from megaphi.ops.layer_norm import layer_norm_kernel
     from megaphi.ops.rotary import rotary_qk, rotary_reference, rotary_tables
+
     g = torch.Generator().manual_seed(1)
     x = torch.randn(4, 7, 24, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(24, generator=g, dtype=torch.float64, requires_grad=True)
@@ -134,7 +154,9 @@ def test_kernel_ops_cpu_equal_float64_references():
     want = torch.autograd.grad(torch.nn.functional.layer_norm(x, (24,), w, b, 1e-5), (x, w, b), dy)
     for name, a, e in zip(("dx", "dweight", "dbias"), got, want):
         _assert_close(a, e, f"layer norm {name}")
-    _assert_close(layer_norm_kernel(x, w, b, 1e-5), torch.nn.functional.layer_norm(x, (24,), w, b, 1e-5), "layer norm y")
+    _assert_close(
+        layer_norm_kernel(x, w, b, 1e-5), torch.nn.functional.layer_norm(x, (24,), w, b, 1e-5), "layer norm y"
+    )
 
     cos, sin = rotary_tables(8, 20)
     q = torch.randn(2, 5, 3, 12, generator=g, dtype=torch.float64, requires_grad=True)
@@ -143,8 +165,9 @@ def test_kernel_ops_cpu_equal_float64_references():
     q_rot, k_rot = rotary_qk(q, k, cos, sin, None, 4, False)
     _assert_close(q_rot, rotary_reference(q, cos, sin, offset=4), "rotary q")
     got = torch.autograd.grad((q_rot, k_rot), (q, k), (dq, dk))
-    want = torch.autograd.grad((rotary_reference(q, cos, sin, offset=4), rotary_reference(k, cos, sin, offset=4)),
-                               (q, k), (dq, dk))
+    want = torch.autograd.grad(
+        (rotary_reference(q, cos, sin, offset=4), rotary_reference(k, cos, sin, offset=4)), (q, k), (dq, dk)
+    )
     for name, a, e in zip(("dq", "dk"), got, want):
         _assert_close(a, e, f"rotary {name}")
 
@@ -232,6 +255,7 @@ def test_compiled_residual_dropout_in_law():
 
 def _tensor_parallel_worker(rank, world, sequence_parallel):
     from megaphi.parallel import state
+
     torch._dynamo.reset()
     state.initialize_model_parallel(world)
     eager = _model(sequence_parallel=sequence_parallel)
@@ -245,11 +269,13 @@ def _tensor_parallel_worker(rank, world, sequence_parallel):
 def test_compiled_equals_eager_tensor_parallel(sequence_parallel):
     """TP=2 over gloo: the communication's autograd functions are traced into the compiled blocks."""
     from dist_utils import run_distributed
+
     run_distributed(_tensor_parallel_worker, 2, sequence_parallel)
 
 
 def test_compile_switch_choices():
     from megaphi.model.compile import CUDA_DEFAULT_VERIFIED, compile_enabled
+
     assert compile_enabled("on", "cpu") and not compile_enabled("off", "cuda")
     assert not compile_enabled("auto", "cpu")
     assert compile_enabled("auto", "cuda") == CUDA_DEFAULT_VERIFIED
@@ -262,14 +288,50 @@ def test_pretrain_torch_compile_flag(tmp_path, capsys):
     loss as eager; later losses differ by rounding amplified by Adam, so only the first is compared."""
     import re
     from megaphi import pretrain
+
     first_losses = {}
     for choice in ("off", "on"):
-        argv = ["--model", "tiny", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2",
-                "--ffn-hidden-size", "64", "--rotary-dim", "8", "--seq-length", "16", "--micro-batch-size", "2",
-                "--global-batch-size", "4", "--train-iters", "2", "--log-interval", "1", "--lr", "1e-3",
-                "--lr-warmup-iters", "0", "--eval-iters", "0", "--mock-data", "--seed", "3",
-                "--attention-dropout", "0", "--hidden-dropout", "0",  # Inductor draws other masks
-                "--torch-compile", choice, "--log-dir", str(tmp_path / choice)]
+        argv = [
+            "--model",
+            "tiny",
+            "--num-layers",
+            "2",
+            "--hidden-size",
+            "32",
+            "--num-attention-heads",
+            "2",
+            "--ffn-hidden-size",
+            "64",
+            "--rotary-dim",
+            "8",
+            "--seq-length",
+            "16",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "4",
+            "--train-iters",
+            "2",
+            "--log-interval",
+            "1",
+            "--lr",
+            "1e-3",
+            "--lr-warmup-iters",
+            "0",
+            "--eval-iters",
+            "0",
+            "--mock-data",
+            "--seed",
+            "3",
+            "--attention-dropout",
+            "0",
+            "--hidden-dropout",
+            "0",  # Inductor draws other masks
+            "--torch-compile",
+            choice,
+            "--log-dir",
+            str(tmp_path / choice),
+        ]
         assert pretrain.main(argv) in (0, None)
         out = capsys.readouterr().out
         assert ("blocks compiled (torch.compile)" if choice == "on" else "blocks eager") in out
@@ -281,6 +343,7 @@ def test_importing_the_model_does_not_import_dynamo():
     """torch._dynamo costs seconds of start-up: only compiling may import it."""
     import subprocess
     import sys
+
     code = "import sys, megaphi.model, megaphi.pretrain; print('torch._dynamo' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "False"

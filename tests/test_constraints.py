@@ -1,4 +1,5 @@
 """The lock file: every package tools/install.sh names is pinned, and check_constraints sees drift."""
+
 import re
 import subprocess
 import sys
@@ -25,10 +26,10 @@ def test_every_installed_package_is_pinned():
                     named.add(match.group(0))
         continued = code.rstrip().endswith("\\")
     named -= {"install"}
-    assert {"pytest", "transformers", "numpy", "datasets"} <= named     # the parse above found the list
+    assert {"pytest", "transformers", "numpy", "datasets"} <= named  # the parse above found the list
     missing = sorted(name for name in named if check_constraints.normalize(name) not in pins)
     assert not missing, f"install.sh installs unpinned packages: {missing}"
-    assert "torch" not in pins                                         # pinned by MEGAPHI_TORCH_SPEC instead
+    assert "torch" not in pins  # pinned by MEGAPHI_TORCH_SPEC instead
 
 
 def test_drift_is_reported(tmp_path):
@@ -36,10 +37,11 @@ def test_drift_is_reported(tmp_path):
 
     lock = tmp_path / "constraints.txt"
     lock.write_text(f"# comment\npytest=={installed_pytest.__version__}\n\nno-such-package-xyz==1.0\n")
-    run = subprocess.run([sys.executable, str(ROOT / "tools" / "check_constraints.py"), str(lock)],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "check_constraints.py"), str(lock)], capture_output=True, text=True
+    )
     assert run.returncode == 1 and "no-such-package-xyz missing (pinned 1.0)" in run.stderr
-    assert run.stderr.startswith("1 package(s) differ")                 # pytest matches its pin
+    assert run.stderr.startswith("1 package(s) differ")  # pytest matches its pin
     lock.write_text(f"pytest=={installed_pytest.__version__}\n")
     assert subprocess.run([sys.executable, str(ROOT / "tools" / "check_constraints.py"), str(lock)]).returncode == 0
 

@@ -7,6 +7,7 @@ emulated in one process (this rank's vocab range, the cross-rank sums an identit
 outside the shard occur; the all-reduce only adds the other ranks' terms and does not change what this
 rank computes.
 """
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -14,8 +15,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import megaphi.parallel.cross_entropy as ce
 
 # ops whose output shape depends on tensor values, or that boolean indexing lowers to
-DATA_DEPENDENT = {"nonzero", "index", "index_put", "index_put_", "masked_select", "masked_scatter",
-                  "_index_put_impl_", "argwhere", "unique", "_unique2", "nonzero_static"}
+DATA_DEPENDENT = {
+    "nonzero",
+    "index",
+    "index_put",
+    "index_put_",
+    "masked_select",
+    "masked_scatter",
+    "_index_put_impl_",
+    "argwhere",
+    "unique",
+    "_unique2",
+    "nonzero_static",
+}
 
 
 class OpRecorder(TorchDispatchMode):
@@ -31,10 +43,12 @@ class OpRecorder(TorchDispatchMode):
 @pytest.fixture
 def tp_rank(monkeypatch):
     """Pretend to be TP rank `rank` of `world` (vocab shard [rank*V/world, (rank+1)*V/world))."""
+
     def set_rank(rank, world):
         monkeypatch.setattr(ce, "get_tensor_model_parallel_world_size", lambda: world)
         monkeypatch.setattr(ce, "get_tensor_model_parallel_rank", lambda: rank)
         monkeypatch.setattr(ce, "_all_reduce", lambda x, op: x)
+
     return set_rank
 
 
@@ -85,8 +99,9 @@ def test_backward_is_bitwise_the_masked_subtraction(tp_rank, dtype, rank):
     owned = ((labels >= start) & (labels < end)).sum().item()
     assert 0 < owned < labels.numel()  # both kinds of targets occur on this rank
     losses.backward(grad_losses)
-    want_h, want_w, want_b = _masked_reference_backward(h.detach(), w.detach(), b.detach(), labels, grad_losses,
-                                                        lse, start, end, chunk)
+    want_h, want_w, want_b = _masked_reference_backward(
+        h.detach(), w.detach(), b.detach(), labels, grad_losses, lse, start, end, chunk
+    )
     assert torch.equal(h.grad, want_h)
     assert torch.equal(w.grad, want_w)
     assert torch.equal(b.grad, want_b)

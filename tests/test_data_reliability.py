@@ -1,4 +1,5 @@
 """Token files that changed, do not fit the model, or are smaller than a sample (issue 12, Data)."""
+
 import logging
 import os
 
@@ -55,12 +56,22 @@ def test_token_ids_outside_the_vocabulary_name_the_dataset(tmp_path):
     docs[150][3] = 51234
     write_token_files(prefix, docs)
     with pytest.raises(token_check.VocabularyError) as err:
-        build_gpt_datasets([prefix], "90,10,0", 16, 0, num_samples=(10, None, None), cache_dir=cache,
-                           splits=("train",), vocab_size=51200)
-    assert str(err.value).startswith(f"dataset {prefix} holds token id 51234, outside the model's vocabulary "
-                                     f"of 51200 (ids 0..51199)")
-    train, _, _ = build_gpt_datasets([prefix], "90,10,0", 16, 0, num_samples=(10, None, None), cache_dir=cache,
-                                     splits=("train",), vocab_size=51235)
+        build_gpt_datasets(
+            [prefix],
+            "90,10,0",
+            16,
+            0,
+            num_samples=(10, None, None),
+            cache_dir=cache,
+            splits=("train",),
+            vocab_size=51200,
+        )
+    assert str(err.value).startswith(
+        f"dataset {prefix} holds token id 51234, outside the model's vocabulary of 51200 (ids 0..51199)"
+    )
+    train, _, _ = build_gpt_datasets(
+        [prefix], "90,10,0", 16, 0, num_samples=(10, None, None), cache_dir=cache, splits=("train",), vocab_size=51235
+    )
     assert len(train) >= 10
 
 
@@ -76,6 +87,7 @@ def test_max_token_scan_is_cached_until_the_bin_changes(tmp_path, monkeypatch):
 
     def no_scan(dataset):
         raise AssertionError("scanned again")
+
     monkeypatch.setattr(token_check, "max_token_id", no_scan)
     assert token_check.check_vocabulary(IndexedDataset(prefix), 100, cache) == expected
     monkeypatch.undo()
@@ -94,7 +106,8 @@ def test_fewer_tokens_than_one_sample_warns(tmp_path, caplog):
     assert len(ds) >= 100
     assert [r.getMessage() for r in caplog.records] == [
         f"WARNING: dataset {prefix}, split train (documents [0, 2)) holds 12 tokens, fewer than one sample of 33 "
-        f"(seq_length 32 + 1): every sample repeats the same data ({ds.num_epochs} epochs)"]
+        f"(seq_length 32 + 1): every sample repeats the same data ({ds.num_epochs} epochs)"
+    ]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="megaphi.data.gpt_dataset"):
         GPTDataset(prefix, 11, 10, 0, split="1,0,0", cache=False)  # 12 tokens = one sample: no warning

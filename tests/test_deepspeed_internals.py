@@ -17,6 +17,7 @@ A DeepSpeed that renames or reroutes any of these makes megaphi log no grad norm
 nothing or log a NaN loss scale, silently: these tests fail instead. pyproject.toml pins the range they
 were run on.
 """
+
 import json
 import re
 from importlib import metadata
@@ -98,11 +99,22 @@ def _engine(clip, torch):
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
-    config = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-              "gradient_clipping": clip, "zero_optimization": {"stage": 0}, "steps_per_print": 2 ** 31 - 1,
-              "timers": {"throughput": {"enabled": False}}}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                           mpu=mpu, config=config, dist_init_required=False)
+    config = {
+        "train_batch_size": 2,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": clip,
+        "zero_optimization": {"stage": 0},
+        "steps_per_print": 2**31 - 1,
+        "timers": {"throughput": {"enabled": False}},
+    }
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        mpu=mpu,
+        config=config,
+        dist_init_required=False,
+    )
     return engine, finish_engine_setup(engine)
 
 
@@ -117,8 +129,9 @@ def _step(engine, torch):
 
 
 def _grad_norm(engine, torch):
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad)
-                                                 for p in engine.module.parameters()])).item()
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for p in engine.module.parameters()])
+    ).item()
 
 
 def _worker(rank, world, out_path):
@@ -144,9 +157,15 @@ def _worker(rank, world, out_path):
 
         engine._take_model_step, engine.clip_fp32_gradients = counting_take, counting_clip
         norm = _step(engine, torch)
-        result[f"clip{clip}"] = {"norm": norm, "recorded": float(grad_norms.latest()), "after": calls["after"],
-                                 "take_model_step": calls["take_model_step"], "clip_calls": calls["clip"],
-                                 "reported": engine.get_global_grad_norm(), "skipped": engine.skipped_steps}
+        result[f"clip{clip}"] = {
+            "norm": norm,
+            "recorded": float(grad_norms.latest()),
+            "after": calls["after"],
+            "take_model_step": calls["take_model_step"],
+            "clip_calls": calls["clip"],
+            "reported": engine.get_global_grad_norm(),
+            "skipped": engine.skipped_steps,
+        }
 
     engine, _ = _engine(1.0, torch)
     result["backward_allreduce_flag"] = engine.enable_backward_allreduce
@@ -197,8 +216,15 @@ def test_engine_internals_megaphi_wraps_still_exist():
 
 def test_deepspeed_internals_are_named_only_in_the_engine_module():
     """Every use of a DeepSpeed internal lives in megaphi/training/engine.py (where this file pins it)."""
-    internals = ("_take_model_step", "clip_fp32_gradients", "enable_backward_allreduce", "cur_scale",
-                 "basic_optimizer", "build_shm_op", "megaphi_grad_norm")
+    internals = (
+        "_take_model_step",
+        "clip_fp32_gradients",
+        "enable_backward_allreduce",
+        "cur_scale",
+        "basic_optimizer",
+        "build_shm_op",
+        "megaphi_grad_norm",
+    )
     found = []
     for path in sorted((REPO / "megaphi").rglob("*.py")):
         if path == REPO / "megaphi" / "training" / "engine.py":

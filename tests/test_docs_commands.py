@@ -15,6 +15,7 @@ flag wins) and placeholders the text names as such (CKPT, /path/to/...) filled w
 earlier commands. The user's own inputs (a corpus.jsonl.gz, a Hugging Face phi folder, a second
 dataset to blend) are made by INPUTS.
 """
+
 import glob
 import gzip
 import json
@@ -79,7 +80,11 @@ def extract_commands(path: str) -> List[DocCommand]:
                 blocks.append([(n + 1, lines[n]) for n in range(i + 1, end)])
             i = end + 1
             continue
-        if lines[i].startswith("    ") and (i == 0 or not lines[i - 1].strip()) and COMMAND_WORDS.match(lines[i].strip()):
+        if (
+            lines[i].startswith("    ")
+            and (i == 0 or not lines[i - 1].strip())
+            and COMMAND_WORDS.match(lines[i].strip())
+        ):
             end = i
             while end < len(lines) and lines[end].startswith("    "):
                 end += 1
@@ -103,8 +108,20 @@ def all_doc_commands() -> List[DocCommand]:
 # ---------------------------------------------------------------------------------------------------
 # How each command runs here.
 
-ARCH = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
-        "--rotary-dim", "8", "--max-position-embeddings", "64"]  # 4 heads: the docs reshard to TP 4
+ARCH = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--ffn-hidden-size",
+    "128",
+    "--num-attention-heads",
+    "4",
+    "--rotary-dim",
+    "8",
+    "--max-position-embeddings",
+    "64",
+]  # 4 heads: the docs reshard to TP 4
 # the recipes' documented overrides, scaled to seconds on a CPU
 RECIPE_ENV = {"GPUS_PER_NODE": "1", "SEQ_LENGTH": "64", "GLOBAL_BATCH": "2", "MICRO_BATCH": "2", "TRAIN_ITERS": "2"}
 RECIPE_ARGS = ARCH + ["--eval-iters", "1"]
@@ -120,30 +137,37 @@ def quickstart_model(ws):
 
 @dataclass
 class Run:
-    needs: List[str] = field(default_factory=list)      # RUNS keys that make this command's inputs
-    inputs: List[str] = field(default_factory=list)     # INPUTS: the user's own files the text assumes
-    env: Dict[str, str] = field(default_factory=dict)   # documented overrides (replace the text's own)
-    args: List[str] = field(default_factory=list)       # appended (a later flag wins)
+    needs: List[str] = field(default_factory=list)  # RUNS keys that make this command's inputs
+    inputs: List[str] = field(default_factory=list)  # INPUTS: the user's own files the text assumes
+    env: Dict[str, str] = field(default_factory=dict)  # documented overrides (replace the text's own)
+    args: List[str] = field(default_factory=list)  # appended (a later flag wins)
     fill: Dict[str, Callable] = field(default_factory=dict)  # placeholder -> value (from the workspace)
-    check: Optional[Callable] = None                    # check(ws, output) after a successful run
+    check: Optional[Callable] = None  # check(ws, output) after a successful run
 
 
 QUICKSTART = "bash examples/quickstart.sh"
 STDLIB_CORPUS = "python tools/make_stdlib_corpus.py --output data/stdlib.jsonl"
 README_CORPUS = "python tools/make_stdlib_corpus.py --output data/corpus.jsonl"
-README_TOKENS = ("python tools/preprocess_data.py --input data/corpus.jsonl --tokenizer ../shared/tokenizers/"
-                 "codegen-350M-mono --output-prefix data/codetextbook --workers 2")
-README_RECIPE = ("GPUS_PER_NODE=1 MODEL=phi-1-small SEQ_LENGTH=512 GLOBAL_BATCH=32 TRAIN_ITERS=200 "
-                 "bash examples/pretrain_phi1.sh")
+README_TOKENS = (
+    "python tools/preprocess_data.py --input data/corpus.jsonl --tokenizer ../shared/tokenizers/"
+    "codegen-350M-mono --output-prefix data/codetextbook --workers 2"
+)
+README_RECIPE = (
+    "GPUS_PER_NODE=1 MODEL=phi-1-small SEQ_LENGTH=512 GLOBAL_BATCH=32 TRAIN_ITERS=200 bash examples/pretrain_phi1.sh"
+)
 PRETRAIN = "bash examples/pretrain_phi1.sh"
 PRETRAIN_SMALL = "bash examples/pretrain_phi1_small.sh"
-README_CODE_TOKENS = ("python tools/preprocess_data.py --input corpus.jsonl.gz src_tree/ --extensions .py --tokenizer "
-                      "../shared/tokenizers/codegen-350M-mono --output-prefix data/code --workers 8")
+README_CODE_TOKENS = (
+    "python tools/preprocess_data.py --input corpus.jsonl.gz src_tree/ --extensions .py --tokenizer "
+    "../shared/tokenizers/codegen-350M-mono --output-prefix data/code --workers 8"
+)
 HF_TO_MEGAPHI = "python tools/convert_checkpoint.py hf-to-megaphi path/to/hf_phi-1 ckpt/phi-1"
 DOCS_HF_TO_MEGAPHI = "python tools/convert_checkpoint.py hf-to-megaphi /path/to/phi-1 checkpoints/phi-1-megaphi"
-EVAL_ONLY = ("megaphi-train --model phi-1-small --tokenizer-model ../shared/tokenizers/codegen-350M-mono --eval-only "
-             "--load checkpoints/phi-1-small-base --valid-data-path data/val_text_document --test-data-path "
-             "data/test_text_document --micro-batch-size 8 --global-batch-size 64 --eval-iters 50")
+EVAL_ONLY = (
+    "megaphi-train --model phi-1-small --tokenizer-model ../shared/tokenizers/codegen-350M-mono --eval-only "
+    "--load checkpoints/phi-1-small-base --valid-data-path data/val_text_document --test-data-path "
+    "data/test_text_document --micro-batch-size 8 --global-batch-size 64 --eval-iters 50"
+)
 
 
 def _check_eval_only(ws, output):
@@ -174,114 +198,155 @@ def _check_tokens(prefix):
     def check(ws, output):
         for ext in (".bin", ".idx"):
             assert os.path.getsize(os.path.join(ws.repo, prefix + ext)) > 0
+
     return check
 
 
 RUNS: Dict[str, Run] = {
     # README.md: on a fresh machine
-    QUICKSTART: Run(env={"TRAIN_ITERS": "4", "SEQ_LENGTH": "64", "MICRO_BATCH": "2", "VOCAB_SIZE": "512",
-                         "MAX_FILES": "30"},
-                    check=lambda ws, out: os.path.isdir(quickstart_model(ws))),
+    QUICKSTART: Run(
+        env={"TRAIN_ITERS": "4", "SEQ_LENGTH": "64", "MICRO_BATCH": "2", "VOCAB_SIZE": "512", "MAX_FILES": "30"},
+        check=lambda ws, out: os.path.isdir(quickstart_model(ws)),
+    ),
     # README.md: data preparation
-    README_CODE_TOKENS: Run(inputs=["corpus.jsonl.gz", "src_tree"], args=["--workers", "2"],
-                            check=_check_tokens("data/code_text_document")),
+    README_CODE_TOKENS: Run(
+        inputs=["corpus.jsonl.gz", "src_tree"], args=["--workers", "2"], check=_check_tokens("data/code_text_document")
+    ),
     "python tools/merge_datasets.py --input data/code_text_document data/textbooks_text_document --output-prefix "
-    "data/all_text_document": Run(needs=[README_CODE_TOKENS], inputs=["data/textbooks_text_document"],
-                                  check=_check_tokens("data/all_text_document")),
+    "data/all_text_document": Run(
+        needs=[README_CODE_TOKENS],
+        inputs=["data/textbooks_text_document"],
+        check=_check_tokens("data/all_text_document"),
+    ),
     # README.md: from a corpus to a recipe run
     README_CORPUS: Run(args=["--max-files", "30"]),
     README_TOKENS: Run(needs=[README_CORPUS], check=_check_tokens("data/codetextbook_text_document")),
-    README_RECIPE: Run(needs=[README_TOKENS], env=RECIPE_ENV, args=RECIPE_ARGS, check=lambda ws, out: _check_recipe(ws, out)),
+    README_RECIPE: Run(
+        needs=[README_TOKENS], env=RECIPE_ENV, args=RECIPE_ARGS, check=lambda ws, out: _check_recipe(ws, out)
+    ),
     # README.md / docs/training.md: the recipes
     PRETRAIN: Run(needs=[README_RECIPE], env=RECIPE_ENV, args=RECIPE_ARGS),
     PRETRAIN_SMALL: Run(needs=[README_TOKENS], env=RECIPE_ENV, args=RECIPE_ARGS),
-    "PRETRAINED=checkpoints/phi-1-base bash examples/finetune_phi1.sh":
-        Run(needs=[PRETRAIN], env=dict(RECIPE_ENV, DATA_PATH="data/codetextbook_text_document"), args=RECIPE_ARGS),
-    "PRETRAINED=... bash examples/finetune_phi1.sh":
-        Run(needs=[PRETRAIN], env=dict(RECIPE_ENV, DATA_PATH="data/codetextbook_text_document",
-                                       CHECKPOINT_DIR="checkpoints/phi-1-ft2"),
-            fill={"...": lambda ws: "checkpoints/phi-1-base/" + RECIPE_TAG + "/model"}, args=RECIPE_ARGS),
-    "TP=2 bash examples/pretrain_phi1.sh":
-        Run(needs=[README_TOKENS], env=dict(RECIPE_ENV, GPUS_PER_NODE="2", CHECKPOINT_DIR="checkpoints/phi-1-tp2"),
-            args=RECIPE_ARGS),
+    "PRETRAINED=checkpoints/phi-1-base bash examples/finetune_phi1.sh": Run(
+        needs=[PRETRAIN], env=dict(RECIPE_ENV, DATA_PATH="data/codetextbook_text_document"), args=RECIPE_ARGS
+    ),
+    "PRETRAINED=... bash examples/finetune_phi1.sh": Run(
+        needs=[PRETRAIN],
+        env=dict(RECIPE_ENV, DATA_PATH="data/codetextbook_text_document", CHECKPOINT_DIR="checkpoints/phi-1-ft2"),
+        fill={"...": lambda ws: "checkpoints/phi-1-base/" + RECIPE_TAG + "/model"},
+        args=RECIPE_ARGS,
+    ),
+    "TP=2 bash examples/pretrain_phi1.sh": Run(
+        needs=[README_TOKENS],
+        env=dict(RECIPE_ENV, GPUS_PER_NODE="2", CHECKPOINT_DIR="checkpoints/phi-1-tp2"),
+        args=RECIPE_ARGS,
+    ),
     # README.md: conversion
     HF_TO_MEGAPHI: Run(inputs=["path/to/hf_phi-1"]),
     "python tools/convert_checkpoint.py megaphi-to-hf ckpt/phi-1 out/hf --tokenizer ../shared/tokenizers/"
     "codegen-350M-mono": Run(needs=[HF_TO_MEGAPHI]),
-    "python tools/convert_checkpoint.py reshard checkpoints/phi-1-base checkpoints/phi-1-base-tp2 --tp 2":
-        Run(needs=[PRETRAIN]),
+    "python tools/convert_checkpoint.py reshard checkpoints/phi-1-base checkpoints/phi-1-base-tp2 --tp 2": Run(
+        needs=[PRETRAIN]
+    ),
     # README.md: evaluation
-    "python tools/eval_humaneval.py --checkpoint checkpoints/phi-1-base/iter_0024000/model --greedy":
-        Run(needs=[PRETRAIN], fill={"iter_0024000": lambda ws: RECIPE_TAG}, args=EVAL_ARGS),
-    "python tools/eval_humaneval.py --completions samples.jsonl --k 1,10":
-        Run(inputs=["samples.jsonl"], args=["--problems", "humaneval:2", "--no-progress"]),
+    "python tools/eval_humaneval.py --checkpoint checkpoints/phi-1-base/iter_0024000/model --greedy": Run(
+        needs=[PRETRAIN], fill={"iter_0024000": lambda ws: RECIPE_TAG}, args=EVAL_ARGS
+    ),
+    "python tools/eval_humaneval.py --completions samples.jsonl --k 1,10": Run(
+        inputs=["samples.jsonl"], args=["--problems", "humaneval:2", "--no-progress"]
+    ),
     # docs/data.md
     STDLIB_CORPUS: Run(args=["--max-files", "30"]),
     "python tools/preprocess_data.py --input data/stdlib.jsonl --output-prefix data/stdlib --tokenizer "
-    "../shared/tokenizers/codegen-350M-mono --workers 4": Run(needs=[STDLIB_CORPUS], args=["--workers", "2"],
-                                                             check=_check_tokens("data/stdlib_text_document")),
-    "python tools/train_tokenizer.py --input data/stdlib.jsonl --vocab-size 4096 --output-dir data/tokenizer":
-        Run(needs=[STDLIB_CORPUS], fill={"4096": lambda ws: "512"}),
+    "../shared/tokenizers/codegen-350M-mono --workers 4": Run(
+        needs=[STDLIB_CORPUS], args=["--workers", "2"], check=_check_tokens("data/stdlib_text_document")
+    ),
+    "python tools/train_tokenizer.py --input data/stdlib.jsonl --vocab-size 4096 --output-dir data/tokenizer": Run(
+        needs=[STDLIB_CORPUS], fill={"4096": lambda ws: "512"}
+    ),
     "python tools/preprocess_data.py --input data/stdlib.jsonl --output-prefix data/stdlib_bpe --tokenizer "
-    "data/tokenizer": Run(needs=["python tools/train_tokenizer.py --input data/stdlib.jsonl --vocab-size 4096 "
-                                 "--output-dir data/tokenizer"], check=_check_tokens("data/stdlib_bpe_text_document")),
+    "data/tokenizer": Run(
+        needs=[
+            "python tools/train_tokenizer.py --input data/stdlib.jsonl --vocab-size 4096 --output-dir data/tokenizer"
+        ],
+        check=_check_tokens("data/stdlib_bpe_text_document"),
+    ),
     "python tools/merge_datasets.py --input data/a_text_document data/b_text_document --output-prefix "
-    "data/ab_text_document": Run(inputs=["data/a_text_document", "data/b_text_document"],
-                                 check=_check_tokens("data/ab_text_document")),
-    "python tools/merge_datasets.py --input data/shards/ --output-prefix data/all_text_document":
-        Run(inputs=["data/shards"],  # README's merge writes data/all_text_document too
-            fill={"data/all_text_document": lambda ws: "data/all_shards_text_document"}),
+    "data/ab_text_document": Run(
+        inputs=["data/a_text_document", "data/b_text_document"], check=_check_tokens("data/ab_text_document")
+    ),
+    "python tools/merge_datasets.py --input data/shards/ --output-prefix data/all_text_document": Run(
+        inputs=["data/shards"],  # README's merge writes data/all_text_document too
+        fill={"data/all_text_document": lambda ws: "data/all_shards_text_document"},
+    ),
     # docs/evaluation.md (CKPT: the quickstart's model)
-    "python tools/generate.py --checkpoint CKPT --prompt 'def fibonacci(n):' --max-new-tokens 128":
-        Run(needs=[QUICKSTART], fill={"CKPT": quickstart_model}),
-    "python tools/generate.py --checkpoint CKPT --prompt 'def fibonacci(n):' --temperature 0.8 --top-p 0.95 --seed 1":
-        Run(needs=[QUICKSTART], fill={"CKPT": quickstart_model}, args=["--max-new-tokens", "16"]),
+    "python tools/generate.py --checkpoint CKPT --prompt 'def fibonacci(n):' --max-new-tokens 128": Run(
+        needs=[QUICKSTART], fill={"CKPT": quickstart_model}
+    ),
+    "python tools/generate.py --checkpoint CKPT --prompt 'def fibonacci(n):' --temperature 0.8 --top-p 0.95 --seed 1": Run(
+        needs=[QUICKSTART], fill={"CKPT": quickstart_model}, args=["--max-new-tokens", "16"]
+    ),
     # (alternatives: each writes ./humaneval_results.jsonl, which a second run refuses to overwrite: --output)
-    "python tools/eval_humaneval.py --checkpoint CKPT --greedy":
-        Run(needs=[QUICKSTART], fill={"CKPT": quickstart_model}, args=EVAL_ARGS + ["--output", "greedy_results.jsonl"]),
-    "python tools/eval_humaneval.py --checkpoint CKPT --num-samples 200 --temperature 0.8 --top-p 0.95":
-        Run(needs=[QUICKSTART], fill={"CKPT": quickstart_model}, args=EVAL_ARGS + ["--num-samples", "2", "--output", "sampled_results.jsonl"]),
-    "python tools/eval_humaneval.py --checkpoint CKPT --greedy --problems humaneval:20":
-        Run(needs=[QUICKSTART], fill={"CKPT": quickstart_model}, args=EVAL_ARGS + ["--output", "first20_results.jsonl"]),
-    "python tools/eval_humaneval.py --completions samples.jsonl":
-        Run(inputs=["samples.jsonl"], args=["--problems", "humaneval:2", "--no-progress", "--output",
-                                            "completions_results.jsonl"]),
-    "python tools/eval_humaneval.py --checkpoint CKPT --greedy --problems my_problems.jsonl.gz":
-        Run(needs=[QUICKSTART], inputs=["my_problems.jsonl.gz"], fill={"CKPT": quickstart_model},
-            args=["--max-new-tokens", "16", "--no-progress", "--output", "own_problems_results.jsonl"]),
+    "python tools/eval_humaneval.py --checkpoint CKPT --greedy": Run(
+        needs=[QUICKSTART], fill={"CKPT": quickstart_model}, args=EVAL_ARGS + ["--output", "greedy_results.jsonl"]
+    ),
+    "python tools/eval_humaneval.py --checkpoint CKPT --num-samples 200 --temperature 0.8 --top-p 0.95": Run(
+        needs=[QUICKSTART],
+        fill={"CKPT": quickstart_model},
+        args=EVAL_ARGS + ["--num-samples", "2", "--output", "sampled_results.jsonl"],
+    ),
+    "python tools/eval_humaneval.py --checkpoint CKPT --greedy --problems humaneval:20": Run(
+        needs=[QUICKSTART], fill={"CKPT": quickstart_model}, args=EVAL_ARGS + ["--output", "first20_results.jsonl"]
+    ),
+    "python tools/eval_humaneval.py --completions samples.jsonl": Run(
+        inputs=["samples.jsonl"],
+        args=["--problems", "humaneval:2", "--no-progress", "--output", "completions_results.jsonl"],
+    ),
+    "python tools/eval_humaneval.py --checkpoint CKPT --greedy --problems my_problems.jsonl.gz": Run(
+        needs=[QUICKSTART],
+        inputs=["my_problems.jsonl.gz"],
+        fill={"CKPT": quickstart_model},
+        args=["--max-new-tokens", "16", "--no-progress", "--output", "own_problems_results.jsonl"],
+    ),
     # docs/model.md, docs/tensor_parallel.md
     DOCS_HF_TO_MEGAPHI: Run(inputs=["path/to/hf_phi-1"], fill={"/path/to/phi-1": lambda ws: "path/to/hf_phi-1"}),
     "python tools/convert_checkpoint.py megaphi-to-hf checkpoints/phi-1-megaphi exported/phi-1 --tokenizer "
     "../shared/tokenizers/codegen-350M-mono": Run(needs=[DOCS_HF_TO_MEGAPHI]),
-    "python tools/convert_checkpoint.py reshard checkpoints/run1 checkpoints/run1-tp4 --tp 4":
-        Run(needs=[PRETRAIN], fill={"checkpoints/run1 ": lambda ws: "checkpoints/phi-1-base "}),
+    "python tools/convert_checkpoint.py reshard checkpoints/run1 checkpoints/run1-tp4 --tp 4": Run(
+        needs=[PRETRAIN], fill={"checkpoints/run1 ": lambda ws: "checkpoints/phi-1-base "}
+    ),
     # docs/training.md
-    EVAL_ONLY: Run(needs=[PRETRAIN_SMALL], inputs=["data/val_text_document", "data/test_text_document"],
-                   args=ARCH + ["--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2",
-                                "--eval-iters", "2"], check=_check_eval_only),
+    EVAL_ONLY: Run(
+        needs=[PRETRAIN_SMALL],
+        inputs=["data/val_text_document", "data/test_text_document"],
+        args=ARCH + ["--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2", "--eval-iters", "2"],
+        check=_check_eval_only,
+    ),
     "python -m megaphi.pretrain --model phi-1 --mock-data --bf16 --micro-batch-size 8 --train-iters 20 --lr 1e-3 "
-    "--lr-warmup-iters 3 --log-interval 1 --eval-iters 0":
-        Run(args=ARCH + ["--seq-length", "64", "--micro-batch-size", "2", "--train-iters", "2", "--lr-warmup-iters", "1"],
-            check=_check_no_deepspeed_build),
+    "--lr-warmup-iters 3 --log-interval 1 --eval-iters 0": Run(
+        args=ARCH + ["--seq-length", "64", "--micro-batch-size", "2", "--train-iters", "2", "--lr-warmup-iters", "1"],
+        check=_check_no_deepspeed_build,
+    ),
     "GPUS_PER_NODE=1 MODEL=phi-1-small SEQ_LENGTH=512 GLOBAL_BATCH=32 TRAIN_ITERS=200 PRECISION=bf16 "
-    "DATA_PATH=data/code_text_document bash /path/to/megaphi/examples/pretrain_phi1.sh":
-        Run(needs=[README_CODE_TOKENS], env=dict(RECIPE_ENV, CHECKPOINT_DIR="checkpoints/small-bf16"),
-            fill={"/path/to/megaphi": lambda ws: ws.repo}, args=RECIPE_ARGS),
+    "DATA_PATH=data/code_text_document bash /path/to/megaphi/examples/pretrain_phi1.sh": Run(
+        needs=[README_CODE_TOKENS],
+        env=dict(RECIPE_ENV, CHECKPOINT_DIR="checkpoints/small-bf16"),
+        fill={"/path/to/megaphi": lambda ws: ws.repo},
+        args=RECIPE_ARGS,
+    ),
 }
 
 SKIPS: Dict[str, str] = {
     "bash tools/test.sh": "runs the whole test suite, this file included",
     "python tools/preprocess_data.py --input hf:bigcode/the-stack-smol --hf-data-dir data/python --json-keys content "
-    "--tokenizer ../shared/tokenizers/codegen-350M-mono --output-prefix data/stack_smol --workers 8":
-        "downloads from the Hugging Face Hub (hf: inputs are tested with a local datasets folder in "
-        "test_preprocess_inputs.py)",
+    "--tokenizer ../shared/tokenizers/codegen-350M-mono --output-prefix data/stack_smol --workers 8": "downloads from the Hugging Face Hub (hf: inputs are tested with a local datasets folder in "
+    "test_preprocess_inputs.py)",
     "python tools/preprocess_data.py --input hf:bigcode/the-stack-smol --hf-data-dir data/python --json-keys content "
     "--output-prefix data/stack_smol_py --workers 8": "downloads from the Hugging Face Hub",
     "bash tools/prepare_gpu_wheels.sh .whl": "downloads wheels from the package registry",
     "bash tools/gpu_check.sh '$OUT' --wheels .whl": "needs a GPU (its CPU --smoke mode runs in test_gpu_check.py)",
     "MASTER_ADDR=node1 NNODES=2 NPROC_PER_NODE=8 IFNAME=eth0 bash examples/multinode/torchrun.sh --model phi-1 "
-    "--save /shared/ckpt --load /shared/ckpt --save-interval-minutes 30":
-        "needs two hosts (the script runs on two simulated hosts in test_multihost_elastic.py)",
+    "--save /shared/ckpt --load /shared/ckpt --save-interval-minutes 30": "needs two hosts (the script runs on two simulated hosts in test_multihost_elastic.py)",
 }
 
 
@@ -289,8 +354,10 @@ def test_every_command_is_run_or_skipped():
     commands = all_doc_commands()
     found = {c.text for c in commands}
     unlisted = [f"{c.file}:{c.line}: {c.text}" for c in commands if c.text not in RUNS and c.text not in SKIPS]
-    assert not unlisted, ("documented commands neither run by this test nor listed in SKIPS (add each to RUNS, "
-                          "shrunk by documented overrides, or to SKIPS with the reason):\n" + "\n".join(unlisted))
+    assert not unlisted, (
+        "documented commands neither run by this test nor listed in SKIPS (add each to RUNS, "
+        "shrunk by documented overrides, or to SKIPS with the reason):\n" + "\n".join(unlisted)
+    )
     stale = [key for key in list(RUNS) + list(SKIPS) if key not in found]
     assert not stale, "entries that no document holds any more:\n" + "\n".join(stale)
     assert not set(RUNS) & set(SKIPS)
@@ -299,9 +366,11 @@ def test_every_command_is_run_or_skipped():
 
 def test_extraction_reads_fences_indented_blocks_and_continuations(tmp_path, monkeypatch):
     doc = tmp_path / "x.md"
-    doc.write_text("Intro\n\n    bash examples/quickstart.sh\n\nprose\n\n    not a command here\n\n"
-                   "- item\n\n  ```bash\n  python a.py --x 1 \\\n      --y 'two words'   # note\n  # only a comment\n"
-                   "  ```\n\n```python\nimport os\n```\n\n```\nbash not/a/shell/block.sh\n```\n")
+    doc.write_text(
+        "Intro\n\n    bash examples/quickstart.sh\n\nprose\n\n    not a command here\n\n"
+        "- item\n\n  ```bash\n  python a.py --x 1 \\\n      --y 'two words'   # note\n  # only a comment\n"
+        "  ```\n\n```python\nimport os\n```\n\n```\nbash not/a/shell/block.sh\n```\n"
+    )
     monkeypatch.setattr(sys.modules[__name__], "REPO", str(tmp_path))
     got = [(c.line, c.text) for c in extract_commands("x.md")]
     assert got == [(3, "bash examples/quickstart.sh"), (12, "python a.py --x 1 --y 'two words'")]
@@ -309,6 +378,7 @@ def test_extraction_reads_fences_indented_blocks_and_continuations(tmp_path, mon
 
 # ---------------------------------------------------------------------------------------------------
 # The scratch checkout and the user's own inputs.
+
 
 def _token_copy(ws, name, source="data/code_text_document"):
     need(ws, README_CODE_TOKENS)
@@ -342,8 +412,15 @@ def _hf_phi_folder(ws):
     from transformers import PhiConfig, PhiForCausalLM
 
     torch.manual_seed(0)
-    config = PhiConfig(vocab_size=51200, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, partial_rotary_factor=0.5, max_position_embeddings=64)
+    config = PhiConfig(
+        vocab_size=51200,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        partial_rotary_factor=0.5,
+        max_position_embeddings=64,
+    )
     PhiForCausalLM(config).save_pretrained(os.path.join(ws.repo, "path", "to", "hf_phi-1"))
 
 
@@ -392,10 +469,16 @@ class Workspace:
         os.makedirs(self.extensions)
         bin_dir = os.path.dirname(sys.executable)
         launched = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-        self.env = dict({k: v for k, v in os.environ.items() if k not in launched},  # a user's plain shell
-                        PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
-                        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="offline", OMP_NUM_THREADS="1",
-                        TORCH_EXTENSIONS_DIR=self.extensions, PYTHONUNBUFFERED="1")
+        self.env = dict(
+            {k: v for k, v in os.environ.items() if k not in launched},  # a user's plain shell
+            PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            WANDB_MODE="offline",
+            OMP_NUM_THREADS="1",
+            TORCH_EXTENSIONS_DIR=self.extensions,
+            PYTHONUNBUFFERED="1",
+        )
         self.done: Dict[str, str] = {}
         self.failed: Dict[str, str] = {}
         self.made = set()

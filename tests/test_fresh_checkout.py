@@ -1,6 +1,7 @@
 """A new user's first day beyond the documented commands (tests/test_docs_commands.py runs those):
 a recipe on a fresh checkout names what is missing, docs/datasets.md's build_gpt_datasets snippet
 runs on small files, and DeepSpeed's CPU comm extension stays out of megaphi's start-up."""
+
 import os
 import re
 import subprocess
@@ -13,6 +14,7 @@ from test_docs_commands import CODEGEN, REPO, Workspace
 # ---------------------------------------------------------------------------------------------------
 # A recipe on a fresh checkout: what is missing is named with the command that makes it.
 
+
 def _bare_checkout(tmp_path):
     ws = Workspace(str(tmp_path))
     fake_bin = tmp_path / "fake_bin"  # a launcher that must not be reached
@@ -23,12 +25,19 @@ def _bare_checkout(tmp_path):
     return ws
 
 
-@pytest.mark.parametrize("script, prefix", [("pretrain_phi1.sh", "data/codetextbook"),
-                                            ("finetune_phi1.sh", "data/codeexercises")])
+@pytest.mark.parametrize(
+    "script, prefix", [("pretrain_phi1.sh", "data/codetextbook"), ("finetune_phi1.sh", "data/codeexercises")]
+)
 def test_recipe_without_its_data_names_the_command_that_makes_it(tmp_path, script, prefix):
     ws = _bare_checkout(tmp_path)
-    proc = subprocess.run(["bash", f"examples/{script}"], cwd=ws.repo, env=dict(ws.env, GPUS_PER_NODE="1"),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", f"examples/{script}"],
+        cwd=ws.repo,
+        env=dict(ws.env, GPUS_PER_NODE="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert f"{prefix}_text_document.bin does not exist" in lines[0], lines
@@ -41,9 +50,16 @@ def test_recipe_without_its_data_names_the_command_that_makes_it(tmp_path, scrip
 def test_finetune_without_pretrained_weights_names_the_commands(tmp_path):
     ws = _bare_checkout(tmp_path)
     from test_resume import make_token_file
+
     make_token_file(os.path.join(ws.repo, "data", "codeexercises_text_document"))
-    proc = subprocess.run(["bash", "examples/finetune_phi1.sh"], cwd=ws.repo, env=dict(ws.env, GPUS_PER_NODE="1"),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["bash", "examples/finetune_phi1.sh"],
+        cwd=ws.repo,
+        env=dict(ws.env, GPUS_PER_NODE="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "checkpoints/phi-1-base/iter_0024000/model does not exist" in lines[0]
@@ -52,6 +68,7 @@ def test_finetune_without_pretrained_weights_names_the_commands(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------
 # docs/datasets.md's build_gpt_datasets snippet, on small files whose test split has no document.
+
 
 def _python_blocks(path):
     with open(os.path.join(REPO, path)) as f:
@@ -68,12 +85,19 @@ def test_datasets_snippet_runs_on_a_small_file(tmp_path, monkeypatch, test_sampl
     # 120 documents of 10-120 tokens: --split 969,30,1 leaves the test split [120, 120) empty
     make_token_file("data/code_text_document", docs=120, seed=1)
     make_token_file("data/book_text_document", docs=120, seed=2)
-    loop_body = "for batch in loader:            # {\"tokens\": int64 [8, 2048], \"labels\": int64 [8, 2048]}\n    ...\n"
+    loop_body = 'for batch in loader:            # {"tokens": int64 [8, 2048], "labels": int64 [8, 2048]}\n    ...\n'
     assert loop_body in snippet  # the loop reads one batch here, then stops
     code = snippet.replace(loop_body, "for batch in loader:\n    break\n").replace("seq_length=2048", "seq_length=64")
     assert "seq_length=64" in code
-    scope = {"train_iters": 2, "global_batch": 8, "eval_samples": 8, "test_samples": test_samples,
-             "consumed_samples": 0, "dp_rank": 0, "dp_size": 1}
+    scope = {
+        "train_iters": 2,
+        "global_batch": 8,
+        "eval_samples": 8,
+        "test_samples": test_samples,
+        "consumed_samples": 0,
+        "dp_rank": 0,
+        "dp_size": 1,
+    }
     exec(compile(code, "docs/datasets.md", "exec"), scope)
     train, valid, test = scope["train"], scope["valid"], scope["test"]
     # a blend of N samples at weights 0.7 / 0.3 holds ceil(0.7 N) + ceil(0.3 N) (docs/datasets.md)
@@ -84,6 +108,7 @@ def test_datasets_snippet_runs_on_a_small_file(tmp_path, monkeypatch, test_sampl
 # ---------------------------------------------------------------------------------------------------
 # Start-up: DeepSpeed's CPU comm extension is neither built nor loaded by megaphi's runs (the doc
 # commands above run with an empty TORCH_EXTENSIONS_DIR and check it stays empty). The hook it uses:
+
 
 def test_deepspeed_shm_comm_hook_is_where_megaphi_expects_it():
     import importlib

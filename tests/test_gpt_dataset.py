@@ -1,4 +1,5 @@
 """GPTDataset and the C++ sample index against the independent numpy reference."""
+
 import os
 
 import numpy as np
@@ -55,11 +56,14 @@ def test_indices_match_reference(corpus, tmp_path, case):
     split, split_name, seq_length, epochs, fraction, separate = CASES[case]
     lengths = np.array([len(d) for d in docs])
     num_samples = samples_for(lengths, split, split_name, seq_length, epochs, fraction)
-    doc_ref, sample_ref, shuffle_ref, info = reference_indices(lengths, split, split_name, seq_length, num_samples, 1234)
+    doc_ref, sample_ref, shuffle_ref, info = reference_indices(
+        lengths, split, split_name, seq_length, num_samples, 1234
+    )
     assert (info["num_epochs"], info["separate"]) == (epochs, separate), "the case does not test what it claims"
 
-    ds = GPTDataset(prefix, seq_length, num_samples, 1234, split=split, split_name=split_name,
-                    cache_dir=str(tmp_path / "cache"))
+    ds = GPTDataset(
+        prefix, seq_length, num_samples, 1234, split=split, split_name=split_name, cache_dir=str(tmp_path / "cache")
+    )
     assert ds.document_index.dtype == np.int32
     assert ds.sample_index.dtype == np.int32
     assert ds.shuffle_index.dtype == np.uint32
@@ -96,8 +100,9 @@ def test_cpp_sample_index_both_widths(index_dtype):
     lengths = np.array([len(d) for d in docs], dtype=np.int32)
     seq_length, num_samples = 64, 2000
     doc_ref, sample_ref, _, info = reference_indices(lengths, "1", "train", seq_length, num_samples, 9)
-    out = _C.build_sample_index(lengths, doc_ref, seq_length, info["num_epochs"], info["tokens_per_epoch"],
-                                index_dtype=index_dtype)
+    out = _C.build_sample_index(
+        lengths, doc_ref, seq_length, info["num_epochs"], info["tokens_per_epoch"], index_dtype=index_dtype
+    )
     assert out.dtype == index_dtype
     np.testing.assert_array_equal(out, sample_ref)
 
@@ -144,12 +149,19 @@ def test_cache_reused_and_keyed_by_parameters(corpus, tmp_path, monkeypatch):
     monkeypatch.undo()
 
     hashes = {first.description_hash}
-    for kwargs in (dict(seed=2), dict(num_samples=101), dict(seq_length=17), dict(split="90,10,0"),
-                   dict(split_name="valid")):
+    for kwargs in (
+        dict(seed=2),
+        dict(num_samples=101),
+        dict(seq_length=17),
+        dict(split="90,10,0"),
+        dict(split_name="valid"),
+    ):
         params = dict(seq_length=16, num_samples=100, seed=1)
         params.update({k: v for k, v in kwargs.items() if k in params})
         extra = {k: v for k, v in kwargs.items() if k not in params}
-        ds = GPTDataset(prefix, params["seq_length"], params["num_samples"], params["seed"], cache_dir=cache_dir, **extra)
+        ds = GPTDataset(
+            prefix, params["seq_length"], params["num_samples"], params["seed"], cache_dir=cache_dir, **extra
+        )
         hashes.add(ds.description_hash)
     assert len(hashes) == 6
     assert len(os.listdir(cache_dir)) == 24
@@ -170,19 +182,22 @@ def test_shared_indexed_dataset_and_repr(corpus):
     assert ds.indexed_dataset is reader and "GPTDataset" in repr(ds)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(seq_length=0), "seq_length"),
-    (dict(seq_length=-3), "seq_length"),
-    (dict(num_samples=-1), "num_samples"),
-    (dict(seed=-1), "seed"),
-    (dict(split=""), "empty"),
-    (dict(split="0,0,0"), "sum to 0"),
-    (dict(split="a,b"), "number"),
-    (dict(split="1,2,3,4"), "at most 3"),
-    (dict(split="100,0,0", split_name="valid"), "weight 0"),
-    (dict(split="969,30,1", split_name="test"), "no documents"),
-    (dict(split_name="dev"), "unknown split_name"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(seq_length=0), "seq_length"),
+        (dict(seq_length=-3), "seq_length"),
+        (dict(num_samples=-1), "num_samples"),
+        (dict(seed=-1), "seed"),
+        (dict(split=""), "empty"),
+        (dict(split="0,0,0"), "sum to 0"),
+        (dict(split="a,b"), "number"),
+        (dict(split="1,2,3,4"), "at most 3"),
+        (dict(split="100,0,0", split_name="valid"), "weight 0"),
+        (dict(split="969,30,1", split_name="test"), "no documents"),
+        (dict(split_name="dev"), "unknown split_name"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(corpus, kwargs, message):
     prefix, _ = corpus
     params = dict(seq_length=16, num_samples=10, seed=0)

@@ -1,6 +1,7 @@
 """Model folders are Hugging Face folders: transformers' Auto classes load what megaphi writes (giving
 megaphi's logits), and every megaphi entry point takes what transformers writes (HF names or the
 original MixFormer names, safetensors or .bin). Reference values come from transformers."""
+
 import importlib
 import json
 import pathlib
@@ -42,11 +43,18 @@ def _read(path):
 
 # -- megaphi folder -> transformers -------------------------------------------------------------------
 
-@pytest.mark.parametrize("config,token_ids", [
-    (get_preset("tiny"), {}),
-    (get_preset("tiny", vocab_size=300, intermediate_size=256, rotary_dim=16, rope_theta=500.0),
-     {"eos_token_id": 7}),
-], ids=["tiny", "rotary16_head64"])
+
+@pytest.mark.parametrize(
+    "config,token_ids",
+    [
+        (get_preset("tiny"), {}),
+        (
+            get_preset("tiny", vocab_size=300, intermediate_size=256, rotary_dim=16, rope_theta=500.0),
+            {"eos_token_id": 7},
+        ),
+    ],
+    ids=["tiny", "rotary16_head64"],
+)
 def test_auto_classes_load_megaphi_folder(config, token_ids, tmp_path):
     model = _spread(PhiForCausalLM(config, initialize=False), seed=3).eval()
     model.save_pretrained(tmp_path, **token_ids)
@@ -81,8 +89,9 @@ def test_auto_classes_load_megaphi_folder(config, token_ids, tmp_path):
 
 def test_token_ids_default_to_phi1_endoftext():
     from megaphi.checkpoint.hf_config import default_token_ids, generation_config_dict
+
     assert default_token_ids(get_preset("phi-1")) == (50256, 50256)  # codegen-350M-mono's <|endoftext|>
-    assert default_token_ids(get_preset("tiny")) == (None, None)     # not inside a 512-row vocabulary
+    assert default_token_ids(get_preset("tiny")) == (None, None)  # not inside a 512-row vocabulary
     assert default_token_ids(get_preset("tiny"), eos_token_id=3) == (3, 3)
     assert generation_config_dict(get_preset("phi-1"))["eos_token_id"] == 50256
 
@@ -117,9 +126,11 @@ def test_unusable_config_is_a_one_line_error(tmp_path):
 
 # -- transformers folder -> megaphi's entry points ----------------------------------------------------
 
+
 def _byte_tokenizer(folder):
     from tokenizers import Tokenizer, decoders, models
     from tokenizers.pre_tokenizers import ByteLevel
+
     vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
     vocab["<|endoftext|>"] = EOD
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
@@ -131,10 +142,20 @@ def _byte_tokenizer(folder):
 
 
 def _hf_model(vocab, hidden, heads, factor, seed):
-    config = transformers.PhiConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                    num_hidden_layers=2, num_attention_heads=heads, partial_rotary_factor=factor,
-                                    max_position_embeddings=128, resid_pdrop=0.0, embd_pdrop=0.0,
-                                    attention_dropout=0.0, bos_token_id=EOD, eos_token_id=EOD)
+    config = transformers.PhiConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        partial_rotary_factor=factor,
+        max_position_embeddings=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attention_dropout=0.0,
+        bos_token_id=EOD,
+        eos_token_id=EOD,
+    )
     torch.manual_seed(seed)
     return _spread(transformers.PhiForCausalLM(config), seed).eval()
 
@@ -166,10 +187,20 @@ def _mixformer_folder(model, folder):
     folder.mkdir()
     torch.save({k: v.clone() for k, v in state.items()}, folder / "pytorch_model.bin")
     head_dim = c.hidden_size // c.num_attention_heads
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "mixformer-sequential", "vocab_size": c.vocab_size, "n_embd": c.hidden_size,
-        "n_inner": c.intermediate_size, "n_layer": n, "n_head": c.num_attention_heads, "n_positions": 128,
-        "rotary_dim": int(head_dim * c.rope_parameters["partial_rotary_factor"])}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "mixformer-sequential",
+                "vocab_size": c.vocab_size,
+                "n_embd": c.hidden_size,
+                "n_inner": c.intermediate_size,
+                "n_layer": n,
+                "n_head": c.num_attention_heads,
+                "n_positions": 128,
+                "rotary_dim": int(head_dim * c.rope_parameters["partial_rotary_factor"]),
+            }
+        )
+    )
     return folder
 
 
@@ -192,8 +223,21 @@ def test_from_pretrained_reads_hf_folders(hf_phi, layout, tmp_path):
 def test_generate_tool_on_hf_folder(hf_phi, capsys):
     hf, folder = hf_phi
     prompt = "def add(a, b):\n"
-    _tool("generate").main(["--checkpoint", str(folder), "--prompt", prompt, "--greedy", "--max-new-tokens", "6",
-                            "--device", "cpu", "--dtype", "float32"])
+    _tool("generate").main(
+        [
+            "--checkpoint",
+            str(folder),
+            "--prompt",
+            prompt,
+            "--greedy",
+            "--max-new-tokens",
+            "6",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ]
+    )
     tok = _byte_tokenizer(folder)
     with torch.no_grad():
         out = hf.generate(torch.tensor([tok.encode(prompt).ids]), max_new_tokens=6, do_sample=False)
@@ -205,12 +249,37 @@ def test_generate_tool_on_hf_folder(hf_phi, capsys):
 def test_eval_humaneval_tool_on_hf_folder(hf_phi, tmp_path, capsys):
     _, folder = hf_phi
     problems = tmp_path / "problems.jsonl"
-    problems.write_text(json.dumps({"task_id": "Toy/0", "prompt": "def add(a, b):\n", "entry_point": "add",
-                                    "canonical_solution": "    return a + b\n",
-                                    "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"}) + "\n")
-    _tool("eval_humaneval").main(["--checkpoint", str(folder), "--problems", str(problems), "--greedy",
-                                  "--max-new-tokens", "4", "--device", "cpu", "--dtype", "float32",
-                                  "--workers", "1", "--output", str(tmp_path / "results.jsonl")])
+    problems.write_text(
+        json.dumps(
+            {
+                "task_id": "Toy/0",
+                "prompt": "def add(a, b):\n",
+                "entry_point": "add",
+                "canonical_solution": "    return a + b\n",
+                "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n",
+            }
+        )
+        + "\n"
+    )
+    _tool("eval_humaneval").main(
+        [
+            "--checkpoint",
+            str(folder),
+            "--problems",
+            str(problems),
+            "--greedy",
+            "--max-new-tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--workers",
+            "1",
+            "--output",
+            str(tmp_path / "results.jsonl"),
+        ]
+    )
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [r["task_id"] for r in records] == ["Toy/0"]
     assert "pass@1" in capsys.readouterr().out
@@ -224,9 +293,23 @@ def test_finetune_loads_hf_folder(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     prefix = make_token_file(str(tmp_path / "toy"))
     out = tmp_path / "ft"
-    proc = run_pretrain(tiny_flags(prefix, 1) + ["--rotary-dim", "16", "--finetune", "--load", str(tmp_path / "hf"),
-                                                 "--lr", "0", "--eval-iters", "0", "--save", str(out),
-                                                 "--no-export-model"])
+    proc = run_pretrain(
+        tiny_flags(prefix, 1)
+        + [
+            "--rotary-dim",
+            "16",
+            "--finetune",
+            "--load",
+            str(tmp_path / "hf"),
+            "--lr",
+            "0",
+            "--eval-iters",
+            "0",
+            "--save",
+            str(out),
+            "--no-export-model",
+        ]
+    )
     assert f"finetuning from weights in {tmp_path / 'hf'}" in proc.stdout
     _, saved = load_megaphi_state(out)  # the training checkpoint's weights; lr 0: the loaded ones
     reference = hf.state_dict()

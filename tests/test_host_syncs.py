@@ -8,6 +8,7 @@ in a run of 2 and of 6 iterations with one log at the end: the counts must be eq
 synchronizes (torch.cuda.synchronize, DeepSpeed's accelerator.synchronize) are counted from every
 caller, DeepSpeed's included: its throughput timer would make two per micro-batch.
 """
+
 import types
 
 import pytest
@@ -29,11 +30,43 @@ def _count_device_synchronizes(run):
 
 def _train(tmp_path, iterations, precision=()):
     from megaphi import pretrain
-    argv = ["--model", "tiny", "--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2",
-            "--ffn-hidden-size", "64", "--rotary-dim", "8", "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4",
-            "--train-iters", str(iterations), "--log-interval", str(iterations), "--lr", "1e-3",
-            "--lr-warmup-iters", "0", "--eval-iters", "0", "--mock-data", "--seed", "3",
-            "--log-dir", str(tmp_path / f"log{iterations}"), *precision]
+
+    argv = [
+        "--model",
+        "tiny",
+        "--num-layers",
+        "1",
+        "--hidden-size",
+        "32",
+        "--num-attention-heads",
+        "2",
+        "--ffn-hidden-size",
+        "64",
+        "--rotary-dim",
+        "8",
+        "--seq-length",
+        "16",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        str(iterations),
+        "--log-interval",
+        str(iterations),
+        "--lr",
+        "1e-3",
+        "--lr-warmup-iters",
+        "0",
+        "--eval-iters",
+        "0",
+        "--mock-data",
+        "--seed",
+        "3",
+        "--log-dir",
+        str(tmp_path / f"log{iterations}"),
+        *precision,
+    ]
     assert pretrain.main(argv) in (0, None)
 
 
@@ -49,8 +82,7 @@ def test_value_reads_do_not_grow_with_iterations(tmp_path, monkeypatch, precisio
     short_syncs, long_syncs = syncs[2], syncs[6]
     per_iteration = {k: long.get(k, 0) - short.get(k, 0) for k in set(long) | set(short)}
     assert not {k: v for k, v in per_iteration.items() if v}, per_iteration
-    syncs_per_iteration = {k: long_syncs.get(k, 0) - short_syncs.get(k, 0)
-                           for k in set(long_syncs) | set(short_syncs)}
+    syncs_per_iteration = {k: long_syncs.get(k, 0) - short_syncs.get(k, 0) for k in set(long_syncs) | set(short_syncs)}
     assert not {k: v for k, v in syncs_per_iteration.items() if v}, syncs_per_iteration
 
 
@@ -71,8 +103,15 @@ def test_counter_sees_deepspeed_throughput_timer_and_generated_config_turns_it_o
     from megaphi.training.deepspeed_config import generate_config
 
     assert _timer_syncs({}) == 8  # DeepSpeed's default: a device synchronize at each start and stop
-    args = types.SimpleNamespace(global_batch_size=4, micro_batch_size=2, gradient_accumulation_steps=2,
-                                 clip_grad=1.0, zero_stage=0, fp16=False, bf16=False)
+    args = types.SimpleNamespace(
+        global_batch_size=4,
+        micro_batch_size=2,
+        gradient_accumulation_steps=2,
+        clip_grad=1.0,
+        zero_stage=0,
+        fp16=False,
+        bf16=False,
+    )
     assert _timer_syncs(generate_config(args)) == 0
 
 

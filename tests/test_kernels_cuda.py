@@ -10,6 +10,7 @@ so the kernel's error is its fp32 arithmetic plus one rounding to the output dty
   rotary (fwd, bwd):  fp32 1e-5/1e-6, fp16 6e-4/1e-5, bf16 5e-3/1e-5
 Outputs are pre-filled with NaN so a missed element fails.
 """
+
 import math
 
 import pytest
@@ -56,8 +57,10 @@ def assert_close(got, want, rtol, atol, what):
     bad = err > bound
     if bad.any():
         i = int(torch.argmax((err - bound).flatten()))
-        pytest.fail(f"{what}: {int(bad.sum())} of {bad.numel()} elements out of tolerance; worst at flat index {i}: "
-                    f"got {got.flatten()[i].item()!r}, want {want.flatten()[i].item()!r} (rtol {rtol}, atol {atol})")
+        pytest.fail(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements out of tolerance; worst at flat index {i}: "
+            f"got {got.flatten()[i].item()!r}, want {want.flatten()[i].item()!r} (rtol {rtol}, atol {atol})"
+        )
 
 
 def random_ln_inputs(rows, hidden, dtype, seed=0, offset_elems=0):
@@ -85,17 +88,46 @@ def reference_ln(x, weight, bias, dy, eps):
 def run_ln(kernels, x, weight, bias, dy, eps, num_blocks=None):
     rows, hidden = x.shape
     code, device = CODES[x.dtype], x.device.index
-    y, mean, rstd = nan_like(x), torch.full((rows,), float("nan"), device="cuda"), torch.full(
-        (rows,), float("nan"), device="cuda")
-    kernels.layer_norm_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(),
-                               rstd.data_ptr(), rows, hidden, eps, code, device, stream())
+    y, mean, rstd = (
+        nan_like(x),
+        torch.full((rows,), float("nan"), device="cuda"),
+        torch.full((rows,), float("nan"), device="cuda"),
+    )
+    kernels.layer_norm_forward(
+        x.data_ptr(),
+        weight.data_ptr(),
+        bias.data_ptr(),
+        y.data_ptr(),
+        mean.data_ptr(),
+        rstd.data_ptr(),
+        rows,
+        hidden,
+        eps,
+        code,
+        device,
+        stream(),
+    )
     if num_blocks is None:
         num_blocks = max(1, min(rows, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
     dx, dw, db = nan_like(x), nan_like(weight), nan_like(weight)
     workspace = torch.full((2, num_blocks, hidden), float("nan"), device="cuda")
-    kernels.layer_norm_backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                                dx.data_ptr(), dw.data_ptr(), db.data_ptr(), workspace.data_ptr(), num_blocks, rows,
-                                hidden, code, device, stream())
+    kernels.layer_norm_backward(
+        dy.data_ptr(),
+        x.data_ptr(),
+        weight.data_ptr(),
+        mean.data_ptr(),
+        rstd.data_ptr(),
+        dx.data_ptr(),
+        dw.data_ptr(),
+        db.data_ptr(),
+        workspace.data_ptr(),
+        num_blocks,
+        rows,
+        hidden,
+        code,
+        device,
+        stream(),
+    )
     torch.cuda.synchronize()
     return y, mean, rstd, dx, dw, db
 
@@ -228,8 +260,8 @@ def reference_rotary(x, cos, sin, positions, inverse=False):
     c = cos.double()[positions][:, :, None, :]
     s = sin.double()[positions][:, :, None, :] * (-1.0 if inverse else 1.0)
     x64 = x.double()
-    x1, x2 = x64[..., :half], x64[..., half:2 * half]
-    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, x64[..., 2 * half:]], dim=-1)
+    x1, x2 = x64[..., :half], x64[..., half : 2 * half]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, x64[..., 2 * half :]], dim=-1)
 
 
 ROPE_SHAPES = [  # batch, seq, q_heads, k_heads, head_dim, rotary_dim
@@ -267,13 +299,57 @@ def test_rotary_kernel_vs_float64(kernels, dtype, shape, positions):
         want_q = reference_rotary(q, cos, sin, pos_table, inverse)
         want_k = reference_rotary(k, cos, sin, pos_table, inverse)
         q_out, k_out = nan_like(q), nan_like(k)  # out of place
-        kernels.rotary(q.data_ptr(), q_out.data_ptr(), k.data_ptr(), k_out.data_ptr(), strides(q), strides(q_out),
-                       strides(k), strides(k_out), cos.data_ptr(), sin.data_ptr(), pos_ptr, pos_stride, offset, batch,
-                       seq, hq, hk, head_dim, rot // 2, inverse, CODES[dtype], 0, stream())
+        kernels.rotary(
+            q.data_ptr(),
+            q_out.data_ptr(),
+            k.data_ptr(),
+            k_out.data_ptr(),
+            strides(q),
+            strides(q_out),
+            strides(k),
+            strides(k_out),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            pos_ptr,
+            pos_stride,
+            offset,
+            batch,
+            seq,
+            hq,
+            hk,
+            head_dim,
+            rot // 2,
+            inverse,
+            CODES[dtype],
+            0,
+            stream(),
+        )
         q_in, k_in = q.clone(), k.clone()  # in place
-        kernels.rotary(q_in.data_ptr(), q_in.data_ptr(), k_in.data_ptr(), k_in.data_ptr(), strides(q_in),
-                       strides(q_in), strides(k_in), strides(k_in), cos.data_ptr(), sin.data_ptr(), pos_ptr,
-                       pos_stride, offset, batch, seq, hq, hk, head_dim, rot // 2, inverse, CODES[dtype], 0, stream())
+        kernels.rotary(
+            q_in.data_ptr(),
+            q_in.data_ptr(),
+            k_in.data_ptr(),
+            k_in.data_ptr(),
+            strides(q_in),
+            strides(q_in),
+            strides(k_in),
+            strides(k_in),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            pos_ptr,
+            pos_stride,
+            offset,
+            batch,
+            seq,
+            hq,
+            hk,
+            head_dim,
+            rot // 2,
+            inverse,
+            CODES[dtype],
+            0,
+            stream(),
+        )
         torch.cuda.synchronize()
         for got_q, got_k, mode in ((q_out, k_out, "out of place"), (q_in, k_in, "in place")):
             what = f"{dtype} {shape} {positions} inverse={inverse} {mode}"
@@ -291,16 +367,39 @@ def test_rotary_heads_in_padded_rows(kernels, dtype, head_dim, row):
 
     gen = torch.Generator(device="cuda").manual_seed(8)
     batch, seq, hq, hk = 2, 33, 4, 2
-    bufs = [torch.full((batch, seq, heads, row), float("nan"), device="cuda", dtype=dtype)
-            for heads in (hq, hk, hq, hk)]
+    bufs = [
+        torch.full((batch, seq, heads, row), float("nan"), device="cuda", dtype=dtype) for heads in (hq, hk, hq, hk)
+    ]
     q_in, k_in, q_out, k_out = (b[..., :head_dim] for b in bufs)
     q_in.copy_(torch.randn(q_in.shape, generator=gen, device="cuda"))
     k_in.copy_(torch.randn(k_in.shape, generator=gen, device="cuda"))
     cos, sin = rotary_tables(32, 64, device="cuda")
     pos = torch.arange(seq, device="cuda")[None]
-    kernels.rotary(q_in.data_ptr(), q_out.data_ptr(), k_in.data_ptr(), k_out.data_ptr(), strides(q_in),
-                   strides(q_out), strides(k_in), strides(k_out), cos.data_ptr(), sin.data_ptr(), 0, 0, 0, batch,
-                   seq, hq, hk, head_dim, 16, False, CODES[dtype], 0, stream())
+    kernels.rotary(
+        q_in.data_ptr(),
+        q_out.data_ptr(),
+        k_in.data_ptr(),
+        k_out.data_ptr(),
+        strides(q_in),
+        strides(q_out),
+        strides(k_in),
+        strides(k_out),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        0,
+        0,
+        0,
+        batch,
+        seq,
+        hq,
+        hk,
+        head_dim,
+        16,
+        False,
+        CODES[dtype],
+        0,
+        stream(),
+    )
     torch.cuda.synchronize()
     rtol, atol = ROPE_TOL[dtype]
     assert_close(q_out, reference_rotary(q_in, cos, sin, pos), rtol, atol, f"padded {head_dim}/{row} q")
@@ -321,8 +420,11 @@ def test_rotary_autograd_function(kernels, dtype):
     cos, sin = rotary_tables(32, 2048, device="cuda")
     ids = torch.randint(0, 2048, (2, 64), generator=gen, device="cuda")
     rtol, atol = ROPE_TOL[dtype]
-    for kwargs, pos in (({}, torch.arange(64, device="cuda")[None]), ({"position_ids": ids}, ids),
-                        ({"offset": 7}, 7 + torch.arange(64, device="cuda")[None])):
+    for kwargs, pos in (
+        ({}, torch.arange(64, device="cuda")[None]),
+        ({"position_ids": ids}, ids),
+        ({"offset": 7}, 7 + torch.arange(64, device="cuda")[None]),
+    ):
         qg, kg = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
         poison_allocator(64 << 20)
         q_rot, k_rot = apply_rotary_qk(qg, kg, cos, sin, impl="cuda", **kwargs)
@@ -373,8 +475,10 @@ def test_rotary_and_layer_norm_calls_never_block_the_host(kernels):
     q, k = qkv[..., :256].view(2, 64, 4, 64), qkv[..., 256:512].view(2, 64, 4, 64)
     positions = torch.arange(64, device="cuda").expand(2, 64).contiguous()
     x = torch.randn(128, 1024, device="cuda", dtype=torch.bfloat16)
-    weight, bias = torch.ones(1024, device="cuda", dtype=torch.bfloat16), torch.zeros(1024, device="cuda",
-                                                                                      dtype=torch.bfloat16)
+    weight, bias = (
+        torch.ones(1024, device="cuda", dtype=torch.bfloat16),
+        torch.zeros(1024, device="cuda", dtype=torch.bfloat16),
+    )
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -390,10 +494,13 @@ def test_rotary_out_of_range_positions_fail_on_the_device(kernels):
     """The range check runs on the device (no host read): a bad position fails the stream."""
     import subprocess
     import sys
-    code = ("import torch; from megaphi.ops import apply_rotary_qk, rotary_tables\n"
-            "cos, sin = rotary_tables(8, 16, device='cuda')\n"
-            "q = torch.randn(1, 4, 2, 8, device='cuda'); k = torch.randn(1, 4, 2, 8, device='cuda')\n"
-            "apply_rotary_qk(q, k, cos, sin, position_ids=torch.tensor([[0, 1, 2, 99]], device='cuda'), impl='cuda')\n"
-            "torch.cuda.synchronize()\n")
+
+    code = (
+        "import torch; from megaphi.ops import apply_rotary_qk, rotary_tables\n"
+        "cos, sin = rotary_tables(8, 16, device='cuda')\n"
+        "q = torch.randn(1, 4, 2, 8, device='cuda'); k = torch.randn(1, 4, 2, 8, device='cuda')\n"
+        "apply_rotary_qk(q, k, cos, sin, position_ids=torch.tensor([[0, 1, 2, 99]], device='cuda'), impl='cuda')\n"
+        "torch.cuda.synchronize()\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "assert" in (result.stderr + result.stdout).lower(), result.stderr[-2000:]

@@ -1,6 +1,7 @@
 """megaphi's fiber runtime (tests/hipcpu/fiber_runtime) on its own probe kernels (tests/hipcpu/fiber_probes.cpp):
 the orders its schedules run threads and blocks in, the garbage and privacy of each block's shared memory,
 and the 48 KiB launch limit. What it does to megaphi's kernels is tests/test_kernels_hipcpu.py."""
+
 import pytest
 
 from hipcpu import build
@@ -13,7 +14,6 @@ def kernels():
     if reason is not None:
         pytest.skip(reason)
     return CpuKernels(build.build(runtime_name="fiber"))
-
 
 
 def test_fiber_schedules_order_threads_and_interleave_blocks(kernels):
@@ -36,8 +36,10 @@ def test_fiber_schedules_order_threads_and_interleave_blocks(kernels):
                 assert starts == after_barrier == list(range(threads))[::-1]
             else:
                 assert starts not in (sorted(starts), sorted(starts)[::-1]) and starts != after_barrier
-        span = {b: (min(i for i, e in enumerate(log) if e[1] == b), max(i for i, e in enumerate(log) if e[1] == b))
-                for b in range(blocks)}
+        span = {
+            b: (min(i for i, e in enumerate(log) if e[1] == b), max(i for i, e in enumerate(log) if e[1] == b))
+            for b in range(blocks)
+        }
         running = [sum(first <= i <= last for first, last in span.values()) for i in range(len(log))]
         assert max(running) == 3, f"{order}: {max(running)} blocks ran at a time, not 3"
         switches = sum(a[1] != b[1] for a, b in zip(log, log[1:]))

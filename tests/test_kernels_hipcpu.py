@@ -24,6 +24,7 @@ Tolerances, |got - want| <= u_out * |want| + fp32_error (+ 2^-25 for fp16: half 
 Outputs start as NaN (a missed element fails), buffers sit between guard bytes (a stray write fails),
 inputs must come back unchanged, and pass-through data must be bitwise identical.
 """
+
 import math
 import zlib
 
@@ -79,9 +80,11 @@ def assert_within(got, want, bound, what):
     excess = (got - want).abs() - bound
     if (excess > 0).any():
         i = int(torch.argmax(excess.flatten()))
-        pytest.fail(f"{what}: {int((excess > 0).sum())} of {got.numel()} elements out of tolerance; worst at flat "
-                    f"index {i}: got {got.flatten()[i].item()!r}, want {want.flatten()[i].item()!r}, "
-                    f"bound {bound.flatten()[i].item():.3g}")
+        pytest.fail(
+            f"{what}: {int((excess > 0).sum())} of {got.numel()} elements out of tolerance; worst at flat "
+            f"index {i}: got {got.flatten()[i].item()!r}, want {want.flatten()[i].item()!r}, "
+            f"bound {bound.flatten()[i].item():.3g}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- LayerNorm
@@ -100,18 +103,27 @@ def run_layer_norm(kernels, x, weight, bias, dy, num_blocks, misalign=None):
     """Both kernels on guarded copies; returns the outputs after checking guards and inputs."""
     misalign = misalign or {}
     rows, hidden = x.shape
-    inputs = {name: Guarded(t.shape, t.dtype, like=t, misalign=misalign.get(name, 0))
-              for name, t in (("x", x), ("weight", weight), ("bias", bias), ("dy", dy))}
-    outputs = {"y": Guarded(x.shape, x.dtype, misalign=misalign.get("y", 0)),
-               "mean": Guarded((rows,), torch.float32), "rstd": Guarded((rows,), torch.float32)}
+    inputs = {
+        name: Guarded(t.shape, t.dtype, like=t, misalign=misalign.get(name, 0))
+        for name, t in (("x", x), ("weight", weight), ("bias", bias), ("dy", dy))
+    }
+    outputs = {
+        "y": Guarded(x.shape, x.dtype, misalign=misalign.get("y", 0)),
+        "mean": Guarded((rows,), torch.float32),
+        "rstd": Guarded((rows,), torch.float32),
+    }
     t = {name: g.tensor for name, g in {**inputs, **outputs}.items()}
     kernels.layer_norm_forward(t["x"], t["weight"], t["bias"], t["y"], t["mean"], t["rstd"], EPS)
-    outputs.update(dx=Guarded(x.shape, x.dtype, misalign=misalign.get("dx", 0)),
-                   dweight=Guarded(weight.shape, x.dtype), dbias=Guarded(weight.shape, x.dtype),
-                   workspace=Guarded((2, num_blocks, hidden), torch.float32))
+    outputs.update(
+        dx=Guarded(x.shape, x.dtype, misalign=misalign.get("dx", 0)),
+        dweight=Guarded(weight.shape, x.dtype),
+        dbias=Guarded(weight.shape, x.dtype),
+        workspace=Guarded((2, num_blocks, hidden), torch.float32),
+    )
     t.update({name: outputs[name].tensor for name in ("dx", "dweight", "dbias", "workspace")})
-    kernels.layer_norm_backward(t["dy"], t["x"], t["weight"], t["mean"], t["rstd"], t["dx"], t["dweight"],
-                                t["dbias"], t["workspace"])
+    kernels.layer_norm_backward(
+        t["dy"], t["x"], t["weight"], t["mean"], t["rstd"], t["dx"], t["dweight"], t["dbias"], t["workspace"]
+    )
     for name, g in {**inputs, **outputs}.items():
         assert g.guards_intact(), f"a kernel wrote outside {name}"
     for name, original in (("x", x), ("weight", weight), ("bias", bias), ("dy", dy)):
@@ -179,8 +191,9 @@ def test_layer_norm_unaligned_pointer_takes_the_scalar_path(kernels, dtype, hidd
     check_layer_norm(got, x, weight, bias, dy, 4, f"unaligned {pointer}")
 
 
-@pytest.mark.parametrize("dtype, hidden", [(torch.float32, 1000), (torch.float32, 1024), (torch.float16, 2048)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "dtype, hidden", [(torch.float32, 1000), (torch.float32, 1024), (torch.float16, 2048)], ids=str
+)
 def test_layer_norm_rows_far_from_zero(kernels, dtype, hidden):
     """Rows of 300 + N(0, 1): the variance must come from x - mean (E[x^2] - mean^2 cancels in fp32)."""
     x, weight, bias, dy = layer_norm_inputs(20, hidden, dtype, seed=13)
@@ -272,7 +285,7 @@ def reference_rotary(x, cos, sin, positions, inverse):
     c = cos.double()[positions][:, :, None, :]
     s = sin.double()[positions][:, :, None, :] * (-1.0 if inverse else 1.0)
     x64 = x.double()
-    x1, x2, rest = x64[..., :half], x64[..., half:2 * half], x64[..., 2 * half:]
+    x1, x2, rest = x64[..., :half], x64[..., half : 2 * half], x64[..., 2 * half :]
     want = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1)
     first, second = (x1 * c).abs() + (x2 * s).abs(), (x2 * c).abs() + (x1 * s).abs()
     magnitude = torch.cat([first, second, torch.zeros_like(rest)], dim=-1)
@@ -376,8 +389,10 @@ def test_rotary_padded_head_rows(kernels, dtype, head_dim, row):
     batch, seq, q_heads, k_heads = 2, 19, 3, 2
     q = torch.randn(batch, seq, q_heads, head_dim, generator=gen).to(dtype)
     k = torch.randn(batch, seq, k_heads, head_dim, generator=gen).to(dtype)
-    bufs = {name: Guarded((batch, seq, heads, row), dtype) for name, heads in
-            (("q_in", q_heads), ("k_in", k_heads), ("q_out", q_heads), ("k_out", k_heads))}
+    bufs = {
+        name: Guarded((batch, seq, heads, row), dtype)
+        for name, heads in (("q_in", q_heads), ("k_in", k_heads), ("q_out", q_heads), ("k_out", k_heads))
+    }
     views = {name: g.tensor[..., :head_dim] for name, g in bufs.items()}
     views["q_in"].copy_(q)
     views["k_in"].copy_(k)
@@ -415,10 +430,12 @@ def test_rotary_unaligned_pointer_takes_the_scalar_path(kernels, dtype, pointer)
     gen = torch.Generator().manual_seed(10)
     q, k = random_qk((2, 9, 4, 3, 64, 32), dtype, gen)
     cos, sin = rotary_tables(32, 64)
-    bufs = {"q_in": Guarded(q.shape, dtype, like=q, misalign=pointer == "q_in"),
-            "k_in": Guarded(k.shape, dtype, like=k, misalign=pointer == "k_in"),
-            "q_out": Guarded(q.shape, dtype, misalign=pointer == "q_out"),
-            "k_out": Guarded(k.shape, dtype, misalign=pointer == "k_out")}
+    bufs = {
+        "q_in": Guarded(q.shape, dtype, like=q, misalign=pointer == "q_in"),
+        "k_in": Guarded(k.shape, dtype, like=k, misalign=pointer == "k_in"),
+        "q_out": Guarded(q.shape, dtype, misalign=pointer == "q_out"),
+        "k_out": Guarded(k.shape, dtype, misalign=pointer == "k_out"),
+    }
     kernels.rotary(*(bufs[name].tensor for name in ("q_in", "q_out", "k_in", "k_out")), cos, sin)
     positions = torch.arange(9)[None]
     check_rotary(bufs["q_out"].tensor, q, cos, sin, positions, False, f"unaligned {pointer}: q")
@@ -441,10 +458,28 @@ def test_dtype_conversions_round_like_torch(kernels, dtype):
     """The CPU stand-ins for __half / __nv_bfloat16 (HIP-CPU's half, hip_cpu_compat.h's bf16) round to
     nearest-even like the GPU and torch: random bit patterns, ties, subnormals, overflow, inf and NaN."""
     gen = torch.Generator().manual_seed(12)
-    bits = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)
-    specials = torch.tensor([0.0, -0.0, 1.0, 65504.0, 65520.0, 70000.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26,
-                             1 + 2.0**-11, 1 + 3 * 2.0**-11, 1 + 2.0**-8, 1 + 3 * 2.0**-8, 3.0e38,
-                             float("inf"), float("-inf"), float("nan")])
+    bits = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    specials = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            1.0,
+            65504.0,
+            65520.0,
+            70000.0,
+            2.0**-24,
+            2.0**-25,
+            3 * 2.0**-26,
+            1 + 2.0**-11,
+            1 + 3 * 2.0**-11,
+            1 + 2.0**-8,
+            1 + 3 * 2.0**-8,
+            3.0e38,
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+        ]
+    )
     values = torch.cat([bits.view(torch.float32), specials, (torch.randn(10_000, generator=gen) * 1e-6)])
     got, want = kernels.round_floats(values, dtype), values.to(dtype)
     assert torch.equal(torch.isnan(got), torch.isnan(want))

@@ -1,4 +1,5 @@
 """Ranks save and stop when their launcher goes away; one job per --save folder (issue 12)."""
+
 import json
 import os
 import signal
@@ -13,10 +14,38 @@ from megaphi.checkpoint import lock as save_lock
 from megaphi.training import launcher_watch
 from megaphi.training.signals import GracefulExit
 
-TRAIN_FLAGS = ["--model", "tiny", "--mock-data", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
-               "--num-attention-heads", "2", "--seq-length", "32", "--vocab-size", "256", "--micro-batch-size", "2",
-               "--global-batch-size", "4", "--train-iters", "100000", "--lr", "1e-3", "--lr-warmup-iters", "1",
-               "--log-interval", "1", "--eval-iters", "0", "--no-export-model"]
+TRAIN_FLAGS = [
+    "--model",
+    "tiny",
+    "--mock-data",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--ffn-hidden-size",
+    "128",
+    "--num-attention-heads",
+    "2",
+    "--seq-length",
+    "32",
+    "--vocab-size",
+    "256",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--train-iters",
+    "100000",
+    "--lr",
+    "1e-3",
+    "--lr-warmup-iters",
+    "1",
+    "--log-interval",
+    "1",
+    "--eval-iters",
+    "0",
+    "--no-export-model",
+]
 
 # A minimal launcher: starts one rank (RANK=0 of 1, as torchrun/deepspeed would) and waits forever.
 LAUNCHER = r"""
@@ -64,28 +93,39 @@ def test_killed_launcher_rank_saves_and_exits_and_the_save_folder_is_locked(tmp_
     logs.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("RANK", None)
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(logs), _free_port(), *TRAIN_FLAGS, "--save", save],
-                                env=env)
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(logs), _free_port(), *TRAIN_FLAGS, "--save", save], env=env
+    )
     rank_pid = None
     try:
         lock = os.path.join(save, ".megaphi.lock")
-        _wait(lambda: _read(lock).endswith("}") or launcher.poll() is not None
-              or "error" in _read(logs / "rank.err"), 240, "the rank to lock its --save folder")
+        _wait(
+            lambda: _read(lock).endswith("}") or launcher.poll() is not None or "error" in _read(logs / "rank.err"),
+            240,
+            "the rank to lock its --save folder",
+        )
         rank_pid = int(_read(logs / "rank.pid"))
         holder = json.loads(_read(lock))
         assert holder["pid"] == rank_pid and holder["host"] == socket.gethostname()
         # a second job on the same --save folder refuses, naming the holder (started while the first trains)
-        second = subprocess.Popen([sys.executable, "-m", "megaphi.pretrain", *TRAIN_FLAGS, "--save", save],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        second = subprocess.Popen(
+            [sys.executable, "-m", "megaphi.pretrain", *TRAIN_FLAGS, "--save", save],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         metrics = os.path.join(save, "metrics.jsonl")
         _wait(lambda: len(_read(metrics).splitlines()) >= 2 or not _alive(rank_pid), 240, "the rank to train")
         assert _alive(rank_pid), _read(logs / "rank.err")[-3000:]
         _, second_err = second.communicate(timeout=240)
         assert second.returncode == 1, second_err[-3000:]
         errors = [line for line in second_err.splitlines() if line.startswith("megaphi.pretrain: error:")]
-        assert errors == [f"megaphi.pretrain: error: --save {save} is in use by another run: pid {rank_pid} on host "
-                          f"{holder['host']} (started {holder['started']}) holds {lock}; stop that run or save "
-                          f"elsewhere"], second_err[-3000:]
+        assert errors == [
+            f"megaphi.pretrain: error: --save {save} is in use by another run: pid {rank_pid} on host "
+            f"{holder['host']} (started {holder['started']}) holds {lock}; stop that run or save "
+            f"elsewhere"
+        ], second_err[-3000:]
 
         launcher.kill()  # kill -9: no chance to pass anything on
         launcher.wait(timeout=60)
@@ -176,9 +216,17 @@ def test_lock_is_exclusive_and_a_stale_file_does_not_block(tmp_path):
     os.makedirs(folder)
     with open(os.path.join(folder, ".megaphi.lock"), "w") as f:
         f.write('{"pid": 1, "host": "gone", "started": "yesterday"}')  # left by a killed run: not held
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from megaphi.checkpoint import lock as save_lock; "
-                               "save_lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(300)", folder],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from megaphi.checkpoint import lock as save_lock; "
+            "save_lock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(300)",
+            folder,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(save_lock.SaveFolderInUse, match=f"in use by another run: pid {holder.pid} on host "):

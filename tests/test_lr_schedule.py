@@ -1,4 +1,5 @@
 """LR schedule values at key steps, computed by hand from the documented formula."""
+
 import math
 
 import pytest

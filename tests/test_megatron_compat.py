@@ -2,6 +2,7 @@
 one-line note where megaphi already works that way), flags that contradict phi's architecture refused in
 one line, an unknown flag answered with one line and the closest known flag; architecture overrides that
 carry their dependents (rotary dim, vocabulary); finetuning takes the architecture from the folder."""
+
 import subprocess
 import sys
 
@@ -13,14 +14,21 @@ from test_megatron_flags import prefix  # noqa: F401 (a fixture: a one-document 
 
 
 def _args(*extra, model="tiny", world_size=1):
-    return parse_args(["--model", model, "--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "4",
-                       "--mock-data", *extra], world_size=world_size)
+    return parse_args(
+        ["--model", model, "--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "4", "--mock-data", *extra],
+        world_size=world_size,
+    )
 
 
 def test_attention_flags_take_megatrons_values():
     assert _args("--use-flash-attn").attention_backend == "flash-attn"
-    for megatron, megaphi in (("flash", "flash-attn"), ("fused", "sdpa-cudnn"), ("unfused", "math"),
-                              ("auto", "auto"), ("math", "math")):
+    for megatron, megaphi in (
+        ("flash", "flash-attn"),
+        ("fused", "sdpa-cudnn"),
+        ("unfused", "math"),
+        ("auto", "auto"),
+        ("math", "math"),
+    ):
         assert _args("--attention-backend", megatron).attention_backend == megaphi, megatron
     with pytest.raises(ArgumentError, match="--use-flash-attn and --attention-backend math"):
         _args("--use-flash-attn", "--attention-backend", "math")
@@ -38,17 +46,32 @@ def test_rotary_flags():
 
 
 def test_notes_for_what_megaphi_already_does():
-    args = _args("--untie-embeddings-and-output-weights", "--log-throughput", "--log-memory-to-tensorboard",
-                 "--log-validation-ppl-to-tensorboard", "--deepspeed", "--timing-log-level", "2",
-                 "--tensorboard-log-interval", "1", "--log-params-norm", "--log-num-zeros-in-grad")
+    args = _args(
+        "--untie-embeddings-and-output-weights",
+        "--log-throughput",
+        "--log-memory-to-tensorboard",
+        "--log-validation-ppl-to-tensorboard",
+        "--deepspeed",
+        "--timing-log-level",
+        "2",
+        "--tensorboard-log-interval",
+        "1",
+        "--log-params-norm",
+        "--log-num-zeros-in-grad",
+    )
     notes = "\n".join(args.flag_notes)
     assert len(args.flag_notes) == 9, notes
-    for flag, words in (("--untie-embeddings-and-output-weights", "untied"), ("--log-throughput", "TFLOP/s"),
-                        ("--log-memory-to-tensorboard", "mem-max-allocated-bytes"),
-                        ("--log-validation-ppl-to-tensorboard", "lm loss validation ppl"),
-                        ("--deepspeed", "DeepSpeed"), ("--timing-log-level", "iteration-time"),
-                        ("--tensorboard-log-interval", "--log-interval"), ("--log-params-norm", "params-norm"),
-                        ("--log-num-zeros-in-grad", "not logged")):
+    for flag, words in (
+        ("--untie-embeddings-and-output-weights", "untied"),
+        ("--log-throughput", "TFLOP/s"),
+        ("--log-memory-to-tensorboard", "mem-max-allocated-bytes"),
+        ("--log-validation-ppl-to-tensorboard", "lm loss validation ppl"),
+        ("--deepspeed", "DeepSpeed"),
+        ("--timing-log-level", "iteration-time"),
+        ("--tensorboard-log-interval", "--log-interval"),
+        ("--log-params-norm", "params-norm"),
+        ("--log-num-zeros-in-grad", "not logged"),
+    ):
         line = next(n for n in args.flag_notes if n.startswith(flag))
         assert words in line and "\n" not in line, line
     assert _args().flag_notes == []
@@ -71,14 +94,17 @@ def test_megatron_deepspeed_config_spelling(tmp_path):
     assert build_deepspeed_config(args)["zero_optimization"]["stage"] == 2
 
 
-@pytest.mark.parametrize("flags, reason", [
-    (["--swiglu"], "--swiglu: phi's MLP is fc1 -> gelu_tanh -> fc2"),
-    (["--group-query-attention"], "--group-query-attention: phi uses multi-head attention"),
-    (["--num-query-groups", "4"], "--num-query-groups: phi uses multi-head attention"),
-    (["--normalization", "RMSNorm"], "--normalization RMSNorm: phi uses LayerNorm"),
-    (["--disable-bias-linear"], "--disable-bias-linear: every phi Linear has a bias"),
-    (["--no-save-optim"], "--no-save-optim: not supported"),
-])
+@pytest.mark.parametrize(
+    "flags, reason",
+    [
+        (["--swiglu"], "--swiglu: phi's MLP is fc1 -> gelu_tanh -> fc2"),
+        (["--group-query-attention"], "--group-query-attention: phi uses multi-head attention"),
+        (["--num-query-groups", "4"], "--num-query-groups: phi uses multi-head attention"),
+        (["--normalization", "RMSNorm"], "--normalization RMSNorm: phi uses LayerNorm"),
+        (["--disable-bias-linear"], "--disable-bias-linear: every phi Linear has a bias"),
+        (["--no-save-optim"], "--no-save-optim: not supported"),
+    ],
+)
 def test_contradicting_the_architecture_is_one_line(flags, reason):
     with pytest.raises(ArgumentError) as e:
         _args(*flags)
@@ -87,16 +113,30 @@ def test_contradicting_the_architecture_is_one_line(flags, reason):
 
 
 def _cli(*argv):
-    return subprocess.run([sys.executable, "-m", "megaphi.pretrain", *argv], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "megaphi.pretrain", *argv], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_unknown_flag_is_one_line_with_the_closest_flag():
-    proc = _cli("--model", "tiny", "--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "2", "--mock-data",
-                "--tensor-parallel-size", "2")
+    proc = _cli(
+        "--model",
+        "tiny",
+        "--micro-batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--train-iters",
+        "2",
+        "--mock-data",
+        "--tensor-parallel-size",
+        "2",
+    )
     assert proc.returncode == 2
-    assert proc.stderr.splitlines() == ["megaphi.pretrain: error: unrecognized argument --tensor-parallel-size "
-                                        "(did you mean --tensor-model-parallel-size?); --help lists the flags"]
+    assert proc.stderr.splitlines() == [
+        "megaphi.pretrain: error: unrecognized argument --tensor-parallel-size "
+        "(did you mean --tensor-model-parallel-size?); --help lists the flags"
+    ]
     proc = _cli("--model", "tiny", "--zero-stage", "x")  # argparse's own errors: the same prefix, one line
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["megaphi.pretrain: error: argument --zero-stage: invalid int value: 'x'"]
@@ -129,8 +169,12 @@ def test_gpt2_bpe_vocab_and_merge_files(codegen_tokenizer_dir, tmp_path):
     tok = load_run_tokenizer(args)
     assert tok.encode(text) == gpt2.encode(text) and tok.eod_id == gpt2.convert_tokens_to_ids("<|endoftext|>")
     # codegen's own folder (added_tokens.json beside the pair: its whitespace tokens): its tokenizer.json's ids
-    args = _args("--vocab-file", str(codegen_tokenizer_dir / "vocab.json"),
-                 "--merge-file", str(codegen_tokenizer_dir / "merges.txt"))
+    args = _args(
+        "--vocab-file",
+        str(codegen_tokenizer_dir / "vocab.json"),
+        "--merge-file",
+        str(codegen_tokenizer_dir / "merges.txt"),
+    )
     reference = Tokenizer.from_file(str(codegen_tokenizer_dir / "tokenizer.json"))
     assert load_run_tokenizer(args).encode(text) == reference.encode(text, add_special_tokens=False).ids
     with pytest.raises(ArgumentError, match="--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file"):
@@ -143,15 +187,63 @@ def test_gpt2_bpe_vocab_and_merge_files(codegen_tokenizer_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- item 5: dependents
 def test_small_architecture_on_the_default_preset_scales_the_rotary_dim():
-    args = parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-                       "--micro-batch-size", "1", "--lr", "1e-3", "--train-iters", "1", "--mock-data"], world_size=1)
+    args = parse_args(
+        [
+            "--num-layers",
+            "2",
+            "--hidden-size",
+            "64",
+            "--num-attention-heads",
+            "4",
+            "--micro-batch-size",
+            "1",
+            "--lr",
+            "1e-3",
+            "--train-iters",
+            "1",
+            "--mock-data",
+        ],
+        world_size=1,
+    )
     assert args.rotary_dim == 8  # phi-1 rotates half of each head: 32 of 64 -> 8 of 16
-    args = parse_args(["--model", "phi-1-small", "--hidden-size", "512", "--num-attention-heads", "4",
-                       "--micro-batch-size", "1", "--lr", "1e-3", "--train-iters", "1", "--mock-data"], world_size=1)
+    args = parse_args(
+        [
+            "--model",
+            "phi-1-small",
+            "--hidden-size",
+            "512",
+            "--num-attention-heads",
+            "4",
+            "--micro-batch-size",
+            "1",
+            "--lr",
+            "1e-3",
+            "--train-iters",
+            "1",
+            "--mock-data",
+        ],
+        world_size=1,
+    )
     assert args.rotary_dim == 64  # head dim 128
     with pytest.raises(ArgumentError, match="--rotary-dim 32 must be even and <= head dim 16"):
-        parse_args(["--hidden-size", "64", "--num-attention-heads", "4", "--rotary-dim", "32", "--micro-batch-size",
-                    "1", "--lr", "1e-3", "--train-iters", "1", "--mock-data"], world_size=1)
+        parse_args(
+            [
+                "--hidden-size",
+                "64",
+                "--num-attention-heads",
+                "4",
+                "--rotary-dim",
+                "32",
+                "--micro-batch-size",
+                "1",
+                "--lr",
+                "1e-3",
+                "--train-iters",
+                "1",
+                "--mock-data",
+            ],
+            world_size=1,
+        )
 
 
 def test_vocab_size_flag_is_not_padded_to_the_presets(codegen_tokenizer_dir):
@@ -169,25 +261,86 @@ def test_vocab_size_flag_is_not_padded_to_the_presets(codegen_tokenizer_dir):
 @pytest.fixture
 def hf_folder(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.PhiConfig(vocab_size=320, hidden_size=96, intermediate_size=192, num_hidden_layers=3,
-                                    num_attention_heads=6, partial_rotary_factor=0.5, max_position_embeddings=128,
-                                    resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0)
+    config = transformers.PhiConfig(
+        vocab_size=320,
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        partial_rotary_factor=0.5,
+        max_position_embeddings=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attention_dropout=0.0,
+    )
     folder = tmp_path / "hf"
     transformers.PhiForCausalLM(config).save_pretrained(str(folder))
     return folder
 
 
 def test_finetune_takes_architecture_and_dropout_from_the_folder(hf_folder):
-    args = parse_args(["--finetune", "--load", str(hf_folder), "--micro-batch-size", "1", "--lr", "1e-4",
-                       "--train-iters", "1", "--mock-data"], world_size=1)
-    assert (args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads, args.rotary_dim,
-            args.vocab_size, args.max_position_embeddings, args.seq_length) == (3, 96, 192, 6, 8, 320, 128, 128)
+    args = parse_args(
+        [
+            "--finetune",
+            "--load",
+            str(hf_folder),
+            "--micro-batch-size",
+            "1",
+            "--lr",
+            "1e-4",
+            "--train-iters",
+            "1",
+            "--mock-data",
+        ],
+        world_size=1,
+    )
+    assert (
+        args.num_layers,
+        args.hidden_size,
+        args.ffn_hidden_size,
+        args.num_attention_heads,
+        args.rotary_dim,
+        args.vocab_size,
+        args.max_position_embeddings,
+        args.seq_length,
+    ) == (3, 96, 192, 6, 8, 320, 128, 128)
     assert (args.attention_dropout, args.hidden_dropout, args.embedding_dropout) == (0.0, 0.0, 0.0)
     assert any("architecture and dropout from" in n for n in args.flag_notes)
-    args = parse_args(["--finetune", "--load", str(hf_folder), "--micro-batch-size", "1", "--lr", "1e-4",
-                       "--train-iters", "1", "--mock-data", "--attention-dropout", "0.1", "--hidden-dropout", "0.1"],
-                      world_size=1)
+    args = parse_args(
+        [
+            "--finetune",
+            "--load",
+            str(hf_folder),
+            "--micro-batch-size",
+            "1",
+            "--lr",
+            "1e-4",
+            "--train-iters",
+            "1",
+            "--mock-data",
+            "--attention-dropout",
+            "0.1",
+            "--hidden-dropout",
+            "0.1",
+        ],
+        world_size=1,
+    )
     assert (args.attention_dropout, args.hidden_dropout) == (0.1, 0.1)  # given: kept
     with pytest.raises(ArgumentError, match=r"--hidden-size 64 contradicts .*hf's 96"):
-        parse_args(["--finetune", "--load", str(hf_folder), "--hidden-size", "64", "--micro-batch-size", "1",
-                    "--lr", "1e-4", "--train-iters", "1", "--mock-data"], world_size=1)
+        parse_args(
+            [
+                "--finetune",
+                "--load",
+                str(hf_folder),
+                "--hidden-size",
+                "64",
+                "--micro-batch-size",
+                "1",
+                "--lr",
+                "1e-4",
+                "--train-iters",
+                "1",
+                "--mock-data",
+            ],
+            world_size=1,
+        )

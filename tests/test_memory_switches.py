@@ -7,6 +7,7 @@ F.cross_entropy over full logits at TP=1, so the chunked loss is checked against
 Float64 comparisons are exact up to summation order (1e-12); recompute replays the same ops with the
 same RNG states, so it is compared bit for bit.
 """
+
 import pytest
 import torch
 
@@ -14,8 +15,15 @@ from dist_utils import run_distributed
 from megaphi.config import PhiConfig
 from megaphi.model.runtime import ModelRuntime
 
-CONFIG = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              rotary_dim=4, max_position_embeddings=32)
+CONFIG = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    rotary_dim=4,
+    max_position_embeddings=32,
+)
 
 
 def _batch():
@@ -28,11 +36,13 @@ def _batch():
 
 def _losses_and_grads(dtype=torch.float64, dropout=0.0, seed=None, **switches):
     from megaphi.model import PhiForCausalLM
+
     config = PhiConfig(**CONFIG, attention_dropout=dropout, resid_dropout=dropout, embd_dropout=0.0)
     model = PhiForCausalLM(config, init_seed=9, runtime=ModelRuntime(**switches)).to(dtype).train()
     ids, labels = _batch()
     if seed is not None:
         from megaphi.parallel.random import model_parallel_seed
+
         model_parallel_seed(seed)
     token_losses, _ = model(ids, labels=labels, reduction="none")
     token_losses.sum().backward()
@@ -42,12 +52,15 @@ def _losses_and_grads(dtype=torch.float64, dropout=0.0, seed=None, **switches):
 def _reference_loss(dtype=torch.float64):
     """F.cross_entropy (ignore_index) over the default model's full logits."""
     from megaphi.model import PhiForCausalLM
-    model = PhiForCausalLM(PhiConfig(**CONFIG, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0),
-                           init_seed=9).to(dtype)
+
+    model = PhiForCausalLM(
+        PhiConfig(**CONFIG, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0), init_seed=9
+    ).to(dtype)
     ids, labels = _batch()
     logits = model(ids)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             ignore_index=-100, reduction="none").view(labels.shape)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(labels.shape)
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 32, 10_000])
@@ -69,8 +82,11 @@ def test_chunked_loss_in_float32_within_rounding():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("switches", [dict(recompute="selective"), dict(recompute="full", recompute_num_layers=1),
-                                      dict(recompute="full")], ids=["selective", "first-layer", "full"])
+@pytest.mark.parametrize(
+    "switches",
+    [dict(recompute="selective"), dict(recompute="full", recompute_num_layers=1), dict(recompute="full")],
+    ids=["selective", "first-layer", "full"],
+)
 def test_recompute_is_rng_exact_with_dropout(switches):
     losses, grads = _losses_and_grads(dropout=0.3, seed=5, **switches)
     ref_losses, ref_grads = _losses_and_grads(dropout=0.3, seed=5)
@@ -85,6 +101,7 @@ def _tp_worker(rank, world, sequence_parallel, expected, out_path):
     from megaphi.model import PhiForCausalLM
     from megaphi.parallel import state
     from megaphi.parallel.mappings import gather_shards
+
     state.initialize_model_parallel(world)
     config = PhiConfig(**CONFIG, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
     runtime = ModelRuntime(loss_chunk_tokens=6, sequence_parallel=sequence_parallel)
@@ -117,14 +134,21 @@ def test_switch_validation():
         PhiConfig(**CONFIG, recompute=True)  # not an architecture field any more
 
 
-@pytest.mark.parametrize("switches, calls", [(dict(), 2), (dict(recompute="selective"), 4),
-                                             (dict(recompute="full", recompute_num_layers=1), 3),
-                                             (dict(recompute="full"), 4)],
-                         ids=["none", "selective", "first-layer", "full"])
+@pytest.mark.parametrize(
+    "switches, calls",
+    [
+        (dict(), 2),
+        (dict(recompute="selective"), 4),
+        (dict(recompute="full", recompute_num_layers=1), 3),
+        (dict(recompute="full"), 4),
+    ],
+    ids=["none", "selective", "first-layer", "full"],
+)
 def test_recompute_replays_what_it_says(monkeypatch, switches, calls):
     """The attention core runs once per layer in the forward, and once more in the backward for every
     layer whose attention is recomputed (2 layers here)."""
     import megaphi.model.phi as phi
+
     seen = []
     original = phi.causal_attention
     monkeypatch.setattr(phi, "causal_attention", lambda *a, **k: seen.append(1) or original(*a, **k))
@@ -147,14 +171,16 @@ def test_unavailable_attention_backend_is_a_clear_error_at_start():
     from megaphi.model.attention import causal_attention
     from megaphi.training.arguments import ArgumentError
     from megaphi.training.run_info import attention_backend
+
     q = torch.randn(1, 4, 2, 8)
     with pytest.raises(RuntimeError, match="flash-attn"):
         causal_attention(q, q, q, backend="flash-attn")
     config = PhiConfig(**CONFIG)
     with pytest.raises(ArgumentError, match="--attention-backend sdpa-efficient cannot run here"):
         attention_backend(torch.device("cpu"), torch.float32, config, 16, forced="sdpa-efficient")
-    assert attention_backend(torch.device("cpu"), torch.float32, config, 16, forced="math") == \
-        "math (--attention-backend)"
+    assert (
+        attention_backend(torch.device("cpu"), torch.float32, config, 16, forced="math") == "math (--attention-backend)"
+    )
     with pytest.raises(ValueError, match="attention_backend"):
         ModelRuntime(attention_backend="xformers")
 
@@ -170,8 +196,9 @@ def _held_bytes_per_layer(granularity, backend, dropout):
     spec = importlib.util.spec_from_file_location("recompute_memory", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    args = argparse.Namespace(hidden=128, layers=2, seq=_S, batch=_B, vocab=96, dropout=dropout, dtype="float32",
-                              backend=backend)
+    args = argparse.Namespace(
+        hidden=128, layers=2, seq=_S, batch=_B, vocab=96, dropout=dropout, dtype="float32", backend=backend
+    )
     return module.per_layer(args, granularity, module.measure(granularity, args))
 
 

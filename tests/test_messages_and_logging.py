@@ -1,6 +1,7 @@
 """Messages and streams (results on stdout, warnings and DeepSpeed's log lines on stderr, one line per
 error, --version), the DeepSpeed JSON against --clip-grad / --zero-stage, and logging continuity (a
 resumed run continues its W&B run; TensorBoard gets the run's arguments as text)."""
+
 import json
 import subprocess
 import sys
@@ -13,8 +14,10 @@ from megaphi.training.deepspeed_config import build_deepspeed_config, resolve_de
 
 
 def _args(*extra, world_size=1):
-    return parse_args(["--model", "tiny", "--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "4",
-                       "--mock-data", *extra], world_size=world_size)
+    return parse_args(
+        ["--model", "tiny", "--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "4", "--mock-data", *extra],
+        world_size=world_size,
+    )
 
 
 def _ds_json(tmp_path, config):
@@ -58,18 +61,32 @@ def test_warnings_on_stderr_results_on_stdout(capsys):
     captured = capsys.readouterr()
     assert captured.err == "warning: no --save: nothing is saved\n"
     assert captured.out == "resumed from x at iteration 3\n"
-    line = format_train_line({"iteration": 1, "train_iters": 2, "consumed_samples": 2, "loss": 1.0, "lr": 1e-3,
-                              "loss_scale": 1.0, "skipped_steps": 0, "ms_per_iter": 5.0, "tokens_per_sec": 10.0,
-                              "tflops_per_gpu": 0.01, "mfu": None})
+    line = format_train_line(
+        {
+            "iteration": 1,
+            "train_iters": 2,
+            "consumed_samples": 2,
+            "loss": 1.0,
+            "lr": 1e-3,
+            "loss_scale": 1.0,
+            "skipped_steps": 0,
+            "ms_per_iter": 5.0,
+            "tokens_per_sec": 10.0,
+            "tflops_per_gpu": 0.01,
+            "mfu": None,
+        }
+    )
     assert "TFLOP/s per device" in line and "GPU" not in line
 
 
 def test_deepspeed_log_lines_go_to_stderr():
-    code = ("from megaphi.training.messages import deepspeed_logs_to_stderr\n"
-            "deepspeed_logs_to_stderr()\n"
-            "from deepspeed.utils import logger\n"
-            "logger.warning('memory dump marker')\n"
-            "print('result line')\n")
+    code = (
+        "from megaphi.training.messages import deepspeed_logs_to_stderr\n"
+        "deepspeed_logs_to_stderr()\n"
+        "from deepspeed.utils import logger\n"
+        "logger.warning('memory dump marker')\n"
+        "print('result line')\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "result line\n"  # DeepSpeed's accelerator line and its logger: not on stdout
@@ -77,8 +94,19 @@ def test_deepspeed_log_lines_go_to_stderr():
 
 
 def test_convert_missing_folder_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "megaphi.cli.convert_checkpoint", "megaphi-to-hf",
-                           str(tmp_path / "nope"), str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megaphi.cli.convert_checkpoint",
+            "megaphi-to-hf",
+            str(tmp_path / "nope"),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"megaphi-convert megaphi-to-hf: error: {tmp_path / 'nope'}: neither a model folder")
     assert len(proc.stderr.splitlines()) == 1 and "Traceback" not in proc.stderr
@@ -87,19 +115,27 @@ def test_convert_missing_folder_is_one_line(tmp_path):
 def test_every_command_has_version():
     from megaphi import __version__
 
-    commands = {"convert_checkpoint": "megaphi-convert", "preprocess_data": "megaphi-preprocess",
-                "merge_datasets": "megaphi-merge-datasets", "train_tokenizer": "megaphi-train-tokenizer",
-                "make_stdlib_corpus": "megaphi-stdlib-corpus", "generate": "megaphi-generate",
-                "eval_humaneval": "megaphi-eval", "plot_metrics": "megaphi-plot"}
-    code = ("import contextlib, importlib, io, sys\n"
-            f"for name in {sorted(commands)!r}:\n"
-            "    out = io.StringIO()\n"
-            "    with contextlib.redirect_stdout(out):\n"
-            "        try:\n"
-            "            importlib.import_module('megaphi.cli.' + name).main(['--version'])\n"
-            "        except SystemExit as e:\n"
-            "            assert e.code == 0, name\n"
-            "    print(name, out.getvalue().strip())\n")
+    commands = {
+        "convert_checkpoint": "megaphi-convert",
+        "preprocess_data": "megaphi-preprocess",
+        "merge_datasets": "megaphi-merge-datasets",
+        "train_tokenizer": "megaphi-train-tokenizer",
+        "make_stdlib_corpus": "megaphi-stdlib-corpus",
+        "generate": "megaphi-generate",
+        "eval_humaneval": "megaphi-eval",
+        "plot_metrics": "megaphi-plot",
+    }
+    code = (
+        "import contextlib, importlib, io, sys\n"
+        f"for name in {sorted(commands)!r}:\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.redirect_stdout(out):\n"
+        "        try:\n"
+        "            importlib.import_module('megaphi.cli.' + name).main(['--version'])\n"
+        "        except SystemExit as e:\n"
+        "            assert e.code == 0, name\n"
+        "    print(name, out.getvalue().strip())\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     got = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
@@ -172,8 +208,9 @@ def test_wandb_offline_resume(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     ids = []
     for _ in range(2):
-        args = _args("--wandb-project", "p", "--save", str(tmp_path / "ckpt"),
-                     "--wandb-save-dir", str(tmp_path / "wandb"))
+        args = _args(
+            "--wandb-project", "p", "--save", str(tmp_path / "ckpt"), "--wandb-save-dir", str(tmp_path / "wandb")
+        )
         writer = open_metrics_writer(args)
         writer.write({"iteration": len(ids) + 1, "loss": 2.0})
         ids.append(writer.wandb.run.id)

@@ -1,4 +1,5 @@
 """FLOPs per token, MFU, peak lookup, the metrics.jsonl / TensorBoard writer and the curves plot."""
+
 import json
 import pathlib
 
@@ -27,16 +28,25 @@ def test_matmul_params_counts_the_real_model_matmul_weights():
 
 
 def test_throughput_and_mfu():
-    tok_s, tflops, mfu = metrics.throughput(tokens=2048 * 8, seconds=2.0, flops_token=1e9, num_devices=2,
-                                            peak_tflops=100.0)
+    tok_s, tflops, mfu = metrics.throughput(
+        tokens=2048 * 8, seconds=2.0, flops_token=1e9, num_devices=2, peak_tflops=100.0
+    )
     assert tok_s == 8192.0
     assert tflops == pytest.approx(8192 * 1e9 / 2 / 1e12)
     assert mfu == pytest.approx(tflops / 100.0)
     assert metrics.throughput(10, 1.0, 1e9, 1, None)[2] is None  # CPU: no MFU without --peak-tflops
 
 
-@pytest.mark.parametrize("name, peak", [("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA H100 80GB HBM3", 989.4),
-                                        ("NVIDIA H200", 989.4), ("NVIDIA H100 PCIe", 756.5), ("Tesla T4", None)])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA H100 PCIe", 756.5),
+        ("Tesla T4", None),
+    ],
+)
 def test_bf16_peak_by_device_name(name, peak):
     # the default precision is bf16 (more devices and precisions: test_mfu.py)
     assert metrics.device_peak_tflops(name) == peak
@@ -70,22 +80,48 @@ def test_tensorboard_missing_is_a_clear_error(tmp_path):
         events.Reload()
         # Megatron-LM's tag names, so its users' dashboards carry over
         assert [(e.step, e.value) for e in events.Scalars("lm loss")] == [(1, 1.5), (2, 1.25)]
-        assert [(e.step, e.value) for e in events.Scalars("learning-rate")] == [(1, pytest.approx(1e-3)),
-                                                                                 (2, pytest.approx(2e-3))]
+        assert [(e.step, e.value) for e in events.Scalars("learning-rate")] == [
+            (1, pytest.approx(1e-3)),
+            (2, pytest.approx(2e-3)),
+        ]
         assert [(e.step, e.value) for e in events.Scalars("lm loss validation")] == [(2, 1.75)]
 
 
 def test_megatron_tag_names_and_eta():
-    record = {"iteration": 3, "train_iters": 10, "consumed_samples": 12, "loss": 2.0, "lr": 1e-3, "grad_norm": 0.5,
-              "loss_scale": 1.0, "ms_per_iter": 250.0, "mfu": None, "global_batch_size": 4, "tokens_per_sec": 9.0}
+    record = {
+        "iteration": 3,
+        "train_iters": 10,
+        "consumed_samples": 12,
+        "loss": 2.0,
+        "lr": 1e-3,
+        "grad_norm": 0.5,
+        "loss_scale": 1.0,
+        "ms_per_iter": 250.0,
+        "mfu": None,
+        "global_batch_size": 4,
+        "tokens_per_sec": 9.0,
+    }
     tags = metrics.scalar_tags(record)
-    assert tags == {"lm loss": 2.0, "learning-rate": 1e-3, "grad-norm": 0.5, "loss-scale": 1.0,
-                    "iteration-time": 0.25, "batch-size": 4, "tokens-per-sec": 9.0}
+    assert tags == {
+        "lm loss": 2.0,
+        "learning-rate": 1e-3,
+        "grad-norm": 0.5,
+        "loss-scale": 1.0,
+        "iteration-time": 0.25,
+        "batch-size": 4,
+        "tokens-per-sec": 9.0,
+    }
     assert metrics.scalar_tags({"iteration": 3, "val_loss": 1.0, "val_ppl": 2.7}, "valid") == {
-        "lm loss validation": 1.0, "lm loss validation ppl": 2.7}
+        "lm loss validation": 1.0,
+        "lm loss validation ppl": 2.7,
+    }
     assert metrics.eta_seconds(3, 10, 0.25) == 1.75
     assert [metrics.format_duration(s) for s in (59.6, 3725, 90061, float("nan"))] == [
-        "01:00", "01:02:05", "1d 01:01:01", "n/a"]
+        "01:00",
+        "01:02:05",
+        "1d 01:01:01",
+        "n/a",
+    ]
 
 
 def test_plot_metrics_writes_a_png(tmp_path):
@@ -96,7 +132,12 @@ def test_plot_metrics_writes_a_png(tmp_path):
     records.append({"iteration": 10, "val_loss": 0.7, "val_ppl": 2.0})
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     repo = pathlib.Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, str(repo / "tools" / "plot_metrics.py"), str(tmp_path)], check=True,
-                   capture_output=True, text=True, timeout=120)
+    subprocess.run(
+        [sys.executable, str(repo / "tools" / "plot_metrics.py"), str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     png = (tmp_path / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000

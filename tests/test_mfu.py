@@ -1,4 +1,5 @@
 """MFU peaks: exact device names, per precision, dense datasheet figures; unknown devices get n/a."""
+
 import argparse
 
 import pytest
@@ -8,9 +9,9 @@ from megaphi.training import metrics
 
 # torch.cuda.get_device_name() strings -> dense peak TFLOP/s (bf16, fp16, tf32, fp32) from the datasheets
 NAMES = [
-    ("NVIDIA H100 80GB HBM3", (989.4, 989.4, 494.7, 66.9)),     # SXM5
-    ("NVIDIA H100 PCIe", (756.5, 756.5, 378.0, 51.2)),          # 1,513 sparse
-    ("NVIDIA H100 NVL", (835.5, 835.5, 417.5, 60.0)),           # 1,671 sparse
+    ("NVIDIA H100 80GB HBM3", (989.4, 989.4, 494.7, 66.9)),  # SXM5
+    ("NVIDIA H100 PCIe", (756.5, 756.5, 378.0, 51.2)),  # 1,513 sparse
+    ("NVIDIA H100 NVL", (835.5, 835.5, 417.5, 60.0)),  # 1,671 sparse
     ("NVIDIA H200", (989.4, 989.4, 494.7, 67.0)),
     ("NVIDIA H200 NVL", (835.5, 835.5, 417.5, 60.0)),
     ("NVIDIA H800", (989.4, 989.4, 494.7, 67.0)),
@@ -29,7 +30,7 @@ NAMES = [
     ("NVIDIA L4", (121.0, 121.0, 60.0, 30.3)),
     ("NVIDIA GeForce RTX 4090", (165.2, 165.2, 82.6, 82.6)),
     ("NVIDIA GeForce RTX 3090", (71.0, 71.0, 35.6, 35.6)),
-    ("Tesla V100-SXM2-32GB", (None, 125.0, 15.7, 15.7)),          # no bf16 / tf32 units: fp32 cores
+    ("Tesla V100-SXM2-32GB", (None, 125.0, 15.7, 15.7)),  # no bf16 / tf32 units: fp32 cores
     ("Tesla T4", (None, 65.0, 8.1, 8.1)),
 ]
 
@@ -42,8 +43,19 @@ def test_peak_per_device_and_precision(name, peaks):
     assert metrics.lookup_peak_tflops(name.lower(), "fp16")[0] == peaks[1]  # case does not matter
 
 
-@pytest.mark.parametrize("name", ["NVIDIA A10G", "NVIDIA H20", "NVIDIA B200", "NVIDIA H100 PCIe 2",
-                                  "H100", "NVIDIA GeForce RTX 4080", "AMD Instinct MI300X", ""])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "NVIDIA A10G",
+        "NVIDIA H20",
+        "NVIDIA B200",
+        "NVIDIA H100 PCIe 2",
+        "H100",
+        "NVIDIA GeForce RTX 4080",
+        "AMD Instinct MI300X",
+        "",
+    ],
+)
 def test_unknown_devices_get_no_peak_and_say_which(name):
     peak, why = metrics.lookup_peak_tflops(name, "bf16")
     assert peak is None and repr(name) in why and "--peak-tflops" in why
@@ -71,7 +83,7 @@ def test_fp32_runs_use_tf32_only_when_torch_enables_it(restore_matmul_precision)
     torch.set_float32_matmul_precision("high")
     assert metrics.training_precision() == "tf32"
     torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.allow_tf32 = True            # the older switch says the same
+    torch.backends.cuda.matmul.allow_tf32 = True  # the older switch says the same
     assert metrics.training_precision() == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = False
     assert metrics.training_precision(bf16=True) == "bf16" and metrics.training_precision() == "fp32"
@@ -86,10 +98,12 @@ def test_run_peak(monkeypatch, restore_matmul_precision):
 
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
-    assert resolve_peak_tflops(_args(bf16=True), gpu) == (756.5,
-                                                          "MFU peak 756.5 TFLOP/s (NVIDIA H100 PCIe, dense bf16)")
+    assert resolve_peak_tflops(_args(bf16=True), gpu) == (
+        756.5,
+        "MFU peak 756.5 TFLOP/s (NVIDIA H100 PCIe, dense bf16)",
+    )
     torch.set_float32_matmul_precision("highest")
-    assert resolve_peak_tflops(_args(), gpu)[0] == 51.2                     # fp32 run: not the bf16 peak
+    assert resolve_peak_tflops(_args(), gpu)[0] == 51.2  # fp32 run: not the bf16 peak
     assert resolve_peak_tflops(_args(peak=100.0, bf16=True), gpu) == (100.0, "MFU peak 100 TFLOP/s (--peak-tflops)")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H20")
     peak, text = resolve_peak_tflops(_args(bf16=True), gpu)

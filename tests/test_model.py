@@ -1,4 +1,5 @@
 """Model behaviour: init, dropout/RNG, recompute, KV cache, save/load."""
+
 import json
 import math
 
@@ -54,6 +55,7 @@ def test_eval_is_deterministic_and_dropout_masks_follow_the_seed():
         model_parallel_seed(seed)
         with torch.no_grad():
             return model(x)
+
     t1, t1_again, t2 = train_logits(5), train_logits(5), train_logits(6)
     assert torch.equal(t1, t1_again)
     assert not torch.allclose(t1, t2)
@@ -73,8 +75,9 @@ def test_recompute_gives_identical_loss_and_grads_with_dropout():
     x, labels = ids(), ids(seed=1)
     results = []
     for recompute in ("none", "full"):
-        model = PhiForCausalLM(CONFIG.replace(embd_dropout=0.1), init_seed=0,
-                               runtime=ModelRuntime(recompute=recompute)).train()
+        model = PhiForCausalLM(
+            CONFIG.replace(embd_dropout=0.1), init_seed=0, runtime=ModelRuntime(recompute=recompute)
+        ).train()
         model_parallel_seed(42)
         loss, _ = model(x, labels=labels)
         loss.backward()
@@ -92,8 +95,9 @@ def test_loss_mask_and_reduction_none():
     mask[:, :5] = 1
     with torch.no_grad():
         logits = model(x)
-        ref = torch.nn.functional.cross_entropy(logits.float().reshape(-1, CONFIG.vocab_size), labels.reshape(-1),
-                                                reduction="none").view(2, 16)
+        ref = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, CONFIG.vocab_size), labels.reshape(-1), reduction="none"
+        ).view(2, 16)
         loss, out_logits = model(x, labels=labels, loss_mask=mask)
         token_losses, none = model(x, labels=labels, reduction="none")
     assert none is None and token_losses.dtype == torch.float32 and token_losses.shape == (2, 16)
@@ -108,10 +112,10 @@ def test_kv_cache_decoding_matches_full_forward():
     with torch.no_grad():
         full = model(x)
         cache = model.allocate_kv_cache(batch_size=2, max_length=32)
-        steps = [model(x[:, :6], kv_cache=cache)]      # prefill into an empty cache
+        steps = [model(x[:, :6], kv_cache=cache)]  # prefill into an empty cache
         steps.append(model(x[:, 6:9], kv_cache=cache))  # several tokens after cached ones (offset mask)
-        for t in range(9, 20):                          # one token at a time
-            steps.append(model(x[:, t:t + 1], kv_cache=cache))
+        for t in range(9, 20):  # one token at a time
+            steps.append(model(x[:, t : t + 1], kv_cache=cache))
         assert cache.length == 20
         torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
         # explicit position ids give the same result
@@ -127,8 +131,10 @@ def test_save_and_load_pretrained(tmp_path):
     model = PhiForCausalLM(CONFIG, init_seed=0).eval()
     model.save_pretrained(tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())  # an HF config + megaphi's own keys
-    assert saved["model_type"] == "phi" and {k: saved[k] for k in ("hidden_size", "rotary_dim")} == \
-        {"hidden_size": CONFIG.hidden_size, "rotary_dim": CONFIG.rotary_dim}
+    assert saved["model_type"] == "phi" and {k: saved[k] for k in ("hidden_size", "rotary_dim")} == {
+        "hidden_size": CONFIG.hidden_size,
+        "rotary_dim": CONFIG.rotary_dim,
+    }
     tensors = load_file(tmp_path / "ckpt" / "model.safetensors")
     assert "model.layers.0.self_attn.q_proj.weight" in tensors and "lm_head.bias" in tensors
     loaded = PhiForCausalLM.from_pretrained(tmp_path / "ckpt").eval()

@@ -1,4 +1,5 @@
 """Numerical parity with Hugging Face transformers' PhiForCausalLM (the independent reference)."""
+
 import pytest
 import torch
 
@@ -9,18 +10,24 @@ from megaphi.model import PhiForCausalLM  # noqa: E402
 from megaphi.checkpoint.hf_names import model_to_hf_names  # noqa: E402
 
 # (vocab, hidden, ffn, layers, heads, rotary_dim): head dim 64 with rotary 32 like phi-1; a deeper one.
-CONFIGS = {
-    "head64_rot32": (512, 128, 512, 2, 2, 32),
-    "four_layers": (384, 96, 256, 4, 3, 16),
-}
+CONFIGS = {"head64_rot32": (512, 128, 512, 2, 2, 32), "four_layers": (384, 96, 256, 4, 3, 16)}
 
 
 def build_pair(name, dtype, seed=0):
     vocab, hidden, ffn, layers, heads, rot = CONFIGS[name]
     hf_config = transformers.PhiConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-        num_attention_heads=heads, partial_rotary_factor=rot / (hidden // heads), max_position_embeddings=128,
-        resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, layer_norm_eps=1e-5)
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        partial_rotary_factor=rot / (hidden // heads),
+        max_position_embeddings=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attention_dropout=0.0,
+        layer_norm_eps=1e-5,
+    )
     # fp32: the textbook eager path (explicit mask + softmax). float64: eager rounds its softmax to
     # fp32, so use HF's SDPA path there.
     hf_config._attn_implementation = "eager" if dtype == torch.float32 else "sdpa"
@@ -31,9 +38,18 @@ def build_pair(name, dtype, seed=0):
             p.normal_(0.0, 0.05)
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.5 + (1.0 if p.shape[0] == hidden else 0.0))
-    ours_config = PhiConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                            num_attention_heads=heads, rotary_dim=rot, max_position_embeddings=128,
-                            attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
+    ours_config = PhiConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        rotary_dim=rot,
+        max_position_embeddings=128,
+        attention_dropout=0.0,
+        resid_dropout=0.0,
+        embd_dropout=0.0,
+    )
     ours = PhiForCausalLM(ours_config, initialize=False, dtype=dtype).eval()
     ours.load_hf_state_dict(hf.state_dict())
     return hf, ours
@@ -56,7 +72,8 @@ def test_logits_loss_and_grads_match_transformers(name, dtype, tol):
     hf_out = hf(ids, labels=ids)
     # HF's loss casts logits to fp32 even in a float64 model: take torch's CE on its logits instead.
     ref_loss = torch.nn.functional.cross_entropy(
-        hf_out.logits[:, :-1].reshape(-1, hf_out.logits.shape[-1]), ids[:, 1:].reshape(-1))
+        hf_out.logits[:, :-1].reshape(-1, hf_out.logits.shape[-1]), ids[:, 1:].reshape(-1)
+    )
     if dtype == torch.float32:
         assert abs(ref_loss.item() - hf_out.loss.item()) <= tol
     # HF shifts labels internally; megaphi takes aligned labels (Megatron style) with -100 ignored.

@@ -1,6 +1,7 @@
 """Architecture vs runtime: PhiConfig is what a model folder records; ModelRuntime (recompute, loss
 chunking, attention backend, sequence parallel, compile) is chosen by whoever builds the model, is never
 exported, and changes no result. Folders whose config.json still carries runtime keys load and run plain."""
+
 import dataclasses
 import json
 import os
@@ -11,12 +12,27 @@ import torch
 from megaphi.config import LEGACY_RUNTIME_KEYS, PhiConfig, get_preset
 from megaphi.model import ModelRuntime, PhiForCausalLM, apply_runtime
 
-CONFIG = get_preset("tiny", vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=2,
-                    rotary_dim=8, max_position_embeddings=32, attention_dropout=0.0, resid_dropout=0.0)
+CONFIG = get_preset(
+    "tiny",
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=2,
+    rotary_dim=8,
+    max_position_embeddings=32,
+    attention_dropout=0.0,
+    resid_dropout=0.0,
+)
 # What config.json and checkpoint metadata held before the split, with every switch away from plain.
-LEGACY_RUNTIME = {"recompute": True, "recompute_granularity": "selective", "recompute_num_layers": 1,
-                  "loss_chunk_tokens": 8, "use_flash_attn": False, "attention_backend": "math",
-                  "sequence_parallel": True}
+LEGACY_RUNTIME = {
+    "recompute": True,
+    "recompute_granularity": "selective",
+    "recompute_num_layers": 1,
+    "loss_chunk_tokens": 8,
+    "use_flash_attn": False,
+    "attention_backend": "math",
+    "sequence_parallel": True,
+}
 
 
 def _batch():
@@ -34,11 +50,15 @@ def _losses_and_grads(model):
     return token_losses.detach(), grads
 
 
-RUNTIMES = {"selective": ModelRuntime(recompute="selective"), "full": ModelRuntime(recompute="full"),
-            "full-first-layer": ModelRuntime(recompute="full", recompute_num_layers=1),
-            "loss-chunk": ModelRuntime(loss_chunk_tokens=5), "math": ModelRuntime(attention_backend="math"),
-            "sequence-parallel-tp1": ModelRuntime(sequence_parallel=True),
-            "all": ModelRuntime(recompute="full", loss_chunk_tokens=7, attention_backend="math", sequence_parallel=True)}
+RUNTIMES = {
+    "selective": ModelRuntime(recompute="selective"),
+    "full": ModelRuntime(recompute="full"),
+    "full-first-layer": ModelRuntime(recompute="full", recompute_num_layers=1),
+    "loss-chunk": ModelRuntime(loss_chunk_tokens=5),
+    "math": ModelRuntime(attention_backend="math"),
+    "sequence-parallel-tp1": ModelRuntime(sequence_parallel=True),
+    "all": ModelRuntime(recompute="full", loss_chunk_tokens=7, attention_backend="math", sequence_parallel=True),
+}
 
 
 @pytest.mark.parametrize("name", list(RUNTIMES))
@@ -60,13 +80,16 @@ def test_each_runtime_computes_what_the_plain_model_does(name):
 def _count_runtime_paths(monkeypatch):
     """Counts of the checkpointed (recompute) and chunked-loss calls the model makes."""
     import megaphi.model.phi as phi
+
     seen = {"checkpoint": 0, "chunked_loss": 0}
 
     def counting(key, fn):
         def call(*args, **kwargs):
             seen[key] += 1
             return fn(*args, **kwargs)
+
         return call
+
     monkeypatch.setattr(phi, "checkpoint", counting("checkpoint", phi.checkpoint))
     monkeypatch.setattr(phi, "chunked_linear_cross_entropy", counting("chunked_loss", phi.chunked_linear_cross_entropy))
     return seen
@@ -87,6 +110,7 @@ def test_apply_runtime_switches_every_module_and_back(monkeypatch):
 
 def test_compiled_blocks_cannot_be_made_eager_again():
     from megaphi.model.compile import compile_decoder_layers
+
     model = compile_decoder_layers(PhiForCausalLM(CONFIG, init_seed=2))
     assert model.runtime.compile and model.model.layers[1].self_attn.runtime.compile
     with pytest.raises(ValueError, match="cannot be made eager again"):
@@ -96,11 +120,13 @@ def test_compiled_blocks_cannot_be_made_eager_again():
 
 
 def test_runtime_validation_is_one_line():
-    for bad, match in ((dict(recompute=True), "recompute must be one of none, selective, full"),
-                       (dict(recompute_num_layers=-1), "recompute_num_layers"),
-                       (dict(attention_backend="xformers"), "attention_backend 'xformers' is not one of"),
-                       (dict(sequence_parallel=1), "sequence_parallel must be a bool"),
-                       (dict(compile="on"), "compile must be a bool")):
+    for bad, match in (
+        (dict(recompute=True), "recompute must be one of none, selective, full"),
+        (dict(recompute_num_layers=-1), "recompute_num_layers"),
+        (dict(attention_backend="xformers"), "attention_backend 'xformers' is not one of"),
+        (dict(sequence_parallel=1), "sequence_parallel must be a bool"),
+        (dict(compile="on"), "compile must be a bool"),
+    ):
         with pytest.raises(ValueError, match=match) as error:
             ModelRuntime(**bad)
         assert "\n" not in str(error.value)
@@ -157,37 +183,107 @@ def test_finetune_takes_the_runtime_from_its_flags_only(tmp_path):
     from megaphi.training.config import RunConfig
 
     _, (folder, _) = _legacy_folders(tmp_path)
-    config = RunConfig.from_flags(["--finetune", "--load", folder, "--mock-data", "--micro-batch-size", "1",
-                                   "--global-batch-size", "1", "--train-iters", "1", "--seq-length", "16",
-                                   "--lr", "1e-3", "--torch-compile", "off"], world_size=1)
+    config = RunConfig.from_flags(
+        [
+            "--finetune",
+            "--load",
+            folder,
+            "--mock-data",
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            "1",
+            "--train-iters",
+            "1",
+            "--seq-length",
+            "16",
+            "--lr",
+            "1e-3",
+            "--torch-compile",
+            "off",
+        ],
+        world_size=1,
+    )
     assert config.model_runtime() == ModelRuntime()
     assert config.phi_config().hidden_size == CONFIG.hidden_size
-    config = RunConfig.from_flags(["--finetune", "--load", folder, "--mock-data", "--micro-batch-size", "1",
-                                   "--global-batch-size", "1", "--train-iters", "1", "--seq-length", "16",
-                                   "--lr", "1e-3", "--torch-compile", "off", "--recompute",
-                                   "--loss-chunk-tokens", "4"], world_size=1)
+    config = RunConfig.from_flags(
+        [
+            "--finetune",
+            "--load",
+            folder,
+            "--mock-data",
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            "1",
+            "--train-iters",
+            "1",
+            "--seq-length",
+            "16",
+            "--lr",
+            "1e-3",
+            "--torch-compile",
+            "off",
+            "--recompute",
+            "--loss-chunk-tokens",
+            "4",
+        ],
+        world_size=1,
+    )
     assert config.model_runtime() == ModelRuntime(recompute="full", loss_chunk_tokens=4)
 
 
-@pytest.mark.parametrize("flags, runtime", [
-    ([], ModelRuntime()),
-    (["--recompute"], ModelRuntime(recompute="full")),
-    (["--recompute-activations"], ModelRuntime(recompute="selective")),
-    (["--recompute-granularity", "full", "--recompute-num-layers", "1"], ModelRuntime(recompute="full",
-                                                                                       recompute_num_layers=1)),
-    (["--recompute", "--recompute-granularity", "selective"], ModelRuntime(recompute="selective")),
-    (["--loss-chunk-tokens", "64", "--attention-backend", "math"], ModelRuntime(loss_chunk_tokens=64,
-                                                                               attention_backend="math")),
-    (["--sequence-parallel"], ModelRuntime()),  # off at TP=1, as in Megatron-LM
-    (["--torch-compile", "on"], ModelRuntime(compile=True)),
-], ids=["plain", "recompute", "recompute-activations", "full-first-layer", "selective", "chunk-math", "sp-tp1",
-        "compile"])
+@pytest.mark.parametrize(
+    "flags, runtime",
+    [
+        ([], ModelRuntime()),
+        (["--recompute"], ModelRuntime(recompute="full")),
+        (["--recompute-activations"], ModelRuntime(recompute="selective")),
+        (
+            ["--recompute-granularity", "full", "--recompute-num-layers", "1"],
+            ModelRuntime(recompute="full", recompute_num_layers=1),
+        ),
+        (["--recompute", "--recompute-granularity", "selective"], ModelRuntime(recompute="selective")),
+        (
+            ["--loss-chunk-tokens", "64", "--attention-backend", "math"],
+            ModelRuntime(loss_chunk_tokens=64, attention_backend="math"),
+        ),
+        (["--sequence-parallel"], ModelRuntime()),  # off at TP=1, as in Megatron-LM
+        (["--torch-compile", "on"], ModelRuntime(compile=True)),
+    ],
+    ids=[
+        "plain",
+        "recompute",
+        "recompute-activations",
+        "full-first-layer",
+        "selective",
+        "chunk-math",
+        "sp-tp1",
+        "compile",
+    ],
+)
 def test_runtime_from_training_flags(flags, runtime):
     from megaphi.training.config import RunConfig
 
-    config = RunConfig.from_flags(["--model", "tiny", "--mock-data", "--micro-batch-size", "1",
-                                   "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
-                                   "--torch-compile", "off", *flags], world_size=1)
+    config = RunConfig.from_flags(
+        [
+            "--model",
+            "tiny",
+            "--mock-data",
+            "--micro-batch-size",
+            "1",
+            "--global-batch-size",
+            "1",
+            "--train-iters",
+            "1",
+            "--lr",
+            "1e-3",
+            "--torch-compile",
+            "off",
+            *flags,
+        ],
+        world_size=1,
+    )
     assert config.model_runtime() == runtime
 
 
@@ -198,9 +294,24 @@ def test_training_with_runtime_flags_exports_architecture_only(tmp_path):
 
     prefix = make_token_file(str(tmp_path / "toy"))
     save = str(tmp_path / "ckpt")
-    run_pretrain(tiny_flags(prefix, 2) + ["--save", save, "--eval-iters", "0", "--recompute-granularity", "full",
-                                          "--recompute-num-layers", "1", "--loss-chunk-tokens", "8",
-                                          "--attention-backend", "math", "--sequence-parallel"])
+    run_pretrain(
+        tiny_flags(prefix, 2)
+        + [
+            "--save",
+            save,
+            "--eval-iters",
+            "0",
+            "--recompute-granularity",
+            "full",
+            "--recompute-num-layers",
+            "1",
+            "--loss-chunk-tokens",
+            "8",
+            "--attention-backend",
+            "math",
+            "--sequence-parallel",
+        ]
+    )
     tag = os.path.join(save, "iter_0000002")
     with open(os.path.join(tag, "model", "config.json")) as f:
         exported = json.load(f)

@@ -1,5 +1,6 @@
 """Backend selection for the fused ops, the unavailable-backend errors, the extension module and
 `python -m megaphi.ops`."""
+
 import shutil
 import subprocess
 import sys
@@ -44,8 +45,11 @@ def test_apex_is_not_a_rotary_backend():
 
 @pytest.mark.skipif(not NO_GPU, reason="checks the error raised without a GPU")
 def test_cuda_impl_without_gpu_is_a_clear_error():
-    with pytest.raises(RuntimeError, match=r"--layernorm-impl=cuda is not available here: .*(CPU-only|no CUDA GPU|"
-                                           r"cannot be imported)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"--layernorm-impl=cuda is not available here: .*(CPU-only|no CUDA GPU|"
+        r"cannot be imported)",
+    ):
         ops.set_impl(layernorm="cuda")
     with pytest.raises(RuntimeError, match="--rotary-impl=cuda is not available here"):
         ops.set_impl(layernorm="torch", rotary="cuda")
@@ -88,12 +92,36 @@ def test_cuda_module_rejects_bad_arguments_before_launching():
     with pytest.raises(ValueError, match="unsupported dtype code 7"):
         cuda_module.layer_norm_forward(0, 0, 0, 0, 0, 0, rows=0, hidden=8, eps=1e-5, dtype=7, device=0, stream=0)
     with pytest.raises(ValueError, match="num_blocks"):
-        cuda_module.layer_norm_backward(0, 0, 0, 0, 0, 0, 0, 0, 0, num_blocks=0, rows=4, hidden=8, dtype=0,
-                                        device=0, stream=0)
+        cuda_module.layer_norm_backward(
+            0, 0, 0, 0, 0, 0, 0, 0, 0, num_blocks=0, rows=4, hidden=8, dtype=0, device=0, stream=0
+        )
     with pytest.raises(ValueError, match="both be in place or both out of place"):
         layout = (8, 8, 8)
-        cuda_module.rotary(16, 16, 32, 48, layout, layout, layout, layout, 0, 0, 0, 0, 0, batch=1, seq=1, q_heads=1,
-                           k_heads=1, head_dim=8, half=4, inverse=False, dtype=0, device=0, stream=0)
+        cuda_module.rotary(
+            16,
+            16,
+            32,
+            48,
+            layout,
+            layout,
+            layout,
+            layout,
+            0,
+            0,
+            0,
+            0,
+            0,
+            batch=1,
+            seq=1,
+            q_heads=1,
+            k_heads=1,
+            head_dim=8,
+            half=4,
+            inverse=False,
+            dtype=0,
+            device=0,
+            stream=0,
+        )
 
 
 def test_python_m_megaphi_ops_reports_backends():
@@ -159,7 +187,9 @@ def test_missing_kernel_image_makes_auto_use_torch(monkeypatch):
         with pytest.raises(RuntimeError, match="--rotary-impl=cuda is not available here: .*no kernel image"):
             ops.set_impl(rotary="cuda")
         text = "\n".join(backend.describe())
-        assert "layernorm: selected 'auto'; usable here: torch; auto -> torch (megaphi._cuda has no kernel image" in text
+        assert (
+            "layernorm: selected 'auto'; usable here: torch; auto -> torch (megaphi._cuda has no kernel image" in text
+        )
     finally:
         monkeypatch.undo()
         backend.clear_availability_caches()

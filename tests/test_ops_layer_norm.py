@@ -1,12 +1,12 @@
 """LayerNorm reference path (CPU): values against a float64 numpy formula, gradients, input checks."""
+
 import numpy as np
 import pytest
 import torch
 
 from megaphi.ops import LayerNorm, layer_norm, layer_norm_reference
 from megaphi.ops import backend
-from megaphi.ops.layer_norm import (check_layer_norm_inputs, check_layer_norm_kernel_inputs,
-                                     layer_norm_kernel_problem)
+from megaphi.ops.layer_norm import check_layer_norm_inputs, check_layer_norm_kernel_inputs, layer_norm_kernel_problem
 
 
 def numpy_layer_norm(x, weight, bias, eps):
@@ -23,8 +23,11 @@ def test_layer_norm_matches_numpy(shape):
     weight = torch.randn(shape[-1], generator=gen, dtype=torch.float64)
     bias = torch.randn(shape[-1], generator=gen, dtype=torch.float64)
     expected = numpy_layer_norm(x.numpy(), weight.numpy(), bias.numpy(), 1e-5)
-    for out in (layer_norm(x, weight, bias, 1e-5), layer_norm_reference(x, weight, bias, 1e-5),
-                layer_norm(x, weight, bias, 1e-5, impl="torch")):
+    for out in (
+        layer_norm(x, weight, bias, 1e-5),
+        layer_norm_reference(x, weight, bias, 1e-5),
+        layer_norm(x, weight, bias, 1e-5, impl="torch"),
+    ):
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=1e-12)
 
 

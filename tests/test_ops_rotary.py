@@ -1,5 +1,6 @@
 """Rotary reference path (CPU): against a float64 complex-number rotation written here, against
 transformers' Phi rotary, gradients, positions, input checks."""
+
 import numpy as np
 import pytest
 import torch
@@ -21,9 +22,9 @@ def complex_rotary(x, angles=None, unit=None):
     if unit is None:
         unit = np.exp(1j * angles)
     half = unit.shape[-1]
-    z = x[..., :half] + 1j * x[..., half:2 * half]
+    z = x[..., :half] + 1j * x[..., half : 2 * half]
     z = z * unit[:, :, None, :]
-    return np.concatenate([z.real, z.imag, x[..., 2 * half:]], axis=-1)
+    return np.concatenate([z.real, z.imag, x[..., 2 * half :]], axis=-1)
 
 
 def test_tables_match_float64_angles():
@@ -167,9 +168,11 @@ def test_auto_falls_back_to_torch_when_the_kernel_cannot_take_the_input(monkeypa
 
 def _shared_elements_brute_force(a, b):
     """Independent: enumerate every storage offset each view addresses."""
+
     def offsets(t):
         index = torch.arange(t.untyped_storage().nbytes() // t.element_size())
         return set(torch.as_strided(index, t.shape, t.stride(), t.storage_offset()).flatten().tolist())
+
     return bool(offsets(a) & offsets(b))
 
 
@@ -177,6 +180,7 @@ def test_overlap_detection_never_misses_a_shared_element():
     """views_may_overlap against brute force on random fused-qkv-like layouts (padded strides, q and
     k with different head counts, arbitrary offsets): never False when an element is shared."""
     from megaphi.ops.rotary import views_may_overlap
+
     rng = np.random.default_rng(0)
     storage = torch.zeros(4000)
     exact = 0
@@ -227,6 +231,7 @@ def test_input_checks_read_no_tensor_values_off_the_cpu():
     """On a device the checks must not read positions back (a blocking sync per call, illegal in CUDA
     graph capture): tensors on the meta device have no values, so any read raises."""
     from megaphi.ops.rotary import check_rotary_inputs, check_rotary_outputs
+
     meta = torch.device("meta")
     cos, sin = rotary_tables(8, 16, device=meta)
     qkv = torch.empty(2, 4, 3 * 2 * 8, device=meta)
@@ -235,5 +240,6 @@ def test_input_checks_read_no_tensor_values_off_the_cpu():
     check_rotary_inputs(q, k, cos, sin, positions)
     check_rotary_outputs(q, k)
     with pytest.raises(ValueError, match="outside the table"):  # on the CPU the range is still checked eagerly
-        check_rotary_inputs(torch.zeros(2, 4, 2, 8), torch.zeros(2, 4, 2, 8), *rotary_tables(8, 16),
-                            torch.full((2, 4), 16))
+        check_rotary_inputs(
+            torch.zeros(2, 4, 2, 8), torch.zeros(2, 4, 2, 8), *rotary_tables(8, 16), torch.full((2, 4), 16)
+        )

@@ -1,4 +1,5 @@
 """Tensor-parallel layers on 2 and 4 CPU processes (gloo) against single-process torch references."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,9 +10,18 @@ from megaphi.parallel import mappings, state
 from megaphi.parallel.cross_entropy import _VocabParallelCrossEntropy, vocab_parallel_cross_entropy
 from megaphi.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
-MODEL_CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                    num_attention_heads=4, rotary_dim=16, max_position_embeddings=64,
-                    attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
+MODEL_CONFIG = dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    rotary_dim=16,
+    max_position_embeddings=64,
+    attention_dropout=0.0,
+    resid_dropout=0.0,
+    embd_dropout=0.0,
+)
 INIT_SEED = 1234
 
 
@@ -102,8 +112,10 @@ def check_embedding_and_cross_entropy(rank, world):
     # bf16 logits: computed in fp32, grads come back in bf16
     losses16 = vocab_parallel_cross_entropy(_shard(logits, -1, rank, world).bfloat16(), labels)
     assert losses16.dtype == torch.float32
-    _close(losses16, F.cross_entropy(logits.bfloat16().float().reshape(-1, 64), labels.reshape(-1),
-                                     reduction="none").view(4, 6))
+    _close(
+        losses16,
+        F.cross_entropy(logits.bfloat16().float().reshape(-1, 64), labels.reshape(-1), reduction="none").view(4, 6),
+    )
 
 
 def check_sequence_primitives(rank, world):
@@ -111,7 +123,7 @@ def check_sequence_primitives(rank, world):
     x.requires_grad_()
     y = mappings.reduce_scatter_along_dim(x, 1)  # gloo: all-reduce + split fallback
     total = sum(r + 1 for r in range(world))
-    _close(y, torch.arange(world * 6, dtype=torch.float32).view(1, world * 6, 1)[:, rank * 6:(rank + 1) * 6] * total)
+    _close(y, torch.arange(world * 6, dtype=torch.float32).view(1, world * 6, 1)[:, rank * 6 : (rank + 1) * 6] * total)
     y.sum().backward()
     _close(x.grad, torch.ones_like(x))  # all-gather of ones
     z = torch.full((1, 2, 1), float(rank), requires_grad=True)
@@ -123,6 +135,7 @@ def check_sequence_primitives(rank, world):
 
 def check_rng_streams(rank, world):
     from megaphi.parallel.random import get_rng_tracker, model_parallel_seed
+
     model_parallel_seed(5)
     with get_rng_tracker().fork():
         tp_draw = torch.rand(8)
@@ -141,6 +154,7 @@ def check_rng_streams(rank, world):
 def check_model(rank, world, reference):
     from megaphi.model import PhiForCausalLM
     from megaphi.parallel.mappings import gather_shards
+
     model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=INIT_SEED)
     for name, p in model.named_parameters():  # TP-independent init: shards of the TP=1 model
         full = gather_shards(p.detach(), p.partition_dim) if p.tensor_model_parallel else p.detach()
@@ -155,6 +169,7 @@ def check_model(rank, world, reference):
         grad = gather_shards(p.grad, p.partition_dim) if p.tensor_model_parallel else p.grad
         _close(grad, reference["grads"][name])
     from megaphi.checkpoint.hf_names import model_to_hf_names
+
     expected = model_to_hf_names(reference["params"], model.config)
     exported = model.hf_state_dict()  # gathers the shards (what save_pretrained writes)
     assert set(exported) == set(expected) and all(torch.equal(exported[n], expected[n]) for n in expected)
@@ -191,13 +206,18 @@ def tp_worker(rank, world, tp, reference):
 @pytest.fixture(scope="module")
 def model_reference():
     from megaphi.model import PhiForCausalLM
+
     model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=INIT_SEED)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 512, (2, 12), generator=g)
     labels = torch.randint(0, 512, (2, 12), generator=g)
     loss_mask = (torch.rand(2, 12, generator=g) > 0.3).float()
-    ref = {"ids": ids, "labels": labels, "loss_mask": loss_mask,
-           "params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    ref = {
+        "ids": ids,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+    }
     with torch.no_grad():
         ref["logits"] = model(ids)
         ref["token_losses"] = model(ids, labels=labels, reduction="none")[0]

@@ -10,16 +10,19 @@ def binomial_pass_at_k(n, c, k):
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-@pytest.mark.parametrize("n,c,k,expected", [
-    (1, 1, 1, 1.0),
-    (1, 0, 1, 0.0),
-    (10, 3, 1, 0.3),                  # pass@1 = c/n
-    (5, 2, 2, 1 - 3 / 10),            # C(3,2)/C(5,2) = 3/10
-    (10, 0, 5, 0.0),
-    (10, 6, 5, 1.0),                  # n - c < k: every 5-subset has a correct one
-    (4, 1, 2, 0.5),                   # C(3,2)/C(4,2) = 3/6
-    (20, 5, 10, 1 - 3003 / 184756),   # C(15,10)/C(20,10), by hand
-])
+@pytest.mark.parametrize(
+    "n,c,k,expected",
+    [
+        (1, 1, 1, 1.0),
+        (1, 0, 1, 0.0),
+        (10, 3, 1, 0.3),  # pass@1 = c/n
+        (5, 2, 2, 1 - 3 / 10),  # C(3,2)/C(5,2) = 3/10
+        (10, 0, 5, 0.0),
+        (10, 6, 5, 1.0),  # n - c < k: every 5-subset has a correct one
+        (4, 1, 2, 0.5),  # C(3,2)/C(4,2) = 3/6
+        (20, 5, 10, 1 - 3003 / 184756),  # C(15,10)/C(20,10), by hand
+    ],
+)
 def test_hand_computed_values(n, c, k, expected):
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 

@@ -18,6 +18,7 @@ by <= n * u * 10 ~ 1e-12 absolute; through AdamW with eps = COMPARISON_ADAM_EPS 
 1000x room, while a missing micro-batch, a wrong 1/m or 1/dp, or an unreduced gradient moves weights
 by ~lr * 0.1 = 1e-3.
 """
+
 import pytest
 import torch
 
@@ -25,8 +26,18 @@ from comparison_tolerances import COMPARISON_ADAM_EPS
 from dist_utils import run_distributed
 from megaphi.config import PhiConfig
 
-CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
-              rotary_dim=8, max_position_embeddings=16, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
+CONFIG = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    rotary_dim=8,
+    max_position_embeddings=16,
+    attention_dropout=0.0,
+    resid_dropout=0.0,
+    embd_dropout=0.0,
+)
 GLOBAL_BATCH, SEQ, STEPS, INIT_SEED, LR, CLIP = 8, 8, 3, 11, 1e-2, 0.5
 GRAD_TOL = WEIGHT_TOL = 1e-10
 
@@ -37,7 +48,7 @@ def _batches():
 
 
 def _micro_batches(rows, micro):
-    return [{"tokens": rows[i:i + micro, :-1], "labels": rows[i:i + micro, 1:]} for i in range(0, len(rows), micro)]
+    return [{"tokens": rows[i : i + micro, :-1], "labels": rows[i : i + micro, 1:]} for i in range(0, len(rows), micro)]
 
 
 def _count_tokens(batch):
@@ -59,13 +70,15 @@ def _reference(config, micro, count_tokens=False):
     """PP=1: losses per micro-batch per step, first-step gradients, final weights (by name)."""
     from megaphi.model import PhiForCausalLM
     from megaphi.training.schedules import forward_backward_no_pipelining
+
     model = PhiForCausalLM(config, init_seed=INIT_SEED, dtype=torch.float64).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, eps=COMPARISON_ADAM_EPS)
     losses, first_grads, norms = [], None, []
     for batch in _batches():
         mbs = _micro_batches(batch, micro)
-        logs = forward_backward_no_pipelining(_forward_step, iter(mbs), model, len(mbs),
-                                              count_tokens_func=_count_tokens if count_tokens else None)
+        logs = forward_backward_no_pipelining(
+            _forward_step, iter(mbs), model, len(mbs), count_tokens_func=_count_tokens if count_tokens else None
+        )
         losses.append([d["lm loss"] for d in logs])
         if first_grads is None:
             first_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -77,12 +90,14 @@ def _reference(config, micro, count_tokens=False):
 
 def _full(param, tensor):
     from megaphi.parallel.mappings import _gather
+
     return _gather(tensor, param.partition_dim) if getattr(param, "tensor_model_parallel", False) else tensor
 
 
 def _check_rank_layout(tp, pp):
     """Megatron's order: rank = pp_rank * (tp * dp) + dp_rank * tp + tp_rank; pipelines are rings."""
     from megaphi.parallel import state
+
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     stage_size = world // pp
     pipeline = list(range(rank % stage_size, world, stage_size))
@@ -102,15 +117,28 @@ def _pipelined(config, pp, tp=1, chunks=1, micro=1, layers_per_stage=None, count
     """The same training through the pipeline engine; returns what _reference returns, for this
     rank's stage (losses only on the last stage), plus the most activations it held."""
     from megaphi.parallel import state
-    from megaphi.parallel.pipeline import (StageCommunicator, allreduce_data_parallel_gradients, boundary_shape,
-                                           build_model_chunks, clip_grad_norm_across_stages,
-                                           forward_backward_pipelining)
+    from megaphi.parallel.pipeline import (
+        StageCommunicator,
+        allreduce_data_parallel_gradients,
+        boundary_shape,
+        build_model_chunks,
+        clip_grad_norm_across_stages,
+        forward_backward_pipelining,
+    )
+
     config = config.replace(**overrides)
     state.initialize_model_parallel(tp, pp)
     _check_rank_layout(tp, pp)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
-    model = build_model_chunks(config, state.get_pipeline_model_parallel_rank(), pp, chunks, layers_per_stage,
-                               init_seed=INIT_SEED, dtype=torch.float64)
+    model = build_model_chunks(
+        config,
+        state.get_pipeline_model_parallel_rank(),
+        pp,
+        chunks,
+        layers_per_stage,
+        init_seed=INIT_SEED,
+        dtype=torch.float64,
+    )
     for chunk in model:
         chunk.train()
     comm = StageCommunicator(boundary_shape(micro, SEQ, config.hidden_size, config.sequence_parallel), torch.float64)
@@ -119,12 +147,18 @@ def _pipelined(config, pp, tp=1, chunks=1, micro=1, layers_per_stage=None, count
     rows = GLOBAL_BATCH // dp
     losses, first_grads, norms, max_live = [], None, [], 0
     for batch in _batches():
-        mbs = _micro_batches(batch[dp_rank * rows:(dp_rank + 1) * rows], micro)
+        mbs = _micro_batches(batch[dp_rank * rows : (dp_rank + 1) * rows], micro)
         stats = {}
-        logs = forward_backward_pipelining(_forward_step, [iter(mbs) for _ in model], model, len(mbs), comm,
-                                           count_tokens_func=_count_tokens if count_tokens else None,
-                                           dp_group=state.get_data_parallel_group() if dp > 1 else None,
-                                           stats=stats)
+        logs = forward_backward_pipelining(
+            _forward_step,
+            [iter(mbs) for _ in model],
+            model,
+            len(mbs),
+            comm,
+            count_tokens_func=_count_tokens if count_tokens else None,
+            dp_group=state.get_data_parallel_group() if dp > 1 else None,
+            stats=stats,
+        )
         max_live = max(max_live, stats["max_live_activations"])
         losses.append([d["lm loss"] for d in logs])
         allreduce_data_parallel_gradients(model)
@@ -134,8 +168,16 @@ def _pipelined(config, pp, tp=1, chunks=1, micro=1, layers_per_stage=None, count
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     weights = {n: _full(p, p.detach()).clone() for chunk in model for n, p in chunk.named_parameters()}
-    result = dict(losses=losses, grads=first_grads, norms=norms, weights=weights, max_live=max_live,
-                  dp_rank=dp_rank, dp=dp, last=state.is_pipeline_last_stage())
+    result = dict(
+        losses=losses,
+        grads=first_grads,
+        norms=norms,
+        weights=weights,
+        max_live=max_live,
+        dp_rank=dp_rank,
+        dp=dp,
+        last=state.is_pipeline_last_stage(),
+    )
     state.destroy_model_parallel()
     return result
 
@@ -145,7 +187,7 @@ def _compare(name, result, reference, micro, bitwise):
     m_local = GLOBAL_BATCH // result["dp"] // micro
     if result["last"]:
         for step, step_losses in enumerate(result["losses"]):
-            expected = ref_losses[step][result["dp_rank"] * m_local:(result["dp_rank"] + 1) * m_local]
+            expected = ref_losses[step][result["dp_rank"] * m_local : (result["dp_rank"] + 1) * m_local]
             assert len(step_losses) == len(expected) == m_local, (name, step)
             for got, want in zip(step_losses, expected):
                 if bitwise and step == 0:
@@ -170,19 +212,29 @@ def _forward_only_equals_pp1(config, pp, chunks):
     those of the unsplit model; no activation is kept."""
     from megaphi.model import PhiForCausalLM
     from megaphi.parallel import state
-    from megaphi.parallel.pipeline import (StageCommunicator, boundary_shape, build_model_chunks,
-                                           forward_backward_pipelining)
+    from megaphi.parallel.pipeline import (
+        StageCommunicator,
+        boundary_shape,
+        build_model_chunks,
+        forward_backward_pipelining,
+    )
+
     mbs = _micro_batches(_batches()[0], 2)
     unsplit = PhiForCausalLM(config, init_seed=INIT_SEED, dtype=torch.float64).eval()
     with torch.no_grad():
         expected = [unsplit(mb["tokens"], labels=mb["labels"], reduction="none")[0].mean() for mb in mbs]
     state.initialize_model_parallel(1, pp)
-    model = [c.eval() for c in build_model_chunks(config, state.get_pipeline_model_parallel_rank(), pp, chunks,
-                                                  init_seed=INIT_SEED, dtype=torch.float64)]
+    model = [
+        c.eval()
+        for c in build_model_chunks(
+            config, state.get_pipeline_model_parallel_rank(), pp, chunks, init_seed=INIT_SEED, dtype=torch.float64
+        )
+    ]
     comm = StageCommunicator(boundary_shape(2, SEQ, config.hidden_size), torch.float64)
     stats = {}
-    logs = forward_backward_pipelining(_forward_step, [iter(mbs) for _ in model], model, len(mbs), comm,
-                                       forward_only=True, stats=stats)
+    logs = forward_backward_pipelining(
+        _forward_step, [iter(mbs) for _ in model], model, len(mbs), comm, forward_only=True, stats=stats
+    )
     assert stats["max_live_activations"] == 0
     if state.is_pipeline_last_stage():
         assert [d["lm loss"] for d in logs] == expected
@@ -210,23 +262,33 @@ def _token_average_equals_pp1(config):
     loss_sum_i / T (T counted before the first backward) exactly as forward_backward_no_pipelining."""
     from megaphi.model import PhiForCausalLM
     from megaphi.parallel import state
-    from megaphi.parallel.pipeline import (StageCommunicator, boundary_shape, build_model_chunks,
-                                           forward_backward_pipelining)
+    from megaphi.parallel.pipeline import (
+        StageCommunicator,
+        boundary_shape,
+        build_model_chunks,
+        forward_backward_pipelining,
+    )
     from megaphi.training.schedules import forward_backward_no_pipelining
+
     mbs = _micro_batches(_batches()[0], 2)
     for i, mb in enumerate(mbs):
         mb["loss_mask"] = torch.ones(mb["labels"].shape, dtype=torch.float64)
-        mb["loss_mask"][:, :i + 1] = 0.0  # micro-batch i ignores its first i + 1 positions
+        mb["loss_mask"][:, : i + 1] = 0.0  # micro-batch i ignores its first i + 1 positions
 
     def count(mb):
         return mb["loss_mask"].sum().item()
 
     unsplit = PhiForCausalLM(config, init_seed=INIT_SEED, dtype=torch.float64).train()
-    ref_logs = forward_backward_no_pipelining(_masked_forward_step, iter(mbs), unsplit, len(mbs),
-                                              count_tokens_func=count)
+    ref_logs = forward_backward_no_pipelining(
+        _masked_forward_step, iter(mbs), unsplit, len(mbs), count_tokens_func=count
+    )
     state.initialize_model_parallel(1, 2)
-    model = [c.train() for c in build_model_chunks(config, state.get_pipeline_model_parallel_rank(), 2,
-                                                   init_seed=INIT_SEED, dtype=torch.float64)]
+    model = [
+        c.train()
+        for c in build_model_chunks(
+            config, state.get_pipeline_model_parallel_rank(), 2, init_seed=INIT_SEED, dtype=torch.float64
+        )
+    ]
     comm = StageCommunicator(boundary_shape(2, SEQ, config.hidden_size), torch.float64)
     logs = forward_backward_pipelining(_masked_forward_step, iter(mbs), model, len(mbs), comm, count_tokens_func=count)
     if state.is_pipeline_last_stage():
@@ -240,9 +302,12 @@ def _token_average_equals_pp1(config):
 def _two_stage_worker(rank, world):
     config = PhiConfig(**CONFIG)
     reference = _reference(config, micro=1)
-    runs = {"PP=2": dict(pp=2), "PP=2 interleaved v=2": dict(pp=2, chunks=2),
-            "PP=2 split 1,3": dict(pp=2, layers_per_stage=[1, 3]),
-            "PP=2 full recompute": dict(pp=2, recompute=True)}  # replays the same ops: bitwise too
+    runs = {
+        "PP=2": dict(pp=2),
+        "PP=2 interleaved v=2": dict(pp=2, chunks=2),
+        "PP=2 split 1,3": dict(pp=2, layers_per_stage=[1, 3]),
+        "PP=2 full recompute": dict(pp=2, recompute=True),
+    }  # replays the same ops: bitwise too
     for name, kwargs in runs.items():
         result = _pipelined(config, **kwargs)
         _compare(name, result, reference, 1, bitwise=True)
@@ -286,16 +351,24 @@ def _dropout_worker(rank, world):
     """With dropout, a stage's masks come from its own streams (seed + 100 x stage): the step is
     reproducible bit for bit, and full recompute replays the masks exactly (same gradients)."""
     from megaphi.parallel import state
-    from megaphi.parallel.pipeline import (StageCommunicator, boundary_shape, build_model_chunks,
-                                           forward_backward_pipelining, seed_pipeline_stage)
+    from megaphi.parallel.pipeline import (
+        StageCommunicator,
+        boundary_shape,
+        build_model_chunks,
+        forward_backward_pipelining,
+        seed_pipeline_stage,
+    )
+
     results = {}
     for name, recompute in (("first", False), ("again", False), ("recompute", True)):
-        config = PhiConfig(**{**CONFIG, "attention_dropout": 0.2, "resid_dropout": 0.2, "embd_dropout": 0.2},
-                           recompute=recompute)
+        config = PhiConfig(
+            **{**CONFIG, "attention_dropout": 0.2, "resid_dropout": 0.2, "embd_dropout": 0.2}, recompute=recompute
+        )
         state.initialize_model_parallel(1, 2)
         seed_pipeline_stage(1234)
-        model = build_model_chunks(config, state.get_pipeline_model_parallel_rank(), 2, init_seed=INIT_SEED,
-                                   dtype=torch.float64)
+        model = build_model_chunks(
+            config, state.get_pipeline_model_parallel_rank(), 2, init_seed=INIT_SEED, dtype=torch.float64
+        )
         model[0].train()
         comm = StageCommunicator(boundary_shape(2, SEQ, config.hidden_size), torch.float64)
         mbs = _micro_batches(_batches()[0], 2)
@@ -309,6 +382,7 @@ def _dropout_worker(rank, world):
             assert torch.equal(g, results["first"][1][n]), (name, n)
     if rank == 1:  # the masks are active: the losses differ from the dropout-free forward
         from megaphi.model import PhiForCausalLM
+
         plain = PhiForCausalLM(PhiConfig(**CONFIG), init_seed=INIT_SEED, dtype=torch.float64)
         mbs = _micro_batches(_batches()[0], 2)
         clean = [plain(mb["tokens"], labels=mb["labels"])[0] for mb in mbs]
@@ -319,6 +393,7 @@ def _overflow_is_agreed(rank):
     """An inf in one stage's gradients makes every stage skip the step (fp16 loss scaling)."""
     from megaphi.parallel import state
     from megaphi.parallel.pipeline import any_stage_overflowed, build_model_chunks
+
     state.initialize_model_parallel(1, 2)
     model = build_model_chunks(PhiConfig(**CONFIG), state.get_pipeline_model_parallel_rank(), 2, init_seed=INIT_SEED)
     for p in model[0].parameters():

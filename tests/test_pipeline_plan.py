@@ -2,10 +2,18 @@
 under rendezvous communication (no deadlock on any backend), every receive gets the tensor it names,
 the 1F1B memory bound holds, and the idle time equals the theoretical bubble. Plus the one-line
 errors for splits and schedules that cannot work."""
+
 import pytest
 
-from megaphi.parallel.pipeline.plan import (Backward, Communicate, Forward, build_plan, forward_only_plan,
-                                            interleaved_warmup, max_live_activations)
+from megaphi.parallel.pipeline.plan import (
+    Backward,
+    Communicate,
+    Forward,
+    build_plan,
+    forward_only_plan,
+    interleaved_warmup,
+    max_live_activations,
+)
 from megaphi.parallel.pipeline.simulate import PlanError, bubble_fraction, simulate
 from megaphi.parallel.pipeline.stage import check_pipeline_composition, split_layers, virtual_stages_per_rank
 
@@ -75,17 +83,27 @@ def test_layer_splits():
     assert virtual_stages_per_rank(24, 4, None) == 1
 
 
-@pytest.mark.parametrize("call, flags", [
-    (lambda: split_layers(6, 4), ["--num-layers 6", "--pipeline-model-parallel-size 4"]),
-    (lambda: split_layers(8, 2, layers_per_stage=[3, 4]), ["--pipeline-layers-per-stage 3,4", "--num-layers 8"]),
-    (lambda: virtual_stages_per_rank(24, 4, 4), ["--num-layers-per-virtual-pipeline-stage 4",
-                                                 "--pipeline-model-parallel-size 4"]),
-    (lambda: virtual_stages_per_rank(8, 1, 2), ["--num-layers-per-virtual-pipeline-stage",
-                                                "--pipeline-model-parallel-size"]),
-    (lambda: check_pipeline_composition(2, zero_stage=2), ["--zero-stage 2", "--pipeline-model-parallel-size 2"]),
-    (lambda: check_pipeline_composition(4, zero_stage=3), ["--zero-stage 3", "--pipeline-model-parallel-size 4"]),
-    (lambda: build_plan(0, 4, 6, 2), ["--num-layers-per-virtual-pipeline-stage", "--pipeline-model-parallel-size 4"]),
-])
+@pytest.mark.parametrize(
+    "call, flags",
+    [
+        (lambda: split_layers(6, 4), ["--num-layers 6", "--pipeline-model-parallel-size 4"]),
+        (lambda: split_layers(8, 2, layers_per_stage=[3, 4]), ["--pipeline-layers-per-stage 3,4", "--num-layers 8"]),
+        (
+            lambda: virtual_stages_per_rank(24, 4, 4),
+            ["--num-layers-per-virtual-pipeline-stage 4", "--pipeline-model-parallel-size 4"],
+        ),
+        (
+            lambda: virtual_stages_per_rank(8, 1, 2),
+            ["--num-layers-per-virtual-pipeline-stage", "--pipeline-model-parallel-size"],
+        ),
+        (lambda: check_pipeline_composition(2, zero_stage=2), ["--zero-stage 2", "--pipeline-model-parallel-size 2"]),
+        (lambda: check_pipeline_composition(4, zero_stage=3), ["--zero-stage 3", "--pipeline-model-parallel-size 4"]),
+        (
+            lambda: build_plan(0, 4, 6, 2),
+            ["--num-layers-per-virtual-pipeline-stage", "--pipeline-model-parallel-size 4"],
+        ),
+    ],
+)
 def test_bad_split_is_a_one_line_error_naming_the_flags(call, flags):
     """Splits, virtual stages, micro-batch counts and ZeRO stages that cannot work: one line, the flags named."""
     with pytest.raises(ValueError) as info:
@@ -101,6 +119,7 @@ def test_boundary_tensors_have_the_shape_fixed_for_the_run():
     transfer is posted (no process group needed to get there)."""
     import torch
     from megaphi.parallel.pipeline.p2p import StageCommunicator, boundary_shape
+
     assert boundary_shape(2, 16, 32, sequence_parallel=True, tp_size=4) == (2, 4, 32)
     assert boundary_shape(2, 16, 32, sequence_parallel=False, tp_size=4) == (2, 16, 32)
     comm = StageCommunicator((2, 16, 32), torch.float32, next_rank=1, prev_rank=1)
@@ -114,5 +133,6 @@ def test_boundary_tensors_have_the_shape_fixed_for_the_run():
 
 def test_interleaving_needs_one_data_iterator_per_chunk():
     from megaphi.parallel.pipeline.schedules import forward_backward_pipelining
+
     with pytest.raises(ValueError, match="one data iterator per model chunk"):
         forward_backward_pipelining(None, iter([]), [object(), object()], 2, pipeline_rank=0, pipeline_size=1)

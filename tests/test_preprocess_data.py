@@ -1,5 +1,6 @@
 """tools/preprocess_data.py end to end: formats, order, keys, bad inputs, --strict, atomic outputs.
 Parquet / HF datasets inputs, size limits, signals and stale temporaries: test_preprocess_inputs.py."""
+
 import gzip
 import json
 import os
@@ -17,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(REPO, "tools", "preprocess_data.py")  # a wrapper of pp.main, run as a script
 EOD = 50256
 
+
 @pytest.fixture
 def ref_tok(codegen_tokenizer_dir):
     """Reference ids straight from the `tokenizers` library (not through megaphi)."""
@@ -33,7 +35,11 @@ def expected_files(docs_ids, append_eod=True):
     lengths = [len(x) for x in seqs]
     offsets = list(np.cumsum([0] + lengths[:-1]) * 2) if s else []
     idx = b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, s, s + 1)
-    idx += struct.pack(f"<{s}i", *lengths) + struct.pack(f"<{s}q", *map(int, offsets)) + struct.pack(f"<{s + 1}q", *range(s + 1))
+    idx += (
+        struct.pack(f"<{s}i", *lengths)
+        + struct.pack(f"<{s}q", *map(int, offsets))
+        + struct.pack(f"<{s + 1}q", *range(s + 1))
+    )
     return struct.pack(f"<{sum(lengths)}H", *[t for x in seqs for t in x]), idx
 
 
@@ -85,26 +91,73 @@ def corpus(tmp_path):
 @pytest.mark.parametrize("workers", [0, 1, 2])
 def test_mixed_inputs_byte_exact_in_order(corpus, codegen_tokenizer_dir, ref_tok, workers, monkeypatch):
     tmp, texts = corpus
-    monkeypatch.setattr(preprocess_workers, "ENCODE_CHARS", 40)  # several encode_batch calls per batch (workers are forked)
+    monkeypatch.setattr(
+        preprocess_workers, "ENCODE_CHARS", 40
+    )  # several encode_batch calls per batch (workers are forked)
     out = tmp / f"out{workers}"
-    rc, _ = run_tool(["--input", tmp / "a.jsonl", tmp / "b.jsonl.gz", tmp / "src", "--output-prefix", out,
-                      "--workers", workers, "--batch-size", 2], codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        [
+            "--input",
+            tmp / "a.jsonl",
+            tmp / "b.jsonl.gz",
+            tmp / "src",
+            "--output-prefix",
+            out,
+            "--workers",
+            workers,
+            "--batch-size",
+            2,
+        ],
+        codegen_tokenizer_dir,
+    )
     assert rc == 0
     want_bin, want_idx = expected_files([ref_tok(t) for t in texts])
     assert (tmp / f"out{workers}_text_document.bin").read_bytes() == want_bin
     assert (tmp / f"out{workers}_text_document.idx").read_bytes() == want_idx
-    assert sorted(os.listdir(tmp)) == sorted(["a.jsonl", "b.jsonl.gz", "src", f"out{workers}_text_document.bin",
-                                              f"out{workers}_text_document.idx"])
+    assert sorted(os.listdir(tmp)) == sorted(
+        ["a.jsonl", "b.jsonl.gz", "src", f"out{workers}_text_document.bin", f"out{workers}_text_document.idx"]
+    )
 
 
 def test_subprocess_extensions_and_no_eod(corpus, codegen_tokenizer_dir, ref_tok):
     tmp, _ = corpus
-    rc, err = run_tool(["--input", tmp / "src", "--output-prefix", tmp / "o", "--extensions", "txt,.py",
-                        "--no-append-eod", "--workers", "2"], codegen_tokenizer_dir, subprocess_mode=True)
+    rc, err = run_tool(
+        [
+            "--input",
+            tmp / "src",
+            "--output-prefix",
+            tmp / "o",
+            "--extensions",
+            "txt,.py",
+            "--no-append-eod",
+            "--workers",
+            "2",
+        ],
+        codegen_tokenizer_dir,
+        subprocess_mode=True,
+    )
     assert rc == 0, err
-    r = subprocess.run([sys.executable, TOOL, "--input", str(tmp / "src"), "--output-prefix", str(tmp / "o"),
-                        "--extensions", "txt,.py", "--no-append-eod", "--workers", "0", "--overwrite", "--quiet",
-                        "--tokenizer", str(codegen_tokenizer_dir)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            TOOL,
+            "--input",
+            str(tmp / "src"),
+            "--output-prefix",
+            str(tmp / "o"),
+            "--extensions",
+            "txt,.py",
+            "--no-append-eod",
+            "--workers",
+            "0",
+            "--overwrite",
+            "--quiet",
+            "--tokenizer",
+            str(codegen_tokenizer_dir),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert "done: 7 documents" in r.stdout and "skipped 0 records" in r.stdout  # the summary: stdout
     from megaphi.data.indexed_dataset import IndexedDataset
@@ -116,8 +169,20 @@ def test_subprocess_extensions_and_no_eod(corpus, codegen_tokenizer_dir, ref_tok
 
 def test_several_json_keys(tmp_path, codegen_tokenizer_dir, ref_tok):
     write_jsonl(tmp_path / "k.jsonl", [{"text": "a = 1\n", "doc": "b = 2\n"}, {"text": "c\n", "doc": "d\n"}])
-    rc, _ = run_tool(["--input", tmp_path / "k.jsonl", "--json-keys", "text", "doc", "--output-prefix",
-                      tmp_path / "p", "--workers", "1"], codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        [
+            "--input",
+            tmp_path / "k.jsonl",
+            "--json-keys",
+            "text",
+            "doc",
+            "--output-prefix",
+            tmp_path / "p",
+            "--workers",
+            "1",
+        ],
+        codegen_tokenizer_dir,
+    )
     assert rc == 0
     for key, texts in (("text", ["a = 1\n", "c\n"]), ("doc", ["b = 2\n", "d\n"])):
         want_bin, want_idx = expected_files([ref_tok(t) for t in texts])
@@ -142,8 +207,9 @@ BAD_CASES = {
 def test_bad_jsonl_record_skipped_or_strict(tmp_path, codegen_tokenizer_dir, ref_tok, case, capsys):
     lines, reason, where = BAD_CASES[case]
     write_jsonl(tmp_path / "bad.jsonl", lines + [b"\n", b'{"text": "last"}\n'])  # a blank line is ignored
-    rc, _ = run_tool(["--input", tmp_path / "bad.jsonl", "--output-prefix", tmp_path / "o", "--workers", "0"],
-                     codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        ["--input", tmp_path / "bad.jsonl", "--output-prefix", tmp_path / "o", "--workers", "0"], codegen_tokenizer_dir
+    )
     captured = capsys.readouterr()
     err = captured.err
     assert rc == 0
@@ -153,8 +219,10 @@ def test_bad_jsonl_record_skipped_or_strict(tmp_path, codegen_tokenizer_dir, ref
     assert (tmp_path / "o_text_document.bin").read_bytes() == want_bin
     assert (tmp_path / "o_text_document.idx").read_bytes() == want_idx
 
-    rc, _ = run_tool(["--input", tmp_path / "bad.jsonl", "--output-prefix", tmp_path / "s", "--workers", "1",
-                      "--strict"], codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        ["--input", tmp_path / "bad.jsonl", "--output-prefix", tmp_path / "s", "--workers", "1", "--strict"],
+        codegen_tokenizer_dir,
+    )
     err = capsys.readouterr().err
     assert rc == 1
     assert f"error: {reason} at {tmp_path / where}" in err and "(--strict)" in err
@@ -171,8 +239,10 @@ def test_bad_files_in_tree_and_truncated_gzip(tmp_path, codegen_tokenizer_dir, c
     (src / "e.py").write_text("E = 5\n")
     data = gzip.compress(b"".join(json.dumps({"text": f"v{i} = {i}\n"}).encode() + b"\n" for i in range(2000)))
     (tmp_path / "t.jsonl.gz").write_bytes(data[: len(data) // 2])  # truncated gzip stream
-    rc, _ = run_tool(["--input", src, tmp_path / "t.jsonl.gz", "--output-prefix", tmp_path / "o", "--workers", "2"],
-                     codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        ["--input", src, tmp_path / "t.jsonl.gz", "--output-prefix", tmp_path / "o", "--workers", "2"],
+        codegen_tokenizer_dir,
+    )
     captured = capsys.readouterr()
     err = captured.err
     assert rc == 0
@@ -195,8 +265,9 @@ def test_token_that_does_not_fit_is_an_error(tmp_path, codegen_tokenizer_dir, mo
 
     monkeypatch.setattr(idx_mod, "dtype_for_vocab", lambda v: np.uint8)  # codegen ids do not fit uint8
     write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}, {"text": "def f(): pass"}])
-    rc, _ = run_tool(["--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "o", "--workers", "0"],
-                     codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        ["--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "o", "--workers", "0"], codegen_tokenizer_dir
+    )
     err = capsys.readouterr().err
     assert rc == 1 and "does not fit uint8" in err and "of document 0" in err
     assert not list(tmp_path.glob("o_*"))
@@ -211,15 +282,27 @@ def test_existing_outputs_and_arguments(tmp_path, codegen_tokenizer_dir, capsys)
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert (tmp_path / "o_text_document.bin").stat().st_mtime_ns == before
     assert run_tool(args + ["--overwrite"], codegen_tokenizer_dir)[0] == 0
-    assert run_tool(["--input", tmp_path / "nope.jsonl", "--output-prefix", tmp_path / "n"], codegen_tokenizer_dir)[0] == 1
+    assert (
+        run_tool(["--input", tmp_path / "nope.jsonl", "--output-prefix", tmp_path / "n"], codegen_tokenizer_dir)[0] == 1
+    )
     assert "--input" in capsys.readouterr().err
-    rc = pp.main(["--input", str(tmp_path / "a.jsonl"), "--output-prefix", str(tmp_path / "n"),
-                  "--tokenizer", str(tmp_path / "no_tokenizer.json"), "--quiet"])
+    rc = pp.main(
+        [
+            "--input",
+            str(tmp_path / "a.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "n"),
+            "--tokenizer",
+            str(tmp_path / "no_tokenizer.json"),
+            "--quiet",
+        ]
+    )
     assert rc == 1 and "no such file or folder" in capsys.readouterr().err
 
 
 def test_make_stdlib_corpus(tmp_path, codegen_tokenizer_dir, ref_tok):
     from megaphi.cli import make_stdlib_corpus as mk
+
     lib = tmp_path / "lib"
     (lib / "pkg").mkdir(parents=True)
     (lib / "site-packages").mkdir()
@@ -234,7 +317,21 @@ def test_make_stdlib_corpus(tmp_path, codegen_tokenizer_dir, ref_tok):
     assert mk.main(["--output", str(out), "--stdlib-dir", str(lib)]) == 1  # exists
     assert mk.main(["--output", str(out), "--stdlib-dir", str(lib), "--target-size", "100B", "--overwrite"]) == 0
     assert len(out.read_text().splitlines()) == 3  # repeated until >= 100 bytes (each record ~36 bytes)
-    assert pp.main(["--input", str(out), "--output-prefix", str(tmp_path / "o"), "--tokenizer",
-                    str(codegen_tokenizer_dir), "--quiet", "--workers", "0"]) == 0
+    assert (
+        pp.main(
+            [
+                "--input",
+                str(out),
+                "--output-prefix",
+                str(tmp_path / "o"),
+                "--tokenizer",
+                str(codegen_tokenizer_dir),
+                "--quiet",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     want_bin, _ = expected_files([ref_tok("A = 1\n"), ref_tok("B = 2\n"), ref_tok("A = 1\n")])
     assert (tmp_path / "o_text_document.bin").read_bytes() == want_bin

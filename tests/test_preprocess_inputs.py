@@ -1,6 +1,7 @@
 """tools/preprocess_data.py: parquet and Hugging Face datasets inputs (same files whatever the format),
 the byte-based progress bar, per-document size limit, non-regular files, deeply nested JSON, unknown
 inputs, zero documents, signals and stale temporary files."""
+
 import gzip
 import os
 import signal
@@ -36,8 +37,9 @@ def save_hf(path, columns, split=None):
 
 
 def out_files(prefix):
-    return (prefix.parent / (prefix.name + "_text_document.bin")).read_bytes(), \
-        (prefix.parent / (prefix.name + "_text_document.idx")).read_bytes()
+    return (prefix.parent / (prefix.name + "_text_document.bin")).read_bytes(), (
+        prefix.parent / (prefix.name + "_text_document.idx")
+    ).read_bytes()
 
 
 def test_same_documents_same_files_whatever_the_format(tmp_path, codegen_tokenizer_dir, ref_tok):
@@ -56,21 +58,28 @@ def test_same_documents_same_files_whatever_the_format(tmp_path, codegen_tokeniz
     write_jsonl(tmp_path / "part3.jsonl", [{"text": t} for t in DOCS[6:]])
     want = expected_files([ref_tok(t) for t in DOCS])
     runs = {  # name: (inputs, extra flags)
-        "jsonl": (["c.jsonl"], []), "gz": (["c.jsonl.gz"], []), "parquet": (["c.parquet"], []),
-        "saved": (["saved"], []), "dict": (["saved_dict"], ["--hf-split", "validation"]),
-        "hub": (["hf:" + str(tmp_path / "hub")], []), "mixed": (["part1.parquet", "part2", "part3.jsonl"], []),
+        "jsonl": (["c.jsonl"], []),
+        "gz": (["c.jsonl.gz"], []),
+        "parquet": (["c.parquet"], []),
+        "saved": (["saved"], []),
+        "dict": (["saved_dict"], ["--hf-split", "validation"]),
+        "hub": (["hf:" + str(tmp_path / "hub")], []),
+        "mixed": (["part1.parquet", "part2", "part3.jsonl"], []),
     }
     for name, (names, extra) in runs.items():
         inputs = [n if n.startswith("hf:") else tmp_path / n for n in names]
         workers = 2 if name == "parquet" else 0
-        rc, _ = run_tool(["--input", *inputs, *extra, "--output-prefix", tmp_path / name, "--workers", workers,
-                          "--batch-size", 2], codegen_tokenizer_dir)
+        rc, _ = run_tool(
+            ["--input", *inputs, *extra, "--output-prefix", tmp_path / name, "--workers", workers, "--batch-size", 2],
+            codegen_tokenizer_dir,
+        )
         assert rc == 0, name
         assert out_files(tmp_path / name) == want, name
 
 
 class _Bar:
     """Records what preprocess_data.py tells its progress bar."""
+
     made = []
 
     def __init__(self, total=None, unit=None, **kw):
@@ -104,14 +113,28 @@ def test_progress_bar_counts_input_bytes(tmp_path, codegen_tokenizer_dir, monkey
     arrow = sum(os.path.getsize(tmp_path / "d" / f) for f in os.listdir(tmp_path / "d") if f.endswith(".arrow"))
     total = sum(os.path.getsize(tmp_path / f) for f in files) + arrow
     _Bar.made.clear()
-    rc, _ = run_tool(["--input", *[tmp_path / f for f in files], tmp_path / "d", "--output-prefix", tmp_path / "o",
-                      "--workers", 1, "--batch-size", 3], codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        [
+            "--input",
+            *[tmp_path / f for f in files],
+            tmp_path / "d",
+            "--output-prefix",
+            tmp_path / "o",
+            "--workers",
+            1,
+            "--batch-size",
+            3,
+        ],
+        codegen_tokenizer_dir,
+    )
     assert rc == 0
     (bar,) = _Bar.made
     assert (bar.unit, bar.total, bar.n) == ("B", total, total)  # known total: tqdm shows percent and ETA
     _Bar.made.clear()
-    rc, _ = run_tool(["--input", tmp_path / "a.jsonl", tmp_path / "src", "--output-prefix", tmp_path / "p",
-                      "--workers", 0], codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        ["--input", tmp_path / "a.jsonl", tmp_path / "src", "--output-prefix", tmp_path / "p", "--workers", 0],
+        codegen_tokenizer_dir,
+    )
     assert rc == 0
     (bar,) = _Bar.made
     assert bar.total is None and bar.n == os.path.getsize(tmp_path / "a.jsonl") + 6  # a folder: no total
@@ -120,8 +143,10 @@ def test_progress_bar_counts_input_bytes(tmp_path, codegen_tokenizer_dir, monkey
 def test_parquet_and_dataset_bad_rows_reported(tmp_path, codegen_tokenizer_dir, ref_tok, capsys):
     write_parquet(tmp_path / "p.parquet", {"text": ["ok = 1\n", None, " \n", "fine\n"]})
     save_hf(tmp_path / "d", {"text": ["last\n", ""]})
-    rc, _ = run_tool(["--input", tmp_path / "p.parquet", tmp_path / "d", "--output-prefix",
-                      tmp_path / "o", "--workers", 0], codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        ["--input", tmp_path / "p.parquet", tmp_path / "d", "--output-prefix", tmp_path / "o", "--workers", 0],
+        codegen_tokenizer_dir,
+    )
     captured = capsys.readouterr()
     err = captured.err
     assert rc == 0, err
@@ -130,8 +155,9 @@ def test_parquet_and_dataset_bad_rows_reported(tmp_path, codegen_tokenizer_dir, 
     assert f"skipped empty document at {tmp_path / 'd'}:row 1: key 'text'" in err
     assert "skipped 3 records (2 empty document, 1 non-string value)" in captured.out  # the summary: stdout
     assert out_files(tmp_path / "o") == expected_files([ref_tok(t) for t in ("ok = 1\n", "fine\n", "last\n")])
-    rc, _ = run_tool(["--input", tmp_path / "p.parquet", "--output-prefix", tmp_path / "s", "--strict"],
-                     codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        ["--input", tmp_path / "p.parquet", "--output-prefix", tmp_path / "s", "--strict"], codegen_tokenizer_dir
+    )
     assert rc == 1 and f"error: non-string value at {tmp_path / 'p.parquet'}:row 1" in capsys.readouterr().err
     assert not list(tmp_path.glob("s_*"))
 
@@ -143,12 +169,16 @@ def test_hub_dataset_that_cannot_load_is_one_line(tmp_path, codegen_tokenizer_di
         raise ConnectionError("Couldn't reach 'bigcode/the-stack-smol' on the Hub (LocalEntryNotFoundError)\nmore")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    rc, _ = run_tool(["--input", "hf:bigcode/the-stack-smol", "--output-prefix", tmp_path / "o", "--workers", 0],
-                     codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        ["--input", "hf:bigcode/the-stack-smol", "--output-prefix", tmp_path / "o", "--workers", 0],
+        codegen_tokenizer_dir,
+    )
     err = capsys.readouterr().err
     assert rc == 1
-    assert ("error: --input hf:bigcode/the-stack-smol: cannot load the dataset: ConnectionError: Couldn't reach "
-            "'bigcode/the-stack-smol' on the Hub (LocalEntryNotFoundError)\n") in err
+    assert (
+        "error: --input hf:bigcode/the-stack-smol: cannot load the dataset: ConnectionError: Couldn't reach "
+        "'bigcode/the-stack-smol' on the Hub (LocalEntryNotFoundError)\n"
+    ) in err
     assert not list(tmp_path.glob("o_*"))
 
 
@@ -165,18 +195,23 @@ def test_oversized_documents_skipped_and_never_held(tmp_path, codegen_tokenizer_
     # The reader hands workers a size marker, not the record.
     from megaphi.data.corpus_readers import Oversize, iter_batches
 
-    items = [it for b in iter_batches([str(p) for p in inputs], (".py",), 10, max_document_bytes=limit)
-             for it in b.items]
+    items = [
+        it for b in iter_batches([str(p) for p in inputs], (".py",), 10, max_document_bytes=limit) for it in b.items
+    ]
 
     assert items[1] == Oversize(line + 1)  # read in chunks, counted with its newline
     assert items[4] == {"text": Oversize(len(big))}
-    rc, _ = run_tool(["--input", *inputs, "--output-prefix", tmp_path / "o", "--workers", 1,
-                      "--max-document-bytes", limit], codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        ["--input", *inputs, "--output-prefix", tmp_path / "o", "--workers", 1, "--max-document-bytes", limit],
+        codegen_tokenizer_dir,
+    )
     captured = capsys.readouterr()
     err = captured.err
     assert rc == 0, err
-    assert f"skipped document too large at {tmp_path / 'a.jsonl'}:2: line of {line + 1:,} bytes > " \
-           f"--max-document-bytes 1,000" in err
+    assert (
+        f"skipped document too large at {tmp_path / 'a.jsonl'}:2: line of {line + 1:,} bytes > "
+        f"--max-document-bytes 1,000" in err
+    )
     assert f"skipped document too large at {tmp_path / 'b.parquet'}:row 1: key 'text': 2,400 bytes" in err
     assert f"skipped document too large at {tmp_path / 'src' / 'big.py'}: 2,400 bytes" in err
     assert "skipped 3 records (3 document too large)" in captured.out
@@ -187,8 +222,10 @@ def test_deeply_nested_json_is_a_bad_record(tmp_path, codegen_tokenizer_dir, ref
     deep = b'{"meta": ' + b"[" * 100_000 + b"]" * 100_000 + b', "text": "lost"}\n'
     write_jsonl(tmp_path / "n.jsonl", [{"text": "a\n"}, deep, {"text": "b\n"}])
     for workers in (0, 1):
-        rc, _ = run_tool(["--input", tmp_path / "n.jsonl", "--output-prefix", tmp_path / f"o{workers}",
-                          "--workers", workers], codegen_tokenizer_dir)
+        rc, _ = run_tool(
+            ["--input", tmp_path / "n.jsonl", "--output-prefix", tmp_path / f"o{workers}", "--workers", workers],
+            codegen_tokenizer_dir,
+        )
         captured = capsys.readouterr()
         err = captured.err
         assert rc == 0, err
@@ -207,9 +244,26 @@ def test_fifos_are_skipped_not_waited_on(tmp_path, codegen_tokenizer_dir, ref_to
     (src / "c.py").write_text("C = 3\n")
     os.mkfifo(tmp_path / "in.py")
     os.mkfifo(tmp_path / "in.jsonl")
-    r = subprocess.run([sys.executable, TOOL, "--input", str(src), str(tmp_path / "in.py"), str(tmp_path / "in.jsonl"),
-                        "--output-prefix", str(tmp_path / "o"), "--tokenizer", str(codegen_tokenizer_dir), "--quiet",
-                        "--workers", "1"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            TOOL,
+            "--input",
+            str(src),
+            str(tmp_path / "in.py"),
+            str(tmp_path / "in.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--tokenizer",
+            str(codegen_tokenizer_dir),
+            "--quiet",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     for p in (src / "b.py", tmp_path / "in.py", tmp_path / "in.jsonl"):
         assert f"skipped not a regular file at {p}\n" in r.stderr
@@ -220,25 +274,48 @@ def test_fifos_are_skipped_not_waited_on(tmp_path, codegen_tokenizer_dir, ref_to
 def test_unknown_input_type_is_an_error(tmp_path, codegen_tokenizer_dir, capsys):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "x = 1"}])
     (tmp_path / "data.xyz").write_text("x = 1\n")
-    rc, _ = run_tool(["--input", tmp_path / "a.jsonl", tmp_path / "data.xyz", "--output-prefix", tmp_path / "o"],
-                     codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        ["--input", tmp_path / "a.jsonl", tmp_path / "data.xyz", "--output-prefix", tmp_path / "o"],
+        codegen_tokenizer_dir,
+    )
     err = capsys.readouterr().err
     assert rc == 1
-    assert err.splitlines()[0].startswith(f"error: --input {tmp_path / 'data.xyz'}: unknown file type (expected "
-                                          ".jsonl, .json, .jsonl.gz, .json.gz, .parquet, a folder, hf:NAME")
+    assert err.splitlines()[0].startswith(
+        f"error: --input {tmp_path / 'data.xyz'}: unknown file type (expected "
+        ".jsonl, .json, .jsonl.gz, .json.gz, .parquet, a folder, hf:NAME"
+    )
     assert err.splitlines()[1:] == ["no output was written"]
     assert not list(tmp_path.glob("o_*"))
     # the same file is a source document when its suffix is asked for
-    assert run_tool(["--input", tmp_path / "data.xyz", "--output-prefix", tmp_path / "o", "--extensions", ".xyz",
-                     "--workers", 0], codegen_tokenizer_dir)[0] == 0
+    assert (
+        run_tool(
+            [
+                "--input",
+                tmp_path / "data.xyz",
+                "--output-prefix",
+                tmp_path / "o",
+                "--extensions",
+                ".xyz",
+                "--workers",
+                0,
+            ],
+            codegen_tokenizer_dir,
+        )[0]
+        == 0
+    )
 
 
 @pytest.mark.parametrize("case", ["all skipped", "empty file", "empty folder", "empty parquet"])
 def test_zero_documents_is_an_error(tmp_path, codegen_tokenizer_dir, capsys, case):
     if case == "all skipped":
         write_jsonl(tmp_path / "in.jsonl", [b"not json\n", b'{"text": ""}\n'])
-        inp, why = tmp_path / "in.jsonl", ("all 2 records were skipped (1 empty document, 1 malformed JSON); "
-                                           f"first: {tmp_path / 'in.jsonl'}:1: Expecting value: line 1 column 1 (char 0)")
+        inp, why = (
+            tmp_path / "in.jsonl",
+            (
+                "all 2 records were skipped (1 empty document, 1 malformed JSON); "
+                f"first: {tmp_path / 'in.jsonl'}:1: Expecting value: line 1 column 1 (char 0)"
+            ),
+        )
     elif case == "empty file":
         write_jsonl(tmp_path / "in.jsonl", [])
         inp, why = tmp_path / "in.jsonl", "the inputs hold no records"
@@ -265,8 +342,9 @@ def test_stale_temporaries_of_dead_runs_removed(tmp_path, codegen_tokenizer_dir,
     other = tmp_path / "other_text_document.bin.tmp-999999999"  # another prefix: not ours to judge
     for p in stale + [live, other]:
         p.write_bytes(b"partial")
-    rc, _ = run_tool(["--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "o", "--workers", 0],
-                     codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        ["--input", tmp_path / "a.jsonl", "--output-prefix", tmp_path / "o", "--workers", 0], codegen_tokenizer_dir
+    )
     err = capsys.readouterr().err
     assert rc == 0
     for p in stale:
@@ -296,10 +374,29 @@ def test_signal_mid_run_removes_temporaries(tmp_path, codegen_tokenizer_dir, sig
     number and no file left, for every worker count (--workers 0 once reset SIGTERM: exit 143, temp left)."""
     write_jsonl(tmp_path / "a.jsonl", [{"text": f"v = {i}\n"} for i in range(10)])
     marker = tmp_path / "stalled"
-    proc = subprocess.Popen([sys.executable, "-c", STALL, TOOL, str(marker), "--input", str(tmp_path / "a.jsonl"),
-                             "--output-prefix", str(tmp_path / "o"), "--tokenizer", str(codegen_tokenizer_dir),
-                             "--workers", str(workers), "--batch-size", "2", "--quiet"],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            STALL,
+            TOOL,
+            str(marker),
+            "--input",
+            str(tmp_path / "a.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--tokenizer",
+            str(codegen_tokenizer_dir),
+            "--workers",
+            str(workers),
+            "--batch-size",
+            "2",
+            "--quiet",
+        ],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300  # a hang guard, not a timing assertion
         while not marker.exists():
@@ -321,8 +418,11 @@ def test_signal_mid_run_removes_temporaries(tmp_path, codegen_tokenizer_dir, sig
 def _children(pid):
     from megaphi.training.launcher_watch import _proc_stat
 
-    return [int(entry) for entry in os.listdir("/proc")
-            if entry.isdigit() and (_proc_stat(int(entry)) or ("", None))[1] == pid]
+    return [
+        int(entry)
+        for entry in os.listdir("/proc")
+        if entry.isdigit() and (_proc_stat(int(entry)) or ("", None))[1] == pid
+    ]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
@@ -332,10 +432,29 @@ def test_workers_exit_quietly_when_the_main_process_is_killed(tmp_path, codegen_
     line = "def function_%d(argument):\n    return [value * 2 for value in range(argument)]  # doubled\n"
     write_jsonl(tmp_path / "a.jsonl", [{"text": "".join(line % (i * 40 + j) for j in range(40))} for i in range(2000)])
     marker = tmp_path / "stalled"
-    proc = subprocess.Popen([sys.executable, "-c", STALL, TOOL, str(marker), "--input", str(tmp_path / "a.jsonl"),
-                             "--output-prefix", str(tmp_path / "o"), "--tokenizer", str(codegen_tokenizer_dir),
-                             "--workers", "2", "--batch-size", "2000", "--quiet"],
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            STALL,
+            TOOL,
+            str(marker),
+            "--input",
+            str(tmp_path / "a.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--tokenizer",
+            str(codegen_tokenizer_dir),
+            "--workers",
+            "2",
+            "--batch-size",
+            "2000",
+            "--quiet",
+        ],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 300  # hang guards, not timing assertions
         while not marker.exists():

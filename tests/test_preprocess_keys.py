@@ -1,5 +1,6 @@
 """tools/preprocess_data.py --json-keys: a wrong or non-text key is one line naming the key and the
 columns/keys the input has (never a 0-document dataset with exit 0); bytes columns are UTF-8 text."""
+
 import pytest
 
 from test_preprocess_data import expected_files, run_tool, write_jsonl
@@ -22,8 +23,18 @@ def test_missing_column_names_the_key_and_the_columns(tmp_path, codegen_tokenize
     path = tmp_path / ("in.parquet" if kind == "parquet" else "saved")
     write_parquet(path, columns) if kind == "parquet" else save_hf(path, columns)
     for keys in (["contnet"], []):  # a typo, and the default `text`
-        rc, _ = run_tool(["--input", path, "--output-prefix", tmp_path / "o", "--workers", 0,
-                          *(["--json-keys", *keys] if keys else [])], codegen_tokenizer_dir)
+        rc, _ = run_tool(
+            [
+                "--input",
+                path,
+                "--output-prefix",
+                tmp_path / "o",
+                "--workers",
+                0,
+                *(["--json-keys", *keys] if keys else []),
+            ],
+            codegen_tokenizer_dir,
+        )
         line = _error(capsys)
         assert rc == 1
         key = keys[0] if keys else "text"
@@ -33,8 +44,10 @@ def test_missing_column_names_the_key_and_the_columns(tmp_path, codegen_tokenize
 
 def test_missing_jsonl_key_names_the_key_and_the_record_keys(tmp_path, codegen_tokenizer_dir, capsys):
     write_jsonl(tmp_path / "in.jsonl", ROWS)
-    rc, _ = run_tool(["--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "o", "--workers", 1,
-                      "--json-keys", "contnet"], codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        ["--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "o", "--workers", 1, "--json-keys", "contnet"],
+        codegen_tokenizer_dir,
+    )
     line = _error(capsys)
     assert rc == 1
     assert "no documents: all 60 records were skipped (60 missing key)" in line, line
@@ -52,8 +65,10 @@ def test_non_text_second_key_is_an_error_not_an_empty_dataset(tmp_path, codegen_
         write_parquet(path, columns)
     else:
         save_hf(path, columns)
-    rc, _ = run_tool(["--input", path, "--output-prefix", tmp_path / "o", "--workers", 0,
-                      "--json-keys", "content", "size"], codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        ["--input", path, "--output-prefix", tmp_path / "o", "--workers", 0, "--json-keys", "content", "size"],
+        codegen_tokenizer_dir,
+    )
     line = _error(capsys)
     assert rc == 1
     assert line.startswith("error: --json-keys size: "), line
@@ -70,8 +85,20 @@ def test_bytes_columns_are_utf8_text(tmp_path, codegen_tokenizer_dir, ref_tok, c
     raw = [d.encode() for d in docs]
     write_parquet(tmp_path / "b.parquet", {"content": raw[:2] + [b"\xff\xfe bad\n"]})
     save_hf(tmp_path / "saved", {"content": raw[2:]})
-    rc, _ = run_tool(["--input", tmp_path / "b.parquet", tmp_path / "saved", "--output-prefix", tmp_path / "o",
-                      "--workers", 0, "--json-keys", "content"], codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        [
+            "--input",
+            tmp_path / "b.parquet",
+            tmp_path / "saved",
+            "--output-prefix",
+            tmp_path / "o",
+            "--workers",
+            0,
+            "--json-keys",
+            "content",
+        ],
+        codegen_tokenizer_dir,
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert f"skipped undecodable bytes at {tmp_path / 'b.parquet'}:row 2: key 'content': byte 0" in captured.err
@@ -81,8 +108,9 @@ def test_bytes_columns_are_utf8_text(tmp_path, codegen_tokenizer_dir, ref_tok, c
 
 def test_summary_on_stdout_warnings_on_stderr(tmp_path, codegen_tokenizer_dir, capsys):
     write_jsonl(tmp_path / "in.jsonl", [{"text": "a = 1\n"}, b"not json\n"])
-    rc, _ = run_tool(["--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "o", "--workers", 0],
-                     codegen_tokenizer_dir)
+    rc, _ = run_tool(
+        ["--input", tmp_path / "in.jsonl", "--output-prefix", tmp_path / "o", "--workers", 0], codegen_tokenizer_dir
+    )
     captured = capsys.readouterr()
     assert rc == 0
     assert "done: 1 documents" in captured.out and "wrote " in captured.out

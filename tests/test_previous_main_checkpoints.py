@@ -1,6 +1,7 @@
 """Checkpoints and model folders written by an earlier megaphi (tests/fixtures/previous_main, see its
 README) still verify, load with the weights their files hold, generate what that version generated,
 and resume a training run on the same loss curve."""
+
 import json
 import os
 import shutil
@@ -19,10 +20,41 @@ FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", 
 TRAINING_CHECKPOINT = os.path.join(FIXTURES, "training_checkpoint")
 MODEL_FOLDER = os.path.join(FIXTURES, "model_folder")
 TAG = "iter_0000002"
-FLAGS = ["--model", "tiny", "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
-         "--num-attention-heads", "2", "--seq-length", "16", "--max-position-embeddings", "16", "--vocab-size", "128",
-         "--mock-data", "--micro-batch-size", "2", "--global-batch-size", "2", "--lr-decay-iters", "10", "--lr", "1e-3",
-         "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-iters", "0", "--seed", "1234"]
+FLAGS = [
+    "--model",
+    "tiny",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--ffn-hidden-size",
+    "64",
+    "--num-attention-heads",
+    "2",
+    "--seq-length",
+    "16",
+    "--max-position-embeddings",
+    "16",
+    "--vocab-size",
+    "128",
+    "--mock-data",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "2",
+    "--lr-decay-iters",
+    "10",
+    "--lr",
+    "1e-3",
+    "--lr-warmup-iters",
+    "1",
+    "--log-interval",
+    "1",
+    "--eval-iters",
+    "0",
+    "--seed",
+    "1234",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +80,9 @@ def test_the_model_folder_loads_the_weights_its_file_holds():
 
 def test_the_training_checkpoint_loads_the_weights_deepspeed_saved():
     model = PhiForCausalLM.from_pretrained(TRAINING_CHECKPOINT)
-    saved = torch.load(os.path.join(TRAINING_CHECKPOINT, TAG, "mp_rank_00_model_states.pt"), map_location="cpu",
-                       weights_only=False)["module"]
+    saved = torch.load(
+        os.path.join(TRAINING_CHECKPOINT, TAG, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False
+    )["module"]
     params = dict(model.named_parameters())
     assert sorted(params) == sorted(saved)
     for name, tensor in saved.items():
@@ -59,7 +92,9 @@ def test_the_training_checkpoint_loads_the_weights_deepspeed_saved():
     for name, tensor in exported.named_parameters():
         assert torch.equal(tensor, params[name]), name
     assert model_folder.finetune_weights_source(TRAINING_CHECKPOINT) == (
-        "folder", os.path.join(TRAINING_CHECKPOINT, TAG, layout.MODEL_SUBDIR))
+        "folder",
+        os.path.join(TRAINING_CHECKPOINT, TAG, layout.MODEL_SUBDIR),
+    )
 
 
 @pytest.mark.parametrize("path", [MODEL_FOLDER, TRAINING_CHECKPOINT])

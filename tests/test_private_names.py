@@ -5,6 +5,7 @@ may use its own private helpers anywhere inside itself; across packages only pub
 Read with ast, not imported: imports of private modules or names (absolute or relative) and attribute
 access on an imported megaphi module are checked; attributes of objects (``obj._x``) need types and are
 not. The compiled extensions megaphi._C and megaphi._cuda are the build's own names (as torch._C)."""
+
 import ast
 from pathlib import Path
 
@@ -117,7 +118,8 @@ def test_the_check_sees_each_form(tmp_path):
         "import megaphi.a.api as api\n"
         "api._hidden()\n"
         "from megaphi import _C\n"
-        "api.__name__\n")
+        "api.__name__\n"
+    )
     assert violations_in(pkg / "a" / "inside.py", tmp_path) == []
     assert violations_in(pkg / "b" / "user.py", tmp_path) == [
         "megaphi/b/user.py:1: _impl of megaphi.a",

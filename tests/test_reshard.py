@@ -1,5 +1,6 @@
 """Resharding training checkpoints between TP sizes (1 <-> 2 <-> 4): same logits, DeepSpeed loads the
 result, megaphi-to-hf reads any TP size, and bad TP sizes fail with clear errors."""
+
 import json
 import os
 import subprocess
@@ -19,14 +20,25 @@ from megaphi.parallel import pad_vocab_size
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from megaphi.cli import convert_checkpoint  # noqa: E402
 
-CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              rotary_dim=16, max_position_embeddings=32, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
+CONFIG = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    rotary_dim=16,
+    max_position_embeddings=32,
+    attention_dropout=0.0,
+    resid_dropout=0.0,
+    embd_dropout=0.0,
+)
 IDS = torch.arange(24).view(2, 12) * 7 % 256
 
 
 def _engine(model, tp):
     import deepspeed
     from megaphi.parallel import mpu
+
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1}}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu, config=cfg, dist_init_required=False)
@@ -37,15 +49,18 @@ def save_worker(rank, world, save_dir, logits_path):
     """TP=2: one optimizer step (so the weights are no longer the seeded init), then the trainer's save."""
     from megaphi.parallel import state
     from megaphi.checkpoint.training_state import save_checkpoint
+
     state.initialize_model_parallel(world)
     engine = _engine(PhiForCausalLM(PhiConfig(**CONFIG), init_seed=5), world)
     loss, _ = engine(IDS, labels=IDS)
     engine.backward(loss)
     engine.step()
-    args = types.SimpleNamespace(world_size=world, tensor_model_parallel_size=world, zero_stage=1, seed=5,
-                                 tokenizer=None)
-    save_checkpoint(engine, save_dir, iteration=1, consumed_samples=2, consumed_tokens=24, args=args,
-                    export_model=False)
+    args = types.SimpleNamespace(
+        world_size=world, tensor_model_parallel_size=world, zero_stage=1, seed=5, tokenizer=None
+    )
+    save_checkpoint(
+        engine, save_dir, iteration=1, consumed_samples=2, consumed_tokens=24, args=args, export_model=False
+    )
     engine.module.eval()
     with torch.no_grad():
         logits = engine.module(IDS)
@@ -56,13 +71,15 @@ def save_worker(rank, world, save_dir, logits_path):
 def load_worker(rank, world, ckpt_dir, logits_path):
     """TP=4: DeepSpeed loads the resharded module states; logits equal the TP=2 run's."""
     from megaphi.parallel import state
+
     state.initialize_model_parallel(world)
     tag_dir = resolve_tag_dir(ckpt_dir)
     check_tensor_parallel_size(tag_dir, world)
     engine = _engine(PhiForCausalLM(PhiConfig(**CONFIG), init_seed=77), world)
     # what the trainer does for "optimizer_states": false: ZeRO rebuilds its fp32 state from the weights
-    path, client = engine.load_checkpoint(ckpt_dir, tag=os.path.basename(tag_dir), load_optimizer_states=False,
-                                          load_lr_scheduler_states=False)
+    path, client = engine.load_checkpoint(
+        ckpt_dir, tag=os.path.basename(tag_dir), load_optimizer_states=False, load_lr_scheduler_states=False
+    )
     assert client["megaphi"]["iteration"] == 1 and engine.global_steps == 1
     assert path is not None and path.endswith(f"mp_rank_{rank:02d}_model_states.pt")
     engine.module.eval()
@@ -92,13 +109,17 @@ def test_reshard_between_tp_sizes(tmp_path):
 
     # 2 -> 1 (through the command line) and 2 -> 4
     tp1, tp4 = str(tmp_path / "tp1"), str(tmp_path / "tp4")
-    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "reshard", tp2, tp1,
-                          "--tp", "1"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "convert_checkpoint.py"), "reshard", tp2, tp1, "--tp", "1"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert "TP 2 -> 1" in out.stdout
     convert_checkpoint.reshard(tp2, tp4, 4)
     assert sorted(os.listdir(resolve_tag_dir(tp4))) == ["megaphi_meta.json"] + [
-        f"mp_rank_{r:02d}_model_states.pt" for r in range(4)]
+        f"mp_rank_{r:02d}_model_states.pt" for r in range(4)
+    ]
     logits1, meta1 = _tp1_logits(tp1)
     torch.testing.assert_close(logits1, expected, rtol=0, atol=1e-5)
     assert meta1["tensor_model_parallel_size"] == 1 and meta1["optimizer_states"] is False
@@ -122,9 +143,13 @@ def test_reshard_between_tp_sizes(tmp_path):
         torch.testing.assert_close(hf(IDS).logits, expected, rtol=0, atol=1e-4)
 
     # bad TP sizes and inputs: clear errors
-    with pytest.raises(TensorParallelMismatchError, match=r"saved with --tensor-model-parallel-size 2, this run uses 4.*reshard"):
+    with pytest.raises(
+        TensorParallelMismatchError, match=r"saved with --tensor-model-parallel-size 2, this run uses 4.*reshard"
+    ):
         check_tensor_parallel_size(tag_dir, 4)
-    with pytest.raises(TensorParallelMismatchError, match="num_attention_heads=4 is not divisible by tensor-model-parallel size 3"):
+    with pytest.raises(
+        TensorParallelMismatchError, match="num_attention_heads=4 is not divisible by tensor-model-parallel size 3"
+    ):
         convert_checkpoint.reshard(tp2, str(tmp_path / "tp3"), 3)
     assert not os.path.exists(tmp_path / "tp3")
     with pytest.raises(FileExistsError):

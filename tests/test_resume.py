@@ -1,4 +1,5 @@
 """Exact resume: 2N steps in one run == N steps, save, resume, N steps (bit-for-bit, dropout on)."""
+
 import json
 import os
 import signal
@@ -24,19 +25,54 @@ def make_token_file(prefix, docs=120, vocab=250, seed=0):
 
 
 def tiny_flags(prefix, train_iters):
-    return ["--model", "tiny", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
-            "--num-attention-heads", "2", "--seq-length", "32", "--vocab-size", "256",
-            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(train_iters),
-            "--lr", "1e-3", "--lr-warmup-iters", "1", "--data-path", prefix, "--split", "90,10,0",
-            "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1",
-            "--attention-dropout", "0.1", "--hidden-dropout", "0.1"]
+    return [
+        "--model",
+        "tiny",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--ffn-hidden-size",
+        "128",
+        "--num-attention-heads",
+        "2",
+        "--seq-length",
+        "32",
+        "--vocab-size",
+        "256",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--train-iters",
+        str(train_iters),
+        "--lr",
+        "1e-3",
+        "--lr-warmup-iters",
+        "1",
+        "--data-path",
+        prefix,
+        "--split",
+        "90,10,0",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "2",
+        "--eval-iters",
+        "1",
+        "--attention-dropout",
+        "0.1",
+        "--hidden-dropout",
+        "0.1",
+    ]
 
 
 def run_pretrain(args, timeout=300, check=True):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("RANK", None)
-    proc = subprocess.run([sys.executable, "-m", "megaphi.pretrain", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megaphi.pretrain", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"pretrain failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -70,8 +106,9 @@ def test_resume_is_bit_exact(tmp_path):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     run_pretrain(tiny_flags(prefix, 2 * N) + ["--save", straight, "--zero-stage", "1"])
     # the first half loads from the (still empty) folder it saves to, like a restartable job script
-    first = run_pretrain(tiny_flags(prefix, 2 * N) + ["--save", split, "--load", split, "--zero-stage", "1",
-                                                      "--exit-interval", str(N)])
+    first = run_pretrain(
+        tiny_flags(prefix, 2 * N) + ["--save", split, "--load", split, "--zero-stage", "1", "--exit-interval", str(N)]
+    )
     assert "starting from scratch" in first.stdout
     with open(os.path.join(split, "latest")) as f:
         assert f.read().strip() == f"iter_{N:07d}"
@@ -84,13 +121,16 @@ def test_resume_is_bit_exact(tmp_path):
     for ra, rb in zip(a, b):
         for key in ("loss", "lr", "grad_norm", "consumed_samples"):
             assert ra[key] == rb[key], (ra["iteration"], key, ra[key], rb[key])
-    assert [r["val_loss"] for r in read_metrics(straight) if "val_loss" in r] == \
-        [r["val_loss"] for r in read_metrics(split) if "val_loss" in r]
+    assert [r["val_loss"] for r in read_metrics(straight) if "val_loss" in r] == [
+        r["val_loss"] for r in read_metrics(split) if "val_loss" in r
+    ]
 
     # final weights identical, byte for byte
     tag = f"iter_{2 * N:07d}"
-    with open(os.path.join(straight, tag, "model", "model.safetensors"), "rb") as fa, \
-            open(os.path.join(split, tag, "model", "model.safetensors"), "rb") as fb:
+    with (
+        open(os.path.join(straight, tag, "model", "model.safetensors"), "rb") as fa,
+        open(os.path.join(split, tag, "model", "model.safetensors"), "rb") as fb,
+    ):
         assert fa.read() == fb.read()
     meta = json.load(open(os.path.join(split, tag, "megaphi_meta.json")))
     assert meta["iteration"] == 2 * N and meta["consumed_samples"] == 2 * N * 4

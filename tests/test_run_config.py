@@ -1,5 +1,6 @@
 """The run configuration: resolved once from the parsed flags, frozen afterwards, the parsed flags left as
 they were; and the package's import graph has no cycle."""
+
 import ast
 import copy
 import dataclasses
@@ -37,8 +38,19 @@ def test_every_section_is_frozen():
 def test_resolution_leaves_the_parsed_flags_unchanged(tmp_path):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"gradient_clipping": 0.5, "zero_optimization": {"stage": 2}}))
-    args = parse_flags(BASE + ["--train-samples", "8", "--bf16", "--lr-warmup-fraction", "0.5", "--deepspeed-config",
-                               str(user), "--deepspeed"])
+    args = parse_flags(
+        BASE
+        + [
+            "--train-samples",
+            "8",
+            "--bf16",
+            "--lr-warmup-fraction",
+            "0.5",
+            "--deepspeed-config",
+            str(user),
+            "--deepspeed",
+        ]
+    )
     before = copy.deepcopy(vars(args))
     config = resolve_config(args, world_size=1)
     assert vars(args) == before
@@ -71,6 +83,7 @@ def _module_name(path):
 
 def _imports(modules):
     """{module: megaphi modules it imports anywhere in its code (functions included)}."""
+
     def known(name):
         while name and name not in modules:
             name = name.rpartition(".")[0]
@@ -84,7 +97,7 @@ def _imports(modules):
             if isinstance(node, ast.Import):
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
-                base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
                 module = ".".join(base + ([node.module] if node.module else []))
                 targets = [module] + [f"{module}.{alias.name}" for alias in node.names]
             else:
@@ -106,7 +119,7 @@ def test_no_import_cycle_in_megaphi():
 
     def visit(node, path):
         if node in path:
-            cycles.append(path[path.index(node):] + [node])
+            cycles.append(path[path.index(node) :] + [node])
             return
         if node in done:
             return

@@ -2,6 +2,7 @@
 logged whatever --log-interval is (with an ETA), --exit-duration-in-mins (saves, then exits),
 TensorBoard and W&B under Megatron's tag names; then --eval-only on the saved checkpoint gives the
 validation loss the training run logged."""
+
 import importlib.util
 import json
 import os
@@ -10,9 +11,28 @@ import pytest
 
 from test_resume import make_token_file, run_pretrain
 
-MODEL = ["--model", "tiny", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
-         "--num-attention-heads", "2", "--seq-length", "32", "--vocab-size", "256", "--micro-batch-size", "2",
-         "--global-batch-size", "4", "--lr", "1e-3"]
+MODEL = [
+    "--model",
+    "tiny",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--ffn-hidden-size",
+    "128",
+    "--num-attention-heads",
+    "2",
+    "--seq-length",
+    "32",
+    "--vocab-size",
+    "256",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--lr",
+    "1e-3",
+]
 
 
 def _scalars(tb_dir):
@@ -30,11 +50,32 @@ def test_exit_duration_first_log_line_tags_and_eval_only(tmp_path, monkeypatch):
     use_wandb = importlib.util.find_spec("wandb") is not None
     extra = ["--wandb-project", "megaphi-test", "--wandb-exp-name", "run-control"] if use_wandb else []
     monkeypatch.setenv("WANDB_MODE", "offline")  # no network: W&B keeps the run under --save/wandb
-    proc = run_pretrain(MODEL + ["--train-iters", "1000", "--lr-warmup-fraction", "0.01",
-                                 "--train-data-path", train, "--valid-data-path", valid,
-                                 "--log-interval", "500", "--eval-interval", "1", "--eval-iters", "1",
-                                 "--save", ck, "--tensorboard-dir", tb,
-                                 "--exit-duration-in-mins", "1e-6"] + extra)
+    proc = run_pretrain(
+        MODEL
+        + [
+            "--train-iters",
+            "1000",
+            "--lr-warmup-fraction",
+            "0.01",
+            "--train-data-path",
+            train,
+            "--valid-data-path",
+            valid,
+            "--log-interval",
+            "500",
+            "--eval-interval",
+            "1",
+            "--eval-iters",
+            "1",
+            "--save",
+            ck,
+            "--tensorboard-dir",
+            tb,
+            "--exit-duration-in-mins",
+            "1e-6",
+        ]
+        + extra
+    )
     # a tiny time limit: the run stops after its first iteration, saved, whatever the machine's speed
     assert "--exit-duration-in-mins 1e-06: saved at iteration 1, exiting" in proc.stdout
     assert "finished (exit-duration) at iteration 1" in proc.stdout
@@ -46,8 +87,18 @@ def test_exit_duration_first_log_line_tags_and_eval_only(tmp_path, monkeypatch):
     val_loss = records[1]["val_loss"]
 
     tags = _scalars(tb)
-    for tag in ("lm loss", "learning-rate", "grad-norm", "loss-scale", "iteration-time", "batch-size",
-                "lm loss validation", "lm loss validation ppl", "lm loss vs samples", "lm loss validation vs samples"):
+    for tag in (
+        "lm loss",
+        "learning-rate",
+        "grad-norm",
+        "loss-scale",
+        "iteration-time",
+        "batch-size",
+        "lm loss validation",
+        "lm loss validation ppl",
+        "lm loss vs samples",
+        "lm loss validation vs samples",
+    ):
         assert tag in tags, sorted(tags)
     assert tags["lm loss"] == [(1, pytest.approx(records[0]["loss"]))]
     assert tags["lm loss vs samples"][0][0] == 4  # step = consumed samples
@@ -57,8 +108,9 @@ def test_exit_duration_first_log_line_tags_and_eval_only(tmp_path, monkeypatch):
         assert len(runs) == 1 and any(f.endswith(".wandb") for f in os.listdir(os.path.join(ck, "wandb", runs[0])))
 
     ev = str(tmp_path / "eval")
-    proc = run_pretrain(MODEL + ["--eval-only", "--load", ck, "--valid-data-path", valid, "--eval-iters", "1",
-                                 "--log-dir", ev])
+    proc = run_pretrain(
+        MODEL + ["--eval-only", "--load", ck, "--valid-data-path", valid, "--eval-iters", "1", "--log-dir", ev]
+    )
     assert f"valid of {ck} | lm loss" in proc.stdout
     assert [json.loads(x) for x in open(os.path.join(ev, "metrics.jsonl"))][0]["val_loss"] == val_loss
 
@@ -67,9 +119,11 @@ def test_wandb_is_imported_only_when_asked():
     import subprocess
     import sys
 
-    code = ("import sys, megaphi.pretrain, megaphi.training.metrics as m; m.open_metrics_writer("
-            "type('A', (), {'log_dir': None, 'tensorboard_dir': None, 'wandb_project': None})()).close(); "
-            "print('wandb' in sys.modules)")
+    code = (
+        "import sys, megaphi.pretrain, megaphi.training.metrics as m; m.open_metrics_writer("
+        "type('A', (), {'log_dir': None, 'tensorboard_dir': None, 'wandb_project': None})()).close(); "
+        "print('wandb' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
 

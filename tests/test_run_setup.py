@@ -1,4 +1,5 @@
 """Run setup decisions (vocabulary rows, data, tokenizer, tensor-parallel checks) that need no training step."""
+
 import argparse
 import json
 import os
@@ -13,8 +14,7 @@ from megaphi.checkpoint import training_state
 
 
 def _args(model, divisible_by=128, tp=1):
-    return argparse.Namespace(model=model, make_vocab_size_divisible_by=divisible_by,
-                              tensor_model_parallel_size=tp)
+    return argparse.Namespace(model=model, make_vocab_size_divisible_by=divisible_by, tensor_model_parallel_size=tp)
 
 
 def test_phi_presets_keep_51200_rows_with_the_codegen_tokenizer(codegen_tokenizer_dir):
@@ -23,7 +23,7 @@ def test_phi_presets_keep_51200_rows_with_the_codegen_tokenizer(codegen_tokenize
     # 51200 is the embedding of the released phi-1 checkpoints; Megatron's rule alone would give 50304.
     assert model_vocab_size(_args("phi-1"), tok) == 51200
     assert model_vocab_size(_args("phi-1-small"), tok) == 51200
-    assert model_vocab_size(_args("phi-1", tp=8), tok) == 51200          # 51200 = 50 x 1024
+    assert model_vocab_size(_args("phi-1", tp=8), tok) == 51200  # 51200 = 50 x 1024
 
 
 def test_tokenizer_padding_when_the_preset_does_not_fit(codegen_tokenizer_dir):
@@ -41,8 +41,9 @@ def _fake_checkpoint(tmp_path, tp):
     tag_dir.mkdir()
     for rank in range(tp):
         torch.save({"module": {}}, tag_dir / f"mp_rank_{rank:02d}_model_states.pt")
-    (tag_dir / "megaphi_meta.json").write_text(json.dumps(
-        {"iteration": 2, "consumed_samples": 8, "consumed_tokens": 512, "tensor_model_parallel_size": tp}))
+    (tag_dir / "megaphi_meta.json").write_text(
+        json.dumps({"iteration": 2, "consumed_samples": 8, "consumed_tokens": 512, "tensor_model_parallel_size": tp})
+    )
     (tmp_path / "latest").write_text(tag + "\n")
     return tag
 
@@ -65,11 +66,40 @@ def test_resume_at_another_tp_size_points_at_reshard(tmp_path):
 def _data_args(tmp_path, data_path, *extra, train_iters=2):
     from megaphi.training.config import RunConfig
 
-    return RunConfig.from_flags(["--model", "tiny", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
-                       "--num-attention-heads", "2", "--seq-length", "32", "--vocab-size", "256",
-                       "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", str(train_iters),
-                       "--lr", "1e-3", "--eval-iters", "1", "--data-cache-path", str(tmp_path / "cache"),
-                       "--data-path", *data_path, *extra], world_size=1)
+    return RunConfig.from_flags(
+        [
+            "--model",
+            "tiny",
+            "--num-layers",
+            "2",
+            "--hidden-size",
+            "64",
+            "--ffn-hidden-size",
+            "128",
+            "--num-attention-heads",
+            "2",
+            "--seq-length",
+            "32",
+            "--vocab-size",
+            "256",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "4",
+            "--train-iters",
+            str(train_iters),
+            "--lr",
+            "1e-3",
+            "--eval-iters",
+            "1",
+            "--data-cache-path",
+            str(tmp_path / "cache"),
+            "--data-path",
+            *data_path,
+            *extra,
+        ],
+        world_size=1,
+    )
 
 
 def test_small_file_trains_with_the_default_split(tmp_path):
@@ -97,8 +127,11 @@ def test_too_little_data_is_a_clear_error_before_training(tmp_path):
     a = make_token_file(str(tmp_path / "a"), docs=20, seed=1)
     b = make_token_file(str(tmp_path / "b"), docs=20, seed=2)
     # unweighted prefixes are blended one epoch each (Megatron): fewer samples than 50 x 4
-    with pytest.raises(ArgumentError, match=r"--data-path .*holds \d+ samples but --train-iters 50 x "
-                                            r"--global-batch-size 4 needs 200"):
+    with pytest.raises(
+        ArgumentError,
+        match=r"--data-path .*holds \d+ samples but --train-iters 50 x "
+        r"--global-batch-size 4 needs 200",
+    ):
         build_data(_data_args(tmp_path, [a, b], "--split", "100,0,0", train_iters=50), 0, 1)
     # weighted: as many samples as needed
     make_train, _ = build_data(_data_args(tmp_path, ["1", a, "1", b], "--split", "100,0,0", train_iters=50), 0, 1)

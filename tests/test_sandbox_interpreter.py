@@ -1,5 +1,6 @@
 """Programs run on the evaluator's own interpreter and packages, or the sandbox refuses with one line;
 it never switches to another interpreter on its own."""
+
 import json
 import os
 import subprocess
@@ -10,7 +11,9 @@ import pytest
 from megaphi.sandbox import Sandbox, SandboxLimits
 from test_eval_humaneval import PROBLEMS, _load_tool, write_jsonl
 
-as_root = pytest.mark.skipif(os.geteuid() != 0, reason="programs run under a private uid only when the evaluator is root")
+as_root = pytest.mark.skipif(
+    os.geteuid() != 0, reason="programs run under a private uid only when the evaluator is root"
+)
 
 
 def _venv_behind_a_closed_folder(tmp_path):
@@ -21,8 +24,12 @@ def _venv_behind_a_closed_folder(tmp_path):
     venv = closed / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     (open(os.path.join(site, "env_only_module.py"), "w")).write("VALUE = 42\n")
     os.chmod(closed, 0o700)
     os.chmod(tmp_path, 0o700)
@@ -48,11 +55,15 @@ else:
 @as_root
 def test_programs_run_on_the_environments_interpreter_and_packages(tmp_path, monkeypatch):
     python, site = _venv_behind_a_closed_folder(tmp_path)
-    prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True).stdout.strip()
+    prefix = subprocess.run(
+        [python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True
+    ).stdout.strip()
     monkeypatch.setattr(sys, "executable", python)  # the environment the evaluator would run in
     os.mkdir(os.path.join(site, "secret_data"))
     open(os.path.join(site, "secret_data", "tests.jsonl"), "w").close()
-    with Sandbox(SandboxLimits(timeout_seconds=10), workers=1, hide_paths=[os.path.join(site, "secret_data")]) as sandbox:
+    with Sandbox(
+        SandboxLimits(timeout_seconds=10), workers=1, hide_paths=[os.path.join(site, "secret_data")]
+    ) as sandbox:
         caps = sandbox.capabilities
         assert caps["python"] == python and caps["runs_as"] != "root"
         result = sandbox.run_with_marker(PROGRAM.format(prefix=prefix, site=site))
@@ -96,8 +107,22 @@ def test_the_summary_names_the_interpreter_programs_ran_on(tmp_path, capsys):
     other = "/usr/bin/python3"
     if not os.path.exists(other) or os.path.realpath(other) == os.path.realpath(sys.executable):
         pytest.skip("no second interpreter at /usr/bin/python3")
-    tool.main(["--completions", samples, "--problems", problems, "--timeout", "10", "--workers", "1",
-               "--sandbox-python", other, "--output", str(tmp_path / "other_results.jsonl")])
+    tool.main(
+        [
+            "--completions",
+            samples,
+            "--problems",
+            problems,
+            "--timeout",
+            "10",
+            "--workers",
+            "1",
+            "--sandbox-python",
+            other,
+            "--output",
+            str(tmp_path / "other_results.jsonl"),
+        ]
+    )
     assert f"NOT this environment's interpreter ({sys.executable})" in capsys.readouterr().out
 
 
@@ -106,6 +131,7 @@ def test_an_unprivileged_evaluators_environment_in_tmp_reaches_its_programs():
     import shutil
     import tempfile
     from test_sandbox import REPO, UNPRIVILEGED_EVALUATOR
+
     base = "/usr/bin/python3"
     if not os.path.exists(base):
         pytest.skip("needs /usr/bin/python3 (an interpreter the account nobody may run)")
@@ -114,9 +140,12 @@ def test_an_unprivileged_evaluators_environment_in_tmp_reaches_its_programs():
         os.chmod(folder, 0o755)
         venv = os.path.join(folder, "venv")
         subprocess.run([base, "-m", "venv", "--without-pip", venv], check=True)
-        site = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
-                               "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              check=True, capture_output=True, text=True).stdout.strip()
+        site = subprocess.run(
+            [os.path.join(venv, "bin", "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         with open(os.path.join(site, "env_only_module.py"), "w") as f:
             f.write("VALUE = 42\n")
 
@@ -124,10 +153,17 @@ def test_an_unprivileged_evaluators_environment_in_tmp_reaches_its_programs():
             os.setgroups([])
             os.setgid(65534)
             os.setuid(65534)
-        proc = subprocess.run([os.path.join(venv, "bin", "python"), "-s", "-c", UNPRIVILEGED_EVALUATOR, REPO],
-                              input="import env_only_module\nassert env_only_module.VALUE == 42\n", text=True,
-                              capture_output=True, preexec_fn=drop, cwd="/", timeout=120,
-                              env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "TMPDIR": "/tmp"})
+
+        proc = subprocess.run(
+            [os.path.join(venv, "bin", "python"), "-s", "-c", UNPRIVILEGED_EVALUATOR, REPO],
+            input="import env_only_module\nassert env_only_module.VALUE == 42\n",
+            text=True,
+            capture_output=True,
+            preexec_fn=drop,
+            cwd="/",
+            timeout=120,
+            env={"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "TMPDIR": "/tmp"},
+        )
         if proc.returncode != 0:
             pytest.skip(f"cannot run the sandbox as nobody here: {proc.stderr[-500:]}")
         out = json.loads(proc.stdout.strip().splitlines()[-1])

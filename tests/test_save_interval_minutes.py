@@ -1,4 +1,5 @@
 """--save-interval-minutes (time-based saves, decided on rank 0 and broadcast), and the elastic-store warning."""
+
 import os
 
 import pytest
@@ -15,7 +16,9 @@ def test_needs_save_and_a_positive_number():
         parse_args([*base, "--save-interval-minutes", "5"], world_size=1)
     with pytest.raises(ArgumentError, match="--save-interval-minutes must be > 0"):
         parse_args([*base, "--save-interval-minutes", "0", "--save", "x"], world_size=1)
-    assert parse_args([*base, "--save-interval-minutes", "0.5", "--save", "x"], world_size=1).save_interval_minutes == 0.5
+    assert (
+        parse_args([*base, "--save-interval-minutes", "0.5", "--save", "x"], world_size=1).save_interval_minutes == 0.5
+    )
 
 
 def test_timer_fires_after_the_interval_and_restarts(monkeypatch):
@@ -35,8 +38,19 @@ def test_timer_fires_after_the_interval_and_restarts(monkeypatch):
 def test_a_run_saves_by_time(tmp_path):
     save = tmp_path / "save"
     # 0.0001 minutes: due after every iteration; no --save-interval
-    run_pretrain([*TINY, "--global-batch-size", "1", "--train-iters", "3", "--save", str(save),
-                  "--save-interval-minutes", "0.0001"])
+    run_pretrain(
+        [
+            *TINY,
+            "--global-batch-size",
+            "1",
+            "--train-iters",
+            "3",
+            "--save",
+            str(save),
+            "--save-interval-minutes",
+            "0.0001",
+        ]
+    )
     assert sorted(p for p in os.listdir(save) if p.startswith("iter_")) == [f"iter_000000{i}" for i in (1, 2, 3)]
 
 

@@ -1,4 +1,5 @@
 """forward_backward_no_pipelining: Megatron's contract, token averaging across micro-batches."""
+
 import pytest
 import torch
 
@@ -11,8 +12,18 @@ SEQ, STEPS = 16, 2
 
 def _config():
     from megaphi.model import get_preset
-    return get_preset("tiny", vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                      max_position_embeddings=64, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
+
+    return get_preset(
+        "tiny",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        attention_dropout=0.0,
+        resid_dropout=0.0,
+        embd_dropout=0.0,
+    )
 
 
 def _batches():
@@ -27,7 +38,7 @@ def _masked_batches():
     batches = []
     for b in _batches():
         mask = torch.ones(4, SEQ)
-        mask[:2, :SEQ // 2] = 0
+        mask[:2, : SEQ // 2] = 0
         labels = b["labels"].clone()
         labels[3, :2] = -100
         batches.append({"tokens": b["tokens"], "labels": labels, "loss_mask": mask})
@@ -46,19 +57,33 @@ def _train(micro, accum, zero_stage, batches=_batches, count_tokens=True, rank=0
     model = PhiForCausalLM(_config())
     opt = build_optimizer(model, 1e-3, 0.1, eps=COMPARISON_ADAM_EPS)  # CPU-independent comparisons
     sched = WarmupDecayLR(opt, 1e-3, 0.0, 1, 10)
-    config = {"train_batch_size": micro * accum * world, "train_micro_batch_size_per_gpu": micro,
-              "gradient_accumulation_steps": accum, "gradient_clipping": 1.0,
-              "zero_optimization": {"stage": zero_stage}, "steps_per_print": 10 ** 9}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, mpu=mpu, config=config,
-                                      dist_init_required=False)
+    config = {
+        "train_batch_size": micro * accum * world,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": zero_stage},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, mpu=mpu, config=config, dist_init_required=False
+    )
     per_rank = 4 // world  # rank r holds samples [r * per_rank, (r + 1) * per_rank) of every global batch
-    micro_batches = [{k: v[i:i + micro] for k, v in b.items()} for b in batches()
-                     for i in range(rank * per_rank, (rank + 1) * per_rank, micro)]
+    micro_batches = [
+        {k: v[i : i + micro] for k, v in b.items()}
+        for b in batches()
+        for i in range(rank * per_rank, (rank + 1) * per_rank, micro)
+    ]
     data = iter(micro_batches)
     losses = []
     for _ in range(STEPS):
-        logs = forward_backward_no_pipelining(make_forward_step(torch.device("cpu")), data, engine, accum,
-                                              count_tokens_func=count_loss_tokens if count_tokens else None)
+        logs = forward_backward_no_pipelining(
+            make_forward_step(torch.device("cpu")),
+            data,
+            engine,
+            accum,
+            count_tokens_func=count_loss_tokens if count_tokens else None,
+        )
         assert len(logs) == accum and set(logs[0]) == {"lm loss"}
         losses.append(reduce_loss_dicts(logs)["lm loss"])
     return losses, {n: p.detach().clone() for n, p in engine.module.named_parameters()}
@@ -68,8 +93,7 @@ def _worker(rank, world, out_path):
     from megaphi.parallel import destroy_model_parallel, initialize_model_parallel
 
     initialize_model_parallel(1)
-    results = {"2x2": _train(2, 2, 1), "4x1": _train(4, 1, 1),
-               "2x2 legacy": _train(2, 2, 1, count_tokens=False)}
+    results = {"2x2": _train(2, 2, 1), "4x1": _train(4, 1, 1), "2x2 legacy": _train(2, 2, 1, count_tokens=False)}
     destroy_model_parallel()
     torch.save(results, out_path)
 
@@ -87,6 +111,7 @@ def test_micro2_accum2_equals_micro4(tmp_path):
         torch.testing.assert_close(p22[name], p41[name], rtol=0, atol=COMPARISON_PARAM_TOL)
     # and the logged loss is the token mean over the whole batch, computed independently
     from megaphi.model import PhiForCausalLM
+
     torch.manual_seed(3)
     model = PhiForCausalLM(_config())
     b = _batches()[0]
@@ -117,13 +142,15 @@ def test_plain_module_contract_and_forward_only():
 def _masked_reference_loss_and_grads():
     """Independent: F.cross_entropy over the whole masked batch (masked labels -> ignore_index)."""
     from megaphi.model import PhiForCausalLM
+
     torch.manual_seed(3)
     model = PhiForCausalLM(_config())
     b = _masked_batches()[0]
     labels = b["labels"].masked_fill(b["loss_mask"] == 0, -100)
     logits = model(b["tokens"]).float()
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                             ignore_index=-100)
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -183,10 +210,11 @@ def test_masked_gradients_match_reference_without_engine():
     torch.manual_seed(3)
     model = PhiForCausalLM(_config())
     b = _masked_batches()[0]
-    micro_batches = [{k: v[i:i + 2] for k, v in b.items()} for i in (0, 2)]
+    micro_batches = [{k: v[i : i + 2] for k, v in b.items()} for i in (0, 2)]
     assert count_loss_tokens(micro_batches[0]) == SEQ and count_loss_tokens(micro_batches[1]) == 2 * SEQ - 2
-    logs = forward_backward_no_pipelining(make_forward_step(torch.device("cpu")), iter(micro_batches), model, 2,
-                                          count_tokens_func=count_loss_tokens)
+    logs = forward_backward_no_pipelining(
+        make_forward_step(torch.device("cpu")), iter(micro_batches), model, 2, count_tokens_func=count_loss_tokens
+    )
     assert reduce_loss_dicts(logs)["lm loss"] == pytest.approx(expected_loss, rel=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, expected_grads[name], rtol=1e-5, atol=1e-7)
@@ -200,6 +228,7 @@ def test_masked_gradients_match_reference_without_engine():
         def mean_loss(out):
             loss_sum, num_tokens, _ = loss_func(out)
             return loss_sum / num_tokens, {}
+
         return output, mean_loss
 
     forward_backward_no_pipelining(per_micro_batch_mean, iter(micro_batches), model, 2)
@@ -222,26 +251,30 @@ def _mixed_batches():
 def _mixed_reference_loss():
     """Independent: F.cross_entropy(ignore_index=-100) over the whole first global batch."""
     from megaphi.model import PhiForCausalLM
+
     torch.manual_seed(3)
     model = PhiForCausalLM(_config())
     b = _mixed_batches()[0]
     with torch.no_grad():
         logits = model(b["tokens"]).float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1),
-                                             ignore_index=-100).item()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), b["labels"].reshape(-1), ignore_index=-100
+    ).item()
 
 
 def _mixed_forward_only_loss(rank, world):
     """Validation path: forward-only over this rank's share of the first batch, reduced over all ranks."""
     from megaphi.model import PhiForCausalLM
     from megaphi.training.train_loop import make_forward_step
+
     torch.manual_seed(3)
     model = PhiForCausalLM(_config())
     per_rank = 4 // world
     b = _mixed_batches()[0]
-    micro_batches = [{k: v[i:i + 2] for k, v in b.items()} for i in range(rank * per_rank, (rank + 1) * per_rank, 2)]
-    logs = forward_backward_no_pipelining(make_forward_step(torch.device("cpu")), iter(micro_batches), model,
-                                          len(micro_batches), forward_only=True)
+    micro_batches = [{k: v[i : i + 2] for k, v in b.items()} for i in range(rank * per_rank, (rank + 1) * per_rank, 2)]
+    logs = forward_backward_no_pipelining(
+        make_forward_step(torch.device("cpu")), iter(micro_batches), model, len(micro_batches), forward_only=True
+    )
     return reduce_loss_dicts(logs)["lm loss"]
 
 
@@ -285,8 +318,10 @@ def test_masked_and_clean_micro_batches_mix(tmp_path):
 def test_fractional_loss_weights_below_one_and_empty_count():
     """[sum, count] pairs whose counts total below 1 (fractional loss_mask) are not clamped to 1; a zero
     count has no average: nan."""
-    logs = [{"lm loss": torch.tensor([0.3, 0.25], dtype=torch.float64)},
-            {"lm loss": torch.tensor([0.1, 0.25], dtype=torch.float64)}]
+    logs = [
+        {"lm loss": torch.tensor([0.3, 0.25], dtype=torch.float64)},
+        {"lm loss": torch.tensor([0.1, 0.25], dtype=torch.float64)},
+    ]
     assert reduce_loss_dicts(logs)["lm loss"] == pytest.approx(0.4 / 0.5)
     empty = [{"lm loss": torch.zeros(2, dtype=torch.float64)}]
     assert torch.isnan(torch.tensor(reduce_loss_dicts(empty)["lm loss"]))

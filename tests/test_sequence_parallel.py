@@ -1,5 +1,6 @@
 """Sequence parallel on 2 and 4 CPU processes (gloo): equals the TP=1 model (dropout off), dropout
 on sequence shards uses the per-TP-rank stream, clear errors for bad sequence lengths."""
+
 import pytest
 import torch
 
@@ -9,9 +10,18 @@ from megaphi.model.runtime import ModelRuntime
 from megaphi.parallel import state
 from megaphi.parallel.mappings import gather_shards, count_communication
 
-MODEL_CONFIG = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                    num_attention_heads=4, rotary_dim=16, max_position_embeddings=64,
-                    attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
+MODEL_CONFIG = dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    rotary_dim=16,
+    max_position_embeddings=64,
+    attention_dropout=0.0,
+    resid_dropout=0.0,
+    embd_dropout=0.0,
+)
 SP = ModelRuntime(sequence_parallel=True)
 INIT_SEED = 99
 SEQ = 12  # divisible by 2 and 4
@@ -36,6 +46,7 @@ def _identical_across_tp(t):
 
 def check_equivalence(reference, recompute):
     from megaphi.model import PhiForCausalLM
+
     runtime = ModelRuntime(sequence_parallel=True, recompute="full" if recompute else "none")
     model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=INIT_SEED, runtime=runtime).train()
     ids, labels, mask = reference["ids"], reference["labels"], reference["loss_mask"]
@@ -71,6 +82,7 @@ def check_communication_pattern(model, ids):
 def check_dropout_streams(rank, world):
     from megaphi.model.phi import region_dropout
     from megaphi.parallel.random import model_parallel_seed
+
     dropout = torch.nn.Dropout(0.5).train()
     masks = {}
     for seed in (7, 7, 8):
@@ -86,6 +98,7 @@ def check_dropout_streams(rank, world):
 
     # The whole SP model with dropout: reproducible with the same seed, different with another.
     from megaphi.model import PhiForCausalLM
+
     config = PhiConfig(**{**MODEL_CONFIG, "resid_dropout": 0.1, "embd_dropout": 0.1, "attention_dropout": 0.1})
     model = PhiForCausalLM(config, init_seed=INIT_SEED, runtime=SP).train()
     ids = torch.randint(0, 512, (2, SEQ), generator=torch.Generator().manual_seed(0))
@@ -114,6 +127,7 @@ def sp_worker(rank, world, reference):
 @pytest.fixture(scope="module")
 def reference():
     from megaphi.model import PhiForCausalLM
+
     model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=INIT_SEED, runtime=SP).train()  # TP=1: SP is a no-op
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(0, 512, (2, SEQ), generator=g)
@@ -138,6 +152,7 @@ def test_sequence_parallel_matches_single_process(world, reference):
 
 def test_sequence_parallel_flag_is_a_noop_at_tp1(reference):
     from megaphi.model import PhiForCausalLM
+
     model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=INIT_SEED, runtime=SP).train()
     assert not model.sequence_parallel_active(reference["ids"])
     assert model.runtime.sequence_parallel and "sequence_parallel" not in model.config.to_dict()

@@ -9,6 +9,7 @@
   NodeAddr, the node's own address, the store host, --save/--load, the requeue after a failure), with
   stand-ins for srun, scontrol and torchrun that record what they are given.
 """
+
 import os
 import signal
 import stat
@@ -28,24 +29,36 @@ RUN = ["--tensor-model-parallel-size", "2", "--train-iters", "8", "--save-interv
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(unavailable() is not None or missing() is not None,
-                    reason=f"needs simulated hosts and Slurm: {unavailable() or missing()}")
+@pytest.mark.skipif(
+    unavailable() is not None or missing() is not None,
+    reason=f"needs simulated hosts and Slurm: {unavailable() or missing()}",
+)
 def test_sbatch_requeues_after_a_failure_and_resumes_exactly(tmp_path):
     reference = tmp_path / "uninterrupted"
-    p = subprocess.Popen(torchrun(4, ["--master-port", str(free_port())], [*RUN, "--save", str(reference)],
-                                  tmp_path / "logs-ref"), env=env(), cwd=str(tmp_path))
+    p = subprocess.Popen(
+        torchrun(4, ["--master-port", str(free_port())], [*RUN, "--save", str(reference)], tmp_path / "logs-ref"),
+        env=env(),
+        cwd=str(tmp_path),
+    )
     assert wait_all([p]) == [0], tail(tmp_path / "logs-ref")
 
     save, log_dir = tmp_path / "ckpt", tmp_path / "logs"
-    job_env = env(MEGAPHI_REPO=ROOT, CHECKPOINT_DIR=str(save), GPUS_PER_NODE="2", MAX_RESTARTS="0",
-                  SAVE_MINUTES="600", IFNAME="eth0", TORCHRUN_ARGS=f"--monitor-interval 1 --log-dir {log_dir} "
-                                                                   f"--redirects 3")
+    job_env = env(
+        MEGAPHI_REPO=ROOT,
+        CHECKPOINT_DIR=str(save),
+        GPUS_PER_NODE="2",
+        MAX_RESTARTS="0",
+        SAVE_MINUTES="600",
+        IFNAME="eth0",
+        TORCHRUN_ARGS=f"--monitor-interval 1 --log-dir {log_dir} --redirects 3",
+    )
     with SimulatedHosts(2) as hosts, SlurmCluster(hosts, tmp_path / "slurm") as slurm:
         job = slurm.sbatch(["--gres=none", "--cpus-per-task=2", SBATCH, *TINY, *RUN], job_env, tmp_path)
         deadline = time.monotonic() + 300
         while not (save / "metrics.jsonl").exists() or open(save / "metrics.jsonl").read().count("\n") < 3:
-            assert time.monotonic() < deadline and slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), \
-                slurm.job(job)
+            assert time.monotonic() < deadline and slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), slurm.job(
+                job
+            )
             time.sleep(0.2)
         workers = {}
         for pid in hosts.pids(1):
@@ -92,23 +105,37 @@ def test_sbatch_generated_commands(tmp_path, srun_exit):
         (bin_dir / name).write_text(FAKE)
         (bin_dir / name).chmod(0o755 | stat.S_IEXEC)
     log = tmp_path / "calls.txt"
-    job_env = env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_SRUN_EXIT=str(srun_exit),
-                  SLURM_JOB_ID="77", SLURM_JOB_NODELIST="gpu-[a-b]", SLURM_JOB_NUM_NODES="2",
-                  SLURM_SUBMIT_DIR=str(tmp_path), SLURM_RESTART_COUNT="0", MEGAPHI_REPO=ROOT, IFNAME="ib0")
-    done = subprocess.run(["bash", SBATCH, "--model", "phi-1"], env=job_env, cwd=str(tmp_path), capture_output=True,
-                          text=True, timeout=60)
+    job_env = env(
+        PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        FAKE_LOG=str(log),
+        FAKE_SRUN_EXIT=str(srun_exit),
+        SLURM_JOB_ID="77",
+        SLURM_JOB_NODELIST="gpu-[a-b]",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        SLURM_RESTART_COUNT="0",
+        MEGAPHI_REPO=ROOT,
+        IFNAME="ib0",
+    )
+    done = subprocess.run(
+        ["bash", SBATCH, "--model", "phi-1"], env=job_env, cwd=str(tmp_path), capture_output=True, text=True, timeout=60
+    )
     calls = log.read_text().splitlines()
     assert done.returncode == srun_exit, done.stderr
     runs = [c for c in calls if c.startswith("torchrun ")]
     assert len(runs) == 2, calls
     for node, line in zip(("gpu-a", "gpu-b"), runs):
-        expected = (f"torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint addr-of-gpu-a:29400 "
-                    f"--rdzv-id megaphi-77 --max-restarts 3 --local-addr addr-of-{node} --rdzv-conf "
-                    f"is_host={'true' if node == 'gpu-a' else 'false'} -m megaphi.pretrain --model phi-1 --save "
-                    f"{tmp_path}/checkpoints/phi-1-base --load {tmp_path}/checkpoints/phi-1-base "
-                    f"--save-interval-minutes 30")
+        expected = (
+            f"torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint addr-of-gpu-a:29400 "
+            f"--rdzv-id megaphi-77 --max-restarts 3 --local-addr addr-of-{node} --rdzv-conf "
+            f"is_host={'true' if node == 'gpu-a' else 'false'} -m megaphi.pretrain --model phi-1 --save "
+            f"{tmp_path}/checkpoints/phi-1-base --load {tmp_path}/checkpoints/phi-1-base "
+            f"--save-interval-minutes 30"
+        )
         assert line.strip() == expected, line
-    assert "env MASTER_ADDR=addr-of-gpu-a GLOO_SOCKET_IFNAME=ib0 NCCL_SOCKET_IFNAME=ib0 " \
-           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in calls
+    assert (
+        "env MASTER_ADDR=addr-of-gpu-a GLOO_SOCKET_IFNAME=ib0 NCCL_SOCKET_IFNAME=ib0 "
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in calls
+    )
     requeues = [c for c in calls if c.startswith("scontrol requeue")]
     assert requeues == (["scontrol requeue 77 "] if srun_exit else []), calls

@@ -1,4 +1,5 @@
 """megaphi.tokenizer against the codegen-350M-mono files (phi-1's tokenizer) and a trained BPE."""
+
 import json
 import os
 import shutil
@@ -121,9 +122,21 @@ def test_train_tokenizer_tool(tmp_path):
     src_dir.mkdir()
     (src_dir / "m.py").write_text("def spam(eggs):\n    return eggs * 2\n")
     out = tmp_path / "tok"
-    r = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train_tokenizer.py"), "--input", str(corpus),
-                        str(src_dir), "--vocab-size", "400", "--output-dir", str(out)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "train_tokenizer.py"),
+            "--input",
+            str(corpus),
+            str(src_dir),
+            "--vocab-size",
+            "400",
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     tok = load_tokenizer(str(out))
     assert 257 < tok.vocab_size <= 400

@@ -9,6 +9,7 @@ communication of column-parallel layers (2 CPU processes, gloo).
 * Overlapped backward (input-gradient all-reduce or reduce-scatter launched before the weight-gradient
   GEMM) gives bitwise the gradients of the sequential path, standalone and in the model.
 """
+
 import os
 import sys
 
@@ -22,9 +23,18 @@ from megaphi.config import PhiConfig
 from megaphi.model.runtime import ModelRuntime
 from megaphi.parallel import layers, mappings, state
 
-MODEL_CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, rotary_dim=8, max_position_embeddings=32,
-                    attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
+MODEL_CONFIG = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    rotary_dim=8,
+    max_position_embeddings=32,
+    attention_dropout=0.0,
+    resid_dropout=0.0,
+    embd_dropout=0.0,
+)
 TORCH_DIR = os.path.dirname(torch.__file__) + os.sep  # dispatch machinery, dynamo wrappers, torch.nn.functional
 TORCH_DISTRIBUTED_DIR = os.path.join(TORCH_DIR, "distributed") + os.sep
 MAPPINGS_FILE = os.path.join("megaphi", "parallel", "mappings.py")
@@ -114,8 +124,9 @@ class CopiesFromCommunication(TorchDispatchMode):
     @staticmethod
     def _issued_by_mappings():
         frame = sys._getframe(1)
-        while frame is not None and (frame.f_code.co_filename.startswith(TORCH_DIR)
-                                     or frame.f_code.co_filename == __file__):
+        while frame is not None and (
+            frame.f_code.co_filename.startswith(TORCH_DIR) or frame.f_code.co_filename == __file__
+        ):
             if frame.f_code.co_filename.startswith(TORCH_DISTRIBUTED_DIR):
                 return False  # inside a collective (e.g. gloo's reduce-scatter emulation at wait())
             frame = frame.f_back
@@ -124,14 +135,16 @@ class CopiesFromCommunication(TorchDispatchMode):
 
 def check_no_copies_on_model_path(rank, world):
     from megaphi.model import PhiForCausalLM
+
     state.initialize_model_parallel(world)
     with CopiesFromCommunication() as probe:  # the detector sees a copy made in mappings.py
         mappings._split(torch.ones(2, 4), -1)
     assert probe.copies == ["aten::clone"], probe.copies
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))  # batch 1: SP gathers are views
     for sp in (False, True):
-        model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=3,
-                               runtime=ModelRuntime(sequence_parallel=sp)).train()
+        model = PhiForCausalLM(
+            PhiConfig(**MODEL_CONFIG), init_seed=3, runtime=ModelRuntime(sequence_parallel=sp)
+        ).train()
         assert model.sequence_parallel_active(ids) == sp
         with CopiesFromCommunication() as mode:
             token_losses, _ = model(ids, labels=ids, reduction="none")
@@ -146,9 +159,15 @@ def test_no_copies_in_communication_on_model_path():
 
 
 def _column_run(x, w, b, sp, overlap, gather_output=False, autocast=False):
-    col = layers.ColumnParallelLinear(w.shape[1], w.shape[0] * state.get_tensor_model_parallel_world_size(),
-                                      bias=b is not None, gather_output=gather_output, sequence_parallel=sp,
-                                      overlap_grad_communication=overlap, initialize=False)
+    col = layers.ColumnParallelLinear(
+        w.shape[1],
+        w.shape[0] * state.get_tensor_model_parallel_world_size(),
+        bias=b is not None,
+        gather_output=gather_output,
+        sequence_parallel=sp,
+        overlap_grad_communication=overlap,
+        initialize=False,
+    )
     with torch.no_grad():
         col.weight.copy_(w)
         if b is not None:
@@ -188,9 +207,12 @@ def _check_overlap_order(x, w, sp):
 def _check_shared_input(x, w, b, sp, g):
     """Two column layers on one input (attention qkv + MLP fc1 style) against entering the region once
     and applying each layer: identical outputs and gradients, one collective on the input gradient."""
+
     def column(out_features):
-        return layers.ColumnParallelLinear(16, out_features, sequence_parallel=sp, input_in_parallel_region=True,
-                                           initialize=False)
+        return layers.ColumnParallelLinear(
+            16, out_features, sequence_parallel=sp, input_in_parallel_region=True, initialize=False
+        )
+
     first, second = column(24), column(40)
     with torch.no_grad():
         first.weight.copy_(w), first.bias.copy_(b)
@@ -215,6 +237,7 @@ def _check_shared_input(x, w, b, sp, g):
 
 def check_overlap_matches_sequential(rank, world):
     from megaphi.model import PhiForCausalLM
+
     state.initialize_model_parallel(world)
     g = torch.Generator().manual_seed(1)
     x_full = torch.randn(2, 6, 16, generator=g)
@@ -223,7 +246,7 @@ def check_overlap_matches_sequential(rank, world):
     for sp in (False, True):
         x = x_full.chunk(world, dim=1)[rank] if sp else x_full
         for bias in (b, None):
-            for gather_output in ((False,) if sp else (False, True)):
+            for gather_output in (False,) if sp else (False, True):
                 overlapped = _column_run(x, w, bias, sp, True, gather_output)
                 sequential = _column_run(x, w, bias, sp, False, gather_output)
                 for a, s in zip(overlapped, sequential):
@@ -246,8 +269,9 @@ def check_overlap_matches_sequential(rank, world):
         ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
         grads = []
         for overlap in (True, False):
-            model = PhiForCausalLM(PhiConfig(**MODEL_CONFIG), init_seed=4,
-                                   runtime=ModelRuntime(sequence_parallel=sp)).train()
+            model = PhiForCausalLM(
+                PhiConfig(**MODEL_CONFIG), init_seed=4, runtime=ModelRuntime(sequence_parallel=sp)
+            ).train()
             for module in model.modules():
                 if isinstance(module, layers.ColumnParallelLinear):
                     module.overlap_grad_communication = overlap
@@ -280,8 +304,24 @@ def test_no_async_flag_turns_the_overlap_off():
     from megaphi.model import PhiForCausalLM
     from megaphi.parallel.layers import ColumnParallelLinear, set_grad_communication_overlap
     from megaphi.training.arguments import parse_args
-    assert parse_args(["--model", "tiny", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data"]).async_tensor_model_parallel_allreduce
-    args = parse_args(["--model", "tiny", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data", "--no-async-tensor-model-parallel-allreduce"])
+
+    assert parse_args(
+        ["--model", "tiny", "--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-3", "--mock-data"]
+    ).async_tensor_model_parallel_allreduce
+    args = parse_args(
+        [
+            "--model",
+            "tiny",
+            "--micro-batch-size",
+            "1",
+            "--train-iters",
+            "1",
+            "--lr",
+            "1e-3",
+            "--mock-data",
+            "--no-async-tensor-model-parallel-allreduce",
+        ]
+    )
     model = PhiForCausalLM(get_preset("tiny"), initialize=False)
     columns = [m for m in model.modules() if isinstance(m, ColumnParallelLinear)]
     assert len(columns) == 2 * model.config.num_hidden_layers + 1 and all(m.overlap_grad_communication for m in columns)

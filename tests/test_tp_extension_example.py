@@ -2,6 +2,7 @@
 shared key/value head) written on megaphi's TP building blocks, and the TP=k vs TP=1 test that proves
 it. TP=2 and TP=4 (4 gloo processes, so TP=2 also runs beside DP=2) give the TP=1 outputs and
 gradients; TP=1 itself is checked against attention written out by hand."""
+
 import math
 
 import pytest
@@ -12,8 +13,12 @@ from torch import nn
 from dist_utils import run_distributed
 from megaphi.model.attention import causal_attention
 from megaphi.parallel import state
-from megaphi.parallel.layers import (ColumnParallelLinear, RowParallelLinear, enter_tensor_parallel_region,
-                                     init_from_master)
+from megaphi.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    enter_tensor_parallel_region,
+    init_from_master,
+)
 from megaphi.parallel.mappings import copy_to_tensor_model_parallel_region, gather_shards
 from megaphi.parallel.utils import divide, set_tensor_model_parallel_attributes
 
@@ -54,8 +59,11 @@ class MultiQueryAttention(nn.Module):
         b, s, _ = x.shape
         x = enter_tensor_parallel_region(x)  # identity forward, all-reduce of the input gradient backward
         q = self.query(x).view(b, s, self.num_heads_per_rank, self.head_dim)
-        kv = F.linear(x, copy_to_tensor_model_parallel_region(self.key_value.weight),
-                      copy_to_tensor_model_parallel_region(self.key_value.bias))  # grads summed over TP
+        kv = F.linear(
+            x,
+            copy_to_tensor_model_parallel_region(self.key_value.weight),
+            copy_to_tensor_model_parallel_region(self.key_value.bias),
+        )  # grads summed over TP
         k, v = kv.view(b, s, 1, 2, self.head_dim).unbind(3)
         k, v = (t.expand(b, s, self.num_heads_per_rank, self.head_dim) for t in (k, v))
         out = causal_attention(q, k, v)
@@ -85,8 +93,10 @@ def run_block():
     x.requires_grad_()
     out = block(x)
     (out * upstream).sum().backward()
-    grads = {n: (gather_shards(p.grad, p.partition_dim) if p.tensor_model_parallel else p.grad)
-             for n, p in block.named_parameters()}
+    grads = {
+        n: (gather_shards(p.grad, p.partition_dim) if p.tensor_model_parallel else p.grad)
+        for n, p in block.named_parameters()
+    }
     grads["input"] = x.grad
     return out.detach(), grads, block
 
@@ -106,8 +116,13 @@ def test_multi_query_attention_tp_equals_tp1():
     x, upstream = inputs()
     params = {n: p.detach().clone().requires_grad_() for n, p in block.named_parameters()}
     x.requires_grad_()
-    ref = hand_written_mqa(x, *(params[n] for n in ("query.weight", "query.bias", "key_value.weight",
-                                                    "key_value.bias", "dense.weight", "dense.bias")))
+    ref = hand_written_mqa(
+        x,
+        *(
+            params[n]
+            for n in ("query.weight", "query.bias", "key_value.weight", "key_value.bias", "dense.weight", "dense.bias")
+        ),
+    )
     (ref * upstream).sum().backward()
     torch.testing.assert_close(out, ref.detach(), rtol=0, atol=1e-5)
     for name, p in params.items():

@@ -7,6 +7,7 @@ residual dropout is drawn from the default stream, which only stays in step whil
   comparison reads the checkpoints itself; it does not trust the trainer's own check);
 - the guard (check_replicated_parameters, --check-replicated-params) names the first tensor that differs.
 """
+
 import os
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def _guard_worker(rank, world, case):
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
-    set_tensor_model_parallel_attributes(model[1].weight, True, 0, 1)   # sharded: may differ per rank
+    set_tensor_model_parallel_attributes(model[1].weight, True, 0, 1)  # sharded: may differ per rank
     with torch.no_grad():
         model[1].weight.add_(rank)
         if case == "bias" and rank == 1:
@@ -69,8 +70,9 @@ def _guard_worker(rank, world, case):
     with pytest.raises(ReplicatedParameterMismatch) as err:
         check_replicated_parameters(model, group, " at iteration 3")
     message = str(err.value)
-    assert "\n" not in message and message.startswith("replicated parameter 1.bias differs between tensor-parallel "
-                                                      "ranks 0 and 1 at iteration 3 (max |difference| ")
+    assert "\n" not in message and message.startswith(
+        "replicated parameter 1.bias differs between tensor-parallel ranks 0 and 1 at iteration 3 (max |difference| "
+    )
 
 
 @pytest.mark.parametrize("case", ["equal", "bias"])
@@ -86,23 +88,74 @@ REPLICATED = ("input_layernorm", "final_layernorm", "dense.bias", "fc2.bias")
 def _train_tp2(tmp_path, backend, sequence_parallel, iters=4):
     save = str(tmp_path / "ckpt")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "megaphi.pretrain", "--model", "tiny", "--num-layers", "2", "--hidden-size", "64",
-           "--ffn-hidden-size", "128", "--num-attention-heads", "4", "--rotary-dim", "8", "--seq-length", "32",
-           "--vocab-size", "256", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", str(iters),
-           "--lr", "1e-2", "--mock-data", "--tensor-model-parallel-size", "2", "--hidden-dropout", "0.1",
-           "--attention-dropout", "0.1", "--embedding-dropout", "0.1", "--attention-backend", backend,
-           "--save", save, "--save-interval", str(iters), "--eval-iters", "0", "--no-export-model",
-           *(["--sequence-parallel"] if sequence_parallel else [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "megaphi.pretrain",
+        "--model",
+        "tiny",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--ffn-hidden-size",
+        "128",
+        "--num-attention-heads",
+        "4",
+        "--rotary-dim",
+        "8",
+        "--seq-length",
+        "32",
+        "--vocab-size",
+        "256",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "2",
+        "--train-iters",
+        str(iters),
+        "--lr",
+        "1e-2",
+        "--mock-data",
+        "--tensor-model-parallel-size",
+        "2",
+        "--hidden-dropout",
+        "0.1",
+        "--attention-dropout",
+        "0.1",
+        "--embedding-dropout",
+        "0.1",
+        "--attention-backend",
+        backend,
+        "--save",
+        save,
+        "--save-interval",
+        str(iters),
+        "--eval-iters",
+        "0",
+        "--no-export-model",
+        *(["--sequence-parallel"] if sequence_parallel else []),
+    ]
     run = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     tag = open(os.path.join(save, "latest")).read().strip()
-    return [torch.load(os.path.join(save, tag, f"mp_rank_0{r}_model_states.pt"), map_location="cpu",
-                       weights_only=False)["module"] for r in range(2)]
+    return [
+        torch.load(os.path.join(save, tag, f"mp_rank_0{r}_model_states.pt"), map_location="cpu", weights_only=False)[
+            "module"
+        ]
+        for r in range(2)
+    ]
 
 
-@pytest.mark.parametrize("backend,sequence_parallel", [("math", False), ("math", True), ("auto", False),
-                                                       ("auto", True)])
+@pytest.mark.parametrize(
+    "backend,sequence_parallel", [("math", False), ("math", True), ("auto", False), ("auto", True)]
+)
 @pytest.mark.distributed
 def test_tp2_training_with_dropout_keeps_replicated_tensors_bitwise_equal(tmp_path, backend, sequence_parallel):
     rank0, rank1 = _train_tp2(tmp_path, backend, sequence_parallel)

@@ -5,6 +5,7 @@ counted once, replicated ones once).
 
 AdamW runs with a large eps so the comparison does not depend on the CPU's rounding: see
 comparison_tolerances.py."""
+
 import pytest
 import torch
 
@@ -15,8 +16,18 @@ from megaphi.model.runtime import ModelRuntime
 
 pytestmark = pytest.mark.distributed
 
-CONFIG = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              rotary_dim=16, max_position_embeddings=32, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
+CONFIG = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    rotary_dim=16,
+    max_position_embeddings=32,
+    attention_dropout=0.0,
+    resid_dropout=0.0,
+    embd_dropout=0.0,
+)
 GLOBAL_BATCH, SEQ, STEPS, INIT_SEED, LR = 8, 8, 3, 21, 1e-2
 CLIP = 0.5  # below the first steps' gradient norms, so clipping is active and its norm matters
 RUNS = [(1, False), (2, False), (2, True)]  # (TP, sequence parallel) on 4 ranks
@@ -32,19 +43,24 @@ def train(tp, sp, stage):
     from megaphi.model import PhiForCausalLM
     from megaphi.parallel import mpu, state
     from megaphi.parallel.mappings import gather_shards
+
     state.initialize_model_parallel(tp)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
-    model = PhiForCausalLM(PhiConfig(**CONFIG), init_seed=INIT_SEED,
-                           runtime=ModelRuntime(sequence_parallel=sp)).train()
+    model = PhiForCausalLM(PhiConfig(**CONFIG), init_seed=INIT_SEED, runtime=ModelRuntime(sequence_parallel=sp)).train()
     micro = GLOBAL_BATCH // dp
-    ds_config = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1,
-                 "gradient_clipping": CLIP, "zero_optimization": {"stage": stage}}
+    ds_config = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": CLIP,
+        "zero_optimization": {"stage": stage},
+    }
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, eps=COMPARISON_ADAM_EPS, weight_decay=0.0)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, mpu=mpu, config=ds_config,
-                                      dist_init_required=False)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, mpu=mpu, config=ds_config, dist_init_required=False
+    )
     losses, norms = [], []
     for batch in batches():
-        rows = batch[dp_rank * micro:(dp_rank + 1) * micro]
+        rows = batch[dp_rank * micro : (dp_rank + 1) * micro]
         loss, _ = engine(rows[:, :-1], labels=rows[:, 1:])
         engine.backward(loss)
         engine.step()
@@ -52,8 +68,10 @@ def train(tp, sp, stage):
         torch.distributed.all_reduce(mean_loss, group=state.get_data_parallel_group())
         losses.append(mean_loss.item() / dp)
         norms.append(float(engine.get_global_grad_norm()))
-    params = {n: (gather_shards(p.detach(), p.partition_dim) if p.tensor_model_parallel else p.detach()).clone()
-              for n, p in engine.module.named_parameters()}
+    params = {
+        n: (gather_shards(p.detach(), p.partition_dim) if p.tensor_model_parallel else p.detach()).clone()
+        for n, p in engine.module.named_parameters()
+    }
     state.destroy_model_parallel()
     return losses, norms, params
 
@@ -76,6 +94,7 @@ def worker(rank, world, stage, expected_first_norm):
 def tp1_first_grad_norm():
     """The global gradient norm of step 1, by hand: one process, the whole global batch, TP=1."""
     from megaphi.model import PhiForCausalLM
+
     model = PhiForCausalLM(PhiConfig(**CONFIG), init_seed=INIT_SEED).train()
     batch = batches()[0]
     loss, _ = model(batch[:, :-1], labels=batch[:, 1:])

@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO 0/1/2/3 on 2 CPU ranks (gloo) train the same tiny model identically, and agree
 with an independent plain-PyTorch loop; fp16 overflow steps are skipped without advancing the lr."""
+
 import math
 
 import pytest
@@ -18,8 +19,18 @@ LR, WD, WARMUP, DECAY = 2e-3, 0.1, 1, 4
 
 def _config():
     from megaphi.model import get_preset
-    return get_preset("tiny", vocab_size=256, hidden_size=64, intermediate_size=128, num_attention_heads=2,
-                      max_position_embeddings=64, attention_dropout=0.0, resid_dropout=0.0, embd_dropout=0.0)
+
+    return get_preset(
+        "tiny",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        attention_dropout=0.0,
+        resid_dropout=0.0,
+        embd_dropout=0.0,
+    )
 
 
 def _global_batches():
@@ -35,12 +46,13 @@ def _rank_micro_batches(rank):
     for batch in _global_batches():
         for a in range(ACCUM):
             start = a * MICRO * WORLD + rank * MICRO
-            out.append({k: v[start:start + MICRO] for k, v in batch.items()})
+            out.append({k: v[start : start + MICRO] for k, v in batch.items()})
     return out
 
 
 def _full_params(engine, stage):
     import deepspeed
+
     params = dict(engine.module.named_parameters())
     if stage == 3:
         with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
@@ -64,11 +76,17 @@ def _zero_worker(rank, world, out_path):
         model = PhiForCausalLM(_config())
         optimizer = build_optimizer(model, LR, WD, eps=COMPARISON_ADAM_EPS)
         scheduler = WarmupDecayLR(optimizer, LR, 0.0, WARMUP, DECAY)
-        config = {"train_batch_size": GLOBAL, "train_micro_batch_size_per_gpu": MICRO,
-                  "gradient_accumulation_steps": ACCUM, "gradient_clipping": 1.0,
-                  "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
-                                          config=config, dist_init_required=False)
+        config = {
+            "train_batch_size": GLOBAL,
+            "train_micro_batch_size_per_gpu": MICRO,
+            "gradient_accumulation_steps": ACCUM,
+            "gradient_clipping": 1.0,
+            "zero_optimization": {"stage": stage},
+            "steps_per_print": 10**9,
+        }
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu, config=config, dist_init_required=False
+        )
         data = iter(_rank_micro_batches(rank))
         losses = []
         for _ in range(STEPS):
@@ -92,8 +110,11 @@ def _reference():
     model = PhiForCausalLM(_config())
     decay = [p for n, p in model.named_parameters() if p.ndim == 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=LR, eps=COMPARISON_ADAM_EPS)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=LR,
+        eps=COMPARISON_ADAM_EPS,
+    )
     lrs = [LR * 1.0, LR * (1 - 1 / 3), LR * (1 - 2 / 3)]  # warmup 1, linear decay to 0 at update 4
     losses = []
     for step, batch in enumerate(_global_batches()):
@@ -119,7 +140,9 @@ def test_zero_stages_agree_with_each_other_and_plain_pytorch(tmp_path):
     for stage, r in results.items():
         assert r["losses"] == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), f"ZeRO {stage}"
         for name, ref in ref_params.items():
-            torch.testing.assert_close(r["params"][name], ref, rtol=0, atol=COMPARISON_PARAM_TOL, msg=f"ZeRO {stage} {name}")
+            torch.testing.assert_close(
+                r["params"][name], ref, rtol=0, atol=COMPARISON_PARAM_TOL, msg=f"ZeRO {stage} {name}"
+            )
     # --clip-grad 0 (fp32, ZeRO 0): DeepSpeed has no norm to report, the logged one is megaphi's
     deepspeed_norm, megaphi_norm = saved["no_clip_grad_norms"]
     assert deepspeed_norm is None
@@ -144,11 +167,18 @@ def _fp16_worker(rank, world, out_path):
     model = PhiForCausalLM(_config())
     optimizer = build_optimizer(model, LR, WD)
     scheduler = WarmupDecayLR(optimizer, LR, 0.0, 2, 10)
-    config = {"train_batch_size": MICRO, "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
-              "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9,
-              "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "hysteresis": 1}}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
-                                      config=config, dist_init_required=False)
+    config = {
+        "train_batch_size": MICRO,
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 2},
+        "steps_per_print": 10**9,
+        "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "hysteresis": 1},
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu, config=config, dist_init_required=False
+    )
     batches = _rank_micro_batches(0)
     record = []
 
@@ -161,6 +191,7 @@ def _fp16_worker(rank, world, out_path):
             if poison:  # an inf loss gives inf gradients: an fp16 overflow
                 loss = loss * math.inf
             return loss, {"lm loss": loss.detach()}
+
         return token_losses, loss_func
 
     for step in range(4):
@@ -168,8 +199,15 @@ def _fp16_worker(rank, world, out_path):
         before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
         forward_backward_no_pipelining(forward_step, iter([(batches[step], step == 2)]), engine, 1)
         changed = any(not torch.equal(before[n], p) for n, p in engine.module.named_parameters())
-        record.append({"lr": lr_used, "scale": loss_scale_of(engine), "skipped": engine.skipped_steps,
-                       "sched_steps": scheduler.num_steps, "changed": changed})
+        record.append(
+            {
+                "lr": lr_used,
+                "scale": loss_scale_of(engine),
+                "skipped": engine.skipped_steps,
+                "sched_steps": scheduler.num_steps,
+                "changed": changed,
+            }
+        )
     destroy_model_parallel()
     torch.save(record, out_path)
 
@@ -180,11 +218,10 @@ def test_fp16_overflow_skips_step_halves_scale_keeps_lr(tmp_path):
     rec = torch.load(out)
     assert [r["scale"] for r in rec] == [256.0, 256.0, 128.0, 128.0]
     assert [r["skipped"] for r in rec] == [0, 0, 1, 1]
-    assert [r["sched_steps"] for r in rec] == [1, 2, 2, 3]   # the schedule did not advance on step 3
+    assert [r["sched_steps"] for r in rec] == [1, 2, 2, 3]  # the schedule did not advance on step 3
     assert [r["changed"] for r in rec] == [True, True, False, True]
-    assert rec[3]["lr"] == rec[2]["lr"]                      # update 3 retried with the same lr
-    assert rec[2]["lr"] == pytest.approx(LR * (1 - 1 / 8))   # warmup 2, decay to 0 at update 10
-
+    assert rec[3]["lr"] == rec[2]["lr"]  # update 3 retried with the same lr
+    assert rec[2]["lr"] == pytest.approx(LR * (1 - 1 / 8))  # warmup 2, decay to 0 at update 10
 
 
 def _first_step_grad_norm_without_clipping(rank):
@@ -202,15 +239,26 @@ def _first_step_grad_norm_without_clipping(rank):
     torch.manual_seed(SEED)
     model = PhiForCausalLM(_config())
     optimizer = build_optimizer(model, LR, WD)
-    config = {"train_batch_size": GLOBAL, "train_micro_batch_size_per_gpu": MICRO,
-              "gradient_accumulation_steps": ACCUM, "gradient_clipping": 0.0,
-              "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      lr_scheduler=WarmupDecayLR(optimizer, LR, 0.0, WARMUP, DECAY), mpu=mpu,
-                                      config=config, dist_init_required=False)
+    config = {
+        "train_batch_size": GLOBAL,
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": ACCUM,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": 0},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=WarmupDecayLR(optimizer, LR, 0.0, WARMUP, DECAY),
+        mpu=mpu,
+        config=config,
+        dist_init_required=False,
+    )
     grad_norms = finish_engine_setup(engine)
-    forward_backward_no_pipelining(make_forward_step(torch.device("cpu")), iter(_rank_micro_batches(rank)),
-                                   engine, ACCUM)
+    forward_backward_no_pipelining(
+        make_forward_step(torch.device("cpu")), iter(_rank_micro_batches(rank)), engine, ACCUM
+    )
     return engine.get_global_grad_norm(), grad_norms.fp32_norm
 
 

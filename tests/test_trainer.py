@@ -1,5 +1,6 @@
 """megaphi.training.trainer.Trainer driven from Python: built from flags, trained, saved, and resumed by
 a second Trainer that continues exactly where an uninterrupted run would be."""
+
 import json
 import math
 import os
@@ -11,10 +12,39 @@ import torch.distributed as dist
 from megaphi.training.config import RunConfig
 from megaphi.training.trainer import StepResult, Trainer
 
-FLAGS = ["--model", "tiny", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
-         "--num-attention-heads", "2", "--seq-length", "32", "--mock-data", "--micro-batch-size", "2",
-         "--global-batch-size", "4", "--train-iters", "4", "--lr", "1e-3", "--lr-warmup-iters", "1",
-         "--eval-iters", "1", "--eval-interval", "2", "--log-interval", "1", "--seed", "7"]
+FLAGS = [
+    "--model",
+    "tiny",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--ffn-hidden-size",
+    "128",
+    "--num-attention-heads",
+    "2",
+    "--seq-length",
+    "32",
+    "--mock-data",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--train-iters",
+    "4",
+    "--lr",
+    "1e-3",
+    "--lr-warmup-iters",
+    "1",
+    "--eval-iters",
+    "1",
+    "--eval-interval",
+    "2",
+    "--log-interval",
+    "1",
+    "--seed",
+    "7",
+]
 
 
 @pytest.fixture

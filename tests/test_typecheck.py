@@ -1,5 +1,6 @@
 """The type checker runs with the tests (README's test command is what CI runs): mypy, configured in
 pyproject.toml ([tool.mypy] names the packages it checks)."""
+
 import subprocess
 import sys
 from pathlib import Path

@@ -2,6 +2,7 @@
 
 tools/test.sh runs this before the suite so an environment that kept other versions is brought back to
 the tested ones (by tools/install.sh) instead of silently testing against whatever it happens to hold."""
+
 import re
 import sys
 from importlib import metadata
@@ -28,16 +29,21 @@ def normalize(name):
 
 def mismatches(pins):
     installed = {normalize(dist.metadata["Name"]): dist.version for dist in metadata.distributions()}
-    return [f"{name} {installed.get(name, 'missing')} (pinned {version})"
-            for name, version in sorted(pins.items()) if installed.get(name) != version]
+    return [
+        f"{name} {installed.get(name, 'missing')} (pinned {version})"
+        for name, version in sorted(pins.items())
+        if installed.get(name) != version
+    ]
 
 
 def main(argv):
     path = argv[1] if len(argv) > 1 else "constraints.txt"
     wrong = mismatches(pinned_versions(path))
     if wrong:
-        print(f"{len(wrong)} package(s) differ from {path}: " + ", ".join(wrong[:8])
-              + (" ..." if len(wrong) > 8 else ""), file=sys.stderr)
+        print(
+            f"{len(wrong)} package(s) differ from {path}: " + ", ".join(wrong[:8]) + (" ..." if len(wrong) > 8 else ""),
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -3,6 +3,7 @@
 
 A wrapper: the command is megaphi/cli/convert_checkpoint.py, also installed as `megaphi-convert`; this file calls its main().
 """
+
 import sys
 
 from megaphi.cli.convert_checkpoint import main

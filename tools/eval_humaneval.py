@@ -3,6 +3,7 @@
 
 A wrapper: the command is megaphi/cli/eval_humaneval.py, also installed as `megaphi-eval`; this file calls its main().
 """
+
 import sys
 
 from megaphi.cli.eval_humaneval import main

@@ -3,6 +3,7 @@
 
 A wrapper: the command is megaphi/cli/generate.py, also installed as `megaphi-generate`; this file calls its main().
 """
+
 import sys
 
 from megaphi.cli.generate import main

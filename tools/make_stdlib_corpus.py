@@ -3,6 +3,7 @@
 
 A wrapper: the command is megaphi/cli/make_stdlib_corpus.py, also installed as `megaphi-stdlib-corpus`; this file calls its main().
 """
+
 import sys
 
 from megaphi.cli.make_stdlib_corpus import main

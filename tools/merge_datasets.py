@@ -3,6 +3,7 @@
 
 A wrapper: the command is megaphi/cli/merge_datasets.py, also installed as `megaphi-merge-datasets`; this file calls its main().
 """
+
 import sys
 
 from megaphi.cli.merge_datasets import main

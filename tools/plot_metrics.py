@@ -3,6 +3,7 @@
 
 A wrapper: the command is megaphi/cli/plot_metrics.py, also installed as `megaphi-plot`; this file calls its main().
 """
+
 import sys
 
 from megaphi.cli.plot_metrics import main

@@ -3,6 +3,7 @@
 
 A wrapper: the command is megaphi/cli/preprocess_data.py, also installed as `megaphi-preprocess`; this file calls its main().
 """
+
 import sys
 
 from megaphi.cli.preprocess_data import main

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs what is missing or not at the pinned versions (constraints.txt), then runs
-# the linter (ruff), the type checker (mypy, on the packages pyproject.toml names) and the CPU test suite;
+# the linter and the formatter check (ruff), the type checker (mypy, on the packages pyproject.toml names) and the CPU test suite;
 # it fails when any of the three fails (all three run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,8 @@ done
 failed=()
 echo "== ruff check"
 $PY -m ruff check . || failed+=(ruff)
+echo "== ruff format --check"
+$PY -m ruff format --check . || failed+=(ruff-format)
 echo "== mypy"
 $PY -m mypy || failed+=(mypy)
 echo "== pytest"

@@ -3,6 +3,7 @@
 
 A wrapper: the command is megaphi/cli/train_tokenizer.py, also installed as `megaphi-train-tokenizer`; this file calls its main().
 """
+
 import sys
 
 from megaphi.cli.train_tokenizer import main

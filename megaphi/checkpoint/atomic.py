@@ -6,6 +6,7 @@ integrity.is_temporary, so a killed writer's leftovers are never taken for data.
 modes a plain open() would give under the umask (mkstemp makes 0600; teammates must read
 checkpoints too).
 """
+
 import contextlib
 import json
 import os
@@ -67,6 +68,7 @@ def write_text_atomic(path, text):
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
+
     write_atomic(path, write)
 
 

@@ -2,6 +2,7 @@
 
 Every helper also works in one plain process without a process group (rank 0 of 1), as the
 converters and tests use this package."""
+
 import torch.distributed as dist
 
 

@@ -4,6 +4,7 @@ Tensors are copied bit for bit unless a dtype is asked for. Output folders are w
 temporary name and renamed when complete (atomic.write_folder_atomic). Resharding a training
 checkpoint is reshard.reshard.
 """
+
 import os
 import shutil
 
@@ -14,8 +15,15 @@ from .hf_folder import hf_token_ids, read_hf_checkpoint
 from .layout import CONFIG_NAME
 from .model_folder import load_megaphi_state, save_megaphi_folder
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -51,5 +59,6 @@ def megaphi_to_hf(ckpt, out_dir, tokenizer_dir=None, dtype=None):
                 raise FileNotFoundError(f"--tokenizer {tokenizer_dir}: none of {TOKENIZER_FILES} found")
             for name in copied:
                 shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(tmp, name))
+
     write_folder_atomic(out_dir, fill)
     return config

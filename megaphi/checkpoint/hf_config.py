@@ -2,6 +2,7 @@
 
 Model folders megaphi writes carry a transformers PhiConfig (built by transformers itself) plus megaphi's
 own keys (megaphi_keys()), and a generation_config.json; reading needs no transformers."""
+
 import dataclasses
 
 from megaphi.config import PhiConfig
@@ -11,18 +12,46 @@ MIXFORMER_MODEL_TYPES = ("mixformer-sequential", "phi-msft")
 
 # PhiConfig fields that HF's PhiConfig expresses under its own names; every other field is one of
 # megaphi's own keys (rotary_dim too: HF's partial_rotary_factor x head_dim; the reader checks they agree).
-_HF_EXPRESSED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "max_position_embeddings", "layer_norm_eps", "rope_theta", "attention_dropout", "resid_dropout",
-                 "embd_dropout", "initializer_range", "hidden_act")
+_HF_EXPRESSED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "layer_norm_eps",
+    "rope_theta",
+    "attention_dropout",
+    "resid_dropout",
+    "embd_dropout",
+    "initializer_range",
+    "hidden_act",
+)
 
 
 def megaphi_keys():
     """megaphi's own config.json keys: the PhiConfig fields transformers' PhiConfig has no key for."""
     return tuple(f.name for f in dataclasses.fields(PhiConfig) if f.name not in _HF_EXPRESSED)
+
+
 # Always written, also when equal to transformers' defaults (readable files; older transformers read them).
-_ALWAYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-           "max_position_embeddings", "layer_norm_eps", "hidden_act", "resid_pdrop", "embd_pdrop",
-           "attention_dropout", "initializer_range", "tie_word_embeddings", "bos_token_id", "eos_token_id")
+_ALWAYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "layer_norm_eps",
+    "hidden_act",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attention_dropout",
+    "initializer_range",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+)
 # <|endoftext|> of phi-1's tokenizer (codegen-350M-mono): the bos/eos id when no tokenizer says otherwise.
 PHI1_EOS_TOKEN_ID = 50256
 
@@ -37,19 +66,37 @@ def default_token_ids(config, bos_token_id=None, eos_token_id=None):
 def hf_phi_config(config, dtype="float32", bos_token_id=None, eos_token_id=None):
     """transformers.PhiConfig equal to megaphi's config (megaphi's own keys ride along as attributes)."""
     from transformers import PhiConfig as HFPhiConfig
+
     bos, eos = default_token_ids(config, bos_token_id, eos_token_id)
     factor = config.rotary_dim / config.head_dim
     return HFPhiConfig(
-        architectures=["PhiForCausalLM"], vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-        num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_attention_heads,
-        max_position_embeddings=config.max_position_embeddings, layer_norm_eps=config.layer_norm_eps,
-        hidden_act="gelu_new", resid_pdrop=config.resid_dropout, embd_pdrop=config.embd_dropout,
-        attention_dropout=config.attention_dropout, initializer_range=config.initializer_range,
-        rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta),
-                         "partial_rotary_factor": factor},
-        qk_layernorm=False, tie_word_embeddings=False, use_cache=True, bos_token_id=bos, eos_token_id=eos,
-        dtype=dtype, **{k: getattr(config, k) for k in megaphi_keys()})
+        architectures=["PhiForCausalLM"],
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        layer_norm_eps=config.layer_norm_eps,
+        hidden_act="gelu_new",
+        resid_pdrop=config.resid_dropout,
+        embd_pdrop=config.embd_dropout,
+        attention_dropout=config.attention_dropout,
+        initializer_range=config.initializer_range,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": float(config.rope_theta),
+            "partial_rotary_factor": factor,
+        },
+        qk_layernorm=False,
+        tie_word_embeddings=False,
+        use_cache=True,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        dtype=dtype,
+        **{k: getattr(config, k) for k in megaphi_keys()},
+    )
 
 
 def config_to_hf_dict(config, dtype="float32", bos_token_id=None, eos_token_id=None):
@@ -70,6 +117,7 @@ def config_to_hf_dict(config, dtype="float32", bos_token_id=None, eos_token_id=N
 def generation_config_dict(config, bos_token_id=None, eos_token_id=None):
     """generation_config.json of a model folder (transformers.GenerationConfig)."""
     from transformers import GenerationConfig
+
     bos, eos = default_token_ids(config, bos_token_id, eos_token_id)
     return GenerationConfig(bos_token_id=bos, eos_token_id=eos).to_diff_dict()
 
@@ -87,18 +135,28 @@ def config_from_hf_dict(d, source="config.json"):
     if model_type in MIXFORMER_MODEL_TYPES or ("n_embd" in d and "hidden_size" not in d):
         hidden = d["n_embd"]
         return PhiConfig(
-            vocab_size=d["vocab_size"], hidden_size=hidden, intermediate_size=d.get("n_inner") or 4 * hidden,
-            num_hidden_layers=d["n_layer"], num_attention_heads=d["n_head"], rotary_dim=d.get("rotary_dim", 32),
-            max_position_embeddings=d.get("n_positions", 2048), layer_norm_eps=d.get("layer_norm_epsilon", 1e-5),
+            vocab_size=d["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=d.get("n_inner") or 4 * hidden,
+            num_hidden_layers=d["n_layer"],
+            num_attention_heads=d["n_head"],
+            rotary_dim=d.get("rotary_dim", 32),
+            max_position_embeddings=d.get("n_positions", 2048),
+            layer_norm_eps=d.get("layer_norm_epsilon", 1e-5),
             rope_theta=float(d.get("rope_theta", 10000.0)),
-            attention_dropout=d.get("attn_pdrop", 0.0) or 0.0, resid_dropout=d.get("resid_pdrop", 0.0) or 0.0,
-            embd_dropout=d.get("embd_pdrop", 0.0) or 0.0, initializer_range=d.get("initializer_range", 0.02),
-            hidden_act=d.get("activation_function", "gelu_new"))
+            attention_dropout=d.get("attn_pdrop", 0.0) or 0.0,
+            resid_dropout=d.get("resid_pdrop", 0.0) or 0.0,
+            embd_dropout=d.get("embd_pdrop", 0.0) or 0.0,
+            initializer_range=d.get("initializer_range", 0.02),
+            hidden_act=d.get("activation_function", "gelu_new"),
+        )
     if model_type not in (None, "phi"):
         raise ValueError(f"{source}: model_type {model_type!r} is not a Phi model")
     heads = d["num_attention_heads"]
     if d.get("num_key_value_heads") not in (None, heads):
-        raise ValueError(f"{source}: num_key_value_heads {d['num_key_value_heads']} != num_attention_heads (unsupported)")
+        raise ValueError(
+            f"{source}: num_key_value_heads {d['num_key_value_heads']} != num_attention_heads (unsupported)"
+        )
     if d.get("qk_layernorm"):
         raise ValueError(f"{source}: qk_layernorm=true is not supported")
     if d.get("tie_word_embeddings"):
@@ -110,14 +168,27 @@ def config_from_hf_dict(d, source="config.json"):
     hidden = d["hidden_size"]
     rotary_dim = _rotary_dim(hidden // heads, factor, source)
     if "rotary_dim" in d and d["rotary_dim"] != rotary_dim:
-        raise ValueError(f"{source}: rotary_dim {d['rotary_dim']} disagrees with partial_rotary_factor {factor} "
-                         f"x head_dim {hidden // heads} = {rotary_dim}")
-    extras = {k: d[k] for k in megaphi_keys() if k in d and k != "rotary_dim"}  # megaphi's own keys, when megaphi wrote the file
+        raise ValueError(
+            f"{source}: rotary_dim {d['rotary_dim']} disagrees with partial_rotary_factor {factor} "
+            f"x head_dim {hidden // heads} = {rotary_dim}"
+        )
+    extras = {
+        k: d[k] for k in megaphi_keys() if k in d and k != "rotary_dim"
+    }  # megaphi's own keys, when megaphi wrote the file
     return PhiConfig(
-        vocab_size=d["vocab_size"], hidden_size=hidden, intermediate_size=d["intermediate_size"],
-        num_hidden_layers=d["num_hidden_layers"], num_attention_heads=heads, rotary_dim=rotary_dim, **extras,
-        max_position_embeddings=d.get("max_position_embeddings", 2048), layer_norm_eps=d.get("layer_norm_eps", 1e-5),
+        vocab_size=d["vocab_size"],
+        hidden_size=hidden,
+        intermediate_size=d["intermediate_size"],
+        num_hidden_layers=d["num_hidden_layers"],
+        num_attention_heads=heads,
+        rotary_dim=rotary_dim,
+        **extras,
+        max_position_embeddings=d.get("max_position_embeddings", 2048),
+        layer_norm_eps=d.get("layer_norm_eps", 1e-5),
         rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
-        attention_dropout=d.get("attention_dropout", 0.0) or 0.0, resid_dropout=d.get("resid_pdrop", 0.0) or 0.0,
-        embd_dropout=d.get("embd_pdrop", 0.0) or 0.0, initializer_range=d.get("initializer_range", 0.02),
-        hidden_act=d.get("hidden_act", "gelu_new"))
+        attention_dropout=d.get("attention_dropout", 0.0) or 0.0,
+        resid_dropout=d.get("resid_pdrop", 0.0) or 0.0,
+        embd_dropout=d.get("embd_pdrop", 0.0) or 0.0,
+        initializer_range=d.get("initializer_range", 0.02),
+        hidden_act=d.get("hidden_act", "gelu_new"),
+    )

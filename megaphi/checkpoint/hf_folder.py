@@ -3,6 +3,7 @@ sharded (index json) or not. model_folder.load_megaphi_state dispatches here, so
 model folder (PhiForCausalLM.from_pretrained, --finetune --load, tools/generate.py, tools/eval_humaneval.py)
 takes these folders too; megaphi's own model folders are HF folders and load through here as well.
 """
+
 import glob
 import json
 import os
@@ -48,7 +49,9 @@ def load_hf_weights(hf_dir):
                 tensors = _load_weight_file(os.path.join(hf_dir, shard))
                 for name in tensors:
                     if weight_map.get(name) not in (None, shard):
-                        raise ValueError(f"{hf_dir}/{shard}: tensor {name!r} is mapped to {weight_map[name]} by {index_name}")
+                        raise ValueError(
+                            f"{hf_dir}/{shard}: tensor {name!r} is mapped to {weight_map[name]} by {index_name}"
+                        )
                 state.update(tensors)
             return state
     for single in ("model.safetensors", "pytorch_model.bin"):
@@ -62,7 +65,12 @@ def load_hf_weights(hf_dir):
 
 _MIXFORMER_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _MSFT_LAYER = re.compile(r"^transformer\.h\.(\d+)\.(.+)$")
-_BLOCK_RENAMES = {"ln": "input_layernorm", "mixer.out_proj": "self_attn.dense", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+_BLOCK_RENAMES = {
+    "ln": "input_layernorm",
+    "mixer.out_proj": "self_attn.dense",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
 
 
 def _block_tensors(i, rest, tensor, source, original):
@@ -70,8 +78,10 @@ def _block_tensors(i, rest, tensor, source, original):
     module, kind = rest.rsplit(".", 1)
     prefix = f"model.layers.{i}."
     if module == "mixer.Wqkv":  # rows [Q; K; V]
-        return [(f"{prefix}self_attn.{part}.{kind}", t.contiguous())
-                for part, t in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0))]
+        return [
+            (f"{prefix}self_attn.{part}.{kind}", t.contiguous())
+            for part, t in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0))
+        ]
     if module in _BLOCK_RENAMES:
         return [(f"{prefix}{_BLOCK_RENAMES[module]}.{kind}", tensor)]
     raise ValueError(f"{source}: unknown MixFormer tensor {original!r}")
@@ -142,4 +152,3 @@ def hf_token_ids(path):
     with open(os.path.join(path, CONFIG_NAME)) as f:
         d = json.load(f)
     return d.get("bos_token_id"), d.get("eos_token_id")
-

@@ -4,6 +4,7 @@ Model folders hold HF Phi names (q_proj/k_proj/v_proj separate). In the model, q
 column layer laid out per head ([q_h; k_h; v_h] for each head h), which is what fuse_qkv/split_qkv
 convert. Training checkpoints hold the model's own names (reshard.py).
 """
+
 import torch
 
 from megaphi.parallel.layers import full_shape, shard_of
@@ -31,8 +32,13 @@ def split_qkv(fused, num_heads):
 def expected_hf_shapes(config):
     """HF PhiForCausalLM tensor name -> shape for config."""
     h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    shapes = {"model.embed_tokens.weight": (v, h), "model.final_layernorm.weight": (h,),
-              "model.final_layernorm.bias": (h,), "lm_head.weight": (v, h), "lm_head.bias": (v,)}
+    shapes = {
+        "model.embed_tokens.weight": (v, h),
+        "model.final_layernorm.weight": (h,),
+        "model.final_layernorm.bias": (h,),
+        "lm_head.weight": (v, h),
+        "lm_head.bias": (v,),
+    }
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes[p + "input_layernorm.weight"] = shapes[p + "input_layernorm.bias"] = (h,)
@@ -54,8 +60,9 @@ def check_hf_state(hf_state, config, source):
         raise ValueError(f"{source}: unexpected tensor {unexpected[0]!r} for this config ({len(unexpected)} in all)")
     for name, shape in expected.items():
         if tuple(hf_state[name].shape) != shape:
-            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(hf_state[name].shape)}, "
-                             f"the config expects {shape}")
+            raise ValueError(
+                f"{source}: tensor {name!r} has shape {tuple(hf_state[name].shape)}, the config expects {shape}"
+            )
 
 
 def hf_to_model_names(hf_state, config):

@@ -24,6 +24,7 @@ change several bytes of the canonical text ("1e-3" -> "0.01"), and the cost is n
 flip in the key's own name leaves a "megaphi-train-v2" file without it, which is refused too; only
 files of the older format (no seal) load unsealed, with a warning.
 """
+
 import errno
 import hashlib
 import json
@@ -152,9 +153,11 @@ def check_coverage(tag_dir, files, meta_name, select=None):
     unlisted = [rel for rel in data_files(tag_dir, meta_name) if (select is None or select(rel)) and rel not in files]
     if unlisted:
         more = f"; {len(unlisted) - 1} more files are not covered either" if len(unlisted) > 1 else ""
-        raise IntegrityError(f"{os.path.join(tag_dir, unlisted[0])}: not covered by the checksums in "
-                             f"{os.path.join(tag_dir, meta_name)} (the folder changed after the save, or the "
-                             f"metadata is damaged{more})")
+        raise IntegrityError(
+            f"{os.path.join(tag_dir, unlisted[0])}: not covered by the checksums in "
+            f"{os.path.join(tag_dir, meta_name)} (the folder changed after the save, or the "
+            f"metadata is damaged{more})"
+        )
 
 
 def _canonical_digest(meta):
@@ -179,8 +182,9 @@ def check_metadata_seal(meta, path):
             raise IntegrityError(f"{path}: corrupted: no {SEAL_NAME!r} entry (a {SEALED_FORMAT} metadata has one)")
         return False
     if meta[SEAL_NAME] != _canonical_digest(meta):
-        raise IntegrityError(f"{path}: corrupted: its own sha256 does not match its content (the metadata "
-                             f"changed after the save)")
+        raise IntegrityError(
+            f"{path}: corrupted: its own sha256 does not match its content (the metadata changed after the save)"
+        )
     return True
 
 
@@ -196,8 +200,9 @@ def read_metadata(path):
     except UnicodeDecodeError:
         raise IntegrityError(f"{path}: corrupted (not UTF-8 text)") from None
     except json.JSONDecodeError as e:
-        raise IntegrityError(f"{path}: corrupted (not valid JSON: {e.msg} at line {e.lineno} column {e.colno})") \
-            from None
+        raise IntegrityError(
+            f"{path}: corrupted (not valid JSON: {e.msg} at line {e.lineno} column {e.colno})"
+        ) from None
     if not isinstance(meta, dict):
         raise IntegrityError(f"{path}: corrupted (a JSON {type(meta).__name__}, expected an object)")
     meta["sealed"] = check_metadata_seal(meta, path)
@@ -245,8 +250,10 @@ def check_deepspeed_record(tag_dir, meta, path, sealed):
         return  # saved by an older megaphi or another tool
     for key in META_COUNTERS:
         if key in record and record[key] != meta.get(key):
-            raise IntegrityError(f"{path}: {key} {meta.get(key)} disagrees with DeepSpeed's record in {states} "
-                                 f"({record[key]}); the metadata is damaged or belongs to another save")
+            raise IntegrityError(
+                f"{path}: {key} {meta.get(key)} disagrees with DeepSpeed's record in {states} "
+                f"({record[key]}); the metadata is damaged or belongs to another save"
+            )
 
 
 def is_disk_full(error, path):

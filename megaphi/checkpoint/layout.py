@@ -8,6 +8,7 @@ A --save folder:
                                 model/ (a model folder)
 A model folder: config.json + generation_config.json + model.safetensors (Hugging Face names).
 """
+
 import os
 import re
 
@@ -43,9 +44,14 @@ def iteration_tags(directory):
     """Sorted iter_NNNNNNN folder names in a save folder."""
     if not os.path.isdir(directory):
         return []
-    return sorted((n for n in os.listdir(directory)
-                   if ITERATION_TAG_RE.fullmatch(n) and os.path.isdir(os.path.join(directory, n))),
-                  key=lambda n: int(n[5:]))
+    return sorted(
+        (
+            n
+            for n in os.listdir(directory)
+            if ITERATION_TAG_RE.fullmatch(n) and os.path.isdir(os.path.join(directory, n))
+        ),
+        key=lambda n: int(n[5:]),
+    )
 
 
 def is_complete(tag_dir):
@@ -65,25 +71,30 @@ def read_pointer(directory, name=LATEST_NAME, must_exist=True):
         return None
     if not os.path.isfile(path):
         complete = complete_tags(directory)
-        newest = (f"the newest complete checkpoint here is {complete[-1]}" if complete
-                  else "there is no complete checkpoint here")
+        newest = (
+            f"the newest complete checkpoint here is {complete[-1]}"
+            if complete
+            else "there is no complete checkpoint here"
+        )
         kind = "a directory" if os.path.isdir(path) else "not a regular file"
-        raise CheckpointError(f"{path} is {kind}; it should be a file holding one tag like iter_0000100 ({newest}): "
-                              f"move the {'directory' if os.path.isdir(path) else 'entry'} away")
+        raise CheckpointError(
+            f"{path} is {kind}; it should be a file holding one tag like iter_0000100 ({newest}): "
+            f"move the {'directory' if os.path.isdir(path) else 'entry'} away"
+        )
     with open(path, "rb") as f:
         raw = f.read(4096)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: not a checkpoint tag (binary content; it should hold one line like "
-                              f"iter_0000100)") from None
+        raise CheckpointError(
+            f"{path}: not a checkpoint tag (binary content; it should hold one line like iter_0000100)"
+        ) from None
     lines = text.strip().splitlines()
     if not lines:
         raise CheckpointError(f"{path} is empty (it should hold one line like iter_0000100)")
     tag = lines[0].strip()
     if not TAG_RE.fullmatch(tag):
-        raise CheckpointError(f"{path}: not a checkpoint tag ({tag[:60]!r}; it should hold one line like "
-                              f"iter_0000100)")
+        raise CheckpointError(f"{path}: not a checkpoint tag ({tag[:60]!r}; it should hold one line like iter_0000100)")
     if must_exist and not os.path.isdir(os.path.join(directory, tag)):
         raise CheckpointError(f"{path} points to {tag}, but {os.path.join(directory, tag)} does not exist")
     return tag

@@ -8,17 +8,19 @@ restart); it writes its pid, host and start time into it. A second job's rank 0 
 reads the holder from the file, and every rank of that job stops with one error line naming it.
 The file stays in the folder (removing it would race with a job about to take it).
 """
+
 import datetime
 import errno
 import fcntl
 import json
 import os
 import socket
+from typing import IO
 
 from .collective import broadcast_from_rank0, global_rank
 from .layout import LOCK_NAME, CheckpointError
 
-_HELD = {}  # folder -> open file (the lock lives as long as it stays open)
+_HELD: dict[str, IO] = {}  # folder -> open file (the lock lives as long as it stays open)
 
 
 class SaveFolderError(CheckpointError):
@@ -57,14 +59,23 @@ def acquire(folder: str) -> None:
     except OSError as e:
         f.close()
         if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
-            raise SaveFolderError(f"--save {folder}: cannot lock {path}: {e.strerror or e} (the filesystem may not "
-                                f"support flock)") from None
-        raise SaveFolderInUse(f"--save {folder} is in use by another run: {_holder(path)} holds {path}; stop "
-                              f"that run or save elsewhere") from None
+            raise SaveFolderError(
+                f"--save {folder}: cannot lock {path}: {e.strerror or e} (the filesystem may not support flock)"
+            ) from None
+        raise SaveFolderInUse(
+            f"--save {folder} is in use by another run: {_holder(path)} holds {path}; stop that run or save elsewhere"
+        ) from None
     f.seek(0)
     f.truncate()
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}))
+    f.write(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+        )
+    )
     f.flush()
     _HELD[folder] = f
 

@@ -12,6 +12,7 @@ is partitioned by TP and DP rank and is dropped, like Megatron's checkpoint-resh
 resumed from a resharded checkpoint restarts the optimizer. `megaphi_meta.json` of the output says
 so ("optimizer_states": false).
 """
+
 import glob
 import json
 import os
@@ -24,8 +25,16 @@ from megaphi.model.phi import PhiForCausalLM
 
 from .atomic import write_folder_atomic, write_json_atomic
 from .integrity import HASH_NAME, checksum_and_sync, seal_metadata
-from .layout import (CONFIG_NAME, LATEST_NAME, META_NAME, MODEL_STATES_RE, MODEL_SUBDIR, WEIGHTS_NAME, pointer_text,
-                     resolve_tag_dir)
+from .layout import (
+    CONFIG_NAME,
+    LATEST_NAME,
+    META_NAME,
+    MODEL_STATES_RE,
+    MODEL_SUBDIR,
+    WEIGHTS_NAME,
+    pointer_text,
+    resolve_tag_dir,
+)
 
 
 class TensorParallelMismatchError(ValueError):
@@ -36,8 +45,10 @@ def partition_dims(config):
     """{parameter name: partition dim, or None when replicated}, from a meta-device model."""
     # The attributes do not depend on the TP size of the calling process (only shard shapes do).
     model = PhiForCausalLM(config, initialize=False, device="meta")
-    return {name: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
-            for name, p in model.named_parameters()}
+    return {
+        name: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
+        for name, p in model.named_parameters()
+    }
 
 
 def merge_shards(shards, config, source="checkpoint"):
@@ -53,7 +64,8 @@ def merge_shards(shards, config, source="checkpoint"):
             for r, p in enumerate(parts[1:], 1):
                 if p.shape != parts[0].shape or not torch.equal(p, parts[0]):
                     raise TensorParallelMismatchError(
-                        f"{source}: replicated tensor {name!r} differs between TP rank 0 and TP rank {r}")
+                        f"{source}: replicated tensor {name!r} differs between TP rank 0 and TP rank {r}"
+                    )
             full[name] = parts[0]
         else:
             full[name] = torch.cat(parts, dim=dim)
@@ -78,6 +90,7 @@ def split_state(full, config, tp, source="checkpoint"):
 
 
 # -- training checkpoint folders -------------------------------------------------------------------
+
 
 def model_state_files(tag_dir):
     """{tp rank: path} of the mp_rank_XX_model_states.pt files in tag_dir."""
@@ -112,7 +125,8 @@ def checkpoint_tensor_parallel_size(tag_dir):
     if files and sorted(files) != list(range(tp)):
         raise TensorParallelMismatchError(
             f"{tag_dir}: megaphi_meta.json records tensor_model_parallel_size {tp} but the folder holds "
-            f"model shards for TP ranks {sorted(files)}")
+            f"model shards for TP ranks {sorted(files)}"
+        )
     return tp
 
 
@@ -122,7 +136,8 @@ def check_tensor_parallel_size(tag_dir, tp):
     if saved != tp:
         raise TensorParallelMismatchError(
             f"checkpoint {tag_dir} was saved with --tensor-model-parallel-size {saved}, this run uses {tp}; "
-            f"convert it first: python tools/convert_checkpoint.py reshard {tag_dir} NEW_DIR --tp {tp}")
+            f"convert it first: python tools/convert_checkpoint.py reshard {tag_dir} NEW_DIR --tp {tp}"
+        )
     return saved
 
 
@@ -140,16 +155,29 @@ def read_training_checkpoint(path):
         state = torch.load(files[r], map_location="cpu", weights_only=False)
         module = state.get("module") if isinstance(state, dict) else None
         if not module:
-            raise ValueError(f"{files[r]}: no 'module' state dict (was the model saved with ZeRO stage 3? "
-                             f"use the exported {os.path.join(tag_dir, MODEL_SUBDIR)} folder instead)")
+            raise ValueError(
+                f"{files[r]}: no 'module' state dict (was the model saved with ZeRO stage 3? "
+                f"use the exported {os.path.join(tag_dir, MODEL_SUBDIR)} folder instead)"
+            )
         shards.append(module)
     return config, merge_shards(shards, config, source=tag_dir), meta, tag_dir
 
 
 # Per-rank layout entries that describe the source run's parallel layout (rewritten, not carried over).
-_LAYOUT_KEYS = ("module", "optimizer", "param_shapes", "frozen_param_shapes", "frozen_param_fragments",
-                "shared_params", "buffer_names", "mp_world_size", "dp_world_size", "ds_config",
-                "checkpoint_parallel_dimensions", "ds_version")
+_LAYOUT_KEYS = (
+    "module",
+    "optimizer",
+    "param_shapes",
+    "frozen_param_shapes",
+    "frozen_param_fragments",
+    "shared_params",
+    "buffer_names",
+    "mp_world_size",
+    "dp_world_size",
+    "ds_config",
+    "checkpoint_parallel_dimensions",
+    "ds_version",
+)
 
 
 def training_state_extras(tag_dir):
@@ -166,15 +194,32 @@ def write_training_checkpoint(out_dir, tag, shards, meta, extras=None):
     The caller writes into a temporary folder (atomic.write_folder_atomic)."""
     tag_dir = os.path.join(out_dir, tag)
     os.makedirs(tag_dir, exist_ok=True)
-    defaults = {"lr_scheduler": None, "data_sampler": None, "random_ltd": None, "skipped_steps": 0,
-                "global_steps": meta.get("iteration", 0), "global_samples": meta.get("consumed_samples", 0),
-                "megaphi": {k: meta.get(k) for k in ("iteration", "consumed_samples", "consumed_tokens")}}
+    defaults = {
+        "lr_scheduler": None,
+        "data_sampler": None,
+        "random_ltd": None,
+        "skipped_steps": 0,
+        "global_steps": meta.get("iteration", 0),
+        "global_samples": meta.get("consumed_samples", 0),
+        "megaphi": {k: meta.get(k) for k in ("iteration", "consumed_samples", "consumed_tokens")},
+    }
     for r, shard in enumerate(shards):
-        torch.save({**defaults, **(extras or {}),
-                    "module": shard, "buffer_names": [], "optimizer": None, "param_shapes": None,
-                    "frozen_param_shapes": None, "shared_params": {}, "frozen_param_fragments": None,
-                    "mp_world_size": len(shards), "dp_world_size": 1},
-                   os.path.join(tag_dir, f"mp_rank_{r:02d}_model_states.pt"))
+        torch.save(
+            {
+                **defaults,
+                **(extras or {}),
+                "module": shard,
+                "buffer_names": [],
+                "optimizer": None,
+                "param_shapes": None,
+                "frozen_param_shapes": None,
+                "shared_params": {},
+                "frozen_param_fragments": None,
+                "mp_world_size": len(shards),
+                "dp_world_size": 1,
+            },
+            os.path.join(tag_dir, f"mp_rank_{r:02d}_model_states.pt"),
+        )
     with open(os.path.join(tag_dir, META_NAME), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     with open(os.path.join(out_dir, LATEST_NAME), "w") as f:
@@ -188,16 +233,25 @@ def reshard(ckpt, out_dir, tp):
         raise ValueError(f"--tp must be >= 1, got {tp}")
     if not is_training_checkpoint(ckpt):
         if os.path.isfile(os.path.join(ckpt, CONFIG_NAME)) and os.path.isfile(os.path.join(ckpt, WEIGHTS_NAME)):
-            raise ValueError(f"{ckpt} is a megaphi model folder: its tensors are full (TP-independent) and load at "
-                             f"any --tensor-model-parallel-size; reshard takes training checkpoints")
-        raise ValueError(f"{ckpt}: not a megaphi training checkpoint (expected a `latest` file or "
-                         f"{META_NAME} with mp_rank_XX_model_states.pt files)")
+            raise ValueError(
+                f"{ckpt} is a megaphi model folder: its tensors are full (TP-independent) and load at "
+                f"any --tensor-model-parallel-size; reshard takes training checkpoints"
+            )
+        raise ValueError(
+            f"{ckpt}: not a megaphi training checkpoint (expected a `latest` file or "
+            f"{META_NAME} with mp_rank_XX_model_states.pt files)"
+        )
     config, full, meta, tag_dir = read_training_checkpoint(ckpt)
     source_tp = meta.get("tensor_model_parallel_size", 1)
     shards = split_state(full, config, tp, source=tag_dir)
     new_meta = dict(meta)
-    new_meta.update({"tensor_model_parallel_size": tp, "optimizer_states": False,
-                     "resharded_from": {"path": tag_dir, "tensor_model_parallel_size": source_tp}})
+    new_meta.update(
+        {
+            "tensor_model_parallel_size": tp,
+            "optimizer_states": False,
+            "resharded_from": {"path": tag_dir, "tensor_model_parallel_size": source_tp},
+        }
+    )
     new_meta.pop("files", None)  # the source's checksums; the output's are recorded below
     if isinstance(new_meta.get("args"), dict):
         new_meta["args"] = {**new_meta["args"], "tensor_model_parallel_size": tp}
@@ -212,5 +266,6 @@ def reshard(ckpt, out_dir, tp):
         new_meta["files"] = checksum_and_sync(os.path.join(tmp, tag), META_NAME)
         new_meta["checksum"] = HASH_NAME
         write_json_atomic(os.path.join(tmp, tag, META_NAME), seal_metadata(new_meta))  # its own checksum, recomputed
+
     write_folder_atomic(out_dir, fill)
     return config, source_tp

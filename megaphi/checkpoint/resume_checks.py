@@ -20,6 +20,7 @@ names the flag to pass:
   sample boundaries, the number of samples the indices are built for): refused unless
   --override-data-order.
 """
+
 import os
 
 from . import layout, training_state
@@ -27,9 +28,14 @@ from .layout import CheckpointError
 from .model_folder import ARCH_FIELDS
 
 # model config field -> argparse dest
-ARCH_ARGS = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size", "intermediate_size": "ffn_hidden_size",
-             "num_attention_heads": "num_attention_heads", "rotary_dim": "rotary_dim",
-             "max_position_embeddings": "max_position_embeddings"}
+ARCH_ARGS = {
+    "num_hidden_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "ffn_hidden_size",
+    "num_attention_heads": "num_attention_heads",
+    "rotary_dim": "rotary_dim",
+    "max_position_embeddings": "max_position_embeddings",
+}
 SCHEDULE_ARGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style")
 DATA_ORDER_ARGS = ("seed", "seq_length", "global_batch_size")
 
@@ -57,15 +63,19 @@ def adopt_checkpoint_args(args, meta):
     max_positions = values.get("max_position_embeddings", args.max_position_embeddings)
     if args.seq_length > max_positions:
         values["seq_length"] = max_positions
-    return values, "--use-checkpoint-args: " + (", ".join(changed) if changed else
-                                                 "the flags already match the checkpoint")
+    return values, "--use-checkpoint-args: " + (
+        ", ".join(changed) if changed else "the flags already match the checkpoint"
+    )
 
 
 def adopt_checkpoint_schedule(args, meta):
     """--use-checkpoint-opt_param-scheduler: (the checkpoint's lr schedule values, the line saying so)."""
     saved = meta.get("args") or {}
-    changed = [f"{_flag(k)} {getattr(args, k)} -> {saved[k]}" for k in SCHEDULE_ARGS
-               if k in saved and getattr(args, k) != saved[k]]
+    changed = [
+        f"{_flag(k)} {getattr(args, k)} -> {saved[k]}"
+        for k in SCHEDULE_ARGS
+        if k in saved and getattr(args, k) != saved[k]
+    ]
     values = {k: saved[k] for k in SCHEDULE_ARGS if k in saved}
     return values, "--use-checkpoint-opt_param-scheduler: " + (", ".join(changed) if changed else "same schedule")
 
@@ -86,12 +96,13 @@ def check_resume_setup(args, meta, model_config, zero_stage, load_dir):
     where = f"--load {load_dir}/{meta.get('tag', '')}".rstrip("/")
     config = meta.get("model_config") or {}
     mine = model_config.to_dict() if hasattr(model_config, "to_dict") else dict(vars(model_config))
-    diffs = [f"{k} {config[k]} vs {mine[k]}" for k in ARCH_FIELDS
-             if k in config and k in mine and config[k] != mine[k]]
+    diffs = [f"{k} {config[k]} vs {mine[k]}" for k in ARCH_FIELDS if k in config and k in mine and config[k] != mine[k]]
     if diffs:
-        hint = ("--vocab-size" if all(d.startswith("vocab_size") for d in diffs) else "model flags")
-        raise CheckpointError(f"{where}: the architecture differs from this run (checkpoint vs run: {'; '.join(diffs)}); "
-                              f"pass the checkpoint's {hint} or --use-checkpoint-args")
+        hint = "--vocab-size" if all(d.startswith("vocab_size") for d in diffs) else "model flags"
+        raise CheckpointError(
+            f"{where}: the architecture differs from this run (checkpoint vs run: {'; '.join(diffs)}); "
+            f"pass the checkpoint's {hint} or --use-checkpoint-args"
+        )
 
     saved_args = meta.get("args") or {}
     if meta.get("optimizer_states", True) and not getattr(args, "no_load_optim", False):
@@ -100,43 +111,63 @@ def check_resume_setup(args, meta, model_config, zero_stage, load_dir):
             forced = bool(getattr(args, "bf16", False)) and saved_stage == 0
             alt = "" if forced else f", or resume with --zero-stage {saved_stage}"
             why = " (bf16 runs use ZeRO >= 1 for fp32 gradient accumulation)" if forced else ""
-            raise CheckpointError(f"{where}: saved with ZeRO stage {saved_stage}, this run uses stage {zero_stage}{why}; "
-                                  f"the optimizer state does not carry across these stages: pass --no-load-optim "
-                                  f"(weights, lr schedule and data position kept; Adam moments restart){alt}")
+            raise CheckpointError(
+                f"{where}: saved with ZeRO stage {saved_stage}, this run uses stage {zero_stage}{why}; "
+                f"the optimizer state does not carry across these stages: pass --no-load-optim "
+                f"(weights, lr schedule and data position kept; Adam moments restart){alt}"
+            )
         saved_dp = saved_args.get("data_parallel_size")
-        if zero_stage and saved_stage and saved_dp is not None and saved_dp != getattr(args, "data_parallel_size", saved_dp):
-            raise CheckpointError(f"{where}: ZeRO optimizer state saved for {saved_dp} data-parallel ranks, this run has "
-                                  f"{args.data_parallel_size}; pass --no-load-optim (Adam moments restart) or resume "
-                                  f"with the same world size")
+        if (
+            zero_stage
+            and saved_stage
+            and saved_dp is not None
+            and saved_dp != getattr(args, "data_parallel_size", saved_dp)
+        ):
+            raise CheckpointError(
+                f"{where}: ZeRO optimizer state saved for {saved_dp} data-parallel ranks, this run has "
+                f"{args.data_parallel_size}; pass --no-load-optim (Adam moments restart) or resume "
+                f"with the same world size"
+            )
 
     if not getattr(args, "override_opt_param_scheduler", False):
-        diffs = [f"{_flag(k)} {saved_args[k]} vs {getattr(args, k)}" for k in SCHEDULE_ARGS
-                 if k in saved_args and getattr(args, k, None) != saved_args[k]]
+        diffs = [
+            f"{_flag(k)} {saved_args[k]} vs {getattr(args, k)}"
+            for k in SCHEDULE_ARGS
+            if k in saved_args and getattr(args, k, None) != saved_args[k]
+        ]
         if diffs:
             raise CheckpointError(
                 f"{where}: the lr schedule differs from the checkpoint's (checkpoint vs run: {'; '.join(diffs)}; "
                 f"--lr-decay-iters defaults to --train-iters); pass the checkpoint's values, "
                 f"--use-checkpoint-opt_param-scheduler to adopt them, or --override-opt_param-scheduler to "
-                f"continue with the new schedule from iteration {meta.get('iteration')}")
+                f"continue with the new schedule from iteration {meta.get('iteration')}"
+            )
 
 
 def check_data_order(args, meta, load_dir, say=print):
     """Refuse (one line) a resume whose --seed, --seq-length or --global-batch-size differs from the
     checkpoint's, unless --override-data-order (then said in one line)."""
     saved = meta.get("args") or {}
-    diffs = "; ".join(f"{_flag(k)} {saved[k]} vs {getattr(args, k, None)}" for k in DATA_ORDER_ARGS
-                      if k in saved and getattr(args, k, None) != saved[k])
+    diffs = "; ".join(
+        f"{_flag(k)} {saved[k]} vs {getattr(args, k, None)}"
+        for k in DATA_ORDER_ARGS
+        if k in saved and getattr(args, k, None) != saved[k]
+    )
     if not diffs:
         return
     if getattr(args, "override_data_order", False):
-        say(f"--override-data-order: continuing with the new data order (checkpoint vs run: {diffs}) from "
-            f"iteration {meta.get('iteration')}")
+        say(
+            f"--override-data-order: continuing with the new data order (checkpoint vs run: {diffs}) from "
+            f"iteration {meta.get('iteration')}"
+        )
         return
     where = f"--load {load_dir}/{meta.get('tag', '')}".rstrip("/")
-    raise CheckpointError(f"{where}: the data order differs from the checkpoint's (checkpoint vs run: {diffs}): it "
-                          f"changes which samples are read after iteration {meta.get('iteration')} (the data "
-                          f"position is kept as {meta.get('consumed_samples')} consumed samples); pass the "
-                          f"checkpoint's values, or --override-data-order to continue with the new ones")
+    raise CheckpointError(
+        f"{where}: the data order differs from the checkpoint's (checkpoint vs run: {diffs}): it "
+        f"changes which samples are read after iteration {meta.get('iteration')} (the data "
+        f"position is kept as {meta.get('consumed_samples')} consumed samples); pass the "
+        f"checkpoint's values, or --override-data-order to continue with the new ones"
+    )
 
 
 def resume_point(args):
@@ -171,11 +202,14 @@ def resume_adoptions(args, meta, tokenizer_size, padded_vocab):
     if tokenizer_size is None:
         values.setdefault("vocab_size", args.vocab_size)
         return values, lines
-    rows = resume_vocab_rows(meta, padded_vocab, tokenizer_size, args.tensor_model_parallel_size,
-                             args.make_vocab_size_divisible_by)
+    rows = resume_vocab_rows(
+        meta, padded_vocab, tokenizer_size, args.tensor_model_parallel_size, args.make_vocab_size_divisible_by
+    )
     if rows != padded_vocab:
-        lines.append(f"resuming with the checkpoint's {rows} vocabulary rows (this run alone would pad "
-                     f"{tokenizer_size} tokens to {padded_vocab})")
+        lines.append(
+            f"resuming with the checkpoint's {rows} vocabulary rows (this run alone would pad "
+            f"{tokenizer_size} tokens to {padded_vocab})"
+        )
     values["vocab_size"] = rows
     return values, lines
 
@@ -187,8 +221,10 @@ def prepare_resume(args, say=print):
     will be saved."""
     if not args.save:
         if not getattr(args, "skip_train", False):  # an evaluation saves nothing anyway
-            say("warning: no --save: this run saves no checkpoint; a crash, SIGTERM or the end of the run keeps "
-                "nothing but the metrics")
+            say(
+                "warning: no --save: this run saves no checkpoint; a crash, SIGTERM or the end of the run keeps "
+                "nothing but the metrics"
+            )
     else:  # the run holds the folder's lock: its interrupted saves are its own
         training_state.set_aside_incomplete(args.save, owned=True, say=say)
         latest = os.path.join(args.save, layout.LATEST_NAME)

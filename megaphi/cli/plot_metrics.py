@@ -7,6 +7,7 @@
 The title names the run: --title, else the run's folder (its parent when the metrics sit in a folder
 named like checkpoints/, logs/: runs/quickstart/checkpoints -> "quickstart").
 """
+
 import argparse
 import json
 import math
@@ -14,8 +15,21 @@ import os
 import sys
 
 # folder names that say what a folder holds, not which run it belongs to
-GENERIC_FOLDERS = {"checkpoints", "checkpoint", "ckpt", "ckpts", "logs", "log", "save", "saves", "output",
-                   "outputs", "metrics", "tensorboard", "tb"}
+GENERIC_FOLDERS = {
+    "checkpoints",
+    "checkpoint",
+    "ckpt",
+    "ckpts",
+    "logs",
+    "log",
+    "save",
+    "saves",
+    "output",
+    "outputs",
+    "metrics",
+    "tensorboard",
+    "tb",
+}
 
 
 def read_metrics(path):
@@ -85,9 +99,11 @@ def plot(train, valid, out, title):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="megaphi-plot", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="megaphi-plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     from megaphi.cli import add_version_flag
+
     add_version_flag(p)
     p.add_argument("run", help="run folder holding metrics.jsonl (the --log-dir / --save folder), or the file")
     p.add_argument("--output", help="PNG path (default: RUN/curves.png)")
@@ -106,9 +122,11 @@ def main(argv=None):
     out = args.output or os.path.join(os.path.dirname(os.path.abspath(path)), "curves.png")
     plot(train, valid, out, args.title or run_name(path))
     first, last = train[0], train[-1]
-    print(f"wrote {out}: {len(train)} training points, loss {first['loss']:.3f} (iteration {first['iteration']}) "
-          f"-> {last['loss']:.3f} (iteration {last['iteration']})"
-          + (f", validation loss {valid[-1]['val_loss']:.3f}" if valid else ""))
+    print(
+        f"wrote {out}: {len(train)} training points, loss {first['loss']:.3f} (iteration {first['iteration']}) "
+        f"-> {last['loss']:.3f} (iteration {last['iteration']})"
+        + (f", validation loss {valid[-1]['val_loss']:.3f}" if valid else "")
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ OUTPUT_DIR/tokenizer.json, loadable with --tokenizer OUTPUT_DIR everywhere in me
 
     python tools/train_tokenizer.py --input corpus.jsonl --vocab-size 4096 --output-dir data/tokenizer
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,9 @@ EOD = "<|endoftext|>"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="megaphi-train-tokenizer", description=__doc__.split("\n\n")[0])
     add_version_flag(p)
-    p.add_argument("--input", nargs="+", required=True, help="JSONL (.jsonl, .jsonl.gz) files, source directories or files")
+    p.add_argument(
+        "--input", nargs="+", required=True, help="JSONL (.jsonl, .jsonl.gz) files, source directories or files"
+    )
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL keys holding text (default: text)")
     p.add_argument("--extensions", default=".py", help="suffixes of source files taken from directories (default: .py)")
     p.add_argument("--output-dir", required=True, help="folder to write tokenizer.json into")
@@ -35,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def iter_texts(inputs: List[str], keys: List[str], extensions: tuple, limit: Optional[int], stats: dict) -> Iterator[str]:
+def iter_texts(
+    inputs: List[str], keys: List[str], extensions: tuple, limit: Optional[int], stats: dict
+) -> Iterator[str]:
     n = 0
     for batch in iter_batches(inputs, extensions, 256, keys=keys):  # parquet/datasets: read the keys' columns
         texts, skipped, nbytes = decode_batch(batch, keys)
@@ -66,21 +71,29 @@ def train(args) -> str:
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=args.vocab_size, min_frequency=args.min_frequency, special_tokens=[EOD],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=not args.quiet)
+        vocab_size=args.vocab_size,
+        min_frequency=args.min_frequency,
+        special_tokens=[EOD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=not args.quiet,
+    )
     stats = {"documents": 0, "skipped": 0, "bytes": 0}
     t0 = time.time()
-    tok.train_from_iterator(iter_texts(args.input, args.json_keys, parse_extensions(args.extensions),
-                                       args.max_documents, stats), trainer=trainer)
+    tok.train_from_iterator(
+        iter_texts(args.input, args.json_keys, parse_extensions(args.extensions), args.max_documents, stats),
+        trainer=trainer,
+    )
     if stats["documents"] == 0:
         raise ValueError("no documents found in the inputs")
     os.makedirs(args.output_dir, exist_ok=True)
     tmp = out + f".tmp-{os.getpid()}"
     tok.save(tmp)
     os.replace(tmp, out)
-    print(f"trained a byte-level BPE of {tok.get_vocab_size()} tokens (<|endoftext|> = {tok.token_to_id(EOD)}) on "
-          f"{stats['documents']:,} documents ({stats['bytes'] / 1e6:.1f} MB, {stats['skipped']} skipped) in "
-          f"{time.time() - t0:.1f} s -> {out}")  # the result: stdout
+    print(
+        f"trained a byte-level BPE of {tok.get_vocab_size()} tokens (<|endoftext|> = {tok.token_to_id(EOD)}) on "
+        f"{stats['documents']:,} documents ({stats['bytes'] / 1e6:.1f} MB, {stats['skipped']} skipped) in "
+        f"{time.time() - t0:.1f} s -> {out}"
+    )  # the result: stdout
     return out
 
 

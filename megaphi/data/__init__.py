@@ -1,5 +1,6 @@
 """megaphi.data: token files, Megatron-compatible datasets and the pretraining sampler; the corpus readers
 and the preprocessing pipeline (preprocess.py) that make the token files."""
+
 from .blended_dataset import BlendedDataset, build_gpt_datasets, parse_data_path
 from .gpt_dataset import GPTDataset, build_gpt_indices
 from .indexed_dataset import IndexedDataset, IndexedDatasetBuilder, dtype_for_vocab
@@ -12,6 +13,7 @@ def __getattr__(name):
     # (e.g. in preprocessing workers) free of torch's import time.
     if name in _SAMPLER_NAMES:
         from . import sampler
+
         return getattr(sampler, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -6,6 +6,7 @@ count_d-th sample. For a blend of N samples of a split, dataset d is built with
 ceil(ceil(N * w_d) * 1.005) samples (a 0.5% surplus) and the blend holds sum_d ceil(N * w_d) samples.
 The blending indices are cheap (C++, O(size * datasets)) and are rebuilt on every rank, not cached.
 """
+
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -47,18 +48,22 @@ class BlendedDataset:
                 raise ValueError("BlendedDataset with size=None takes integer sample counts as weights")
             self.weights = weights
             self.dataset_index, self.dataset_sample_index = _C.build_exhaustive_blending_indices(
-                np.array(weights, dtype=np.int64))
+                np.array(weights, dtype=np.int64)
+            )
         else:
             if isinstance(size, bool) or int(size) != size or size < 0:
                 raise ValueError(f"BlendedDataset size must be an integer >= 0, got {size!r}")
             self.weights = normalize_weights(weights)
             self.dataset_index, self.dataset_sample_index = _C.build_blending_indices(
-                np.array(self.weights, dtype=np.float64), int(size))
+                np.array(self.weights, dtype=np.float64), int(size)
+            )
         counts = np.bincount(self.dataset_index, minlength=len(datasets))
         for d, (count, dataset) in enumerate(zip(counts, datasets)):
             if count > len(dataset):
-                raise ValueError(f"the blend draws {count} samples from dataset {d} ({dataset!r}), which has "
-                                 f"only {len(dataset)}; build it with more samples")
+                raise ValueError(
+                    f"the blend draws {count} samples from dataset {d} ({dataset!r}), which has "
+                    f"only {len(dataset)}; build it with more samples"
+                )
 
     def __len__(self) -> int:
         return int(self.dataset_index.shape[0])
@@ -95,15 +100,23 @@ def parse_data_path(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[
             float(item)
         except ValueError:
             continue
-        raise ValueError(f"--data-path {' '.join(items)}: expected prefixes or weight/prefix pairs; "
-                         f"{item!r} looks like a weight without a prefix")
+        raise ValueError(
+            f"--data-path {' '.join(items)}: expected prefixes or weight/prefix pairs; "
+            f"{item!r} looks like a weight without a prefix"
+        )
     return items, None
 
 
-def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, seed: int,
-                       num_samples: Sequence[Optional[int]] = (None, None, None),
-                       cache_dir: Optional[str] = None, splits: Sequence[str] = SPLIT_NAMES,
-                       vocab_size: Optional[int] = None):
+def build_gpt_datasets(
+    data_path: Sequence[str],
+    split: str,
+    seq_length: int,
+    seed: int,
+    num_samples: Sequence[Optional[int]] = (None, None, None),
+    cache_dir: Optional[str] = None,
+    splits: Sequence[str] = SPLIT_NAMES,
+    vocab_size: Optional[int] = None,
+):
     """(train, valid, test): each a GPTDataset, a BlendedDataset or None (weight-0 split, or a split
     not named in `splits`, which is then not built at all: a caller that never reads it need not
     have documents for it).
@@ -129,12 +142,21 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
     readers = {p: IndexedDataset(p) for p in dict.fromkeys(prefixes)}
     if vocab_size is not None:
         from .token_check import check_vocabulary
+
         for reader in readers.values():
             check_vocabulary(reader, vocab_size, cache_dir)
 
     def gpt(prefix, samples, split_name):
-        return GPTDataset(prefix, seq_length, samples, seed, split=split, split_name=split_name,
-                          cache_dir=cache_dir, indexed_dataset=readers[prefix])
+        return GPTDataset(
+            prefix,
+            seq_length,
+            samples,
+            seed,
+            split=split,
+            split_name=split_name,
+            cache_dir=cache_dir,
+            indexed_dataset=readers[prefix],
+        )
 
     results: List[Optional[object]] = []  # per split: a GPTDataset, a BlendedDataset or None
     for k, name in enumerate(SPLIT_NAMES):

@@ -1,6 +1,7 @@
 """Decoding, the worker side of the corpus readers: a ``Batch`` of raw records (megaphi/data/corpus_readers.py)
 -> the texts per key, validated, and the skipped records as (reason, location). Runs in the preprocessing
 workers, so nothing here holds more than one record above ``max_document_bytes``."""
+
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import stat
 from typing import Dict, List, Optional, Tuple
 
 from .corpus_readers import DEFAULT_MAX_DOCUMENT_BYTES, Batch, Oversize, describe_names
+
 
 def _too_large(n: int, limit: int) -> str:
     return f"{n:,} bytes > --max-document-bytes {limit:,}"

@@ -17,6 +17,7 @@ turns a batch into texts per key and the skipped records as (reason, location). 
 than one record above ``max_document_bytes``: longer JSONL lines are skipped while read, longer files are not read, longer
 values are replaced by an ``Oversize`` marker before they reach a worker.
 """
+
 from __future__ import annotations
 
 import glob
@@ -51,6 +52,7 @@ class Batch(NamedTuple):
 
 class Oversize(NamedTuple):
     """Stands for a record longer than max_document_bytes (its bytes are never kept)."""
+
     nbytes: int
 
 
@@ -75,7 +77,7 @@ def is_saved_hf_dataset(path: str) -> bool:
 
 
 def input_kind(path: str, extensions: tuple) -> str:
-    """"hub", "hf_disk", "tree", "jsonl", "parquet", "source", "special" (not a regular file: skipped).
+    """ "hub", "hf_disk", "tree", "jsonl", "parquet", "source", "special" (not a regular file: skipped).
     Raises CorpusError for a missing path or a file of unknown type."""
     if path.startswith(HF_PREFIX):
         return "hub"
@@ -93,8 +95,10 @@ def input_kind(path: str, extensions: tuple) -> str:
         return "parquet"
     if path.endswith(extensions):
         return "source"
-    raise CorpusError(f"--input {path}: unknown file type (expected {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}, "
-                      f"a folder, hf:NAME, or a source file ending with --extensions {','.join(extensions)})")
+    raise CorpusError(
+        f"--input {path}: unknown file type (expected {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}, "
+        f"a folder, hf:NAME, or a source file ending with --extensions {','.join(extensions)})"
+    )
 
 
 def _hf_disk_split_dir(path: str, split: str) -> str:
@@ -110,7 +114,10 @@ def input_size(path: str, extensions: tuple, hf: HFOptions = HFOptions()) -> Opt
     if kind == "special":
         return 0
     if kind == "hf_disk":
-        return sum(os.path.getsize(f) for f in glob.glob(os.path.join(glob.escape(_hf_disk_split_dir(path, hf.split)), "*.arrow")))
+        return sum(
+            os.path.getsize(f)
+            for f in glob.glob(os.path.join(glob.escape(_hf_disk_split_dir(path, hf.split)), "*.arrow"))
+        )
     return os.path.getsize(path)
 
 
@@ -145,9 +152,15 @@ def _file_size(path: str) -> int:
         return 0
 
 
-def iter_batches(inputs: List[str], extensions: tuple, batch_size: int, batch_bytes: int = 1 << 62,
-                 keys: Sequence[str] = ("text",), max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
-                 hf: HFOptions = HFOptions()) -> Iterator[Batch]:
+def iter_batches(
+    inputs: List[str],
+    extensions: tuple,
+    batch_size: int,
+    batch_bytes: int = 1 << 62,
+    keys: Sequence[str] = ("text",),
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
+    hf: HFOptions = HFOptions(),
+) -> Iterator[Batch]:
     """Batches of raw records (at most batch_size records or about batch_bytes bytes), in input order.
     Opening/reading failures become "error" batches; non-regular files "skip" batches."""
     for path in inputs:
@@ -268,6 +281,7 @@ def _shares(total_bytes: int, total_rows: int):
         upto = total_bytes * state["rows"] // max(total_rows, 1)
         out, state["bytes"] = upto - state["bytes"], upto
         return out
+
     return share
 
 
@@ -285,8 +299,16 @@ def _is_text_type(arrow_type) -> bool:
 
     if pa.types.is_dictionary(arrow_type):
         return _is_text_type(arrow_type.value_type)
-    checks = ("is_string", "is_large_string", "is_string_view", "is_binary", "is_large_binary", "is_binary_view",
-              "is_fixed_size_binary", "is_null")
+    checks = (
+        "is_string",
+        "is_large_string",
+        "is_string_view",
+        "is_binary",
+        "is_large_binary",
+        "is_binary_view",
+        "is_fixed_size_binary",
+        "is_null",
+    )
     return any(getattr(pa.types, name, lambda t: False)(arrow_type) for name in checks)
 
 
@@ -295,11 +317,15 @@ def check_text_columns(source: str, keys: List[str], schema) -> None:
     is a column holding text; otherwise one line naming the key, the input and its columns."""
     for key in keys:
         if key not in schema.names:
-            raise CorpusError(f"--json-keys {key}: {source} has no column {key!r} (columns: {describe_names(schema.names)})")
+            raise CorpusError(
+                f"--json-keys {key}: {source} has no column {key!r} (columns: {describe_names(schema.names)})"
+            )
         arrow_type = schema.field(key).type
         if not _is_text_type(arrow_type):
-            raise CorpusError(f"--json-keys {key}: {source}: column {key!r} holds {arrow_type}, not text "
-                              f"(columns: {describe_names(schema.names)})")
+            raise CorpusError(
+                f"--json-keys {key}: {source}: column {key!r} holds {arrow_type}, not text "
+                f"(columns: {describe_names(schema.names)})"
+            )
 
 
 def _parquet_batches(path: str, keys: List[str], batch_size, batch_bytes, limit) -> Iterator[Batch]:
@@ -355,7 +381,7 @@ def _hf_disk_batches(path: str, keys: List[str], batch_size, batch_bytes, limit,
 
 def _hub_batches(spec: str, keys: List[str], batch_size, batch_bytes, limit, hf: HFOptions) -> Iterator[Batch]:
     datasets = _import_datasets(spec)
-    name = spec[len(HF_PREFIX):]
+    name = spec[len(HF_PREFIX) :]
     try:
         ds = datasets.load_dataset(name, hf.subset, data_dir=hf.data_dir, split=hf.split, streaming=True)
         features = getattr(ds, "features", None)  # None when the stream's columns are only known per row

@@ -9,6 +9,7 @@ the .idx hash) is enough there. Results derived from the .bin's contents (the la
 also key on its size and mtime_ns, since hashing the .bin (GBs) at every start would cost more
 than the scan it saves.
 """
+
 import hashlib
 import os
 
@@ -30,8 +31,11 @@ def index_fingerprint(dataset) -> dict:
     """{"idx_sha1", "idx_bytes", "bin_bytes"} of an open IndexedDataset, computed once per reader."""
     cached = getattr(dataset, "_megaphi_index_fingerprint", None)
     if cached is None:
-        cached = {"idx_sha1": file_sha1(dataset.idx_path), "idx_bytes": os.path.getsize(dataset.idx_path),
-                  "bin_bytes": os.path.getsize(dataset.bin_path)}
+        cached = {
+            "idx_sha1": file_sha1(dataset.idx_path),
+            "idx_bytes": os.path.getsize(dataset.idx_path),
+            "bin_bytes": os.path.getsize(dataset.bin_path),
+        }
         dataset._megaphi_index_fingerprint = cached
     return dict(cached)
 

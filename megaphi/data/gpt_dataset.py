@@ -16,6 +16,7 @@ the same order as Megatron-LM's GPTDataset:
 
 len(ds) is n (Megatron's len), which may exceed N; ds[i] is sample shuffle_index[i].
 """
+
 import logging
 import os
 from collections import OrderedDict
@@ -42,8 +43,7 @@ def num_epochs_needed(tokens_per_epoch: int, num_samples: Optional[int], seq_len
     return max(1, -(-required // tokens_per_epoch))
 
 
-def separate_final_epoch(tokens_per_epoch: int, num_epochs: int, num_samples: Optional[int],
-                         seq_length: int) -> bool:
+def separate_final_epoch(tokens_per_epoch: int, num_epochs: int, num_samples: Optional[int], seq_length: int) -> bool:
     """Whether the final epoch is shuffled on its own (it is needed for < 80% of its samples)."""
     if num_epochs == 1 or num_samples is None:
         return False
@@ -54,8 +54,7 @@ def separate_final_epoch(tokens_per_epoch: int, num_epochs: int, num_samples: Op
     return samples_from_final < int(FINAL_EPOCH_THRESHOLD * samples_per_epoch)
 
 
-def _document_index(documents: np.ndarray, num_epochs: int, separate: bool,
-                    rng: np.random.RandomState) -> np.ndarray:
+def _document_index(documents: np.ndarray, num_epochs: int, separate: bool, rng: np.random.RandomState) -> np.ndarray:
     if separate and num_epochs > 1:
         head = _document_index(documents, num_epochs - 1, False, rng)
         tail = _document_index(documents, 1, False, rng)
@@ -76,9 +75,15 @@ def _shuffle_index(first_range: int, total: int, rng: np.random.RandomState) -> 
     return np.concatenate((head, tail))
 
 
-def build_gpt_indices(sequence_lengths: np.ndarray, begin: int, end: int, seq_length: int,
-                      num_samples: Optional[int], seed: int, timings: Optional[dict] = None
-                      ) -> Dict[str, np.ndarray]:
+def build_gpt_indices(
+    sequence_lengths: np.ndarray,
+    begin: int,
+    end: int,
+    seq_length: int,
+    num_samples: Optional[int],
+    seed: int,
+    timings: Optional[dict] = None,
+) -> Dict[str, np.ndarray]:
     """document_index, sample_index, shuffle_index for documents [begin, end) (pure function).
 
     `timings`, when given, receives the seconds spent on each index.
@@ -113,18 +118,25 @@ def build_gpt_indices(sequence_lengths: np.ndarray, begin: int, end: int, seq_le
     first = ((num_epochs - 1) * tokens_per_epoch - ADD_EXTRA_TOKEN) // seq_length if separate else total
     shuffle_index = _shuffle_index(first, total, rng)
     t3 = time.perf_counter()
-    timings.update(document_index=t1 - t0, sample_index=t2 - t1, shuffle_index=t3 - t2,
-                   num_epochs=num_epochs, separate_final_epoch=separate, tokens_per_epoch=tokens_per_epoch)
+    timings.update(
+        document_index=t1 - t0,
+        sample_index=t2 - t1,
+        shuffle_index=t3 - t2,
+        num_epochs=num_epochs,
+        separate_final_epoch=separate,
+        tokens_per_epoch=tokens_per_epoch,
+    )
     return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
 
 
 def _check_params(seq_length, num_samples, seed):
     if isinstance(seq_length, bool) or not isinstance(seq_length, (int, np.integer)) or seq_length <= 0:
         raise ValueError(f"seq_length must be a positive integer, got {seq_length!r}")
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer))
-                                    or num_samples < 0):
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 0
+    ):
         raise ValueError(f"num_samples must be None or an integer >= 0, got {num_samples!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
 
@@ -137,9 +149,18 @@ def _warn_if_smaller_than_a_sample(ds) -> None:
     rank, _ = index_cache._distributed_rank()
     if rank in (None, 0):
         epochs = num_epochs_needed(ds.tokens_per_epoch, ds.num_samples, ds.seq_length) if ds.tokens_per_epoch > 1 else 0
-        logger.warning("WARNING: dataset %s, split %s (documents [%d, %d)) holds %d tokens, fewer than one sample "
-                       "of %d (seq_length %d + 1): every sample repeats the same data (%d epochs)",
-                       ds.prefix, ds.split_name, ds.begin, ds.end, ds.tokens_per_epoch, sample, ds.seq_length, epochs)
+        logger.warning(
+            "WARNING: dataset %s, split %s (documents [%d, %d)) holds %d tokens, fewer than one sample "
+            "of %d (seq_length %d + 1): every sample repeats the same data (%d epochs)",
+            ds.prefix,
+            ds.split_name,
+            ds.begin,
+            ds.end,
+            ds.tokens_per_epoch,
+            sample,
+            ds.seq_length,
+            epochs,
+        )
 
 
 class GPTDataset:
@@ -150,9 +171,19 @@ class GPTDataset:
     in memory only. `indexed_dataset` reuses an open IndexedDataset of `prefix`.
     """
 
-    def __init__(self, prefix: str, seq_length: int, num_samples: Optional[int], seed: int,
-                 split: str = "969,30,1", split_name: str = "train", cache_dir: Optional[str] = None,
-                 *, indexed_dataset=None, cache: bool = True):
+    def __init__(
+        self,
+        prefix: str,
+        seq_length: int,
+        num_samples: Optional[int],
+        seed: int,
+        split: str = "969,30,1",
+        split_name: str = "train",
+        cache_dir: Optional[str] = None,
+        *,
+        indexed_dataset=None,
+        cache: bool = True,
+    ):
         from .indexed_dataset import IndexedDataset
 
         _check_params(seq_length, num_samples, seed)
@@ -167,22 +198,31 @@ class GPTDataset:
         doc_range = split_document_range(self.split, self.split_name, len(lengths))
         if doc_range is None or doc_range[1] <= doc_range[0]:
             where = "has weight 0" if doc_range is None else f"covers no documents ([{doc_range[0]}, {doc_range[1]}))"
-            raise ValueError(f"split {self.split_name!r} of --split {self.split} {where} in {self.prefix} "
-                             f"({len(lengths)} documents)")
+            raise ValueError(
+                f"split {self.split_name!r} of --split {self.split} {where} in {self.prefix} ({len(lengths)} documents)"
+            )
         self.begin, self.end = doc_range
-        self.tokens_per_epoch = int(np.sum(lengths[self.begin:self.end], dtype=np.int64))
+        self.tokens_per_epoch = int(np.sum(lengths[self.begin : self.end], dtype=np.int64))
         _warn_if_smaller_than_a_sample(self)
 
         identifiers = OrderedDict(
-            format="megaphi-gpt-indices-v1", cls=type(self).__name__,
-            dataset_path=os.path.abspath(self.prefix), num_sequences=len(lengths),
-            tokens_per_epoch=self.tokens_per_epoch, num_samples=self.num_samples,
+            format="megaphi-gpt-indices-v1",
+            cls=type(self).__name__,
+            dataset_path=os.path.abspath(self.prefix),
+            num_sequences=len(lengths),
+            tokens_per_epoch=self.tokens_per_epoch,
+            num_samples=self.num_samples,
             # the files' contents, not just their counts: a prefix re-preprocessed with the same
             # document count and token total but another order must not reuse the old indices
             data_fingerprint=index_fingerprint(self.indexed_dataset),
-            index_split=self.split_name, random_seed=self.seed, sequence_length=self.seq_length,
-            split=self.split, document_range=[self.begin, self.end],
-            add_extra_token_to_sequence=True, drop_last_partial_sequence=True)
+            index_split=self.split_name,
+            random_seed=self.seed,
+            sequence_length=self.seq_length,
+            split=self.split,
+            document_range=[self.begin, self.end],
+            add_extra_token_to_sequence=True,
+            drop_last_partial_sequence=True,
+        )
         self.description, self.description_hash = index_cache.describe(identifiers)
 
         def build():
@@ -190,8 +230,11 @@ class GPTDataset:
 
         self.cache_paths: Optional[Dict[str, str]]
         if cache:
-            directory = cache_dir if cache_dir is not None else os.path.join(
-                os.path.dirname(os.path.abspath(self.prefix)), "cache", "GPTDataset_indices")
+            directory = (
+                cache_dir
+                if cache_dir is not None
+                else os.path.join(os.path.dirname(os.path.abspath(self.prefix)), "cache", "GPTDataset_indices")
+            )
             base = os.path.join(os.fspath(directory), f"{self.description_hash}-GPTDataset-{self.split_name}-")
             self.cache_paths = {name: base + name + ".npy" for name in INDEX_NAMES}
             self.cache_paths["description"] = base + "description.txt"
@@ -233,5 +276,7 @@ class GPTDataset:
         return {"tokens": tokens[:-1], "labels": tokens[1:]}
 
     def __repr__(self) -> str:
-        return (f"GPTDataset({self.prefix!r}, split={self.split_name} docs [{self.begin}, {self.end}), "
-                f"seq_length={self.seq_length}, samples={len(self)}, epochs={self.num_epochs})")
+        return (
+            f"GPTDataset({self.prefix!r}, split={self.split_name} docs [{self.begin}, {self.end}), "
+            f"seq_length={self.seq_length}, samples={len(self)}, epochs={self.num_epochs})"
+        )

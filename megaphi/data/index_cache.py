@@ -5,6 +5,7 @@ the hash of a JSON description of every parameter that changes the indices. Each
 under a temporary name and renamed, so readers only ever see complete files and concurrent
 writers of the same (deterministic) entry are harmless.
 """
+
 import hashlib
 import json
 import logging
@@ -45,8 +46,10 @@ def save_entry(paths: Mapping[str, str], arrays: Mapping[str, np.ndarray], descr
             _atomic_write(paths[name], lambda f, a=array: np.save(f, a, allow_pickle=False))
         _atomic_write(paths["description"], lambda f: f.write(description.encode("utf-8")))
     except OSError as exc:
-        raise OSError(f"cannot write the dataset index cache in {directory}: {exc}. Pass a writable "
-                      f"cache_dir (--data-cache-path) or cache=False.") from exc
+        raise OSError(
+            f"cannot write the dataset index cache in {directory}: {exc}. Pass a writable "
+            f"cache_dir (--data-cache-path) or cache=False."
+        ) from exc
 
 
 def entry_complete(paths: Mapping[str, str]) -> bool:
@@ -68,8 +71,9 @@ def _distributed_rank():
     return None, None
 
 
-def build_or_load(paths: Mapping[str, str], names: Sequence[str], description: str,
-                  build: Callable[[], Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+def build_or_load(
+    paths: Mapping[str, str], names: Sequence[str], description: str, build: Callable[[], Dict[str, np.ndarray]]
+) -> Dict[str, np.ndarray]:
     """Returns the cached arrays (memory-mapped), building and saving them first when missing.
 
     With torch.distributed initialised, global rank 0 builds while the other ranks wait at a
@@ -90,7 +94,6 @@ def build_or_load(paths: Mapping[str, str], names: Sequence[str], description: s
             raise error
     if not entry_complete(paths):
         if rank not in (None, 0):
-            logger.warning("index cache %s not visible after rank 0 built it; building locally",
-                           paths["description"])
+            logger.warning("index cache %s not visible after rank 0 built it; building locally", paths["description"])
         save_entry(paths, build(), description)
     return load_entry(paths, names)

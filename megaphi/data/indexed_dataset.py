@@ -15,6 +15,7 @@ back, no header. ``PREFIX.idx``::
 so the .idx is exactly 34 + 12 S + 8 D bytes and the .bin sum(lengths) * itemsize bytes. Files are
 byte-compatible with Megatron-LM's ``IndexedDataset`` in both directions.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,16 +29,7 @@ _INDEX_VERSION = 1
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, S, D  (34 bytes)
 HEADER_SIZE = _HEADER.size
 
-DTYPES = {
-    1: np.uint8,
-    2: np.int8,
-    3: np.int16,
-    4: np.int32,
-    5: np.int64,
-    6: np.float64,
-    7: np.float32,
-    8: np.uint16,
-}
+DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
 _CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
@@ -50,8 +42,9 @@ def dtype_code(dtype) -> int:
     try:
         return _CODES[np.dtype(dtype)]
     except (KeyError, TypeError):
-        raise ValueError(f"dtype {dtype!r} has no MMIDIDX code (supported: "
-                         f"{', '.join(np.dtype(v).name for v in DTYPES.values())})") from None
+        raise ValueError(
+            f"dtype {dtype!r} has no MMIDIDX code (supported: {', '.join(np.dtype(v).name for v in DTYPES.values())})"
+        ) from None
 
 
 def dtype_for_vocab(vocab_size: int):
@@ -84,12 +77,14 @@ def read_index_header(idx_path: str):
     except OSError as e:
         raise IndexedDatasetError(f"cannot read index file {idx_path}: {e.strerror or e}") from None
     if len(head) < HEADER_SIZE:
-        raise IndexedDatasetError(f"index file {idx_path} is truncated: {len(head)} bytes, "
-                                  f"the MMIDIDX header alone is {HEADER_SIZE}")
+        raise IndexedDatasetError(
+            f"index file {idx_path} is truncated: {len(head)} bytes, the MMIDIDX header alone is {HEADER_SIZE}"
+        )
     magic, version, code, s, d = _HEADER.unpack(head)
     if magic != _INDEX_MAGIC:
-        raise IndexedDatasetError(f"{idx_path} is not a Megatron MMIDIDX index (magic {magic!r}, "
-                                  f"expected {_INDEX_MAGIC!r})")
+        raise IndexedDatasetError(
+            f"{idx_path} is not a Megatron MMIDIDX index (magic {magic!r}, expected {_INDEX_MAGIC!r})"
+        )
     if version != _INDEX_VERSION:
         raise IndexedDatasetError(f"{idx_path}: unsupported MMIDIDX version {version} (expected {_INDEX_VERSION})")
     if code not in DTYPES:
@@ -123,7 +118,8 @@ class IndexedDataset:
             raise IndexedDatasetError(
                 f"index file {self.idx_path} is {'truncated' if idx_size < expected else 'corrupt'}: "
                 f"{idx_size} bytes, but its header (S={s} sequences, D={d} document indices) "
-                f"requires 34 + 12*S + 8*D = {expected}")
+                f"requires 34 + 12*S + 8*D = {expected}"
+            )
         if d < 1:
             raise IndexedDatasetError(f"index file {self.idx_path} is corrupt: D = 0 document indices (need >= 1)")
         self.bin_size = os.path.getsize(self.bin_path)
@@ -150,12 +146,17 @@ class IndexedDataset:
             raise IndexedDatasetError(
                 f"data file {self.bin_path} is {'truncated' if total * self.itemsize > self.bin_size else 'corrupt'}: "
                 f"{self.bin_size} bytes, but {self.idx_path} lists {total} {self.dtype.name} tokens "
-                f"({total * self.itemsize} bytes)")
+                f"({total * self.itemsize} bytes)"
+            )
         if s and (int(pointers[0]) != 0 or int(pointers[-1]) + int(lengths[-1]) * self.itemsize != self.bin_size):
-            raise IndexedDatasetError(f"index file {self.idx_path} is corrupt: sequence offsets do not span {self.bin_path}")
+            raise IndexedDatasetError(
+                f"index file {self.idx_path} is corrupt: sequence offsets do not span {self.bin_path}"
+            )
         if int(doc_idx[0]) != 0 or int(doc_idx[-1]) != s:
-            raise IndexedDatasetError(f"index file {self.idx_path} is corrupt: document indices must run from 0 to "
-                                      f"S={s}, got {int(doc_idx[0])} .. {int(doc_idx[-1])}")
+            raise IndexedDatasetError(
+                f"index file {self.idx_path} is corrupt: document indices must run from 0 to "
+                f"S={s}, got {int(doc_idx[0])} .. {int(doc_idx[-1])}"
+            )
         self.num_tokens = total
 
         if self.bin_size == 0:
@@ -181,8 +182,10 @@ class IndexedDataset:
         start = int(self.sequence_pointers[idx]) + offset * self.itemsize
         end = start + length * self.itemsize
         if start < 0 or end > self.bin_size or start % self.itemsize:
-            raise IndexedDatasetError(f"index file {self.idx_path} is corrupt: sequence {idx} points at bytes "
-                                      f"[{start}, {end}) outside {self.bin_path} ({self.bin_size} bytes)")
+            raise IndexedDatasetError(
+                f"index file {self.idx_path} is corrupt: sequence {idx} points at bytes "
+                f"[{start}, {end}) outside {self.bin_path} ({self.bin_size} bytes)"
+            )
         return np.frombuffer(self._bin, dtype=self.dtype, count=length, offset=start)
 
     def __getitem__(self, idx):
@@ -201,8 +204,9 @@ class IndexedDataset:
         if length is None:
             length = size - offset
         if offset < 0 or length < 0 or offset + length > size:
-            raise IndexError(f"range [{offset}, {offset + length}) outside sequence {idx} of length {size} "
-                             f"in {self.path_prefix}")
+            raise IndexError(
+                f"range [{offset}, {offset + length}) outside sequence {idx} of length {size} in {self.path_prefix}"
+            )
         return self._read(idx, offset, length)
 
     # ------------------------------------------------------------------ info
@@ -219,16 +223,18 @@ class IndexedDataset:
         s, chunk = len(self), 1 << 20
         offset = 0
         for a in range(0, s, chunk):
-            lens = self.sequence_lengths[a:a + chunk].astype(np.int64) * self.itemsize
+            lens = self.sequence_lengths[a : a + chunk].astype(np.int64) * self.itemsize
             expect = offset + np.concatenate(([0], np.cumsum(lens[:-1])))
-            if not np.array_equal(expect, self.sequence_pointers[a:a + chunk]):
-                bad = a + int(np.flatnonzero(expect != self.sequence_pointers[a:a + chunk])[0])
-                raise IndexedDatasetError(f"index file {self.idx_path} is corrupt: offset of sequence {bad} is "
-                                          f"{int(self.sequence_pointers[bad])}, expected {int(expect[bad - a])}")
+            if not np.array_equal(expect, self.sequence_pointers[a : a + chunk]):
+                bad = a + int(np.flatnonzero(expect != self.sequence_pointers[a : a + chunk])[0])
+                raise IndexedDatasetError(
+                    f"index file {self.idx_path} is corrupt: offset of sequence {bad} is "
+                    f"{int(self.sequence_pointers[bad])}, expected {int(expect[bad - a])}"
+                )
             offset += int(lens.sum())
         di = self.document_indices
         for a in range(0, len(di) - 1, chunk):
-            part = di[a:a + chunk + 1]
+            part = di[a : a + chunk + 1]
             if np.any(np.diff(part) < 0):
                 raise IndexedDatasetError(f"index file {self.idx_path} is corrupt: document indices decrease")
 
@@ -238,8 +244,10 @@ class IndexedDataset:
         return os.path.isfile(index_file_path(p)) and os.path.isfile(data_file_path(p))
 
     def __repr__(self) -> str:
-        return (f"IndexedDataset({self.path_prefix!r}: {len(self)} sequences, {self.num_documents} documents, "
-                f"{self.num_tokens} {self.dtype.name} tokens)")
+        return (
+            f"IndexedDataset({self.path_prefix!r}: {len(self)} sequences, {self.num_documents} documents, "
+            f"{self.num_tokens} {self.dtype.name} tokens)"
+        )
 
 
 class IndexedDatasetBuilder:
@@ -281,8 +289,11 @@ class IndexedDatasetBuilder:
         self._builder.add_sequences(arr, np.array([arr.size], dtype=np.int64))
 
     def add_sequences(self, tokens, lengths, doc_ends=None) -> None:
-        self._builder.add_sequences(self._array(tokens), np.asarray(lengths, dtype=np.int64),
-                                    None if doc_ends is None else np.asarray(doc_ends, dtype=np.int64))
+        self._builder.add_sequences(
+            self._array(tokens),
+            np.asarray(lengths, dtype=np.int64),
+            None if doc_ends is None else np.asarray(doc_ends, dtype=np.int64),
+        )
 
     def end_document(self) -> None:
         self._builder.end_document()
@@ -292,8 +303,10 @@ class IndexedDatasetBuilder:
         in chunks of about ``chunk_tokens`` tokens (memory stays bounded)."""
         ds = IndexedDataset(path_prefix, mmap=True)
         if ds.dtype != self.dtype:
-            raise ValueError(f"cannot merge {ds.path_prefix} ({ds.dtype.name} tokens) into a {self.dtype.name} "
-                             f"dataset: all inputs must have the same dtype")
+            raise ValueError(
+                f"cannot merge {ds.path_prefix} ({ds.dtype.name} tokens) into a {self.dtype.name} "
+                f"dataset: all inputs must have the same dtype"
+            )
         s = len(ds)
         lengths = ds.sequence_lengths
         doc_idx = ds.document_indices
@@ -302,7 +315,7 @@ class IndexedDatasetBuilder:
             a = 0
             while a < s:
                 # Take sequences [a, b) worth about chunk_tokens tokens (at least one sequence).
-                cum = np.cumsum(lengths[a:a + (1 << 20)], dtype=np.int64)
+                cum = np.cumsum(lengths[a : a + (1 << 20)], dtype=np.int64)
                 b = a + max(1, int(np.searchsorted(cum, chunk_tokens, side="right")))
                 n_tok = int(cum[b - a - 1])
                 tokens = np.fromfile(f, dtype=ds.dtype, count=n_tok)

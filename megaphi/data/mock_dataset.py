@@ -7,6 +7,7 @@ by learning the token frequencies (from ln V towards about 7.6 nats at V = 51200
 second copy of each phrase, so a short run shows a falling loss. Sample i of a split depends only on
 (seed, split, i): any order, any number of workers or ranks, and resumes give the same tokens.
 """
+
 from typing import Dict
 
 import numpy as np
@@ -20,13 +21,13 @@ def mock_tokens(seed: int, split: str, index: int, length: int, vocab_size: int)
     rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
     most = length // (2 * MIN_PHRASE) + 1  # phrases enough for any draw of lengths
     lengths = MIN_PHRASE + (rng.random(most) * (MAX_PHRASE - MIN_PHRASE + 1)).astype(np.int64)
-    lengths = lengths[:np.searchsorted(np.cumsum(2 * lengths), length) + 1]  # the phrases the sample uses
+    lengths = lengths[: np.searchsorted(np.cumsum(2 * lengths), length) + 1]  # the phrases the sample uses
     # log-uniform over 1..V, shifted to 0..V-1: P(k) ~ 1/(k+1), like word frequencies
     values = np.exp(rng.random(int(lengths.sum())) * np.log(vocab_size)).astype(np.int64) - 1
     values = np.minimum(values, vocab_size - 1)
-    starts = np.cumsum(lengths) - lengths                      # each phrase's first value
-    phrase = np.repeat(np.arange(len(lengths)), 2 * lengths)   # the phrase each output token belongs to
-    written = np.cumsum(2 * lengths) - 2 * lengths             # each phrase's first output position
+    starts = np.cumsum(lengths) - lengths  # each phrase's first value
+    phrase = np.repeat(np.arange(len(lengths)), 2 * lengths)  # the phrase each output token belongs to
+    written = np.cumsum(2 * lengths) - 2 * lengths  # each phrase's first output position
     offset = (np.arange(len(phrase)) - written[phrase]) % lengths[phrase]
     return values[starts[phrase] + offset][:length]
 
@@ -56,5 +57,7 @@ class MockGPTDataset:
         return {"tokens": tokens[:-1], "labels": tokens[1:]}
 
     def __repr__(self) -> str:
-        return (f"MockGPTDataset(split={self.split}, samples={self.num_samples}, seq_length={self.seq_length}, "
-                f"vocab_size={self.vocab_size}, seed={self.seed})")
+        return (
+            f"MockGPTDataset(split={self.split}, samples={self.num_samples}, seq_length={self.seq_length}, "
+            f"vocab_size={self.vocab_size}, seed={self.seed})"
+        )

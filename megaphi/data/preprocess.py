@@ -6,6 +6,7 @@ token arrays, in input order, into the C++ IndexedDatasetBuilder). Outputs are w
 names and renamed into place only when complete. The command is megaphi/cli/preprocess_data.py
 (``megaphi-preprocess``, ``python tools/preprocess_data.py``); docs/data.md describes it.
 """
+
 from __future__ import annotations
 
 import collections
@@ -87,16 +88,26 @@ def run(args) -> dict:
     t0 = time.time()
     # Byte-based: input bytes on disk (compressed for .gz and parquet); a total and an ETA unless an input's
     # size is unknown (a source folder is not walked twice, hf: datasets are streamed).
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=args.quiet, file=sys.stderr,
-               dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=args.quiet,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
     try:
         for key, prefix in outputs.items():
             builders[key] = IndexedDatasetBuilder(prefix + ".bin" + tag, dtype)
         since = 0
-        batches = iter_batches(args.input, extensions, args.batch_size, args.batch_bytes, args.json_keys,
-                               args.max_document_bytes, hf)
-        results = ordered_results(batches, tokenizer_name, args.json_keys, args.append_eod, args.workers, threads,
-                                  args.max_document_bytes)
+        batches = iter_batches(
+            args.input, extensions, args.batch_size, args.batch_bytes, args.json_keys, args.max_document_bytes, hf
+        )
+        results = ordered_results(
+            batches, tokenizer_name, args.json_keys, args.append_eod, args.workers, threads, args.max_document_bytes
+        )
         for result, skipped, nb, done_bytes in results:
             for reason, where in skipped:
                 if args.strict:
@@ -130,8 +141,10 @@ def run(args) -> dict:
             raise InputError(f"no documents: {_why_empty(counts, first_skip.get(args.json_keys[0]))}")
         for key in args.json_keys:  # one key without documents would be an empty dataset: an error, not exit 0
             if key_docs[key] == 0:
-                raise InputError(f"--json-keys {key}: no documents under key {key!r}: "
-                                 f"{_why_empty(key_skips[key], first_skip.get(key))}")
+                raise InputError(
+                    f"--json-keys {key}: no documents under key {key!r}: "
+                    f"{_why_empty(key_skips[key], first_skip.get(key))}"
+                )
         for key, prefix in outputs.items():
             builders[key].finalize(prefix + ".idx" + tag)
         for prefix in outputs.values():  # .bin first, .idx last: a present .idx means a complete pair
@@ -142,8 +155,11 @@ def run(args) -> dict:
         done = True
     finally:
         # Aborting (an error or a signal is on its way out): a second Ctrl-C/SIGTERM must not cut the cleanup short.
-        held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} \
-            if not done and _is_main_thread() else {}
+        held = (
+            {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+            if not done and _is_main_thread()
+            else {}
+        )
         try:
             bar.close()
             if results is not None:
@@ -162,9 +178,15 @@ def run(args) -> dict:
                 signal.signal(s, handler)
     elapsed = time.time() - t0
     return {
-        "documents": docs, "tokens": tokens, "bytes": nbytes, "skipped": dict(counts),
-        "skipped_examples": reported, "seconds": elapsed, "outputs": list(outputs.values()),
-        "dtype": np.dtype(dtype).name, "tokenizer": repr(tok),
+        "documents": docs,
+        "tokens": tokens,
+        "bytes": nbytes,
+        "skipped": dict(counts),
+        "skipped_examples": reported,
+        "seconds": elapsed,
+        "outputs": list(outputs.values()),
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": repr(tok),
     }
 
 
@@ -190,9 +212,12 @@ def print_summary(s: dict, out=None) -> None:
     out = out or sys.stdout
     el = max(s["seconds"], 1e-9)
     skipped = sum(s["skipped"].values())
-    print(f"done: {s['documents']:,} documents, {s['tokens']:,} tokens ({s['dtype']}), "
-          f"{s['bytes'] / 1e6:,.1f} MB read in {el:.1f} s: {_fmt_rate(s['documents'] / el)} docs/s, "
-          f"{_fmt_rate(s['tokens'] / el)} tokens/s, {s['bytes'] / 1e6 / el:.1f} MB/s", file=out)
+    print(
+        f"done: {s['documents']:,} documents, {s['tokens']:,} tokens ({s['dtype']}), "
+        f"{s['bytes'] / 1e6:,.1f} MB read in {el:.1f} s: {_fmt_rate(s['documents'] / el)} docs/s, "
+        f"{_fmt_rate(s['tokens'] / el)} tokens/s, {s['bytes'] / 1e6 / el:.1f} MB/s",
+        file=out,
+    )
     if skipped:
         detail = ", ".join(f"{n:,} {r}" for r, n in sorted(s["skipped"].items()))
         print(f"skipped {skipped:,} records ({detail}); first ones:", file=out)
@@ -219,7 +244,7 @@ def remove_stale_temporaries(prefix: str) -> List[str]:
     run's leftovers); returns their paths. A live PID's files are kept (it may be a run in progress)."""
     removed = []
     for path in sorted(glob.glob(glob.escape(prefix) + ".*.tmp-*")):
-        m = re.fullmatch(r"\.(?:bin|idx)\.tmp-(\d+)", path[len(prefix):])
+        m = re.fullmatch(r"\.(?:bin|idx)\.tmp-(\d+)", path[len(prefix) :])
         if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
             continue
         try:

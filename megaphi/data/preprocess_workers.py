@@ -1,6 +1,7 @@
 """The tokenizing stage of the preprocessing pipeline (megaphi/data/preprocess.py): worker processes decode
 and tokenize batches of raw records (megaphi/data/corpus_decoding.py) into token arrays, and
 ``ordered_results`` hands their results back in input order."""
+
 from __future__ import annotations
 
 import collections
@@ -26,9 +27,15 @@ def share_tokenizer(tok, name: str) -> None:
     _WORKER.update(tok=tok, name=name)
 
 
-def init_worker(tokenizer_name: str, keys: List[str], append_eod: bool, threads: int,
-                max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES, in_pool: bool = True,
-                parent_pid: Optional[int] = None) -> None:
+def init_worker(
+    tokenizer_name: str,
+    keys: List[str],
+    append_eod: bool,
+    threads: int,
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
+    in_pool: bool = True,
+    parent_pid: Optional[int] = None,
+) -> None:
     if in_pool:  # never in the main process (--workers 0): its handlers remove the temporary outputs
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the main process handles it
@@ -70,13 +77,13 @@ def _to_arrays(ids_lists: List[List[int]], eod: Optional[int]):
         pos = 0
         for x in ids_lists:
             n = len(x)
-            flat[pos:pos + n] = x
+            flat[pos : pos + n] = x
             flat[pos + n] = eod
             pos += n + 1
     # Ship the narrowest dtype that holds the values; the C++ builder range-checks against the output.
     if total and flat.min() >= 0 and flat.max() < 65536:
         flat = flat.astype(np.uint16)
-    elif total and flat.min() >= -2**31 and flat.max() < 2**31:
+    elif total and flat.min() >= -(2**31) and flat.max() < 2**31:
         flat = flat.astype(np.int32)
     return flat, lengths
 
@@ -108,13 +115,26 @@ def tokenize_batch(batch: Batch):
     return out, skipped, nbytes, batch.size
 
 
-def ordered_results(batches: Iterator[Batch], tokenizer_name: str, keys: List[str], append_eod: bool,
-                    workers: int, threads: int, max_document_bytes: int):
+def ordered_results(
+    batches: Iterator[Batch],
+    tokenizer_name: str,
+    keys: List[str],
+    append_eod: bool,
+    workers: int,
+    threads: int,
+    max_document_bytes: int,
+):
     """Yields tokenize_batch results in input order, with at most 2 * workers + 2 batches in flight
     (workers 0: tokenized in this process)."""
     if workers <= 0:
-        init_worker(tokenizer_name, keys, append_eod, threads=max(1, os.cpu_count() or 1),
-                    max_document_bytes=max_document_bytes, in_pool=False)
+        init_worker(
+            tokenizer_name,
+            keys,
+            append_eod,
+            threads=max(1, os.cpu_count() or 1),
+            max_document_bytes=max_document_bytes,
+            in_pool=False,
+        )
         for b in batches:
             yield tokenize_batch(b)
         return

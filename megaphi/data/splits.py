@@ -5,6 +5,7 @@
 [round(lo * S), round(hi * S)) of the S documents (Python's round, as Megatron-LM). A split with
 weight 0 has no range (None).
 """
+
 import re
 from typing import List, Optional, Tuple
 
@@ -23,7 +24,7 @@ def split_index(split_name: str) -> int:
 
 
 def parse_split(split: str) -> List[float]:
-    """"969,30,1" -> normalised fractions [0.969, 0.03, 0.001] (missing trailing weights are 0)."""
+    """ "969,30,1" -> normalised fractions [0.969, 0.03, 0.001] (missing trailing weights are 0)."""
     text = str(split).strip()
     parts = [p for p in re.split(r"[,/\s]+", text) if p]
     if not parts:

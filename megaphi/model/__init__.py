@@ -1,4 +1,5 @@
 """The phi-1 model: `from megaphi.model import PhiConfig, PhiForCausalLM, ModelRuntime, apply_runtime`."""
+
 from megaphi.config import PhiConfig, get_preset, num_parameters  # noqa: F401
 
 from .kv_cache import KVCache  # noqa: F401

@@ -3,6 +3,7 @@ training or prefill; only a multi-token step on top of a non-empty KV cache buil
 
 q, k, v are [batch, seq, heads, head_dim]; returns [batch, seq_q, heads, head_dim].
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -25,8 +26,13 @@ ATTENTION_BACKENDS = ("auto", "flash-attn", "sdpa-flash", "sdpa-cudnn", "sdpa-ef
 
 def _sdpa_backend(name):
     from torch.nn.attention import SDPBackend
-    return {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
-            "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+
+    return {
+        "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
 
 
 def causal_attention(q, k, v, dropout_p=0.0, softmax_scale=None, use_flash=True, backend="auto"):
@@ -40,10 +46,17 @@ def causal_attention(q, k, v, dropout_p=0.0, softmax_scale=None, use_flash=True,
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
     if backend == "flash-attn" and not _can_use_flash(q):
-        raise RuntimeError("attention backend flash-attn: " + ("flash-attn is not installed" if _flash_attn_func is None
-                           else f"it takes CUDA fp16/bf16 tensors, got {q.dtype} on {q.device}"))
+        raise RuntimeError(
+            "attention backend flash-attn: "
+            + (
+                "flash-attn is not installed"
+                if _flash_attn_func is None
+                else f"it takes CUDA fp16/bf16 tensors, got {q.dtype} on {q.device}"
+            )
+        )
     if backend not in ("auto", "flash-attn"):
         from torch.nn.attention import sdpa_kernel
+
         with sdpa_kernel([_sdpa_backend(backend)]):
             return _causal_attention(q, k, v, dropout_p, softmax_scale, use_flash=False)
     return _causal_attention(q, k, v, dropout_p, softmax_scale, use_flash=use_flash or backend == "flash-attn")

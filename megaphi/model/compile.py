@@ -4,6 +4,7 @@ LayerNorm/rotary around their kernels, fused by Inductor).
 Each PhiDecoderLayer is compiled in place (nn.Module.compile), so parameter names, state dicts and
 checkpoints are unchanged. Layers share one compiled graph (parameters are graph inputs).
 """
+
 import functools
 
 import torch
@@ -40,6 +41,7 @@ def eager_in_compiled_blocks(fn):
         if torch.compiler.is_compiling():
             return _disabled(fn)(*args, **kwargs)
         return fn(*args, **kwargs)
+
     return call
 
 
@@ -68,6 +70,7 @@ def compile_decoder_layers(model, mode=None):
     import dataclasses
 
     from .runtime import set_runtime
+
     prepare_for_compile()
     for layer in model.model.layers:
         layer.compile(mode=mode, dynamic=False)

@@ -4,6 +4,7 @@ Per layer, keys and values are [batch, max_len, heads_per_rank, head_dim] (the f
 A forward with kv_cache writes its keys/values at positions [length, length + seq) of every layer
 and then advances `length` once (PhiForCausalLM does this after the last layer).
 """
+
 import torch
 
 

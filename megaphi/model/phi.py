@@ -18,6 +18,7 @@ The config (PhiConfig) is the architecture; how the model runs (recompute, loss 
 kernel, sequence parallel, compiled blocks) is its ModelRuntime (megaphi.model.runtime), held by the
 modules that read it and replaced as one by apply_runtime.
 """
+
 import math
 import zlib
 
@@ -28,10 +29,15 @@ from torch import nn
 from megaphi.config import PhiConfig
 from megaphi.ops import LayerNorm, apply_rotary_qk, layer_norm, rotary_tables
 from megaphi.parallel.cross_entropy import chunked_linear_cross_entropy, vocab_parallel_cross_entropy
-from megaphi.parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                     column_parallel_linears_on_shared_input, enter_tensor_parallel_region,
-                                     init_from_master,
-                                     replicated_in_sequence_parallel_region)
+from megaphi.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    column_parallel_linears_on_shared_input,
+    enter_tensor_parallel_region,
+    init_from_master,
+    replicated_in_sequence_parallel_region,
+)
 from megaphi.parallel.mappings import gather_from_tensor_model_parallel_region
 from megaphi.parallel.random import checkpoint, get_rng_tracker
 from megaphi.parallel.state import get_tensor_model_parallel_world_size
@@ -51,10 +57,13 @@ class PhiAttention(nn.Module):
         self.config, self.layer_idx = config, layer_idx
         self.runtime = PLAIN  # set by apply_runtime
         self.head_dim = config.head_dim
-        self.num_heads = divide(config.num_attention_heads, get_tensor_model_parallel_world_size(), "num_attention_heads")
+        self.num_heads = divide(
+            config.num_attention_heads, get_tensor_model_parallel_world_size(), "num_attention_heads"
+        )
         h = config.hidden_size
-        self.query_key_value = ColumnParallelLinear(h, 3 * h, initialize=False, device=device, dtype=dtype,
-                                                    input_in_parallel_region=True)
+        self.query_key_value = ColumnParallelLinear(
+            h, 3 * h, initialize=False, device=device, dtype=dtype, input_in_parallel_region=True
+        )
         self.dense = RowParallelLinear(h, h, input_is_parallel=True, initialize=False, device=device, dtype=dtype)
 
     def forward(self, hidden, cos, sin, position_ids=None, kv_cache=None, sequence_parallel=False):
@@ -111,8 +120,9 @@ class PhiMLP(nn.Module):
     def __init__(self, config, device=None, dtype=None):
         super().__init__()
         h, f = config.hidden_size, config.intermediate_size
-        self.fc1 = ColumnParallelLinear(h, f, initialize=False, device=device, dtype=dtype,
-                                        input_in_parallel_region=True)
+        self.fc1 = ColumnParallelLinear(
+            h, f, initialize=False, device=device, dtype=dtype, input_in_parallel_region=True
+        )
         self.fc2 = RowParallelLinear(f, h, input_is_parallel=True, initialize=False, device=device, dtype=dtype)
 
     def forward(self, x, sequence_parallel=False):
@@ -128,8 +138,12 @@ def apply_layer_norm(norm, x, sequence_parallel):
     """LayerNorm; on sequence shards its replicated parameters get TP-summed gradients."""
     if not sequence_parallel:
         return norm(x)
-    return layer_norm(x, replicated_in_sequence_parallel_region(norm.weight),
-                      replicated_in_sequence_parallel_region(norm.bias), norm.eps)
+    return layer_norm(
+        x,
+        replicated_in_sequence_parallel_region(norm.weight),
+        replicated_in_sequence_parallel_region(norm.bias),
+        norm.eps,
+    )
 
 
 def region_dropout(dropout, x, sequence_sharded):
@@ -159,8 +173,9 @@ class PhiDecoderLayer(nn.Module):
         attention = self.self_attn
         # query_key_value and fc1 read the one LayerNorm output: it enters the TP region once, and the
         # backward's collective on its gradient runs while both weight gradients are computed
-        qkv, fc1 = column_parallel_linears_on_shared_input(apply_layer_norm(self.input_layernorm, x, sp),
-                                                           (attention.query_key_value, self.mlp.fc1), sp)
+        qkv, fc1 = column_parallel_linears_on_shared_input(
+            apply_layer_norm(self.input_layernorm, x, sp), (attention.query_key_value, self.mlp.fc1), sp
+        )
         # the attention sublayer's steps are called from here so that, in a compiled block, the one
         # graph break (PhiAttention._attention_core) splits this frame into two graphs
         attended = attention.attend(*attention.split_rotated(qkv, cos, sin, position_ids, kv_cache), kv_cache)
@@ -174,11 +189,13 @@ class PhiModel(nn.Module):
         super().__init__()
         self.config = config
         self.runtime = PLAIN  # set by apply_runtime
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, initialize=False,
-                                                   device=device, dtype=dtype)
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, initialize=False, device=device, dtype=dtype
+        )
         self.embed_dropout = nn.Dropout(config.embd_dropout)
-        self.layers = nn.ModuleList(PhiDecoderLayer(config, i, device=device, dtype=dtype)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            PhiDecoderLayer(config, i, device=device, dtype=dtype) for i in range(config.num_hidden_layers)
+        )
         self.final_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device, dtype=dtype)
         self._rotary = {}  # device -> fp32 (cos, sin); kept out of buffers so .half() never rounds them
 
@@ -236,8 +253,9 @@ class PhiForCausalLM(nn.Module):
         self.config = config
         self.runtime = PLAIN
         self.model = PhiModel(config, device=device, dtype=dtype)
-        self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, initialize=False,
-                                            device=device, dtype=dtype)
+        self.lm_head = ColumnParallelLinear(
+            config.hidden_size, config.vocab_size, initialize=False, device=device, dtype=dtype
+        )
         for name, param in self.named_parameters():  # LayerNorms: replicated on every TP rank
             if not hasattr(param, "tensor_model_parallel"):
                 set_tensor_model_parallel_attributes(param, False)
@@ -278,12 +296,22 @@ class PhiForCausalLM(nn.Module):
         if not (self.runtime.sequence_parallel and tp > 1 and self.training and kv_cache is None):
             return False
         if input_ids.shape[1] % tp != 0:
-            raise ValueError(f"sequence parallel: sequence length {input_ids.shape[1]} is not divisible by "
-                             f"--tensor-model-parallel-size {tp}")
+            raise ValueError(
+                f"sequence parallel: sequence length {input_ids.shape[1]} is not divisible by "
+                f"--tensor-model-parallel-size {tp}"
+            )
         return True
 
-    def forward(self, input_ids, labels=None, loss_mask=None, reduction="mean", kv_cache=None, position_ids=None,
-                logits_to_keep=0):
+    def forward(
+        self,
+        input_ids,
+        labels=None,
+        loss_mask=None,
+        reduction="mean",
+        kv_cache=None,
+        position_ids=None,
+        logits_to_keep=0,
+    ):
         """logits_to_keep=N > 0 returns logits for the last N positions only ([b, N, vocab]); without
         labels the other positions never reach lm_head (decoding). The loss always uses every position."""
         if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
@@ -302,8 +330,9 @@ class PhiForCausalLM(nn.Module):
         if reduction == "none" and self.runtime.loss_chunk_tokens > 0:
             # training's path: the logits never exist as one tensor (none are returned)
             h = enter_tensor_parallel_region(hidden, sp) if get_tensor_model_parallel_world_size() > 1 else hidden
-            token_losses = chunked_linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias,
-                                                        labels.masked_fill(~valid, 0), self.runtime.loss_chunk_tokens)
+            token_losses = chunked_linear_cross_entropy(
+                h, self.lm_head.weight, self.lm_head.bias, labels.masked_fill(~valid, 0), self.runtime.loss_chunk_tokens
+            )
             return token_losses * mask, None
         logits_shard = self.lm_head(hidden, sequence_parallel=sp)
         token_losses = vocab_parallel_cross_entropy(logits_shard, labels.masked_fill(~valid, 0)) * mask
@@ -318,8 +347,15 @@ class PhiForCausalLM(nn.Module):
 
     def allocate_kv_cache(self, batch_size, max_length, dtype=None, device=None):
         ref = self.model.embed_tokens.weight
-        return KVCache(self.config.num_hidden_layers, batch_size, max_length, self.model.layers[0].self_attn.num_heads,
-                       self.config.head_dim, dtype=dtype or ref.dtype, device=device or ref.device)
+        return KVCache(
+            self.config.num_hidden_layers,
+            batch_size,
+            max_length,
+            self.model.layers[0].self_attn.num_heads,
+            self.config.head_dim,
+            dtype=dtype or ref.dtype,
+            device=device or ref.device,
+        )
 
     # -- checkpoints (config.json + model.safetensors in HF PhiForCausalLM names) --
     @classmethod
@@ -327,6 +363,7 @@ class PhiForCausalLM(nn.Module):
         """The model of a folder or training checkpoint; it runs plain unless `runtime` is given (the
         runtime choices older folders recorded in config.json are ignored)."""
         from megaphi.checkpoint.model_folder import load_megaphi_state
+
         config, hf_state = load_megaphi_state(path)
         model = cls(config, initialize=False, device=device, dtype=dtype)
         model.load_hf_state_dict(hf_state, source=str(path))
@@ -334,16 +371,19 @@ class PhiForCausalLM(nn.Module):
 
     def load_hf_state_dict(self, hf_state, source="state dict"):
         from megaphi.checkpoint.hf_names import load_hf_state_into
+
         load_hf_state_into(self, hf_state, source)
 
     def hf_state_dict(self):
         from megaphi.checkpoint.hf_names import model_to_hf_state
+
         return model_to_hf_state(self)
 
     def save_pretrained(self, path, bos_token_id=None, eos_token_id=None):
         """A Hugging Face folder (AutoModelForCausalLM loads it); token ids default to phi-1's <|endoftext|>."""
         from megaphi.checkpoint.model_folder import save_megaphi_folder
         from megaphi.parallel.state import get_data_parallel_rank, get_tensor_model_parallel_rank
+
         state = self.hf_state_dict()  # collective under TP: every rank takes part
         if get_tensor_model_parallel_rank() == 0 and get_data_parallel_rank() == 0:
             save_megaphi_folder(path, self.config, state, bos_token_id, eos_token_id)

@@ -1,4 +1,5 @@
 """`python -m megaphi.ops`: which LayerNorm/rotary backends can run here, and why not."""
+
 from .backend import describe
 
 

@@ -4,6 +4,7 @@ Backends: "cuda" (megaphi._cuda kernels), "torch" (the plain-torch reference), "
 FusedLayerNorm, LayerNorm only, where apex is installed), "auto" (cuda for CUDA tensors when the
 kernels are usable, torch otherwise).
 """
+
 import functools
 
 import torch
@@ -23,8 +24,9 @@ def _load_cuda_module():
     try:
         from megaphi import _cuda
     except ImportError as exc:
-        return None, (f"megaphi._cuda cannot be imported ({exc}); build it with nvcc: "
-                      "python setup.py build_ext --inplace")
+        return None, (
+            f"megaphi._cuda cannot be imported ({exc}); build it with nvcc: python setup.py build_ext --inplace"
+        )
     return _cuda, None
 
 
@@ -89,14 +91,18 @@ def kernel_image_reason(module, device_index):
     """
     probe = getattr(module, "kernel_image_error", None)
     if probe is None:
-        return ("megaphi._cuda is an older build without the kernel image check; rebuild it: "
-                "python setup.py build_ext --inplace")
+        return (
+            "megaphi._cuda is an older build without the kernel image check; rebuild it: "
+            "python setup.py build_ext --inplace"
+        )
     error = probe(device_index)
     if error:
         major, minor = torch.cuda.get_device_capability(device_index)
-        return (f"megaphi._cuda has no kernel image for GPU {device_index} "
-                f"({torch.cuda.get_device_name(device_index)}, compute capability {major}.{minor}): {error}; "
-                f"rebuild with MEGAPHI_CUDA_ARCHS={major}{minor} python setup.py build_ext --inplace")
+        return (
+            f"megaphi._cuda has no kernel image for GPU {device_index} "
+            f"({torch.cuda.get_device_name(device_index)}, compute capability {major}.{minor}): {error}; "
+            f"rebuild with MEGAPHI_CUDA_ARCHS={major}{minor} python setup.py build_ext --inplace"
+        )
     return None
 
 
@@ -213,8 +219,10 @@ def describe():
         runtime = module.cuda_runtime_version()
         driver = module.cuda_driver_version()
         driver_text = f"{driver // 1000}.{driver % 1000 // 10}" if driver else "no driver"
-        lines.append(f"megaphi._cuda: importable (built for CUDA runtime {runtime // 1000}.{runtime % 1000 // 10}; "
-                     f"driver: {driver_text}; {module.cuda_device_status()})")
+        lines.append(
+            f"megaphi._cuda: importable (built for CUDA runtime {runtime // 1000}.{runtime % 1000 // 10}; "
+            f"driver: {driver_text}; {module.cuda_device_status()})"
+        )
     if torch.cuda.is_available():
         lines.append(f"GPU: {torch.cuda.get_device_name()}")
     apex_reason = apex_unavailable_reason()
@@ -222,15 +230,20 @@ def describe():
     if _runtime_unavailable_reason() is None:
         # A diagnostic run by hand, so it may touch every GPU (one CUDA context each); training
         # processes probe only the device their tensors are on.
-        lines.append(f"kernel image per visible GPU (this report probes all {torch.cuda.device_count()}; "
-                     "training processes probe only their own device):")
+        lines.append(
+            f"kernel image per visible GPU (this report probes all {torch.cuda.device_count()}; "
+            "training processes probe only their own device):"
+        )
         for index in range(torch.cuda.device_count()):
             reason = _device_kernel_image_reason(index)
             lines.append(f"  GPU {index}: " + ("kernel image present" if reason is None else reason))
     for op in OPS:
         usable = [impl for impl in IMPLS if impl != "auto" and _unavailable_reason(op, impl) is None]
         cuda_reason = cuda_unavailable_reason()
-        auto_text = ("cuda for CUDA tensors (on the current GPU), torch otherwise" if cuda_reason is None
-                     else f"torch ({cuda_reason})")
+        auto_text = (
+            "cuda for CUDA tensors (on the current GPU), torch otherwise"
+            if cuda_reason is None
+            else f"torch ({cuda_reason})"
+        )
         lines.append(f"{op}: selected {_selected[op]!r}; usable here: {', '.join(usable)}; auto -> {auto_text}")
     return lines

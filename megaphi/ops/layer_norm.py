@@ -1,5 +1,6 @@
 """LayerNorm over the last dimension: the plain-torch reference (the spec and the CPU path) and the
 fused CUDA kernel (megaphi._cuda), chosen by megaphi.ops.set_impl / the per-call `impl`."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,8 +23,10 @@ def check_layer_norm_inputs(x, weight, bias):
         if t is None:
             continue
         if tuple(t.shape) != (hidden,):
-            raise ValueError(f"layer_norm: {name} has shape {tuple(t.shape)} but x's hidden size "
-                             f"(last dim of x {tuple(x.shape)}) is {hidden}")
+            raise ValueError(
+                f"layer_norm: {name} has shape {tuple(t.shape)} but x's hidden size "
+                f"(last dim of x {tuple(x.shape)}) is {hidden}"
+            )
         if t.dtype != x.dtype:
             raise TypeError(f"layer_norm: {name} dtype {t.dtype} differs from x dtype {x.dtype}")
         if t.device != x.device:
@@ -35,14 +38,18 @@ def layer_norm_kernel_problem(x, weight, bias):
     (exception type, message), or None when it can. `auto` falls back to torch on a problem;
     an explicit "cuda" raises it (check_layer_norm_kernel_inputs)."""
     if x.dtype not in backend.DTYPE_CODES:
-        return TypeError, (f"layer_norm (cuda): dtype {x.dtype} is not supported; "
-                           f"use one of {sorted(str(d) for d in backend.DTYPE_CODES)}")
+        return TypeError, (
+            f"layer_norm (cuda): dtype {x.dtype} is not supported; "
+            f"use one of {sorted(str(d) for d in backend.DTYPE_CODES)}"
+        )
     if weight is None or bias is None:
         return ValueError, "layer_norm (cuda): the kernel needs both weight and bias"
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if not t.is_contiguous():
-            return ValueError, (f"layer_norm (cuda): {name} is not contiguous (shape {tuple(t.shape)}, "
-                                f"stride {t.stride()}); call .contiguous() first")
+            return ValueError, (
+                f"layer_norm (cuda): {name} is not contiguous (shape {tuple(t.shape)}, "
+                f"stride {t.stride()}); call .contiguous() first"
+            )
         if not t.is_cuda:
             return ValueError, f"layer_norm (cuda): {name} is on {t.device}, not a CUDA device"
     return None
@@ -66,14 +73,16 @@ def _backward_blocks(device, rows):
 # implementations do the kernels' arithmetic in torch (fp32 statistics, one rounding), so the
 # registration (schema, fake shapes, autograd) is testable without a GPU.
 
+
 def _statistics_dtype(x):
     """fp32 (the kernel's; float64 for float64 inputs, which only the CPU implementation takes)."""
     return torch.promote_types(x.dtype, torch.float32)
 
 
 @torch.library.custom_op("megaphi::layer_norm_forward", mutates_args=(), device_types="cuda")
-def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layer_norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd): mean and rstd are fp32 per row, saved for the backward."""
     module = backend.cuda_module()
     x = x.contiguous()
@@ -82,9 +91,20 @@ def layer_norm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     y = torch.empty_like(x)
     mean = torch.empty(rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
-    module.layer_norm_forward(x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), mean.data_ptr(),
-                              rstd.data_ptr(), rows, hidden, float(eps), backend.DTYPE_CODES[x.dtype],
-                              x.device.index, backend.current_stream_handle(x.device))
+    module.layer_norm_forward(
+        x.data_ptr(),
+        weight.data_ptr(),
+        bias.data_ptr(),
+        y.data_ptr(),
+        mean.data_ptr(),
+        rstd.data_ptr(),
+        rows,
+        hidden,
+        float(eps),
+        backend.DTYPE_CODES[x.dtype],
+        x.device.index,
+        backend.current_stream_handle(x.device),
+    )
     return y, mean, rstd
 
 
@@ -106,8 +126,9 @@ def _layer_norm_forward_fake(x, weight, bias, eps):
 
 
 @torch.library.custom_op("megaphi::layer_norm_backward", mutates_args=(), device_types="cuda")
-def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                        rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def layer_norm_backward(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias) of the forward above."""
     module = backend.cuda_module()
     dy, x = dy.contiguous(), x.contiguous()
@@ -118,10 +139,23 @@ def layer_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     dweight = torch.empty_like(weight)
     dbias = torch.empty_like(weight)
     workspace = torch.empty((2, num_blocks, hidden), dtype=torch.float32, device=x.device)
-    module.layer_norm_backward(dy.data_ptr(), x.data_ptr(), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
-                               dx.data_ptr(), dweight.data_ptr(), dbias.data_ptr(), workspace.data_ptr(),
-                               num_blocks, rows, hidden, backend.DTYPE_CODES[x.dtype], x.device.index,
-                               backend.current_stream_handle(x.device))
+    module.layer_norm_backward(
+        dy.data_ptr(),
+        x.data_ptr(),
+        weight.data_ptr(),
+        mean.data_ptr(),
+        rstd.data_ptr(),
+        dx.data_ptr(),
+        dweight.data_ptr(),
+        dbias.data_ptr(),
+        workspace.data_ptr(),
+        num_blocks,
+        rows,
+        hidden,
+        backend.DTYPE_CODES[x.dtype],
+        x.device.index,
+        backend.current_stream_handle(x.device),
+    )
     return dx, dweight, dbias
 
 
@@ -132,14 +166,16 @@ def _layer_norm_backward_cpu(dy, x, weight, mean, rstd):
     xhat = (xa - mean[:, None]) * rstd[:, None]
     dxhat = dya * weight.to(acc)
     dx = rstd[:, None] * (dxhat - dxhat.mean(dim=1, keepdim=True) - xhat * (dxhat * xhat).mean(dim=1, keepdim=True))
-    return (dx.to(x.dtype).reshape(x.shape), (dya * xhat).sum(dim=0).to(weight.dtype),
-            dya.sum(dim=0).to(weight.dtype))
+    return (dx.to(x.dtype).reshape(x.shape), (dya * xhat).sum(dim=0).to(weight.dtype), dya.sum(dim=0).to(weight.dtype))
 
 
 @layer_norm_backward.register_fake
 def _layer_norm_backward_fake(dy, x, weight, mean, rstd):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
-            torch.empty_like(weight))
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(weight),
+        torch.empty_like(weight),
+    )
 
 
 def _layer_norm_setup_context(ctx, inputs, output):
@@ -169,8 +205,11 @@ def layer_norm(x, weight, bias, eps=1e-5, impl=None):
     """
     check_layer_norm_inputs(x, weight, bias)
     chosen = backend.resolve("layernorm", impl, x)
-    if (chosen == "cuda" and backend.requested_impl("layernorm", impl) == "auto"
-            and layer_norm_kernel_problem(x, weight, bias) is not None):
+    if (
+        chosen == "cuda"
+        and backend.requested_impl("layernorm", impl) == "auto"
+        and layer_norm_kernel_problem(x, weight, bias) is not None
+    ):
         chosen = "torch"  # e.g. no affine or a non-contiguous view: auto keeps these working
     if chosen == "cuda":
         if x.numel() == 0:

@@ -8,6 +8,7 @@ Positions: `position_ids` ([batch, seq], [1, seq] or [seq], int64) when given, e
 The torch reference is the spec: it casts cos/sin to the activation dtype and rounds like HF Phi.
 The CUDA kernel rotates in fp32 and rounds once, so in fp16/bf16 the two differ by about one ulp.
 """
+
 from typing import Optional
 
 import torch
@@ -26,7 +27,7 @@ def rotary_tables(rotary_dim, max_positions, base=10000.0, device=None):
 def _gather_tables(cos, sin, seq_len, position_ids, dtype, offset=0):
     """cos/sin for each token as [batch or 1, seq, 1, rotary_dim // 2], cast to the activation dtype."""
     if position_ids is None:
-        c, s = cos[offset:offset + seq_len], sin[offset:offset + seq_len]
+        c, s = cos[offset : offset + seq_len], sin[offset : offset + seq_len]
         c, s = c[None], s[None]
     else:
         if position_ids.dim() == 1:
@@ -61,14 +62,17 @@ def check_rotary_inputs(q, k, cos, sin, position_ids=None, offset=0):
         if t.dtype != torch.float32:
             raise TypeError(f"rotary: {name} table must be float32, got {t.dtype}")
         if t.dim() != 2 or tuple(t.shape) != tuple(cos.shape):
-            raise ValueError(f"rotary: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be "
-                             "[max_positions, rotary_dim // 2]")
+            raise ValueError(
+                f"rotary: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be "
+                "[max_positions, rotary_dim // 2]"
+            )
         if t.device != q.device:
             raise ValueError(f"rotary: {name} table is on {t.device} but q is on {q.device}")
     max_positions, half = cos.shape
     if half < 1 or 2 * half > q.shape[3]:
-        raise ValueError(f"rotary: rotary_dim {2 * half} (from cos {tuple(cos.shape)}) must be in [2, head_dim "
-                         f"{q.shape[3]}]")
+        raise ValueError(
+            f"rotary: rotary_dim {2 * half} (from cos {tuple(cos.shape)}) must be in [2, head_dim {q.shape[3]}]"
+        )
     batch, seq = q.shape[:2]
     if position_ids is None:
         if offset < 0 or offset + seq > max_positions:
@@ -77,11 +81,14 @@ def check_rotary_inputs(q, k, cos, sin, position_ids=None, offset=0):
     if offset != 0:
         raise ValueError("rotary: give either position_ids or offset, not both")
     if position_ids.dtype != torch.int64 or position_ids.device != q.device:
-        raise TypeError(f"rotary: position_ids must be int64 on {q.device}, got {position_ids.dtype} on "
-                        f"{position_ids.device}")
+        raise TypeError(
+            f"rotary: position_ids must be int64 on {q.device}, got {position_ids.dtype} on {position_ids.device}"
+        )
     if tuple(position_ids.shape) not in ((batch, seq), (1, seq), (seq,)):
-        raise ValueError(f"rotary: position_ids shape {tuple(position_ids.shape)} must be [batch, seq], [1, seq] or "
-                         f"[seq] with batch={batch}, seq={seq}")
+        raise ValueError(
+            f"rotary: position_ids shape {tuple(position_ids.shape)} must be [batch, seq], [1, seq] or "
+            f"[seq] with batch={batch}, seq={seq}"
+        )
     if position_ids.numel() == 0:
         return
     if position_ids.device.type == "cpu":
@@ -120,8 +127,11 @@ def _offset_reachable(delta, bounds, strides):
     stride, (lo, hi) = strides[-1], bounds[-1]
     below = sum(max(abs(b[0]), abs(b[1])) * s for b, s in zip(bounds[:-1], strides[:-1]))
     for j in {delta // stride, -(-delta // stride)}:
-        if lo <= j <= hi and abs(delta - j * stride) <= below and \
-                _offset_reachable(delta - j * stride, bounds[:-1], strides[:-1]):
+        if (
+            lo <= j <= hi
+            and abs(delta - j * stride) <= below
+            and _offset_reachable(delta - j * stride, bounds[:-1], strides[:-1])
+        ):
             return True
     return False
 
@@ -140,13 +150,19 @@ def views_may_overlap(a, b):
     b_end = b_start + sum((n - 1) * s for n, s in zip(b_sizes, b_strides))
     if a_end < b_start or b_end < a_start:
         return False
-    if a.shape[-1] != b.shape[-1] or a.stride() != b.stride() or any(s <= 0 for s in a.stride()) \
-            or _has_internal_overlap(a) or _has_internal_overlap(b):
+    if (
+        a.shape[-1] != b.shape[-1]
+        or a.stride() != b.stride()
+        or any(s <= 0 for s in a.stride())
+        or _has_internal_overlap(a)
+        or _has_internal_overlap(b)
+    ):
         return True
     # same strides: b's elements are a's lattice shifted by delta; they meet when delta is a
     # difference of two lattice points, sum_k j_k * stride_k with -(b_k - 1) <= j_k <= a_k - 1
-    dims = sorted((stride, (-(nb - 1), na - 1)) for stride, na, nb in zip(a.stride(), a.shape, b.shape)
-                  if na > 1 or nb > 1)
+    dims = sorted(
+        (stride, (-(nb - 1), na - 1)) for stride, na, nb in zip(a.stride(), a.shape, b.shape) if na > 1 or nb > 1
+    )
     reach = 0
     for stride, (lo, hi) in dims:
         if stride <= reach:  # dims interleave: the two-candidate search below would not be exact
@@ -154,33 +170,44 @@ def views_may_overlap(a, b):
         reach += max(-lo, hi) * stride
     return _offset_reachable(b_start - a_start, [d[1] for d in dims], [d[0] for d in dims])
 
+
 def check_rotary_outputs(q, k):
     """In place, q and k are written: they must not share an element (the kernel would rotate it
     twice, racing with itself on a GPU), and neither may address one element twice."""
     for name, t in (("q", q), ("k", k)):
         if _has_internal_overlap(t):
-            raise ValueError(f"rotary: in place, {name} (shape {tuple(t.shape)}, stride {t.stride()}) addresses "
-                             f"some elements more than once; pass a tensor that owns its elements or inplace=False")
+            raise ValueError(
+                f"rotary: in place, {name} (shape {tuple(t.shape)}, stride {t.stride()}) addresses "
+                f"some elements more than once; pass a tensor that owns its elements or inplace=False"
+            )
     if views_may_overlap(q, k):
-        raise ValueError(f"rotary: in place, q (stride {q.stride()}, offset {q.storage_offset()}) and k (stride "
-                         f"{k.stride()}, offset {k.storage_offset()}) share memory; pass disjoint views or inplace=False")
+        raise ValueError(
+            f"rotary: in place, q (stride {q.stride()}, offset {q.storage_offset()}) and k (stride "
+            f"{k.stride()}, offset {k.storage_offset()}) share memory; pass disjoint views or inplace=False"
+        )
+
 
 def rotary_kernel_problem(q, k, cos, sin, position_ids=None):
     """Why the CUDA kernel cannot take these (already check_rotary_inputs-valid) tensors, as
     (exception type, message), or None when it can. `auto` falls back to torch on a problem;
     an explicit "cuda" raises it (check_rotary_kernel_inputs)."""
     if q.dtype not in backend.DTYPE_CODES:
-        return TypeError, (f"rotary (cuda): dtype {q.dtype} is not supported; "
-                           f"use one of {sorted(str(d) for d in backend.DTYPE_CODES)}")
+        return TypeError, (
+            f"rotary (cuda): dtype {q.dtype} is not supported; use one of {sorted(str(d) for d in backend.DTYPE_CODES)}"
+        )
     for name, t in (("q", q), ("k", k)):
         if t.stride(-1) != 1:  # other strides are fine: q and k are often views into a fused qkv
-            return ValueError, (f"rotary (cuda): {name}'s last dim is not contiguous (shape {tuple(t.shape)}, "
-                                f"stride {t.stride()}); call .contiguous() first")
+            return ValueError, (
+                f"rotary (cuda): {name}'s last dim is not contiguous (shape {tuple(t.shape)}, "
+                f"stride {t.stride()}); call .contiguous() first"
+            )
     named = [("cos", cos), ("sin", sin)] + ([("position_ids", position_ids)] if position_ids is not None else [])
     for name, t in named:
         if not t.is_contiguous():
-            return ValueError, (f"rotary (cuda): {name} is not contiguous (shape {tuple(t.shape)}, "
-                                f"stride {t.stride()}); call .contiguous() first")
+            return ValueError, (
+                f"rotary (cuda): {name} is not contiguous (shape {tuple(t.shape)}, "
+                f"stride {t.stride()}); call .contiguous() first"
+            )
     for name, t in [("q", q), ("k", k)] + named:
         if not t.is_cuda:
             return ValueError, f"rotary (cuda): {name} is on {t.device}, not a CUDA device"
@@ -203,10 +230,30 @@ def _launch_rotary(q_in, q_out, k_in, k_out, cos, sin, position_ids, offset, inv
         pos_ptr = position_ids.data_ptr()
         pos_batch_stride = seq if (position_ids.dim() == 2 and position_ids.shape[0] == batch and batch > 1) else 0
     backend.cuda_module().rotary(
-        q_in.data_ptr(), q_out.data_ptr(), k_in.data_ptr(), k_out.data_ptr(), q_in.stride()[:3], q_out.stride()[:3],
-        k_in.stride()[:3], k_out.stride()[:3], cos.data_ptr(), sin.data_ptr(),
-        pos_ptr, pos_batch_stride, offset, batch, seq, q_heads, k_in.shape[2], head_dim, cos.shape[1], inverse,
-        backend.DTYPE_CODES[q_in.dtype], q_in.device.index, backend.current_stream_handle(q_in.device))
+        q_in.data_ptr(),
+        q_out.data_ptr(),
+        k_in.data_ptr(),
+        k_out.data_ptr(),
+        q_in.stride()[:3],
+        q_out.stride()[:3],
+        k_in.stride()[:3],
+        k_out.stride()[:3],
+        cos.data_ptr(),
+        sin.data_ptr(),
+        pos_ptr,
+        pos_batch_stride,
+        offset,
+        batch,
+        seq,
+        q_heads,
+        k_in.shape[2],
+        head_dim,
+        cos.shape[1],
+        inverse,
+        backend.DTYPE_CODES[q_in.dtype],
+        q_in.device.index,
+        backend.current_stream_handle(q_in.device),
+    )
 
 
 class RotaryInPlaceCUDAFunction(torch.autograd.Function):
@@ -231,9 +278,17 @@ class RotaryInPlaceCUDAFunction(torch.autograd.Function):
 # fake implementation instead of breaking the graph. The CPU implementation does the kernel's
 # arithmetic in torch (fp32 rotation, one rounding): the registration is testable without a GPU.
 
+
 @torch.library.custom_op("megaphi::rotary_qk", mutates_args=(), device_types="cuda")
-def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              position_ids: Optional[torch.Tensor], offset: int, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position_ids: Optional[torch.Tensor],
+    offset: int,
+    inverse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """New contiguous (q, k) rotated by +angle (inverse: -angle, the backward)."""
     # the kernel takes any strides but a unit last one (gradients may arrive broadcast)
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
@@ -252,15 +307,18 @@ def _rotary_qk_cpu(q, k, cos, sin, position_ids, offset, inverse):
     half = cos.shape[1]
 
     def rotate(x):
-        x1, x2, rest = x[..., :half].to(acc), x[..., half:2 * half].to(acc), x[..., 2 * half:].to(acc)
+        x1, x2, rest = x[..., :half].to(acc), x[..., half : 2 * half].to(acc), x[..., 2 * half :].to(acc)
         return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1).to(x.dtype)
+
     return rotate(q), rotate(k)
 
 
 @rotary_qk.register_fake
 def _rotary_qk_fake(q, k, cos, sin, position_ids, offset, inverse):
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+    )
 
 
 def _rotary_setup_context(ctx, inputs, output):
@@ -289,8 +347,11 @@ def apply_rotary_qk(q, k, cos, sin, position_ids=None, impl=None, offset=0, inpl
     if inplace:
         check_rotary_outputs(q, k)
     chosen = backend.resolve("rotary", impl, q)
-    if (chosen == "cuda" and backend.requested_impl("rotary", impl) == "auto"
-            and rotary_kernel_problem(q, k, cos, sin, position_ids) is not None):
+    if (
+        chosen == "cuda"
+        and backend.requested_impl("rotary", impl) == "auto"
+        and rotary_kernel_problem(q, k, cos, sin, position_ids) is not None
+    ):
         chosen = "torch"  # e.g. a view whose last dim is strided: auto keeps it working
     if chosen == "cuda" and q.numel() and k.numel():
         check_rotary_kernel_inputs(q, k, cos, sin, position_ids)

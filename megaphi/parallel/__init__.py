@@ -1,4 +1,5 @@
 """Tensor-parallel building blocks: process-group state, mappings, layers, cross entropy, RNG."""
+
 from . import mpu, state  # noqa: F401
 from .cross_entropy import vocab_parallel_cross_entropy  # noqa: F401
 from .layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, init_from_master  # noqa: F401

@@ -2,6 +2,7 @@
 biases) are bitwise equal, as they must be: each TP rank updates its own copy from gradients that agree only
 while every rank draws the same replicated dropout masks. A rank whose default RNG stream moved (a probe,
 rank-dependent work) drifts silently; this finds it at the cost of one small all-gather."""
+
 import torch
 import torch.distributed as dist
 
@@ -50,10 +51,10 @@ def check_replicated_parameters(module, group, when=""):
         return
     local = torch.stack([bitwise_checksum(_local_values(p)) for _, p in named])
     gathered = torch.empty((world * local.shape[0], local.shape[1]), dtype=local.dtype, device=local.device)
-    _all_gather_into_tensor(gathered, local, group=group)   # rank-major rows (gloo wants dim 0 = world x)
+    _all_gather_into_tensor(gathered, local, group=group)  # rank-major rows (gloo wants dim 0 = world x)
     gathered = gathered.view(world, *local.shape)
-    differs = (gathered != gathered[0]).any(dim=2)            # [rank, parameter]
-    if not bool(differs.any()):                               # the only host sync when all agree
+    differs = (gathered != gathered[0]).any(dim=2)  # [rank, parameter]
+    if not bool(differs.any()):  # the only host sync when all agree
         return
     index = int(differs.any(dim=0).nonzero()[0])
     other = int(differs[:, index].nonzero()[0])
@@ -65,4 +66,5 @@ def check_replicated_parameters(module, group, when=""):
     gap = (copies[other].float() - copies[0].float()).abs().max().item()
     raise ReplicatedParameterMismatch(
         f"replicated parameter {name} differs between tensor-parallel ranks 0 and {other}{when} (max |difference| "
-        f"{gap:.3g}): the ranks no longer train one model; resume from a checkpoint saved before this")
+        f"{gap:.3g}): the ranks no longer train one model; resume from a checkpoint saved before this"
+    )

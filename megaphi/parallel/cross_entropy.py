@@ -3,6 +3,7 @@
 Each rank holds logits[..., V/TP] for its vocab range; only [tokens]-sized tensors (max, target
 logit, sum of exps) are all-reduced. Returns per-token losses (fp32, shape of labels).
 """
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,8 +34,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             logits.sub_(max_logit.unsqueeze(-1))
 
         partition = logits.shape[-1]
-        start, end = vocab_range(partition * get_tensor_model_parallel_world_size(),
-                                 get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+        start, end = vocab_range(
+            partition * get_tensor_model_parallel_world_size(),
+            get_tensor_model_parallel_rank(),
+            get_tensor_model_parallel_world_size(),
+        )
         outside = (labels < start) | (labels >= end)
         local_labels = (labels - start).masked_fill(outside, 0)
         target_logit = logits.gather(-1, local_labels.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
@@ -68,8 +72,9 @@ def vocab_parallel_cross_entropy(logits_shard, labels):
     """
     if get_tensor_model_parallel_world_size() == 1:
         vocab = logits_shard.shape[-1]
-        return F.cross_entropy(_at_least_fp32(logits_shard).reshape(-1, vocab), labels.reshape(-1),
-                               reduction="none").view(labels.shape)
+        return F.cross_entropy(
+            _at_least_fp32(logits_shard).reshape(-1, vocab), labels.reshape(-1), reduction="none"
+        ).view(labels.shape)
     return _VocabParallelCrossEntropy.apply(logits_shard, labels)
 
 
@@ -121,8 +126,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # -0.0 to column 0, which leaves every value's bits unchanged.
             local = labels[lo:hi] - start
             owned = (local >= 0) & (local < end - start)
-            grad_logits.scatter_add_(-1, local.masked_fill(~owned, 0).unsqueeze(-1),
-                                     owned.to(grad_logits.dtype).neg_().unsqueeze(-1))
+            grad_logits.scatter_add_(
+                -1, local.masked_fill(~owned, 0).unsqueeze(-1), owned.to(grad_logits.dtype).neg_().unsqueeze(-1)
+            )
             grad_logits.mul_(grad_losses[lo:hi].unsqueeze(-1))
             grad_logits = grad_logits.to(hidden.dtype)
             grad_hidden[lo:hi] = grad_logits @ weight
@@ -139,8 +145,11 @@ def _loss_dtype(x):
 
 
 def _shard_range(partition):
-    return vocab_range(partition * get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank(),
-                       get_tensor_model_parallel_world_size())
+    return vocab_range(
+        partition * get_tensor_model_parallel_world_size(),
+        get_tensor_model_parallel_rank(),
+        get_tensor_model_parallel_world_size(),
+    )
 
 
 def _target_logit(logits, labels, start, end):

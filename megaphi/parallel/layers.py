@@ -26,6 +26,7 @@ Weights are [out, in] like nn.Linear. Parameters are initialized TP-independentl
 tensor is drawn on CPU in fp32 and each rank keeps its shard, so TP=k with a given RNG state holds
 exactly the shards of the TP=1 layer.
 """
+
 import math
 
 import torch
@@ -50,6 +51,7 @@ from .utils import divide, is_tensor_model_parallel_param, set_tensor_model_para
 def normal_init(std=0.02):
     def init(tensor, generator=None):
         return tensor.normal_(0.0, std, generator=generator)
+
     return init
 
 
@@ -124,8 +126,11 @@ class _ColumnParallelLinearsWithOverlappedGradComm(torch.autograd.Function):
             # communicated in x's dtype, as the sequential path does (autocast's cast sits inside the region)
             grad_total = grad_total.view(total.shape).to(ctx.input_dtype)
             # grad_total is this function's own fresh tensor: the all-reduce may work in place
-            pending = (_reduce_scatter(grad_total, 1, async_op=True) if ctx.sequence_parallel
-                       else _all_reduce(grad_total, async_op=True))
+            pending = (
+                _reduce_scatter(grad_total, 1, async_op=True)
+                if ctx.sequence_parallel
+                else _all_reduce(grad_total, async_op=True)
+            )
         total_2d = total.reshape(-1, total.shape[-1])
         param_grads = []
         for i, (grad_2d, has_bias) in enumerate(zip(grads_2d, ctx.has_bias)):
@@ -148,9 +153,20 @@ class ColumnParallelLinear(nn.Module):
     backward overlaps the input-gradient communication with the weight-gradient GEMM (module docstring).
     """
 
-    def __init__(self, input_size, output_size, bias=True, gather_output=False, init_method=None,
-                 initialize=True, device=None, dtype=None, sequence_parallel=False, input_in_parallel_region=False,
-                 overlap_grad_communication=True):
+    def __init__(
+        self,
+        input_size,
+        output_size,
+        bias=True,
+        gather_output=False,
+        init_method=None,
+        initialize=True,
+        device=None,
+        dtype=None,
+        sequence_parallel=False,
+        input_in_parallel_region=False,
+        overlap_grad_communication=True,
+    ):
         super().__init__()
         self.sequence_parallel = sequence_parallel
         self.input_in_parallel_region = input_in_parallel_region
@@ -187,10 +203,12 @@ class ColumnParallelLinear(nn.Module):
         return gather_from_tensor_model_parallel_region(y) if self.gather_output else y
 
     def extra_repr(self):
-        return (f"in={self.input_size}, out={self.output_size} (per rank {self.output_size_per_partition}), "
-                f"bias={self.bias is not None}, gather_output={self.gather_output}, "
-                f"sequence_parallel={self.sequence_parallel}, "
-                f"overlap_grad_communication={self.overlap_grad_communication}")
+        return (
+            f"in={self.input_size}, out={self.output_size} (per rank {self.output_size_per_partition}), "
+            f"bias={self.bias is not None}, gather_output={self.gather_output}, "
+            f"sequence_parallel={self.sequence_parallel}, "
+            f"overlap_grad_communication={self.overlap_grad_communication}"
+        )
 
 
 class RowParallelLinear(nn.Module):
@@ -203,8 +221,18 @@ class RowParallelLinear(nn.Module):
     all-reduced; needs input_is_parallel=True.
     """
 
-    def __init__(self, input_size, output_size, bias=True, input_is_parallel=False, init_method=None,
-                 initialize=True, device=None, dtype=None, sequence_parallel=False):
+    def __init__(
+        self,
+        input_size,
+        output_size,
+        bias=True,
+        input_is_parallel=False,
+        init_method=None,
+        initialize=True,
+        device=None,
+        dtype=None,
+        sequence_parallel=False,
+    ):
         super().__init__()
         if sequence_parallel and not input_is_parallel:
             raise ValueError("RowParallelLinear: sequence_parallel=True needs input_is_parallel=True")
@@ -241,8 +269,10 @@ class RowParallelLinear(nn.Module):
         return y + (replicated_in_sequence_parallel_region(self.bias) if sp else self.bias)
 
     def extra_repr(self):
-        return (f"in={self.input_size} (per rank {self.input_size_per_partition}), out={self.output_size}, "
-                f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}")
+        return (
+            f"in={self.input_size} (per rank {self.input_size_per_partition}), out={self.output_size}, "
+            f"bias={self.bias is not None}, input_is_parallel={self.input_is_parallel}"
+        )
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -255,7 +285,9 @@ class VocabParallelEmbedding(nn.Module):
         world = get_tensor_model_parallel_world_size()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.vocab_start, self.vocab_end = vocab_range(num_embeddings, get_tensor_model_parallel_rank(), world)
-        self.weight = nn.Parameter(torch.empty(self.vocab_end - self.vocab_start, embedding_dim, device=device, dtype=dtype))
+        self.weight = nn.Parameter(
+            torch.empty(self.vocab_end - self.vocab_start, embedding_dim, device=device, dtype=dtype)
+        )
         set_tensor_model_parallel_attributes(self.weight, True, partition_dim=0)
         if initialize:
             self.reset_parameters(init_method)
@@ -301,8 +333,10 @@ def column_parallel_linears_on_shared_input(x, column_layers, sequence_parallel=
     else:
         h = enter_tensor_parallel_region(x, sequence_parallel)
         outputs = [F.linear(h, layer.weight, layer.bias) for layer in column_layers]
-    return tuple(gather_from_tensor_model_parallel_region(y) if layer.gather_output else y
-                 for y, layer in zip(outputs, column_layers))
+    return tuple(
+        gather_from_tensor_model_parallel_region(y) if layer.gather_output else y
+        for y, layer in zip(outputs, column_layers)
+    )
 
 
 def set_grad_communication_overlap(model, enabled):

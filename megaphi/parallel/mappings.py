@@ -27,6 +27,7 @@ the weight gradient while it runs (megaphi.parallel.layers).
 
 `count_communication()` records every collective issued here (benchmarks/tp.py uses it).
 """
+
 import contextlib
 from collections import defaultdict
 
@@ -167,8 +168,9 @@ def _reduce_scatter(x, dim, async_op=False):
     rank_major = x.unflatten(dim, (world, chunk_shape[dim])).movedim(dim, 0).contiguous()
     out = x.new_empty(chunk_shape)
     # shaped [TP * chunk_shape[0], ...]: the "concatenation along dim 0" form gloo requires
-    work = _reduce_scatter_tensor(out, rank_major.view([world * chunk_shape[0]] + chunk_shape[1:]),
-                                  group=group, async_op=async_op)
+    work = _reduce_scatter_tensor(
+        out, rank_major.view([world * chunk_shape[0]] + chunk_shape[1:]), group=group, async_op=async_op
+    )
     return PendingCollective(work, lambda: out) if async_op else out
 
 

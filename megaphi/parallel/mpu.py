@@ -11,6 +11,7 @@ on TP rank 0 only: each sharded parameter counted once per shard, each replicate
 Deliberately absent: get_sequence_parallel_* / initialize_sequence_parallel, which DeepSpeed takes
 for Ulysses sequence parallelism (a different scheme that changes its data-parallel groups).
 """
+
 from .state import (  # noqa: F401
     get_data_parallel_group,
     get_data_parallel_group_ranks,

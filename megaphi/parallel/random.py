@@ -6,6 +6,7 @@ probabilities: each rank holds different heads) draw from a per-TP-rank stream, 
 `get_rng_tracker().fork()`. Both CPU and, when CUDA is initialized, CUDA generator states are
 tracked, so the same code is exact on CPU tests and on GPUs.
 """
+
 import contextlib
 
 import torch
@@ -144,5 +145,9 @@ def checkpoint(function, *args):
             tracker.set_states(current)
 
     return torch.utils.checkpoint.checkpoint(
-        function, *args, use_reentrant=False, preserve_rng_state=True,
-        context_fn=lambda: (record_states(), replay_states()))
+        function,
+        *args,
+        use_reentrant=False,
+        preserve_rng_state=True,
+        context_fn=lambda: (record_states(), replay_states()),
+    )

@@ -8,6 +8,7 @@ holds the ranks with the same (dp, tp) position in every stage: i, i + t*d, i + 
 Without torch.distributed (or before initialize_model_parallel) every accessor answers TP=1 and
 PP=1; the data-parallel group is then the whole world.
 """
+
 import torch.distributed as dist
 
 _TENSOR_MODEL_PARALLEL_GROUP = None
@@ -33,8 +34,10 @@ def initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_paral
         raise ValueError(f"--tensor-model-parallel-size {tp} must be >= 1 and divide the world size {world_size}")
     pp = int(pipeline_model_parallel_size)
     if pp < 1 or world_size % (tp * pp) != 0:
-        raise ValueError(f"--pipeline-model-parallel-size {pp} x --tensor-model-parallel-size {tp} must divide "
-                         f"the world size {world_size}")
+        raise ValueError(
+            f"--pipeline-model-parallel-size {pp} x --tensor-model-parallel-size {tp} must divide "
+            f"the world size {world_size}"
+        )
     rank = dist.get_rank()
     stage_size = world_size // pp  # t * d ranks per pipeline stage
     # Every rank must create every group, in the same order.

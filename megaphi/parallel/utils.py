@@ -1,4 +1,5 @@
 """Small helpers shared by the parallel layers: exact division, vocab ranges, partition attributes."""
+
 import torch
 
 

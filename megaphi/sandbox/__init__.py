@@ -11,6 +11,7 @@ either side builds on: worker_process.py, uid_pool.py, folders.py, results.py on
 namespaces.py, cgroups.py, runner.py, program.py, syscall_filter.py, linux.py in the worker.
 docs/evaluation.md lists the guarantees and where each holds.
 """
+
 from typing import TYPE_CHECKING
 
 from .results import ExecutionResult, SandboxLimits
@@ -27,5 +28,6 @@ def __getattr__(name):
     # make each fork slower.
     if name == "Sandbox":
         from .host import Sandbox
+
         return Sandbox
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

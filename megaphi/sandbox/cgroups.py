@@ -1,5 +1,6 @@
 """The worker's cgroup v2 leaf: memory.max bounds a program's whole process tree. Standard library
 only."""
+
 import dataclasses
 import os
 import re
@@ -12,11 +13,12 @@ from .namespaces import cgroup2_mount
 class MemoryCgroup:
     """A leaf cgroup and descriptors opened in the host's mount namespace, so it stays writable for
     the worker after its own mounts are made read-only."""
+
     path: str
-    name: str       # the leaf's name inside its parent
-    procs_fd: int   # cgroup.procs, to move a program's init in
+    name: str  # the leaf's name inside its parent
+    procs_fd: int  # cgroup.procs, to move a program's init in
     events_fd: int  # memory.events, to see the OOM killer at work
-    dir_fd: int     # the parent folder, to remove the leaf
+    dir_fd: int  # the parent folder, to remove the leaf
 
     def events(self):
         return memory_events(self.events_fd)
@@ -42,8 +44,14 @@ def open_cgroup(memory_bytes, parent=None, mount=None, own=None):
         return None, "no cgroup v2 file system is mounted"
     if own is None:
         try:
-            own = next((line.split(":", 2)[2].strip() for line in read_file("/proc/self/cgroup").splitlines()
-                        if line.startswith("0::")), None)
+            own = next(
+                (
+                    line.split(":", 2)[2].strip()
+                    for line in read_file("/proc/self/cgroup").splitlines()
+                    if line.startswith("0::")
+                ),
+                None,
+            )
         except OSError:
             own = None
     candidates = [parent] if parent else []
@@ -72,10 +80,13 @@ def open_cgroup(memory_bytes, parent=None, mount=None, own=None):
             for optional, value in (("memory.swap.max", "0"), ("memory.oom.group", "1")):
                 if os.path.exists(os.path.join(leaf, optional)):
                     write_file(os.path.join(leaf, optional), value)
-            cgroup = MemoryCgroup(path=leaf, name=name,
-                                  procs_fd=os.open(os.path.join(leaf, "cgroup.procs"), os.O_WRONLY),
-                                  events_fd=os.open(os.path.join(leaf, "memory.events"), os.O_RDONLY),
-                                  dir_fd=os.open(base, os.O_RDONLY | os.O_DIRECTORY))
+            cgroup = MemoryCgroup(
+                path=leaf,
+                name=name,
+                procs_fd=os.open(os.path.join(leaf, "cgroup.procs"), os.O_WRONLY),
+                events_fd=os.open(os.path.join(leaf, "memory.events"), os.O_RDONLY),
+                dir_fd=os.open(base, os.O_RDONLY | os.O_DIRECTORY),
+            )
             return cgroup, None
         except OSError as e:
             refusals.append(f"{leaf}: {e.strerror or e}")

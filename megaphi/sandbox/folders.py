@@ -1,5 +1,6 @@
 """Which folders programs see: the interpreter's installation and packages stay visible (and are
 bound back where they lie under a private or closed folder); the evaluator's folders are hidden."""
+
 import json
 import os
 import stat
@@ -22,11 +23,19 @@ def interpreter_layout(python):
     """{"prefix", "base_prefix", "path", "version"} of `python` as a worker starts it (-s -B, the
     workers' environment, from /), or None if it cannot say."""
     if python not in _LAYOUTS:
-        code = ("import json, sys; print(json.dumps({'prefix': sys.prefix, 'base_prefix': sys.base_prefix, "
-                "'path': sys.path[1:], 'version': sys.version.split()[0]}))")
+        code = (
+            "import json, sys; print(json.dumps({'prefix': sys.prefix, 'base_prefix': sys.base_prefix, "
+            "'path': sys.path[1:], 'version': sys.version.split()[0]}))"
+        )
         try:
-            out = subprocess.run([python, "-s", "-B", "-c", code], capture_output=True, text=True, timeout=30,
-                                 env=minimal_env("/"), cwd="/").stdout
+            out = subprocess.run(
+                [python, "-s", "-B", "-c", code],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env=minimal_env("/"),
+                cwd="/",
+            ).stdout
             _LAYOUTS[python] = json.loads(out)
         except (OSError, subprocess.SubprocessError, ValueError):
             return None
@@ -95,8 +104,11 @@ def layout_folders(python):
     layout = interpreter_layout(python)
     if layout is None:
         return set()
-    return {os.path.realpath(p) for p in [layout["prefix"], layout["base_prefix"], *layout["path"]]
-            if p.startswith("/") and os.path.isdir(p)}
+    return {
+        os.path.realpath(p)
+        for p in [layout["prefix"], layout["base_prefix"], *layout["path"]]
+        if p.startswith("/") and os.path.isdir(p)
+    }
 
 
 def exposed_folders(python, hidden):

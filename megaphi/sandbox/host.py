@@ -10,6 +10,7 @@ Success means: exit status 0, not timed out, AND the marker line (a random per-r
 program's runner prints after the program's code returned; it is not in the program's source)
 present in stdout, so a program that exits 0 before its tests ran still fails.
 """
+
 import concurrent.futures
 import os
 import pwd
@@ -30,18 +31,21 @@ _WORKER_GRACE_SECONDS = 30.0
 # The probe imports modules the worker does not load itself and lists every folder of the
 # interpreter's installation and packages, so a uid that cannot read them fails here (with the
 # folder named) rather than in the first program.
-_PROBE_PROGRAM = ("import fractions, statistics, unicodedata, zlib, os, sys\n"
-                  "assert os.listdir(os.path.dirname(os.__file__))\n"
-                  "for folder in {folders!r}:\n"
-                  "    try:\n"
-                  "        os.listdir(folder)\n"
-                  "    except OSError as e:\n"
-                  "        sys.exit(f'sandbox-probe: cannot read {{folder}}: {{e.strerror}}')\n"
-                  "print('sandbox-probe-ok')\n")
+_PROBE_PROGRAM = (
+    "import fractions, statistics, unicodedata, zlib, os, sys\n"
+    "assert os.listdir(os.path.dirname(os.__file__))\n"
+    "for folder in {folders!r}:\n"
+    "    try:\n"
+    "        os.listdir(folder)\n"
+    "    except OSError as e:\n"
+    "        sys.exit(f'sandbox-probe: cannot read {{folder}}: {{e.strerror}}')\n"
+    "print('sandbox-probe-ok')\n"
+)
 
 
 class ProbeOutcome(NamedTuple):
     """How the probe program went on one interpreter and uid choice."""
+
     passed: bool
     hello: Optional[Hello] = None
     report: Optional[Report] = None
@@ -52,9 +56,16 @@ class Sandbox:
     """Executes programs in isolation; `capabilities` says which layers hold on this machine.
     Holds `workers` worker processes until close() (or garbage collection / interpreter exit)."""
 
-    def __init__(self, limits: Optional[SandboxLimits] = None, workers: Optional[int] = None,
-                 python: Optional[str] = None, isolate: bool = True, hide_paths: Sequence[str] = (),
-                 allow_root: bool = False, cgroup_parent: Optional[str] = None):
+    def __init__(
+        self,
+        limits: Optional[SandboxLimits] = None,
+        workers: Optional[int] = None,
+        python: Optional[str] = None,
+        isolate: bool = True,
+        hide_paths: Sequence[str] = (),
+        allow_root: bool = False,
+        cgroup_parent: Optional[str] = None,
+    ):
         self.limits = limits or SandboxLimits()
         # A root evaluator never runs programs as root unless this is set (see docs/evaluation.md).
         self.allow_root = allow_root
@@ -70,7 +81,7 @@ class Sandbox:
         self._uid_pool = None  # when root: the uids the programs run as (UidPool or SharedAccount)
         self._nproc = None
         self._all_workers = []  # every live worker process
-        self._idle = []         # those not running a program now
+        self._idle = []  # those not running a program now
         self._pool_cond = threading.Condition()
         self._finalizer = weakref.finalize(self, close_workers, self._all_workers)
         # Folders the program should not read (covered by an empty tmpfs where mount namespaces
@@ -132,10 +143,15 @@ class Sandbox:
         # installation that only its owner may enter (a 0700 home holding the environment): the
         # worker covers that folder with an empty tmpfs and binds the installation back.
         other_uid = os.geteuid() == 0 and self._uid_pool is not None
-        return WorkerSettings(isolate=bool(self.isolate), hide=self._hidden_paths(),
-                              memory_bytes=int(self.limits.memory_bytes),
-                              cgroup=bool(self.isolate), cgroup_parent=self.cgroup_parent, expose=exposed,
-                              uncover=folders.closed_ancestors(exposed) if other_uid else {})
+        return WorkerSettings(
+            isolate=bool(self.isolate),
+            hide=self._hidden_paths(),
+            memory_bytes=int(self.limits.memory_bytes),
+            cgroup=bool(self.isolate),
+            cgroup_parent=self.cgroup_parent,
+            expose=exposed,
+            uncover=folders.closed_ancestors(exposed) if other_uid else {},
+        )
 
     def _start_worker(self):
         layout = folders.interpreter_layout(self._python)
@@ -159,7 +175,7 @@ class Sandbox:
         else:
             self._checkin(worker)
         why = [line for line in (result.stderr or "").splitlines() if line.startswith("sandbox-probe:")]
-        failure = why[-1][len("sandbox-probe: "):] if why else result.detail
+        failure = why[-1][len("sandbox-probe: ") :] if why else result.detail
         return ProbeOutcome(result.passed, worker.hello, report, failure)
 
     def _setup(self):
@@ -191,8 +207,13 @@ class Sandbox:
                                 unused.close()
                         self._capabilities = self._describe(python, pool, probe, notes)
                         return
-                    who = ("current user" if pool is None else
-                           FALLBACK_ACCOUNT if isinstance(pool, SharedAccount) else "a private uid")
+                    who = (
+                        "current user"
+                        if pool is None
+                        else FALLBACK_ACCOUNT
+                        if isinstance(pool, SharedAccount)
+                        else "a private uid"
+                    )
                     notes.append(f"{python} as {who} failed the probe")
                     failures.append(f"as {who}: {probe.failure}")
             for pool in pools:
@@ -202,16 +223,23 @@ class Sandbox:
                 notes.append("programs are never run as root unless Sandbox(allow_root=True)")
             if not python or not os.path.exists(python):
                 raise RuntimeError(f"sandbox: interpreter {python!r} does not exist")
-            raise RuntimeError(f"sandbox: programs cannot run on {python} ({'; '.join(failures) or 'no probe ran'}): "
-                               "make its installation readable by other users, or choose another interpreter "
-                               "(--sandbox-python / Sandbox(python=...))"
-                               + "".join(f"; {n}" for n in notes if not n.endswith("failed the probe")))
+            raise RuntimeError(
+                f"sandbox: programs cannot run on {python} ({'; '.join(failures) or 'no probe ran'}): "
+                "make its installation readable by other users, or choose another interpreter "
+                "(--sandbox-python / Sandbox(python=...))"
+                + "".join(f"; {n}" for n in notes if not n.endswith("failed the probe"))
+            )
 
     def _describe(self, python, pool, probe, notes):
         """The capabilities dict: which layers hold, from the probe's Hello and Report."""
-        hello = probe.hello or Hello(pid=0, namespaces=[], read_only_fs=False, hidden=[],
-                                     tree_memory="per process only",
-                                     syscall_filter="unavailable: the worker did not say")
+        hello = probe.hello or Hello(
+            pid=0,
+            namespaces=[],
+            read_only_fs=False,
+            hidden=[],
+            tree_memory="per process only",
+            syscall_filter="unavailable: the worker did not say",
+        )
         report = probe.report or Report(namespaces=hello.namespaces)
         runs_as = pwd.getpwuid(os.geteuid()).pw_name
         if isinstance(pool, SharedAccount):
@@ -224,8 +252,8 @@ class Sandbox:
         return {
             "python": python,
             "python_version": (folders.interpreter_layout(python) or {}).get("version"),
-            "exposed_paths": hello.exposed + (folders.under_private_dirs(self._exposed_folders())
-                                              if report.private_tmp else []),
+            "exposed_paths": hello.exposed
+            + (folders.under_private_dirs(self._exposed_folders()) if report.private_tmp else []),
             "runs_as": runs_as,
             "dropped_privileges": pool is not None,
             "program_uids": list(pool.uids) if pool else [],
@@ -237,8 +265,9 @@ class Sandbox:
             "process_limit": self._nproc,
             "syscall_filter": hello.syscall_filter,
             "tree_memory": hello.tree_memory if "pid" in namespaces else "per process only",
-            "notes": notes + [n for n in (namespace_error, hello.mount_error, hello.cgroup_note) if n is not None]
-                     + ([f"still writable: {hello.writable_mounts}"] if hello.writable_mounts else []),
+            "notes": notes
+            + [n for n in (namespace_error, hello.mount_error, hello.cgroup_note) if n is not None]
+            + ([f"still writable: {hello.writable_mounts}"] if hello.writable_mounts else []),
         }
 
     @property
@@ -291,12 +320,22 @@ class Sandbox:
     # -- running -----------------------------------------------------------------------------------
     def _job(self, source, runner_prints_marker, uid, gid):
         limits = self.limits
-        return Job(source=source, runner_marker=runner_prints_marker, uid=uid, gid=gid,
-                   timeout_seconds=limits.timeout_seconds,
-                   cpu_seconds=int(limits.cpu_seconds or int(limits.timeout_seconds) + 2),
-                   memory_bytes=limits.memory_bytes, file_bytes=limits.file_bytes, tmpfs_bytes=limits.tmpfs_bytes,
-                   tmpfs_inodes=limits.tmpfs_inodes, nproc=self._nproc, output_bytes=limits.output_bytes,
-                   env=minimal_env("/tmp/sandbox"), host_tmpdir=tempfile.gettempdir())
+        return Job(
+            source=source,
+            runner_marker=runner_prints_marker,
+            uid=uid,
+            gid=gid,
+            timeout_seconds=limits.timeout_seconds,
+            cpu_seconds=int(limits.cpu_seconds or int(limits.timeout_seconds) + 2),
+            memory_bytes=limits.memory_bytes,
+            file_bytes=limits.file_bytes,
+            tmpfs_bytes=limits.tmpfs_bytes,
+            tmpfs_inodes=limits.tmpfs_inodes,
+            nproc=self._nproc,
+            output_bytes=limits.output_bytes,
+            env=minimal_env("/tmp/sandbox"),
+            host_tmpdir=tempfile.gettempdir(),
+        )
 
     def _execute_on(self, worker, source, marker, runner_prints_marker=False):
         """Run one program on `worker` as the next free uid; (ExecutionResult, Report)."""
@@ -305,9 +344,10 @@ class Sandbox:
         report = Report()
         try:
             try:
-                report = worker.run(self._job(source, runner_prints_marker, uid,
-                                              pool.gid_for(uid) if pool is not None else None),
-                                    self.limits.timeout_seconds + _WORKER_GRACE_SECONDS)
+                report = worker.run(
+                    self._job(source, runner_prints_marker, uid, pool.gid_for(uid) if pool is not None else None),
+                    self.limits.timeout_seconds + _WORKER_GRACE_SECONDS,
+                )
             except WorkerDied as e:
                 report = Report(error=str(e))
                 self._retire(worker)  # its run, if any, dies with it
@@ -324,8 +364,9 @@ class Sandbox:
         try:
             worker = self._checkout()
         except WorkerDied as e:
-            return ExecutionResult(False, "failed", f"sandbox worker could not start: {e}", None, False,
-                                   "", "", 0.0), Report()
+            return ExecutionResult(
+                False, "failed", f"sandbox worker could not start: {e}", None, False, "", "", 0.0
+            ), Report()
         try:
             return self._execute_on(worker, source, marker, runner_prints_marker)
         finally:

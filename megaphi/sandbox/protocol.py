@@ -13,6 +13,7 @@ decode() checks the tag, that every field is known and present (or has a default
 value has its declared type; anything else raises ProtocolError with a one-line message.
 Standard library only: the worker may run on another interpreter than the host.
 """
+
 import dataclasses
 import json
 import typing
@@ -27,23 +28,23 @@ class ProtocolError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class WorkerSettings:
-    isolate: bool                 # enter namespaces (False: the process tree runs on the host)
-    hide: List[str]               # folders covered by an empty read-only tmpfs
-    memory_bytes: int             # memory.max of the worker's cgroup (the whole program tree)
-    cgroup: bool                  # try to make a cgroup v2 leaf
+    isolate: bool  # enter namespaces (False: the process tree runs on the host)
+    hide: List[str]  # folders covered by an empty read-only tmpfs
+    memory_bytes: int  # memory.max of the worker's cgroup (the whole program tree)
+    cgroup: bool  # try to make a cgroup v2 leaf
     cgroup_parent: Optional[str]  # tried first for that leaf
-    expose: List[str]             # the interpreter's folders programs must read
+    expose: List[str]  # the interpreter's folders programs must read
     uncover: Dict[str, List[str]]  # closed folder above the interpreter -> folders bound back inside
 
 
 @dataclasses.dataclass(frozen=True)
 class Hello:
     pid: int
-    namespaces: List[str]         # of "net", "user", "mount"
+    namespaces: List[str]  # of "net", "user", "mount"
     read_only_fs: bool
     hidden: List[str]
-    tree_memory: str              # what bounds the memory of a program tree, in words
-    syscall_filter: str           # "seccomp: ..." or "unavailable: why"
+    tree_memory: str  # what bounds the memory of a program tree, in words
+    syscall_filter: str  # "seccomp: ..." or "unavailable: why"
     exposed: List[str] = dataclasses.field(default_factory=list)
     cgroup: Optional[str] = None  # the worker's cgroup folder (the host removes it after the worker)
     cgroup_note: Optional[str] = None
@@ -56,8 +57,8 @@ class Hello:
 @dataclasses.dataclass(frozen=True)
 class Job:
     source: str
-    runner_marker: bool           # the worker makes a marker and prints it after the program returned
-    uid: Optional[int]            # the program's uid/gid (root host); None: keep the worker's
+    runner_marker: bool  # the worker makes a marker and prints it after the program returned
+    uid: Optional[int]  # the program's uid/gid (root host); None: keep the worker's
     gid: Optional[int]
     timeout_seconds: float
     cpu_seconds: int
@@ -68,13 +69,13 @@ class Job:
     nproc: Optional[int]
     output_bytes: int
     env: Dict[str, str]
-    host_tmpdir: str              # where a working folder is made when there is no private /tmp
+    host_tmpdir: str  # where a working folder is made when there is no private /tmp
 
 
 @dataclasses.dataclass(frozen=True)
 class Report:
     namespaces: List[str] = dataclasses.field(default_factory=list)
-    error: Optional[str] = None   # the worker could not run the program (set up, init, gone)
+    error: Optional[str] = None  # the worker could not run the program (set up, init, gone)
     namespace_error: Optional[str] = None
     cgroup_error: Optional[str] = None
     private_tmp: bool = False
@@ -85,7 +86,7 @@ class Report:
     memory_exceeded: bool = False
     duration_seconds: float = 0.0
     stdout: str = ""
-    stdout_tail: str = ""         # the last bytes of stdout, where the marker is looked for
+    stdout_tail: str = ""  # the last bytes of stdout, where the marker is looked for
     stderr: str = ""
 
 
@@ -126,8 +127,11 @@ def decode(line: Union[bytes, str], expected: Type[Message]) -> Message:
     unknown = sorted(set(obj) - set(fields))
     if unknown:
         raise ProtocolError(f"sandbox protocol: {tag} has unknown fields {unknown}")
-    missing = sorted(name for name, f in fields.items() if name not in obj
-                     and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    missing = sorted(
+        name
+        for name, f in fields.items()
+        if name not in obj and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
     if missing:
         raise ProtocolError(f"sandbox protocol: {tag} lacks fields {missing}")
     for name, value in obj.items():
@@ -143,8 +147,9 @@ def _conforms(value, hint) -> bool:
     if origin is list:
         return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
     if origin is dict:
-        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1])
-                                               for k, v in value.items())
+        return isinstance(value, dict) and all(
+            _conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items()
+        )
     if hint is type(None):
         return value is None
     if hint is float:  # JSON writes 2.0 as 2.0 but a hand-made 2 is fine too

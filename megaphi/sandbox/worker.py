@@ -28,6 +28,7 @@ namespace per program, is what makes the sandbox fast; the tree below the worker
 Without namespaces (or with isolate off) the same tree runs on the host: init is then a child
 subreaper that kills what the program leaves behind.
 """
+
 import itertools
 import os
 import select
@@ -79,20 +80,29 @@ class Worker:
             except OSError as e:
                 namespace_error = f"cannot open /proc/self/ns: {e}"
         if not self.cgroup and "mount" in self.namespaces:
-            tree_memory = (f"init's watchdog: the tree's memory summed every "
-                           f"{runner.WATCHDOG_SECONDS * 1000:.0f} ms (no cgroup v2 memory controller)")
+            tree_memory = (
+                f"init's watchdog: the tree's memory summed every "
+                f"{runner.WATCHDOG_SECONDS * 1000:.0f} ms (no cgroup v2 memory controller)"
+            )
         if not self.home:  # init then runs on the host: we adopt what the program leaves behind
             linux.prctl(PR_SET_CHILD_SUBREAPER, 1, "prctl(subreaper)")
         self.devnull = os.open(os.devnull, os.O_RDONLY)
         self.seccomp_filter, filter_description = syscall_filter.probe(linux.libc)
         self.hello = Hello(
-            pid=os.getpid(), namespaces=sorted(self.namespaces), tree_memory=tree_memory,
-            read_only_fs=bool(entered and entered.read_only_fs), hidden=list(entered.hidden) if entered else [],
-            syscall_filter=filter_description, exposed=list(entered.exposed) if entered else [],
-            cgroup=cgroup_path, cgroup_note=cgroup_note, namespace_error=namespace_error,
+            pid=os.getpid(),
+            namespaces=sorted(self.namespaces),
+            tree_memory=tree_memory,
+            read_only_fs=bool(entered and entered.read_only_fs),
+            hidden=list(entered.hidden) if entered else [],
+            syscall_filter=filter_description,
+            exposed=list(entered.exposed) if entered else [],
+            cgroup=cgroup_path,
+            cgroup_note=cgroup_note,
+            namespace_error=namespace_error,
             mount_error=entered.mount_error if entered else None,
             expose_error=entered.expose_error if entered else None,
-            writable_mounts=list(entered.writable_mounts) if entered else [])
+            writable_mounts=list(entered.writable_mounts) if entered else [],
+        )
 
     def close_cgroup(self):
         cgroup, self.cgroup = self.cgroup, None
@@ -148,7 +158,7 @@ class Zygote:
         while b"\n" not in report:
             readable, writable, _ = select.select([self.report_r, self.status_r], [self.job_w] if pending else [], [])
             if writable:
-                pending = pending[os.write(self.job_w, pending[:1 << 16]):]
+                pending = pending[os.write(self.job_w, pending[: 1 << 16]) :]
             if self.report_r in readable:
                 report += linux.read_available(self.report_r)
             if self.status_r in readable:

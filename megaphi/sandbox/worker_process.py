@@ -1,5 +1,6 @@
 """The host's handle on one worker process (megaphi.sandbox.worker): starts it as a module, sends
 it protocol messages, and reads its answers with a deadline."""
+
 import os
 import select
 import signal
@@ -17,8 +18,15 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 
 def minimal_env(home):
     # Nothing from the evaluator's environment is inherited: no tokens, keys or proxies.
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
-            "HOME": home, "TMPDIR": "/tmp", "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "HOME": home,
+        "TMPDIR": "/tmp",
+        "PYTHONHASHSEED": "0",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
 
 
 def worker_command(python):
@@ -45,9 +53,16 @@ class WorkerProcess:
 
     def __init__(self, python, settings: WorkerSettings, python_path=None):
         self._stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(worker_command(python), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._stderr, env=worker_env(python_path), cwd="/",
-                                     start_new_session=True, close_fds=True)
+        self.proc = subprocess.Popen(
+            worker_command(python),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=worker_env(python_path),
+            cwd="/",
+            start_new_session=True,
+            close_fds=True,
+        )
         self._buf = b""
         self.hello = None
         try:

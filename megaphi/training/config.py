@@ -7,6 +7,7 @@ the run adopt, the peak TFLOP/s MFU is measured against, and whether blocks are 
 changes the parsed namespace or the config afterwards. Section fields carry the flags' names
 (Megatron-LM's, `--num-layers` -> `model.num_layers`).
 """
+
 import dataclasses
 import json
 import os
@@ -22,6 +23,7 @@ from megaphi.training.flag_checks import resolve_flags
 @dataclass(frozen=True)
 class ModelConfig:
     """The architecture (PhiConfig fields under the flags' names)."""
+
     model: str
     num_layers: int
     hidden_size: int
@@ -40,6 +42,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class RuntimeConfig:
     """How the model runs (not what it is): given to the model when it is built."""
+
     recompute: bool
     recompute_granularity: Optional[str]
     recompute_num_layers: int
@@ -73,6 +76,7 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     """Batch geometry and run length."""
+
     micro_batch_size: int
     global_batch_size: int
     gradient_accumulation_steps: int
@@ -88,6 +92,7 @@ class TrainingConfig:
 @dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW, the lr schedule, clipping and precision."""
+
     lr: float
     min_lr: float
     lr_warmup_iters: int
@@ -199,10 +204,15 @@ class RunConfig:
         base = m.base_model_config
         config = PhiConfig.from_dict(_thaw(base)) if base is not None else get_preset(m.model)
         overrides = {
-            "num_hidden_layers": m.num_layers, "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
-            "num_attention_heads": m.num_attention_heads, "rotary_dim": m.rotary_dim,
-            "max_position_embeddings": m.max_position_embeddings, "attention_dropout": m.attention_dropout,
-            "resid_dropout": m.hidden_dropout, "embd_dropout": m.embedding_dropout,
+            "num_hidden_layers": m.num_layers,
+            "hidden_size": m.hidden_size,
+            "intermediate_size": m.ffn_hidden_size,
+            "num_attention_heads": m.num_attention_heads,
+            "rotary_dim": m.rotary_dim,
+            "max_position_embeddings": m.max_position_embeddings,
+            "attention_dropout": m.attention_dropout,
+            "resid_dropout": m.hidden_dropout,
+            "embd_dropout": m.embedding_dropout,
             "initializer_range": m.init_method_std,
         }
         if m.vocab_size is not None:
@@ -219,11 +229,14 @@ class RunConfig:
         r = self.runtime
         granularity = r.recompute_granularity or ("full" if r.recompute else None)
         return ModelRuntime(
-            recompute=granularity or "none", recompute_num_layers=r.recompute_num_layers,
-            loss_chunk_tokens=r.loss_chunk_tokens, attention_backend=r.attention_backend,
+            recompute=granularity or "none",
+            recompute_num_layers=r.recompute_num_layers,
+            loss_chunk_tokens=r.loss_chunk_tokens,
+            attention_backend=r.attention_backend,
             # Megatron turns sequence parallel off at TP=1, where it changes nothing
             sequence_parallel=bool(r.sequence_parallel and self.parallel.tensor_model_parallel_size > 1),
-            compile=r.compiled_blocks)
+            compile=r.compiled_blocks,
+        )
 
     def flag_namespace(self):
         """A new, mutable namespace of the resolved flag values, for code that reads flags by name
@@ -249,8 +262,9 @@ def _thaw(value):
 
 def _section(cls, values, **resolved):
     """cls built from the flag values of the same names, `resolved` overriding."""
-    return cls(**{f.name: resolved[f.name] if f.name in resolved else _freeze(values[f.name])
-                  for f in dataclasses.fields(cls)})
+    return cls(
+        **{f.name: resolved[f.name] if f.name in resolved else _freeze(values[f.name]) for f in dataclasses.fields(cls)}
+    )
 
 
 def _device():
@@ -283,15 +297,18 @@ def resolve_config(args, world_size=None, device=None):
     flags.zero_stage, flags.zero_stage_source = deepspeed.zero_stage, deepspeed.zero_stage_source
     flags.clip_grad, flags.clip_grad_source = deepspeed.clip_grad, deepspeed.clip_grad_source
     if "bf16" in flags.zero_stage_source:
-        messages.append(f"ZeRO stage {flags.zero_stage} ({flags.zero_stage_source}): DeepSpeed accumulates and "
-                        f"reduces bf16 gradients in fp32 only with ZeRO >= 1 (one data-parallel rank partitions "
-                        f"nothing)")
+        messages.append(
+            f"ZeRO stage {flags.zero_stage} ({flags.zero_stage_source}): DeepSpeed accumulates and "
+            f"reduces bf16 gradients in fp32 only with ZeRO >= 1 (one data-parallel rank partitions "
+            f"nothing)"
+        )
     if flags.skip_train:
         flags.finetune = True  # load the weights only (a checkpoint or a model folder), as finetuning does
     if flags.finetune and flags.save and layout.read_pointer(flags.save) is not None:
         # a restarted finetuning job: continue its own checkpoints rather than start over
-        messages.append(f"--finetune: {flags.save} already holds a checkpoint; resuming it instead of loading "
-                        f"{flags.load}")
+        messages.append(
+            f"--finetune: {flags.save} already holds a checkpoint; resuming it instead of loading {flags.load}"
+        )
         flags.finetune, flags.load = False, flags.save
     tokenizer_size, rows = None, flags.vocab_size
     if flags.tokenizer or flags.vocab_file:
@@ -321,7 +338,8 @@ def resolve_config(args, world_size=None, device=None):
         data=_section(DataConfig, values, tokenizer_vocab_size=tokenizer_size),
         checkpoint=_section(CheckpointConfig, values, resume_tag=resume[0] if resume else None),
         eval=_section(EvalConfig, values),
-        logging=_section(LoggingConfig, values, peak_tflops_text=peak_text, notes=tuple(flags.flag_notes),
-                         messages=tuple(messages)),
+        logging=_section(
+            LoggingConfig, values, peak_tflops_text=peak_text, notes=tuple(flags.flag_notes), messages=tuple(messages)
+        ),
         flags=types.MappingProxyType({k: _freeze(v) for k, v in values.items() if k != "base_model_config"}),
     )

@@ -1,6 +1,7 @@
 """A run's data: where its train/valid/test datasets come from (`--data-path` split by `--split`, Megatron's
 blend, or Megatron's `--train-data-path` / `--valid-data-path` / `--test-data-path`, each used whole for its
 own split), the synthetic tokens of `--mock-data`, and the iterators the trainer reads them through."""
+
 import torch
 
 from .argument_error import ArgumentError
@@ -25,8 +26,16 @@ def build_split_datasets(config, num_samples, splits, **kwargs):
     data, seq_length, seed = config.data, config.training.seq_length, config.training.seed
     per_split = per_split_data_paths(data)
     if not per_split:
-        return build_gpt_datasets(list(data.data_path), data.split, seq_length, seed, num_samples=num_samples,
-                                  cache_dir=data.data_cache_path, splits=splits, **kwargs)
+        return build_gpt_datasets(
+            list(data.data_path),
+            data.split,
+            seq_length,
+            seed,
+            num_samples=num_samples,
+            cache_dir=data.data_cache_path,
+            splits=splits,
+            **kwargs,
+        )
     out = []
     for k, name in enumerate(SPLITS):
         path = per_split.get(name)
@@ -35,8 +44,18 @@ def build_split_datasets(config, num_samples, splits, **kwargs):
             continue
         whole = ",".join("1" if i == k else "0" for i in range(len(SPLITS)))  # every document to this split
         wanted = tuple(num_samples[k] if i == k else None for i in range(len(SPLITS)))
-        out.append(build_gpt_datasets(list(path), whole, seq_length, seed, num_samples=wanted,
-                                      cache_dir=data.data_cache_path, splits=(name,), **kwargs)[k])
+        out.append(
+            build_gpt_datasets(
+                list(path),
+                whole,
+                seq_length,
+                seed,
+                num_samples=wanted,
+                cache_dir=data.data_cache_path,
+                splits=(name,),
+                **kwargs,
+            )[k]
+        )
     return tuple(out)
 
 
@@ -51,8 +70,9 @@ def build_data(config, dp_rank, dp_size, consumed_samples=0, vocab_size=None):
     splits = ("train", "valid") if ev.enabled else ("train",)
     eval_samples = ev.eval_iters * gbs if ev.enabled else None
     try:
-        train_ds, valid_ds, _ = build_split_datasets(config, (needed, eval_samples, None), splits,
-                                                     vocab_size=vocab_size)
+        train_ds, valid_ds, _ = build_split_datasets(
+            config, (needed, eval_samples, None), splits, vocab_size=vocab_size
+        )
     except OSError as e:
         raise ArgumentError(f"--data-cache-path: {e}") from None
     except ValueError as e:
@@ -61,9 +81,11 @@ def build_data(config, dp_rank, dp_size, consumed_samples=0, vocab_size=None):
         raise ArgumentError(f"--split {config.data.split} leaves no training documents")
     check_enough_samples(config, len(train_ds), consumed_samples, needed)
     if valid_ds is not None and ev.enabled and len(valid_ds) < eval_samples:
-        raise ArgumentError(f"{data_description(config.data)}: the validation split holds "
-                            f"{len(valid_ds)} samples but --eval-iters {ev.eval_iters} x --global-batch-size "
-                            f"{gbs} needs {eval_samples}; lower --eval-iters or give the split more weight")
+        raise ArgumentError(
+            f"{data_description(config.data)}: the validation split holds "
+            f"{len(valid_ds)} samples but --eval-iters {ev.eval_iters} x --global-batch-size "
+            f"{gbs} needs {eval_samples}; lower --eval-iters or give the split more weight"
+        )
     return data_iterators(config, train_ds, valid_ds if ev.enabled else None, dp_rank, dp_size)
 
 
@@ -95,11 +117,15 @@ def data_iterators(config, train_ds, valid_ds, dp_rank, dp_size):
     micro = config.training.micro_batch_size
 
     def make_train_iterator(consumed_samples):
-        return _iterate(build_pretraining_data_loader(train_ds, consumed_samples, micro, dp_rank, dp_size,
-                                                      num_workers=config.data.num_workers))
+        return _iterate(
+            build_pretraining_data_loader(
+                train_ds, consumed_samples, micro, dp_rank, dp_size, num_workers=config.data.num_workers
+            )
+        )
 
     def make_valid_iterator():
         return _iterate(build_pretraining_data_loader(valid_ds, 0, micro, dp_rank, dp_size, num_workers=0))
+
     return make_train_iterator, (make_valid_iterator if valid_ds is not None else None)
 
 
@@ -109,13 +135,20 @@ def check_enough_samples(config, available, consumed_samples, needed):
     data, t = config.data, config.training
     where = data_description(data)
     if consumed_samples > available:
-        raise ArgumentError(f"{where}: the checkpoint has consumed {consumed_samples} samples but the "
-                            f"training data built for --train-iters {t.train_iters} x --global-batch-size "
-                            f"{t.global_batch_size} holds only {available}; resume with a --train-iters beyond "
-                            f"the checkpoint's iteration and the data it was trained on")
+        raise ArgumentError(
+            f"{where}: the checkpoint has consumed {consumed_samples} samples but the "
+            f"training data built for --train-iters {t.train_iters} x --global-batch-size "
+            f"{t.global_batch_size} holds only {available}; resume with a --train-iters beyond "
+            f"the checkpoint's iteration and the data it was trained on"
+        )
     if available < needed:
-        hint = (" (unweighted prefixes are used one epoch each; give weights, e.g. --data-path 1 A 1 B, to "
-                "repeat them)" if len(data.data_prefixes) > 1 and data.data_weights is None else "")
-        raise ArgumentError(f"{where}: the training data holds {available} samples but --train-iters "
-                            f"{t.train_iters} x --global-batch-size {t.global_batch_size} needs {needed}"
-                            f"{hint}")
+        hint = (
+            " (unweighted prefixes are used one epoch each; give weights, e.g. --data-path 1 A 1 B, to repeat them)"
+            if len(data.data_prefixes) > 1 and data.data_weights is None
+            else ""
+        )
+        raise ArgumentError(
+            f"{where}: the training data holds {available} samples but --train-iters "
+            f"{t.train_iters} x --global-batch-size {t.global_batch_size} needs {needed}"
+            f"{hint}"
+        )

@@ -1,4 +1,5 @@
 """The DeepSpeed config generated from the flags, with a user JSON merged over it."""
+
 import copy
 import math
 from typing import NamedTuple
@@ -13,19 +14,21 @@ def generate_config(args):
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "gradient_clipping": args.clip_grad,
         "zero_optimization": {"stage": args.zero_stage},
-        "steps_per_print": 2 ** 31 - 1,  # megaphi logs its own metrics
+        "steps_per_print": 2**31 - 1,  # megaphi logs its own metrics
         "wall_clock_breakdown": False,
         # DeepSpeed's throughput timer (on by default) waits for the device (cudaDeviceSynchronize) at
         # the start and end of every micro-batch, only to print samples/s; megaphi measures its own.
         "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
     if args.zero_stage in (1, 2, 3):
-        config["zero_optimization"].update({
-            "contiguous_gradients": True,
-            "overlap_comm": args.zero_stage >= 2 or bool(getattr(args, "overlap_grad_reduce", False)),
-            "reduce_bucket_size": 5e8,
-            "allgather_bucket_size": 5e8,
-        })
+        config["zero_optimization"].update(
+            {
+                "contiguous_gradients": True,
+                "overlap_comm": args.zero_stage >= 2 or bool(getattr(args, "overlap_grad_reduce", False)),
+                "reduce_bucket_size": 5e8,
+                "allgather_bucket_size": 5e8,
+            }
+        )
     if args.fp16:
         config["fp16"] = {
             "enabled": True,
@@ -71,13 +74,16 @@ def _batch_value(args, key):
     except (TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number) or number != int(number):
-        raise ArgumentError(f"--deepspeed-config: {getattr(args, 'deepspeed_config', None)}: {key} must be an integer or \"auto\", "
-                            f"got {args.deepspeed_config_dict[key]!r}")
+        raise ArgumentError(
+            f'--deepspeed-config: {getattr(args, "deepspeed_config", None)}: {key} must be an integer or "auto", '
+            f"got {args.deepspeed_config_dict[key]!r}"
+        )
     return int(number)
 
 
 class DeepSpeedSettings(NamedTuple):
     """The DeepSpeed config of a run and what it settles of the flags (with where each value comes from)."""
+
     config: dict
     zero_stage: int
     zero_stage_source: str
@@ -92,13 +98,17 @@ def resolve_deepspeed(args):
     user = getattr(args, "deepspeed_config_dict", {}) or {}
     for key, (attr, flag) in _BATCH_KEYS.items():
         if key in user and user[key] != "auto" and _batch_value(args, key) != getattr(args, attr):
-            raise ArgumentError(f"--deepspeed-config: {key}={user[key]} contradicts {flag} "
-                                f"(= {getattr(args, attr)}); set the batch with the flags")
+            raise ArgumentError(
+                f"--deepspeed-config: {key}={user[key]} contradicts {flag} "
+                f"(= {getattr(args, attr)}); set the batch with the flags"
+            )
     for key, flag in (("fp16", "--fp16"), ("bf16", "--bf16")):
         if key in user and isinstance(user[key], dict) and "enabled" in user[key]:
             if bool(user[key]["enabled"]) != bool(getattr(args, key)):
-                raise ArgumentError(f"--deepspeed-config: {key}.enabled={user[key]['enabled']} contradicts "
-                                    f"{flag} {'given' if getattr(args, key) else 'not given'}")
+                raise ArgumentError(
+                    f"--deepspeed-config: {key}.enabled={user[key]['enabled']} contradicts "
+                    f"{flag} {'given' if getattr(args, key) else 'not given'}"
+                )
     user = {k: v for k, v in user.items() if v != "auto"}
     clip_grad, clip_source, stage_source = _settle_with_flags(args, user)
     config = merge(generate_config(args), user)
@@ -111,8 +121,10 @@ def resolve_deepspeed(args):
         if stage != requested:
             stage_source = f"raised from {requested} ({stage_source}) for bf16's fp32 gradient accumulation"
     if "optimizer" in user or "scheduler" in user:
-        raise ArgumentError("--deepspeed-config: 'optimizer'/'scheduler' sections are not used; megaphi builds "
-                            "AdamW and the lr schedule from the flags (--lr, --weight-decay, ...)")
+        raise ArgumentError(
+            "--deepspeed-config: 'optimizer'/'scheduler' sections are not used; megaphi builds "
+            "AdamW and the lr schedule from the flags (--lr, --weight-decay, ...)"
+        )
     return DeepSpeedSettings(config, stage, stage_source, clip_grad, clip_source)
 
 
@@ -132,17 +144,22 @@ def _settle_with_flags(args, user):
     if "gradient_clipping" in user:
         clip = user["gradient_clipping"]
         if getattr(args, "clip_grad_given", True) and clip != args.clip_grad:
-            raise ArgumentError(f"--deepspeed-config: {path}: gradient_clipping={clip} contradicts --clip-grad "
-                                f"{args.clip_grad:g}; give one of them")
+            raise ArgumentError(
+                f"--deepspeed-config: {path}: gradient_clipping={clip} contradicts --clip-grad "
+                f"{args.clip_grad:g}; give one of them"
+            )
         if not isinstance(clip, (int, float)) or isinstance(clip, bool) or clip < 0:
             raise ArgumentError(f"--deepspeed-config: {path}: gradient_clipping must be a number >= 0, got {clip!r}")
         clip, clip_source = float(clip), f"gradient_clipping in {path}"
-    stage = (user.get("zero_optimization") or {}).get("stage") if isinstance(user.get("zero_optimization"), dict) \
-        else None
+    stage = (
+        (user.get("zero_optimization") or {}).get("stage") if isinstance(user.get("zero_optimization"), dict) else None
+    )
     if stage is not None:
         if stage_source in ("--zero-stage", "--use-distributed-optimizer") and stage != args.zero_stage:
-            raise ArgumentError(f"--deepspeed-config: {path}: zero_optimization.stage={stage} contradicts "
-                                f"{stage_source} (stage {args.zero_stage}); give one of them")
+            raise ArgumentError(
+                f"--deepspeed-config: {path}: zero_optimization.stage={stage} contradicts "
+                f"{stage_source} (stage {args.zero_stage}); give one of them"
+            )
         stage_source = f"zero_optimization.stage in {path}"
     return clip, clip_source, stage_source
 

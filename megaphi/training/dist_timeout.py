@@ -9,6 +9,7 @@ collective that times out raises in the waiting ranks; `timeout_message` turns t
 one line naming the timeout and the flag. (With NCCL, torch's watchdog may abort the process itself
 after the same timeout, printing its own "Watchdog caught collective operation timeout" line.)
 """
+
 import re
 from datetime import timedelta
 from typing import Optional
@@ -39,6 +40,8 @@ def timeout_message(exc: BaseException, minutes: float, rank: Optional[int] = No
     """One line: what timed out, the limit and the flag, and the backend's own first line."""
     detail = " ".join(str(exc).split())[:300]
     where = f"rank {rank}: " if rank is not None else ""
-    return (f"{where}a distributed operation waited longer than {FLAG} {minutes:g} ({minutes * 60:g} s) for "
-            f"the other ranks: a rank is stopped, hung or dead; raise {FLAG} if a step legitimately takes "
-            f"longer ({type(exc).__name__}: {detail})")
+    return (
+        f"{where}a distributed operation waited longer than {FLAG} {minutes:g} ({minutes * 60:g} s) for "
+        f"the other ranks: a rank is stopped, hung or dead; raise {FLAG} if a step legitimately takes "
+        f"longer ({type(exc).__name__}: {detail})"
+    )

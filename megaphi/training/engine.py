@@ -12,6 +12,7 @@ silently logging no grad norm, all-reducing for nothing or logging a NaN loss sc
 - the fp16 optimizers' cur_scale / loss_scale (loss_scale_of), engine.basic_optimizer (describe_optimizer);
 - deepspeed.comm.torch.build_shm_op: replaced so no CPU extension is JIT-built (skip_shm_comm_extension).
 """
+
 import importlib
 import os
 
@@ -35,12 +36,25 @@ def build_engine(model, config):
     ds_logger.setLevel(os.environ.get("MEGAPHI_DEEPSPEED_LOG_LEVEL", "WARNING").upper())
     o = config.optimizer
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    optimizer = build_optimizer(model, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), o.adam_eps,
-                                device_type=device_type, impl=o.optimizer_impl)
+    optimizer = build_optimizer(
+        model,
+        o.lr,
+        o.weight_decay,
+        (o.adam_beta1, o.adam_beta2),
+        o.adam_eps,
+        device_type=device_type,
+        impl=o.optimizer_impl,
+    )
     scheduler = WarmupDecayLR(optimizer, o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters, o.lr_decay_style)
     skip_shm_comm_extension()
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, mpu=mpu,
-                                           config=config.parallel.deepspeed_config(), dist_init_required=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        mpu=mpu,
+        config=config.parallel.deepspeed_config(),
+        dist_init_required=False,
+    )
     return engine, finish_engine_setup(engine)
 
 
@@ -50,8 +64,9 @@ def check_precision_supported(fp16, bf16):
 
     accelerator = get_accelerator()
     if fp16 and not accelerator.is_fp16_supported():
-        raise ArgumentError(f"--fp16: DeepSpeed does not support fp16 on this device "
-                            f"({accelerator.device_name()}); use --bf16 or fp32")
+        raise ArgumentError(
+            f"--fp16: DeepSpeed does not support fp16 on this device ({accelerator.device_name()}); use --bf16 or fp32"
+        )
     if bf16 and not accelerator.is_bf16_supported():
         raise ArgumentError(f"--bf16: not supported on this device ({accelerator.device_name()}); use --fp16 or fp32")
 
@@ -98,8 +113,9 @@ class GradNormRecorder:
         take_model_step = engine._take_model_step
 
         def take_model_step_with_norm(*args, **kwargs):
-            if engine.gradient_clipping() <= 0 and not (engine.fp16_enabled() or engine.bfloat16_enabled()
-                                                        or engine.zero_optimization()):
+            if engine.gradient_clipping() <= 0 and not (
+                engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization()
+            ):
                 self.fp32_norm = global_grad_norm(engine.module.parameters())
             return take_model_step(*args, **kwargs)
 
@@ -119,8 +135,11 @@ def global_grad_norm(parameters):
     from megaphi.parallel import get_tensor_model_parallel_group, get_tensor_model_parallel_rank
 
     tp_rank = get_tensor_model_parallel_rank()
-    squares = [p.grad.detach().float().pow(2).sum() for p in parameters if p.grad is not None
-               and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+    squares = [
+        p.grad.detach().float().pow(2).sum()
+        for p in parameters
+        if p.grad is not None and (tp_rank == 0 or getattr(p, "tensor_model_parallel", False))
+    ]
     total = torch.stack(squares).sum() if squares else torch.zeros(())
     group = get_tensor_model_parallel_group()
     if dist.is_initialized() and dist.get_world_size(group) > 1:

@@ -5,6 +5,7 @@ leaves the parsed one as it was.
 Everything that can be checked before touching a GPU or the data is checked here, so a bad run
 fails in the first second with a message that names the flag.
 """
+
 import argparse
 import copy
 import json
@@ -54,11 +55,28 @@ def parse_data_path(data_path):
 def validate_args(args, world_size):
     args.flag_notes = megatron_compat.resolve_compat(args)  # Megatron's flags -> megaphi's, or a one-line refusal
     resolve_model(args)
-    _positive(args, "--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
-              "--rotary-dim", "--seq-length", "--max-position-embeddings", "--micro-batch-size",
-              "--global-batch-size", "--train-iters", "--exit-interval", "--lr-decay-iters",
-              "--save-interval", "--eval-interval", "--log-interval", "--tensor-model-parallel-size",
-              "--eval-humaneval-interval", "--vocab-size", "--make-vocab-size-divisible-by")
+    _positive(
+        args,
+        "--num-layers",
+        "--hidden-size",
+        "--ffn-hidden-size",
+        "--num-attention-heads",
+        "--rotary-dim",
+        "--seq-length",
+        "--max-position-embeddings",
+        "--micro-batch-size",
+        "--global-batch-size",
+        "--train-iters",
+        "--exit-interval",
+        "--lr-decay-iters",
+        "--save-interval",
+        "--eval-interval",
+        "--log-interval",
+        "--tensor-model-parallel-size",
+        "--eval-humaneval-interval",
+        "--vocab-size",
+        "--make-vocab-size-divisible-by",
+    )
     for name in ("attention_dropout", "hidden_dropout", "embedding_dropout"):
         if not 0.0 <= getattr(args, name) < 1.0:
             raise ArgumentError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
@@ -70,13 +88,17 @@ def validate_args(args, world_size):
     if args.rotary_dim > head_dim or args.rotary_dim % 2:
         raise ArgumentError(f"--rotary-dim {args.rotary_dim} must be even and <= head dim {head_dim}")
     if args.seq_length > args.max_position_embeddings:
-        raise ArgumentError(f"--seq-length {args.seq_length} exceeds the model's max position embeddings "
-                            f"{args.max_position_embeddings} (--max-position-embeddings)")
+        raise ArgumentError(
+            f"--seq-length {args.seq_length} exceeds the model's max position embeddings "
+            f"{args.max_position_embeddings} (--max-position-embeddings)"
+        )
     if world_size % tp:
         raise ArgumentError(f"--tensor-model-parallel-size {tp} does not divide the world size {world_size}")
     if heads % tp or args.ffn_hidden_size % tp:
-        raise ArgumentError(f"--tensor-model-parallel-size {tp} must divide --num-attention-heads {heads} "
-                            f"and --ffn-hidden-size {args.ffn_hidden_size}")
+        raise ArgumentError(
+            f"--tensor-model-parallel-size {tp} must divide --num-attention-heads {heads} "
+            f"and --ffn-hidden-size {args.ffn_hidden_size}"
+        )
     args.world_size = world_size
     args.data_parallel_size = world_size // tp
 
@@ -92,7 +114,8 @@ def validate_args(args, world_size):
     if args.global_batch_size % per_step:
         raise ArgumentError(
             f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
-            f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size} = {per_step}")
+            f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size} = {per_step}"
+        )
     args.gradient_accumulation_steps = args.global_batch_size // per_step
     megatron_flags.resolve_run_length(args)  # --train-samples / --train-tokens -> --train-iters
     if args.train_iters is None:
@@ -125,8 +148,7 @@ def validate_args(args, world_size):
     if args.lr_warmup_iters < 0:
         raise ArgumentError("--lr-warmup-iters must be >= 0")
     if args.lr_warmup_iters > args.lr_decay_iters:
-        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters "
-                            f"{args.lr_decay_iters}")
+        raise ArgumentError(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds --lr-decay-iters {args.lr_decay_iters}")
     args.clip_grad_given = args.clip_grad is not None  # else 1.0, unless the DeepSpeed JSON sets gradient_clipping
     if args.clip_grad is None:
         args.clip_grad = 1.0
@@ -143,8 +165,9 @@ def validate_args(args, world_size):
     megatron_flags.validate_data_sources(args)
     per_split = megatron_flags.per_split_data_paths(args)
     if not args.data_path and not args.mock_data and not per_split:
-        raise ArgumentError("--data-path is required (PREFIX or W1 PREFIX1 W2 PREFIX2 ...), "
-                            "or --mock-data for synthetic tokens")
+        raise ArgumentError(
+            "--data-path is required (PREFIX or W1 PREFIX1 W2 PREFIX2 ...), or --mock-data for synthetic tokens"
+        )
     args.data_weights, args.data_prefixes = parse_data_path(args.data_path) if args.data_path else (None, [])
     sources = [("--data-path", args.data_prefixes)]
     for split, path in per_split.items():
@@ -165,22 +188,31 @@ def validate_args(args, world_size):
         raise ArgumentError(f"--split {args.split!r}: expected numbers like 969,30,1") from None
     if not split or len(split) > 3 or any(x < 0 for x in split) or sum(split) <= 0:
         raise ArgumentError(f"--split {args.split!r}: expected up to three non-negative numbers like 969,30,1")
-    if args.tokenizer is not None and not os.path.exists(args.tokenizer) \
-            and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.tokenizer):  # else a Hugging Face Hub name
+    if (
+        args.tokenizer is not None
+        and not os.path.exists(args.tokenizer)
+        and not re.fullmatch(r"[\w.-]+/[\w.-]+", args.tokenizer)
+    ):  # else a Hugging Face Hub name
         raise ArgumentError(f"--tokenizer: {args.tokenizer} does not exist")
 
     if args.save_interval is not None and args.save is None:
         raise ArgumentError("--save-interval needs --save DIR")
     if args.save_interval_minutes is not None and (args.save is None or not args.save_interval_minutes > 0):
-        raise ArgumentError(f"--save-interval-minutes must be > 0 and needs --save DIR, got {args.save_interval_minutes}")
+        raise ArgumentError(
+            f"--save-interval-minutes must be > 0 and needs --save DIR, got {args.save_interval_minutes}"
+        )
     if args.exit_interval is not None and args.save is None:
         raise ArgumentError("--exit-interval needs --save DIR (the run saves before exiting)")
     if args.keep_last is not None and (args.keep_last < 1 or args.save is None):
         raise ArgumentError(f"--keep-last must be >= 1 and needs --save DIR, got {args.keep_last}")
     if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
-        raise ArgumentError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other")
+        raise ArgumentError(
+            "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other"
+        )
     if args.finetune and args.load is None:
-        raise ArgumentError("--finetune needs --load (a training checkpoint, or a model folder: megaphi or Hugging Face phi)")
+        raise ArgumentError(
+            "--finetune needs --load (a training checkpoint, or a model folder: megaphi or Hugging Face phi)"
+        )
     megatron_flags.validate_run_control(args)
     megatron_flags.validate_wandb(args)
     if (args.finetune or args.skip_train) and not os.path.exists(args.load):
@@ -195,6 +227,7 @@ def validate_args(args, world_size):
         raise ArgumentError("--eval-humaneval needs --tokenizer (to encode prompts and decode completions)")
     if args.eval_humaneval is not None:
         from megaphi.evaluation.problems import ProblemFileError, resolve_problem_set
+
         try:
             problems_file, _ = resolve_problem_set(args.eval_humaneval)
         except ProblemFileError as e:

@@ -21,6 +21,7 @@ DeepSpeed's compiled ops), the caching allocator's cudaFree when it gives memory
 out-of-memory retry, empty_cache), a synchronize bound to a name before the counter started (from
 torch.cuda import synchronize), and the host blocking on a full launch queue.
 """
+
 import functools
 import os
 import sys
@@ -30,8 +31,9 @@ import torch
 
 MEGAPHI_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # megaphi functions that read CPU tensors of the data loader's batches: host data, never a device sync
-HOST_DATA_FUNCTIONS = frozenset({"loss_token_mask", "count_loss_tokens",
-                                 "should_stop"})  # reads a flag reduced over a CPU (gloo) group by design
+HOST_DATA_FUNCTIONS = frozenset(
+    {"loss_token_mask", "count_loss_tokens", "should_stop"}
+)  # reads a flag reduced over a CPU (gloo) group by design
 HOST_DATA_DIRS = (os.path.join(MEGAPHI_DIR, "data"),)
 READS = ("item", "tolist", "__float__", "__bool__", "__int__", "__index__")
 _DEEPSPEED_MARK = os.sep + "deepspeed" + os.sep
@@ -67,6 +69,7 @@ class ValueReadCounter:
         def read(tensor, *args, **kwargs):
             self._record(tensor, name, sys._getframe(1))
             return original(tensor, *args, **kwargs)
+
         read.__name__ = name
         return read
 
@@ -77,8 +80,7 @@ class ValueReadCounter:
         origin = origin_of(path)
         if origin not in self.origins:
             return
-        if origin == "megaphi" and (path.startswith(HOST_DATA_DIRS)
-                                    or caller.f_code.co_name in HOST_DATA_FUNCTIONS):
+        if origin == "megaphi" and (path.startswith(HOST_DATA_DIRS) or caller.f_code.co_name in HOST_DATA_FUNCTIONS):
             return
         where = os.path.relpath(path, MEGAPHI_DIR) if origin == "megaphi" else path
         key = f"{origin} {where}:{caller.f_lineno} {name}"
@@ -114,6 +116,7 @@ def _synchronize_entry_points():
         points.append((torch.accelerator, "synchronize"))
     try:  # DeepSpeed calls its accelerator object's method; patch that object's class
         from deepspeed.accelerator import get_accelerator
+
         points.append((type(get_accelerator()), "synchronize"))
     except ImportError:
         pass
@@ -142,6 +145,7 @@ class DeviceSynchronizeCounter:
                 return original(*args, **kwargs)
             finally:
                 self._depth -= 1
+
         return synchronize  # a plain function: as a class attribute it binds like the method it replaces
 
     def _record(self, caller):

@@ -14,6 +14,7 @@ nobody waits for. A rank started by a launcher (RANK in the environment) therefo
 A plain `python -m megaphi.pretrain` (no RANK) is not tied to its parent, so `nohup`/`setsid` runs
 outlive their shell as before.
 """
+
 import ctypes
 import os
 import signal
@@ -22,8 +23,12 @@ from typing import List, Optional, Tuple
 PR_SET_PDEATHSIG = 1
 PR_GET_PDEATHSIG = 2
 LAUNCHER_SCRIPTS = ("deepspeed", "ds", "torchrun")
-LAUNCHER_MODULES = ("deepspeed.launcher.launch", "deepspeed.launcher.runner", "torch.distributed.run",
-                    "torch.distributed.launch")
+LAUNCHER_MODULES = (
+    "deepspeed.launcher.launch",
+    "deepspeed.launcher.runner",
+    "torch.distributed.run",
+    "torch.distributed.launch",
+)
 
 _ARMED = None
 
@@ -35,7 +40,7 @@ def _proc_stat(pid: int) -> Optional[Tuple[str, int, int]]:
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and ')'
+    fields = text[text.rindex(")") + 2 :].split()  # the command name may hold spaces and ')'
     return fields[0], int(fields[1]), int(fields[19])
 
 

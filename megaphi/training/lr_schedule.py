@@ -13,6 +13,7 @@ so the first update already has a nonzero lr and update `decay` lands exactly on
 The DeepSpeed engine calls step() only after an applied update, never after a step skipped for
 fp16 overflow, so skipped steps do not advance the schedule.
 """
+
 import math
 
 
@@ -64,9 +65,14 @@ class WarmupDecayLR:
         self._apply(self.lr_at(self.num_steps + 1))
 
     def state_dict(self):
-        return {"num_steps": self.num_steps, "max_lr": self.max_lr, "min_lr": self.min_lr,
-                "warmup_iters": self.warmup_iters, "decay_iters": self.decay_iters,
-                "decay_style": self.decay_style}
+        return {
+            "num_steps": self.num_steps,
+            "max_lr": self.max_lr,
+            "min_lr": self.min_lr,
+            "warmup_iters": self.warmup_iters,
+            "decay_iters": self.decay_iters,
+            "decay_style": self.decay_style,
+        }
 
     def load_state_dict(self, state):
         # The schedule's shape comes from the flags of this run; only the position is restored.

@@ -10,6 +10,7 @@ meaning, notes about, or refuses in one line, and the closest known flag for an 
 - refused where they contradict phi's architecture: `--swiglu`, `--group-query-attention`,
   `--num-query-groups`, `--normalization RMSNorm`, `--disable-bias-linear` (and `--no-save-optim`).
 """
+
 import argparse
 import difflib
 import os
@@ -23,26 +24,24 @@ MEGATRON_ATTENTION_BACKENDS = {"flash": "flash-attn", "fused": "sdpa-cudnn", "un
 NOTES = {
     "deepspeed": "--deepspeed: megaphi always trains on DeepSpeed (ZeRO stage from --zero-stage or the JSON)",
     "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights: phi-1's lm_head is already "
-                                           "untied from the embedding (and has a bias)",
+    "untied from the embedding (and has a bias)",
     "log_throughput": "--log-throughput: megaphi always logs tokens/s, TFLOP/s per device and MFU",
-    "log_memory_to_tensorboard": "--log-memory-to-tensorboard: peak memory is always logged "
-                                 "(mem-max-allocated-bytes)",
-    "log_validation_ppl_to_tensorboard": "--log-validation-ppl-to-tensorboard: always logged "
-                                         "(lm loss validation ppl)",
+    "log_memory_to_tensorboard": "--log-memory-to-tensorboard: peak memory is always logged (mem-max-allocated-bytes)",
+    "log_validation_ppl_to_tensorboard": "--log-validation-ppl-to-tensorboard: always logged (lm loss validation ppl)",
     "timing_log_level": "--timing-log-level: megaphi times whole iterations only (iteration-time)",
     "tensorboard_log_interval": "--tensorboard-log-interval: TensorBoard gets the scalars at every --log-interval",
     "log_params_norm": "--log-params-norm: the parameters' L2 norm is logged as params-norm",
     "log_num_zeros_in_grad": "--log-num-zeros-in-grad: not logged (DeepSpeed owns the gradient buffers and "
-                             "frees them in the step)",
+    "frees them in the step)",
 }
 REFUSED = {  # flag -> why it cannot apply to phi
     "swiglu": "--swiglu: phi's MLP is fc1 -> gelu_tanh -> fc2 (no gated unit); a SwiGLU model is another architecture",
     "group_query_attention": "--group-query-attention: phi uses multi-head attention (one key/value head per "
-                             "query head)",
+    "query head)",
     "num_query_groups": "--num-query-groups: phi uses multi-head attention (one key/value head per query head)",
     "disable_bias_linear": "--disable-bias-linear: every phi Linear has a bias (the released checkpoints' shape)",
     "no_save_optim": "--no-save-optim: not supported: DeepSpeed writes the optimizer state with every "
-                     "checkpoint (the weights alone are exported to DIR/<tag>/model/)",
+    "checkpoint (the weights alone are exported to DIR/<tag>/model/)",
 }
 
 
@@ -53,11 +52,14 @@ def resolve_compat(args):
         if getattr(args, name) not in (None, False):
             raise ArgumentError(why)
     if args.normalization != "LayerNorm":
-        raise ArgumentError(f"--normalization {args.normalization}: phi uses LayerNorm (one shared LayerNorm "
-                            f"per block, with a bias)")
+        raise ArgumentError(
+            f"--normalization {args.normalization}: phi uses LayerNorm (one shared LayerNorm per block, with a bias)"
+        )
     if args.position_embedding_type != "rope":
-        raise ArgumentError(f"--position-embedding-type {args.position_embedding_type}: phi uses rotary "
-                            f"embeddings (rope) on part of each head (--rotary-dim / --rotary-percent)")
+        raise ArgumentError(
+            f"--position-embedding-type {args.position_embedding_type}: phi uses rotary "
+            f"embeddings (rope) on part of each head (--rotary-dim / --rotary-percent)"
+        )
     for name, note in NOTES.items():
         if getattr(args, name) not in (None, False):
             notes.append(note)
@@ -72,8 +74,9 @@ def resolve_compat(args):
         args.deepspeed_config = args.deepspeed_config_alias
     if args.use_distributed_optimizer:
         if args.zero_stage == 0:
-            raise ArgumentError("--use-distributed-optimizer shards the optimizer state (ZeRO 1) but --zero-stage 0 "
-                                "asks for none")
+            raise ArgumentError(
+                "--use-distributed-optimizer shards the optimizer state (ZeRO 1) but --zero-stage 0 asks for none"
+            )
         if args.zero_stage is None:
             args.zero_stage, args.zero_stage_source = 1, "--use-distributed-optimizer"
     if args.log_params_norm and args.zero_stage == 3:
@@ -87,8 +90,9 @@ def _resolve_tokenizer_files(args):
     if args.tokenizer_type == "GPT2BPETokenizer" and None in pair:
         raise ArgumentError("--tokenizer-type GPT2BPETokenizer needs --vocab-file and --merge-file")
     if args.tokenizer_type == "HuggingFaceTokenizer" and args.tokenizer is None:
-        raise ArgumentError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model (a tokenizer.json, "
-                            "folder or Hub name)")
+        raise ArgumentError(
+            "--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model (a tokenizer.json, folder or Hub name)"
+        )
     if pair == (None, None):
         return
     if None in pair:
@@ -102,8 +106,64 @@ def _resolve_tokenizer_files(args):
 
 def closest_flag(parser, flag):
     """The known flag nearest to an unknown one (difflib), or None."""
-    known = [s for action in parser._actions for s in action.option_strings  # argparse's public-by-use list
-             if s.startswith("--") and action.help != argparse.SUPPRESS]
+    known = [
+        s
+        for action in parser._actions
+        for s in action.option_strings  # argparse's public-by-use list
+        if s.startswith("--") and action.help != argparse.SUPPRESS
+    ]
     name = flag.split("=", 1)[0]
     matches = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     return matches[0] if matches else None
+
+
+def add_megatron_args(parser):
+    g = parser.add_argument_group("Megatron-LM / Megatron-DeepSpeed flags (see docs/training.md)")
+    g.add_argument("--vocab-file", default=None, help="GPT-2-style vocab.json (with --merge-file): a byte-level BPE")
+    g.add_argument("--merge-file", default=None, help="GPT-2-style merges.txt (with --vocab-file)")
+    g.add_argument(
+        "--tokenizer-type",
+        default=None,
+        choices=("GPT2BPETokenizer", "HuggingFaceTokenizer"),
+        help="GPT2BPETokenizer: --vocab-file + --merge-file; HuggingFaceTokenizer: --tokenizer-model",
+    )
+    g.add_argument("--use-flash-attn", action="store_true", help="= --attention-backend flash-attn")
+    g.add_argument(
+        "--position-embedding-type",
+        default="rope",
+        help="rope only (phi's rotary embeddings); accepted for Megatron scripts",
+    )
+    g.add_argument(
+        "--rotary-percent",
+        type=float,
+        default=None,
+        help="rotary dim = this x head dim (Megatron's way to give --rotary-dim)",
+    )
+    g.add_argument("--normalization", default="LayerNorm", help="LayerNorm only (phi's)")
+    g.add_argument(
+        "--use-distributed-optimizer",
+        action="store_true",
+        help="shard the optimizer state over data-parallel ranks: ZeRO stage 1 (unless --zero-stage >= 1)",
+    )
+    g.add_argument(
+        "--overlap-grad-reduce",
+        action="store_true",
+        help="overlap the gradient reduction with the backward pass (ZeRO's overlap_comm)",
+    )
+    g.add_argument("--deepspeed", action="store_true", help="accepted (megaphi always runs DeepSpeed)")
+    g.add_argument("--deepspeed_config", dest="deepspeed_config_alias", default=None, help=argparse.SUPPRESS)
+    for flag in (
+        "--untie-embeddings-and-output-weights",
+        "--log-throughput",
+        "--log-memory-to-tensorboard",
+        "--log-validation-ppl-to-tensorboard",
+        "--log-params-norm",
+        "--log-num-zeros-in-grad",
+        "--swiglu",
+        "--group-query-attention",
+        "--disable-bias-linear",
+        "--no-save-optim",
+    ):
+        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    for flag in ("--timing-log-level", "--tensorboard-log-interval", "--num-query-groups"):
+        g.add_argument(flag, type=int, default=None, help=argparse.SUPPRESS)

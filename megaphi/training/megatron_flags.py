@@ -11,6 +11,7 @@
 
 Each check raises ArgumentError with a one-line message naming the flag.
 """
+
 import importlib.util
 import math
 
@@ -29,8 +30,9 @@ def resolve_run_length(args):
             raise ArgumentError("--train-tokens and --train-samples exclude each other")
         args.train_samples = args.train_tokens // args.seq_length
         if args.train_samples == 0:
-            raise ArgumentError(f"--train-tokens {args.train_tokens} is less than one sample of --seq-length "
-                         f"{args.seq_length}")
+            raise ArgumentError(
+                f"--train-tokens {args.train_tokens} is less than one sample of --seq-length {args.seq_length}"
+            )
     if args.train_samples is not None:
         if args.train_iters is not None:
             raise ArgumentError("--train-samples and --train-iters exclude each other: give one run length")
@@ -46,8 +48,10 @@ def resolve_run_length(args):
             continue
         flag = "--" + name.replace("_", "-")
         if args.train_samples is None:
-            raise ArgumentError(f"{flag} goes with --train-samples (or --train-tokens); use "
-                         f"--{iters_name.replace('_', '-')} with --train-iters")
+            raise ArgumentError(
+                f"{flag} goes with --train-samples (or --train-tokens); use "
+                f"--{iters_name.replace('_', '-')} with --train-iters"
+            )
         if getattr(args, iters_name) is not None:
             raise ArgumentError(f"{flag} and --{iters_name.replace('_', '-')} exclude each other")
         setattr(args, iters_name, samples // gbs)
@@ -82,8 +86,11 @@ def validate_run_control(args):
 
 def per_split_data_paths(args):
     """{split: data path list} for the --{split}-data-path flags given, or {} (then --data-path)."""
-    return {split: getattr(args, f"{split}_data_path") for split in ("train", "valid", "test")
-            if getattr(args, f"{split}_data_path")}
+    return {
+        split: getattr(args, f"{split}_data_path")
+        for split in ("train", "valid", "test")
+        if getattr(args, f"{split}_data_path")
+    }
 
 
 def validate_data_sources(args):
@@ -91,8 +98,10 @@ def validate_data_sources(args):
     per_split = per_split_data_paths(args)
     if per_split:
         if args.data_path:
-            raise ArgumentError("--data-path and --train-data-path/--valid-data-path/--test-data-path exclude each "
-                         "other: one blend split by --split, or one path per split")
+            raise ArgumentError(
+                "--data-path and --train-data-path/--valid-data-path/--test-data-path exclude each "
+                "other: one blend split by --split, or one path per split"
+            )
         if args.mock_data:
             raise ArgumentError("--mock-data and --train-data-path exclude each other: synthetic tokens or token files")
         if "train" not in per_split and not args.skip_train:
@@ -105,4 +114,79 @@ def validate_wandb(args):
             raise ArgumentError("--wandb-exp-name and --wandb-save-dir need --wandb-project")
         return
     if importlib.util.find_spec("wandb") is None:
-        raise ArgumentError("--wandb-project needs the wandb package: pip install wandb (or pip install megaphi[wandb])")
+        raise ArgumentError(
+            "--wandb-project needs the wandb package: pip install wandb (or pip install megaphi[wandb])"
+        )
+
+
+def add_run_length_args(group):
+    group.add_argument(
+        "--train-samples",
+        type=int,
+        default=None,
+        help="train for this many samples: --train-iters = samples // --global-batch-size",
+    )
+    group.add_argument(
+        "--train-tokens",
+        type=int,
+        default=None,
+        help="train for this many tokens: --train-samples = tokens // --seq-length",
+    )
+    group.add_argument(
+        "--exit-duration-in-mins",
+        type=float,
+        default=None,
+        help="save and exit once the run has lasted this many minutes (all ranks agree)",
+    )
+    group.add_argument(
+        "--skip-train",
+        "--eval-only",
+        dest="skip_train",
+        action="store_true",
+        help="no training: report the validation (and test) loss and perplexity of --load",
+    )
+
+
+def add_lr_units_args(group):
+    group.add_argument(
+        "--lr-warmup-fraction",
+        type=float,
+        default=None,
+        help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)",
+    )
+    group.add_argument(
+        "--lr-warmup-samples",
+        type=int,
+        default=None,
+        help="warmup in samples (with --train-samples): iterations = samples // global batch",
+    )
+    group.add_argument(
+        "--lr-decay-samples",
+        type=int,
+        default=None,
+        help="decay in samples (with --train-samples): iterations = samples // global batch",
+    )
+
+
+def add_split_data_args(group):
+    for split in ("train", "valid", "test"):
+        group.add_argument(
+            f"--{split}-data-path",
+            nargs="+",
+            default=None,
+            help=f"the {split} split's own PREFIX or W1 PREFIX1 W2 PREFIX2 ... (used whole, "
+            f"instead of --data-path with --split)",
+        )
+
+
+def add_wandb_args(group):
+    group.add_argument(
+        "--wandb-project",
+        default=None,
+        help="log metrics to this Weights & Biases project (needs `pip install wandb`; "
+        "WANDB_MODE=offline works without a network)",
+    )
+    group.add_argument("--wandb-exp-name", default=None, help="W&B run name (default: W&B's own)")
+    group.add_argument(
+        "--wandb-save-dir", default=None, help="folder for W&B's local files (default: --log-dir, else W&B's ./wandb)"
+    )

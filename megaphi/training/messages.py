@@ -1,5 +1,6 @@
 """Where the training command's lines go: results and progress on stdout, warnings and notes on stderr
 (DeepSpeed's own log lines included), errors on stderr under one prefix (argument_error.ERROR_PREFIX)."""
+
 import contextlib
 import logging
 import sys

@@ -1,4 +1,5 @@
 """Throughput, FLOPs and MFU, and the metrics sinks (stdout, metrics.jsonl, TensorBoard)."""
+
 import json
 import math
 import os
@@ -15,34 +16,34 @@ import torch
 # so an H100 PCIe or NVL never gets the SXM figure; an unlisted device gets no MFU (--peak-tflops).
 #   device name                                                            bf16    fp16    tf32    fp32
 PEAK_TFLOPS = (
-    (r"NVIDIA H100( \d+GB HBM3)?",                                          989.4, 989.4, 494.7, 66.9),
-    (r"NVIDIA H100 PCIe",                                                  756.5, 756.5, 378.0, 51.2),
-    (r"NVIDIA H100 NVL",                                                   835.5, 835.5, 417.5, 60.0),
-    (r"NVIDIA H200( 141GB HBM3e)?",                                        989.4, 989.4, 494.7, 67.0),
-    (r"NVIDIA H200 NVL",                                                   835.5, 835.5, 417.5, 60.0),
-    (r"NVIDIA GH200( \d+GB)?( HBM3e?)?",                                   989.4, 989.4, 494.7, 67.0),
-    (r"NVIDIA H800( 80GB HBM3)?",                                          989.4, 989.4, 494.7, 67.0),
-    (r"NVIDIA H800 PCIe",                                                  756.5, 756.5, 378.0, 51.0),
-    (r"NVIDIA A[18]00[- ](SXM4?-|PCIE-)?(40|80)GB( PCIe)?",                312.0, 312.0, 156.0, 19.5),
-    (r"NVIDIA A30",                                                        165.0, 165.0, 82.0, 10.3),
-    (r"NVIDIA A40",                                                        149.7, 149.7, 74.8, 37.4),
-    (r"NVIDIA A10",                                                        125.0, 125.0, 62.5, 31.2),
-    (r"NVIDIA L40S",                                                       362.05, 362.05, 183.0, 91.6),
-    (r"NVIDIA L40",                                                        181.05, 181.05, 90.5, 90.5),
-    (r"NVIDIA L4",                                                         121.0, 121.0, 60.0, 30.3),
-    (r"NVIDIA GeForce RTX 4090",                                           165.2, 165.2, 82.6, 82.6),
-    (r"NVIDIA GeForce RTX 3090",                                           71.0, 71.0, 35.6, 35.6),
-    (r"Tesla V100-SXM2-(16|32)GB",                                         None, 125.0, None, 15.7),
-    (r"Tesla V100-PCIE-(16|32)GB",                                         None, 112.0, None, 14.0),
-    (r"Tesla V100S-PCIE-32GB",                                             None, 130.0, None, 16.4),
-    (r"Tesla T4",                                                          None, 65.0, None, 8.1),
+    (r"NVIDIA H100( \d+GB HBM3)?", 989.4, 989.4, 494.7, 66.9),
+    (r"NVIDIA H100 PCIe", 756.5, 756.5, 378.0, 51.2),
+    (r"NVIDIA H100 NVL", 835.5, 835.5, 417.5, 60.0),
+    (r"NVIDIA H200( 141GB HBM3e)?", 989.4, 989.4, 494.7, 67.0),
+    (r"NVIDIA H200 NVL", 835.5, 835.5, 417.5, 60.0),
+    (r"NVIDIA GH200( \d+GB)?( HBM3e?)?", 989.4, 989.4, 494.7, 67.0),
+    (r"NVIDIA H800( 80GB HBM3)?", 989.4, 989.4, 494.7, 67.0),
+    (r"NVIDIA H800 PCIe", 756.5, 756.5, 378.0, 51.0),
+    (r"NVIDIA A[18]00[- ](SXM4?-|PCIE-)?(40|80)GB( PCIe)?", 312.0, 312.0, 156.0, 19.5),
+    (r"NVIDIA A30", 165.0, 165.0, 82.0, 10.3),
+    (r"NVIDIA A40", 149.7, 149.7, 74.8, 37.4),
+    (r"NVIDIA A10", 125.0, 125.0, 62.5, 31.2),
+    (r"NVIDIA L40S", 362.05, 362.05, 183.0, 91.6),
+    (r"NVIDIA L40", 181.05, 181.05, 90.5, 90.5),
+    (r"NVIDIA L4", 121.0, 121.0, 60.0, 30.3),
+    (r"NVIDIA GeForce RTX 4090", 165.2, 165.2, 82.6, 82.6),
+    (r"NVIDIA GeForce RTX 3090", 71.0, 71.0, 35.6, 35.6),
+    (r"Tesla V100-SXM2-(16|32)GB", None, 125.0, None, 15.7),
+    (r"Tesla V100-PCIE-(16|32)GB", None, 112.0, None, 14.0),
+    (r"Tesla V100S-PCIE-32GB", None, 130.0, None, 16.4),
+    (r"Tesla T4", None, 65.0, None, 8.1),
 )
 PRECISIONS = ("bf16", "fp16", "tf32", "fp32")
 
 
 def matmul_params(num_layers, hidden_size, ffn_hidden_size, vocab_size):
     """Parameters taking part in matmuls: L*(4h^2 + 2*h*ffn) + h*V (biases, LayerNorm excluded)."""
-    return num_layers * (4 * hidden_size ** 2 + 2 * hidden_size * ffn_hidden_size) + hidden_size * vocab_size
+    return num_layers * (4 * hidden_size**2 + 2 * hidden_size * ffn_hidden_size) + hidden_size * vocab_size
 
 
 def flops_per_token(num_layers, hidden_size, ffn_hidden_size, vocab_size, seq_length):
@@ -105,8 +106,11 @@ def parameters_norm(parameters):
     from megaphi.parallel import get_tensor_model_parallel_group, get_tensor_model_parallel_rank
 
     tp_rank = get_tensor_model_parallel_rank()
-    squares = [p.detach().float().pow(2).sum() for p in parameters
-               if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)]
+    squares = [
+        p.detach().float().pow(2).sum()
+        for p in parameters
+        if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)
+    ]
     total = torch.stack(squares).sum() if squares else torch.zeros(())
     group = get_tensor_model_parallel_group()
     if dist.is_initialized() and dist.get_world_size(group) > 1:
@@ -116,10 +120,11 @@ def parameters_norm(parameters):
 
 def peak_memory_gb():
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2 ** 30
+        return torch.cuda.max_memory_allocated() / 2**30
     try:
         import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux -> GiB
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB
     except ImportError:
         return None
 
@@ -158,25 +163,44 @@ def repair_truncated_last_line(path):
                 break
             pos = start
         f.truncate(keep)
-    print(f"warning: {path}: removed a truncated last line ({size - keep} bytes) left by an interrupted write",
-          file=sys.stderr, flush=True)
+    print(
+        f"warning: {path}: removed a truncated last line ({size - keep} bytes) left by an interrupted write",
+        file=sys.stderr,
+        flush=True,
+    )
     return size - keep
 
 
 # metrics.jsonl keys -> the TensorBoard / W&B tags Megatron-LM writes, so dashboards carry over.
 # (key, tag, scale); "vs samples" twins are written at step = consumed samples, as Megatron does.
 TRAIN_TAGS = (
-    ("loss", "lm loss", 1.0), ("lr", "learning-rate", 1.0), ("grad_norm", "grad-norm", 1.0),
-    ("loss_scale", "loss-scale", 1.0), ("ms_per_iter", "iteration-time", 1e-3),  # seconds, as Megatron
-    ("global_batch_size", "batch-size", 1.0), ("tflops_per_gpu", "throughput", 1.0),
-    ("tokens_per_sec", "tokens-per-sec", 1.0), ("mfu", "mfu", 1.0),
-    ("skipped_in_interval", "skipped-iterations", 1.0), ("consumed_tokens", "consumed-tokens", 1.0),
-    ("peak_memory_gb", "mem-max-allocated-bytes", 2.0 ** 30), ("params_norm", "params-norm", 1.0),
+    ("loss", "lm loss", 1.0),
+    ("lr", "learning-rate", 1.0),
+    ("grad_norm", "grad-norm", 1.0),
+    ("loss_scale", "loss-scale", 1.0),
+    ("ms_per_iter", "iteration-time", 1e-3),  # seconds, as Megatron
+    ("global_batch_size", "batch-size", 1.0),
+    ("tflops_per_gpu", "throughput", 1.0),
+    ("tokens_per_sec", "tokens-per-sec", 1.0),
+    ("mfu", "mfu", 1.0),
+    ("skipped_in_interval", "skipped-iterations", 1.0),
+    ("consumed_tokens", "consumed-tokens", 1.0),
+    ("peak_memory_gb", "mem-max-allocated-bytes", 2.0**30),
+    ("params_norm", "params-norm", 1.0),
 )
 VALID_TAGS = (("val_loss", "lm loss validation", 1.0), ("val_ppl", "lm loss validation ppl", 1.0))
 TEST_TAGS = (("test_loss", "lm loss test", 1.0), ("test_ppl", "lm loss test ppl", 1.0))
-VS_SAMPLES = {"lm loss", "learning-rate", "grad-norm", "loss-scale", "batch-size", "lm loss validation",
-              "lm loss validation ppl", "lm loss test", "lm loss test ppl"}
+VS_SAMPLES = {
+    "lm loss",
+    "learning-rate",
+    "grad-norm",
+    "loss-scale",
+    "batch-size",
+    "lm loss validation",
+    "lm loss validation ppl",
+    "lm loss test",
+    "lm loss test ppl",
+}
 
 
 def _number(value):
@@ -218,8 +242,9 @@ class MetricsWriter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise RuntimeError("--tensorboard-dir needs the tensorboard package: pip install tensorboard "
-                                   f"({e})") from None
+                raise RuntimeError(
+                    f"--tensorboard-dir needs the tensorboard package: pip install tensorboard ({e})"
+                ) from None
             self.tb = SummaryWriter(log_dir=tensorboard_dir)
             if arguments:  # the run's flags, once per start, as TensorBoard text (its "Text" tab)
                 self.tb.add_text("arguments", arguments_markdown(arguments), 0)
@@ -272,22 +297,32 @@ def open_metrics_writer(args, enabled=True):
 
     wandb = None
     if enabled and getattr(args, "wandb_project", None):
-        wandb = WandbWriter(args.wandb_project, args.wandb_exp_name, args.wandb_save_dir or args.log_dir,
-                            wandb_config(args), id_dir=getattr(args, "save", None) or args.wandb_save_dir
-                            or args.log_dir)
-    return MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=enabled, wandb=wandb,
-                         arguments=wandb_config(args))
+        wandb = WandbWriter(
+            args.wandb_project,
+            args.wandb_exp_name,
+            args.wandb_save_dir or args.log_dir,
+            wandb_config(args),
+            id_dir=getattr(args, "save", None) or args.wandb_save_dir or args.log_dir,
+        )
+    return MetricsWriter(args.log_dir, args.tensorboard_dir, enabled=enabled, wandb=wandb, arguments=wandb_config(args))
 
 
 def format_train_line(r):
-    parts = [f"iteration {r['iteration']:>8d}/{r['train_iters']:<8d}",
-             f"consumed samples {r['consumed_samples']}",
-             f"loss {r['loss']:.6f}", f"lr {r['lr']:.4e}"]
+    parts = [
+        f"iteration {r['iteration']:>8d}/{r['train_iters']:<8d}",
+        f"consumed samples {r['consumed_samples']}",
+        f"loss {r['loss']:.6f}",
+        f"lr {r['lr']:.4e}",
+    ]
     if r.get("grad_norm") is not None:
         parts.append(f"grad norm {r['grad_norm']:.4f}")
-    parts += [f"loss scale {r['loss_scale']:g}", f"skipped {r['skipped_steps']}",
-              f"{r['ms_per_iter']:.1f} ms/iter", f"{r['tokens_per_sec']:.0f} tokens/s",
-              f"{r['tflops_per_gpu']:.2f} TFLOP/s per device"]  # a GPU, or a CPU rank
+    parts += [
+        f"loss scale {r['loss_scale']:g}",
+        f"skipped {r['skipped_steps']}",
+        f"{r['ms_per_iter']:.1f} ms/iter",
+        f"{r['tokens_per_sec']:.0f} tokens/s",
+        f"{r['tflops_per_gpu']:.2f} TFLOP/s per device",
+    ]  # a GPU, or a CPU rank
     parts.append("MFU n/a" if r.get("mfu") is None else f"MFU {100 * r['mfu']:.1f}%")
     if r.get("params_norm") is not None:
         parts.append(f"params norm {r['params_norm']:.4f}")

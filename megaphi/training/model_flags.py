@@ -6,18 +6,26 @@ unless --rotary-dim or --rotary-percent says otherwise. Finetuning (or evaluatin
 the architecture and the dropouts from the folder's config.json; an architecture flag that contradicts
 the weights is an error, a dropout flag wins.
 """
+
 import os
 
 from .argument_error import ArgumentError
 
 # flag (args attribute) -> PhiConfig field
 ARCH_FIELDS = {
-    "num_layers": "num_hidden_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "intermediate_size",
-    "num_attention_heads": "num_attention_heads", "rotary_dim": "rotary_dim", "vocab_size": "vocab_size",
+    "num_layers": "num_hidden_layers",
+    "hidden_size": "hidden_size",
+    "ffn_hidden_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads",
+    "rotary_dim": "rotary_dim",
+    "vocab_size": "vocab_size",
 }
 OTHER_FIELDS = {
-    "max_position_embeddings": "max_position_embeddings", "attention_dropout": "attention_dropout",
-    "hidden_dropout": "resid_dropout", "embedding_dropout": "embd_dropout", "init_method_std": "initializer_range",
+    "max_position_embeddings": "max_position_embeddings",
+    "attention_dropout": "attention_dropout",
+    "hidden_dropout": "resid_dropout",
+    "embedding_dropout": "embd_dropout",
+    "init_method_std": "initializer_range",
 }
 
 
@@ -65,8 +73,10 @@ def _adopt_folder(args, folder, typed):
     for name, field in ARCH_FIELDS.items():
         saved = getattr(config, field)
         if name in typed and getattr(args, name) != saved:
-            raise ArgumentError(f"{_flag(name)} {getattr(args, name)} contradicts --load {folder}'s {saved} "
-                                f"(the weights' shape); leave the flag out to take the folder's")
+            raise ArgumentError(
+                f"{_flag(name)} {getattr(args, name)} contradicts --load {folder}'s {saved} "
+                f"(the weights' shape); leave the flag out to take the folder's"
+            )
         setattr(args, name, saved)
     dropouts = []
     for name, field in OTHER_FIELDS.items():
@@ -75,9 +85,11 @@ def _adopt_folder(args, folder, typed):
         if name.endswith("dropout"):
             dropouts.append(f"{_flag(name)} {getattr(args, name):g}" + ("" if name in typed else " (folder)"))
     args.base_model_config = config  # norms' eps, rope base, activation: the folder's too
-    args.flag_notes.append(f"--load {folder}: architecture and dropout from the folder ({config.num_hidden_layers} "
-                           f"layers, hidden {config.hidden_size}, {config.num_attention_heads} heads, vocabulary "
-                           f"{config.vocab_size}; {', '.join(dropouts)})")
+    args.flag_notes.append(
+        f"--load {folder}: architecture and dropout from the folder ({config.num_hidden_layers} "
+        f"layers, hidden {config.hidden_size}, {config.num_attention_heads} heads, vocabulary "
+        f"{config.vocab_size}; {', '.join(dropouts)})"
+    )
 
 
 def scaled_rotary_dim(preset, head_dim):
@@ -112,8 +124,10 @@ def resolve_model(args):
         if getattr(args, "rotary_percent", None) is not None:
             rotary = head_dim * args.rotary_percent
             if rotary != int(rotary) or int(rotary) % 2:
-                raise ArgumentError(f"--rotary-percent {args.rotary_percent:g} gives rotary dim {rotary:g} of head "
-                                    f"dim {head_dim}; it must be an even whole number")
+                raise ArgumentError(
+                    f"--rotary-percent {args.rotary_percent:g} gives rotary dim {rotary:g} of head "
+                    f"dim {head_dim}; it must be an even whole number"
+                )
             args.rotary_dim = int(rotary)
         elif head_dim == preset.hidden_size // preset.num_attention_heads:
             args.rotary_dim = preset.rotary_dim
@@ -137,8 +151,9 @@ def model_vocab_size(args, tokenizer):
 
     if getattr(args, "vocab_size", None) is not None:
         if args.vocab_size < tokenizer.vocab_size:
-            raise ArgumentError(f"--vocab-size {args.vocab_size} is smaller than the tokenizer's "
-                                f"{tokenizer.vocab_size} tokens")
+            raise ArgumentError(
+                f"--vocab-size {args.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens"
+            )
         return args.vocab_size
     preset_vocab = get_preset(args.model).vocab_size
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
@@ -154,8 +169,9 @@ def load_run_tokenizer(args):
 
     if getattr(args, "vocab_file", None):  # Megatron's GPT2BPETokenizer
         try:
-            return load_bpe_files(args.vocab_file, args.merge_file, args.make_vocab_size_divisible_by,
-                                  args.tensor_model_parallel_size)
+            return load_bpe_files(
+                args.vocab_file, args.merge_file, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size
+            )
         except (OSError, ValueError) as e:
             raise ArgumentError(f"--vocab-file/--merge-file: {e}") from None
     try:

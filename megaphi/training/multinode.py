@@ -12,6 +12,7 @@
 - SaveTimer: --save-interval-minutes, decided on rank 0 and broadcast so every rank saves at the same
   iteration.
 """
+
 import os
 import socket
 import time
@@ -80,15 +81,19 @@ def check_save_folder(folder: str) -> None:
     unwritable = [(r, h, e) for r, (h, e, _) in enumerate(report) if e is not None]
     if unwritable:
         r, h, e = unwritable[0]
-        raise SaveFolderError(f"--save {folder}: {_ranks([x[0] for x in unwritable])} (host "
-                              f"{', '.join(sorted({x[1] for x in unwritable}))}) cannot write it: {e}; every rank "
-                              f"saves its own shards there, so it must be writable from every host")
+        raise SaveFolderError(
+            f"--save {folder}: {_ranks([x[0] for x in unwritable])} (host "
+            f"{', '.join(sorted({x[1] for x in unwritable}))}) cannot write it: {e}; every rank "
+            f"saves its own shards there, so it must be writable from every host"
+        )
     blind = [r for r, (_, _, s) in enumerate(report) if not s]
     if blind:
         hosts = ", ".join(sorted({report[r][0] for r in blind}))
-        raise SaveFolderError(f"--save {folder} is not the same folder on every host: {_ranks(blind)} (host "
-                              f"{hosts}) {'does' if len(blind) == 1 else 'do'} not see the probe file rank 0 (host {report[0][0]}) wrote there; give "
-                              f"a folder on a filesystem that every host mounts at the same path")
+        raise SaveFolderError(
+            f"--save {folder} is not the same folder on every host: {_ranks(blind)} (host "
+            f"{hosts}) {'does' if len(blind) == 1 else 'do'} not see the probe file rank 0 (host {report[0][0]}) wrote there; give "
+            f"a folder on a filesystem that every host mounts at the same path"
+        )
 
 
 def warn_elastic_store(say) -> None:
@@ -101,9 +106,11 @@ def warn_elastic_store(say) -> None:
     except ValueError:
         restarts = 0
     if restarts > 0:
-        say(f"warning: torchrun --max-restarts {restarts} with the launcher's shared TCP store: a restart can "
+        say(
+            f"warning: torchrun --max-restarts {restarts} with the launcher's shared TCP store: a restart can "
             f"read the previous round's addresses and fail to connect; set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-            f"in the launcher's environment (docs/training.md, Multi-node)")
+            f"in the launcher's environment (docs/training.md, Multi-node)"
+        )
 
 
 class SaveTimer:

@@ -1,4 +1,5 @@
 """AdamW with weight decay on weight matrices only (not on biases, LayerNorm or 1-d params)."""
+
 import torch
 from torch import nn
 
@@ -61,7 +62,7 @@ def build_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8, devic
         if device_type != "cuda":
             raise ValueError(f"optimizer impl deepspeed-fused needs CUDA parameters, got {device_type}")
         from deepspeed.ops.adam import FusedAdam
+
         return FusedAdam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adam_w_mode=True)
     fused = True if impl == "torch-fused" else None
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
-

@@ -4,6 +4,7 @@ into one line: which rank was lost, where known, and that the run resumes from i
 
 Each rank records every rank's (host, pid) once at start-up (one all-gather), so a survivor can tell
 which rank on its own host is gone; a rank on another host is reported by its host."""
+
 import os
 import re
 import socket
@@ -13,9 +14,11 @@ import torch.distributed as dist
 
 from .launcher_watch import _proc_stat
 
-_PEER_LOST_TEXT = re.compile(r"connection (reset|closed) by peer|broken pipe|remote process exited|"
-                             r"peer (closed|disconnected)|ncclRemoteError|NCCL communicator was aborted",
-                             re.IGNORECASE)
+_PEER_LOST_TEXT = re.compile(
+    r"connection (reset|closed) by peer|broken pipe|remote process exited|"
+    r"peer (closed|disconnected)|ncclRemoteError|NCCL communicator was aborted",
+    re.IGNORECASE,
+)
 
 
 def record_peers():
@@ -55,13 +58,19 @@ def lost_ranks(peers, my_rank, settle_seconds=10.0):
 def peer_lost_message(exc, peers, my_rank, save_dir=None):
     dead, elsewhere = lost_ranks(peers, my_rank) if peers else ([], [])
     if dead:
-        who = (f"lost rank {dead[0]} (pid {peers[dead[0]][1]}, no longer running)" if len(dead) == 1 else
-               f"lost ranks {', '.join(map(str, dead))} (no longer running)")
+        who = (
+            f"lost rank {dead[0]} (pid {peers[dead[0]][1]}, no longer running)"
+            if len(dead) == 1
+            else f"lost ranks {', '.join(map(str, dead))} (no longer running)"
+        )
     elif elsewhere:
         who = f"lost contact with a rank on {', '.join(elsewhere)} (its process or the network went away)"
     else:
         who = "lost contact with another rank"
-    resume = (f"rerun the same command to resume from the last checkpoint in {save_dir}" if save_dir else
-              "no --save was given, so there is no checkpoint to resume from")
+    resume = (
+        f"rerun the same command to resume from the last checkpoint in {save_dir}"
+        if save_dir
+        else "no --save was given, so there is no checkpoint to resume from"
+    )
     detail = " ".join(str(exc).split())[:160]
     return f"rank {my_rank}: {who}; {resume} ({type(exc).__name__}: {detail})"

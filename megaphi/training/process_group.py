@@ -1,5 +1,6 @@
 """The run's process group: the launcher's (deepspeed, torchrun, Slurm), or a 1-rank one for a plain
 `python -m megaphi.pretrain` or a Trainer built in a Python session."""
+
 import os
 import socket
 

@@ -1,5 +1,6 @@
 """What a training run runs on, said once at start-up: attention backend (and SDPA kernel), LayerNorm and
 rotary implementations, optimizer, device, precision, and the peak TFLOP/s that MFU is measured against."""
+
 import sys
 
 import torch
@@ -34,10 +35,12 @@ def _sdpa_cuda_kernel(device, dtype, heads, seq, head_dim, dropout_p):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    enabled = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
-               SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
-               SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
-               SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled}
+    enabled = {
+        SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+        SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+        SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled,
+        SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+    }
     try:  # private; the documented default order otherwise
         order = [SDPBackend(i) for i in torch._C._get_sdp_priority_order()]
     except (AttributeError, TypeError, ValueError):
@@ -68,12 +71,14 @@ def attention_backend(device, dtype, config, seq_length, tp=1, forced="auto"):
         return f"{forced} (--attention-backend)"
     if device.type == "cuda" and half and attention.flash_attn_available():
         import flash_attn
+
         return f"flash-attn {getattr(flash_attn, '__version__', '?')}"
     if device.type != "cuda":
         return f"torch SDPA ({device.type})"
     why = "flash-attn is not installed" if not attention.flash_attn_available() else "flash-attn takes fp16/bf16 only"
-    kernel = _sdpa_cuda_kernel(device, dtype, config.num_attention_heads // tp, seq_length, config.head_dim,
-                               config.attention_dropout)
+    kernel = _sdpa_cuda_kernel(
+        device, dtype, config.num_attention_heads // tp, seq_length, config.head_dim, config.attention_dropout
+    )
     return f"torch SDPA, {kernel} kernel ({why})"
 
 
@@ -86,13 +91,16 @@ def check_attention_backend(backend, device, dtype, config, seq_length, tp=1):
     heads = config.num_attention_heads // tp
     try:
         with rng_neutral():  # a probe: leaves every generator as it found it
-            q = torch.randn(1, min(seq_length, 256), heads, config.head_dim, device=device, dtype=dtype,
-                            requires_grad=True)
+            q = torch.randn(
+                1, min(seq_length, 256), heads, config.head_dim, device=device, dtype=dtype, requires_grad=True
+            )
             causal_attention(q, q, q, config.attention_dropout, backend=backend).sum().backward()
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArgumentError(f"--attention-backend {backend} cannot run here ({dtype}, {device.type}, head dim "
-                            f"{config.head_dim}, dropout {config.attention_dropout}): {reason}") from None
+        raise ArgumentError(
+            f"--attention-backend {backend} cannot run here ({dtype}, {device.type}, head dim "
+            f"{config.head_dim}, dropout {config.attention_dropout}): {reason}"
+        ) from None
 
 
 def ops_backend(op, device):
@@ -108,8 +116,9 @@ def ops_backend(op, device):
     reason = _backend.cuda_unavailable_reason(device)
     if reason is None:
         return "cuda (auto: megaphi._cuda)", None
-    return "torch (auto)", (f"--{op}-impl auto falls back to the torch reference on "
-                            f"{torch.cuda.get_device_name(device)}: {reason}")
+    return "torch (auto)", (
+        f"--{op}-impl auto falls back to the torch reference on {torch.cuda.get_device_name(device)}: {reason}"
+    )
 
 
 def describe_backends(config, engine, model_config):
@@ -122,13 +131,25 @@ def describe_backends(config, engine, model_config):
     layernorm, ln_warning = ops_backend("layernorm", device)
     rotary, rotary_warning = ops_backend("rotary", device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    attention = attention_backend(device, dtype, model_config, config.training.seq_length,
-                                  config.parallel.tensor_model_parallel_size, config.runtime.attention_backend)
-    line = " | ".join([
-        f"backends: attention {attention}", f"layernorm {layernorm}", f"rotary {rotary}",
-        f"optimizer {describe_optimizer(engine)}",
-        f"blocks {'compiled (torch.compile)' if config.runtime.compiled_blocks else 'eager'}",
-        f"device {where}", f"precision {precision}"])
+    attention = attention_backend(
+        device,
+        dtype,
+        model_config,
+        config.training.seq_length,
+        config.parallel.tensor_model_parallel_size,
+        config.runtime.attention_backend,
+    )
+    line = " | ".join(
+        [
+            f"backends: attention {attention}",
+            f"layernorm {layernorm}",
+            f"rotary {rotary}",
+            f"optimizer {describe_optimizer(engine)}",
+            f"blocks {'compiled (torch.compile)' if config.runtime.compiled_blocks else 'eager'}",
+            f"device {where}",
+            f"precision {precision}",
+        ]
+    )
     return line, [w for w in (ln_warning, rotary_warning) if w]
 
 

@@ -24,6 +24,7 @@ engine) backpropagates loss_sum_i / T (x dp when a dp_group is given: a wrapper 
 The engine's own micro-step counter decides the accumulation boundary (ZeRO reduces gradients and the
 optimizer steps on the last micro-batch); we check that it agrees with our micro-batch count.
 """
+
 import contextlib
 
 import torch
@@ -58,9 +59,16 @@ def _prefetch_and_count(data_iterator, num_microbatches, count_tokens_func, grou
     return iter(micro_batches), counts, (total.item() if total.device.type == "cpu" else total)
 
 
-def forward_backward_no_pipelining(forward_step_func, data_iterator, model, num_microbatches,
-                                   forward_only=False, collect_non_loss_data=False, count_tokens_func=None,
-                                   dp_group=None):
+def forward_backward_no_pipelining(
+    forward_step_func,
+    data_iterator,
+    model,
+    num_microbatches,
+    forward_only=False,
+    collect_non_loss_data=False,
+    count_tokens_func=None,
+    dp_group=None,
+):
     """Run num_microbatches forward (and backward) passes; returns the list of per-micro-batch
     loss dicts (detached). With a DeepSpeed engine the caller then calls nothing else: engine.step()
     is called here after every micro-batch and applies the update on the boundary.
@@ -75,8 +83,9 @@ def forward_backward_no_pipelining(forward_step_func, data_iterator, model, num_
     if count_tokens_func is not None and not forward_only:
         group, world = _data_parallel(engine, dp_group)
         device = _reduce_device(model, group) if world > 1 else torch.device("cpu")
-        data_iterator, counts, total_tokens = _prefetch_and_count(data_iterator, num_microbatches,
-                                                                  count_tokens_func, group, world, device)
+        data_iterator, counts, total_tokens = _prefetch_and_count(
+            data_iterator, num_microbatches, count_tokens_func, group, world, device
+        )
         # what the engine undoes: / accumulation steps in backward, / dp ranks in the gradient average
         # (a plain module's backward accumulates as is)
         accumulation = engine.gradient_accumulation_steps() if engine is not None else 1
@@ -89,7 +98,8 @@ def forward_backward_no_pipelining(forward_step_func, data_iterator, model, num_
                 raise RuntimeError(
                     f"DeepSpeed's gradient accumulation counter disagrees with the schedule: micro-batch "
                     f"{i + 1}/{num_microbatches} but engine boundary={at_boundary} (gradient_accumulation_steps "
-                    f"{engine.gradient_accumulation_steps()}); engine.step() was called outside the schedule?")
+                    f"{engine.gradient_accumulation_steps()}); engine.step() was called outside the schedule?"
+                )
         with grad_context:
             output_tensor, loss_func = forward_step_func(data_iterator, model)
             result = loss_func(output_tensor)
@@ -103,12 +113,15 @@ def forward_backward_no_pipelining(forward_step_func, data_iterator, model, num_
             loss, logs = result
             weight = None if counts is None else counts[i]
         else:
-            raise ValueError(f"loss_func must return (loss, logs) or (loss_sum, num_tokens, logs); got a "
-                             f"{len(result)}-tuple")
+            raise ValueError(
+                f"loss_func must return (loss, logs) or (loss_sum, num_tokens, logs); got a {len(result)}-tuple"
+            )
         if not forward_only:
             if len(result) == 3 and total_tokens is None:
-                raise ValueError("loss_func returned (loss_sum, num_tokens, logs) but the schedule got no "
-                                 "count_tokens_func: the global token count must be known before the first backward")
+                raise ValueError(
+                    "loss_func returned (loss_sum, num_tokens, logs) but the schedule got no "
+                    "count_tokens_func: the global token count must be known before the first backward"
+                )
             if torch.is_tensor(total_tokens):
                 # on the device: exactly 1.0 (float64 ratio of equal integers) for equal-sized unmasked
                 # micro-batches, and multiplying by 1.0 keeps them bit-exact
@@ -164,11 +177,16 @@ def reduce_loss_tensors(losses_reduced, group=None):
             out[key] = average_losses_across_data_parallel_group(values, group).double()
             continue
         if not all(pairs):
-            raise ValueError(f"loss dicts mix a scalar and a [sum, count] pair for {key!r} within one step; "
-                             f"loss_func must return the same form for every micro-batch")
+            raise ValueError(
+                f"loss dicts mix a scalar and a [sum, count] pair for {key!r} within one step; "
+                f"loss_func must return the same form for every micro-batch"
+            )
         total = torch.stack([v.detach().double().reshape(2) for v in values]).sum(dim=0)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size(group=group) > 1:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size(group=group) > 1
+        ):
             torch.distributed.all_reduce(total, group=group)
         # fractional loss_mask weights may total below 1; only an empty count (no token weighted in
         # anywhere) has no average: nan

@@ -5,6 +5,7 @@ through an all-reduce (a launcher may deliver the signal to one rank first), so 
 The death of the rank's launcher counts as a signal too (training.launcher_watch: `should_stop()` polls
 the armed watch, so a rank whose `deepspeed`/`torchrun` parent went away saves and stops).
 """
+
 import signal
 
 import torch
@@ -54,7 +55,10 @@ class GracefulExit:
             self.reason = self.watch.gone()
         stop = self.received is not None or self.reason is not None
         flag = torch.tensor([1.0 if stop else 0.0], device=device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size(group) > 1:
+        if (
+            torch.distributed.is_available()
+            and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size(group) > 1
+        ):
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group)
         return bool(flag.item() > 0)

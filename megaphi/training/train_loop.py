@@ -1,6 +1,7 @@
 """The train loop's parts (megaphi.training.trainer.Trainer runs them): the state a checkpoint keeps, the
 forward step and its loss, evaluation, HumanEval, the stopwatch and the pending losses of a log interval,
 the best-checkpoint choice and the stop decisions."""
+
 import contextlib
 import math
 import time
@@ -78,8 +79,12 @@ def make_forward_step(device):
                 loss = output.mean()
                 num_tokens = output.numel()
                 # torch.full fills on the device; torch.tensor(number, device=cuda) would be a blocking copy
-                logged = torch.stack([loss.detach().double() * num_tokens,
-                                      torch.full((), num_tokens, dtype=torch.float64, device=output.device)])
+                logged = torch.stack(
+                    [
+                        loss.detach().double() * num_tokens,
+                        torch.full((), num_tokens, dtype=torch.float64, device=output.device),
+                    ]
+                )
                 return loss, {"lm loss": logged}
             weights = mask.to(output.device, dtype=output.dtype)
             loss_sum = (output * weights).sum()
@@ -114,14 +119,16 @@ def humaneval_pass_at_1(engine, tokenizer, problems, max_new_tokens, zero_stage,
     gather = contextlib.nullcontext()
     if zero_stage == 3:
         import deepspeed
+
         gather = deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
     result = None
     engine.eval()
     try:
         with gather:
             if _rank() == 0 or tensor_parallel_size > 1:
-                result = evaluate_model(engine.module, tokenizer, problems, num_samples=1, greedy=True,
-                                        max_new_tokens=max_new_tokens)
+                result = evaluate_model(
+                    engine.module, tokenizer, problems, num_samples=1, greedy=True, max_new_tokens=max_new_tokens
+                )
     finally:
         engine.train()
         rng_state.set_rng_states(saved_rng)
@@ -212,8 +219,10 @@ class PendingLosses:
         for iteration, loss in zip(iterations, values):
             if not math.isfinite(loss):
                 if not self.fp16:
-                    raise TrainingError(f"loss is {loss} at iteration {iteration}; stopping. Resume from the last "
-                                        f"checkpoint with a lower --lr or more --clip-grad.")
+                    raise TrainingError(
+                        f"loss is {loss} at iteration {iteration}; stopping. Resume from the last "
+                        f"checkpoint with a lower --lr or more --clip-grad."
+                    )
                 continue  # an fp16 overflow step is counted in skipped_steps, not averaged in
             self.finite_sum += loss
             self.finite_count += 1
@@ -248,6 +257,7 @@ def check_replicated(module, tensor_parallel_size, when):
         return
     from ..parallel import get_tensor_model_parallel_group
     from ..parallel.consistency import ReplicatedParameterMismatch, check_replicated_parameters
+
     try:
         check_replicated_parameters(module, get_tensor_model_parallel_group(), when)
     except ReplicatedParameterMismatch as e:

@@ -9,6 +9,7 @@ with the signature of schedules.forward_backward_no_pipelining: the micro-batche
 on this rank, gradient accumulation, engine.step on the boundary); `train`, `evaluate`, `save` and
 `load` do what they say. The step count, data position and best checkpoint live in `trainer.state`.
 """
+
 import math
 import os
 import random
@@ -26,14 +27,27 @@ from megaphi.training.messages import deepspeed_logs_to_stderr, say_rank0
 from megaphi.training.multinode import SaveTimer, check_save_folder, warn_elastic_store
 from megaphi.training.process_group import init_distributed
 from megaphi.training.schedules import forward_backward_no_pipelining, reduce_loss_tensors
-from megaphi.training.train_loop import (PendingLosses, TrainingError, TrainingStopwatch, TrainState, cpu_control_group,
-                                         check_replicated, choose_best, count_loss_tokens, duration_exceeded,
-                                         evaluate, humaneval_pass_at_1, make_forward_step, print_rank0)
+from megaphi.training.train_loop import (
+    PendingLosses,
+    TrainingError,
+    TrainingStopwatch,
+    TrainState,
+    cpu_control_group,
+    check_replicated,
+    choose_best,
+    count_loss_tokens,
+    duration_exceeded,
+    evaluate,
+    humaneval_pass_at_1,
+    make_forward_step,
+    print_rank0,
+)
 
 
 @dataclass(frozen=True)
 class StepResult:
     """One optimizer step. loss and grad_norm stay where they were computed (read them at log time)."""
+
     iteration: int
     loss: torch.Tensor  # mean token loss of the global batch (0-dim, on the device)
     lr: float  # the lr the step's update used
@@ -61,8 +75,12 @@ class Trainer:
     def _build(self, config, schedule, build_model):
         import megaphi.ops as ops
         from megaphi.model import PhiForCausalLM, apply_runtime
-        from megaphi.parallel import (get_data_parallel_group, get_data_parallel_rank, get_data_parallel_world_size,
-                                      initialize_model_parallel)
+        from megaphi.parallel import (
+            get_data_parallel_group,
+            get_data_parallel_rank,
+            get_data_parallel_world_size,
+            initialize_model_parallel,
+        )
         from megaphi.parallel.layers import set_grad_communication_overlap
         from megaphi.training.model_flags import load_run_tokenizer
 
@@ -85,8 +103,10 @@ class Trainer:
         self._verified = resume_checks.prepare_resume(flags, say=say_rank0)
         resumed_tag = self._verified[0] if self._verified else None
         if resumed_tag != ckpt.resume_tag:
-            raise layout.CheckpointError(f"--load {ckpt.load}: 'latest' changed while the run started "
-                                                f"({ckpt.resume_tag} -> {resumed_tag}); start it again")
+            raise layout.CheckpointError(
+                f"--load {ckpt.load}: 'latest' changed while the run started "
+                f"({ckpt.resume_tag} -> {resumed_tag}); start it again"
+            )
         set_seed(c.training.seed)
         self.model_config = c.phi_config()
         model = (build_model or PhiForCausalLM)(self.model_config)
@@ -100,8 +120,9 @@ class Trainer:
             apply_runtime(model, c.model_runtime())  # compiled blocks: lazily at the first step, names unchanged
         self.num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
         if self._verified is not None:  # ZeRO stage, DP size, architecture, lr schedule vs the checkpoint's
-            resume_checks.check_resume_setup(flags, self._verified[1], self.model_config, c.parallel.zero_stage,
-                                             ckpt.load)
+            resume_checks.check_resume_setup(
+                flags, self._verified[1], self.model_config, c.parallel.zero_stage, ckpt.load
+            )
         self.engine, self.grad_norms = build_engine(model, c)
         self.state = TrainState()
         self.load()
@@ -127,12 +148,14 @@ class Trainer:
         c, consumed = self.config, self.state.consumed_samples
         if c.data.mock_data:
             vocab = self._data_vocab()
-            self.make_train_iterator, self.make_valid_iterator = build_mock_data(c, vocab, self.dp_rank,
-                                                                                 self.dp_size, consumed)
+            self.make_train_iterator, self.make_valid_iterator = build_mock_data(
+                c, vocab, self.dp_rank, self.dp_size, consumed
+            )
             print_rank0(f"--mock-data: synthetic tokens (vocabulary {vocab}, seed {c.training.seed}), no dataset read")
         else:
             self.make_train_iterator, self.make_valid_iterator = build_data(
-                c, self.dp_rank, self.dp_size, consumed, vocab_size=self.model_config.vocab_size)
+                c, self.dp_rank, self.dp_size, consumed, vocab_size=self.model_config.vocab_size
+            )
 
     def load(self):
         """Finetuning: the weights of --load's checkpoint (a model folder's are read before the engine
@@ -143,49 +166,73 @@ class Trainer:
             kind, source = self._finetune_source
             if kind == "deepspeed":
                 training_state.check_checkpoint_tensor_parallel_size(ckpt.load, source)
-                path, _ = self.engine.load_checkpoint(ckpt.load, tag=source, load_module_only=True,
-                                                      load_optimizer_states=False, load_lr_scheduler_states=False)
+                path, _ = self.engine.load_checkpoint(
+                    ckpt.load,
+                    tag=source,
+                    load_module_only=True,
+                    load_optimizer_states=False,
+                    load_lr_scheduler_states=False,
+                )
                 if path is None:
                     raise TrainingError(f"could not load weights from {os.path.join(ckpt.load, source)}")
                 print_rank0(f"{self._weights_verb()} weights in {os.path.join(ckpt.load, source)}")
             return
         if not ckpt.load:
             return
-        meta = training_state.load_checkpoint(self.engine, ckpt.load, self._verified, load_optim=not ckpt.no_load_optim,
-                                             load_rng=not ckpt.no_load_rng)
+        meta = training_state.load_checkpoint(
+            self.engine, ckpt.load, self._verified, load_optim=not ckpt.no_load_optim, load_rng=not ckpt.no_load_rng
+        )
         if meta is None:
             print_rank0(f"no checkpoint in {ckpt.load} (no 'latest' file): starting from scratch")
             return
         saved = meta.get("state", {})
         best_val_loss = saved.get("best_val_loss")
-        self.state = TrainState(iteration=meta["iteration"], consumed_samples=meta["consumed_samples"],
-                                consumed_tokens=meta["consumed_tokens"],
-                                best_val_loss=math.inf if best_val_loss is None else best_val_loss,
-                                best_iteration=saved.get("best_iteration", -1),
-                                best_pass_at_1=saved.get("best_pass_at_1", -1.0),
-                                last_saved_iteration=meta["iteration"])
-        print_rank0(f"resumed from {ckpt.load}/{meta['tag']} at iteration {self.state.iteration} "
-                    f"({self.state.consumed_samples} samples consumed)")
+        self.state = TrainState(
+            iteration=meta["iteration"],
+            consumed_samples=meta["consumed_samples"],
+            consumed_tokens=meta["consumed_tokens"],
+            best_val_loss=math.inf if best_val_loss is None else best_val_loss,
+            best_iteration=saved.get("best_iteration", -1),
+            best_pass_at_1=saved.get("best_pass_at_1", -1.0),
+            last_saved_iteration=meta["iteration"],
+        )
+        print_rank0(
+            f"resumed from {ckpt.load}/{meta['tag']} at iteration {self.state.iteration} "
+            f"({self.state.consumed_samples} samples consumed)"
+        )
 
     def train_step(self, data_iterator):
         """One optimizer step over the next global batch; advances `self.state`. No host sync."""
         t = self.config.training
         lr = self.engine.lr_scheduler.get_lr()[0]  # the lr this iteration's update uses
-        logs = self.schedule(self.forward_step, data_iterator, self.engine, t.gradient_accumulation_steps,
-                             count_tokens_func=count_loss_tokens, dp_group=self.dp_group)
+        logs = self.schedule(
+            self.forward_step,
+            data_iterator,
+            self.engine,
+            t.gradient_accumulation_steps,
+            count_tokens_func=count_loss_tokens,
+            dp_group=self.dp_group,
+        )
         self.state.iteration += 1
         self.state.consumed_samples += t.global_batch_size
         self.state.consumed_tokens += t.global_batch_size * t.seq_length
-        return StepResult(self.state.iteration, reduce_loss_tensors(logs, self.dp_group)["lm loss"], lr,
-                          self.grad_norms.latest())
+        return StepResult(
+            self.state.iteration, reduce_loss_tensors(logs, self.dp_group)["lm loss"], lr, self.grad_norms.latest()
+        )
 
     def evaluate(self):
         """Validation loss over the first --eval-iters global batches of the validation split (the same
         batches every time); None without a validation split. --skip-train runs: see train()."""
         if self.make_valid_iterator is None:
             return None
-        return evaluate(self.engine, self.forward_step, self.make_valid_iterator, self.config.eval.eval_iters,
-                        self.config.training.gradient_accumulation_steps, self.dp_group)
+        return evaluate(
+            self.engine,
+            self.forward_step,
+            self.make_valid_iterator,
+            self.config.eval.eval_iters,
+            self.config.training.gradient_accumulation_steps,
+            self.dp_group,
+        )
 
     def save(self, val_loss=None, pass_at_1=None):
         """Collective: a checkpoint of the current state into --save (marked best when it is); its tag."""
@@ -194,12 +241,22 @@ class Trainer:
         check_replicated(self.engine.module, tp, f" at iteration {self.state.iteration}, before saving")
         best = choose_best(self.state, val_loss, pass_at_1, by_humaneval=bool(c.eval.eval_humaneval))
         tag = training_state.save_checkpoint(
-            self.engine, c.checkpoint.save, self.state.iteration, self.state.consumed_samples,
-            self.state.consumed_tokens, c.flag_namespace(),
-            state={k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                   for k, v in asdict(self.state).items() if k != "last_saved_iteration"},
-            export_model=not c.checkpoint.no_export_model, is_best=best is not None, tokenizer=self.tokenizer,
-            best_metric=best)
+            self.engine,
+            c.checkpoint.save,
+            self.state.iteration,
+            self.state.consumed_samples,
+            self.state.consumed_tokens,
+            c.flag_namespace(),
+            state={
+                k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in asdict(self.state).items()
+                if k != "last_saved_iteration"
+            },
+            export_model=not c.checkpoint.no_export_model,
+            is_best=best is not None,
+            tokenizer=self.tokenizer,
+            best_metric=best,
+        )
         self.state.last_saved_iteration = self.state.iteration
         print_rank0(f"saved checkpoint {c.checkpoint.save}/{tag}" + (f" (best so far: {best})" if best else ""))
         return tag
@@ -228,17 +285,20 @@ class Trainer:
         c = self.config
         if c.training.skip_train:
             from megaphi.training.eval_only import run_eval_only
+
             run_eval_only(c, self.engine, self._data_vocab(), self.dp_rank, self.dp_size, self.dp_group)
             return "evaluated"
         train_iterator = self.make_train_iterator(self.state.consumed_samples)
         log_run_setup(c, self.engine, self.model_config)
         t, p, o = c.training, c.parallel, c.optimizer
-        print_rank0(f"training: {self.num_params:,} parameters (per TP rank), "
-                    f"world {p.world_size} (TP {p.tensor_model_parallel_size} x DP {self.dp_size}), "
-                    f"global batch {t.global_batch_size} = micro {t.micro_batch_size} x DP {self.dp_size} x "
-                    f"accumulation {t.gradient_accumulation_steps}, ZeRO stage {p.zero_stage} "
-                    f"({p.zero_stage_source}), gradient clipping {o.clip_grad:g} ({o.clip_grad_source}), "
-                    f"{o.precision}")
+        print_rank0(
+            f"training: {self.num_params:,} parameters (per TP rank), "
+            f"world {p.world_size} (TP {p.tensor_model_parallel_size} x DP {self.dp_size}), "
+            f"global batch {t.global_batch_size} = micro {t.micro_batch_size} x DP {self.dp_size} x "
+            f"accumulation {t.gradient_accumulation_steps}, ZeRO stage {p.zero_stage} "
+            f"({p.zero_stage_source}), gradient clipping {o.clip_grad:g} ({o.clip_grad_source}), "
+            f"{o.precision}"
+        )
         writer = metrics.open_metrics_writer(c.flag_namespace(), enabled=dist.get_rank() == 0)
         try:
             if stop_signal is not None:
@@ -254,9 +314,13 @@ class Trainer:
     def _loop(self, train_iterator, writer, stop_signal):
         c, state = self.config, self.state
         t, tp = c.training, c.parallel.tensor_model_parallel_size
-        flops_token = metrics.flops_per_token(self.model_config.num_hidden_layers, self.model_config.hidden_size,
-                                              self.model_config.intermediate_size, self.model_config.vocab_size,
-                                              t.seq_length)
+        flops_token = metrics.flops_per_token(
+            self.model_config.num_hidden_layers,
+            self.model_config.hidden_size,
+            self.model_config.intermediate_size,
+            self.model_config.vocab_size,
+            t.seq_length,
+        )
         self.engine.train()
         control_group = cpu_control_group()
         save_timer = SaveTimer(c.checkpoint.save_interval_minutes)  # --save-interval-minutes
@@ -279,22 +343,38 @@ class Trainer:
                 interval_iters, skipped_before = 0, self.engine.skipped_steps
 
             val_loss = None
-            if c.eval.eval_iters > 0 and self.make_valid_iterator is not None and (
-                    state.iteration % c.eval.eval_interval == 0 or state.iteration == t.train_iters):
+            if (
+                c.eval.eval_iters > 0
+                and self.make_valid_iterator is not None
+                and (state.iteration % c.eval.eval_interval == 0 or state.iteration == t.train_iters)
+            ):
                 watch.pause()
                 pending.check()
                 val_loss = self.evaluate()
                 val_ppl = math.exp(min(val_loss, 50.0))
                 print_rank0(f"validation at iteration {state.iteration} | lm loss {val_loss:.6f} | ppl {val_ppl:.3f}")
-                writer.write({"iteration": state.iteration, "consumed_samples": state.consumed_samples,
-                              "val_loss": val_loss, "val_ppl": val_ppl}, prefix="valid")
+                writer.write(
+                    {
+                        "iteration": state.iteration,
+                        "consumed_samples": state.consumed_samples,
+                        "val_loss": val_loss,
+                        "val_ppl": val_ppl,
+                    },
+                    prefix="valid",
+                )
 
             pass_at_1 = None
             if c.eval.eval_humaneval and state.iteration % c.eval.eval_humaneval_interval == 0:
                 watch.pause()
                 pending.check()
-                pass_at_1 = humaneval_pass_at_1(self.engine, self.tokenizer, c.eval.eval_humaneval,
-                                                c.eval.humaneval_max_new_tokens, c.parallel.zero_stage, tp)
+                pass_at_1 = humaneval_pass_at_1(
+                    self.engine,
+                    self.tokenizer,
+                    c.eval.eval_humaneval,
+                    c.eval.humaneval_max_new_tokens,
+                    c.parallel.zero_stage,
+                    tp,
+                )
                 if pass_at_1 is not None:
                     print_rank0(f"HumanEval at iteration {state.iteration} | pass@1 {pass_at_1:.4f}")
                     writer.write({"iteration": state.iteration, "humaneval_pass@1": pass_at_1}, prefix="humaneval")
@@ -305,41 +385,59 @@ class Trainer:
             exit_now = t.exit_interval is not None and state.iteration % t.exit_interval == 0
             out_of_time = duration_exceeded(t.exit_duration_in_mins, t.start_time, control_group)
             save_interval = c.checkpoint.save_interval
-            periodic = save_interval is not None and state.iteration % save_interval == 0 \
-                or save_timer.due(control_group)
+            periodic = (
+                save_interval is not None and state.iteration % save_interval == 0 or save_timer.due(control_group)
+            )
             if c.checkpoint.save and (periodic or stop or exit_now or out_of_time or state.iteration == t.train_iters):
                 watch.pause()
                 pending.check()  # never save weights that a non-finite loss already reached
                 self.save(val_loss, pass_at_1)
             watch.resume()
             if stop:
-                what = f"saved at iteration {state.iteration}" if c.checkpoint.save else \
-                    f"nothing saved (no --save) at iteration {state.iteration}"
+                what = (
+                    f"saved at iteration {state.iteration}"
+                    if c.checkpoint.save
+                    else f"nothing saved (no --save) at iteration {state.iteration}"
+                )
                 print_rank0(f"received {stop_signal.signal_name or 'a stop signal'}: {what}, exiting")
                 return "signal"
             if exit_now:
                 print_rank0(f"--exit-interval {t.exit_interval}: saved at iteration {state.iteration}, exiting")
                 return "exit-interval"
             if out_of_time:
-                print_rank0(f"--exit-duration-in-mins {t.exit_duration_in_mins:g}: saved at iteration "
-                            f"{state.iteration}, exiting")
+                print_rank0(
+                    f"--exit-duration-in-mins {t.exit_duration_in_mins:g}: saved at iteration "
+                    f"{state.iteration}, exiting"
+                )
                 return "exit-duration"
         return "done"
 
     def _log(self, step, interval_loss, interval_iters, interval_time, skipped_before, flops_token, writer):
         c, state = self.config, self.state
         t = c.training
-        tok_s, tflops, mfu = metrics.throughput(t.global_batch_size * t.seq_length * interval_iters, interval_time,
-                                                flops_token, c.parallel.world_size, c.logging.peak_tflops)
+        tok_s, tflops, mfu = metrics.throughput(
+            t.global_batch_size * t.seq_length * interval_iters,
+            interval_time,
+            flops_token,
+            c.parallel.world_size,
+            c.logging.peak_tflops,
+        )
         record = {
-            "iteration": state.iteration, "train_iters": t.train_iters,
-            "consumed_samples": state.consumed_samples, "consumed_tokens": state.consumed_tokens,
-            "loss": interval_loss, "lr": step.lr,
+            "iteration": state.iteration,
+            "train_iters": t.train_iters,
+            "consumed_samples": state.consumed_samples,
+            "consumed_tokens": state.consumed_tokens,
+            "loss": interval_loss,
+            "lr": step.lr,
             "grad_norm": None if step.grad_norm is None else float(step.grad_norm),
-            "loss_scale": loss_scale_of(self.engine), "skipped_steps": self.engine.skipped_steps,
+            "loss_scale": loss_scale_of(self.engine),
+            "skipped_steps": self.engine.skipped_steps,
             "skipped_in_interval": self.engine.skipped_steps - skipped_before,
-            "ms_per_iter": 1000 * interval_time / interval_iters, "tokens_per_sec": tok_s,
-            "tflops_per_gpu": tflops, "mfu": mfu, "peak_memory_gb": metrics.peak_memory_gb(),
+            "ms_per_iter": 1000 * interval_time / interval_iters,
+            "tokens_per_sec": tok_s,
+            "tflops_per_gpu": tflops,
+            "mfu": mfu,
+            "peak_memory_gb": metrics.peak_memory_gb(),
             "global_batch_size": t.global_batch_size,
             "eta_seconds": metrics.eta_seconds(state.iteration, t.train_iters, interval_time / interval_iters),
         }

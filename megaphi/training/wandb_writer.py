@@ -5,6 +5,7 @@ WANDB_MODE=offline keeps everything in --wandb-save-dir for a later `wandb sync`
 A run's W&B id is kept in RUN_ID_NAME inside --save (else the W&B folder), so a resumed run logs to
 the same W&B run (resume="allow") instead of starting a new one.
 """
+
 import os
 
 RUN_ID_NAME = "wandb_run_id"
@@ -42,8 +43,7 @@ class WandbWriter:
         self.resumed = run_id is not None
         if run_id is None:
             run_id = wandb.util.generate_id()
-        self.run = wandb.init(project=project, name=name, dir=save_dir, config=config or {}, id=run_id,
-                              resume="allow")
+        self.run = wandb.init(project=project, name=name, dir=save_dir, config=config or {}, id=run_id, resume="allow")
         if id_path and not self.resumed:
             _write_run_id(id_path, self.run.id)
 
@@ -58,6 +58,9 @@ class WandbWriter:
 
 def wandb_config(args):
     """The run's flags as W&B's config: plain values only (paths, numbers, flags)."""
-    return {k: v for k, v in vars(args).items()
-            if isinstance(v, (str, int, float, bool, type(None))) or
-            (isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float)) for x in v))}
+    return {
+        k: v
+        for k, v in vars(args).items()
+        if isinstance(v, (str, int, float, bool, type(None)))
+        or (isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float)) for x in v))
+    }

@@ -1,4 +1,5 @@
 """Tensors inside guard bytes, to see kernel writes that land outside the buffer they were given."""
+
 import torch
 
 GUARD_BYTES = 64  # keeps the tensor 16-byte aligned (torch's CPU allocations are 64-byte aligned)
@@ -18,7 +19,7 @@ class Guarded:
         self.start = GUARD_BYTES + misalign * itemsize
         self.end = self.start + numel * itemsize
         self.raw = torch.full((self.end + GUARD_BYTES,), GUARD_PATTERN, dtype=torch.uint8)
-        self.tensor = self.raw[self.start:self.end].view(dtype).view(shape)
+        self.tensor = self.raw[self.start : self.end].view(dtype).view(shape)
         if like is not None:
             self.tensor.copy_(like)
         else:
@@ -26,7 +27,7 @@ class Guarded:
         assert (self.tensor.data_ptr() % 16 == 0) == (misalign * itemsize % 16 == 0)
 
     def guards_intact(self):
-        return bool((self.raw[:self.start] == GUARD_PATTERN).all() and (self.raw[self.end:] == GUARD_PATTERN).all())
+        return bool((self.raw[: self.start] == GUARD_PATTERN).all() and (self.raw[self.end :] == GUARD_PATTERN).all())
 
 
 def same_bits(a, b):

@@ -23,6 +23,7 @@ Environment:
 
 `python tests/hipcpu/build.py` builds for each runtime and prints the libraries' paths.
 """
+
 import concurrent.futures
 import hashlib
 import os
@@ -42,13 +43,28 @@ LIBRARY_NAME = "libmegaphi_kernels_hipcpu.so"
 MAX_GRID_BLOCKS = 13
 # -O1: as fast to run as -O2 here and compiles in two thirds of the time. -fno-strict-aliasing: the
 # kernels read 16-byte packs through reinterpret_cast, which the GPU compiler allows.
-FLAGS = ("-x", "c++", "-std=c++17", "-O1", "-DNDEBUG", "-DMEGAPHI_HIP_CPU",
-         f"-DMEGAPHI_MAX_GRID_BLOCKS={MAX_GRID_BLOCKS}", "-fPIC", "-fno-strict-aliasing", "-Wall", "-Wextra",
-         "-Wno-unknown-pragmas")
+FLAGS = (
+    "-x",
+    "c++",
+    "-std=c++17",
+    "-O1",
+    "-DNDEBUG",
+    "-DMEGAPHI_HIP_CPU",
+    f"-DMEGAPHI_MAX_GRID_BLOCKS={MAX_GRID_BLOCKS}",
+    "-fPIC",
+    "-fno-strict-aliasing",
+    "-Wall",
+    "-Wextra",
+    "-Wno-unknown-pragmas",
+)
 # Files whose presence says the HIP-CPU checkout is whole: its public headers include the others by
 # relative path (src/include, external).
-HIP_CPU_REQUIRED = ("include/hip/hip_runtime.h", "src/include/hip/detail/api.hpp", "external/libco/libco.h",
-                    "external/half/half.hpp")
+HIP_CPU_REQUIRED = (
+    "include/hip/hip_runtime.h",
+    "src/include/hip/detail/api.hpp",
+    "external/libco/libco.h",
+    "external/half/half.hpp",
+)
 
 
 FIBER_RUNTIME_DIR = pathlib.Path(__file__).resolve().with_name("fiber_runtime")
@@ -89,8 +105,12 @@ def compiler():
 def has_tbb():
     """Whether libstdc++ runs parallel algorithms on Intel TBB here (HIP-CPU then runs blocks on all
     cores); without it they run serially: slower, same results."""
-    probe = subprocess.run([compiler(), "-x", "c++", "-std=c++17", "-E", "-"], input="#include <tbb/tbb.h>\n",
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [compiler(), "-x", "c++", "-std=c++17", "-E", "-"],
+        input="#include <tbb/tbb.h>\n",
+        capture_output=True,
+        text=True,
+    )
     return probe.returncode == 0
 
 
@@ -101,8 +121,10 @@ def missing_prerequisite(runtime_name=None):
     root = hip_cpu_dir()
     missing = [name for name in HIP_CPU_REQUIRED if not (root / name).exists()]
     if missing and (runtime_name or runtime()) == "hip-cpu":
-        return (f"HIP-CPU not found or incomplete at {root} (missing {', '.join(missing)}); "
-                "set MEGAPHI_HIP_CPU_DIR to a checkout of https://github.com/ROCm/HIP-CPU")
+        return (
+            f"HIP-CPU not found or incomplete at {root} (missing {', '.join(missing)}); "
+            "set MEGAPHI_HIP_CPU_DIR to a checkout of https://github.com/ROCm/HIP-CPU"
+        )
     return None
 
 
@@ -121,8 +143,14 @@ def _files_digest(paths):
 def _compile_flags(tbb, runtime_name):
     if runtime_name == "fiber":
         # __shared__ is `static` there: a kernel instantiation that leaves it unused would warn
-        return list(FLAGS) + ["-DMEGAPHI_FIBER_RUNTIME", "-Wno-unused-variable", "-I", str(FIBER_RUNTIME_DIR),
-                              "-I", str(kernel_source_dir())]
+        return list(FLAGS) + [
+            "-DMEGAPHI_FIBER_RUNTIME",
+            "-Wno-unused-variable",
+            "-I",
+            str(FIBER_RUNTIME_DIR),
+            "-I",
+            str(kernel_source_dir()),
+        ]
     root = hip_cpu_dir()
     # -isystem: HIP-CPU's own headers are not ours to keep warning-free.
     flags = list(FLAGS) + ["-isystem", str(root / "include"), "-I", str(kernel_source_dir())]
@@ -164,8 +192,11 @@ def build(verbose=False, runtime_name=None):
     flags = _compile_flags(tbb, runtime_name)
     version = subprocess.run([compiler(), "--version"], capture_output=True, text=True).stdout
     headers = [p for p in sources_dir.iterdir() if p.suffix in (".h", ".cuh")]
-    runtime_roots = [FIBER_RUNTIME_DIR] if runtime_name == "fiber" else [hip_cpu_dir() / "include",
-                                                                       hip_cpu_dir() / "src" / "include"]
+    runtime_roots = (
+        [FIBER_RUNTIME_DIR]
+        if runtime_name == "fiber"
+        else [hip_cpu_dir() / "include", hip_cpu_dir() / "src" / "include"]
+    )
     hip_cpu_files = [p for root in runtime_roots for p in root.rglob("*") if p.is_file()]
     common = _digest(version, flags, _files_digest(headers), _files_digest(hip_cpu_files))
     sources = [sources_dir / name for name in KERNEL_FILES] + [ENTRY_SOURCE]
@@ -179,8 +210,9 @@ def build(verbose=False, runtime_name=None):
 
     def compile_one(src):
         if not objects[src].exists():
-            _atomic_write_from(lambda tmp: _run([compiler(), *flags, "-c", str(src), "-o", str(tmp)], log),
-                               objects[src])
+            _atomic_write_from(
+                lambda tmp: _run([compiler(), *flags, "-c", str(src), "-o", str(tmp)], log), objects[src]
+            )
 
     # One file per core: the two kernel files are most of the time.
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(len(sources), os.cpu_count() or 1))) as pool:

@@ -1,6 +1,7 @@
 """ctypes front of the HIP-CPU build of megaphi's kernels: the same host functions as megaphi._cuda,
 over CPU torch tensors. Calls return once the kernels have finished; a C++ exception comes back as
 RuntimeError. No checks beyond the C++ ones: the tests hand over odd pointers on purpose."""
+
 import ctypes
 
 import torch
@@ -46,15 +47,39 @@ class CpuKernels:
 
     def layer_norm_forward(self, x, weight, bias, y, mean, rstd, eps=1e-5):
         rows, hidden = mean.numel(), weight.numel()
-        self._call("megaphi_layer_norm_forward", _ptr(x), _ptr(weight), _ptr(bias), _ptr(y), _ptr(mean), _ptr(rstd),
-                   rows, hidden, eps, DTYPE_CODES[x.dtype])
+        self._call(
+            "megaphi_layer_norm_forward",
+            _ptr(x),
+            _ptr(weight),
+            _ptr(bias),
+            _ptr(y),
+            _ptr(mean),
+            _ptr(rstd),
+            rows,
+            hidden,
+            eps,
+            DTYPE_CODES[x.dtype],
+        )
 
     def layer_norm_backward(self, dy, x, weight, mean, rstd, dx, dweight, dbias, workspace):
         """workspace: fp32 [2, num_blocks, hidden]."""
         num_blocks = workspace.shape[1]
-        self._call("megaphi_layer_norm_backward", _ptr(dy), _ptr(x), _ptr(weight), _ptr(mean), _ptr(rstd),
-                   _ptr(dx), _ptr(dweight), _ptr(dbias), _ptr(workspace), num_blocks, mean.numel(), weight.numel(),
-                   DTYPE_CODES[x.dtype])
+        self._call(
+            "megaphi_layer_norm_backward",
+            _ptr(dy),
+            _ptr(x),
+            _ptr(weight),
+            _ptr(mean),
+            _ptr(rstd),
+            _ptr(dx),
+            _ptr(dweight),
+            _ptr(dbias),
+            _ptr(workspace),
+            num_blocks,
+            mean.numel(),
+            weight.numel(),
+            DTYPE_CODES[x.dtype],
+        )
 
     def rotary(self, q_in, q_out, k_in, k_out, cos, sin, position_ids=None, offset=0, inverse=False):
         """q/k [batch, seq, heads, head_dim] with a contiguous last dim; k_in = k_out = None for q only.
@@ -66,9 +91,30 @@ class CpuKernels:
         def strides(t):  # (batch, seq, head) element strides; a dummy for an absent k
             return (ctypes.c_int64 * 3)(*(t.stride()[:3] if t is not None else (0, 0, 0)))
 
-        self._call("megaphi_rotary", _ptr(q_in), _ptr(q_out), _ptr(k_in), _ptr(k_out), strides(q_in), strides(q_out),
-                   strides(k_in), strides(k_out), _ptr(cos), _ptr(sin), _ptr(position_ids), pos_batch_stride, offset,
-                   batch, seq, q_heads, k_heads, head_dim, cos.shape[1], int(inverse), DTYPE_CODES[q_in.dtype])
+        self._call(
+            "megaphi_rotary",
+            _ptr(q_in),
+            _ptr(q_out),
+            _ptr(k_in),
+            _ptr(k_out),
+            strides(q_in),
+            strides(q_out),
+            strides(k_in),
+            strides(k_out),
+            _ptr(cos),
+            _ptr(sin),
+            _ptr(position_ids),
+            pos_batch_stride,
+            offset,
+            batch,
+            seq,
+            q_heads,
+            k_heads,
+            head_dim,
+            cos.shape[1],
+            int(inverse),
+            DTYPE_CODES[q_in.dtype],
+        )
 
     def round_floats(self, values, dtype):
         """fp32 values converted by the kernels' from_float<dtype>."""

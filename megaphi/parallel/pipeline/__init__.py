@@ -1,4 +1,5 @@
 """Pipeline parallelism (Megatron semantics): stages, point-to-point transfers, 1F1B schedules."""
+
 from .p2p import StageCommunicator, boundary_shape  # noqa: F401
 from .plan import build_plan, forward_only_plan, max_live_activations  # noqa: F401
 from .schedules import (  # noqa: F401

@@ -13,6 +13,7 @@ the next: with two stages (whose next and previous rank are the same process) th
 side then meets the k-th receive of the other even on backends that ignore tags (NCCL); on gloo the
 tags separate activations from gradients as well.
 """
+
 import torch
 import torch.distributed as dist
 
@@ -36,9 +37,11 @@ class StageCommunicator:
 
     def _check(self, tensor, what):
         if tuple(tensor.shape) != self.shape or tensor.dtype != self.dtype:
-            raise ValueError(f"pipeline {what}: shape {tuple(tensor.shape)} {tensor.dtype} differs from the "
-                             f"boundary shape {self.shape} {self.dtype} fixed for the run (micro-batch size, "
-                             f"sequence length and hidden size must not change within a step)")
+            raise ValueError(
+                f"pipeline {what}: shape {tuple(tensor.shape)} {tensor.dtype} differs from the "
+                f"boundary shape {self.shape} {self.dtype} fixed for the run (micro-batch size, "
+                f"sequence length and hidden size must not change within a step)"
+            )
         return tensor.contiguous()
 
     def communicate(self, send_next=None, send_prev=None, recv_prev=False, recv_next=False):
@@ -47,11 +50,21 @@ class StageCommunicator:
         the received activation and output gradient (None where not asked for)."""
         ops, from_prev, from_next = [], None, None
         if send_next is not None:
-            ops.append(dist.P2POp(dist.isend, self._check(send_next, "activation"), self.next_rank,
-                                  group=self.group, tag=ACTIVATION_TAG))
+            ops.append(
+                dist.P2POp(
+                    dist.isend,
+                    self._check(send_next, "activation"),
+                    self.next_rank,
+                    group=self.group,
+                    tag=ACTIVATION_TAG,
+                )
+            )
         if send_prev is not None:
-            ops.append(dist.P2POp(dist.isend, self._check(send_prev, "gradient"), self.prev_rank,
-                                  group=self.group, tag=GRADIENT_TAG))
+            ops.append(
+                dist.P2POp(
+                    dist.isend, self._check(send_prev, "gradient"), self.prev_rank, group=self.group, tag=GRADIENT_TAG
+                )
+            )
         if recv_prev:
             from_prev = self._empty()
             ops.append(dist.P2POp(dist.irecv, from_prev, self.prev_rank, group=self.group, tag=ACTIVATION_TAG))
@@ -88,7 +101,8 @@ def boundary_shape(micro_batch_size, seq_length, hidden_size, sequence_parallel=
     tp = state.get_tensor_model_parallel_world_size() if tp_size is None else tp_size
     if sequence_parallel and tp > 1:
         if seq_length % tp:
-            raise ValueError(f"sequence parallel: sequence length {seq_length} is not divisible by "
-                             f"--tensor-model-parallel-size {tp}")
+            raise ValueError(
+                f"sequence parallel: sequence length {seq_length} is not divisible by --tensor-model-parallel-size {tp}"
+            )
         seq_length //= tp
     return (micro_batch_size, seq_length, hidden_size)

@@ -17,6 +17,7 @@ Instructions:
 Model chunk c on pipeline rank r holds virtual stage c * P + r (Megatron's interleaving): virtual
 stage 0 (chunk 0 on rank 0) holds the embedding, virtual stage v*P - 1 the loss.
 """
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,12 +48,16 @@ class Communicate:
 def check_schedule_arguments(pipeline_size, num_microbatches, num_chunks=1):
     """One-line errors for schedules that cannot run."""
     if pipeline_size < 1 or num_microbatches < 1 or num_chunks < 1:
-        raise ValueError(f"pipeline schedule: --pipeline-model-parallel-size {pipeline_size}, {num_microbatches} "
-                         f"micro-batches and {num_chunks} virtual stages per rank must all be >= 1")
+        raise ValueError(
+            f"pipeline schedule: --pipeline-model-parallel-size {pipeline_size}, {num_microbatches} "
+            f"micro-batches and {num_chunks} virtual stages per rank must all be >= 1"
+        )
     if num_chunks > 1 and pipeline_size > 1 and num_microbatches % pipeline_size != 0:
-        raise ValueError(f"interleaved schedule (--num-layers-per-virtual-pipeline-stage): the number of "
-                         f"micro-batches {num_microbatches} must be a multiple of "
-                         f"--pipeline-model-parallel-size {pipeline_size}")
+        raise ValueError(
+            f"interleaved schedule (--num-layers-per-virtual-pipeline-stage): the number of "
+            f"micro-batches {num_microbatches} must be a multiple of "
+            f"--pipeline-model-parallel-size {pipeline_size}"
+        )
 
 
 class Routing:
@@ -119,12 +124,21 @@ def one_forward_one_backward(rank, pipeline_size, num_microbatches):
         forward_mb, backward_mb = warmup + i, i
         plan.append(Forward(0, forward_mb))
         # send this output and receive the gradient of the oldest in-flight micro-batch together
-        _append(plan, Communicate(send_next=labels.output_to_next(0, forward_mb),
-                                  recv_next=None if last else labels.next_gradient(0)))
+        _append(
+            plan,
+            Communicate(
+                send_next=labels.output_to_next(0, forward_mb), recv_next=None if last else labels.next_gradient(0)
+            ),
+        )
         plan.append(Backward(0, backward_mb))
         more = i < remaining - 1
-        _append(plan, Communicate(send_prev=labels.gradient_to_prev(0, backward_mb),
-                                  recv_prev=labels.next_activation(0) if more and not first else None))
+        _append(
+            plan,
+            Communicate(
+                send_prev=labels.gradient_to_prev(0, backward_mb),
+                recv_prev=labels.next_activation(0) if more and not first else None,
+            ),
+        )
     for backward_mb in range(remaining, m):
         if not last:
             _append(plan, Communicate(recv_next=labels.next_gradient(0)))
@@ -179,9 +193,14 @@ def interleaved_one_forward_one_backward(rank, pipeline_size, num_microbatches, 
         next_chunk = fwd(k + 1)[0]
         recv_prev = not (first_rank and next_chunk == 0) and k != total - 1
         recv_next = k == warmup - 1 and not all_warmup and not last_rank
-        _append(plan, Communicate(send_next=labels.output_to_next(chunk, mb),
-                                  recv_prev=labels.next_activation(next_chunk) if recv_prev else None,
-                                  recv_next=labels.next_gradient(v - 1) if recv_next else None))
+        _append(
+            plan,
+            Communicate(
+                send_next=labels.output_to_next(chunk, mb),
+                recv_prev=labels.next_activation(next_chunk) if recv_prev else None,
+                recv_next=labels.next_gradient(v - 1) if recv_next else None,
+            ),
+        )
     for k in range(remaining):
         forward_k = k + warmup
         f_chunk, f_mb = fwd(forward_k)
@@ -206,10 +225,15 @@ def interleaved_one_forward_one_backward(rank, pipeline_size, num_microbatches, 
         else:
             next_b_chunk = bwd(k + 1)[0]
         recv_prev = recv_prev and k != remaining - 1
-        _append(plan, Communicate(send_next=labels.output_to_next(f_chunk, f_mb),
-                                  send_prev=labels.gradient_to_prev(b_chunk, b_mb),
-                                  recv_prev=labels.next_activation(next_f_chunk) if recv_prev else None,
-                                  recv_next=labels.next_gradient(next_b_chunk) if recv_next else None))
+        _append(
+            plan,
+            Communicate(
+                send_next=labels.output_to_next(f_chunk, f_mb),
+                send_prev=labels.gradient_to_prev(b_chunk, b_mb),
+                recv_prev=labels.next_activation(next_f_chunk) if recv_prev else None,
+                recv_next=labels.next_gradient(next_b_chunk) if recv_next else None,
+            ),
+        )
     if forward_only:
         return plan
     if all_warmup and not last_rank:
@@ -219,8 +243,13 @@ def interleaved_one_forward_one_backward(rank, pipeline_size, num_microbatches, 
         plan.append(Backward(chunk, mb))
         next_chunk = bwd(k + 1)[0]
         recv_next = not (last_rank and next_chunk == v - 1) and k != total - 1
-        _append(plan, Communicate(send_prev=labels.gradient_to_prev(chunk, mb),
-                                  recv_next=labels.next_gradient(next_chunk) if recv_next else None))
+        _append(
+            plan,
+            Communicate(
+                send_prev=labels.gradient_to_prev(chunk, mb),
+                recv_next=labels.next_gradient(next_chunk) if recv_next else None,
+            ),
+        )
     return plan
 
 
@@ -234,8 +263,9 @@ def forward_only_plan(rank, pipeline_size, num_microbatches, num_chunks=1):
     """Evaluation: forwards only, in the training schedule's forward order (the executor keeps no
     activations for backward)."""
     if num_chunks > 1:
-        return interleaved_one_forward_one_backward(rank, pipeline_size, num_microbatches, num_chunks,
-                                                    forward_only=True)
+        return interleaved_one_forward_one_backward(
+            rank, pipeline_size, num_microbatches, num_chunks, forward_only=True
+        )
     check_schedule_arguments(pipeline_size, num_microbatches)
     labels = Routing(rank, pipeline_size, 1)
     plan = []

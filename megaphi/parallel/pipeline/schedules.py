@@ -14,6 +14,7 @@ The factor enters at the loss, so every stage's gradients carry it through the b
 the size of dp_group (1 without one): gradients are then averaged over it by the caller, as DDP does
 (allreduce_data_parallel_gradients).
 """
+
 import contextlib
 import time
 
@@ -55,15 +56,18 @@ def _loss_to_backpropagate(result, index, num_microbatches, counts, total, scale
     if len(result) == 3:
         loss, _, logs = result
         if total is None:
-            raise ValueError("loss_func returned (loss_sum, num_tokens, logs) but the schedule got no "
-                             "count_tokens_func: the global token count must be known before the first backward")
+            raise ValueError(
+                "loss_func returned (loss_sum, num_tokens, logs) but the schedule got no "
+                "count_tokens_func: the global token count must be known before the first backward"
+            )
         weight = None
     elif len(result) == 2:
         loss, logs = result
         weight = None if counts is None else counts[index]
     else:
-        raise ValueError(f"loss_func must return (loss, logs) or (loss_sum, num_tokens, logs); got a "
-                         f"{len(result)}-tuple")
+        raise ValueError(
+            f"loss_func must return (loss, logs) or (loss_sum, num_tokens, logs); got a {len(result)}-tuple"
+        )
     if total is None:
         loss = loss / num_microbatches
     else:
@@ -74,18 +78,19 @@ def _loss_to_backpropagate(result, index, num_microbatches, counts, total, scale
 
 
 class _Executor:
-    def __init__(self, chunks, iterators, forward_step_func, communicator, rank, size, num_microbatches,
-                 forward_only, loss_state):
+    def __init__(
+        self, chunks, iterators, forward_step_func, communicator, rank, size, num_microbatches, forward_only, loss_state
+    ):
         self.chunks, self.iterators, self.forward_step = chunks, iterators, forward_step_func
         self.comm, self.forward_only = communicator, forward_only
         self.routing = Routing(rank, size, len(chunks))
         self.m = num_microbatches
         self.counts, self.total, self.scale_base = loss_state
-        self.inputs, self.output_grads = {}, {}       # received, keyed by (chunk, micro-batch)
+        self.inputs, self.output_grads = {}, {}  # received, keyed by (chunk, micro-batch)
         self.outgoing_activations, self.outgoing_grads = {}, {}  # keyed by the receiver's label
-        self.stored = {}                              # (chunk, mb) -> (input, output) awaiting backward
+        self.stored = {}  # (chunk, mb) -> (input, output) awaiting backward
         self.max_live = 0
-        self.compute_seconds = 0.0                    # host time in forward and backward steps
+        self.compute_seconds = 0.0  # host time in forward and backward steps
         self.losses = []
 
     def forward(self, chunk, mb):
@@ -128,7 +133,9 @@ class _Executor:
         from_prev, from_next = self.comm.communicate(
             send_next=None if step.send_next is None else self.outgoing_activations.pop(step.send_next),
             send_prev=None if step.send_prev is None else self.outgoing_grads.pop(step.send_prev),
-            recv_prev=step.recv_prev is not None, recv_next=step.recv_next is not None)
+            recv_prev=step.recv_prev is not None,
+            recv_next=step.recv_next is not None,
+        )
         if step.recv_prev is not None:
             self.inputs[step.recv_prev] = from_prev
         if step.recv_next is not None:
@@ -147,15 +154,28 @@ class _Executor:
             else:
                 raise TypeError(f"unknown pipeline plan step {step!r}")
             self.compute_seconds += time.perf_counter() - start
-        leftovers = [d for d in (self.inputs, self.output_grads, self.outgoing_activations, self.outgoing_grads,
-                                 self.stored) if d]
+        leftovers = [
+            d
+            for d in (self.inputs, self.output_grads, self.outgoing_activations, self.outgoing_grads, self.stored)
+            if d
+        ]
         if leftovers:
             raise RuntimeError(f"pipeline schedule ended with unconsumed tensors: {leftovers}")
 
 
-def forward_backward_pipelining(forward_step_func, data_iterator, model, num_microbatches, communicator=None,
-                                forward_only=False, count_tokens_func=None, dp_group=None, pipeline_rank=None,
-                                pipeline_size=None, stats=None):
+def forward_backward_pipelining(
+    forward_step_func,
+    data_iterator,
+    model,
+    num_microbatches,
+    communicator=None,
+    forward_only=False,
+    count_tokens_func=None,
+    dp_group=None,
+    pipeline_rank=None,
+    pipeline_size=None,
+    stats=None,
+):
     """Run one step's micro-batches through this rank's model chunks with 1F1B (one chunk) or
     interleaved 1F1B (a list of chunks, chunk c holding virtual stage c * P + rank). data_iterator:
     one iterator, or one per chunk. Returns the per-micro-batch loss logs on the rank holding the loss
@@ -175,11 +195,21 @@ def forward_backward_pipelining(forward_step_func, data_iterator, model, num_mic
     counts, total, scale_base = None, None, 1.0
     holds_loss = rank == size - 1
     if count_tokens_func is not None and not forward_only and holds_loss:
-        iterators[v - 1], counts, total, scale_base = _count_tokens(iterators[v - 1], num_microbatches,
-                                                                    count_tokens_func, dp_group)
+        iterators[v - 1], counts, total, scale_base = _count_tokens(
+            iterators[v - 1], num_microbatches, count_tokens_func, dp_group
+        )
         scale_base = float(scale_base)
-    executor = _Executor(chunks, iterators, forward_step_func, communicator, rank, size, num_microbatches,
-                         forward_only, (counts, total, scale_base))
+    executor = _Executor(
+        chunks,
+        iterators,
+        forward_step_func,
+        communicator,
+        rank,
+        size,
+        num_microbatches,
+        forward_only,
+        (counts, total, scale_base),
+    )
     try:
         executor.run(plan)
     finally:

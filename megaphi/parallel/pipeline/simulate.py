@@ -7,6 +7,7 @@ plans that finishes here cannot deadlock on a real backend, and every receive is
 the tensor it names. With a cost per forward and backward the same run gives each rank's idle time:
 the pipeline bubble of the schedule itself, communication taken as free.
 """
+
 from .plan import Backward, Communicate, Forward
 
 
@@ -39,7 +40,7 @@ def simulate(plans, num_microbatches, num_chunks=1, forward_cost=1.0, backward_c
     clock = [0.0] * size
     busy = [0.0] * size
     posted = [None] * size  # per rank: list of [op, done, completion time] of its current batch
-    sends, recvs = {}, {}   # channel -> FIFO of (rank, op record)
+    sends, recvs = {}, {}  # channel -> FIFO of (rank, op record)
     received_act = [set() for _ in range(size)]
     received_grad = [set() for _ in range(size)]
     produced_act = [set() for _ in range(size)]
@@ -52,8 +53,9 @@ def simulate(plans, num_microbatches, num_chunks=1, forward_cost=1.0, backward_c
         while s_queue and r_queue:
             (s_rank, s_rec), (r_rank, r_rec) = s_queue.pop(0), r_queue.pop(0)
             if s_rec[0][1] != r_rec[0][1]:
-                raise PlanError(f"channel {channel}: rank {s_rank} sent {s_rec[0][1]} but rank {r_rank} "
-                                f"expected {r_rec[0][1]}")
+                raise PlanError(
+                    f"channel {channel}: rank {s_rank} sent {s_rec[0][1]} but rank {r_rank} expected {r_rec[0][1]}"
+                )
             when = max(s_rec[2], r_rec[2])
             s_rec[1] = r_rec[1] = True
             s_rec[2] = r_rec[2] = when

@@ -10,11 +10,11 @@ holds under those names, and checkpoints keep one naming for every pipeline layo
 With interleaving (v > 1 model chunks per rank) chunk c of pipeline rank r is virtual stage
 c * P + r; virtual stages hold consecutive layer ranges in order.
 """
+
 import torch
 from torch import nn
 
-from megaphi.model.phi import (IGNORE_INDEX, PhiDecoderLayer, PhiForCausalLM, apply_layer_norm,
-                               region_dropout)
+from megaphi.model.phi import IGNORE_INDEX, PhiDecoderLayer, PhiForCausalLM, apply_layer_norm, region_dropout
 from megaphi.ops import LayerNorm, rotary_tables
 from megaphi.parallel.cross_entropy import chunked_linear_cross_entropy, vocab_parallel_cross_entropy
 from megaphi.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, enter_tensor_parallel_region
@@ -31,9 +31,11 @@ def virtual_stages_per_rank(num_layers, pipeline_size, layers_per_virtual_stage=
     if pipeline_size < 2:
         raise ValueError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
     if num_layers % pipeline_size or (num_layers // pipeline_size) % layers_per_virtual_stage:
-        raise ValueError(f"--num-layers {num_layers} must split into --pipeline-model-parallel-size {pipeline_size} "
-                         f"stages of a multiple of --num-layers-per-virtual-pipeline-stage {layers_per_virtual_stage} "
-                         f"layers each")
+        raise ValueError(
+            f"--num-layers {num_layers} must split into --pipeline-model-parallel-size {pipeline_size} "
+            f"stages of a multiple of --num-layers-per-virtual-pipeline-stage {layers_per_virtual_stage} "
+            f"layers each"
+        )
     return num_layers // pipeline_size // layers_per_virtual_stage
 
 
@@ -42,9 +44,11 @@ def check_pipeline_composition(pipeline_size, zero_stage=0, tensor_parallel_size
     over data parallelism) does; ZeRO-2 and -3 partition gradients (and parameters) per backward,
     which the pipeline runs m times per step, each needing whole gradients to accumulate into."""
     if pipeline_size > 1 and zero_stage not in (0, 1):
-        raise ValueError(f"--zero-stage {zero_stage} does not compose with --pipeline-model-parallel-size "
-                         f"{pipeline_size}: use --zero-stage 0 or 1 (ZeRO-2/3 partition gradients or parameters "
-                         f"on every micro-batch's backward)")
+        raise ValueError(
+            f"--zero-stage {zero_stage} does not compose with --pipeline-model-parallel-size "
+            f"{pipeline_size}: use --zero-stage 0 or 1 (ZeRO-2/3 partition gradients or parameters "
+            f"on every micro-batch's backward)"
+        )
     if sequence_parallel and tensor_parallel_size < 2:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
 
@@ -58,17 +62,24 @@ def split_layers(num_layers, pipeline_size, num_chunks=1, layers_per_stage=None)
     n_virtual = pipeline_size * num_chunks
     if layers_per_stage is None:
         if num_layers % n_virtual:
-            what = (f"--pipeline-model-parallel-size {pipeline_size}" if num_chunks == 1 else
-                    f"--pipeline-model-parallel-size {pipeline_size} x {num_chunks} virtual stages")
-            raise ValueError(f"--num-layers {num_layers} is not divisible by {what}; pass "
-                             f"--pipeline-layers-per-stage to split unevenly")
+            what = (
+                f"--pipeline-model-parallel-size {pipeline_size}"
+                if num_chunks == 1
+                else f"--pipeline-model-parallel-size {pipeline_size} x {num_chunks} virtual stages"
+            )
+            raise ValueError(
+                f"--num-layers {num_layers} is not divisible by {what}; pass "
+                f"--pipeline-layers-per-stage to split unevenly"
+            )
         counts = [num_layers // n_virtual] * n_virtual
     else:
         counts = [int(c) for c in layers_per_stage]
         if len(counts) != n_virtual or any(c < 0 for c in counts) or sum(counts) != num_layers:
-            raise ValueError(f"--pipeline-layers-per-stage {','.join(map(str, counts))} must give {n_virtual} "
-                             f"non-negative counts (--pipeline-model-parallel-size {pipeline_size} x {num_chunks} "
-                             f"virtual stages) summing to --num-layers {num_layers}")
+            raise ValueError(
+                f"--pipeline-layers-per-stage {','.join(map(str, counts))} must give {n_virtual} "
+                f"non-negative counts (--pipeline-model-parallel-size {pipeline_size} x {num_chunks} "
+                f"virtual stages) summing to --num-layers {num_layers}"
+            )
     bounds, start = [], 0
     for c in counts:
         bounds.append((start, start + c))
@@ -82,14 +93,15 @@ class _StageBody(nn.Module):
     def __init__(self, config, layer_range, holds_embedding, holds_final_norm, device=None, dtype=None):
         super().__init__()
         if holds_embedding:
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, initialize=False,
-                                                       device=device, dtype=dtype)
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size, config.hidden_size, initialize=False, device=device, dtype=dtype
+            )
             self.embed_dropout = nn.Dropout(config.embd_dropout)
-        self.layers = nn.ModuleDict({str(i): PhiDecoderLayer(config, i, device=device, dtype=dtype)
-                                     for i in range(*layer_range)})
+        self.layers = nn.ModuleDict(
+            {str(i): PhiDecoderLayer(config, i, device=device, dtype=dtype) for i in range(*layer_range)}
+        )
         if holds_final_norm:
-            self.final_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device,
-                                             dtype=dtype)
+            self.final_layernorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps, device=device, dtype=dtype)
 
 
 class PipelineStage(nn.Module):
@@ -98,8 +110,9 @@ class PipelineStage(nn.Module):
     previous stage sent; input_ids are ignored); on stages without the loss the pair is
     (hidden state to send on, None)."""
 
-    def __init__(self, config, layer_range, holds_embedding, holds_loss, init_seed=None, initialize=True,
-                 device=None, dtype=None):
+    def __init__(
+        self, config, layer_range, holds_embedding, holds_loss, init_seed=None, initialize=True, device=None, dtype=None
+    ):
         super().__init__()
         config.check_tensor_parallel(get_tensor_model_parallel_world_size())
         self.config = config
@@ -107,8 +120,9 @@ class PipelineStage(nn.Module):
         self.holds_embedding, self.holds_loss = holds_embedding, holds_loss
         self.model = _StageBody(config, layer_range, holds_embedding, holds_loss, device=device, dtype=dtype)
         if holds_loss:
-            self.lm_head = ColumnParallelLinear(config.hidden_size, config.vocab_size, initialize=False,
-                                                device=device, dtype=dtype)
+            self.lm_head = ColumnParallelLinear(
+                config.hidden_size, config.vocab_size, initialize=False, device=device, dtype=dtype
+            )
         for name, param in self.named_parameters():  # as PhiForCausalLM marks them
             if not hasattr(param, "tensor_model_parallel"):
                 set_tensor_model_parallel_attributes(param, False)
@@ -170,8 +184,9 @@ class PipelineStage(nn.Module):
         mask = valid.float() if loss_mask is None else loss_mask.float() * valid
         if reduction == "none" and self.config.loss_chunk_tokens > 0:
             h = enter_tensor_parallel_region(hidden, sp) if get_tensor_model_parallel_world_size() > 1 else hidden
-            token_losses = chunked_linear_cross_entropy(h, self.lm_head.weight, self.lm_head.bias,
-                                                        labels.masked_fill(~valid, 0), self.config.loss_chunk_tokens)
+            token_losses = chunked_linear_cross_entropy(
+                h, self.lm_head.weight, self.lm_head.bias, labels.masked_fill(~valid, 0), self.config.loss_chunk_tokens
+            )
             return token_losses * mask, None
         logits_shard = self.lm_head(hidden, sequence_parallel=sp)
         token_losses = vocab_parallel_cross_entropy(logits_shard, labels.masked_fill(~valid, 0)) * mask
@@ -188,11 +203,13 @@ def seed_pipeline_stage(seed):
     in every stage's layers."""
     from megaphi.parallel.random import model_parallel_seed
     from megaphi.parallel.state import get_pipeline_model_parallel_rank
+
     model_parallel_seed(seed + 100 * get_pipeline_model_parallel_rank())
 
 
-def build_model_chunks(config, pipeline_rank, pipeline_size, num_chunks=1, layers_per_stage=None, init_seed=None,
-                       device=None, dtype=None):
+def build_model_chunks(
+    config, pipeline_rank, pipeline_size, num_chunks=1, layers_per_stage=None, init_seed=None, device=None, dtype=None
+):
     """This rank's model chunks (one without interleaving), chunk c holding virtual stage c * P + rank."""
     if not 0 <= pipeline_rank < pipeline_size:
         raise ValueError(f"pipeline rank {pipeline_rank} outside --pipeline-model-parallel-size {pipeline_size}")
@@ -201,6 +218,9 @@ def build_model_chunks(config, pipeline_rank, pipeline_size, num_chunks=1, layer
     chunks = []
     for c in range(num_chunks):
         virtual = c * pipeline_size + pipeline_rank
-        chunks.append(PipelineStage(config, bounds[virtual], virtual == 0, virtual == last, init_seed=init_seed,
-                                    device=device, dtype=dtype))
+        chunks.append(
+            PipelineStage(
+                config, bounds[virtual], virtual == 0, virtual == last, init_seed=init_seed, device=device, dtype=dtype
+            )
+        )
     return chunks
