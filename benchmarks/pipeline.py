@@ -16,7 +16,7 @@ real executor) on one of two kinds of stage work:
   step ms    measured step (median over --iters, or the fastest with --best; slowest rank)
   bubble     1 - compute / step, mean over stages: the idle share of the step, waiting for
              transfers included (the simulated schedule with free communication gives exactly
-             the theory, tests/test_pipeline_plan.py)
+             the theory, tests/parallel/test_pipeline_plan.py)
   theory     (P - 1) / (m + P - 1) for 1F1B; ((P - 1) / v) / (m + (P - 1) / v) interleaved
 
 Usage: python benchmarks/pipeline.py [--work sleep model] [--pp 2 4] [--micro-batches 4 8]

@@ -1,10 +1,21 @@
 import os
 import pathlib
+import sys
 
 import pytest
 import torch
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+TESTS = pathlib.Path(__file__).resolve().parent
+# Tests live in one folder per package (tests/data, tests/training, ...); the shared helpers
+# (dist_utils, comparison_tolerances, ...) stay in tests/, and tests import each other's helpers by
+# module name (from test_resume import run_pretrain): every test folder is importable.
+for folder in [
+    TESTS,
+    *sorted(p for p in TESTS.iterdir() if p.is_dir() and p.name.isidentifier() and any(p.glob("test_*.py"))),
+]:
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 # phi-1's tokenizer files live beside the project (../shared), not in it; MEGAPHI_CODEGEN_TOKENIZER_DIR
 # points elsewhere (e.g. a clone in another folder).
 CODEGEN_TOKENIZER_DIR = pathlib.Path(

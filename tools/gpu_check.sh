@@ -245,13 +245,13 @@ if [ -z "$NO_GPU" ]; then
   train_gpu phi-1 fp16 "$MB"
   run_step kernels "$PY" benchmarks/kernels.py --no-compile --iters 20 --warmup 5 --json "$LOGS/kernels.json"
   run_step tests_cuda "$PY" -m pytest -m cuda -q -p no:cacheprovider --junitxml="$LOGS/pytest_cuda.xml" \
-    tests/test_kernels_cuda.py
+    tests/ops/test_kernels_cuda.py
   bench_gpu phi-1-small 16,32
   MB=$(best_micro_batch phi-1-small)
   train_gpu phi-1-small bf16 "$MB"
   train_gpu phi-1-small fp16 "$MB"
   run_step tests_compile_cuda "$PY" -m pytest -m cuda -q -p no:cacheprovider \
-    --junitxml="$LOGS/pytest_compile_cuda.xml" tests/test_compile_cuda.py
+    --junitxml="$LOGS/pytest_compile_cuda.xml" tests/model/test_compile_cuda.py
 else
   for s in $CORE_STEPS $TAIL_STEPS; do
     case "${s%%:*}" in env|install) ;; *) skip "${s%%:*}" "$NO_GPU" ;; esac

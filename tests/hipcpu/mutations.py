@@ -1,4 +1,4 @@
-"""Does tests/test_kernels_hipcpu.py catch broken kernels? Plants one known bug at a time in a copy of
+"""Does tests/ops/test_kernels_hipcpu.py catch broken kernels? Plants one known bug at a time in a copy of
 csrc/kernels, builds it for each CPU runtime (the fiber runtime, and HIP-CPU where complete) and runs
 the test file against it on that runtime alone. A mutation is caught when the tests fail, crash or
 hang; "not caught" means they passed with the bug in place.
