@@ -46,7 +46,9 @@ def hf_to_megaphi(hf_dir, out_dir, dtype=None, overrides=None):
 
 def megaphi_to_hf(ckpt, out_dir, tokenizer_dir=None, dtype=None):
     """A model folder or training checkpoint (any TP size) -> a Hugging Face folder, tokenizer files copied in."""
-    config, state = load_megaphi_state(ckpt)
+    from megaphi.model.phi import PhiForCausalLM
+
+    config, state = load_megaphi_state(ckpt, PhiForCausalLM)
     state = cast_state(state, dtype)
 
     token_ids = hf_token_ids(ckpt) if os.path.isfile(os.path.join(ckpt, CONFIG_NAME)) else (None, None)

@@ -90,11 +90,12 @@ def is_model_folder(path):
     return os.path.isdir(path) and (is_megaphi_folder(path) or is_hf_folder(path))
 
 
-def load_megaphi_state(path):
-    """(PhiConfig, HF-named state dict) from a training checkpoint or a model folder (see the module doc)."""
+def load_megaphi_state(path, model_class):
+    """(PhiConfig, HF-named state dict) from a training checkpoint or a model folder (see the module doc).
+    model_class (e.g. PhiForCausalLM) says how a training checkpoint's tensor-parallel shards are split."""
     path = str(path)
     if is_training_checkpoint(path):
-        config, full, _, _ = read_training_checkpoint(path)
+        config, full, _, _ = read_training_checkpoint(path, model_class)
         return config, model_to_hf_names(full, config)
     if is_megaphi_folder(path):
         return load_megaphi_folder(path)
@@ -131,7 +132,7 @@ def finetune_weights_source(load_dir):
 def load_weights_from_folder(model, folder):
     """Copy the weights of a model folder (megaphi or Hugging Face phi) into `model` (same architecture, checked)."""
     try:
-        config, hf_state = load_megaphi_state(folder)
+        config, hf_state = load_megaphi_state(folder, type(model))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"--load {folder}: {e}") from None
     saved = config.to_dict()

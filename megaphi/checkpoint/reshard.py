@@ -5,7 +5,9 @@ mpu) holds one `mp_rank_XX_model_states.pt` per TP rank, whose "module" entry is
 state dict (the model's own parameter names, fused per-head query_key_value), and
 `megaphi_meta.json` with `tensor_model_parallel_size` and `model_config`. Which dim a parameter is
 split on is read from the model itself (the `tensor_model_parallel` / `partition_dim` attributes
-the parallel layers set), so new TP layers need no table here.
+the parallel layers set), so new TP layers need no table here. The model class is given by the caller
+(`model_class`, e.g. PhiForCausalLM): the model's from_pretrained reads checkpoints through this module,
+so importing the model here would make an import cycle.
 
 Resharding keeps the model weights only: ZeRO optimizer state (fp32 master weights, Adam moments)
 is partitioned by TP and DP rank and is dropped, like Megatron's checkpoint-resharding tools; a run
@@ -21,7 +23,6 @@ import shutil
 import torch
 
 from megaphi.config import PhiConfig
-from megaphi.model.phi import PhiForCausalLM
 
 from .atomic import write_folder_atomic, write_json_atomic
 from .integrity import HASH_NAME, checksum_and_sync, seal_metadata
@@ -41,19 +42,19 @@ class TensorParallelMismatchError(ValueError):
     """A checkpoint's TP size differs from the run's (or its shards are inconsistent)."""
 
 
-def partition_dims(config):
-    """{parameter name: partition dim, or None when replicated}, from a meta-device model."""
+def partition_dims(config, model_class):
+    """{parameter name: partition dim, or None when replicated}, from a meta-device `model_class(config)`."""
     # The attributes do not depend on the TP size of the calling process (only shard shapes do).
-    model = PhiForCausalLM(config, initialize=False, device="meta")
+    model = model_class(config, initialize=False, device="meta")
     return {
         name: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
         for name, p in model.named_parameters()
     }
 
 
-def merge_shards(shards, config, source="checkpoint"):
+def merge_shards(shards, config, model_class, source="checkpoint"):
     """[state dict of TP rank r] -> the full (TP=1) state dict in the model's parameter names."""
-    dims = partition_dims(config)
+    dims = partition_dims(config, model_class)
     full = {}
     for name, dim in dims.items():
         missing = [r for r, s in enumerate(shards) if name not in s]
@@ -75,14 +76,14 @@ def merge_shards(shards, config, source="checkpoint"):
     return full
 
 
-def split_state(full, config, tp, source="checkpoint"):
+def split_state(full, config, tp, model_class, source="checkpoint"):
     """Full state dict -> [state dict of TP rank r for r in range(tp)] (contiguous clones)."""
     try:
         config.check_tensor_parallel(tp)
     except ValueError as e:
         raise TensorParallelMismatchError(f"{source}: cannot split for --tp {tp}: {e}") from None
     shards = [{} for _ in range(tp)]
-    for name, dim in partition_dims(config).items():
+    for name, dim in partition_dims(config, model_class).items():
         tensor = full[name]
         for r in range(tp):
             shards[r][name] = (tensor if dim is None else tensor.chunk(tp, dim=dim)[r]).clone().contiguous()
@@ -141,7 +142,7 @@ def check_tensor_parallel_size(tag_dir, tp):
     return saved
 
 
-def read_training_checkpoint(path):
+def read_training_checkpoint(path, model_class):
     """(PhiConfig, full state dict in model names, meta, tag_dir) from a training checkpoint of any TP size."""
     tag_dir = resolve_tag_dir(path)
     meta = read_tag_meta(tag_dir)
@@ -160,7 +161,7 @@ def read_training_checkpoint(path):
                 f"use the exported {os.path.join(tag_dir, MODEL_SUBDIR)} folder instead)"
             )
         shards.append(module)
-    return config, merge_shards(shards, config, source=tag_dir), meta, tag_dir
+    return config, merge_shards(shards, config, model_class, source=tag_dir), meta, tag_dir
 
 
 # Per-rank layout entries that describe the source run's parallel layout (rewritten, not carried over).
@@ -226,7 +227,7 @@ def write_training_checkpoint(out_dir, tag, shards, meta, extras=None):
         f.write(pointer_text(tag))
 
 
-def reshard(ckpt, out_dir, tp):
+def reshard(ckpt, out_dir, tp, model_class):
     """Re-split a training checkpoint's model weights for `tp` TP ranks (optimizer state dropped).
     Returns (PhiConfig, the source's TP size)."""
     if tp < 1:
@@ -241,9 +242,9 @@ def reshard(ckpt, out_dir, tp):
             f"{ckpt}: not a megaphi training checkpoint (expected a `latest` file or "
             f"{META_NAME} with mp_rank_XX_model_states.pt files)"
         )
-    config, full, meta, tag_dir = read_training_checkpoint(ckpt)
+    config, full, meta, tag_dir = read_training_checkpoint(ckpt, model_class)
     source_tp = meta.get("tensor_model_parallel_size", 1)
-    shards = split_state(full, config, tp, source=tag_dir)
+    shards = split_state(full, config, tp, model_class, source=tag_dir)
     new_meta = dict(meta)
     new_meta.update(
         {

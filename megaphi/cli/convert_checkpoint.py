@@ -20,7 +20,13 @@ temporary name and renamed when complete.
 import argparse
 
 from megaphi.checkpoint.convert import DTYPES, hf_to_megaphi, megaphi_to_hf
-from megaphi.checkpoint.reshard import reshard
+from megaphi.checkpoint.reshard import reshard as reshard_checkpoint
+from megaphi.model.phi import PhiForCausalLM
+
+
+def reshard(ckpt, out, tp):
+    """The phi model's training checkpoint `ckpt` re-split for `tp` TP ranks into `out`: (PhiConfig, source TP)."""
+    return reshard_checkpoint(ckpt, out, tp, model_class=PhiForCausalLM)
 
 
 def main(argv=None):

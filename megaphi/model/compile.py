@@ -69,10 +69,12 @@ def compile_decoder_layers(model, mode=None):
     once, on purpose, at its eager attention core.)"""
     import dataclasses
 
-    from .runtime import set_runtime
-
     prepare_for_compile()
     for layer in model.model.layers:
         layer.compile(mode=mode, dynamic=False)
-    set_runtime(model, dataclasses.replace(model.runtime, compile=True))
+    # the runtime's own set_runtime, written here by type so that runtime.py (which calls this) is not imported
+    compiled = dataclasses.replace(model.runtime, compile=True)
+    for module in model.modules():
+        if type(getattr(module, "runtime", None)) is type(compiled):
+            module.runtime = compiled
     return model

@@ -364,7 +364,7 @@ class PhiForCausalLM(nn.Module):
         runtime choices older folders recorded in config.json are ignored)."""
         from megaphi.checkpoint.model_folder import load_megaphi_state
 
-        config, hf_state = load_megaphi_state(path)
+        config, hf_state = load_megaphi_state(path, cls)
         model = cls(config, initialize=False, device=device, dtype=dtype)
         model.load_hf_state_dict(hf_state, source=str(path))
         return model if runtime is None else apply_runtime(model, runtime)

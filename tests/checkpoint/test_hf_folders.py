@@ -311,7 +311,7 @@ def test_finetune_loads_hf_folder(tmp_path):
         ]
     )
     assert f"finetuning from weights in {tmp_path / 'hf'}" in proc.stdout
-    _, saved = load_megaphi_state(out)  # the training checkpoint's weights; lr 0: the loaded ones
+    _, saved = load_megaphi_state(out, PhiForCausalLM)  # the training checkpoint's weights; lr 0: the loaded ones
     reference = hf.state_dict()
     assert set(saved) == set(reference)
     assert all(torch.equal(saved[k], reference[k]) for k in reference)

@@ -88,7 +88,7 @@ def load_worker(rank, world, ckpt_dir, logits_path):
 
 
 def _tp1_logits(ckpt):
-    config, full, meta, _ = read_training_checkpoint(ckpt)
+    config, full, meta, _ = read_training_checkpoint(ckpt, PhiForCausalLM)
     model = PhiForCausalLM(config, initialize=False)
     model.load_state_dict(full)
     with torch.no_grad():
@@ -160,7 +160,7 @@ def test_reshard_between_tp_sizes(tmp_path):
         convert_checkpoint.reshard(model_dir, str(tmp_path / "x"), 2)
     os.remove(os.path.join(tag_dir, "mp_rank_01_model_states.pt"))
     with pytest.raises(TensorParallelMismatchError, match=r"records tensor_model_parallel_size 2 .* TP ranks \[0\]"):
-        read_training_checkpoint(tp2)
+        read_training_checkpoint(tp2, PhiForCausalLM)
 
 
 def test_vocab_padding_rule():

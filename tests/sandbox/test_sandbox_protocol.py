@@ -118,7 +118,7 @@ def test_the_worker_is_started_as_a_module():
     assert command[-2:] == ["-m", "megaphi.sandbox.worker"]
     assert not any(arg.endswith(".py") for arg in command)
     spec = importlib.util.find_spec(worker_process.WORKER_MODULE)
-    assert spec.origin == os.path.join(worker_process.PACKAGE_ROOT, "megaphi", "sandbox", "worker.py")
+    assert os.path.samefile(spec.origin, os.path.join(worker_process.PACKAGE_ROOT, "megaphi", "sandbox", "worker.py"))
     # The worker imports the very package the host runs from, wherever the interpreter looks.
     assert worker_process.worker_env([])["PYTHONPATH"] == worker_process.PACKAGE_ROOT
     assert "PYTHONPATH" not in worker_process.worker_env([worker_process.PACKAGE_ROOT])
