@@ -121,7 +121,8 @@ class _HostReads:
 def _train(config, rank, world, adam_eps=1e-8, steps=STEPS):
     """`steps` optimizer steps on rank's share of the same global batches. Returns the initial weights,
     the engine's final bf16/fp16 weights, fp32 master weights, DeepSpeed's optimizer class, the host
-    reads of the last optimizer step, AdamW's step count, and the gradient elements all-reduced."""
+    reads of the last optimizer step, AdamW's step count, the gradient elements all-reduced and those
+    left on the parameters after each backward."""
     import deepspeed
     import deepspeed.comm as ds_comm
     from megaphi.model import PhiForCausalLM
@@ -147,11 +148,13 @@ def _train(config, rank, world, adam_eps=1e-8, steps=STEPS):
 
     ds_comm.all_reduce = counting_all_reduce
     g = torch.Generator().manual_seed(5)
+    lingering = []  # gradient elements still on the module's parameters after each backward
     try:
         for _ in range(steps * accumulation):
             batch = torch.randint(0, 255, (MICRO * world, SEQ + 1), generator=g)[rank * MICRO : (rank + 1) * MICRO]
             loss, _ = engine(batch[:, :-1], labels=batch[:, 1:])
             engine.backward(loss)
+            lingering.append(sum(p.grad.numel() for p in engine.module.parameters() if p.grad is not None))
             with _HostReads() as reads:
                 engine.step()
     finally:
@@ -165,6 +168,7 @@ def _train(config, rank, world, adam_eps=1e-8, steps=STEPS):
         "adam_steps": max(int(state["step"]) for state in engine.basic_optimizer.state.values()),
         "step_host_reads": reads.count,
         "reduced": reduced[0],
+        "lingering": lingering,
         "parameters": len(params),
         "numel": sum(p.numel() for p in params.values()),
     }
@@ -258,6 +262,8 @@ def test_bf16_zero2_default_trains_like_zero1_on_two_ranks(tmp_path):
     r = torch.load(out)
     assert r["exact zero1"]["optimizer"] == "BF16_Optimizer"
     assert r["exact zero2"]["optimizer"] == "DeepSpeedZeroOptimizer"
+    # neither keeps bf16 gradients after backward (BF16 optimizer: immediate_grad_update; ZeRO 2: buckets)
+    assert all(run["lingering"] == [0] * len(run["lingering"]) for run in r.values())
     for name, weight in r["exact zero1"]["weights"].items():
         assert torch.equal(r["exact zero2"]["weights"][name], weight), name
         assert torch.equal(r["exact zero2"]["fp32"][name], r["exact zero1"]["fp32"][name]), name
