@@ -275,3 +275,63 @@ def test_bf16_zero2_default_trains_like_zero1_on_two_ranks(tmp_path):
         assert (
             max((run["fp32"][n] - w).abs().max().item() for n, w in run["start"].items()) > 1e3 * COMPARISON_PARAM_TOL
         )
+
+
+def _resume_worker(rank, world, zero1, zero2, folder, out_path):
+    """Train 2 steps at ZeRO 1 (BF16 optimizer) and save; one more step there, and the same step from the
+    checkpoint loaded under ZeRO 2 (and, for contrast, from a fresh ZeRO 2 engine)."""
+    import deepspeed
+    from megaphi.model import PhiForCausalLM
+    from megaphi.parallel import destroy_model_parallel, initialize_model_parallel, mpu
+    from megaphi.training.engine import finish_engine_setup, skip_shm_comm_extension
+    from megaphi.training.optimizer import build_optimizer
+
+    skip_shm_comm_extension()
+    initialize_model_parallel(1)
+
+    def engine_for(config):
+        torch.manual_seed(0)
+        model = PhiForCausalLM(_model_config())
+        optimizer = build_optimizer(model, LR, 0.1, eps=COMPARISON_ADAM_EPS)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, mpu=mpu, config=config, dist_init_required=False
+        )
+        finish_engine_setup(engine)
+        return engine
+
+    def step(engine, seed):
+        g = torch.Generator().manual_seed(seed)
+        batch = torch.randint(0, 255, (MICRO * world, SEQ + 1), generator=g)[rank * MICRO : (rank + 1) * MICRO]
+        loss, _ = engine(batch[:, :-1], labels=batch[:, 1:])
+        engine.backward(loss)
+        engine.step()
+        return {n: _fp32_master(engine, p) for n, p in engine.module.named_parameters()}
+
+    first = engine_for(zero1)
+    step(first, 1), step(first, 2)
+    first.save_checkpoint(folder, tag="saved")
+    results = {"continued": step(first, 3), "optimizer": type(first.optimizer).__name__}
+    resumed = engine_for(zero2)
+    resumed.load_checkpoint(folder, tag="saved")
+    results["resumed"], results["resumed optimizer"] = step(resumed, 3), type(resumed.optimizer).__name__
+    results["fresh"] = step(engine_for(zero2), 3)
+    destroy_model_parallel()
+    if rank == 0:
+        torch.save(results, out_path)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bf16_zero1_checkpoint_resumes_under_the_zero2_default(tmp_path):
+    """A bf16 run saved at the former default (ZeRO 1 with several ranks) resumes under the new one."""
+    zero2 = _config("--bf16", world_size=2)
+    zero1 = json.loads(json.dumps(zero2))
+    zero1["zero_optimization"]["stage"] = 1
+    out = tmp_path / "runs.pt"
+    run_distributed(_resume_worker, 2, zero1, zero2, str(tmp_path / "ckpt"), str(out))
+    r = torch.load(out)
+    assert (r["optimizer"], r["resumed optimizer"]) == ("BF16_Optimizer", "DeepSpeedZeroOptimizer")
+    worst = max((r["resumed"][n] - w).abs().max().item() for n, w in r["continued"].items())
+    assert worst <= COMPARISON_PARAM_TOL, worst  # the step's fp32 rounding only (clipping, see above)
+    apart = max((r["fresh"][n] - w).abs().max().item() for n, w in r["continued"].items())
+    assert apart > 1e3 * COMPARISON_PARAM_TOL  # without the checkpoint: two steps' worth apart
