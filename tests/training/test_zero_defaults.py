@@ -118,8 +118,8 @@ class _HostReads:
         torch.Tensor.__bool__, torch.Tensor.item = self.saved
 
 
-def _train(config, rank, world, adam_eps=1e-8, steps=STEPS):
-    """`steps` optimizer steps on rank's share of the same global batches. Returns the initial weights,
+def _train(config, dp_rank, dp_size, adam_eps=1e-8, steps=STEPS):
+    """`steps` optimizer steps on the data-parallel rank's share of the same global batches. Returns the initial weights,
     the engine's final bf16/fp16 weights, fp32 master weights, DeepSpeed's optimizer class, the host
     reads of the last optimizer step, AdamW's step count, the gradient elements all-reduced and those
     left on the parameters after each backward."""
@@ -127,11 +127,13 @@ def _train(config, rank, world, adam_eps=1e-8, steps=STEPS):
     import deepspeed.comm as ds_comm
     from megaphi.model import PhiForCausalLM
     from megaphi.parallel import mpu
+    from megaphi.parallel.random import model_parallel_seed
     from megaphi.training.engine import finish_engine_setup, skip_shm_comm_extension
     from megaphi.training.optimizer import build_optimizer
 
     skip_shm_comm_extension()
     torch.manual_seed(0)
+    model_parallel_seed(1)  # the tensor-parallel layers' initialisation stream
     model = PhiForCausalLM(_model_config())
     start = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     optimizer = build_optimizer(model, LR, 0.1, eps=adam_eps)
@@ -151,7 +153,8 @@ def _train(config, rank, world, adam_eps=1e-8, steps=STEPS):
     lingering = []  # gradient elements still on the module's parameters after each backward
     try:
         for _ in range(steps * accumulation):
-            batch = torch.randint(0, 255, (MICRO * world, SEQ + 1), generator=g)[rank * MICRO : (rank + 1) * MICRO]
+            rows = slice(dp_rank * MICRO, (dp_rank + 1) * MICRO)
+            batch = torch.randint(0, 255, (MICRO * dp_size, SEQ + 1), generator=g)[rows]
             loss, _ = engine(batch[:, :-1], labels=batch[:, 1:])
             engine.backward(loss)
             lingering.append(sum(p.grad.numel() for p in engine.module.parameters() if p.grad is not None))
@@ -186,18 +189,20 @@ def _fp32_master(engine, param):
     return master.detach().clone()
 
 
-def _worker(rank, world, runs, out_path):
+def _worker(rank, world, runs, out_path, tensor_parallel=1):
     from deepspeed.accelerator import get_accelerator
-    from megaphi.parallel import destroy_model_parallel, initialize_model_parallel
+    from megaphi.parallel import destroy_model_parallel, get_data_parallel_rank, get_data_parallel_world_size
+    from megaphi.parallel import initialize_model_parallel
 
     # DeepSpeed refuses fp16 on CPUs without mkldnn fp16 (as tests/test_train_zero.py does): the
     # optimizer DeepSpeed picks and its overflow check do not depend on the device
     type(get_accelerator()).is_fp16_supported = lambda self: True
-    initialize_model_parallel(1)
-    results = {name: _train(config, rank, world, **kwargs) for name, (config, kwargs) in runs.items()}
+    initialize_model_parallel(tensor_parallel)
+    dp_rank, dp_size = get_data_parallel_rank(), get_data_parallel_world_size()
+    results = {name: _train(config, dp_rank, dp_size, **kwargs) for name, (config, kwargs) in runs.items()}
     destroy_model_parallel()
-    if rank == 0:
-        torch.save(results, out_path)
+    if rank < tensor_parallel:  # each tensor-parallel shard once
+        torch.save(results, f"{out_path}.{rank}" if tensor_parallel > 1 else out_path)
 
 
 def _config(*extra, world_size=1, micro_batches=1):
@@ -335,3 +340,22 @@ def test_bf16_zero1_checkpoint_resumes_under_the_zero2_default(tmp_path):
     assert worst <= COMPARISON_PARAM_TOL, worst  # the step's fp32 rounding only (clipping, see above)
     apart = max((r["fresh"][n] - w).abs().max().item() for n, w in r["continued"].items())
     assert apart > 1e3 * COMPARISON_PARAM_TOL  # without the checkpoint: two steps' worth apart
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_bf16_zero2_default_with_tensor_parallel(tmp_path):
+    """TP 2 x DP 2 (4 gloo ranks): the ZeRO 2 default trains bitwise like ZeRO 1 (one micro-batch per
+    step, no clipping, as in the two-rank test) on both tensor-parallel shards."""
+    zero2 = _config("--bf16", "--clip-grad", "0", "--tensor-model-parallel-size", "2", world_size=4)
+    assert zero2["zero_optimization"]["stage"] == 2
+    zero1 = json.loads(json.dumps(zero2))
+    zero1["zero_optimization"]["stage"] = 1
+    out = tmp_path / "runs.pt"
+    run_distributed(_worker, 4, {"zero1": (zero1, {}), "zero2": (zero2, {})}, str(out), 2)
+    for shard in (0, 1):
+        r = torch.load(f"{out}.{shard}")
+        assert (r["zero1"]["optimizer"], r["zero2"]["optimizer"]) == ("BF16_Optimizer", "DeepSpeedZeroOptimizer")
+        for name, weight in r["zero1"]["weights"].items():
+            assert torch.equal(r["zero2"]["weights"][name], weight), (shard, name)
+        assert max((r["zero2"]["fp32"][n] - w).abs().max().item() for n, w in r["zero2"]["start"].items()) > 1e-3
