@@ -296,12 +296,7 @@ def resolve_config(args, world_size=None, device=None):
     deepspeed = resolve_deepspeed(flags)  # the ZeRO stage and clipping settled with the JSON
     flags.zero_stage, flags.zero_stage_source = deepspeed.zero_stage, deepspeed.zero_stage_source
     flags.clip_grad, flags.clip_grad_source = deepspeed.clip_grad, deepspeed.clip_grad_source
-    if "bf16" in flags.zero_stage_source:
-        messages.append(
-            f"ZeRO stage {flags.zero_stage} ({flags.zero_stage_source}): DeepSpeed accumulates and "
-            f"reduces bf16 gradients in fp32 only with ZeRO >= 1 (one data-parallel rank partitions "
-            f"nothing)"
-        )
+    messages.extend(deepspeed.notes)  # why the ZeRO stage differs from the one asked for (or should)
     if flags.skip_train:
         flags.finetune = True  # load the weights only (a checkpoint or a model folder), as finetuning does
     if flags.finetune and flags.save and layout.read_pointer(flags.save) is not None:

@@ -20,15 +20,7 @@ def generate_config(args):
         # the start and end of every micro-batch, only to print samples/s; megaphi measures its own.
         "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
-    if args.zero_stage in (1, 2, 3):
-        config["zero_optimization"].update(
-            {
-                "contiguous_gradients": True,
-                "overlap_comm": args.zero_stage >= 2 or bool(getattr(args, "overlap_grad_reduce", False)),
-                "reduce_bucket_size": 5e8,
-                "allgather_bucket_size": 5e8,
-            }
-        )
+    config["zero_optimization"].update(_zero_settings(args, args.zero_stage))
     if args.fp16:
         config["fp16"] = {
             "enabled": True,
@@ -39,12 +31,25 @@ def generate_config(args):
             "min_loss_scale": args.min_loss_scale,
         }
     elif args.bf16:
-        # DeepSpeed's BF16 optimizer (what bf16 runs get, see accumulate_bf16_gradients_in_fp32) adds
+        # DeepSpeed's BF16 optimizer (bf16 at ZeRO 1, see zero_stage_for_precision) adds
         # each parameter's bf16 gradient into its fp32 accumulator as soon as autograd has produced
         # it and frees the bf16 one, instead of keeping all of them (2 bytes per parameter) alive
         # next to the fp32 buffer until the next backward; the sums are the same additions.
         config["bf16"] = {"enabled": True, "immediate_grad_update": True}
     return config
+
+
+def _zero_settings(args, stage):
+    """The zero_optimization keys generated for a stage (none for ZeRO 0). ZeRO 2/3 reduce gradient
+    buckets while backward runs; ZeRO 1 when --overlap-grad-reduce asks."""
+    if stage == 0:
+        return {}
+    return {
+        "contiguous_gradients": True,
+        "overlap_comm": stage >= 2 or bool(getattr(args, "overlap_grad_reduce", False)),
+        "reduce_bucket_size": 5e8,
+        "allgather_bucket_size": 5e8,
+    }
 
 
 def merge(base, override):
@@ -89,6 +94,7 @@ class DeepSpeedSettings(NamedTuple):
     zero_stage_source: str
     clip_grad: float
     clip_grad_source: str
+    notes: tuple = ()  # start-up lines: why the stage differs from the one asked for (or should)
 
 
 def resolve_deepspeed(args):
@@ -115,17 +121,24 @@ def resolve_deepspeed(args):
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ArgumentError(f"--deepspeed-config: zero_optimization.stage must be 0..3, got {stage}")
+    notes = []
     if config.get("bf16", {}).get("enabled"):
         requested = stage
         stage = accumulate_bf16_gradients_in_fp32(config, stage)
         if stage != requested:
             stage_source = f"raised from {requested} ({stage_source}) for bf16's fp32 gradient accumulation"
+            notes.append(
+                f"ZeRO stage {stage} ({stage_source}): DeepSpeed accumulates and reduces bf16 gradients in "
+                f"fp32 only with ZeRO >= 1 (one data-parallel rank partitions nothing)"
+            )
+    stage, stage_source, stage_notes = zero_stage_for_precision(args, config, user, stage, stage_source)
+    notes += stage_notes
     if "optimizer" in user or "scheduler" in user:
         raise ArgumentError(
             "--deepspeed-config: 'optimizer'/'scheduler' sections are not used; megaphi builds "
             "AdamW and the lr schedule from the flags (--lr, --weight-decay, ...)"
         )
-    return DeepSpeedSettings(config, stage, stage_source, clip_grad, clip_source)
+    return DeepSpeedSettings(config, stage, stage_source, clip_grad, clip_source, tuple(notes))
 
 
 def build_deepspeed_config(args):
@@ -174,7 +187,78 @@ def accumulate_bf16_gradients_in_fp32(config, stage):
     data_types = config.setdefault("data_types", {})
     data_types.setdefault("grad_accum_dtype", "fp32")
     config.setdefault("communication_data_type", "fp32")
-    if stage == 0 and str(data_types["grad_accum_dtype"]).lower() in ("fp32", "float32", "float", "torch.float32"):
+    if stage == 0 and _fp32_accumulation(config):
         stage = 1
         config["zero_optimization"]["stage"] = 1
     return stage
+
+
+def zero_stage_for_precision(args, config, user, stage, source):
+    """The ZeRO stage under which DeepSpeed 0.19.8 runs this precision without avoidable syncs or
+    copies: (stage, where it comes from, start-up notes). A stage the user chose is kept, with a note,
+    except ZeRO 2 for bf16 on one data-parallel rank (below). Which optimizer DeepSpeed wraps ours in
+    (runtime/engine.py, _do_optimizer_sanity_check -> _configure_optimizer):
+    - fp16, ZeRO 0: FP16_UnfusedOptimizer (FP16_Optimizer only for DeepSpeed's own FusedAdam). Its
+      step asks CheckOverflow.has_overflow_serial (runtime/utils.py) about each parameter's gradient
+      in turn, with `if has_inf_or_nan(grad)`: one host sync per parameter (~245 for phi-1).
+    - fp16, ZeRO 1/2: DeepSpeedZeroOptimizer, whose has_overflow (zero/stage_1_and_2.py) adds the
+      per-gradient flags on the device and syncs once.
+    - bf16 with fp32 accumulation, ZeRO 1 (no offload): BF16_Optimizer; after the last backward it
+      all-reduces the whole fp32 gradient (engine.allreduce_gradients), nothing overlapped.
+    - bf16, ZeRO 2: DeepSpeedZeroOptimizer; each micro-batch's gradient is reduced in buckets from
+      backward hooks (overlap_comm on, see generate_config) into fp32 gradient partitions.
+    ZeRO 1 and 2 store the same optimizer state (a checkpoint of one resumes under the other).
+    `config` (the merged DeepSpeed config) is updated to the stage returned; `user` is the JSON."""
+    dp_size = getattr(args, "data_parallel_size", 1)
+    default = source.startswith("default")
+    notes = []
+    if config.get("fp16", {}).get("enabled") and stage == 0:
+        if default:
+            stage, source = 1, f"raised from 0 ({source}) for fp16's overflow check"
+            _set_stage(args, config, user, 1)
+            notes.append(
+                f"ZeRO stage 1 ({source}): at ZeRO 0 DeepSpeed's fp16 optimizer checks each parameter's "
+                f"gradient for overflow with its own host sync; ZeRO 1 checks them all with one reduction "
+                f"(one data-parallel rank partitions nothing)"
+            )
+        else:
+            notes.append(
+                f"note: ZeRO 0 ({source}) with fp16: DeepSpeed checks each parameter's gradient for overflow "
+                f"with its own host sync; ZeRO 1 (the default) checks them all at once"
+            )
+    bf16_optimizer = bool(config.get("bf16", {}).get("enabled")) and _fp32_accumulation(config)
+    offload = str((config["zero_optimization"].get("offload_optimizer") or {}).get("device", "none")) != "none"
+    if bf16_optimizer and not offload and stage == 1 and default and dp_size > 1:
+        if (getattr(args, "pipeline_model_parallel_size", 1) or 1) == 1:  # pipelining composes with ZeRO <= 1
+            stage, source = 2, f"raised from 1 ({source}) for bf16: gradients reduced during backward"
+            _set_stage(args, config, user, 2)
+            notes.append(
+                f"ZeRO stage 2 ({source}): with bf16 at ZeRO 1 DeepSpeed all-reduces the whole fp32 "
+                f"gradient after backward; ZeRO 2 reduces it in buckets while backward runs"
+            )
+    elif bf16_optimizer and not offload and stage == 2 and dp_size == 1:
+        stage, source = 1, f"lowered from 2 ({source}) for bf16 on 1 data-parallel rank"
+        _set_stage(args, config, user, 1)
+        notes.append(
+            f"ZeRO stage 1 ({source}): with bf16 on one data-parallel rank ZeRO 2 partitions nothing and "
+            f"reduces every micro-batch's gradient over a one-rank group; ZeRO 1 skips that reduction"
+        )
+    elif bf16_optimizer and stage == 3 and dp_size == 1:
+        notes.append(
+            f"note: ZeRO 3 ({source}) on one data-parallel rank partitions nothing and reduces every "
+            f"micro-batch's gradient over a one-rank group; ZeRO 1 (the default) skips that reduction"
+        )
+    return stage, source, notes
+
+
+def _fp32_accumulation(config):
+    dtype = str(config.get("data_types", {}).get("grad_accum_dtype", "")).lower()
+    return dtype in ("fp32", "float32", "float", "torch.float32")
+
+
+def _set_stage(args, config, user, stage):
+    """The stage in the config, with the keys generate_config gives that stage where the JSON sets none."""
+    zero = config["zero_optimization"]
+    zero["stage"] = stage
+    given = user.get("zero_optimization") or {}
+    zero.update({key: value for key, value in _zero_settings(args, stage).items() if key not in given})

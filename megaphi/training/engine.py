@@ -77,12 +77,15 @@ def finish_engine_setup(engine):
     Skips the engine's gradient all-reduce when there is a single data-parallel rank. The engine
     all-reduces (engine.allreduce_gradients -> buffered_allreduce_fallback) the module's gradients at
     ZeRO 0 (fp32, fp16; bf16 at ZeRO 0 is left as it was) and, for bf16 at ZeRO 1 with fp32 accumulation
-    (megaphi's bf16 default), the BF16 optimizer's flat fp32 gradient buffers: over one rank that only
-    flattens the gradient into a bucket of up to 500M elements (2 GB in fp32), "reduces" it and copies it
-    back, ~4 passes over the fp32 gradient per step. The BF16 optimizer accumulates its fp32 gradients
-    before the flag is read (engine._backward_epilogue), so turning the flag off skips the reduction
-    only. The ZeRO optimizers (stages 1-3 otherwise) move gradients into their partitions inside their
-    reduction: not touched."""
+    (megaphi's bf16 stage on one data-parallel rank, --zero-stage 2 there included: see
+    deepspeed_config.zero_stage_for_precision), the BF16 optimizer's flat fp32 gradient buffers: over
+    one rank that only flattens the gradient into a bucket of up to 500M elements (2 GB in fp32),
+    "reduces" it and copies it back, ~4 passes over the fp32 gradient per step. The BF16 optimizer
+    accumulates its fp32 gradients before the flag is read (engine._backward_epilogue), so turning the
+    flag off skips the reduction only. The ZeRO optimizers (stages 1-3 otherwise, fp16 at ZeRO 1
+    included) move gradients into their partitions inside their reduction: not touched. DeepSpeed
+    0.19.8 reads immediate_grad_update in the BF16 optimizer only; its ZeRO 2 optimizer frees each bf16
+    gradient once it is in a bucket (checked in tests/training/test_zero_defaults.py)."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
     from megaphi.parallel import get_data_parallel_world_size

@@ -57,9 +57,13 @@ def test_resolution_leaves_the_parsed_flags_unchanged(tmp_path):
     # what resolution settled, from the flags and the JSON, is in the config
     assert config.training.train_iters == 4  # 8 samples / global batch 2
     assert config.optimizer.lr_warmup_iters == 2 and config.optimizer.lr_decay_iters == 4
-    assert (config.parallel.zero_stage, config.optimizer.clip_grad) == (2, 0.5)
+    # the JSON's ZeRO 2 runs as ZeRO 1 for bf16 on one data-parallel rank, and says so at start-up
+    assert (config.parallel.zero_stage, config.optimizer.clip_grad) == (1, 0.5)
+    source = f"lowered from 2 (zero_optimization.stage in {user}) for bf16 on 1 data-parallel rank"
+    assert config.parallel.zero_stage_source == source
+    assert any(line.startswith(f"ZeRO stage 1 ({source})") for line in config.logging.messages)
     assert config.optimizer.clip_grad_source == f"gradient_clipping in {user}"
-    assert config.parallel.deepspeed_config()["zero_optimization"]["stage"] == 2
+    assert config.parallel.deepspeed_config()["zero_optimization"]["stage"] == 1
     assert config.logging.notes and config.logging.peak_tflops_text.startswith("MFU")
     # resolving the same flags again gives the same values
     again = resolve_config(args, world_size=1)
