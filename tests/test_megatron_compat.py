@@ -97,7 +97,6 @@ def test_megatron_deepspeed_config_spelling(tmp_path):
         (["--num-query-groups", "4"], "--num-query-groups: phi uses multi-head attention"),
         (["--normalization", "RMSNorm"], "--normalization RMSNorm: phi uses LayerNorm"),
         (["--disable-bias-linear"], "--disable-bias-linear: every phi Linear has a bias"),
-        (["--no-save-optim"], "--no-save-optim: not supported"),
     ],
 )
 def test_contradicting_the_architecture_is_one_line(flags, reason):

@@ -63,6 +63,10 @@ def build_engine(model, config):
         raise ArgumentError(
             "--log-num-zeros-in-grad: ZeRO 3 partitions the gradients per parameter; use --zero-stage 0-2"
         )
+    if config.checkpoint.no_save_optim and engine.zero_optimization_stage() == 3:
+        from megaphi.training.megatron_compat import NO_SAVE_OPTIM_ZERO3
+
+        raise ArgumentError(NO_SAVE_OPTIM_ZERO3)
     return engine, finish_engine_setup(engine, count_zeros=config.logging.log_num_zeros_in_grad)
 
 

@@ -240,5 +240,52 @@ def test_flag_checks():
         parse_args([*base, "--tensorboard-log-interval", "0"], world_size=1)
     with pytest.raises(ArgumentError, match="--log-num-zeros-in-grad: ZeRO 3"):
         parse_args([*base, "--log-num-zeros-in-grad", "--zero-stage", "3"], world_size=1)
-    args = parse_args([*base, "--log-num-zeros-in-grad", "--tensorboard-log-interval", "5"], world_size=1)
+    with pytest.raises(ArgumentError, match="--no-save-optim: ZeRO 3 keeps the weights partitioned"):
+        parse_args([*base, "--no-save-optim", "--zero-stage", "3"], world_size=1)
+    args = parse_args(
+        [*base, "--log-num-zeros-in-grad", "--tensorboard-log-interval", "5", "--no-save-optim"], world_size=1
+    )
     assert args.flag_notes == []  # they do what they say: no note
+    assert parse_args([*base, "--timing-log-level", "2"], world_size=1).flag_notes[0].startswith("--timing-log-level")
+
+
+# ----------------------------------------------------------------------------- --no-save-optim
+@pytest.mark.parametrize(
+    "zero_stage, precision",
+    [("1", []), pytest.param("0", [], marks=pytest.mark.slow), pytest.param("1", ["--bf16"], marks=pytest.mark.slow)],
+    ids=["zero1", "zero0", "bf16-zero1"],
+)
+def test_no_save_optim_checkpoints_resume_with_no_load_optim(tmp_path, zero_stage, precision):
+    """A --no-save-optim checkpoint holds no optimizer state; resuming it asks for --no-load-optim (as
+    Megatron does), and then trains exactly as a full checkpoint resumed with --no-load-optim does."""
+    from test_resume import make_token_file, tiny_flags
+
+    prefix = make_token_file(str(tmp_path / "toy"))
+    flags = tiny_flags(prefix, 4) + ["--zero-stage", zero_stage, *precision]
+    full, weights = str(tmp_path / "full"), str(tmp_path / "weights")
+    run_pretrain(flags + ["--save", full, "--exit-interval", "2"])
+    run_pretrain(flags + ["--save", weights, "--exit-interval", "2", "--no-save-optim"])
+
+    def listing(folder):
+        return sorted(os.listdir(os.path.join(folder, "iter_0000002")))
+
+    optimizer_files = [name for name in listing(full) if "optim" in name]
+    assert zero_stage == "0" or optimizer_files  # ZeRO's per-rank optimizer files
+    assert set(listing(weights)) == set(listing(full)) - set(optimizer_files)
+    states = torch.load(os.path.join(weights, "iter_0000002", "mp_rank_00_model_states.pt"), weights_only=False)
+    assert states["optimizer"] is None and states["global_steps"] == 2 and states["megaphi"]["iteration"] == 2
+
+    refused = run_pretrain(flags + ["--load", weights], check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert (
+        f"{weights}/iter_0000002 was saved with --no-save-optim (no optimizer state): resume it with --no-load-optim"
+        in refused.stderr
+    )
+
+    for folder in (full, weights):
+        proc = run_pretrain(flags + ["--load", folder, "--save", folder, "--no-load-optim"])
+        assert f"resumed from {folder}/iter_0000002 at iteration 2" in proc.stdout
+    a, b = ([r for r in read_metrics(folder) if "loss" in r] for folder in (full, weights))
+    assert [r["iteration"] for r in b] == [1, 2, 3, 4]
+    assert [(r["loss"], r["grad_norm"]) for r in a] == [(r["loss"], r["grad_norm"]) for r in b]  # bit for bit
+    assert len({r["loss"] for r in b}) == 4
