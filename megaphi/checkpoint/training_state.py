@@ -5,7 +5,8 @@ Layout of --save DIR:
     DIR/best                           text: the best tag so far, then the metric that chose it:
                                        "val_loss 2.345678" (lowest) or, with --eval-humaneval,
                                        "humaneval_pass@1 0.312500" (highest)
-    DIR/<tag>/                         DeepSpeed checkpoint (module, optimizer, lr schedule)
+    DIR/<tag>/                         DeepSpeed checkpoint (module, optimizer, lr schedule); with
+                                       --no-save-optim the module-states files only (save_weights_only)
     DIR/<tag>/megaphi_meta.json        iteration, consumed samples/tokens, model config, tokenizer, flags,
                                        "files": size + CRC-32 of every other file of DIR/<tag>,
                                        "metadata_sha256": its own checksum (integrity.py:
@@ -171,6 +172,9 @@ def save_checkpoint(
         "state": state or {},
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    save_optim = not getattr(args, "no_save_optim", False)
+    if not save_optim:
+        meta["optimizer_states"] = False  # as a resharded checkpoint's; resuming asks for --no-load-optim
     tag_dir = os.path.join(save_dir, tag)
     failure = None
     if rank == 0:  # every rank learns whether the folder could be prepared, so none waits for the others
@@ -184,13 +188,11 @@ def save_checkpoint(
     if failure:
         raise CheckpointError(failure)
     try:
-        # save_latest=False: DeepSpeed's own pointer would be written before our metadata exists.
-        engine.save_checkpoint(
-            save_dir,
-            tag=tag,
-            client_state={"megaphi": {k: meta[k] for k in ("iteration", "consumed_samples", "consumed_tokens")}},
-            save_latest=False,
-        )
+        client_state = {"megaphi": {k: meta[k] for k in ("iteration", "consumed_samples", "consumed_tokens")}}
+        if save_optim:  # save_latest=False: DeepSpeed's own pointer would be written before our metadata exists
+            engine.save_checkpoint(save_dir, tag=tag, client_state=client_state, save_latest=False)
+        else:
+            save_weights_only(engine, tag_dir, client_state)
         states = rng_states()
         write_atomic(rng_state_path(tag_dir, rank), lambda tmp: torch.save(states, tmp))
         if export_model:
@@ -214,6 +216,41 @@ def save_checkpoint(
     if rank == 0 and keep_last:
         prune_checkpoints(save_dir, keep_last)
     return tag
+
+
+def save_weights_only(engine, tag_dir, client_state):
+    """--no-save-optim (Megatron's flag): DeepSpeed's module-states file of each TP rank (written by
+    data-parallel rank 0) with the weights, lr schedule and step counters but no optimizer state, and
+    none of ZeRO's per-rank optimizer files. DeepSpeed's save_checkpoint has no switch to leave the
+    optimizer state out (ZeRO 0 puts it into this very file), so the file is written here, in the
+    layout DeepSpeed's load_checkpoint reads (that of a resharded checkpoint). A run resumes it with
+    --no-load-optim: ZeRO and the bf16 optimizer rebuild their fp32 master weights from these weights.
+    ZeRO 3 (partitioned weights) is refused when the engine is built."""
+    from megaphi.parallel import get_data_parallel_rank, get_tensor_model_parallel_rank
+
+    if get_data_parallel_rank() != 0:
+        return  # the other data-parallel ranks hold the same weights
+    scheduler = engine.lr_scheduler
+    state = {
+        "module": engine.module_state_dict(),
+        "buffer_names": [],
+        "optimizer": None,
+        "param_shapes": None,
+        "frozen_param_shapes": None,
+        "shared_params": {},
+        "frozen_param_fragments": None,
+        "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "data_sampler": None,
+        "random_ltd": None,
+        "skipped_steps": engine.skipped_steps,
+        "global_steps": engine.global_steps,
+        "global_samples": engine.global_samples,
+        "dp_world_size": engine.seq_dp_world_size,  # what DeepSpeed records
+        "mp_world_size": engine.mp_world_size,
+        **client_state,
+    }
+    path = os.path.join(tag_dir, f"mp_rank_{get_tensor_model_parallel_rank():02d}_model_states.pt")
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def _prepare_tag_dir(save_dir, tag):
@@ -328,6 +365,10 @@ def load_checkpoint(engine, load_dir, verified=None, load_optim=True, load_rng=T
     tag, meta = verified
     tag_dir = os.path.join(load_dir, tag)
     check_checkpoint_tensor_parallel_size(load_dir, tag)
+    if load_optim and (meta.get("args") or {}).get("no_save_optim"):  # Megatron asks for the flag too
+        raise CheckpointError(
+            f"{tag_dir} was saved with --no-save-optim (no optimizer state): resume it with --no-load-optim"
+        )
     # A resharded checkpoint carries no optimizer state: ZeRO rebuilds it from the module weights.
     load_optim = load_optim and meta.get("optimizer_states", True)
     try:
@@ -339,6 +380,10 @@ def load_checkpoint(engine, load_dir, verified=None, load_optim=True, load_rng=T
         raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it ({type(e).__name__}: {first})") from None
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+    if not load_optim and not engine.zero_optimization() and hasattr(engine.optimizer, "refresh_fp32_params"):
+        # fp16 at ZeRO 0: the optimizer's fp32 master copy would still hold the initial weights (DeepSpeed
+        # refreshes it after a weights-only load, not after load_optimizer_states=False); ZeRO rebuilds its own
+        engine.optimizer.refresh_fp32_params()
     rng_path = rng_state_path(tag_dir, global_rank())
     if not load_rng:
         print(f"[megaphi] --no-load-rng: RNG states of {tag_dir} not restored", flush=True)

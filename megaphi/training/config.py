@@ -143,6 +143,7 @@ class CheckpointConfig:
     keep_last: Optional[int]
     start_over: bool
     no_load_optim: bool
+    no_save_optim: bool  # weights only: no optimizer state in the checkpoints (resume with --no-load-optim)
     no_load_rng: bool
     resume_tag: Optional[str]  # the --load checkpoint the run resumes (its metadata was read to resolve)
 
@@ -169,6 +170,8 @@ class LoggingConfig:
     wandb_exp_name: Optional[str]
     wandb_save_dir: Optional[str]
     log_params_norm: bool
+    log_num_zeros_in_grad: bool  # zeros in each step's gradient (num_zeros, Megatron's num-zeros)
+    tensorboard_log_interval: Optional[int]  # TensorBoard / W&B every N iterations; None: at every log line
     peak_tflops: Optional[float]  # None: no known peak, MFU n/a
     peak_tflops_text: str  # where the peak comes from, for the start-up line
     notes: tuple  # what Megatron flags do here, said on stderr at start

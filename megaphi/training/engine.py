@@ -7,7 +7,11 @@ the shared-memory extension) so that a DeepSpeed release that changes them fails
 silently logging no grad norm, all-reducing for nothing or logging a NaN loss scale:
 
 - engine.clip_fp32_gradients and engine._take_model_step: wrapped to keep the fp32 gradient norm, which
-  DeepSpeed does not report without ZeRO/fp16/bf16 (GradNormRecorder);
+  DeepSpeed does not report without ZeRO/fp16/bf16, and the count of zeros in the gradient
+  (--log-num-zeros-in-grad) before the optimizer step (GradNormRecorder);
+- the ZeRO 1/2 and BF16 optimizers' gradient fragments (param._hp_mapping, read as DeepSpeed's own
+  safe_get_full_grad reads them) for that count (gradient_zero_count; pinned by
+  tests/training/test_megatron_logging_flags.py against safe_get_full_grad);
 - engine.enable_backward_allreduce: off on one data-parallel rank (finish_engine_setup);
 - the fp16 optimizers' cur_scale / loss_scale (loss_scale_of), engine.basic_optimizer (describe_optimizer);
 - deepspeed.comm.torch.build_shm_op: replaced so no CPU extension is JIT-built (skip_shm_comm_extension).
@@ -55,7 +59,15 @@ def build_engine(model, config):
         config=config.parallel.deepspeed_config(),
         dist_init_required=False,
     )
-    return engine, finish_engine_setup(engine)
+    if config.logging.log_num_zeros_in_grad and engine.zero_optimization_stage() == 3:
+        raise ArgumentError(
+            "--log-num-zeros-in-grad: ZeRO 3 partitions the gradients per parameter; use --zero-stage 0-2"
+        )
+    if config.checkpoint.no_save_optim and engine.zero_optimization_stage() == 3:
+        from megaphi.training.megatron_compat import NO_SAVE_OPTIM_ZERO3
+
+        raise ArgumentError(NO_SAVE_OPTIM_ZERO3)
+    return engine, finish_engine_setup(engine, count_zeros=config.logging.log_num_zeros_in_grad)
 
 
 def check_precision_supported(fp16, bf16):
@@ -71,8 +83,9 @@ def check_precision_supported(fp16, bf16):
         raise ArgumentError(f"--bf16: not supported on this device ({accelerator.device_name()}); use --fp16 or fp32")
 
 
-def finish_engine_setup(engine):
-    """Small fixes on a fresh engine; returns the GradNormRecorder that keeps the fp32 grad norm.
+def finish_engine_setup(engine, count_zeros=False):
+    """Small fixes on a fresh engine; returns the GradNormRecorder that keeps the fp32 grad norm (and,
+    with `count_zeros`, the zeros in each step's gradient).
 
     Skips the engine's gradient all-reduce when there is a single data-parallel rank. The engine
     all-reduces (engine.allreduce_gradients -> buffered_allreduce_fallback) the module's gradients at
@@ -90,7 +103,7 @@ def finish_engine_setup(engine):
 
     from megaphi.parallel import get_data_parallel_world_size
 
-    recorder = GradNormRecorder(engine)
+    recorder = GradNormRecorder(engine, count_zeros)
     fp32_fp16_zero0 = engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
     if (fp32_fp16_zero0 or isinstance(engine.optimizer, BF16_Optimizer)) and get_data_parallel_world_size() == 1:
         engine.enable_backward_allreduce = False
@@ -101,13 +114,18 @@ class GradNormRecorder:
     """The gradient norm of the last optimizer step. DeepSpeed reports one (get_global_grad_norm) with
     ZeRO, fp16 or bf16; without them it computes none of its own: with clipping it clips with a helper
     whose norm it discards, without clipping it computes none. The recorder keeps (or computes) that
-    norm; the clipping itself is unchanged. Values stay tensors, read at log time (no per-step sync)."""
+    norm; the clipping itself is unchanged. With `count_zeros` (--log-num-zeros-in-grad) it also counts
+    the zero entries of each step's gradient (gradient_zero_count), at the same point: after the
+    gradients are reduced, before the optimizer step. Values stay tensors, read at log time (no per-step
+    sync; the count's all-reduce runs at every step, as Megatron's does)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, count_zeros=False):
         from deepspeed.runtime.utils import clip_grad_norm_
 
         self.engine = engine
         self.fp32_norm = None
+        self.count_zeros = count_zeros
+        self.zeros = None
 
         def clip_and_record():  # what engine._take_model_step calls to clip fp32 gradients
             self.fp32_norm = clip_grad_norm_(engine.module.parameters(), engine.gradient_clipping(), mpu=engine.mpu)
@@ -120,6 +138,8 @@ class GradNormRecorder:
                 engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization()
             ):
                 self.fp32_norm = global_grad_norm(engine.module.parameters())
+            if self.count_zeros:
+                self.zeros = gradient_zero_count(engine.module.parameters())
             return take_model_step(*args, **kwargs)
 
         engine._take_model_step = take_model_step_with_norm
@@ -128,6 +148,64 @@ class GradNormRecorder:
         """The last step's norm (a float or a 0-dim tensor), or None before the first step."""
         reported = self.engine.get_global_grad_norm()
         return self.fp32_norm if reported is None else reported
+
+    def latest_zeros(self):
+        """Zero entries in the last step's gradient (a 0-dim int64 tensor), or None (not counted, or
+        before the first step)."""
+        return self.zeros
+
+
+def gradient_zero_count(parameters):
+    """Number of zero entries in the model's gradient (Megatron's num-zeros for
+    --log-num-zeros-in-grad): 0-dim int64 tensor, the same on every rank; collective over the TP and DP
+    groups. Call after the data-parallel reduction, before the optimizer step. Loss scaling and
+    clipping multiply by a nonzero factor, so the count is that of the unscaled main gradient, as
+    Megatron counts it, whichever copy is read. What each rank reads:
+
+    - ZeRO 0 (fp32, fp16): `param.grad` of every parameter, whole and already all-reduced over data
+      parallel, so every DP rank counts the same and nothing is summed over DP;
+    - ZeRO 1 and 2 (and bf16's BF16_Optimizer, ZeRO 1): the fragment of each parameter's reduced
+      gradient that this rank's optimizer partition updates (DeepSpeed's gradient fragment, the part
+      safe_get_full_grad assembles); the fragments tile each gradient once over the DP group, so the
+      counts are summed over DP. Padding of the flat partitions is not a parameter's and is not counted;
+    - ZeRO 3: not counted (refused when the engine is built).
+
+    Tensor parallelism: a shard of a tensor-parallel parameter counts on every TP rank, a replicated
+    parameter (identical on every TP rank) once, from TP rank 0; the counts are summed over TP."""
+    from megaphi.parallel import (
+        get_data_parallel_group,
+        get_tensor_model_parallel_group,
+        get_tensor_model_parallel_rank,
+    )
+
+    parameters = list(parameters)
+    device = parameters[0].device if parameters else torch.device("cpu")
+    partitioned = any(hasattr(p, "_hp_mapping") for p in parameters)  # the same on every rank
+    tp_rank = get_tensor_model_parallel_rank()
+    zeros = []
+    for param in parameters:
+        if tp_rank != 0 and not getattr(param, "tensor_model_parallel", False):
+            continue
+        if hasattr(param, "_hp_mapping"):  # a ZeRO 1/2 or BF16 optimizer's parameter
+            if param._hp_mapping is None:
+                continue  # no element of this parameter is in this rank's partition
+            fragment = param._hp_mapping.get_lp_grad_fragment(param._index_in_param_group).reshape(-1)
+            address = param._hp_mapping.lp_fragment_address
+            if fragment.numel() == param.numel() != address.numel:  # BF16 keeps the whole gradient: its part
+                fragment = fragment.narrow(0, address.start, address.numel)
+        elif param.grad is None:
+            continue
+        else:
+            fragment = param.grad.reshape(-1)
+        zeros.append((fragment.numel() - torch.count_nonzero(fragment)).to(device))  # offload: on the CPU
+    total = torch.stack(zeros).sum() if zeros else torch.zeros((), dtype=torch.int64, device=device)
+    groups = [get_tensor_model_parallel_group()] + ([get_data_parallel_group()] if partitioned else [])
+    for group in groups:
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            if dist.get_backend(group) == "nccl":
+                total = total.cuda()
+            dist.all_reduce(total, group=group)
+    return total
 
 
 def global_grad_norm(parameters):

@@ -4,11 +4,13 @@ meaning, notes about, or refuses in one line, and the closest known flag for an 
 - accepted, doing what they say: `--vocab-file/--merge-file` (`--tokenizer-type GPT2BPETokenizer`: a
   byte-level BPE from the pair), `--use-flash-attn`, `--attention-backend flash|fused|unfused|local|auto`,
   `--position-embedding-type rope`, `--rotary-percent`, `--use-distributed-optimizer` (ZeRO 1),
-  `--overlap-grad-reduce` (ZeRO's overlap_comm), `--deepspeed_config`;
+  `--overlap-grad-reduce` (ZeRO's overlap_comm), `--deepspeed_config`, `--log-params-norm`,
+  `--log-num-zeros-in-grad` (num zeros in the log line), `--tensorboard-log-interval N`, `--no-save-optim`
+  (weights-only checkpoints, resumed with --no-load-optim);
 - a one-line note where megaphi already works that way (or cannot do more): `--deepspeed`,
   `--untie-embeddings-and-output-weights`, `--log-throughput`, `--log-memory-to-tensorboard`, ...;
 - refused where they contradict phi's architecture: `--swiglu`, `--group-query-attention`,
-  `--num-query-groups`, `--normalization RMSNorm`, `--disable-bias-linear` (and `--no-save-optim`).
+  `--num-query-groups`, `--normalization RMSNorm`, `--disable-bias-linear`.
 """
 
 import argparse
@@ -29,19 +31,17 @@ NOTES = {
     "log_memory_to_tensorboard": "--log-memory-to-tensorboard: peak memory is always logged (mem-max-allocated-bytes)",
     "log_validation_ppl_to_tensorboard": "--log-validation-ppl-to-tensorboard: always logged (lm loss validation ppl)",
     "timing_log_level": "--timing-log-level: megaphi times whole iterations only (iteration-time)",
-    "tensorboard_log_interval": "--tensorboard-log-interval: TensorBoard gets the scalars at every --log-interval",
     "log_params_norm": "--log-params-norm: the parameters' L2 norm is logged as params-norm",
-    "log_num_zeros_in_grad": "--log-num-zeros-in-grad: not logged (DeepSpeed owns the gradient buffers and "
-    "frees them in the step)",
 }
+NO_SAVE_OPTIM_ZERO3 = (
+    "--no-save-optim: ZeRO 3 keeps the weights partitioned with the optimizer state; use --zero-stage 0-2"
+)
 REFUSED = {  # flag -> why it cannot apply to phi
     "swiglu": "--swiglu: phi's MLP is fc1 -> gelu_tanh -> fc2 (no gated unit); a SwiGLU model is another architecture",
     "group_query_attention": "--group-query-attention: phi uses multi-head attention (one key/value head per "
     "query head)",
     "num_query_groups": "--num-query-groups: phi uses multi-head attention (one key/value head per query head)",
     "disable_bias_linear": "--disable-bias-linear: every phi Linear has a bias (the released checkpoints' shape)",
-    "no_save_optim": "--no-save-optim: not supported: DeepSpeed writes the optimizer state with every "
-    "checkpoint (the weights alone are exported to DIR/<tag>/model/)",
 }
 
 
@@ -81,6 +81,14 @@ def resolve_compat(args):
             args.zero_stage, args.zero_stage_source = 1, "--use-distributed-optimizer"
     if args.log_params_norm and args.zero_stage == 3:
         raise ArgumentError("--log-params-norm: ZeRO 3 partitions the parameters; use --zero-stage 0-2")
+    if args.log_num_zeros_in_grad and args.zero_stage == 3:  # a ZeRO 3 DeepSpeed JSON: refused at the engine
+        raise ArgumentError(
+            "--log-num-zeros-in-grad: ZeRO 3 partitions the gradients per parameter; use --zero-stage 0-2"
+        )
+    if args.no_save_optim and args.zero_stage == 3:  # a ZeRO 3 DeepSpeed JSON: refused at the engine
+        raise ArgumentError(NO_SAVE_OPTIM_ZERO3)
+    if args.tensorboard_log_interval is not None and args.tensorboard_log_interval < 1:
+        raise ArgumentError(f"--tensorboard-log-interval must be >= 1, got {args.tensorboard_log_interval}")
     _resolve_tokenizer_files(args)
     return notes
 
@@ -158,12 +166,30 @@ def add_megatron_args(parser):
         "--log-memory-to-tensorboard",
         "--log-validation-ppl-to-tensorboard",
         "--log-params-norm",
-        "--log-num-zeros-in-grad",
         "--swiglu",
         "--group-query-attention",
         "--disable-bias-linear",
-        "--no-save-optim",
     ):
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
-    for flag in ("--timing-log-level", "--tensorboard-log-interval", "--num-query-groups"):
-        g.add_argument(flag, type=int, default=None, help=argparse.SUPPRESS)
+    g.add_argument(
+        "--log-num-zeros-in-grad",
+        action="store_true",
+        help="count the zero entries of each step's gradient: 'num zeros' in the log line, num-zeros in "
+        "TensorBoard (a pass over the gradients and a scalar all-reduce per step; ZeRO 0-2)",
+    )
+    g.add_argument(
+        "--tensorboard-log-interval",
+        type=int,
+        default=None,
+        metavar="N",
+        help="TensorBoard / W&B scalars every N iterations, that iteration's loss (default: at every log "
+        "line, the interval's mean loss); metrics.jsonl and stdout keep --log-interval",
+    )
+    g.add_argument(
+        "--no-save-optim",
+        action="store_true",
+        help="checkpoints without optimizer state (weights, lr schedule, data position, RNG); resume them "
+        "with --no-load-optim (ZeRO 0-2)",
+    )
+    g.add_argument("--timing-log-level", type=int, default=None, choices=(0, 1, 2), help=argparse.SUPPRESS)
+    g.add_argument("--num-query-groups", type=int, default=None, help=argparse.SUPPRESS)

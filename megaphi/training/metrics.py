@@ -187,6 +187,7 @@ TRAIN_TAGS = (
     ("consumed_tokens", "consumed-tokens", 1.0),
     ("peak_memory_gb", "mem-max-allocated-bytes", 2.0**30),
     ("params_norm", "params-norm", 1.0),
+    ("num_zeros", "num-zeros", 1.0),  # --log-num-zeros-in-grad
 )
 VALID_TAGS = (("val_loss", "lm loss validation", 1.0), ("val_ppl", "lm loss validation ppl", 1.0))
 TEST_TAGS = (("test_loss", "lm loss test", 1.0), ("test_ppl", "lm loss test ppl", 1.0))
@@ -194,6 +195,7 @@ VS_SAMPLES = {
     "lm loss",
     "learning-rate",
     "grad-norm",
+    "num-zeros",
     "loss-scale",
     "batch-size",
     "lm loss validation",
@@ -250,14 +252,16 @@ class MetricsWriter:
                 self.tb.add_text("arguments", arguments_markdown(arguments), 0)
                 self.tb.flush()
 
-    def write(self, record, prefix="train"):
+    def write(self, record, prefix="train", to_file=True, to_scalars=True):
+        """The record as a metrics.jsonl line (to_file) and as TensorBoard / W&B scalars (to_scalars):
+        --tensorboard-log-interval writes the scalars at other iterations than the log lines."""
         if not self.enabled:
             return
         record = {k: _clean(v) for k, v in record.items()}
-        if self.file is not None:
+        if self.file is not None and to_file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-        if self.tb is None and self.wandb is None:
+        if (self.tb is None and self.wandb is None) or not to_scalars:
             return
         step = record.get("iteration", 0)
         scalars = scalar_tags(record, prefix)
@@ -316,6 +320,8 @@ def format_train_line(r):
     ]
     if r.get("grad_norm") is not None:
         parts.append(f"grad norm {r['grad_norm']:.4f}")
+    if r.get("num_zeros") is not None:
+        parts.append(f"num zeros: {r['num_zeros']}")  # Megatron's words (--log-num-zeros-in-grad)
     parts += [
         f"loss scale {r['loss_scale']:g}",
         f"skipped {r['skipped_steps']}",

@@ -341,6 +341,8 @@ class Trainer:
                 interval_loss = pending.flush()
                 self._log(step, interval_loss, interval_iters, watch.take(), skipped_before, flops_token, writer)
                 interval_iters, skipped_before = 0, self.engine.skipped_steps
+            elif c.logging.tensorboard_log_interval and state.iteration % c.logging.tensorboard_log_interval == 0:
+                self._write_scalars(step, writer)  # TensorBoard between log lines
 
             val_loss = None
             if (
@@ -428,9 +430,7 @@ class Trainer:
             "consumed_samples": state.consumed_samples,
             "consumed_tokens": state.consumed_tokens,
             "loss": interval_loss,
-            "lr": step.lr,
-            "grad_norm": None if step.grad_norm is None else float(step.grad_norm),
-            "loss_scale": loss_scale_of(self.engine),
+            **self._step_values(step),
             "skipped_steps": self.engine.skipped_steps,
             "skipped_in_interval": self.engine.skipped_steps - skipped_before,
             "ms_per_iter": 1000 * interval_time / interval_iters,
@@ -441,7 +441,26 @@ class Trainer:
             "global_batch_size": t.global_batch_size,
             "eta_seconds": metrics.eta_seconds(state.iteration, t.train_iters, interval_time / interval_iters),
         }
-        if c.logging.log_params_norm:
-            record["params_norm"] = metrics.parameters_norm(self.engine.module.parameters())
         print_rank0(metrics.format_train_line(record))
-        writer.write(record)
+        every = c.logging.tensorboard_log_interval  # None: the scalars go with every log line
+        writer.write(record, to_scalars=every is None)
+        if every is not None and state.iteration % every == 0:
+            writer.write({**record, "loss": float(step.loss)}, to_file=False)  # Megatron's: the iteration's loss
+
+    def _step_values(self, step):
+        """lr, grad norm, loss scale, num_zeros and params_norm (collective over TP) of the last step."""
+        values = {"lr": step.lr, "grad_norm": None if step.grad_norm is None else float(step.grad_norm)}
+        values["loss_scale"] = loss_scale_of(self.engine)
+        if self.grad_norms.latest_zeros() is not None:  # --log-num-zeros-in-grad
+            values["num_zeros"] = int(self.grad_norms.latest_zeros())
+        if self.config.logging.log_params_norm:
+            values["params_norm"] = metrics.parameters_norm(self.engine.module.parameters())
+        return values
+
+    def _write_scalars(self, step, writer):
+        """--tensorboard-log-interval between log lines: this iteration's loss (a host sync), lr, norms and
+        batch size to TensorBoard / W&B, as Megatron writes them (timings come with the log lines)."""
+        state, loss = self.state, float(step.loss)
+        record = {"iteration": state.iteration, "consumed_samples": state.consumed_samples, "loss": loss}
+        record.update(self._step_values(step), global_batch_size=self.config.training.global_batch_size)
+        writer.write({**record, "peak_memory_gb": metrics.peak_memory_gb()}, to_file=False)
