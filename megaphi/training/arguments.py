@@ -255,7 +255,8 @@ def _add_distributed_args(p):
         "--zero-stage",
         type=int,
         default=None,
-        help="DeepSpeed ZeRO stage 0-3 (default: 1 with several data-parallel ranks, else 0)",
+        help="DeepSpeed ZeRO stage 0-3 (default: 1 with several data-parallel ranks, else 0; fp16: 1; bf16: 2 with "
+        "several data-parallel ranks; docs/training.md, ZeRO stage by precision)",
     )
     g.add_argument("--deepspeed-config", default=None, help="JSON merged over the generated config")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor-parallel ranks per model")

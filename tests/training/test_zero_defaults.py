@@ -194,7 +194,7 @@ def _worker(rank, world, runs, out_path, tensor_parallel=1):
     from megaphi.parallel import destroy_model_parallel, get_data_parallel_rank, get_data_parallel_world_size
     from megaphi.parallel import initialize_model_parallel
 
-    # DeepSpeed refuses fp16 on CPUs without mkldnn fp16 (as tests/test_train_zero.py does): the
+    # DeepSpeed refuses fp16 on CPUs without mkldnn fp16 (as tests/training/test_train_zero.py does): the
     # optimizer DeepSpeed picks and its overflow check do not depend on the device
     type(get_accelerator()).is_fp16_supported = lambda self: True
     initialize_model_parallel(tensor_parallel)
