@@ -60,7 +60,11 @@ class RuntimeConfig:
 class ParallelConfig:
     world_size: int
     tensor_model_parallel_size: int
-    data_parallel_size: int
+    pipeline_model_parallel_size: int
+    num_layers_per_virtual_pipeline_stage: Optional[int]
+    pipeline_layers_per_stage: Optional[tuple]  # explicit layer counts per (virtual) stage, or None: even
+    virtual_pipeline_stages: int  # model chunks per pipeline rank (1 without interleaving)
+    data_parallel_size: int  # world / (TP x PP)
     zero_stage: int
     zero_stage_source: str
     distributed_backend: Optional[str]
@@ -282,6 +286,7 @@ def resolve_config(args, world_size=None, device=None):
     from megaphi.model.compile import compile_enabled
     from megaphi.checkpoint import layout, resume_checks
     from megaphi.training.deepspeed_config import resolve_deepspeed
+    from megaphi.training.flag_checks import check_pipeline_composition
     from megaphi.training.model_flags import load_run_tokenizer, model_vocab_size
     from megaphi.training.run_info import resolve_peak_tflops
 
@@ -296,6 +301,10 @@ def resolve_config(args, world_size=None, device=None):
     deepspeed = resolve_deepspeed(flags)  # the ZeRO stage and clipping settled with the JSON
     flags.zero_stage, flags.zero_stage_source = deepspeed.zero_stage, deepspeed.zero_stage_source
     flags.clip_grad, flags.clip_grad_source = deepspeed.clip_grad, deepspeed.clip_grad_source
+    try:
+        check_pipeline_composition(flags)  # again: the DeepSpeed JSON may have set the ZeRO stage
+    except ArgumentError as e:
+        raise FlagError(str(e)) from None
     if "bf16" in flags.zero_stage_source:
         messages.append(
             f"ZeRO stage {flags.zero_stage} ({flags.zero_stage_source}): DeepSpeed accumulates and "

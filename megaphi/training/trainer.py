@@ -92,7 +92,7 @@ class Trainer:
         if ckpt.save:
             check_save_folder(ckpt.save)  # every host can write it and sees the same folder, before anything else
             lock.acquire_for_job(ckpt.save)  # one job per --save folder, before anything reads it
-        initialize_model_parallel(c.parallel.tensor_model_parallel_size)
+        initialize_model_parallel(c.parallel.tensor_model_parallel_size, c.parallel.pipeline_model_parallel_size)
         if hasattr(ops, "set_impl"):
             ops.set_impl(layernorm=c.runtime.layernorm_impl, rotary=c.runtime.rotary_impl)
         flags = c.flag_namespace()
