@@ -294,6 +294,7 @@ _NOT_WIRED_WITH_PIPELINE = (
     ("skip_train", "--skip-train / --eval-only"),
     ("finetune", "--finetune"),
     ("eval_humaneval", "--eval-humaneval"),
+    ("log_params_norm", "--log-params-norm"),
 )
 
 
