@@ -1,0 +1,198 @@
+"""`python -m megaphi.pretrain --pipeline-model-parallel-size P` against the PP=1 run of the same global
+batch, end to end: flags, the Trainer's pipelined step and evaluation, checkpoints and the model folder.
+
+What is bitwise and why. PP=1 runs PhiForCausalLM in DeepSpeed's engine (fp32, ZeRO 0); PP=2 runs the
+same layers split over two processes, 1F1B backwards in micro-batch order (the order gradient
+accumulation adds them in), 1/m applied at the loss (DeepSpeed divides by m: the same for m a power
+of two) and AdamW per parameter. Without gradient clipping nothing differs but where the ops run, so
+the per-iteration losses, the validation loss and the exported model folder are bitwise equal. With
+clipping, the whole-model norm is summed per stage and then across stages (DeepSpeed sums it in one
+pass), and TP / DP reorder float sums: those runs are compared with AdamW's eps raised to
+COMPARISON_ADAM_EPS and the bound COMPARISON_PARAM_TOL (tests/comparison_tolerances.py derives both).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from comparison_tolerances import COMPARISON_ADAM_EPS, COMPARISON_PARAM_TOL
+from dist_utils import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ITERS = 3
+TINY = [
+    "--model", "tiny", "--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",
+    "--num-attention-heads", "4", "--rotary-dim", "8", "--seq-length", "32", "--vocab-size", "256",
+    "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-2", "--lr-warmup-iters", "1",
+    "--lr-decay-iters", "10", "--mock-data", "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "1",
+    "--attention-dropout", "0", "--hidden-dropout", "0",  # PP equals PP=1 in law only with dropout (docs/pipeline.md)
+]  # fmt: skip
+
+
+def pretrain(save, ranks, *flags, train_iters=ITERS, timeout=420):
+    """Run megaphi.pretrain on `ranks` CPU processes (torchrun, gloo) into `save`; its metrics records."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("RANK", None)
+    launcher = [sys.executable, "-m", "megaphi.pretrain"]
+    if ranks > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
+        launcher += ["--master_port", str(free_port()), "-m", "megaphi.pretrain"]
+    args = [*TINY, "--train-iters", str(train_iters), "--save", str(save), *flags]
+    proc = subprocess.run(launcher + args, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"pretrain {flags} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    with open(os.path.join(save, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def exported_weights(save, tag):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(save, tag, "model", "model.safetensors"))
+
+
+def train_losses(records):
+    return [(r["iteration"], r["loss"]) for r in records if "loss" in r and "val_loss" not in r]
+
+
+def val_losses(records):
+    return [r["val_loss"] for r in records if "val_loss" in r]
+
+
+def assert_same_run(records, weights, ref_records, ref_weights, bitwise):
+    losses, ref_losses = train_losses(records), train_losses(ref_records)
+    assert [i for i, _ in losses] == [i for i, _ in ref_losses] == list(range(1, len(ref_losses) + 1))
+    assert val_losses(ref_records), "the reference run logged no validation loss"
+    assert set(weights) == set(ref_weights)
+    if bitwise:
+        assert losses == ref_losses
+        assert val_losses(records) == val_losses(ref_records)
+        for name, tensor in ref_weights.items():
+            assert torch.equal(weights[name], tensor), name
+    else:
+        for (_, got), (_, want) in zip(losses, ref_losses):
+            assert abs(got - want) <= 1e-5, (got, want)
+        for name, tensor in ref_weights.items():
+            assert (weights[name] - tensor).abs().max().item() <= COMPARISON_PARAM_TOL, name
+    assert ref_losses[-1][1] < ref_losses[0][1], ref_losses  # the runs trained: a comparison with content
+
+
+NO_CLIP = ("--clip-grad", "0", "--eval-interval", str(ITERS))
+
+
+@pytest.mark.distributed
+def test_pp2_ends_with_the_pp1_weights_bitwise(tmp_path):
+    """PP=2 (two processes) and PP=1 (one) on the same global batch, fp32, no clipping: the same
+    per-iteration losses, validation loss and exported model folder, bit for bit."""
+    ref = pretrain(tmp_path / "pp1", 1, *NO_CLIP)
+    got = pretrain(tmp_path / "pp2", 2, *NO_CLIP, "--pipeline-model-parallel-size", "2")
+    tag = f"iter_{ITERS:07d}"
+    ref_weights, weights = exported_weights(tmp_path / "pp1", tag), exported_weights(tmp_path / "pp2", tag)
+    assert_same_run(got, weights, ref, ref_weights, bitwise=True)
+    stage_files = sorted(n for n in os.listdir(tmp_path / "pp2" / tag) if n.endswith("model_states.pt"))
+    assert stage_files == ["pp_rank_00_mp_rank_00_model_states.pt", "pp_rank_01_mp_rank_00_model_states.pt"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pp2_interleaved_and_uneven_split_bitwise(tmp_path):
+    """Interleaved 1F1B (2 chunks of 1 layer per rank) and an uneven 1,3 split: bitwise PP=1."""
+    ref = pretrain(tmp_path / "pp1", 1, *NO_CLIP)
+    tag = f"iter_{ITERS:07d}"
+    ref_weights = exported_weights(tmp_path / "pp1", tag)
+    for name, flags in {
+        "interleaved": ("--num-layers-per-virtual-pipeline-stage", "1"),
+        "uneven": ("--pipeline-layers-per-stage", "1,3"),
+    }.items():
+        got = pretrain(tmp_path / name, 2, *NO_CLIP, "--pipeline-model-parallel-size", "2", *flags)
+        assert_same_run(got, exported_weights(tmp_path / name, tag), ref, ref_weights, bitwise=True)
+
+
+CLIPPED = ("--clip-grad", "0.5", "--adam-eps", str(COMPARISON_ADAM_EPS), "--eval-interval", str(ITERS))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", ["PP=2 x DP=2", "PP=2 x TP=2", "PP=2 x TP=2 SP"])
+def test_pp2_with_dp_or_tp_and_clipping_tracks_pp1(tmp_path, layout):
+    """Four processes, gradient clipping active (0.5 is below these steps' norms): within the bound."""
+    flags = {
+        "PP=2 x DP=2": ("--zero-stage", "0"),
+        "PP=2 x TP=2": ("--tensor-model-parallel-size", "2"),
+        "PP=2 x TP=2 SP": ("--tensor-model-parallel-size", "2", "--sequence-parallel"),
+    }[layout]
+    ref = pretrain(tmp_path / "pp1", 1, *CLIPPED)
+    assert all(r["grad_norm"] > 0.5 for r in ref if "grad_norm" in r), "clipping must be active"
+    got = pretrain(tmp_path / "pp", 4, *CLIPPED, "--pipeline-model-parallel-size", "2", *flags)
+    tag = f"iter_{ITERS:07d}"
+    weights, ref_weights = exported_weights(tmp_path / "pp", tag), exported_weights(tmp_path / "pp1", tag)
+    assert_same_run(got, weights, ref, ref_weights, bitwise=False)
+    for mine, theirs in zip((r for r in got if "grad_norm" in r), (r for r in ref if "grad_norm" in r)):
+        assert abs(mine["grad_norm"] - theirs["grad_norm"]) <= 1e-5 * theirs["grad_norm"]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pp2_exit_and_resume_is_bit_exact(tmp_path):
+    """With dropout: --exit-interval 2 stops both stages at iteration 2 (each saved its own file, one
+    `latest`), and resuming ends bitwise where an uninterrupted run ends (weights, Adam state, losses)."""
+    flags = ("--pipeline-model-parallel-size", "2", "--hidden-dropout", "0.1", "--attention-dropout", "0.1")
+    full = pretrain(tmp_path / "full", 2, *flags, "--eval-interval", "2", train_iters=4)
+    part = tmp_path / "part"
+    pretrain(part, 2, *flags, "--eval-interval", "2", "--exit-interval", "2", train_iters=4)
+    assert (part / "latest").read_text().split()[0] == "iter_0000002"
+    assert sorted(n for n in os.listdir(part / "iter_0000002") if n.endswith("model_states.pt")) == [
+        "pp_rank_00_mp_rank_00_model_states.pt",
+        "pp_rank_01_mp_rank_00_model_states.pt",
+    ]
+    resumed = pretrain(part, 2, *flags, "--eval-interval", "2", "--load", str(part), train_iters=4)
+    assert train_losses(resumed) == train_losses(full)  # the resumed run's log holds iterations 1-4
+    assert val_losses(resumed)[-1] == val_losses(full)[-1]
+    for stage in ("pp_rank_00", "pp_rank_01"):
+        a = torch.load(tmp_path / "full" / "iter_0000004" / f"{stage}_mp_rank_00_model_states.pt", weights_only=False)
+        b = torch.load(part / "iter_0000004" / f"{stage}_mp_rank_00_model_states.pt", weights_only=False)
+        for name, tensor in a["module"].items():
+            assert torch.equal(b["module"][name], tensor), (stage, name)
+        for key, state in a["optimizer"]["state"].items():
+            for field, value in state.items():
+                assert torch.equal(b["optimizer"]["state"][key][field], value), (stage, key, field)
+
+
+def _resolve(argv, world_size):
+    from megaphi.training.arguments import parse_flags
+    from megaphi.training.config import resolve_config
+
+    return resolve_config(parse_flags([*TINY, "--train-iters", "2", *argv]), world_size)
+
+
+@pytest.mark.parametrize(
+    "argv, world, message",
+    [
+        (["--pipeline-model-parallel-size", "2"], 3, "--pipeline-model-parallel-size 2 x --tensor-model-parallel-size 1 does not divide the world size 3"),
+        (["--pipeline-model-parallel-size", "3"], 3, "--num-layers 4 is not divisible by --pipeline-model-parallel-size 3"),
+        (["--pipeline-model-parallel-size", "2", "--zero-stage", "2"], 2, "--zero-stage 2 does not compose with --pipeline-model-parallel-size 2"),
+        (["--pipeline-model-parallel-size", "2", "--zero-stage", "3"], 2, "use --zero-stage 0 or 1"),
+        (["--pipeline-model-parallel-size", "2", "--pipeline-layers-per-stage", "1,2"], 2, "summing to --num-layers 4"),
+        (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2, "--num-layers-per-virtual-pipeline-stage 3"),
+        (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs --pipeline-model-parallel-size > 1"),
+        (["--pipeline-model-parallel-size", "2", "--bf16"], 2, "--bf16 is not supported with --pipeline-model-parallel-size 2"),
+    ],
+)  # fmt: skip
+def test_pipeline_flag_errors_are_one_line(argv, world, message):
+    from megaphi.training.argument_error import FlagError
+
+    with pytest.raises(FlagError) as error:
+        _resolve(argv, world)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_data_parallel_size_is_world_over_tp_times_pp():
+    config = _resolve(["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2"], 8)
+    p = config.parallel
+    assert (p.pipeline_model_parallel_size, p.tensor_model_parallel_size, p.data_parallel_size) == (2, 2, 2)
+    assert config.training.gradient_accumulation_steps == 2  # 8 = micro 2 x DP 2 x 2
+    interleaved = _resolve(["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"], 2)
+    assert interleaved.parallel.virtual_pipeline_stages == 2
