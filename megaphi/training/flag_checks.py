@@ -132,9 +132,8 @@ def validate_args(args, world_size):
     if args.fp16 and args.bf16:
         raise ArgumentError("--fp16 and --bf16 are mutually exclusive")
     if args.zero_stage is None:
-        # one data-parallel rank has nothing to partition; ZeRO would only add buffer copies. Pipelined
-        # runs keep whole optimizer state per stage (docs/pipeline.md): ZeRO-1 there is not wired yet.
-        args.zero_stage = 1 if args.data_parallel_size > 1 and args.pipeline_model_parallel_size == 1 else 0
+        # one data-parallel rank has nothing to partition; ZeRO would only add buffer copies
+        args.zero_stage = 1 if args.data_parallel_size > 1 else 0
         args.zero_stage_source = f"default with {args.data_parallel_size} data-parallel rank(s)"
     elif not hasattr(args, "zero_stage_source"):
         args.zero_stage_source = "--zero-stage"
@@ -310,11 +309,6 @@ def check_pipeline_composition(args):
             f"--zero-stage {args.zero_stage} does not compose with --pipeline-model-parallel-size {pp}: "
             f"ZeRO-2/3 partition gradients or parameters on each of the step's micro-batch backwards; "
             f"use --zero-stage 0 or 1"
-        )
-    if args.zero_stage == 1:
-        raise ArgumentError(
-            f"--zero-stage 1 with --pipeline-model-parallel-size {pp}: pipelined runs keep whole optimizer "
-            f"state per stage for now; use --zero-stage 0"
         )
     for name, flag in _NOT_WIRED_WITH_PIPELINE:
         if getattr(args, name, None):

@@ -116,7 +116,12 @@ class PipelineEngine:
         return False
 
     def zero_optimization_stage(self):
-        return 0
+        return 1 if self.sharded else 0
+
+    @property
+    def sharded(self):
+        """ZeRO-1: the optimizer state is split over the stage's data-parallel ranks."""
+        return hasattr(self.optimizer, "consolidate_state_dict")
 
     def get_global_grad_norm(self):
         return self.norm
@@ -137,28 +142,37 @@ class PipelineEngine:
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
 
-    # Checkpoints: one file per (pipeline, tensor) rank, written by data-parallel rank 0 (ZeRO 0: the
-    # optimizer state is the same on every data-parallel rank). The client state carries megaphi's
-    # counters, which integrity.check_deepspeed_record compares with the metadata.
+    # Checkpoints: one file per (pipeline, tensor) rank, written by data-parallel rank 0; with ZeRO-1
+    # each data-parallel rank also writes its share of the optimizer state (resumed at the same DP
+    # size). The client state carries megaphi's counters (integrity.check_deepspeed_record).
     def state_file(self, directory, pipeline_rank=None, tensor_rank=None):
         p = state.get_pipeline_model_parallel_rank() if pipeline_rank is None else pipeline_rank
         t = state.get_tensor_model_parallel_rank() if tensor_rank is None else tensor_rank
         return os.path.join(directory, f"pp_rank_{p:02d}_mp_rank_{t:02d}_model_states.pt")
 
+    def optimizer_shard_file(self, directory):
+        p, t = state.get_pipeline_model_parallel_rank(), state.get_tensor_model_parallel_rank()
+        d = state.get_data_parallel_rank()
+        return os.path.join(directory, f"pp_rank_{p:02d}_mp_rank_{t:02d}_dp_rank_{d:03d}_optim_states.pt")
+
     def save_checkpoint(self, save_dir, tag, client_state=None, save_latest=False):
         from megaphi.checkpoint.atomic import write_atomic
 
+        tag_dir = os.path.join(save_dir, tag)
+        if self.sharded:
+            shard = self.optimizer.optim.state_dict()  # this rank's share (the local AdamW)
+            write_atomic(self.optimizer_shard_file(tag_dir), lambda tmp: torch.save(shard, tmp))
         if state.get_data_parallel_rank() != 0:
             return
         payload = {
             "module": self.module.model_state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.sharded else self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "global_steps": self.global_steps,
             "pipeline_model_parallel_size": state.get_pipeline_model_parallel_world_size(),
             **(client_state or {}),
         }
-        write_atomic(self.state_file(os.path.join(save_dir, tag)), lambda tmp: torch.save(payload, tmp))
+        write_atomic(self.state_file(tag_dir), lambda tmp: torch.save(payload, tmp))
 
     def load_checkpoint(
         self, load_dir, tag, load_optimizer_states=True, load_lr_scheduler_states=True, load_module_only=False
@@ -169,12 +183,45 @@ class PipelineEngine:
         saved = torch.load(path, map_location="cpu", weights_only=False)
         self.module.load_model_state_dict(saved["module"], path)
         if not load_module_only:
-            if load_optimizer_states:
+            if load_optimizer_states and self.sharded:
+                shard = self.optimizer_shard_file(os.path.join(load_dir, tag))
+                if not os.path.isfile(shard):
+                    raise FileNotFoundError(f"{shard} is missing (saved without ZeRO-1 or at another DP size?)")
+                self.optimizer.optim.load_state_dict(torch.load(shard, map_location="cpu", weights_only=False))
+            elif load_optimizer_states:
+                if saved["optimizer"] is None:
+                    raise ValueError(
+                        f"{path}: saved with ZeRO-1 (optimizer state in shards); resume with --zero-stage 1"
+                    )
                 self.optimizer.load_state_dict(saved["optimizer"])
             if load_lr_scheduler_states:
                 self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
             self.global_steps = saved.get("global_steps", 0)
         return path, {k: v for k, v in saved.items() if k == "megaphi"}
+
+
+def sharded_adamw(module, o, device_type):
+    """ZeRO-1 over the stage's data-parallel group: torch's ZeroRedundancyOptimizer gives each rank
+    the AdamW state of a share of the parameters, steps that share and broadcasts it. Adam updates
+    each element by itself, so this is the unsharded AdamW's arithmetic, with 1/DP of its state."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    from megaphi.training.optimizer import param_groups
+
+    if o.optimizer_impl not in ("auto", "torch", "torch-fused"):
+        raise ValueError(f"--optimizer-impl {o.optimizer_impl}: pipelined ZeRO-1 shards torch's AdamW only")
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(module, o.weight_decay)]
+    fused = o.optimizer_impl == "torch-fused" or (o.optimizer_impl == "auto" and device_type == "cuda")
+    return ZeroRedundancyOptimizer(
+        groups,
+        optimizer_class=torch.optim.AdamW,
+        process_group=state.get_data_parallel_group(),
+        lr=o.lr,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_eps,
+        weight_decay=o.weight_decay,
+        fused=True if fused else None,
+    )
 
 
 def _device():
@@ -204,9 +251,12 @@ def build_pipeline_engine(config, model_config):
     module = PipelineModule(chunks, model_config).to(device)
     local = torch.tensor([sum(q.numel() for q in module.parameters())], dtype=torch.int64, device=device)
     dist.all_reduce(local, group=state.get_pipeline_model_parallel_group())
-    optimizer = build_optimizer(
-        module, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), o.adam_eps, device.type, o.optimizer_impl
-    )
+    if p.zero_stage == 1 and state.get_data_parallel_world_size() > 1:
+        optimizer = sharded_adamw(module, o, device.type)
+    else:
+        optimizer = build_optimizer(
+            module, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), o.adam_eps, device.type, o.optimizer_impl
+        )
     scheduler = WarmupDecayLR(optimizer, o.lr, o.min_lr, o.lr_warmup_iters, o.lr_decay_iters, o.lr_decay_style)
     dtype = next(module.parameters()).dtype
     hidden, sp = model_config.hidden_size, runtime.sequence_parallel

@@ -116,11 +116,12 @@ CLIPPED = ("--clip-grad", "0.5", "--adam-eps", str(COMPARISON_ADAM_EPS), "--eval
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout", ["PP=2 x DP=2", "PP=2 x TP=2", "PP=2 x TP=2 SP"])
+@pytest.mark.parametrize("layout", ["PP=2 x DP=2", "PP=2 x DP=2 ZeRO-1", "PP=2 x TP=2", "PP=2 x TP=2 SP"])
 def test_pp2_with_dp_or_tp_and_clipping_tracks_pp1(tmp_path, layout):
     """Four processes, gradient clipping active (0.5 is below these steps' norms): within the bound."""
     flags = {
         "PP=2 x DP=2": ("--zero-stage", "0"),
+        "PP=2 x DP=2 ZeRO-1": ("--zero-stage", "1"),  # AdamW state sharded over each stage's 2 DP ranks
         "PP=2 x TP=2": ("--tensor-model-parallel-size", "2"),
         "PP=2 x TP=2 SP": ("--tensor-model-parallel-size", "2", "--sequence-parallel"),
     }[layout]
@@ -130,6 +131,11 @@ def test_pp2_with_dp_or_tp_and_clipping_tracks_pp1(tmp_path, layout):
     tag = f"iter_{ITERS:07d}"
     weights, ref_weights = exported_weights(tmp_path / "pp", tag), exported_weights(tmp_path / "pp1", tag)
     assert_same_run(got, weights, ref, ref_weights, bitwise=False)
+    shards = sorted(n for n in os.listdir(tmp_path / "pp" / tag) if n.endswith("optim_states.pt"))
+    if "ZeRO-1" in layout:  # each stage's AdamW state in 2 shards, one per data-parallel rank
+        assert shards == [f"pp_rank_{p:02d}_mp_rank_00_dp_rank_{d:03d}_optim_states.pt" for p in (0, 1) for d in (0, 1)]
+    else:
+        assert shards == []
     for mine, theirs in zip((r for r in got if "grad_norm" in r), (r for r in ref if "grad_norm" in r)):
         assert abs(mine["grad_norm"] - theirs["grad_norm"]) <= 1e-5 * theirs["grad_norm"]
 
