@@ -288,8 +288,6 @@ def check_pipeline_layout(args, world_size):
 
 # What pipelined runs (P > 1) do not do yet, each refused with one line naming the flag.
 _NOT_WIRED_WITH_PIPELINE = (
-    ("fp16", "--fp16"),
-    ("bf16", "--bf16"),
     ("skip_train", "--skip-train / --eval-only"),
     ("finetune", "--finetune"),
     ("eval_humaneval", "--eval-humaneval"),

@@ -24,6 +24,7 @@ from megaphi.parallel import state
 from megaphi.parallel.pipeline import (
     StageCommunicator,
     allreduce_data_parallel_gradients,
+    any_stage_overflowed,
     boundary_shape,
     build_model_chunks,
     clip_grad_norm_across_stages,
@@ -89,13 +90,14 @@ class PipelineModule(nn.Module):
 class PipelineEngine:
     """What the Trainer uses of a DeepSpeed engine, for one pipeline stage (see the module docstring)."""
 
-    def __init__(self, module, optimizer, lr_scheduler, clip_grad, train_comm, eval_comm):
+    def __init__(self, module, optimizer, lr_scheduler, clip_grad, comms, main_weights=None, loss_scale=None):
         self.module, self.optimizer, self.lr_scheduler = module, optimizer, lr_scheduler
         self.basic_optimizer = optimizer
         self.clip_grad = clip_grad
-        self.train_comm, self.eval_comm = train_comm, eval_comm
+        self.train_comm, self.eval_comm = comms
+        self.main_weights, self.loss_scale = main_weights, loss_scale  # bf16 / fp16 (pipeline_precision)
         self.dp_group = state.get_data_parallel_group()
-        self.skipped_steps = 0  # fp32 only for now: no step is ever skipped
+        self.skipped_steps = 0  # fp16 steps skipped for an overflow on any stage
         self.global_steps = 0
         self.norm = None
 
@@ -110,10 +112,18 @@ class PipelineEngine:
         self.module.eval()
 
     def fp16_enabled(self):
-        return False
+        return self.loss_scale is not None
 
     def bfloat16_enabled(self):
-        return False
+        return self.main_weights is not None and self.loss_scale is None
+
+    def current_loss_scale(self):
+        return 1.0 if self.loss_scale is None else self.loss_scale.scale
+
+    @property
+    def grad_holders(self):
+        """What holds the gradients the step reduces, clips and applies: the fp32 main weights, or the chunks."""
+        return [self.main_weights] if self.main_weights is not None else self.chunks
 
     def zero_optimization_stage(self):
         return 1 if self.sharded else 0
@@ -132,12 +142,27 @@ class PipelineEngine:
 
     def step(self):
         """After the schedule: average over data parallelism, clip by the whole model's norm, update."""
-        allreduce_data_parallel_gradients(self.chunks, self.dp_group)
+        holders = self.grad_holders
+        allreduce_data_parallel_gradients(holders, self.dp_group)
+        if self.loss_scale is not None:
+            inverse = 1.0 / self.loss_scale.scale
+            for main in self.main_weights.parameters():
+                if main.grad is not None:
+                    main.grad.mul_(inverse)
+            overflow = any_stage_overflowed(holders)  # one answer on every stage and TP rank
+            self.loss_scale.update(overflow)
+            if overflow:
+                self.skipped_steps += 1
+                self.norm = None
+                self.optimizer.zero_grad(set_to_none=True)
+                return
         if self.clip_grad > 0:
-            self.norm = clip_grad_norm_across_stages(self.chunks, self.clip_grad)
+            self.norm = clip_grad_norm_across_stages(holders, self.clip_grad)
         else:
-            self.norm = global_grad_norm(self.chunks)
+            self.norm = global_grad_norm(holders)
         self.optimizer.step()
+        if self.main_weights is not None:
+            self.main_weights.copy_to_model()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_steps += 1
@@ -169,6 +194,8 @@ class PipelineEngine:
             "optimizer": None if self.sharded else self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "global_steps": self.global_steps,
+            "main_weights": None if self.main_weights is None else self.main_weights.state_dict(),
+            "loss_scale": None if self.loss_scale is None else self.loss_scale.state_dict(),
             "pipeline_model_parallel_size": state.get_pipeline_model_parallel_world_size(),
             **(client_state or {}),
         }
@@ -182,6 +209,12 @@ class PipelineEngine:
             raise FileNotFoundError(f"{path} is missing (saved with another --pipeline-model-parallel-size?)")
         saved = torch.load(path, map_location="cpu", weights_only=False)
         self.module.load_model_state_dict(saved["module"], path)
+        if self.main_weights is not None:
+            if saved.get("main_weights") is None:
+                raise ValueError(f"{path}: holds no fp32 main weights (saved in fp32?); resume with its precision")
+            self.main_weights.load_state_dict(saved["main_weights"], path)
+        if self.loss_scale is not None and saved.get("loss_scale"):
+            self.loss_scale.load_state_dict(saved["loss_scale"])
         if not load_module_only:
             if load_optimizer_states and self.sharded:
                 shard = self.optimizer_shard_file(os.path.join(load_dir, tag))
@@ -200,17 +233,14 @@ class PipelineEngine:
         return path, {k: v for k, v in saved.items() if k == "megaphi"}
 
 
-def sharded_adamw(module, o, device_type):
+def sharded_adamw(groups, o, device_type):
     """ZeRO-1 over the stage's data-parallel group: torch's ZeroRedundancyOptimizer gives each rank
     the AdamW state of a share of the parameters, steps that share and broadcasts it. Adam updates
     each element by itself, so this is the unsharded AdamW's arithmetic, with 1/DP of its state."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    from megaphi.training.optimizer import param_groups
-
     if o.optimizer_impl not in ("auto", "torch", "torch-fused"):
         raise ValueError(f"--optimizer-impl {o.optimizer_impl}: pipelined ZeRO-1 shards torch's AdamW only")
-    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(module, o.weight_decay)]
     fused = o.optimizer_impl == "torch-fused" or (o.optimizer_impl == "auto" and device_type == "cuda")
     return ZeroRedundancyOptimizer(
         groups,
@@ -231,7 +261,8 @@ def _device():
 def build_pipeline_engine(config, model_config):
     """(PipelineEngine, the whole model's parameter count per TP rank) for this rank's stage."""
     from megaphi.training.lr_schedule import WarmupDecayLR
-    from megaphi.training.optimizer import build_optimizer
+    from megaphi.training.optimizer import build_optimizer, param_groups
+    from megaphi.training.pipeline_precision import DynamicLossScale, MainWeights
 
     p, t, o = config.parallel, config.training, config.optimizer
     pp, rank = p.pipeline_model_parallel_size, state.get_pipeline_model_parallel_rank()
@@ -249,10 +280,28 @@ def build_pipeline_engine(config, model_config):
     seed_pipeline_stage(t.seed)  # dropout: each stage its own streams (seed + 100 x stage, as Megatron)
     device = _device()
     module = PipelineModule(chunks, model_config).to(device)
+    main_weights = loss_scale = None
+    if o.bf16 or o.fp16:  # built in fp32 and rounded, as DeepSpeed's engine does at P = 1
+        module.to(torch.bfloat16 if o.bf16 else torch.float16)
+        main_weights = MainWeights(module)
+    if o.fp16:
+        f = config.flags
+        loss_scale = DynamicLossScale(
+            f["initial_loss_scale"], f["loss_scale_window"], f["hysteresis"], f["min_loss_scale"]
+        )
     local = torch.tensor([sum(q.numel() for q in module.parameters())], dtype=torch.int64, device=device)
     dist.all_reduce(local, group=state.get_pipeline_model_parallel_group())
+    groups = [{k: v for k, v in g.items() if k != "names"} for g in param_groups(module, o.weight_decay)]
+    if main_weights is not None:
+        groups = main_weights.groups(groups)
     if p.zero_stage == 1 and state.get_data_parallel_world_size() > 1:
-        optimizer = sharded_adamw(module, o, device.type)
+        optimizer = sharded_adamw(groups, o, device.type)
+    elif main_weights is not None:
+        fused = o.optimizer_impl == "torch-fused" or (o.optimizer_impl == "auto" and device.type == "cuda")
+        betas = (o.adam_beta1, o.adam_beta2)
+        optimizer = torch.optim.AdamW(
+            groups, lr=o.lr, betas=betas, eps=o.adam_eps, weight_decay=o.weight_decay, fused=True if fused else None
+        )
     else:
         optimizer = build_optimizer(
             module, o.lr, o.weight_decay, (o.adam_beta1, o.adam_beta2), o.adam_eps, device.type, o.optimizer_impl
@@ -265,7 +314,8 @@ def build_pipeline_engine(config, model_config):
         shape = boundary_shape(t.micro_batch_size, t.seq_length, hidden, sequence_parallel)
         return StageCommunicator(shape, dtype, device=device)
 
-    engine = PipelineEngine(module, optimizer, scheduler, o.clip_grad, communicator(sp), communicator(False))
+    comms = (communicator(sp), communicator(False))
+    engine = PipelineEngine(module, optimizer, scheduler, o.clip_grad, comms, main_weights, loss_scale)
     return engine, int(local.item())
 
 
@@ -285,6 +335,10 @@ def _broadcast_logs(logs, num_microbatches, device):
 def _run_schedule(forward_step, data_iterator, engine, num_microbatches, forward_only, count_tokens_func, dp_group):
     batches = [next(data_iterator) for _ in range(num_microbatches)]  # every chunk reads the same micro-batches
     chunks = engine.chunks
+    if engine.loss_scale is not None and not forward_only:
+        from megaphi.training.pipeline_precision import scale_loss_func
+
+        forward_step = scale_loss_func(forward_step, engine.loss_scale.scale)
     logs = forward_backward_pipelining(
         forward_step,
         [iter(batches) for _ in chunks],

@@ -84,11 +84,14 @@ NO_CLIP = ("--clip-grad", "0", "--eval-interval", str(ITERS))
 
 
 @pytest.mark.distributed
-def test_pp2_ends_with_the_pp1_weights_bitwise(tmp_path):
-    """PP=2 (two processes) and PP=1 (one) on the same global batch, fp32, no clipping: the same
-    per-iteration losses, validation loss and exported model folder, bit for bit."""
-    ref = pretrain(tmp_path / "pp1", 1, *NO_CLIP)
-    got = pretrain(tmp_path / "pp2", 2, *NO_CLIP, "--pipeline-model-parallel-size", "2")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_pp2_ends_with_the_pp1_weights_bitwise(tmp_path, precision):
+    """PP=2 (two processes) and PP=1 (one) on the same global batch, no clipping: the same
+    per-iteration losses, validation loss and exported model folder, bit for bit. bf16: the stages'
+    fp32 main weights and fp32 gradient accumulation do DeepSpeed's BF16_Optimizer's arithmetic."""
+    flags = NO_CLIP + (("--bf16",) if precision == "bf16" else ())
+    ref = pretrain(tmp_path / "pp1", 1, *flags)
+    got = pretrain(tmp_path / "pp2", 2, *flags, "--pipeline-model-parallel-size", "2")
     tag = f"iter_{ITERS:07d}"
     ref_weights, weights = exported_weights(tmp_path / "pp1", tag), exported_weights(tmp_path / "pp2", tag)
     assert_same_run(got, weights, ref, ref_weights, bitwise=True)
@@ -167,6 +170,35 @@ def test_pp2_exit_and_resume_is_bit_exact(tmp_path):
                 assert torch.equal(b["optimizer"]["state"][key][field], value), (stage, key, field)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pp2_fp16_overflow_skips_the_step_on_every_stage(tmp_path):
+    """fp16 with a loss scale of 2^40: every step's scaled gradients overflow; both stages skip all
+    four steps together (no update, the lr schedule not advanced, the same halved loss scale), and
+    the weights equal those of a run that never updated them (lr 0)."""
+    flags = ("--pipeline-model-parallel-size", "2", "--fp16", "--hysteresis", "1", "--eval-interval", "4")
+    records = pretrain(tmp_path / "skip", 2, *flags, "--initial-loss-scale", str(2**40), train_iters=4)
+    logged = [r for r in records if "skipped_steps" in r]
+    assert [r["skipped_steps"] for r in logged] == [1, 2, 3, 4]
+    assert [r["loss_scale"] for r in logged] == [2.0**39, 2.0**38, 2.0**37, 2.0**36]
+    for stage in ("pp_rank_00", "pp_rank_01"):
+        saved = torch.load(
+            tmp_path / "skip" / "iter_0000004" / f"{stage}_mp_rank_00_model_states.pt", weights_only=False
+        )
+        assert saved["lr_scheduler"]["num_steps"] == 0 and saved["loss_scale"]["scale"] == 2.0**36, stage
+    pretrain(tmp_path / "still", 2, *flags, "--lr", "0", "--min-lr", "0", train_iters=4)
+    tag = "iter_0000004"
+    skipped, still = exported_weights(tmp_path / "skip", tag), exported_weights(tmp_path / "still", tag)
+    assert all(torch.equal(skipped[name], still[name]) for name in still)
+    # the default scale 2^16: steps apply (an occasional overflow is skipped by both stages alike)
+    trained = pretrain(tmp_path / "trains", 2, *flags, train_iters=4)
+    skipped = [r["skipped_steps"] for r in trained if "skipped_steps" in r][-1]
+    assert skipped < 4
+    for stage in ("pp_rank_00", "pp_rank_01"):
+        saved = torch.load(tmp_path / "trains" / tag / f"{stage}_mp_rank_00_model_states.pt", weights_only=False)
+        assert saved["lr_scheduler"]["num_steps"] == saved["global_steps"] == 4 - skipped, stage
+
+
 def _resolve(argv, world_size):
     from megaphi.training.arguments import parse_flags
     from megaphi.training.config import resolve_config
@@ -184,7 +216,7 @@ def _resolve(argv, world_size):
         (["--pipeline-model-parallel-size", "2", "--pipeline-layers-per-stage", "1,2"], 2, "summing to --num-layers 4"),
         (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2, "--num-layers-per-virtual-pipeline-stage 3"),
         (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs --pipeline-model-parallel-size > 1"),
-        (["--pipeline-model-parallel-size", "2", "--bf16"], 2, "--bf16 is not supported with --pipeline-model-parallel-size 2"),
+        (["--pipeline-model-parallel-size", "2", "--skip-train", "--load", "."], 2, "--skip-train / --eval-only is not supported with --pipeline-model-parallel-size 2"),
     ],
 )  # fmt: skip
 def test_pipeline_flag_errors_are_one_line(argv, world, message):
