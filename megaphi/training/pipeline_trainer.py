@@ -60,6 +60,14 @@ class PipelineModule(nn.Module):
         for chunk in self.chunks:
             chunk.load_state_dict({name: saved[name] for name in chunk.state_dict()})
 
+    def load_hf_state_dict(self, hf_state, source="state dict"):
+        """Each chunk takes its layers (and each TP rank its shard) of a whole model's HF state dict."""
+        from megaphi.checkpoint.hf_names import load_hf_state_into
+
+        with torch.no_grad():
+            for chunk in self.chunks:
+                load_hf_state_into(chunk, hf_state, source)
+
     def save_pretrained(self, path, bos_token_id=None, eos_token_id=None):
         """Collective: the unsplit model's folder (what PhiForCausalLM.save_pretrained writes), by rank 0."""
         from megaphi.checkpoint.hf_names import model_to_hf_names
@@ -92,7 +100,6 @@ class PipelineEngine:
 
     def __init__(self, module, optimizer, lr_scheduler, clip_grad, comms, main_weights=None, loss_scale=None):
         self.module, self.optimizer, self.lr_scheduler = module, optimizer, lr_scheduler
-        self.basic_optimizer = optimizer
         self.clip_grad = clip_grad
         self.train_comm, self.eval_comm = comms
         self.main_weights, self.loss_scale = main_weights, loss_scale  # bf16 / fp16 (pipeline_precision)
@@ -258,8 +265,30 @@ def _device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _load_finetune_weights(config, module):
+    """--finetune / --skip-train: the weights of --load's model folder (a training checkpoint's
+    exported `<tag>/model` included) into this stage's chunks; returns the Trainer's source pair."""
+    from megaphi.checkpoint import model_folder
+    from megaphi.checkpoint.layout import CheckpointError
+    from megaphi.training.train_loop import print_rank0
+
+    ckpt = config.checkpoint
+    source = model_folder.finetune_weights_source(ckpt.load)
+    if source[0] != "folder":
+        raise CheckpointError(
+            f"--load {ckpt.load}: with --pipeline-model-parallel-size > 1 the weights are read from a model "
+            f"folder; this checkpoint has none (saved with --no-export-model): export one with "
+            f"tools/convert_checkpoint.py or load it at --pipeline-model-parallel-size 1"
+        )
+    model_folder.load_weights_from_folder(module, source[1])
+    verb = "evaluating the" if config.training.skip_train else "finetuning from"
+    print_rank0(f"{verb} weights in {source[1]}")
+    return source
+
+
 def build_pipeline_engine(config, model_config):
-    """(PipelineEngine, the whole model's parameter count per TP rank) for this rank's stage."""
+    """(PipelineEngine, the whole model's parameter count per TP rank, the --finetune weights source
+    or None) for this rank's stage."""
     from megaphi.training.lr_schedule import WarmupDecayLR
     from megaphi.training.optimizer import build_optimizer, param_groups
     from megaphi.training.pipeline_precision import DynamicLossScale, MainWeights
@@ -279,7 +308,9 @@ def build_pipeline_engine(config, model_config):
     )
     seed_pipeline_stage(t.seed)  # dropout: each stage its own streams (seed + 100 x stage, as Megatron)
     device = _device()
-    module = PipelineModule(chunks, model_config).to(device)
+    module = PipelineModule(chunks, model_config)
+    finetune_source = _load_finetune_weights(config, module) if config.checkpoint.finetune else None
+    module.to(device)
     main_weights = loss_scale = None
     if o.bf16 or o.fp16:  # built in fp32 and rounded, as DeepSpeed's engine does at P = 1
         module.to(torch.bfloat16 if o.bf16 else torch.float16)
@@ -316,7 +347,7 @@ def build_pipeline_engine(config, model_config):
 
     comms = (communicator(sp), communicator(False))
     engine = PipelineEngine(module, optimizer, scheduler, o.clip_grad, comms, main_weights, loss_scale)
-    return engine, int(local.item())
+    return engine, int(local.item()), finetune_source
 
 
 def _broadcast_logs(logs, num_microbatches, device):

@@ -147,12 +147,11 @@ class Trainer:
         from megaphi.training.pipeline_trainer import build_pipeline_engine, pipelined_train_step
 
         c = self.config
-        self._finetune_source = None  # --finetune is refused at P > 1 (flag_checks)
         if self._verified is not None:
             resume_checks.check_resume_setup(
                 c.flag_namespace(), self._verified[1], self.model_config, c.parallel.zero_stage, c.checkpoint.load
             )
-        self.engine, self.num_params = build_pipeline_engine(c, self.model_config)
+        self.engine, self.num_params, self._finetune_source = build_pipeline_engine(c, self.model_config)
         self.grad_norms, self.schedule = self.engine, pipelined_train_step
 
     def _weights_verb(self):

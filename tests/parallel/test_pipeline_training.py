@@ -199,6 +199,26 @@ def test_pp2_fp16_overflow_skips_the_step_on_every_stage(tmp_path):
         assert saved["lr_scheduler"]["num_steps"] == saved["global_steps"] == 4 - skipped, stage
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pp2_eval_only_and_finetune_from_a_pp1_model_folder(tmp_path):
+    """--eval-only and --finetune at PP=2 read the PP=1 run's model folder: the same validation loss,
+    and the finetuned run ends with the PP=1 finetuned weights, bitwise."""
+    base = tmp_path / "base"
+    pretrain(base, 1, *NO_CLIP)
+    pp2 = ("--pipeline-model-parallel-size", "2")
+    ref_eval = pretrain(tmp_path / "eval1", 1, "--eval-only", "--load", str(base))
+    got_eval = pretrain(tmp_path / "eval2", 2, "--eval-only", "--load", str(base), *pp2)
+    assert val_losses(got_eval) == val_losses(ref_eval) and len(val_losses(ref_eval)) == 1
+    tuned = ("--finetune", "--load", str(base), *NO_CLIP)
+    ref = pretrain(tmp_path / "ft1", 1, *tuned, train_iters=2)
+    got = pretrain(tmp_path / "ft2", 2, *tuned, *pp2, train_iters=2)
+    tag = "iter_0000002"
+    assert_same_run(
+        got, exported_weights(tmp_path / "ft2", tag), ref, exported_weights(tmp_path / "ft1", tag), bitwise=True
+    )
+
+
 def _resolve(argv, world_size):
     from megaphi.training.arguments import parse_flags
     from megaphi.training.config import resolve_config
@@ -216,7 +236,7 @@ def _resolve(argv, world_size):
         (["--pipeline-model-parallel-size", "2", "--pipeline-layers-per-stage", "1,2"], 2, "summing to --num-layers 4"),
         (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2, "--num-layers-per-virtual-pipeline-stage 3"),
         (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs --pipeline-model-parallel-size > 1"),
-        (["--pipeline-model-parallel-size", "2", "--skip-train", "--load", "."], 2, "--skip-train / --eval-only is not supported with --pipeline-model-parallel-size 2"),
+        (["--pipeline-model-parallel-size", "2", "--log-params-norm"], 2, "--log-params-norm is not supported with --pipeline-model-parallel-size 2"),
     ],
 )  # fmt: skip
 def test_pipeline_flag_errors_are_one_line(argv, world, message):
