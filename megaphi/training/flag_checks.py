@@ -287,7 +287,7 @@ def check_pipeline_layout(args, world_size):
 
 
 # What pipelined runs (P > 1) do not do yet, each refused with one line naming the flag.
-_NOT_WIRED_WITH_PIPELINE = (("eval_humaneval", "--eval-humaneval"), ("log_params_norm", "--log-params-norm"))
+_NOT_WIRED_WITH_PIPELINE = (("eval_humaneval", "--eval-humaneval"),)
 
 
 def check_pipeline_composition(args):

@@ -104,6 +104,7 @@ def parameters_norm(parameters):
     import torch.distributed as dist
 
     from megaphi.parallel import get_tensor_model_parallel_group, get_tensor_model_parallel_rank
+    from megaphi.parallel.state import get_pipeline_model_parallel_group
 
     tp_rank = get_tensor_model_parallel_rank()
     squares = [
@@ -112,9 +113,9 @@ def parameters_norm(parameters):
         if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)
     ]
     total = torch.stack(squares).sum() if squares else torch.zeros(())
-    group = get_tensor_model_parallel_group()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(total, group=group)
+    for group in (get_tensor_model_parallel_group(), get_pipeline_model_parallel_group()):  # each stage's share
+        if dist.is_initialized() and group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(total, group=group)
     return float(total.sqrt())
 
 
