@@ -229,6 +229,56 @@ def test_pp2_kill_9_of_one_stage_then_resume_is_bit_exact(tmp_path):
     assert_same_stage_states(stage_states(killed, final), stage_states(tmp_path / "full", final))
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pp2_fp16_overflow_skips_the_step_on_every_stage(tmp_path):
+    """fp16 with a loss scale of 2^40: every step's scaled gradients overflow; both stages skip all
+    four steps together (no update, the lr schedule not advanced, the same halved loss scale), and
+    the weights equal those of a run that never updated them (lr 0)."""
+    flags = ("--pipeline-model-parallel-size", "2", "--fp16", "--hysteresis", "1", "--eval-interval", "4")
+    records = pretrain(tmp_path / "skip", 2, *flags, "--initial-loss-scale", str(2**40), train_iters=4)
+    logged = [r for r in records if "skipped_steps" in r]
+    assert [r["skipped_steps"] for r in logged] == [1, 2, 3, 4]
+    assert [r["loss_scale"] for r in logged] == [2.0**39, 2.0**38, 2.0**37, 2.0**36]
+    for stage in ("pp_rank_00", "pp_rank_01"):
+        saved = torch.load(
+            tmp_path / "skip" / "iter_0000004" / f"{stage}_mp_rank_00_model_states.pt", weights_only=False
+        )
+        assert saved["lr_scheduler"]["num_steps"] == 0 and saved["loss_scale"]["scale"] == 2.0**36, stage
+    pretrain(tmp_path / "still", 2, *flags, "--lr", "0", "--min-lr", "0", train_iters=4)
+    tag = "iter_0000004"
+    skipped, still = exported_weights(tmp_path / "skip", tag), exported_weights(tmp_path / "still", tag)
+    assert all(torch.equal(skipped[name], still[name]) for name in still)
+    # the default scale 2^16: steps apply (an occasional overflow is skipped by both stages alike)
+    trained = pretrain(tmp_path / "trains", 2, *flags, train_iters=4)
+    skipped = [r["skipped_steps"] for r in trained if "skipped_steps" in r][-1]
+    assert skipped < 4
+    for stage in ("pp_rank_00", "pp_rank_01"):
+        saved = torch.load(tmp_path / "trains" / tag / f"{stage}_mp_rank_00_model_states.pt", weights_only=False)
+        assert saved["lr_scheduler"]["num_steps"] == saved["global_steps"] == 4 - skipped, stage
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_pp2_eval_only_and_finetune_from_a_pp1_model_folder(tmp_path):
+    """--eval-only and --finetune at PP=2 read the PP=1 run's model folder: the same validation loss,
+    and the finetuned run ends with the PP=1 finetuned weights, bitwise."""
+    base = tmp_path / "base"
+    pretrain(base, 1, *NO_CLIP)
+    pp2 = ("--pipeline-model-parallel-size", "2")
+    ref_eval = pretrain(tmp_path / "eval1", 1, "--eval-only", "--load", str(base))
+    got_eval = pretrain(tmp_path / "eval2", 2, "--eval-only", "--load", str(base), *pp2)
+    assert val_losses(got_eval) == val_losses(ref_eval) and len(val_losses(ref_eval)) == 1
+    tuned = ("--finetune", "--load", str(base), *NO_CLIP)
+    ref = pretrain(tmp_path / "ft1", 1, *tuned, train_iters=2)
+    got = pretrain(tmp_path / "ft2", 2, *tuned, *pp2, train_iters=2)
+    tag, weights = "iter_0000002", exported_weights(tmp_path / "ft2", "iter_0000002")
+    ref_weights = exported_weights(tmp_path / "ft1", tag)
+    assert_same_run(got, weights, ref, ref_weights, bitwise=True, from_scratch=False)
+    start = exported_weights(base, f"iter_{ITERS:07d}")
+    assert not all(torch.equal(start[name], weights[name]) for name in start)  # finetuning moved them
+
+
 def _resolve(argv, world_size):
     from megaphi.training.arguments import parse_flags
     from megaphi.training.config import resolve_config
