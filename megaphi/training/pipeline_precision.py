@@ -53,6 +53,11 @@ class MainWeights:
             for param, main in self.pairs:
                 param.copy_(main)  # rounded to the model's 16-bit dtype
 
+    def copy_from_model(self):
+        with torch.no_grad():
+            for param, main in self.pairs:
+                main.copy_(param)
+
     def state_dict(self):
         return [main.detach().cpu() for _, main in self.pairs]
 

@@ -216,10 +216,10 @@ class PipelineEngine:
             raise FileNotFoundError(f"{path} is missing (saved with another --pipeline-model-parallel-size?)")
         saved = torch.load(path, map_location="cpu", weights_only=False)
         self.module.load_model_state_dict(saved["module"], path)
-        if self.main_weights is not None:
-            if saved.get("main_weights") is None:
-                raise ValueError(f"{path}: holds no fp32 main weights (saved in fp32?); resume with its precision")
+        if self.main_weights is not None and saved.get("main_weights") is not None:
             self.main_weights.load_state_dict(saved["main_weights"], path)
+        elif self.main_weights is not None:  # saved in fp32, or resharded (weights only): start from the model's
+            self.main_weights.copy_from_model()
         if self.loss_scale is not None and saved.get("loss_scale"):
             self.loss_scale.load_state_dict(saved["loss_scale"])
         if not load_module_only:

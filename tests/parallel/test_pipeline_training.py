@@ -279,6 +279,57 @@ def test_pp2_eval_only_and_finetune_from_a_pp1_model_folder(tmp_path):
     assert not all(torch.equal(start[name], weights[name]) for name in start)  # finetuning moved them
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_reshard_between_pipeline_and_tensor_layouts(tmp_path):
+    """tools/convert_checkpoint.py reshard: (PP 2, TP 1) -> (1, 1) equals the PP=1 run's weights;
+    (1, 1) -> (2, 1) equals the PP=2 run's stage files; (2, 1) -> (4, 2) -> (1, 1) gives them back. The
+    resharded (1, 1) and (2, 1) checkpoints resume at PP=1 and PP=2 to the same weights, bitwise."""
+    from megaphi.checkpoint.reshard import reshard
+
+    pp1, pp2, tag = tmp_path / "pp1", tmp_path / "pp2", f"iter_{ITERS:07d}"
+    pretrain(pp1, 1, *NO_CLIP)
+    pretrain(pp2, 2, *NO_CLIP, "--pipeline-model-parallel-size", "2")
+
+    def modules(save, files):
+        return [torch.load(save / tag / f, weights_only=False)["module"] for f in files]
+
+    def assert_equal(got, want):
+        for a, b in zip(got, want, strict=True):
+            assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b)
+
+    single, stages = ["mp_rank_00_model_states.pt"], [f"pp_rank_0{p}_mp_rank_00_model_states.pt" for p in (0, 1)]
+    reshard(str(pp2), str(tmp_path / "to11"), 1, 1)
+    assert_equal(modules(tmp_path / "to11", single), modules(pp1, single))
+    reshard(str(pp1), str(tmp_path / "to21"), 1, 2)
+    assert_equal(modules(tmp_path / "to21", stages), modules(pp2, stages))
+    reshard(str(pp2), str(tmp_path / "to42"), 2, 4)
+    assert len([n for n in os.listdir(tmp_path / "to42" / tag) if n.endswith("model_states.pt")]) == 8
+    reshard(str(tmp_path / "to42"), str(tmp_path / "back"), 1, 1)
+    assert_equal(modules(tmp_path / "back", single), modules(pp1, single))
+    more = (*NO_CLIP, "--lr-decay-iters", str(ITERS), "--min-lr", "1e-3", "--override-opt_param-scheduler")
+    pretrain(tmp_path / "to11", 1, *more, "--load", str(tmp_path / "to11"), train_iters=ITERS + 2)
+    pp = ("--pipeline-model-parallel-size", "2")
+    pretrain(tmp_path / "to21", 2, *more, *pp, "--load", str(tmp_path / "to21"), train_iters=ITERS + 2)
+    end = f"iter_{ITERS + 2:07d}"
+    a, b = exported_weights(tmp_path / "to11", end), exported_weights(tmp_path / "to21", end)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_stage_of_parameter_follows_the_split():
+    from megaphi.checkpoint.pipeline_layout import stage_of_parameter
+
+    def stage(name, **kw):
+        return stage_of_parameter(name, 8, 2, **kw)
+
+    assert stage("model.embed_tokens.weight") == 0 and stage("lm_head.weight") == 1
+    assert [stage(f"model.layers.{i}.mlp.fc1.weight") for i in range(8)] == [0] * 4 + [1] * 4
+    interleaved = [stage(f"model.layers.{i}.mlp.fc1.weight", num_chunks=2) for i in range(8)]
+    assert interleaved == [0, 0, 1, 1, 0, 0, 1, 1]  # chunk c of rank r: virtual stage c * P + r
+    uneven = [stage(f"model.layers.{i}.mlp.fc1.weight", layers_per_stage=[2, 6]) for i in range(8)]
+    assert uneven == [0, 0] + [1] * 6 and stage("model.final_layernorm.weight", num_chunks=2) == 1
+
+
 def _resolve(argv, world_size):
     from megaphi.training.arguments import parse_flags
     from megaphi.training.config import resolve_config
