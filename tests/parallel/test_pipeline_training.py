@@ -348,6 +348,7 @@ def _resolve(argv, world_size):
         (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2, "--num-layers-per-virtual-pipeline-stage 3"),
         (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "needs --pipeline-model-parallel-size > 1"),
         (["--pipeline-model-parallel-size", "2", "--eval-humaneval", "x", "--eval-humaneval-interval", "1"], 2, "--eval-humaneval is not supported with --pipeline-model-parallel-size 2"),
+        (["--pipeline-model-parallel-size", "2", "--torch-compile", "on"], 2, "--torch-compile on is not supported with --pipeline-model-parallel-size 2"),
     ],
 )  # fmt: skip
 def test_pipeline_flag_errors_are_one_line(argv, world, message):
