@@ -61,7 +61,7 @@ def read_stage_shards(tag_dir, tp):
 
 def stage_of_parameter(name, num_layers, pipeline_size, num_chunks=1, layers_per_stage=None):
     """The pipeline rank holding parameter `name` under a layer split."""
-    from megaphi.parallel.pipeline.stage import split_layers
+    from megaphi.parallel.pipeline.split import split_layers
 
     bounds = split_layers(num_layers, pipeline_size, num_chunks, layers_per_stage)
     match = _LAYER_RE.match(name)

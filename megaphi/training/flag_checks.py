@@ -256,7 +256,7 @@ def validate_args(args, world_size):
 def check_pipeline_layout(args, world_size):
     """--pipeline-model-parallel-size and its layer split: P x TP divides the world, the layers split
     into P stages (x virtual stages); sets args.pipeline_layers_per_stage to a list of counts or None."""
-    from megaphi.parallel.pipeline.stage import split_layers, virtual_stages_per_rank
+    from megaphi.parallel.pipeline.split import split_layers, virtual_stages_per_rank
 
     pp, tp = args.pipeline_model_parallel_size, args.tensor_model_parallel_size
     if pp is None or pp < 1:
