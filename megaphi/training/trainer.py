@@ -8,6 +8,8 @@
 with the signature of schedules.forward_backward_no_pipelining: the micro-batches of one global batch
 on this rank, gradient accumulation, engine.step on the boundary); `train`, `evaluate`, `save` and
 `load` do what they say. The step count, data position and best checkpoint live in `trainer.state`.
+At --pipeline-model-parallel-size > 1 the engine is pipeline_trainer.PipelineEngine (this rank's stage)
+and the schedule pipeline_trainer.pipelined_train_step.
 """
 
 import math
