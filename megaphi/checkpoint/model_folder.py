@@ -5,7 +5,7 @@ own keys, hf_config.py) + `generation_config.json` + `model.safetensors` with HF
 (hf_names.py). Folders written before that (config.json = PhiConfig.to_dict(), no model_type) still
 load.
 
-`load_megaphi_state(path)` returns (PhiConfig, HF-named state dict) and dispatches on what is on disk,
+`load_megaphi_state(path, model_class)` returns (PhiConfig, HF-named state dict) and dispatches on what is on disk,
 in this order: a training checkpoint (DIR with `latest`, or DIR/<tag>: reshard.py merges its TP
 shards), a model folder of the older megaphi format, a Hugging Face phi folder (hf_folder.py: HF or
 MixFormer names; megaphi's own folders load through it too).

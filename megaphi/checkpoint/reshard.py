@@ -26,6 +26,7 @@ from megaphi.config import PhiConfig
 
 from .atomic import write_folder_atomic, write_json_atomic
 from .integrity import HASH_NAME, checksum_and_sync, seal_metadata
+from .pipeline_layout import pipeline_layout_of, read_stage_shards, stage_state_files, write_stage_files
 from .layout import (
     CONFIG_NAME,
     LATEST_NAME,
@@ -105,7 +106,8 @@ def model_state_files(tag_dir):
 
 def is_training_checkpoint(path):
     tag_dir = resolve_tag_dir(path)
-    return os.path.isfile(os.path.join(tag_dir, META_NAME)) and bool(model_state_files(tag_dir))
+    has_states = bool(model_state_files(tag_dir)) or bool(stage_state_files(tag_dir))
+    return os.path.isfile(os.path.join(tag_dir, META_NAME)) and has_states
 
 
 def read_tag_meta(tag_dir):
@@ -150,6 +152,8 @@ def read_training_checkpoint(path, model_class):
         raise ValueError(f"{os.path.join(tag_dir, META_NAME)}: no model_config recorded")
     config = PhiConfig.from_dict(meta["model_config"], source=os.path.join(tag_dir, META_NAME))
     tp = checkpoint_tensor_parallel_size(tag_dir)
+    if stage_state_files(tag_dir):  # pipelined: each TP rank's shard gathered from the stages
+        return config, merge_shards(read_stage_shards(tag_dir, tp), config, model_class, source=tag_dir), meta, tag_dir
     files = model_state_files(tag_dir)
     shards = []
     for r in range(tp):
@@ -178,13 +182,16 @@ _LAYOUT_KEYS = (
     "ds_config",
     "checkpoint_parallel_dimensions",
     "ds_version",
+    "main_weights",
+    "loss_scale",
+    "pipeline_model_parallel_size",
 )
 
 
 def training_state_extras(tag_dir):
     """TP-independent entries of TP rank 0's model-states file (lr scheduler state, step and sample
     counters, client state), carried into a resharded checkpoint so a resumed run keeps its schedule."""
-    files = model_state_files(tag_dir)
+    files = model_state_files(tag_dir) or stage_state_files(tag_dir)
     state = torch.load(files[min(files)], map_location="cpu", weights_only=False)
     return {k: v for k, v in state.items() if k not in _LAYOUT_KEYS}
 
@@ -227,11 +234,11 @@ def write_training_checkpoint(out_dir, tag, shards, meta, extras=None):
         f.write(pointer_text(tag))
 
 
-def reshard(ckpt, out_dir, tp, model_class):
-    """Re-split a training checkpoint's model weights for `tp` TP ranks (optimizer state dropped).
-    Returns (PhiConfig, the source's TP size)."""
-    if tp < 1:
-        raise ValueError(f"--tp must be >= 1, got {tp}")
+def reshard(ckpt, out_dir, tp, model_class, pp=1):
+    """Re-split a training checkpoint's model weights for `tp` TP ranks and `pp` pipeline stages (an
+    even layer split; optimizer state dropped). Returns (PhiConfig, the source's TP size)."""
+    if tp < 1 or pp < 1:
+        raise ValueError(f"--tp and --pp must be >= 1, got {tp} and {pp}")
     if not is_training_checkpoint(ckpt):
         if os.path.isfile(os.path.join(ckpt, CONFIG_NAME)) and os.path.isfile(os.path.join(ckpt, WEIGHTS_NAME)):
             raise ValueError(
@@ -244,22 +251,41 @@ def reshard(ckpt, out_dir, tp, model_class):
         )
     config, full, meta, tag_dir = read_training_checkpoint(ckpt, model_class)
     source_tp = meta.get("tensor_model_parallel_size", 1)
+    if config.num_hidden_layers % pp:
+        raise ValueError(f"--pp {pp} does not divide the checkpoint's {config.num_hidden_layers} layers")
     shards = split_state(full, config, tp, model_class, source=tag_dir)
     new_meta = dict(meta)
+    source_pp = pipeline_layout_of(meta)[0]
     new_meta.update(
         {
             "tensor_model_parallel_size": tp,
             "optimizer_states": False,
-            "resharded_from": {"path": tag_dir, "tensor_model_parallel_size": source_tp},
+            "resharded_from": {
+                "path": tag_dir,
+                "tensor_model_parallel_size": source_tp,
+                "pipeline_model_parallel_size": source_pp,
+            },
         }
     )
     new_meta.pop("files", None)  # the source's checksums; the output's are recorded below
     if isinstance(new_meta.get("args"), dict):
-        new_meta["args"] = {**new_meta["args"], "tensor_model_parallel_size": tp}
+        pipeline = {
+            "pipeline_model_parallel_size": pp,
+            "virtual_pipeline_stages": 1,
+            "num_layers_per_virtual_pipeline_stage": None,
+            "pipeline_layers_per_stage": None,
+        }
+        new_meta["args"] = {**new_meta["args"], "tensor_model_parallel_size": tp, **pipeline}
     tag = os.path.basename(tag_dir.rstrip(os.sep))
 
     def fill(tmp):
-        write_training_checkpoint(tmp, tag, shards, new_meta, training_state_extras(tag_dir))
+        if pp == 1:
+            write_training_checkpoint(tmp, tag, shards, new_meta, training_state_extras(tag_dir))
+        else:
+            os.makedirs(os.path.join(tmp, tag))
+            write_stage_files(os.path.join(tmp, tag), shards, config, pp, training_state_extras(tag_dir))
+            with open(os.path.join(tmp, LATEST_NAME), "w") as f:
+                f.write(pointer_text(tag))
         exported = os.path.join(tag_dir, MODEL_SUBDIR)  # the full-tensor model folder, if the run wrote one
         if os.path.isdir(exported):
             shutil.copytree(exported, os.path.join(tmp, tag, MODEL_SUBDIR))

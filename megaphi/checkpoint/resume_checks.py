@@ -91,6 +91,29 @@ def resume_vocab_rows(meta, run_rows, tokenizer_size, tp, multiple):
     return run_rows
 
 
+def _pipeline_layout(values):
+    """(stages, chunks per stage, explicit layer counts or None) of a run's flags (a namespace or a dict)."""
+    get = values.get if isinstance(values, dict) else lambda k, d=None: getattr(values, k, d)
+    counts = get("pipeline_layers_per_stage")
+    return (
+        int(get("pipeline_model_parallel_size", 1) or 1),
+        int(get("virtual_pipeline_stages", 1) or 1),
+        None if counts is None else [int(c) for c in counts],
+    )
+
+
+def check_pipeline_layout(args, saved_args, where):
+    """Each stage's file holds its own layers: a checkpoint resumes only with the pipeline layout it
+    was saved with (stages, virtual stages, layer split)."""
+    saved, mine = _pipeline_layout(saved_args), _pipeline_layout(args)
+    if saved != mine:
+        raise CheckpointError(
+            f"{where}: saved with --pipeline-model-parallel-size {saved[0]} ({saved[1]} chunk(s) per stage, "
+            f"split {saved[2] or 'even'}), this run uses {mine[0]} ({mine[1]}, split {mine[2] or 'even'}); "
+            f"resume with the checkpoint's pipeline flags (converting between pipeline layouts is not supported yet)"
+        )
+
+
 def check_resume_setup(args, meta, model_config, zero_stage, load_dir):
     """Raise CheckpointError (one line) for a difference this run cannot take silently."""
     where = f"--load {load_dir}/{meta.get('tag', '')}".rstrip("/")
@@ -105,6 +128,7 @@ def check_resume_setup(args, meta, model_config, zero_stage, load_dir):
         )
 
     saved_args = meta.get("args") or {}
+    check_pipeline_layout(args, saved_args, where)
     if meta.get("optimizer_states", True) and not getattr(args, "no_load_optim", False):
         saved_stage = meta.get("zero_stage", saved_args.get("zero_stage"))
         if saved_stage is not None and _zero_family(saved_stage) != _zero_family(zero_stage):

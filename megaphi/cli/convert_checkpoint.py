@@ -6,8 +6,9 @@
   megaphi-to-hf CKPT OUT_DIR        megaphi checkpoint (model folder, or a training checkpoint DIR /
                 [--tokenizer DIR]   DIR/<tag> saved at any TP size) -> HF folder that transformers'
                                     PhiForCausalLM.from_pretrained loads (tokenizer files copied in)
-  reshard CKPT OUT --tp N           training checkpoint (DIR with `latest`, or DIR/<tag>) saved at one
-                                    tensor-model-parallel size -> the same weights as N TP shards.
+  reshard CKPT OUT --tp N [--pp P]  training checkpoint (DIR with `latest`, or DIR/<tag>) saved at one
+                                    (pipeline, tensor) layout -> the same weights as N TP shards over
+                                    P pipeline stages (default 1; layers split evenly).
                                     Model weights only: the ZeRO optimizer state is dropped (a run
                                     resumed from OUT restarts the optimizer, keeps iteration, lr
                                     schedule and data position); megaphi model folders are
@@ -24,9 +25,10 @@ from megaphi.checkpoint.reshard import reshard as reshard_checkpoint
 from megaphi.model.phi import PhiForCausalLM
 
 
-def reshard(ckpt, out, tp):
-    """The phi model's training checkpoint `ckpt` re-split for `tp` TP ranks into `out`: (PhiConfig, source TP)."""
-    return reshard_checkpoint(ckpt, out, tp, model_class=PhiForCausalLM)
+def reshard(ckpt, out, tp, pp=1):
+    """The phi model's training checkpoint `ckpt` re-split for `tp` TP ranks and `pp` pipeline stages into
+    `out`: (PhiConfig, source TP)."""
+    return reshard_checkpoint(ckpt, out, tp, model_class=PhiForCausalLM, pp=pp)
 
 
 def main(argv=None):
@@ -54,12 +56,13 @@ def main(argv=None):
     c.add_argument("ckpt")
     c.add_argument("out")
     c.add_argument("--tp", type=int, required=True, help="target tensor-model-parallel size")
+    c.add_argument("--pp", type=int, default=1, help="target pipeline-model-parallel size (even layer split)")
     args = parser.parse_args(argv)
     try:  # a missing or wrong input is one line, not a traceback
         if args.command == "reshard":
-            config, source_tp = reshard(args.ckpt, args.out, args.tp)
+            config, source_tp = reshard(args.ckpt, args.out, args.tp, args.pp)
             print(
-                f"wrote {args.out}: TP {source_tp} -> {args.tp}, {config.num_hidden_layers} layers, "
+                f"wrote {args.out}: TP {source_tp} -> {args.tp}, PP {args.pp}, {config.num_hidden_layers} layers, "
                 f"hidden {config.hidden_size}, vocab {config.vocab_size} (model weights only; optimizer state "
                 f"dropped)"
             )

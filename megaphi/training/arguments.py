@@ -261,6 +261,24 @@ def _add_distributed_args(p):
     g.add_argument("--deepspeed-config", default=None, help="JSON merged over the generated config")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="tensor-parallel ranks per model")
     g.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=1,
+        help="pipeline stages: the layers split over this many ranks, run with the 1F1B schedule (docs/pipeline.md)",
+    )
+    g.add_argument(
+        "--num-layers-per-virtual-pipeline-stage",
+        type=int,
+        default=None,
+        help="interleaved 1F1B: layers per model chunk; each rank holds num_layers / P / this chunks",
+    )
+    g.add_argument(
+        "--pipeline-layers-per-stage",
+        default=None,
+        metavar="N1,N2,...",
+        help="uneven split: decoder layers of each stage (P counts, or P x virtual stages), summing to --num-layers",
+    )
+    g.add_argument(
         "--sequence-parallel",
         action="store_true",
         help="shard LayerNorm/dropout activations over the sequence (TP > 1 only)",

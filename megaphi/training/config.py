@@ -60,7 +60,11 @@ class RuntimeConfig:
 class ParallelConfig:
     world_size: int
     tensor_model_parallel_size: int
-    data_parallel_size: int
+    pipeline_model_parallel_size: int
+    num_layers_per_virtual_pipeline_stage: Optional[int]
+    pipeline_layers_per_stage: Optional[tuple]  # explicit layer counts per (virtual) stage, or None: even
+    virtual_pipeline_stages: int  # model chunks per pipeline rank (1 without interleaving)
+    data_parallel_size: int  # world / (TP x PP)
     zero_stage: int
     zero_stage_source: str
     distributed_backend: Optional[str]
@@ -285,6 +289,7 @@ def resolve_config(args, world_size=None, device=None):
     from megaphi.model.compile import compile_enabled
     from megaphi.checkpoint import layout, resume_checks
     from megaphi.training.deepspeed_config import resolve_deepspeed
+    from megaphi.training.flag_checks import check_pipeline_composition
     from megaphi.training.model_flags import load_run_tokenizer, model_vocab_size
     from megaphi.training.run_info import resolve_peak_tflops
 
@@ -300,6 +305,10 @@ def resolve_config(args, world_size=None, device=None):
     flags.zero_stage, flags.zero_stage_source = deepspeed.zero_stage, deepspeed.zero_stage_source
     flags.clip_grad, flags.clip_grad_source = deepspeed.clip_grad, deepspeed.clip_grad_source
     messages.extend(deepspeed.notes)  # why the ZeRO stage differs from the one asked for (or should)
+    try:
+        check_pipeline_composition(flags)  # again: the DeepSpeed JSON may have set the ZeRO stage
+    except ArgumentError as e:
+        raise FlagError(str(e)) from None
     if flags.skip_train:
         flags.finetune = True  # load the weights only (a checkpoint or a model folder), as finetuning does
     if flags.finetune and flags.save and layout.read_pointer(flags.save) is not None:
@@ -324,6 +333,13 @@ def resolve_config(args, world_size=None, device=None):
     device = device or _device()
     flags.peak_tflops, peak_text = resolve_peak_tflops(flags, device)
     flags.compiled_blocks = compile_enabled(flags.torch_compile, device.type)
+    if flags.pipeline_model_parallel_size > 1 and flags.compiled_blocks:  # pipeline stages run eager for now
+        if flags.torch_compile == "on":
+            raise FlagError(
+                f"--torch-compile on is not supported with --pipeline-model-parallel-size "
+                f"{flags.pipeline_model_parallel_size} yet; use --torch-compile off"
+            )
+        flags.compiled_blocks = False
     flags.start_time = start_time
     values = vars(flags)
     base = flags.base_model_config.to_dict() if flags.base_model_config is not None else None

@@ -234,6 +234,8 @@ def loss_scale_of(engine):
     """The fp16 optimizer's current loss scale (1.0 without fp16); DeepSpeed has no public accessor."""
     if not engine.fp16_enabled():
         return 1.0
+    if hasattr(engine, "current_loss_scale"):  # the pipelined stages' engine (pipeline_trainer) keeps its own
+        return float(engine.current_loss_scale())
     opt = engine.optimizer
     for name in ("cur_scale", "loss_scale"):
         value = getattr(opt, name, None)

@@ -49,6 +49,9 @@ def run_eval_only(config, engine, vocab_size, dp_rank, dp_size, dp_group=None):
             f"--eval-iters {eval_iters} x --global-batch-size {t.global_batch_size} samples"
         )
     forward_step = make_forward_step(next(engine.module.parameters()).device)
+    evaluate_weights = evaluate
+    if config.parallel.pipeline_model_parallel_size > 1:
+        from .pipeline_trainer import pipelined_evaluate as evaluate_weights
     writer = open_metrics_writer(config.flag_namespace(), enabled=not dist.is_initialized() or dist.get_rank() == 0)
     results = {}
     try:
@@ -59,7 +62,9 @@ def run_eval_only(config, engine, vocab_size, dp_rank, dp_size, dp_group=None):
                     build_pretraining_data_loader(dataset, 0, t.micro_batch_size, dp_rank, dp_size, num_workers=0)
                 )
 
-            loss = evaluate(engine, forward_step, make_iterator, eval_iters, t.gradient_accumulation_steps, dp_group)
+            loss = evaluate_weights(
+                engine, forward_step, make_iterator, eval_iters, t.gradient_accumulation_steps, dp_group
+            )
             ppl = math.exp(min(loss, 50.0))
             results[split] = (loss, ppl)
             print_rank0(

@@ -104,6 +104,7 @@ def parameters_norm(parameters):
     import torch.distributed as dist
 
     from megaphi.parallel import get_tensor_model_parallel_group, get_tensor_model_parallel_rank
+    from megaphi.parallel.state import get_pipeline_model_parallel_group
 
     tp_rank = get_tensor_model_parallel_rank()
     squares = [
@@ -112,9 +113,9 @@ def parameters_norm(parameters):
         if tp_rank == 0 or getattr(p, "tensor_model_parallel", False)
     ]
     total = torch.stack(squares).sum() if squares else torch.zeros(())
-    group = get_tensor_model_parallel_group()
-    if dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(total, group=group)
+    for group in (get_tensor_model_parallel_group(), get_pipeline_model_parallel_group()):  # each stage's share
+        if dist.is_initialized() and group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(total, group=group)
     return float(total.sqrt())
 
 
@@ -354,3 +355,45 @@ def format_duration(seconds):
 def eta_seconds(iteration, train_iters, seconds_per_iter):
     """Time left at the current pace (evaluation and saving not included)."""
     return max(0, train_iters - iteration) * seconds_per_iter
+
+
+def train_record(
+    config,
+    state,
+    step,
+    interval_loss,
+    interval_iters,
+    interval_time,
+    flops_token,
+    loss_scale,
+    skipped,
+    skipped_in_interval,
+):
+    """The metrics record of one log line (metrics.jsonl and the printed line)."""
+    t = config.training
+    tok_s, tflops, mfu = throughput(
+        t.global_batch_size * t.seq_length * interval_iters,
+        interval_time,
+        flops_token,
+        config.parallel.world_size,
+        config.logging.peak_tflops,
+    )
+    return {
+        "iteration": state.iteration,
+        "train_iters": t.train_iters,
+        "consumed_samples": state.consumed_samples,
+        "consumed_tokens": state.consumed_tokens,
+        "loss": interval_loss,
+        "lr": step.lr,
+        "grad_norm": None if step.grad_norm is None else float(step.grad_norm),
+        "loss_scale": loss_scale,
+        "skipped_steps": skipped,
+        "skipped_in_interval": skipped_in_interval,
+        "ms_per_iter": 1000 * interval_time / interval_iters,
+        "tokens_per_sec": tok_s,
+        "tflops_per_gpu": tflops,
+        "mfu": mfu,
+        "peak_memory_gb": peak_memory_gb(),
+        "global_batch_size": t.global_batch_size,
+        "eta_seconds": eta_seconds(state.iteration, t.train_iters, interval_time / interval_iters),
+    }

@@ -162,3 +162,24 @@ def log_run_setup(config, engine, model_config):
     print(f"{line} | {config.logging.peak_tflops_text}", flush=True)
     for warning in warnings:
         print(f"WARNING: {warning}", file=sys.stderr, flush=True)
+
+
+def training_summary(config, num_params, dp_size):
+    """The run's one-line shape: parameters, parallel layout, batch geometry, ZeRO, clipping, precision."""
+    t, p, o = config.training, config.parallel, config.optimizer
+    pp = p.pipeline_model_parallel_size
+    layout = f"TP {p.tensor_model_parallel_size} x " + (f"PP {pp} x " if pp > 1 else "") + f"DP {dp_size}"
+    schedule = ""
+    if pp > 1:
+        kind = (
+            f"interleaved 1F1B, {p.virtual_pipeline_stages} chunks per rank"
+            if p.virtual_pipeline_stages > 1
+            else "1F1B"
+        )
+        schedule = f", pipeline schedule {kind}"
+    return (
+        f"training: {num_params:,} parameters (per TP rank), world {p.world_size} ({layout}), "
+        f"global batch {t.global_batch_size} = micro {t.micro_batch_size} x DP {dp_size} x "
+        f"accumulation {t.gradient_accumulation_steps}{schedule}, ZeRO stage {p.zero_stage} "
+        f"({p.zero_stage_source}), gradient clipping {o.clip_grad:g} ({o.clip_grad_source}), {o.precision}"
+    )

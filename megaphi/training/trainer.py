@@ -8,6 +8,8 @@
 with the signature of schedules.forward_backward_no_pipelining: the micro-batches of one global batch
 on this rank, gradient accumulation, engine.step on the boundary); `train`, `evaluate`, `save` and
 `load` do what they say. The step count, data position and best checkpoint live in `trainer.state`.
+At --pipeline-model-parallel-size > 1 the engine is pipeline_trainer.PipelineEngine (this rank's stage)
+and the schedule pipeline_trainer.pipelined_train_step.
 """
 
 import math
@@ -74,14 +76,12 @@ class Trainer:
 
     def _build(self, config, schedule, build_model):
         import megaphi.ops as ops
-        from megaphi.model import PhiForCausalLM, apply_runtime
         from megaphi.parallel import (
             get_data_parallel_group,
             get_data_parallel_rank,
             get_data_parallel_world_size,
             initialize_model_parallel,
         )
-        from megaphi.parallel.layers import set_grad_communication_overlap
         from megaphi.training.model_flags import load_run_tokenizer
 
         self.config, self.schedule = config, schedule
@@ -92,7 +92,7 @@ class Trainer:
         if ckpt.save:
             check_save_folder(ckpt.save)  # every host can write it and sees the same folder, before anything else
             lock.acquire_for_job(ckpt.save)  # one job per --save folder, before anything reads it
-        initialize_model_parallel(c.parallel.tensor_model_parallel_size)
+        initialize_model_parallel(c.parallel.tensor_model_parallel_size, c.parallel.pipeline_model_parallel_size)
         if hasattr(ops, "set_impl"):
             ops.set_impl(layernorm=c.runtime.layernorm_impl, rotary=c.runtime.rotary_impl)
         flags = c.flag_namespace()
@@ -109,6 +109,25 @@ class Trainer:
             )
         set_seed(c.training.seed)
         self.model_config = c.phi_config()
+        if c.parallel.pipeline_model_parallel_size > 1:
+            self._build_pipeline_stage()
+        else:
+            self._build_engine(build_model)
+        self.state = TrainState()
+        self.load()
+        self.dp_group = get_data_parallel_group()
+        self.dp_rank, self.dp_size = get_data_parallel_rank(), get_data_parallel_world_size()
+        self.forward_step = make_forward_step(next(self.engine.module.parameters()).device)
+        self.make_train_iterator = self.make_valid_iterator = None
+        if not c.training.skip_train:
+            self._build_data()
+
+    def _build_engine(self, build_model):
+        """P = 1: the whole model in a DeepSpeed engine."""
+        from megaphi.model import PhiForCausalLM, apply_runtime
+        from megaphi.parallel.layers import set_grad_communication_overlap
+
+        c, ckpt, flags = self.config, self.config.checkpoint, self.config.flag_namespace()
         model = (build_model or PhiForCausalLM)(self.model_config)
         self._finetune_source = model_folder.finetune_weights_source(ckpt.load) if ckpt.finetune else None
         if self._finetune_source and self._finetune_source[0] == "folder":
@@ -124,14 +143,18 @@ class Trainer:
                 flags, self._verified[1], self.model_config, c.parallel.zero_stage, ckpt.load
             )
         self.engine, self.grad_norms = build_engine(model, c)
-        self.state = TrainState()
-        self.load()
-        self.dp_group = get_data_parallel_group()
-        self.dp_rank, self.dp_size = get_data_parallel_rank(), get_data_parallel_world_size()
-        self.forward_step = make_forward_step(next(self.engine.module.parameters()).device)
-        self.make_train_iterator = self.make_valid_iterator = None
-        if not c.training.skip_train:
-            self._build_data()
+
+    def _build_pipeline_stage(self):
+        """P > 1: this rank's stage chunks, their optimizer and the pipeline schedule (pipeline_trainer)."""
+        from megaphi.training.pipeline_trainer import build_pipeline_engine, pipelined_train_step
+
+        c = self.config
+        if self._verified is not None:
+            resume_checks.check_resume_setup(
+                c.flag_namespace(), self._verified[1], self.model_config, c.parallel.zero_stage, c.checkpoint.load
+            )
+        self.engine, self.num_params, self._finetune_source = build_pipeline_engine(c, self.model_config)
+        self.grad_norms, self.schedule = self.engine, pipelined_train_step
 
     def _weights_verb(self):
         return "evaluating the" if self.config.training.skip_train else "finetuning from"
@@ -225,7 +248,10 @@ class Trainer:
         batches every time); None without a validation split. --skip-train runs: see train()."""
         if self.make_valid_iterator is None:
             return None
-        return evaluate(
+        from megaphi.training.pipeline_trainer import pipelined_evaluate
+
+        pipelined = self.config.parallel.pipeline_model_parallel_size > 1
+        return (pipelined_evaluate if pipelined else evaluate)(
             self.engine,
             self.forward_step,
             self.make_valid_iterator,
@@ -279,7 +305,7 @@ class Trainer:
         """Train until --train-iters (or --exit-interval, --exit-duration-in-mins, a stop signal); a
         --skip-train run evaluates instead. Returns why it stopped: done, signal, exit-interval,
         exit-duration, or evaluated."""
-        from megaphi.training.run_info import log_run_setup
+        from megaphi.training.run_info import log_run_setup, training_summary
         from megaphi.training.signals import GracefulExit
 
         c = self.config
@@ -290,15 +316,7 @@ class Trainer:
             return "evaluated"
         train_iterator = self.make_train_iterator(self.state.consumed_samples)
         log_run_setup(c, self.engine, self.model_config)
-        t, p, o = c.training, c.parallel, c.optimizer
-        print_rank0(
-            f"training: {self.num_params:,} parameters (per TP rank), "
-            f"world {p.world_size} (TP {p.tensor_model_parallel_size} x DP {self.dp_size}), "
-            f"global batch {t.global_batch_size} = micro {t.micro_batch_size} x DP {self.dp_size} x "
-            f"accumulation {t.gradient_accumulation_steps}, ZeRO stage {p.zero_stage} "
-            f"({p.zero_stage_source}), gradient clipping {o.clip_grad:g} ({o.clip_grad_source}), "
-            f"{o.precision}"
-        )
+        print_rank0(training_summary(c, self.num_params, self.dp_size))
         writer = metrics.open_metrics_writer(c.flag_namespace(), enabled=dist.get_rank() == 0)
         try:
             if stop_signal is not None:
@@ -416,31 +434,19 @@ class Trainer:
 
     def _log(self, step, interval_loss, interval_iters, interval_time, skipped_before, flops_token, writer):
         c, state = self.config, self.state
-        t = c.training
-        tok_s, tflops, mfu = metrics.throughput(
-            t.global_batch_size * t.seq_length * interval_iters,
+        record = metrics.train_record(
+            c,
+            state,
+            step,
+            interval_loss,
+            interval_iters,
             interval_time,
             flops_token,
-            c.parallel.world_size,
-            c.logging.peak_tflops,
+            loss_scale_of(self.engine),
+            self.engine.skipped_steps,
+            self.engine.skipped_steps - skipped_before,
         )
-        record = {
-            "iteration": state.iteration,
-            "train_iters": t.train_iters,
-            "consumed_samples": state.consumed_samples,
-            "consumed_tokens": state.consumed_tokens,
-            "loss": interval_loss,
-            **self._step_values(step),
-            "skipped_steps": self.engine.skipped_steps,
-            "skipped_in_interval": self.engine.skipped_steps - skipped_before,
-            "ms_per_iter": 1000 * interval_time / interval_iters,
-            "tokens_per_sec": tok_s,
-            "tflops_per_gpu": tflops,
-            "mfu": mfu,
-            "peak_memory_gb": metrics.peak_memory_gb(),
-            "global_batch_size": t.global_batch_size,
-            "eta_seconds": metrics.eta_seconds(state.iteration, t.train_iters, interval_time / interval_iters),
-        }
+        record.update(self._step_values(step))  # lr, grad norm, loss scale; num_zeros and params_norm if asked
         print_rank0(metrics.format_train_line(record))
         every = c.logging.tensorboard_log_interval  # None: the scalars go with every log line
         writer.write(record, to_scalars=every is None)
@@ -451,7 +457,7 @@ class Trainer:
         """lr, grad norm, loss scale, num_zeros and params_norm (collective over TP) of the last step."""
         values = {"lr": step.lr, "grad_norm": None if step.grad_norm is None else float(step.grad_norm)}
         values["loss_scale"] = loss_scale_of(self.engine)
-        if self.grad_norms.latest_zeros() is not None:  # --log-num-zeros-in-grad
+        if self.config.logging.log_num_zeros_in_grad and self.grad_norms.latest_zeros() is not None:
             values["num_zeros"] = int(self.grad_norms.latest_zeros())
         if self.config.logging.log_params_norm:
             values["params_norm"] = metrics.parameters_norm(self.engine.module.parameters())

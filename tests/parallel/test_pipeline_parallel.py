@@ -89,9 +89,9 @@ def _reference(config, micro, count_tokens=False):
 
 
 def _full(param, tensor):
-    from megaphi.parallel.mappings import _gather
+    from megaphi.parallel.mappings import gather_shards
 
-    return _gather(tensor, param.partition_dim) if getattr(param, "tensor_model_parallel", False) else tensor
+    return gather_shards(tensor, param.partition_dim) if getattr(param, "tensor_model_parallel", False) else tensor
 
 
 def _check_rank_layout(tp, pp):
@@ -126,7 +126,9 @@ def _pipelined(config, pp, tp=1, chunks=1, micro=1, layers_per_stage=None, count
         forward_backward_pipelining,
     )
 
-    config = config.replace(**overrides)
+    from megaphi.model.runtime import ModelRuntime
+
+    runtime = ModelRuntime(**overrides)  # recompute, loss chunks, sequence parallel: how the stages run
     state.initialize_model_parallel(tp, pp)
     _check_rank_layout(tp, pp)
     dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
@@ -138,10 +140,11 @@ def _pipelined(config, pp, tp=1, chunks=1, micro=1, layers_per_stage=None, count
         layers_per_stage,
         init_seed=INIT_SEED,
         dtype=torch.float64,
+        runtime=runtime,
     )
     for chunk in model:
         chunk.train()
-    comm = StageCommunicator(boundary_shape(micro, SEQ, config.hidden_size, config.sequence_parallel), torch.float64)
+    comm = StageCommunicator(boundary_shape(micro, SEQ, config.hidden_size, runtime.sequence_parallel), torch.float64)
     params = [p for chunk in model for p in chunk.parameters()]
     optimizer = torch.optim.AdamW(params, lr=LR, eps=COMPARISON_ADAM_EPS)
     rows = GLOBAL_BATCH // dp
@@ -306,7 +309,7 @@ def _two_stage_worker(rank, world):
         "PP=2": dict(pp=2),
         "PP=2 interleaved v=2": dict(pp=2, chunks=2),
         "PP=2 split 1,3": dict(pp=2, layers_per_stage=[1, 3]),
-        "PP=2 full recompute": dict(pp=2, recompute=True),
+        "PP=2 full recompute": dict(pp=2, recompute="full"),
     }  # replays the same ops: bitwise too
     for name, kwargs in runs.items():
         result = _pipelined(config, **kwargs)
@@ -328,8 +331,7 @@ def _four_rank_worker(rank, world):
     if rank == 0:
         assert result["max_live"] == 4  # the first stage holds P = 4 of the 8 micro-batches at most
     _compare("PP=2 x TP=2", _pipelined(config, pp=2, tp=2), reference, 1, bitwise=False)
-    sp_config = PhiConfig(**CONFIG, sequence_parallel=True)
-    _compare("PP=2 x TP=2 SP", _pipelined(sp_config, pp=2, tp=2), reference, 1, bitwise=False)
+    _compare("PP=2 x TP=2 SP", _pipelined(config, pp=2, tp=2, sequence_parallel=True), reference, 1, bitwise=False)
     counted = _reference(config, micro=1, count_tokens=True)
     _compare("PP=2 x DP=2", _pipelined(config, pp=2, count_tokens=True), counted, 1, bitwise=False)
 
@@ -361,13 +363,18 @@ def _dropout_worker(rank, world):
 
     results = {}
     for name, recompute in (("first", False), ("again", False), ("recompute", True)):
-        config = PhiConfig(
-            **{**CONFIG, "attention_dropout": 0.2, "resid_dropout": 0.2, "embd_dropout": 0.2}, recompute=recompute
-        )
+        from megaphi.model.runtime import ModelRuntime
+
+        config = PhiConfig(**{**CONFIG, "attention_dropout": 0.2, "resid_dropout": 0.2, "embd_dropout": 0.2})
         state.initialize_model_parallel(1, 2)
         seed_pipeline_stage(1234)
         model = build_model_chunks(
-            config, state.get_pipeline_model_parallel_rank(), 2, init_seed=INIT_SEED, dtype=torch.float64
+            config,
+            state.get_pipeline_model_parallel_rank(),
+            2,
+            init_seed=INIT_SEED,
+            dtype=torch.float64,
+            runtime=ModelRuntime(recompute="full" if recompute else "none"),
         )
         model[0].train()
         comm = StageCommunicator(boundary_shape(2, SEQ, config.hidden_size), torch.float64)

@@ -14,6 +14,5 @@ from .stage import (  # noqa: F401
     build_model_chunks,
     check_pipeline_composition,
     seed_pipeline_stage,
-    split_layers,
-    virtual_stages_per_rank,
 )
+from .split import split_layers, virtual_stages_per_rank  # noqa: F401

@@ -14,6 +14,7 @@ c * P + r; virtual stages hold consecutive layer ranges in order.
 import torch
 from torch import nn
 
+from megaphi.model.runtime import PLAIN, set_runtime
 from megaphi.model.phi import IGNORE_INDEX, PhiDecoderLayer, PhiForCausalLM, apply_layer_norm, region_dropout
 from megaphi.ops import LayerNorm, rotary_tables
 from megaphi.parallel.cross_entropy import chunked_linear_cross_entropy, vocab_parallel_cross_entropy
@@ -23,20 +24,7 @@ from megaphi.parallel.random import checkpoint
 from megaphi.parallel.state import get_tensor_model_parallel_world_size
 from megaphi.parallel.utils import set_tensor_model_parallel_attributes
 
-
-def virtual_stages_per_rank(num_layers, pipeline_size, layers_per_virtual_stage=None):
-    """v, the number of model chunks per rank, from --num-layers-per-virtual-pipeline-stage."""
-    if not layers_per_virtual_stage:
-        return 1
-    if pipeline_size < 2:
-        raise ValueError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-    if num_layers % pipeline_size or (num_layers // pipeline_size) % layers_per_virtual_stage:
-        raise ValueError(
-            f"--num-layers {num_layers} must split into --pipeline-model-parallel-size {pipeline_size} "
-            f"stages of a multiple of --num-layers-per-virtual-pipeline-stage {layers_per_virtual_stage} "
-            f"layers each"
-        )
-    return num_layers // pipeline_size // layers_per_virtual_stage
+from .split import split_layers, virtual_stages_per_rank  # noqa: F401  (their home before split.py)
 
 
 def check_pipeline_composition(pipeline_size, zero_stage=0, tensor_parallel_size=1, sequence_parallel=False):
@@ -51,40 +39,6 @@ def check_pipeline_composition(pipeline_size, zero_stage=0, tensor_parallel_size
         )
     if sequence_parallel and tensor_parallel_size < 2:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-
-
-def split_layers(num_layers, pipeline_size, num_chunks=1, layers_per_stage=None):
-    """[(first, end)] layer ranges of every virtual stage, in virtual-stage order (P * v entries).
-
-    Evenly by default: P * v must divide num_layers. layers_per_stage (--pipeline-layers-per-stage,
-    P entries, or P * v with interleaving) gives explicit counts, e.g. fewer layers on the stages that
-    also hold the embedding or the loss."""
-    n_virtual = pipeline_size * num_chunks
-    if layers_per_stage is None:
-        if num_layers % n_virtual:
-            what = (
-                f"--pipeline-model-parallel-size {pipeline_size}"
-                if num_chunks == 1
-                else f"--pipeline-model-parallel-size {pipeline_size} x {num_chunks} virtual stages"
-            )
-            raise ValueError(
-                f"--num-layers {num_layers} is not divisible by {what}; pass "
-                f"--pipeline-layers-per-stage to split unevenly"
-            )
-        counts = [num_layers // n_virtual] * n_virtual
-    else:
-        counts = [int(c) for c in layers_per_stage]
-        if len(counts) != n_virtual or any(c < 0 for c in counts) or sum(counts) != num_layers:
-            raise ValueError(
-                f"--pipeline-layers-per-stage {','.join(map(str, counts))} must give {n_virtual} "
-                f"non-negative counts (--pipeline-model-parallel-size {pipeline_size} x {num_chunks} "
-                f"virtual stages) summing to --num-layers {num_layers}"
-            )
-    bounds, start = [], 0
-    for c in counts:
-        bounds.append((start, start + c))
-        start += c
-    return bounds
 
 
 class _StageBody(nn.Module):
@@ -111,11 +65,21 @@ class PipelineStage(nn.Module):
     (hidden state to send on, None)."""
 
     def __init__(
-        self, config, layer_range, holds_embedding, holds_loss, init_seed=None, initialize=True, device=None, dtype=None
+        self,
+        config,
+        layer_range,
+        holds_embedding,
+        holds_loss,
+        init_seed=None,
+        initialize=True,
+        device=None,
+        dtype=None,
+        runtime=None,
     ):
         super().__init__()
         config.check_tensor_parallel(get_tensor_model_parallel_world_size())
         self.config = config
+        self.runtime = PLAIN  # how it runs (recompute, loss chunks, SP): a ModelRuntime, as PhiForCausalLM's
         self.layer_range = tuple(layer_range)
         self.holds_embedding, self.holds_loss = holds_embedding, holds_loss
         self.model = _StageBody(config, layer_range, holds_embedding, holds_loss, device=device, dtype=dtype)
@@ -134,13 +98,17 @@ class PipelineStage(nn.Module):
             # PhiForCausalLM's initialization reads only config and named_parameters: with the same
             # names it gives each of this stage's parameters the tensor the whole model gives it.
             PhiForCausalLM.reset_parameters(self, init_seed)
+        if runtime is not None:
+            if runtime.compile:
+                raise ValueError("pipeline stages run eager: compiled blocks (--torch-compile) are not wired yet")
+            set_runtime(self, runtime)  # the stage and every layer that reads a runtime choice
 
     def set_input_tensor(self, tensor):
         """The activation received from the previous stage (Megatron's set_input_tensor)."""
         self.input_tensor = tensor
 
     def sequence_parallel_active(self):
-        return self.config.sequence_parallel and get_tensor_model_parallel_world_size() > 1 and self.training
+        return self.runtime.sequence_parallel and get_tensor_model_parallel_world_size() > 1 and self.training
 
     def _rotary_tables(self, device, length):
         tables = self._rotary.get(device)
@@ -162,10 +130,10 @@ class PipelineStage(nn.Module):
             x = self.input_tensor
             seq = x.shape[1] * (get_tensor_model_parallel_world_size() if sp else 1)
         cos, sin = self._rotary_tables(x.device, seq)
-        c = self.config
-        recompute = c.recompute and c.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
+        r = self.runtime
+        recompute = r.recompute == "full" and self.training and torch.is_grad_enabled()
         # recompute_num_layers counts this stage's layers (Megatron's per-stage meaning)
-        full_layers = c.recompute_num_layers or len(self.model.layers)
+        full_layers = r.recompute_num_layers or len(self.model.layers)
         for index, layer in enumerate(self.model.layers.values()):
             if recompute and index < full_layers:
                 x = checkpoint(layer, x, cos, sin, None, None, sp)
@@ -182,10 +150,10 @@ class PipelineStage(nn.Module):
             return gather_from_tensor_model_parallel_region(self.lm_head(hidden, sequence_parallel=sp))
         valid = labels != IGNORE_INDEX
         mask = valid.float() if loss_mask is None else loss_mask.float() * valid
-        if reduction == "none" and self.config.loss_chunk_tokens > 0:
+        if reduction == "none" and self.runtime.loss_chunk_tokens > 0:
             h = enter_tensor_parallel_region(hidden, sp) if get_tensor_model_parallel_world_size() > 1 else hidden
             token_losses = chunked_linear_cross_entropy(
-                h, self.lm_head.weight, self.lm_head.bias, labels.masked_fill(~valid, 0), self.config.loss_chunk_tokens
+                h, self.lm_head.weight, self.lm_head.bias, labels.masked_fill(~valid, 0), self.runtime.loss_chunk_tokens
             )
             return token_losses * mask, None
         logits_shard = self.lm_head(hidden, sequence_parallel=sp)
@@ -208,7 +176,15 @@ def seed_pipeline_stage(seed):
 
 
 def build_model_chunks(
-    config, pipeline_rank, pipeline_size, num_chunks=1, layers_per_stage=None, init_seed=None, device=None, dtype=None
+    config,
+    pipeline_rank,
+    pipeline_size,
+    num_chunks=1,
+    layers_per_stage=None,
+    init_seed=None,
+    device=None,
+    dtype=None,
+    runtime=None,
 ):
     """This rank's model chunks (one without interleaving), chunk c holding virtual stage c * P + rank."""
     if not 0 <= pipeline_rank < pipeline_size:
@@ -220,7 +196,14 @@ def build_model_chunks(
         virtual = c * pipeline_size + pipeline_rank
         chunks.append(
             PipelineStage(
-                config, bounds[virtual], virtual == 0, virtual == last, init_seed=init_seed, device=device, dtype=dtype
+                config,
+                bounds[virtual],
+                virtual == 0,
+                virtual == last,
+                init_seed=init_seed,
+                device=device,
+                dtype=dtype,
+                runtime=runtime,
             )
         )
     return chunks
