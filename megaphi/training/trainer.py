@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from megaphi.checkpoint import layout, lock, model_folder, resume_checks, training_state
-from megaphi.training import metrics
-from megaphi.training.engine import build_engine, check_precision_supported, loss_scale_of
+from megaphi.training import metrics, step_log
+from megaphi.training.engine import build_engine, check_precision_supported
 from megaphi.training.messages import deepspeed_logs_to_stderr, say_rank0
 from megaphi.training.multinode import SaveTimer, check_save_folder, warn_elastic_store
 from megaphi.training.process_group import init_distributed
@@ -357,10 +357,12 @@ class Trainer:
                 check_replicated(self.engine.module, tp, f" after iteration {state.iteration}")
             if state.iteration % c.logging.log_interval == 0 or state.iteration in (t.train_iters, first_iteration):
                 interval_loss = pending.flush()
-                self._log(step, interval_loss, interval_iters, watch.take(), skipped_before, flops_token, writer)
+                step_log.log_step(
+                    self, step, interval_loss, interval_iters, watch.take(), skipped_before, flops_token, writer
+                )
                 interval_iters, skipped_before = 0, self.engine.skipped_steps
             elif c.logging.tensorboard_log_interval and state.iteration % c.logging.tensorboard_log_interval == 0:
-                self._write_scalars(step, writer)  # TensorBoard between log lines
+                step_log.write_scalars(self, step, writer)  # TensorBoard between log lines
 
             val_loss = None
             if (
@@ -431,42 +433,3 @@ class Trainer:
                 )
                 return "exit-duration"
         return "done"
-
-    def _log(self, step, interval_loss, interval_iters, interval_time, skipped_before, flops_token, writer):
-        c, state = self.config, self.state
-        record = metrics.train_record(
-            c,
-            state,
-            step,
-            interval_loss,
-            interval_iters,
-            interval_time,
-            flops_token,
-            loss_scale_of(self.engine),
-            self.engine.skipped_steps,
-            self.engine.skipped_steps - skipped_before,
-        )
-        record.update(self._step_values(step))  # lr, grad norm, loss scale; num_zeros and params_norm if asked
-        print_rank0(metrics.format_train_line(record))
-        every = c.logging.tensorboard_log_interval  # None: the scalars go with every log line
-        writer.write(record, to_scalars=every is None)
-        if every is not None and state.iteration % every == 0:
-            writer.write({**record, "loss": float(step.loss)}, to_file=False)  # Megatron's: the iteration's loss
-
-    def _step_values(self, step):
-        """lr, grad norm, loss scale, num_zeros and params_norm (collective over TP) of the last step."""
-        values = {"lr": step.lr, "grad_norm": None if step.grad_norm is None else float(step.grad_norm)}
-        values["loss_scale"] = loss_scale_of(self.engine)
-        if self.config.logging.log_num_zeros_in_grad and self.grad_norms.latest_zeros() is not None:
-            values["num_zeros"] = int(self.grad_norms.latest_zeros())
-        if self.config.logging.log_params_norm:
-            values["params_norm"] = metrics.parameters_norm(self.engine.module.parameters())
-        return values
-
-    def _write_scalars(self, step, writer):
-        """--tensorboard-log-interval between log lines: this iteration's loss (a host sync), lr, norms and
-        batch size to TensorBoard / W&B, as Megatron writes them (timings come with the log lines)."""
-        state, loss = self.state, float(step.loss)
-        record = {"iteration": state.iteration, "consumed_samples": state.consumed_samples, "loss": loss}
-        record.update(self._step_values(step), global_batch_size=self.config.training.global_batch_size)
-        writer.write({**record, "peak_memory_gb": metrics.peak_memory_gb()}, to_file=False)

@@ -285,7 +285,7 @@ def test_reshard_between_pipeline_and_tensor_layouts(tmp_path):
     """tools/convert_checkpoint.py reshard: (PP 2, TP 1) -> (1, 1) equals the PP=1 run's weights;
     (1, 1) -> (2, 1) equals the PP=2 run's stage files; (2, 1) -> (4, 2) -> (1, 1) gives them back. The
     resharded (1, 1) and (2, 1) checkpoints resume at PP=1 and PP=2 to the same weights, bitwise."""
-    from megaphi.checkpoint.reshard import reshard
+    from megaphi.cli.convert_checkpoint import reshard
 
     pp1, pp2, tag = tmp_path / "pp1", tmp_path / "pp2", f"iter_{ITERS:07d}"
     pretrain(pp1, 1, *NO_CLIP)
