@@ -11,7 +11,7 @@ if ! $PY -c "import torch, deepspeed, tokenizers, transformers, matplotlib, tens
 fi
 # Rebuild the extensions in place so edits to csrc/ are always tested.
 $PY setup.py -q build_ext --inplace >/dev/null
-# Test paths given (bash tools/test.sh tests/test_x.py -k name): run those only; otherwise everything.
+# Test paths given (bash tools/test.sh tests/training/test_x.py -k name): run those only; otherwise everything.
 for arg in "$@"; do
   case "$arg" in tests/*|./tests/*|*/tests/*|*.py|*::*) exec $PY -m pytest -q "$@" ;; esac
 done

@@ -380,7 +380,7 @@ def load_checkpoint(engine, load_dir, verified=None, load_optim=True, load_rng=T
         raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it ({type(e).__name__}: {first})") from None
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load the checkpoint {tag_dir}")
-    if not load_optim and not engine.zero_optimization() and hasattr(engine.optimizer, "refresh_fp32_params"):
+    if not load_optim and engine.zero_optimization_stage() == 0 and hasattr(engine.optimizer, "refresh_fp32_params"):
         # fp16 at ZeRO 0: the optimizer's fp32 master copy would still hold the initial weights (DeepSpeed
         # refreshes it after a weights-only load, not after load_optimizer_states=False); ZeRO rebuilds its own
         engine.optimizer.refresh_fp32_params()

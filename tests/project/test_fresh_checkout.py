@@ -85,7 +85,7 @@ def test_datasets_snippet_runs_on_a_small_file(tmp_path, monkeypatch, test_sampl
     # 120 documents of 10-120 tokens: --split 969,30,1 leaves the test split [120, 120) empty
     make_token_file("data/code_text_document", docs=120, seed=1)
     make_token_file("data/book_text_document", docs=120, seed=2)
-    loop_body = 'for batch in loader:            # {"tokens": int64 [8, 2048], "labels": int64 [8, 2048]}\n    ...\n'
+    loop_body = 'for batch in loader:  # {"tokens": int64 [8, 2048], "labels": int64 [8, 2048]}\n    ...\n'
     assert loop_body in snippet  # the loop reads one batch here, then stops
     code = snippet.replace(loop_body, "for batch in loader:\n    break\n").replace("seq_length=2048", "seq_length=64")
     assert "seq_length=64" in code
