@@ -69,12 +69,18 @@ def compile_decoder_layers(model, mode=None):
     once, on purpose, at its eager attention core.)"""
     import dataclasses
 
-    prepare_for_compile()
-    for layer in model.model.layers:
-        layer.compile(mode=mode, dynamic=False)
+    compile_layers(model.model.layers, mode)
     # the runtime's own set_runtime, written here by type so that runtime.py (which calls this) is not imported
     compiled = dataclasses.replace(model.runtime, compile=True)
     for module in model.modules():
         if type(getattr(module, "runtime", None)) is type(compiled):
             module.runtime = compiled
     return model
+
+
+def compile_layers(layers, mode=None):
+    """Compile each decoder layer of `layers` in place (lazily, at its first call; names and state dicts
+    unchanged): what compile_decoder_layers does to a whole model, and a pipeline stage to its layers."""
+    prepare_for_compile()
+    for layer in layers:
+        layer.compile(mode=mode, dynamic=False)

@@ -333,13 +333,6 @@ def resolve_config(args, world_size=None, device=None):
     device = device or _device()
     flags.peak_tflops, peak_text = resolve_peak_tflops(flags, device)
     flags.compiled_blocks = compile_enabled(flags.torch_compile, device.type)
-    if flags.pipeline_model_parallel_size > 1 and flags.compiled_blocks:  # pipeline stages run eager for now
-        if flags.torch_compile == "on":
-            raise FlagError(
-                f"--torch-compile on is not supported with --pipeline-model-parallel-size "
-                f"{flags.pipeline_model_parallel_size} yet; use --torch-compile off"
-            )
-        flags.compiled_blocks = False
     flags.start_time = start_time
     values = vars(flags)
     base = flags.base_model_config.to_dict() if flags.base_model_config is not None else None

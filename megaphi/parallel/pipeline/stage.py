@@ -14,6 +14,7 @@ c * P + r; virtual stages hold consecutive layer ranges in order.
 import torch
 from torch import nn
 
+from megaphi.model.compile import compile_layers
 from megaphi.model.runtime import PLAIN, set_runtime
 from megaphi.model.phi import IGNORE_INDEX, PhiDecoderLayer, PhiForCausalLM, apply_layer_norm, region_dropout
 from megaphi.ops import LayerNorm, rotary_tables
@@ -99,9 +100,9 @@ class PipelineStage(nn.Module):
             # names it gives each of this stage's parameters the tensor the whole model gives it.
             PhiForCausalLM.reset_parameters(self, init_seed)
         if runtime is not None:
-            if runtime.compile:
-                raise ValueError("pipeline stages run eager: compiled blocks (--torch-compile) are not wired yet")
             set_runtime(self, runtime)  # the stage and every layer that reads a runtime choice
+            if runtime.compile:  # this stage's decoder layers, as compile_decoder_layers does for the whole model
+                compile_layers(self.model.layers.values())
 
     def set_input_tensor(self, tensor):
         """The activation received from the previous stage (Megatron's set_input_tensor)."""
