@@ -297,12 +297,12 @@ def check_pipeline_composition(args):
     pp = args.pipeline_model_parallel_size
     if pp == 1:
         return
-    if args.zero_stage not in (0, 1):
-        raise ArgumentError(
-            f"--zero-stage {args.zero_stage} does not compose with --pipeline-model-parallel-size {pp}: "
-            f"ZeRO-2/3 partition gradients or parameters on each of the step's micro-batch backwards; "
-            f"use --zero-stage 0 or 1"
-        )
+    from megaphi.parallel.pipeline.split import check_pipeline_composition as check_zero_stage
+
+    try:
+        check_zero_stage(pp, args.zero_stage)  # the rule and its message live with the pipeline
+    except ValueError as e:
+        raise ArgumentError(str(e)) from None
     for name, flag in _NOT_WIRED_WITH_PIPELINE:
         if getattr(args, name, None):
             raise ArgumentError(f"{flag} is not supported with --pipeline-model-parallel-size {pp} yet")

@@ -1,4 +1,5 @@
-"""How phi-1's decoder layers split into pipeline stages (no model code: checkpoint tools use it too)."""
+"""How phi-1's decoder layers split into pipeline stages, and what composes with a pipeline (no model code:
+the flag checks and checkpoint tools use it too)."""
 
 
 def virtual_stages_per_rank(num_layers, pipeline_size, layers_per_virtual_stage=None):
@@ -48,3 +49,17 @@ def split_layers(num_layers, pipeline_size, num_chunks=1, layers_per_stage=None)
         bounds.append((start, start + c))
         start += c
     return bounds
+
+
+def check_pipeline_composition(pipeline_size, zero_stage=0, tensor_parallel_size=1, sequence_parallel=False):
+    """One-line refusals of what does not compose with pipelining. ZeRO-1 (optimizer state sharded
+    over data parallelism) does; ZeRO-2 and -3 partition gradients (and parameters) per backward,
+    which the pipeline runs m times per step, each needing whole gradients to accumulate into."""
+    if pipeline_size > 1 and zero_stage not in (0, 1):
+        raise ValueError(
+            f"--zero-stage {zero_stage} does not compose with --pipeline-model-parallel-size "
+            f"{pipeline_size}: use --zero-stage 0 or 1 (ZeRO-2/3 partition gradients or parameters "
+            f"on every micro-batch's backward)"
+        )
+    if sequence_parallel and tensor_parallel_size < 2:
+        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")

@@ -25,21 +25,7 @@ from megaphi.parallel.random import checkpoint
 from megaphi.parallel.state import get_tensor_model_parallel_world_size
 from megaphi.parallel.utils import set_tensor_model_parallel_attributes
 
-from .split import split_layers, virtual_stages_per_rank  # noqa: F401  (their home before split.py)
-
-
-def check_pipeline_composition(pipeline_size, zero_stage=0, tensor_parallel_size=1, sequence_parallel=False):
-    """One-line refusals of what does not compose with pipelining. ZeRO-1 (optimizer state sharded
-    over data parallelism) does; ZeRO-2 and -3 partition gradients (and parameters) per backward,
-    which the pipeline runs m times per step, each needing whole gradients to accumulate into."""
-    if pipeline_size > 1 and zero_stage not in (0, 1):
-        raise ValueError(
-            f"--zero-stage {zero_stage} does not compose with --pipeline-model-parallel-size "
-            f"{pipeline_size}: use --zero-stage 0 or 1 (ZeRO-2/3 partition gradients or parameters "
-            f"on every micro-batch's backward)"
-        )
-    if sequence_parallel and tensor_parallel_size < 2:
-        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+from .split import check_pipeline_composition, split_layers, virtual_stages_per_rank  # noqa: F401  (their home before split.py)
 
 
 class _StageBody(nn.Module):
