@@ -17,6 +17,11 @@ length. Every collective issued by megaphi.parallel.mappings is counted
                           (LayerNorm weight/bias, row biases: gradients on sequence shards)
   ring/rank   bytes each rank sends with ring algorithms: all-reduce 2(t-1)/t x N, all-gather and
               reduce-scatter (t-1)/t x N: equal for TP and TP+SP, as in Megatron
+  copied      bytes written by copying ops (copy_, clone, cat, stack, dtype casts) during the layer's
+              forward + backward on one rank, whoever issues them (the model, autograd, the attention
+              kernel's fallback): the memory traffic that layout changes cost. Sequence parallel keeps
+              activations [seq, batch, hidden], so its collectives copy nothing at any batch size; run
+              with --batch > 1 to see it
   step ms     measured forward+backward time of the layer on this machine (CPU gloo processes here:
               a check that it runs, not a GPU figure; on a multi-GPU machine it is NCCL on GPUs)
 
@@ -33,12 +38,32 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megaphi.config import get_preset  # noqa: E402
 
 FULL_SEQ, FULL_BYTES_PER_ELEMENT = 2048, 2  # phi-1 training: 2048 tokens, bf16/fp16 activations
+
+
+COPY_OPS = {"copy_", "clone", "cat", "stack", "_to_copy"}
+
+
+class CopiedBytes(TorchDispatchMode):
+    """Bytes written by copying ops while active (the destination of copy_, the result of the others)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.__name__.split(".")[0] in COPY_OPS:
+            written = args[0] if func.__name__.startswith("copy_") else out
+            if isinstance(written, torch.Tensor):
+                self.bytes += written.numel() * written.element_size()
+        return out
 
 
 def _free_port():
@@ -71,9 +96,10 @@ def _worker(rank, world, port, args, sp, out_path):
                 init_from_master(p, lambda t, g: t.normal_(0, 0.02, generator=g), torch.Generator().manual_seed(0))
         cos, sin = (t.to(device=device, dtype=dtype) for t in rotary_tables(config.rotary_dim, args.seq, device=device))
         local_seq = args.seq // world if sp else args.seq
+        # the block's input: [batch, seq, hidden], or under SP this rank's [seq/TP, batch, hidden]
+        shape = (local_seq, args.batch) if sp else (args.batch, local_seq)
         x = torch.randn(
-            args.batch,
-            local_seq,
+            *shape,
             config.hidden_size,
             device=device,
             dtype=dtype,
@@ -85,7 +111,7 @@ def _worker(rank, world, port, args, sp, out_path):
             layer(x, cos, sin, None, None, sp).float().square().mean().backward()
 
         step()  # warm-up
-        with count_communication() as counter:
+        with count_communication() as counter, CopiedBytes() as copied:
             step()
         if use_cuda:
             torch.cuda.synchronize()
@@ -101,6 +127,7 @@ def _worker(rank, world, port, args, sp, out_path):
                 {
                     "calls": dict(counter.calls),
                     "bytes": dict(counter.bytes),
+                    "copied": copied.bytes,
                     "ms": elapsed * 1e3,
                     "element_size": torch.empty(0, dtype=dtype).element_size(),
                     "backend": "nccl/GPU" if use_cuda else "gloo/CPU",
@@ -152,10 +179,10 @@ def main():
     )
     header = (
         "| TP | SP | calls AR/AG/RS | counted (run) | counted -> s=2048 bf16 | formula s=2048 bf16 "
-        "| ring bytes/rank (formula) | step ms | backend |"
+        "| ring bytes/rank (formula) | copied (run) | step ms | backend |"
     )
     print(header)
-    print("|" + "---|" * 9)
+    print("|" + "---|" * 10)
     for tp in args.tp:
         for sp in (False,) if tp == 1 else (False, True):
             r = measure(tp, sp, args)
@@ -171,7 +198,7 @@ def main():
             message, ring = formula(tp, sp, config, 1, FULL_SEQ, FULL_BYTES_PER_ELEMENT)
             print(
                 f"| {tp} | {'on' if sp else 'off'} | {calls} | {_mb(counted)} | {_mb(scaled)} | {_mb(message)} "
-                f"| {_mb(ring)} | {r['ms']:.1f} | {r['backend']} |",
+                f"| {_mb(ring)} | {_mb(r['copied'])} | {r['ms']:.1f} | {r['backend']} |",
                 flush=True,
             )
     print("Step time on GPUs needs a machine with >= TP GPUs (NCCL); the CPU figures above only show the runs work.")

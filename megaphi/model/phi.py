@@ -10,8 +10,12 @@ Tensor parallel: the LayerNorm output enters the TP region once (shared by the a
 column layers, whose backward overlaps the collective on its gradient with both weight-gradient
 GEMMs); each branch leaves it through its row layer. With runtime.sequence_parallel (and
 TP > 1, in training) the residual stream, LayerNorms and residual/embedding dropout hold only
-seq/TP tokens ([batch, seq/TP, hidden], split on dim 1): the region entry is an all-gather along the
-sequence and each row layer reduce-scatters. Dropout on those sequence shards draws from the
+seq/TP tokens, sequence first as in Megatron ([seq/TP, batch, hidden]): the region entry is an
+all-gather along the sequence and each row layer reduce-scatters, none of them copying for any batch
+size (megaphi.parallel.layers). Attention reads q, k, v as [batch, seq, heads, head_dim] views of the
+sequence-first projection, and its output is laid out sequence first once ([seq, batch, hidden/TP])
+for the dense layer; the loss reads the transposed labels, and logits are returned as a
+[batch, seq, vocab] view. Dropout on those sequence shards draws from the
 per-TP-rank stream (different tokens per rank), so an SP run equals TP=1 in law, not bitwise.
 
 The config (PhiConfig) is the architecture; how the model runs (recompute, loss chunking, attention
@@ -67,18 +71,26 @@ class PhiAttention(nn.Module):
         self.dense = RowParallelLinear(h, h, input_is_parallel=True, initialize=False, device=device, dtype=dtype)
 
     def forward(self, hidden, cos, sin, position_ids=None, kv_cache=None, sequence_parallel=False):
-        """hidden: the full [b, s, h] input, already in the TP region (enter_tensor_parallel_region)."""
-        q, k, v = self.rotated_qkv(hidden, cos, sin, position_ids, kv_cache)
+        """hidden: the full input, already in the TP region (enter_tensor_parallel_region): [b, s, h],
+        or [s, b, h] with sequence_parallel (the output is then this rank's [s/TP, b, h] chunk)."""
+        q, k, v = self.rotated_qkv(hidden, cos, sin, position_ids, kv_cache, sequence_parallel)
         return self.output(self.attend(q, k, v, kv_cache), sequence_parallel)
 
-    def rotated_qkv(self, hidden, cos, sin, position_ids=None, kv_cache=None):
+    def rotated_qkv(self, hidden, cos, sin, position_ids=None, kv_cache=None, sequence_first=False):
         """q, k, v [b, s, heads, head_dim] with rotary applied; k, v include the cache when given."""
-        return self.split_rotated(self.query_key_value(hidden), cos, sin, position_ids, kv_cache)
+        return self.split_rotated(self.query_key_value(hidden), cos, sin, position_ids, kv_cache, sequence_first)
 
-    def split_rotated(self, projected, cos, sin, position_ids=None, kv_cache=None):
-        """rotated_qkv from the query_key_value output."""
-        b, s, _ = projected.shape
-        q, k, v = projected.view(b, s, self.num_heads, 3, self.head_dim).unbind(3)
+    def split_rotated(self, projected, cos, sin, position_ids=None, kv_cache=None, sequence_first=False):
+        """rotated_qkv from the query_key_value output ([b, s, 3h/TP], or [s, b, 3h/TP] when
+        sequence_first: q, k, v are then strided [b, s, ...] views of it, which rotary and the attention
+        kernels take as they are)."""
+        if sequence_first:
+            s, b, _ = projected.shape
+            qkv = projected.view(s, b, self.num_heads, 3, self.head_dim).transpose(0, 1)
+        else:
+            b, s, _ = projected.shape
+            qkv = projected.view(b, s, self.num_heads, 3, self.head_dim)
+        q, k, v = qkv.unbind(3)
         if self.config.rotary_dim > 0:
             q, k = apply_rotary_qk(q, k, cos, sin, position_ids)
         if kv_cache is not None:
@@ -91,8 +103,14 @@ class PhiAttention(nn.Module):
         return self._attention_core(q, k, v, dropout_p, recompute)
 
     def output(self, attended, sequence_parallel=False):
+        """The dense layer on the attention output [b, s, heads, head_dim]; with sequence_parallel it is
+        first laid out sequence first, [s, b, h/TP] (one copy of this rank's heads, where the [b, s, h]
+        layout would copy the whole activation at each of the block's sequence collectives)."""
         b, s = attended.shape[:2]
-        return self.dense(attended.reshape(b, s, self.num_heads * self.head_dim), sequence_parallel=sequence_parallel)
+        width = self.num_heads * self.head_dim
+        if sequence_parallel:
+            return self.dense(attended.transpose(0, 1).reshape(s, b, width), sequence_parallel=True)
+        return self.dense(attended.reshape(b, s, width), sequence_parallel=False)
 
     # Eager even inside a compiled block (one graph break per layer): switching RNG streams (tracker
     # fork) and the selective checkpoint are Python state changes Dynamo cannot trace, and the
@@ -160,6 +178,27 @@ def _dropout_on_tensor_parallel_stream(dropout, x):
         return dropout(x)
 
 
+def batch_first(t, sequence_first):
+    """A [seq, batch, ...] tensor as [batch, seq, ...] (a view) when sequence_first, else t."""
+    return t.transpose(0, 1) if sequence_first else t
+
+
+def token_losses_and_logits(lm_head, runtime, hidden, labels, reduction, sequence_parallel):
+    """Per-token losses [b, s] (unmasked) of the final hidden states, and the logits shard they came
+    from (None on the chunked path, where no logits tensor exists). hidden is [b, s, h], or this rank's
+    [s/TP, b, h] chunk with sequence_parallel: the losses are then computed against the transposed
+    labels and handed back as a [b, s] view."""
+    sp = sequence_parallel
+    labels = labels.t() if sp else labels
+    if reduction == "none" and runtime.loss_chunk_tokens > 0:
+        # training's path: the logits never exist as one tensor (none are returned)
+        h = enter_tensor_parallel_region(hidden, sp) if get_tensor_model_parallel_world_size() > 1 else hidden
+        token_losses = chunked_linear_cross_entropy(h, lm_head.weight, lm_head.bias, labels, runtime.loss_chunk_tokens)
+        return batch_first(token_losses, sp), None
+    logits_shard = lm_head(hidden, sequence_parallel=sp)
+    return batch_first(vocab_parallel_cross_entropy(logits_shard, labels), sp), logits_shard
+
+
 class PhiDecoderLayer(nn.Module):
     def __init__(self, config, layer_idx, device=None, dtype=None):
         super().__init__()
@@ -178,7 +217,7 @@ class PhiDecoderLayer(nn.Module):
         )
         # the attention sublayer's steps are called from here so that, in a compiled block, the one
         # graph break (PhiAttention._attention_core) splits this frame into two graphs
-        attended = attention.attend(*attention.split_rotated(qkv, cos, sin, position_ids, kv_cache), kv_cache)
+        attended = attention.attend(*attention.split_rotated(qkv, cos, sin, position_ids, kv_cache, sp), kv_cache)
         attn = region_dropout(self.resid_dropout, attention.output(attended, sp), sp)
         mlp = region_dropout(self.resid_dropout, self.mlp.from_fc1(fc1, sp), sp)
         return attn + mlp + x  # HF's summation order
@@ -208,7 +247,7 @@ class PhiModel(nn.Module):
         return tables
 
     def forward(self, input_ids, position_ids=None, kv_cache=None, sequence_parallel=False):
-        """Final hidden states; with sequence_parallel, this rank's sequence chunk [b, s/TP, h]."""
+        """Final hidden states [b, s, h]; with sequence_parallel, this rank's sequence chunk [s/TP, b, h]."""
         seq = input_ids.shape[1]
         past = kv_cache.length if kv_cache is not None else 0
         needed = past + seq
@@ -323,27 +362,21 @@ class PhiForCausalLM(nn.Module):
                 hidden = hidden[:, -logits_to_keep:]
             logits_shard = self.lm_head(hidden, sequence_parallel=sp)
             if logits_to_keep and sp:
-                logits_shard = logits_shard[:, -logits_to_keep:]
-            return gather_from_tensor_model_parallel_region(logits_shard)
+                logits_shard = logits_shard[-logits_to_keep:]
+            return batch_first(gather_from_tensor_model_parallel_region(logits_shard), sp)
         valid = labels != IGNORE_INDEX
         mask = valid.float() if loss_mask is None else loss_mask.float() * valid
-        if reduction == "none" and self.runtime.loss_chunk_tokens > 0:
-            # training's path: the logits never exist as one tensor (none are returned)
-            h = enter_tensor_parallel_region(hidden, sp) if get_tensor_model_parallel_world_size() > 1 else hidden
-            token_losses = chunked_linear_cross_entropy(
-                h, self.lm_head.weight, self.lm_head.bias, labels.masked_fill(~valid, 0), self.runtime.loss_chunk_tokens
-            )
-            return token_losses * mask, None
-        logits_shard = self.lm_head(hidden, sequence_parallel=sp)
-        token_losses = vocab_parallel_cross_entropy(logits_shard, labels.masked_fill(~valid, 0)) * mask
+        token_losses, logits_shard = token_losses_and_logits(
+            self.lm_head, self.runtime, hidden, labels.masked_fill(~valid, 0), reduction, sp
+        )
         if reduction == "none":
-            return token_losses, None
+            return token_losses * mask, None
         if reduction != "mean":
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        loss = token_losses.sum() / mask.sum().clamp(min=1.0)
+        loss = (token_losses * mask).sum() / mask.sum().clamp(min=1.0)
         if logits_to_keep:
-            logits_shard = logits_shard[:, -logits_to_keep:]
-        return loss, gather_from_tensor_model_parallel_region(logits_shard)
+            logits_shard = logits_shard[:, -logits_to_keep:] if not sp else logits_shard[-logits_to_keep:]
+        return loss, batch_first(gather_from_tensor_model_parallel_region(logits_shard), sp)
 
     def allocate_kv_cache(self, batch_size, max_length, dtype=None, device=None):
         ref = self.model.embed_tokens.weight

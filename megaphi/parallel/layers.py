@@ -1,11 +1,15 @@
 """Megatron-style tensor-parallel layers. At TP=1 each is exactly one F.linear / F.embedding call.
 
 Sequence parallel (sequence_parallel=True, at construction or per call): activations outside the
-column..row region are split along the sequence dim (dim 1 of [batch, seq, hidden]; Megatron uses
-[seq, batch, hidden] and dim 0). A column layer then all-gathers its input along the sequence
-(backward: reduce-scatter), a row layer reduce-scatters its output (backward: all-gather) and adds
-its bias to the local sequence chunk, so the bias gradient is summed over TP inside the graph
-(see replicated_in_sequence_parallel_region).
+column..row region are [seq, batch, hidden], split along the sequence (SEQUENCE_DIM = 0), as in
+Megatron. A column layer then all-gathers its input along the sequence (backward: reduce-scatter), a
+row layer reduce-scatters its output (backward: all-gather) and adds its bias to the local sequence
+chunk, so the bias gradient is summed over TP inside the graph (see
+replicated_in_sequence_parallel_region). With the sequence leading, each rank's chunk is one
+contiguous block for any batch size: the gathers are views of the collective's buffer and the
+reduce-scatters send their input as it is (no rearranging copy; with [batch, seq, hidden] and batch >
+1 every one of them would copy the whole activation). The embedding takes [batch, seq] ids and
+returns [seq/TP, batch, hidden]: it looks up the transposed ids, so no activation is transposed.
 
 Input-gradient overlap (overlap_grad_communication=True, the default; an attribute of each column
 layer, so it can be switched per layer to compare): a column layer that enters the TP region itself
@@ -46,6 +50,8 @@ from .mappings import (
 )
 from .state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from .utils import divide, is_tensor_model_parallel_param, set_tensor_model_parallel_attributes, vocab_range
+
+SEQUENCE_DIM = 0  # sequence-parallel activations are [seq, batch, hidden]
 
 
 def normal_init(std=0.02):
@@ -91,15 +97,15 @@ def _reset_linear(layer, init_method=None, generator=None):
 
 class _ColumnParallelLinearsWithOverlappedGradComm(torch.autograd.Function):
     """outputs[i] = F.linear(total, weight_i, bias_i), total = x entered into the TP region (identity,
-    or all-gathered along the sequence dim 1). Backward: the input gradient sum_i grad_i @ weight_i
-    first, its all-reduce (reduce-scatter along dim 1) launched asynchronously, then the weight and bias
+    or all-gathered along the sequence, SEQUENCE_DIM). Backward: the input gradient sum_i grad_i @ weight_i
+    first, its all-reduce (reduce-scatter along the sequence) launched asynchronously, then the weight and bias
     gradients, then the wait. The formulas are F.linear's own backward (grad @ W, grad^T @ x, sum over
     tokens); input gradients add up in layer order, which for one or two layers is bitwise autograd's
     accumulation (addition commutes)."""
 
     @staticmethod
     def forward(ctx, x, sequence_parallel, *weights_and_biases):
-        total = gather_shards(x, 1) if sequence_parallel else x
+        total = gather_shards(x, SEQUENCE_DIM) if sequence_parallel else x
         weights, biases = list(weights_and_biases[0::2]), list(weights_and_biases[1::2])
         device_type = total.device.type
         if torch.is_autocast_enabled(device_type):  # cast like autocast's F.linear; save what the GEMMs use
@@ -127,7 +133,7 @@ class _ColumnParallelLinearsWithOverlappedGradComm(torch.autograd.Function):
             grad_total = grad_total.view(total.shape).to(ctx.input_dtype)
             # grad_total is this function's own fresh tensor: the all-reduce may work in place
             pending = (
-                _reduce_scatter(grad_total, 1, async_op=True)
+                _reduce_scatter(grad_total, SEQUENCE_DIM, async_op=True)
                 if ctx.sequence_parallel
                 else _all_reduce(grad_total, async_op=True)
             )
@@ -145,7 +151,7 @@ class ColumnParallelLinear(nn.Module):
     """y = x A^T + b with A split along its output dim: each rank computes output_size / TP features.
 
     gather_output=True all-gathers the features (the output is then full on every rank).
-    sequence_parallel=True: x is this rank's sequence chunk [b, s/TP, in]; it is all-gathered along
+    sequence_parallel=True: x is this rank's sequence chunk [s/TP, b, in]; it is all-gathered along
     the sequence first. input_in_parallel_region=True: the caller already moved x into the
     tensor-parallel region (enter_tensor_parallel_region), so the layer communicates nothing on its
     input; several column layers reading one tensor then share a single all-gather / all-reduce.
@@ -217,7 +223,7 @@ class RowParallelLinear(nn.Module):
 
     input_is_parallel=True: x is already split on its last dim (e.g. the output of a column layer);
     otherwise x is full and each rank takes its slice.
-    sequence_parallel=True: the output is reduce-scattered along the sequence (dim 1) instead of
+    sequence_parallel=True: the output is reduce-scattered along the sequence (dim 0) instead of
     all-reduced; needs input_is_parallel=True.
     """
 
@@ -263,7 +269,7 @@ class RowParallelLinear(nn.Module):
             x = scatter_to_tensor_model_parallel_region(x)
         y = F.linear(x, self.weight)
         # y is our fresh matmul output (not saved for backward): all-reduce it in place, no copy
-        y = reduce_scatter_along_dim(y, 1) if sp else reduce_from_tensor_model_parallel_region_(y)
+        y = reduce_scatter_along_dim(y, SEQUENCE_DIM) if sp else reduce_from_tensor_model_parallel_region_(y)
         if self.bias is None:
             return y
         return y + (replicated_in_sequence_parallel_region(self.bias) if sp else self.bias)
@@ -278,7 +284,10 @@ class RowParallelLinear(nn.Module):
 class VocabParallelEmbedding(nn.Module):
     """Embedding with its rows (the vocabulary) split over TP ranks: each rank looks up the ids in
     its range, zeros the others, and the partial results are all-reduced (with sequence_parallel:
-    reduce-scattered along the sequence, so each rank gets its sequence chunk)."""
+    reduce-scattered along the sequence, so each rank gets its sequence chunk).
+
+    input_ids are [batch, seq]; the output is [batch, seq, hidden], or with sequence_parallel this
+    rank's chunk [seq/TP, batch, hidden] (the lookup reads the transposed ids, a copy of the ids only)."""
 
     def __init__(self, num_embeddings, embedding_dim, init_method=None, initialize=True, device=None, dtype=None):
         super().__init__()
@@ -296,6 +305,8 @@ class VocabParallelEmbedding(nn.Module):
         init_from_master(self.weight, init_method or normal_init(), generator)
 
     def forward(self, input_ids, sequence_parallel=False):
+        if sequence_parallel:
+            input_ids = input_ids.t()  # [seq, batch]: the lookup writes the sequence-first layout itself
         if get_tensor_model_parallel_world_size() == 1:
             return F.embedding(input_ids, self.weight)
         outside = (input_ids < self.vocab_start) | (input_ids >= self.vocab_end)
@@ -303,7 +314,7 @@ class VocabParallelEmbedding(nn.Module):
         # the lookup's fresh output (its backward keeps only the ids): zeroed and all-reduced in place
         out = F.embedding(local_ids, self.weight).masked_fill_(outside.unsqueeze(-1), 0.0)
         if sequence_parallel:
-            return reduce_scatter_along_dim(out, 1)
+            return reduce_scatter_along_dim(out, SEQUENCE_DIM)
         return reduce_from_tensor_model_parallel_region_(out)
 
     def extra_repr(self):
@@ -314,7 +325,7 @@ def enter_tensor_parallel_region(x, sequence_parallel=False):
     """Make x (replicated, or this rank's sequence chunk when sequence_parallel) the full input of
     column-parallel layers: identity forward / all-reduce backward, or all-gather along the sequence
     forward / reduce-scatter backward."""
-    return gather_along_dim(x, 1) if sequence_parallel else copy_to_tensor_model_parallel_region(x)
+    return gather_along_dim(x, SEQUENCE_DIM) if sequence_parallel else copy_to_tensor_model_parallel_region(x)
 
 
 def column_parallel_linears_on_shared_input(x, column_layers, sequence_parallel=False):

@@ -120,7 +120,7 @@ def test_boundary_tensors_have_the_shape_fixed_for_the_run():
     import torch
     from megaphi.parallel.pipeline.p2p import StageCommunicator, boundary_shape
 
-    assert boundary_shape(2, 16, 32, sequence_parallel=True, tp_size=4) == (2, 4, 32)
+    assert boundary_shape(2, 16, 32, sequence_parallel=True, tp_size=4) == (4, 2, 32)  # [s/TP, b, h]
     assert boundary_shape(2, 16, 32, sequence_parallel=False, tp_size=4) == (2, 16, 32)
     comm = StageCommunicator((2, 16, 32), torch.float32, next_rank=1, prev_rank=1)
     with pytest.raises(ValueError, match="boundary shape"):

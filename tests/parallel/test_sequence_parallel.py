@@ -109,9 +109,37 @@ def check_dropout_streams(rank, world):
     assert losses[0] == losses[1] and losses[0] != losses[2]
 
 
+def check_sequence_first_layout(model, ids, rank, world):
+    """Megatron's layout: between the TP regions each rank holds [seq/TP, batch, hidden], the
+    rank-th block of the sequence; the embedding takes [batch, seq] ids."""
+    seen = {}
+
+    def record(what, tensor):
+        seen[what] = tensor  # returns None: the hooks leave inputs and outputs as they are
+
+    hooks = [
+        model.model.embed_tokens.register_forward_hook(lambda m, i, out: record("embedding", out)),
+        model.model.layers[0].register_forward_pre_hook(lambda m, args: record("block input", args[0])),
+    ]
+    try:
+        with torch.no_grad():
+            model(ids, labels=ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    b, s, h = ids.shape[0], ids.shape[1], model.config.hidden_size
+    for what, t in seen.items():
+        assert t.shape == (s // world, b, h) and t.is_contiguous(), (what, t.shape, t.stride())
+    # the embedding's chunk is rows [rank * s/TP, (rank + 1) * s/TP) of every sequence in the batch
+    full = torch.nn.functional.embedding(ids, gather_shards(model.model.embed_tokens.weight.detach(), 0))
+    expected = full.transpose(0, 1).chunk(world, dim=0)[rank]
+    assert torch.allclose(seen["embedding"], expected, rtol=0, atol=1e-6)
+
+
 def sp_worker(rank, world, reference):
     state.initialize_model_parallel(world)
     model = check_equivalence(reference, recompute=False)
+    check_sequence_first_layout(model, reference["ids"], rank, world)
     check_equivalence(reference, recompute=True)
     check_communication_pattern(model, reference["ids"])
     bad = torch.zeros(2, SEQ + 1, dtype=torch.long)

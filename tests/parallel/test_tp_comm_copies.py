@@ -4,8 +4,8 @@ communication of column-parallel layers (2 CPU processes, gloo).
 * gather_shards / _reduce_scatter (one preallocated buffer, all_gather_into_tensor / reduce_scatter_tensor)
   equal the list-based all_gather + cat and all-reduce + split for dims 0, 1, -1 and non-contiguous
   inputs; so does the fallback for a gloo without the tensor collectives.
-* A TP=2 forward + backward of the tiny PhiForCausalLM (batch 1, with and without sequence parallel)
-  issues no cat / clone / copy from the communication code.
+* A TP=2 forward + backward of the tiny PhiForCausalLM (batch 1 and 3, with and without sequence
+  parallel) issues no cat / clone / copy from the communication code.
 * Overlapped backward (input-gradient all-reduce or reduce-scatter launched before the weight-gradient
   GEMM) gives bitwise the gradients of the sequential path, standalone and in the model.
 """
@@ -140,17 +140,18 @@ def check_no_copies_on_model_path(rank, world):
     with CopiesFromCommunication() as probe:  # the detector sees a copy made in mappings.py
         mappings._split(torch.ones(2, 4), -1)
     assert probe.copies == ["aten::clone"], probe.copies
-    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))  # batch 1: SP gathers are views
-    for sp in (False, True):
-        model = PhiForCausalLM(
-            PhiConfig(**MODEL_CONFIG), init_seed=3, runtime=ModelRuntime(sequence_parallel=sp)
-        ).train()
-        assert model.sequence_parallel_active(ids) == sp
-        with CopiesFromCommunication() as mode:
-            token_losses, _ = model(ids, labels=ids, reduction="none")
-            token_losses.sum().backward()
-        assert mode.copies == [], (sp, mode.copies)
-        assert all(p.grad is not None for p in model.parameters())
+    for batch in (1, 3):  # sequence-parallel activations are [seq, batch, hidden]: any batch splits freely
+        ids = torch.randint(0, 256, (batch, 8), generator=torch.Generator().manual_seed(0))
+        for sp in (False, True):
+            model = PhiForCausalLM(
+                PhiConfig(**MODEL_CONFIG), init_seed=3, runtime=ModelRuntime(sequence_parallel=sp)
+            ).train()
+            assert model.sequence_parallel_active(ids) == sp
+            with CopiesFromCommunication() as mode:
+                token_losses, _ = model(ids, labels=ids, reduction="none")
+                token_losses.sum().backward()
+            assert mode.copies == [], (batch, sp, mode.copies)
+            assert all(p.grad is not None for p in model.parameters())
 
 
 @pytest.mark.distributed
@@ -240,11 +241,11 @@ def check_overlap_matches_sequential(rank, world):
 
     state.initialize_model_parallel(world)
     g = torch.Generator().manual_seed(1)
-    x_full = torch.randn(2, 6, 16, generator=g)
+    x_full = torch.randn(6, 2, 16, generator=g)  # [seq, batch, in]: the sequence-parallel layout
     w, b = torch.randn(12, 16, generator=g), torch.randn(12, generator=g)  # this rank's shard of a 24-out layer
     w, b = w + rank, b - rank
     for sp in (False, True):
-        x = x_full.chunk(world, dim=1)[rank] if sp else x_full
+        x = x_full.chunk(world, dim=layers.SEQUENCE_DIM)[rank] if sp else x_full
         for bias in (b, None):
             for gather_output in (False,) if sp else (False, True):
                 overlapped = _column_run(x, w, bias, sp, True, gather_output)

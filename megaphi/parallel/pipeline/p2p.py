@@ -97,12 +97,13 @@ class StageCommunicator:
 
 
 def boundary_shape(micro_batch_size, seq_length, hidden_size, sequence_parallel=False, tp_size=None):
-    """Shape of the tensors exchanged between stages ([batch, seq, hidden], the model's layout)."""
+    """Shape of the tensors exchanged between stages: the model's [batch, seq, hidden], or under
+    sequence parallel this rank's sequence-first chunk [seq/TP, batch, hidden]."""
     tp = state.get_tensor_model_parallel_world_size() if tp_size is None else tp_size
     if sequence_parallel and tp > 1:
         if seq_length % tp:
             raise ValueError(
                 f"sequence parallel: sequence length {seq_length} is not divisible by --tensor-model-parallel-size {tp}"
             )
-        seq_length //= tp
+        return (seq_length // tp, micro_batch_size, hidden_size)
     return (micro_batch_size, seq_length, hidden_size)

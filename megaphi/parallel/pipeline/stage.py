@@ -16,10 +16,17 @@ from torch import nn
 
 from megaphi.model.compile import compile_layers
 from megaphi.model.runtime import PLAIN, set_runtime
-from megaphi.model.phi import IGNORE_INDEX, PhiDecoderLayer, PhiForCausalLM, apply_layer_norm, region_dropout
+from megaphi.model.phi import (
+    IGNORE_INDEX,
+    PhiDecoderLayer,
+    PhiForCausalLM,
+    apply_layer_norm,
+    batch_first,
+    region_dropout,
+    token_losses_and_logits,
+)
 from megaphi.ops import LayerNorm, rotary_tables
-from megaphi.parallel.cross_entropy import chunked_linear_cross_entropy, vocab_parallel_cross_entropy
-from megaphi.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding, enter_tensor_parallel_region
+from megaphi.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 from megaphi.parallel.mappings import gather_from_tensor_model_parallel_region
 from megaphi.parallel.random import checkpoint
 from megaphi.parallel.state import get_tensor_model_parallel_world_size
@@ -115,7 +122,8 @@ class PipelineStage(nn.Module):
             if self.input_tensor is None:
                 raise RuntimeError("pipeline stage without the embedding ran forward before set_input_tensor")
             x = self.input_tensor
-            seq = x.shape[1] * (get_tensor_model_parallel_world_size() if sp else 1)
+            # [b, s, h], or this rank's sequence-first chunk [s/TP, b, h] under sequence parallel
+            seq = x.shape[0] * get_tensor_model_parallel_world_size() if sp else x.shape[1]
         cos, sin = self._rotary_tables(x.device, seq)
         r = self.runtime
         recompute = r.recompute == "full" and self.training and torch.is_grad_enabled()
@@ -134,22 +142,18 @@ class PipelineStage(nn.Module):
     def _loss(self, hidden, labels, loss_mask, reduction, sp):
         """PhiForCausalLM.forward's loss path: per-token losses (reduction='none') or their mean."""
         if labels is None:
-            return gather_from_tensor_model_parallel_region(self.lm_head(hidden, sequence_parallel=sp))
+            return batch_first(gather_from_tensor_model_parallel_region(self.lm_head(hidden, sequence_parallel=sp)), sp)
         valid = labels != IGNORE_INDEX
         mask = valid.float() if loss_mask is None else loss_mask.float() * valid
-        if reduction == "none" and self.runtime.loss_chunk_tokens > 0:
-            h = enter_tensor_parallel_region(hidden, sp) if get_tensor_model_parallel_world_size() > 1 else hidden
-            token_losses = chunked_linear_cross_entropy(
-                h, self.lm_head.weight, self.lm_head.bias, labels.masked_fill(~valid, 0), self.runtime.loss_chunk_tokens
-            )
-            return token_losses * mask, None
-        logits_shard = self.lm_head(hidden, sequence_parallel=sp)
-        token_losses = vocab_parallel_cross_entropy(logits_shard, labels.masked_fill(~valid, 0)) * mask
+        token_losses, logits_shard = token_losses_and_logits(
+            self.lm_head, self.runtime, hidden, labels.masked_fill(~valid, 0), reduction, sp
+        )
         if reduction == "none":
-            return token_losses, None
+            return token_losses * mask, None
         if reduction != "mean":
             raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        return token_losses.sum() / mask.sum().clamp(min=1.0), gather_from_tensor_model_parallel_region(logits_shard)
+        loss = (token_losses * mask).sum() / mask.sum().clamp(min=1.0)
+        return loss, batch_first(gather_from_tensor_model_parallel_region(logits_shard), sp)
 
 
 def seed_pipeline_stage(seed):
