@@ -85,12 +85,14 @@ class PhiAttention(nn.Module):
         sequence_first: q, k, v are then strided [b, s, ...] views of it, which rotary and the attention
         kernels take as they are)."""
         if sequence_first:
+            # split before transposing: the backward then stacks q, k, v's gradients straight into the
+            # sequence-first layout of projected (transposing first would leave a gradient that the
+            # column layer's backward has to copy)
             s, b, _ = projected.shape
-            qkv = projected.view(s, b, self.num_heads, 3, self.head_dim).transpose(0, 1)
+            q, k, v = (t.transpose(0, 1) for t in projected.view(s, b, self.num_heads, 3, self.head_dim).unbind(3))
         else:
             b, s, _ = projected.shape
-            qkv = projected.view(b, s, self.num_heads, 3, self.head_dim)
-        q, k, v = qkv.unbind(3)
+            q, k, v = projected.view(b, s, self.num_heads, 3, self.head_dim).unbind(3)
         if self.config.rotary_dim > 0:
             q, k = apply_rotary_qk(q, k, cos, sin, position_ids)
         if kv_cache is not None:
