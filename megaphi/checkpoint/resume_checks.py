@@ -11,7 +11,8 @@ names the flag to pass:
 - ZeRO stage / data-parallel size: ZeRO-0 (whole optimizer in the module-states file), ZeRO-1/2
   (optimizer partitioned per DP rank) and ZeRO-3 keep their optimizer state in different files, and
   ZeRO >= 1 partitions it by DP size: refused unless --no-load-optim (fresh Adam moments and fp32
-  master weights taken from the loaded weights; iteration, lr schedule position and data kept).
+  master weights taken from the loaded weights; iteration, lr schedule position and data kept). A run
+  whose stage is only a default takes the checkpoint's instead (training.config.zero_stage_for_resume).
 - lr schedule (--lr, --min-lr, --lr-warmup-iters, --lr-decay-iters, --lr-decay-style): refused unless
   --override-opt_param-scheduler (the new flags shape the schedule from the resumed position on) or
   --use-checkpoint-opt_param-scheduler (the checkpoint's values are adopted).
@@ -114,6 +115,15 @@ def check_pipeline_layout(args, saved_args, where):
         )
 
 
+def conflicting_zero_stage(args, meta, zero_stage):
+    """The checkpoint's ZeRO stage when this run would load its optimizer state and `zero_stage` keeps
+    that state in another layout (family 0 / 1-2 / 3), else None."""
+    if not meta.get("optimizer_states", True) or getattr(args, "no_load_optim", False):
+        return None
+    saved = meta.get("zero_stage", (meta.get("args") or {}).get("zero_stage"))
+    return None if saved is None or _zero_family(saved) == _zero_family(zero_stage) else saved
+
+
 def check_resume_setup(args, meta, model_config, zero_stage, load_dir):
     """Raise CheckpointError (one line) for a difference this run cannot take silently."""
     where = f"--load {load_dir}/{meta.get('tag', '')}".rstrip("/")
@@ -131,7 +141,7 @@ def check_resume_setup(args, meta, model_config, zero_stage, load_dir):
     check_pipeline_layout(args, saved_args, where)
     if meta.get("optimizer_states", True) and not getattr(args, "no_load_optim", False):
         saved_stage = meta.get("zero_stage", saved_args.get("zero_stage"))
-        if saved_stage is not None and _zero_family(saved_stage) != _zero_family(zero_stage):
+        if conflicting_zero_stage(args, meta, zero_stage) is not None:
             forced = bool(getattr(args, "bf16", False)) and saved_stage == 0
             alt = "" if forced else f", or resume with --zero-stage {saved_stage}"
             why = " (bf16 runs use ZeRO >= 1 for fp32 gradient accumulation)" if forced else ""

@@ -8,6 +8,7 @@ changes the parsed namespace or the config afterwards. Section fields carry the 
 (Megatron-LM's, `--num-layers` -> `model.num_layers`).
 """
 
+import copy
 import dataclasses
 import json
 import os
@@ -301,14 +302,6 @@ def resolve_config(args, world_size=None, device=None):
     except ArgumentError as e:
         raise FlagError(str(e)) from None
     messages = []
-    deepspeed = resolve_deepspeed(flags)  # the ZeRO stage and clipping settled with the JSON
-    flags.zero_stage, flags.zero_stage_source = deepspeed.zero_stage, deepspeed.zero_stage_source
-    flags.clip_grad, flags.clip_grad_source = deepspeed.clip_grad, deepspeed.clip_grad_source
-    messages.extend(deepspeed.notes)  # why the ZeRO stage differs from the one asked for (or should)
-    try:
-        check_pipeline_composition(flags)  # again: the DeepSpeed JSON may have set the ZeRO stage
-    except ArgumentError as e:
-        raise FlagError(str(e)) from None
     if flags.skip_train:
         flags.finetune = True  # load the weights only (a checkpoint or a model folder), as finetuning does
     if flags.finetune and flags.save and layout.read_pointer(flags.save) is not None:
@@ -317,11 +310,20 @@ def resolve_config(args, world_size=None, device=None):
             f"--finetune: {flags.save} already holds a checkpoint; resuming it instead of loading {flags.load}"
         )
         flags.finetune, flags.load = False, flags.save
+    resume = resume_checks.resume_point(flags)  # (tag, metadata) of the checkpoint resumed, or None
+    # the ZeRO stage and clipping settled with the JSON, and a default stage with the checkpoint
+    deepspeed = zero_stage_for_resume(flags, resolve_deepspeed(flags), resume)
+    flags.zero_stage, flags.zero_stage_source = deepspeed.zero_stage, deepspeed.zero_stage_source
+    flags.clip_grad, flags.clip_grad_source = deepspeed.clip_grad, deepspeed.clip_grad_source
+    messages.extend(deepspeed.notes)  # why the ZeRO stage differs from the one asked for (or should)
+    try:
+        check_pipeline_composition(flags)  # again: the DeepSpeed JSON may have set the ZeRO stage
+    except ArgumentError as e:
+        raise FlagError(str(e)) from None
     tokenizer_size, rows = None, flags.vocab_size
     if flags.tokenizer or flags.vocab_file:
         tokenizer = load_run_tokenizer(flags)
         tokenizer_size, rows = tokenizer.vocab_size, model_vocab_size(flags, tokenizer)
-    resume = resume_checks.resume_point(flags)
     if resume is not None:
         adopted, lines = resume_checks.resume_adoptions(flags, resume[1], tokenizer_size, rows)
         rows = adopted.pop("vocab_size", rows)
@@ -350,3 +352,40 @@ def resolve_config(args, world_size=None, device=None):
         ),
         flags=types.MappingProxyType({k: _freeze(v) for k, v in values.items() if k != "base_model_config"}),
     )
+
+
+def zero_stage_for_resume(flags, deepspeed, resume):
+    """The DeepSpeedSettings of a run resuming `resume` ((tag, metadata) or None). When no flag or JSON
+    chose the ZeRO stage and the default would keep the optimizer state the run loads in another layout
+    than the checkpoint's (resume_checks.conflicting_zero_stage: e.g. an fp16 checkpoint saved at ZeRO 0
+    before fp16 defaulted to ZeRO 1), the run takes the checkpoint's stage, with a line saying so, where
+    it can use it (not bf16 at ZeRO 0, nor a pipeline above ZeRO 1); otherwise the resume check refuses
+    the difference, naming --zero-stage and --no-load-optim. `flags` is read, not changed."""
+    from megaphi.checkpoint import resume_checks
+    from megaphi.training.deepspeed_config import resolve_deepspeed
+    from megaphi.training.flag_checks import check_pipeline_composition
+    from megaphi.training.megatron_compat import check_zero3_flags
+
+    if resume is None or not deepspeed.zero_stage_defaulted:
+        return deepspeed
+    tag, meta = resume
+    saved = resume_checks.conflicting_zero_stage(flags, meta, deepspeed.zero_stage)
+    if saved is None:
+        return deepspeed
+    trial = copy.copy(flags)
+    trial.zero_stage, trial.zero_stage_source = saved, f"from the checkpoint at --load {flags.load}/{tag}"
+    try:
+        adopted = resolve_deepspeed(trial)  # the precision rules may still move the stage (bf16: ZeRO >= 1)
+        trial.zero_stage = adopted.zero_stage
+        check_pipeline_composition(trial)
+        check_zero3_flags(trial)
+    except ArgumentError:
+        return deepspeed
+    if resume_checks.conflicting_zero_stage(trial, meta, adopted.zero_stage) is not None:
+        return deepspeed
+    line = (
+        f"resuming at ZeRO stage {adopted.zero_stage}, the stage of --load {flags.load}/{tag}: this run's default "
+        f"ZeRO {deepspeed.zero_stage} keeps the optimizer state in another layout (to change: --zero-stage "
+        f"{deepspeed.zero_stage} --no-load-optim, which restarts the Adam moments)"
+    )
+    return adopted._replace(notes=(line, *adopted.notes))

@@ -95,6 +95,7 @@ class DeepSpeedSettings(NamedTuple):
     clip_grad: float
     clip_grad_source: str
     notes: tuple = ()  # start-up lines: why the stage differs from the one asked for (or should)
+    zero_stage_defaulted: bool = False  # no --zero-stage, --use-distributed-optimizer or JSON stage chose it
 
 
 def resolve_deepspeed(args):
@@ -117,6 +118,7 @@ def resolve_deepspeed(args):
                 )
     user = {k: v for k, v in user.items() if v != "auto"}
     clip_grad, clip_source, stage_source = _settle_with_flags(args, user)
+    defaulted = stage_source.startswith("default")
     config = merge(generate_config(args), user)
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
@@ -138,7 +140,7 @@ def resolve_deepspeed(args):
             "--deepspeed-config: 'optimizer'/'scheduler' sections are not used; megaphi builds "
             "AdamW and the lr schedule from the flags (--lr, --weight-decay, ...)"
         )
-    return DeepSpeedSettings(config, stage, stage_source, clip_grad, clip_source, tuple(notes))
+    return DeepSpeedSettings(config, stage, stage_source, clip_grad, clip_source, tuple(notes), defaulted)
 
 
 def build_deepspeed_config(args):

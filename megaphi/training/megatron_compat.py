@@ -79,14 +79,7 @@ def resolve_compat(args):
             )
         if args.zero_stage is None:
             args.zero_stage, args.zero_stage_source = 1, "--use-distributed-optimizer"
-    if args.log_params_norm and args.zero_stage == 3:
-        raise ArgumentError("--log-params-norm: ZeRO 3 partitions the parameters; use --zero-stage 0-2")
-    if args.log_num_zeros_in_grad and args.zero_stage == 3:  # a ZeRO 3 DeepSpeed JSON: refused at the engine
-        raise ArgumentError(
-            "--log-num-zeros-in-grad: ZeRO 3 partitions the gradients per parameter; use --zero-stage 0-2"
-        )
-    if args.no_save_optim and args.zero_stage == 3:  # a ZeRO 3 DeepSpeed JSON: refused at the engine
-        raise ArgumentError(NO_SAVE_OPTIM_ZERO3)
+    check_zero3_flags(args)
     if args.tensorboard_log_interval is not None and args.tensorboard_log_interval < 1:
         raise ArgumentError(f"--tensorboard-log-interval must be >= 1, got {args.tensorboard_log_interval}")
     _resolve_tokenizer_files(args)
@@ -193,3 +186,17 @@ def add_megatron_args(parser):
     )
     g.add_argument("--timing-log-level", type=int, default=None, choices=(0, 1, 2), help=argparse.SUPPRESS)
     g.add_argument("--num-query-groups", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def check_zero3_flags(args):
+    """The flags that need whole parameters or gradients: refused at ZeRO 3 (one line)."""
+    if args.zero_stage != 3:
+        return
+    if args.log_params_norm:
+        raise ArgumentError("--log-params-norm: ZeRO 3 partitions the parameters; use --zero-stage 0-2")
+    if args.log_num_zeros_in_grad:  # a ZeRO 3 DeepSpeed JSON: refused at the engine
+        raise ArgumentError(
+            "--log-num-zeros-in-grad: ZeRO 3 partitions the gradients per parameter; use --zero-stage 0-2"
+        )
+    if args.no_save_optim:  # a ZeRO 3 DeepSpeed JSON: refused at the engine
+        raise ArgumentError(NO_SAVE_OPTIM_ZERO3)
