@@ -378,6 +378,34 @@ def test_rotary_on_fused_qkv_views(kernels, dtype, head_dim):
     assert all(g.guards_intact() for g in (qkv, out_q, out_kv)), "wrote outside a buffer"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rotary_on_sequence_first_qkv_views(kernels, dtype):
+    """Sequence parallel's layout: q and k are [b, s, heads, head_dim] views of a [s, b, heads, 3,
+    head_dim] projection, so the sequence stride is larger than the batch stride. Per-batch position
+    ids tell a kernel that mixes up the two strides from one that does not."""
+    gen = torch.Generator().manual_seed(10)
+    seq, batch, heads, head_dim = 13, 3, 4, 64
+    cos, sin = rotary_tables(32, 64)
+    qkv = Guarded(
+        (seq, batch, heads, 3, head_dim), dtype, like=torch.randn(seq, batch, heads, 3, head_dim, generator=gen)
+    )
+    original = qkv.tensor.clone()
+    q, k, v = (t.transpose(0, 1) for t in original.unbind(3))
+    q_view, k_view, _ = (t.transpose(0, 1) for t in qkv.tensor.unbind(3))
+    assert q_view.stride(1) > q_view.stride(0)
+    ids = torch.randint(0, 64, (batch, seq), generator=gen)
+    out_q, out_k = Guarded(q.shape, dtype), Guarded(k.shape, dtype)
+    kernels.rotary(q_view, out_q.tensor, k_view, out_k.tensor, cos, sin, ids)
+    check_rotary(out_q.tensor, q, cos, sin, ids, False, "sequence-first q")
+    check_rotary(out_k.tensor, k, cos, sin, ids, False, "sequence-first k")
+    assert same_bits(qkv.tensor, original), "out of place changed the fused input"
+    kernels.rotary(q_view, q_view, k_view, k_view, cos, sin, ids, 0, True)  # in place, inverse
+    check_rotary(q_view, q, cos, sin, ids, True, "sequence-first q in place")
+    check_rotary(k_view, k, cos, sin, ids, True, "sequence-first k in place")
+    assert same_bits(qkv.tensor[:, :, :, 2].transpose(0, 1), v), "in place changed the v slots"
+    assert all(g.guards_intact() for g in (qkv, out_q, out_k)), "wrote outside a buffer"
+
+
 @pytest.mark.parametrize("head_dim, row", [(66, 72), (64, 72), (34, 40)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rotary_padded_head_rows(kernels, dtype, head_dim, row):
