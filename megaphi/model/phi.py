@@ -185,11 +185,26 @@ def batch_first(t, sequence_first):
     return t.transpose(0, 1) if sequence_first else t
 
 
-def token_losses_and_logits(lm_head, runtime, hidden, labels, reduction, sequence_parallel):
-    """Per-token losses [b, s] (unmasked) of the final hidden states, and the logits shard they came
-    from (None on the chunked path, where no logits tensor exists). hidden is [b, s, h], or this rank's
-    [s/TP, b, h] chunk with sequence_parallel: the losses are then computed against the transposed
-    labels and handed back as a [b, s] view."""
+def causal_lm_loss(lm_head, runtime, hidden, labels, loss_mask, reduction, sequence_parallel):
+    """The loss of the final hidden states and the logits shard it came from (None on the chunked
+    path, where no logits tensor exists): reduction="none" gives the per-token losses [b, s] times
+    the mask (labels != IGNORE_INDEX, times loss_mask when given), "mean" their mean over the mask.
+    hidden is [b, s, h], or this rank's [s/TP, b, h] chunk with sequence_parallel: the losses are then
+    computed against the transposed labels and read back as [b, s]."""
+    if reduction not in ("none", "mean"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    valid = labels != IGNORE_INDEX
+    mask = valid.float() if loss_mask is None else loss_mask.float() * valid
+    token_losses, logits_shard = _token_losses(
+        lm_head, runtime, hidden, labels.masked_fill(~valid, 0), reduction, sequence_parallel
+    )
+    if reduction == "none":
+        return token_losses * mask, logits_shard
+    return (token_losses * mask).sum() / mask.sum().clamp(min=1.0), logits_shard
+
+
+def _token_losses(lm_head, runtime, hidden, labels, reduction, sequence_parallel):
+    """Unmasked per-token losses [b, s] and the logits shard (None when chunked)."""
     sp = sequence_parallel
     labels = labels.t() if sp else labels
     if reduction == "none" and runtime.loss_chunk_tokens > 0:
@@ -366,16 +381,9 @@ class PhiForCausalLM(nn.Module):
             if logits_to_keep and sp:
                 logits_shard = logits_shard[-logits_to_keep:]
             return batch_first(gather_from_tensor_model_parallel_region(logits_shard), sp)
-        valid = labels != IGNORE_INDEX
-        mask = valid.float() if loss_mask is None else loss_mask.float() * valid
-        token_losses, logits_shard = token_losses_and_logits(
-            self.lm_head, self.runtime, hidden, labels.masked_fill(~valid, 0), reduction, sp
-        )
+        loss, logits_shard = causal_lm_loss(self.lm_head, self.runtime, hidden, labels, loss_mask, reduction, sp)
         if reduction == "none":
-            return token_losses * mask, None
-        if reduction != "mean":
-            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        loss = (token_losses * mask).sum() / mask.sum().clamp(min=1.0)
+            return loss, None
         if logits_to_keep:
             logits_shard = logits_shard[:, -logits_to_keep:] if not sp else logits_shard[-logits_to_keep:]
         return loss, batch_first(gather_from_tensor_model_parallel_region(logits_shard), sp)

@@ -17,13 +17,12 @@ from torch import nn
 from megaphi.model.compile import compile_layers
 from megaphi.model.runtime import PLAIN, set_runtime
 from megaphi.model.phi import (
-    IGNORE_INDEX,
     PhiDecoderLayer,
     PhiForCausalLM,
     apply_layer_norm,
     batch_first,
+    causal_lm_loss,
     region_dropout,
-    token_losses_and_logits,
 )
 from megaphi.ops import LayerNorm, rotary_tables
 from megaphi.parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
@@ -143,16 +142,9 @@ class PipelineStage(nn.Module):
         """PhiForCausalLM.forward's loss path: per-token losses (reduction='none') or their mean."""
         if labels is None:
             return batch_first(gather_from_tensor_model_parallel_region(self.lm_head(hidden, sequence_parallel=sp)), sp)
-        valid = labels != IGNORE_INDEX
-        mask = valid.float() if loss_mask is None else loss_mask.float() * valid
-        token_losses, logits_shard = token_losses_and_logits(
-            self.lm_head, self.runtime, hidden, labels.masked_fill(~valid, 0), reduction, sp
-        )
+        loss, logits_shard = causal_lm_loss(self.lm_head, self.runtime, hidden, labels, loss_mask, reduction, sp)
         if reduction == "none":
-            return token_losses * mask, None
-        if reduction != "mean":
-            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        loss = (token_losses * mask).sum() / mask.sum().clamp(min=1.0)
+            return loss, None
         return loss, batch_first(gather_from_tensor_model_parallel_region(logits_shard), sp)
 
 
