@@ -24,22 +24,28 @@ def make_token_file(prefix, docs=120, vocab=250, seed=0):
     return prefix
 
 
+# the 2-layer, 64-wide model the CPU training tests run (with "--model tiny")
+TINY_MODEL = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--ffn-hidden-size",
+    "128",
+    "--num-attention-heads",
+    "2",
+    "--seq-length",
+    "32",
+    "--vocab-size",
+    "256",
+]
+
+
 def tiny_flags(prefix, train_iters):
     return [
         "--model",
         "tiny",
-        "--num-layers",
-        "2",
-        "--hidden-size",
-        "64",
-        "--ffn-hidden-size",
-        "128",
-        "--num-attention-heads",
-        "2",
-        "--seq-length",
-        "32",
-        "--vocab-size",
-        "256",
+        *TINY_MODEL,
         "--micro-batch-size",
         "2",
         "--global-batch-size",

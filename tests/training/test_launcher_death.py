@@ -13,23 +13,13 @@ import pytest
 from megaphi.checkpoint import lock as save_lock
 from megaphi.training import launcher_watch
 from megaphi.training.signals import GracefulExit
+from test_resume import TINY_MODEL
 
 TRAIN_FLAGS = [
     "--model",
     "tiny",
     "--mock-data",
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--ffn-hidden-size",
-    "128",
-    "--num-attention-heads",
-    "2",
-    "--seq-length",
-    "32",
-    "--vocab-size",
-    "256",
+    *TINY_MODEL,
     "--micro-batch-size",
     "2",
     "--global-batch-size",

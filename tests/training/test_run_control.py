@@ -9,30 +9,9 @@ import os
 
 import pytest
 
-from test_resume import make_token_file, run_pretrain
+from test_resume import TINY_MODEL, make_token_file, run_pretrain
 
-MODEL = [
-    "--model",
-    "tiny",
-    "--num-layers",
-    "2",
-    "--hidden-size",
-    "64",
-    "--ffn-hidden-size",
-    "128",
-    "--num-attention-heads",
-    "2",
-    "--seq-length",
-    "32",
-    "--vocab-size",
-    "256",
-    "--micro-batch-size",
-    "2",
-    "--global-batch-size",
-    "4",
-    "--lr",
-    "1e-3",
-]
+MODEL = ["--model", "tiny", *TINY_MODEL, "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3"]
 
 
 def _scalars(tb_dir):

@@ -11,6 +11,7 @@ from megaphi.checkpoint.reshard import TensorParallelMismatchError
 from megaphi.training.model_flags import model_vocab_size
 from megaphi.tokenizer import load_tokenizer
 from megaphi.checkpoint import training_state
+from test_resume import TINY_MODEL
 
 
 def _args(model, divisible_by=128, tp=1):
@@ -70,18 +71,7 @@ def _data_args(tmp_path, data_path, *extra, train_iters=2):
         [
             "--model",
             "tiny",
-            "--num-layers",
-            "2",
-            "--hidden-size",
-            "64",
-            "--ffn-hidden-size",
-            "128",
-            "--num-attention-heads",
-            "2",
-            "--seq-length",
-            "32",
-            "--vocab-size",
-            "256",
+            *TINY_MODEL,
             "--micro-batch-size",
             "2",
             "--global-batch-size",
