@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from megaphi.training.argument_error import ArgumentError, FlagError
-from megaphi.training.flag_checks import resolve_flags
+from megaphi.training.flag_checks import check_pipeline_composition, resolve_flags
 
 
 @dataclass(frozen=True)
@@ -290,7 +290,6 @@ def resolve_config(args, world_size=None, device=None):
     from megaphi.model.compile import compile_enabled
     from megaphi.checkpoint import layout, resume_checks
     from megaphi.training.deepspeed_config import resolve_deepspeed
-    from megaphi.training.flag_checks import check_pipeline_composition
     from megaphi.training.model_flags import load_run_tokenizer, model_vocab_size
     from megaphi.training.run_info import resolve_peak_tflops
 
@@ -363,7 +362,6 @@ def zero_stage_for_resume(flags, deepspeed, resume):
     the difference, naming --zero-stage and --no-load-optim. `flags` is read, not changed."""
     from megaphi.checkpoint import resume_checks
     from megaphi.training.deepspeed_config import resolve_deepspeed
-    from megaphi.training.flag_checks import check_pipeline_composition
     from megaphi.training.megatron_compat import check_zero3_flags
 
     if resume is None or not deepspeed.zero_stage_defaulted:
